@@ -1,0 +1,63 @@
+"""Domain errors. api/errors.py maps each to one gRPC status code, in one place."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+class OpmasError(Exception):
+    """Base of every error the manager reports to a caller."""
+
+    def __init__(self, message: str) -> None:
+        super().__init__(message)
+        self.message = message
+
+
+class NotFound(OpmasError):
+    def __init__(self, resource_type: str, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"{resource_type} {name!r} not found")
+        self.resource_type = resource_type
+        self.name = name
+
+
+class AlreadyExists(OpmasError):
+    def __init__(self, resource_type: str, name: str, message: str | None = None) -> None:
+        super().__init__(message or f"{resource_type} {name!r} already exists")
+        self.resource_type = resource_type
+        self.name = name
+
+
+@dataclass(frozen=True)
+class FieldViolation:
+    field: str
+    description: str
+
+
+class InvalidArgument(OpmasError):
+    """A request was malformed; violations name each bad field."""
+
+    def __init__(self, violations: list[FieldViolation], message: str | None = None) -> None:
+        if message is None:
+            message = "; ".join(f"{v.field}: {v.description}" for v in violations) or "invalid argument"
+        super().__init__(message)
+        self.violations = violations
+
+    @classmethod
+    def single(cls, field: str, description: str) -> InvalidArgument:
+        return cls([FieldViolation(field, description)])
+
+
+class FailedPrecondition(OpmasError):
+    pass
+
+
+class Unavailable(OpmasError):
+    pass
+
+
+class DeadlineExceeded(OpmasError):
+    pass
+
+
+class Unimplemented(OpmasError):
+    pass

@@ -1,0 +1,223 @@
+"""The manager's domain types: plain values, free of gRPC, NATS and database types.
+
+Protobuf messages (api/), JSON payloads (bus/) and database rows (store/) are converted to and
+from these at their own edges, one place each.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field, replace
+from datetime import datetime, timezone
+from typing import Any
+
+
+def utcnow() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+class AgentState(enum.Enum):
+    STARTING = "starting"
+    RUNNING = "running"
+    STOPPING = "stopping"
+    STOPPED = "stopped"
+    ERROR = "error"
+    INACTIVE = "inactive"
+    BACKOFF = "backoff"
+
+    @property
+    def has_process(self) -> bool:
+        """Whether an agent in this state has (or is about to have) a live process."""
+        return self in (AgentState.STARTING, AgentState.RUNNING, AgentState.STOPPING, AgentState.INACTIVE)
+
+
+class DesiredState(enum.Enum):
+    RUNNING = "running"
+    STOPPED = "stopped"
+
+
+class RestartPolicy(enum.Enum):
+    NEVER = "never"
+    ON_FAILURE = "on-failure"
+    ALWAYS = "always"
+
+
+class RuntimeKind(enum.Enum):
+    PROCESS = "process"
+    SYSTEMD = "systemd"
+
+
+class AgentSource(enum.Enum):
+    DISCOVERED = "discovered"
+    REGISTERED = "registered"
+
+
+@dataclass(frozen=True)
+class ResourceLimits:
+    memory_max_bytes: int = 0
+    cpu_quota_percent: float = 0.0
+    tasks_max: int = 0
+    open_files_max: int = 0
+
+
+@dataclass(frozen=True)
+class AgentSpec:
+    """What an agent is and how to run it: a manifest's content, validated."""
+
+    name: str
+    command: tuple[str, ...]
+    type: str = "generic"
+    version: str = "0.0.0"
+    description: str = ""
+    working_directory: str = ""
+    environment: tuple[tuple[str, str], ...] = ()
+    restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    stop_timeout: float = 10.0
+    heartbeat_interval: float = 30.0
+    resources: ResourceLimits = ResourceLimits()
+    runtime: RuntimeKind = RuntimeKind.PROCESS
+    autostart: bool = False
+    restart_on_inactive: bool = False
+
+    @property
+    def env(self) -> dict[str, str]:
+        return dict(self.environment)
+
+    def to_dict(self) -> dict[str, Any]:
+        """A JSON-able form, for the store."""
+        return {
+            "name": self.name,
+            "command": list(self.command),
+            "type": self.type,
+            "version": self.version,
+            "description": self.description,
+            "working_directory": self.working_directory,
+            "environment": dict(self.environment),
+            "restart_policy": self.restart_policy.value,
+            "stop_timeout": self.stop_timeout,
+            "heartbeat_interval": self.heartbeat_interval,
+            "resources": {
+                "memory_max_bytes": self.resources.memory_max_bytes,
+                "cpu_quota_percent": self.resources.cpu_quota_percent,
+                "tasks_max": self.resources.tasks_max,
+                "open_files_max": self.resources.open_files_max,
+            },
+            "runtime": self.runtime.value,
+            "autostart": self.autostart,
+            "restart_on_inactive": self.restart_on_inactive,
+        }
+
+    @classmethod
+    def from_dict(cls, data: dict[str, Any]) -> AgentSpec:
+        """The inverse of to_dict; trusts its input (it comes from our own store)."""
+        res = data.get("resources") or {}
+        return cls(
+            name=data["name"],
+            command=tuple(data["command"]),
+            type=data.get("type", "generic"),
+            version=data.get("version", "0.0.0"),
+            description=data.get("description", ""),
+            working_directory=data.get("working_directory", ""),
+            environment=tuple(sorted((data.get("environment") or {}).items())),
+            restart_policy=RestartPolicy(data.get("restart_policy", "on-failure")),
+            stop_timeout=float(data.get("stop_timeout", 10.0)),
+            heartbeat_interval=float(data.get("heartbeat_interval", 30.0)),
+            resources=ResourceLimits(
+                memory_max_bytes=int(res.get("memory_max_bytes", 0)),
+                cpu_quota_percent=float(res.get("cpu_quota_percent", 0.0)),
+                tasks_max=int(res.get("tasks_max", 0)),
+                open_files_max=int(res.get("open_files_max", 0)),
+            ),
+            runtime=RuntimeKind(data.get("runtime", "process")),
+            autostart=bool(data.get("autostart", False)),
+            restart_on_inactive=bool(data.get("restart_on_inactive", False)),
+        )
+
+
+@dataclass(frozen=True)
+class ExitInfo:
+    """How a process ended. exit_code and signal are None when unknown (an adopted process)."""
+
+    exit_code: int | None
+    signal: int | None
+    time: datetime = field(default_factory=utcnow)
+
+    @property
+    def success(self) -> bool:
+        return self.exit_code == 0 and self.signal is None
+
+    @property
+    def reason(self) -> str:
+        if self.signal is not None:
+            import signal as _signal
+
+            try:
+                name = _signal.Signals(self.signal).name
+            except ValueError:
+                name = f"signal {self.signal}"
+            return f"killed by {name}"
+        if self.exit_code is None:
+            return "exited (status unknown: process was adopted)"
+        return f"exited with code {self.exit_code}"
+
+
+@dataclass(frozen=True)
+class ProcessHandle:
+    """A running agent process as the runtime sees it.
+
+    start_time is the kernel's process start time (psutil create_time, seconds since the
+    epoch): with the PID it identifies the process, since PIDs are reused.
+    """
+
+    pid: int
+    start_time: float
+
+
+@dataclass
+class AgentRecord:
+    """One agent: its spec, what the operator wants, and what is observed."""
+
+    agent_id: str
+    spec: AgentSpec
+    source: AgentSource = AgentSource.REGISTERED
+    manifest_path: str = ""
+    node: str = ""
+    created_at: datetime = field(default_factory=utcnow)
+    updated_at: datetime = field(default_factory=utcnow)
+    deleted: bool = False
+
+    desired: DesiredState = DesiredState.STOPPED
+    state: AgentState = AgentState.STOPPED
+    state_reason: str = "registered"
+    state_changed_at: datetime = field(default_factory=utcnow)
+
+    pid: int | None = None
+    pid_start_time: float | None = None
+    started_at: datetime | None = None
+    restart_count: int = 0
+    # Exits since the agent last ran for the stability window: drives backoff and the
+    # crash-loop limit. restart_count only grows (until the operator starts it anew).
+    consecutive_failures: int = 0
+    last_exit: ExitInfo | None = None
+    last_heartbeat: datetime | None = None
+    next_restart_at: datetime | None = None
+
+    def copy(self) -> AgentRecord:
+        return replace(self)
+
+    @property
+    def handle(self) -> ProcessHandle | None:
+        if self.pid is None or self.pid_start_time is None:
+            return None
+        return ProcessHandle(self.pid, self.pid_start_time)
+
+
+@dataclass(frozen=True)
+class Transition:
+    """One stored state change of an agent, with why it happened."""
+
+    agent_id: str
+    previous: AgentState
+    state: AgentState
+    reason: str
+    at: datetime = field(default_factory=utcnow)

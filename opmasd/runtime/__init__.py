@@ -1,0 +1,1 @@
+"""How an agent runs: one interface (base.Runtime), one backend per module."""

@@ -1,0 +1,75 @@
+"""The interface between the manager and a runtime backend.
+
+The manager never knows which backend it talks to. A backend launches and stops agent
+processes, tells the manager when one exits (at once, never by polling), re-attaches to
+processes an earlier daemon left running, and serves their logs and resource usage.
+"""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
+from typing import Protocol
+
+from opmasd.manager.model import ExitInfo, ProcessHandle, ResourceLimits
+
+
+class LaunchError(Exception):
+    """The agent's program could not be started; the message says why."""
+
+
+@dataclass(frozen=True)
+class LaunchRequest:
+    agent_id: str
+    command: tuple[str, ...]
+    working_directory: str
+    # The complete environment of the agent process (the manager builds it).
+    environment: Mapping[str, str] = field(default_factory=dict)
+    resources: ResourceLimits = ResourceLimits()
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    cpu_percent: float
+    rss_bytes: int
+    num_threads: int
+    open_fds: int
+
+
+# Called once per process exit, on the event loop: (agent_id, the process that ended, how).
+ExitHandler = Callable[[str, ProcessHandle, ExitInfo], None]
+
+
+class Runtime(Protocol):
+    def set_exit_handler(self, handler: ExitHandler) -> None:
+        """Where exits are reported. Set before the first launch or adopt."""
+
+    async def launch(self, request: LaunchRequest) -> ProcessHandle:
+        """Start the agent's process. Raises LaunchError when it cannot be started."""
+
+    async def terminate(self, agent_id: str, timeout: float) -> None:
+        """Stop the agent's process and everything it started.
+
+        SIGTERM to the whole process group, up to `timeout` seconds for it to go, then SIGKILL
+        to the group. Returns once the process is gone; its exit is also reported through the
+        exit handler. A no-op when the agent has no process.
+        """
+
+    def adopt(self, agent_id: str, handle: ProcessHandle) -> bool:
+        """Watch a process that an earlier daemon started. False (and nothing watched) when
+        no process with that PID and start time exists any more."""
+
+    def usage(self, agent_id: str) -> ProcessUsage | None:
+        """CPU, memory, threads and fds of the agent's process tree; None without a process."""
+
+    async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
+        """The last `lines` lines of the agent's output."""
+
+    def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
+        """New lines of the agent's output as they are written, until the caller stops."""
+
+    async def maintain(self) -> None:
+        """Periodic housekeeping (log rotation); the manager calls it every monitoring_interval."""
+
+    async def aclose(self) -> None:
+        """Stop watching. Processes are left running (a later daemon re-adopts them)."""

@@ -1,0 +1,1 @@
+"""Where desired and observed agent state is kept: base.AgentStore, sql.SqlStore."""

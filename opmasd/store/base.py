@@ -1,0 +1,35 @@
+"""The interface between the manager and its store.
+
+Calls are synchronous and short: the manager serves reads from memory and writes through
+here on every change, so that a daemon started after a crash or a reboot finds what the
+operator wanted and what was last observed.
+"""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from opmasd.manager.model import AgentRecord, Transition
+
+
+class StoreError(Exception):
+    """The store could not complete an operation (connection lost, disk full, ...)."""
+
+
+class AgentStore(Protocol):
+    def load_agents(self) -> list[AgentRecord]:
+        """Every agent row, deleted ones (tombstones, deleted=True) included."""
+
+    def save_agent(self, record: AgentRecord) -> None:
+        """Insert or replace the agent's row (spec, desired and observed state)."""
+
+    def record_transition(self, record: AgentRecord, transition: Transition) -> None:
+        """In one transaction: save the agent's row and append the transition."""
+
+    def transitions(self, agent_id: str, limit: int = 100) -> list[Transition]:
+        """The agent's latest transitions, newest first."""
+
+    def prune_transitions(self, keep_per_agent: int) -> int:
+        """Drop all but the newest `keep_per_agent` transitions of each agent; returns how many went."""
+
+    def close(self) -> None: ...
