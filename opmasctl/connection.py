@@ -1,0 +1,150 @@
+"""Where opmasd listens, and the gRPC channel to it."""
+
+from __future__ import annotations
+
+import os
+import threading
+from collections.abc import Mapping
+from dataclasses import dataclass
+from types import TracebackType
+
+import grpc
+
+from opmas.v1 import agents_pb2_grpc
+
+DEFAULT_TCP = "127.0.0.1:50051"
+SOCKET_NAME = "opmasd.sock"
+
+
+@dataclass(frozen=True)
+class Endpoint:
+    """A resolved server address: `target` is what grpc dials, `display` what error messages show."""
+
+    target: str
+    display: str
+    is_unix: bool
+
+
+def default_socket_path(env: Mapping[str, str], euid: int, uid: int) -> str:
+    """The unix socket opmasd binds when it is given no other (the daemon's own rule)."""
+    runtime_directory = env.get("RUNTIME_DIRECTORY")
+    if runtime_directory:
+        # systemd may pass several colon-separated directories; the daemon uses the first.
+        return os.path.join(runtime_directory.split(":")[0], SOCKET_NAME)
+    if euid == 0:
+        return f"/run/opmas/{SOCKET_NAME}"
+    xdg = env.get("XDG_RUNTIME_DIR")
+    if xdg:
+        return os.path.join(xdg, "opmas", SOCKET_NAME)
+    return f"/tmp/opmas-{uid}/{SOCKET_NAME}"
+
+
+def parse_server(server: str) -> Endpoint:
+    """An explicit --server / OPMAS_SERVER value: a unix socket path or URI, or host:port."""
+    value = server.strip()
+    if not value:
+        raise ValueError("the server address is empty")
+    if value.startswith("unix://"):
+        path = value[len("unix://") :]
+        if not path.startswith("/"):
+            raise ValueError(f"{server!r}: unix:// needs an absolute path (unix:///path/to/opmasd.sock)")
+        return _unix(path)
+    if value.startswith("unix:"):
+        return _unix(os.path.abspath(value[len("unix:") :]))
+    if value.startswith(("unix-abstract:", "dns:", "ipv4:", "ipv6:")):
+        # Already a grpc target URI: hand it over untouched.
+        return Endpoint(target=value, display=value, is_unix=value.startswith("unix-abstract:"))
+    if "/" in value or value.endswith(".sock"):
+        return _unix(os.path.abspath(os.path.expanduser(value)))
+    if ":" not in value:
+        raise ValueError(f"{server!r} is neither a socket path nor host:port")
+    return Endpoint(target=value, display=value, is_unix=False)
+
+
+def resolve_endpoint(
+    server: str | None,
+    env: Mapping[str, str] | None = None,
+    euid: int | None = None,
+    uid: int | None = None,
+) -> Endpoint:
+    """--server, else $OPMAS_SERVER, else the daemon's default socket if it exists, else TCP."""
+    env = os.environ if env is None else env
+    if server:
+        return parse_server(server)
+    if env.get("OPMAS_SERVER"):
+        return parse_server(env["OPMAS_SERVER"])
+    path = default_socket_path(
+        env,
+        os.geteuid() if euid is None else euid,
+        os.getuid() if uid is None else uid,
+    )
+    if os.path.exists(path):
+        return _unix(path)
+    return Endpoint(target=DEFAULT_TCP, display=DEFAULT_TCP, is_unix=False)
+
+
+def _unix(path: str) -> Endpoint:
+    return Endpoint(target=f"unix:{path}", display=path, is_unix=True)
+
+
+class Connection:
+    """A channel plus the AgentService stub, remembering whether the channel ever connected.
+
+    grpc reports both "nothing listens there" and "the server answered UNAVAILABLE" as the same
+    status code; whether the channel ever reached READY tells the two apart.
+    """
+
+    def __init__(self, endpoint: Endpoint) -> None:
+        self.endpoint = endpoint
+        self._ready = threading.Event()
+        self.channel = grpc.insecure_channel(
+            endpoint.target,
+            options=[
+                # A fleet-wide list can outgrow the 4 MiB default.
+                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
+            ],
+        )
+        self.channel.subscribe(self._on_state, try_to_connect=False)
+        self.stub = agents_pb2_grpc.AgentServiceStub(self.channel)
+
+    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
+        if state == grpc.ChannelConnectivity.READY:
+            self._ready.set()
+
+    @property
+    def ever_connected(self) -> bool:
+        return self._ready.is_set()
+
+    def is_connect_failure(self, err: grpc.RpcError) -> bool:
+        """Whether an error means the daemon could not be reached, rather than an answer from it."""
+        if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
+            return False
+        if (err.details() or "").startswith("failed to connect"):
+            return True
+        if self.ever_connected:
+            return False
+        # The READY notice comes from grpc's polling thread and can trail a fast local round trip:
+        # a channel that is connected now answers at once, an unreachable one does not.
+        ready = grpc.channel_ready_future(self.channel)
+        try:
+            ready.result(timeout=0.3)
+        except grpc.FutureTimeoutError:
+            return True
+        finally:
+            ready.cancel()
+        return False
+
+    def close(self) -> None:
+        self.channel.unsubscribe(self._on_state)
+        self.channel.close()
+
+    def __enter__(self) -> Connection:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()

@@ -1,0 +1,126 @@
+"""Generic rendering: tables, key/value views, JSON and YAML, human durations and sizes."""
+
+from __future__ import annotations
+
+import json
+import sys
+from collections.abc import Sequence
+from datetime import UTC, datetime
+from typing import Any
+
+import yaml
+from google.protobuf import duration_pb2, json_format, message, timestamp_pb2
+
+FORMATS = ("table", "json", "yaml")
+EMPTY = "-"
+
+
+def message_to_dict(msg: message.Message) -> Any:
+    """The proto3 JSON mapping with the .proto field names and every field present, so scripts
+    see the same keys whether or not a value happens to be its default."""
+    return json_format.MessageToDict(
+        msg,
+        preserving_proto_field_name=True,
+        always_print_fields_with_no_presence=True,
+    )
+
+
+def dump(data: Any, fmt: str) -> str:
+    """A whole document in json or yaml, ending with a newline."""
+    if fmt == "json":
+        return json.dumps(data, indent=2, ensure_ascii=False) + "\n"
+    return yaml.safe_dump(data, sort_keys=False, default_flow_style=False, allow_unicode=True)
+
+
+def dump_item(data: Any, fmt: str) -> str:
+    """One item of a stream: a single JSON line (NDJSON), or one YAML document."""
+    if fmt == "json":
+        return json.dumps(data, ensure_ascii=False, separators=(",", ":")) + "\n"
+    return yaml.safe_dump(
+        data, sort_keys=False, default_flow_style=False, allow_unicode=True, explicit_start=True
+    )
+
+
+def write(text: str) -> None:
+    # Flushed at once: streamed logs and events must show up while the command still runs.
+    sys.stdout.write(text)
+    sys.stdout.flush()
+
+
+def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    """Columns padded to their widest cell, two spaces apart; the last column is not padded."""
+    widths = [len(h) for h in headers]
+    for row in rows:
+        for index, cell in enumerate(row):
+            widths[index] = max(widths[index], len(cell))
+    lines = []
+    for row in [list(headers), *rows]:
+        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
+        lines.append("  ".join([*cells, row[-1]]).rstrip())
+    return "\n".join(lines) + "\n"
+
+
+def key_values(pairs: Sequence[tuple[str, str]]) -> str:
+    """`Key:  value` lines, values aligned; a multi-line value continues under its first line."""
+    width = max((len(key) for key, _ in pairs), default=0) + 2
+    lines = []
+    for key, value in pairs:
+        first, *rest = (value or EMPTY).split("\n")
+        lines.append(f"{key + ':':<{width}}{first}".rstrip())
+        lines.extend(" " * width + line for line in rest)
+    return "\n".join(lines) + "\n"
+
+
+def enum_text(name: str, prefix: str) -> str:
+    """AGENT_STATE_RUNNING → running, RESTART_POLICY_ON_FAILURE → on-failure, *_UNSPECIFIED → -."""
+    if not name or name.endswith("_UNSPECIFIED"):
+        return EMPTY
+    return name.removeprefix(prefix).lower().replace("_", "-")
+
+
+def human_duration(seconds: float) -> str:
+    """1h2m3s, 45s, 2d3h0m5s; sub-second values (timeouts) keep their fraction: 0.5s, 1.5s."""
+    if seconds < 0:
+        return "-" + human_duration(-seconds)
+    if seconds < 60 and seconds != int(seconds):
+        return f"{seconds:.3f}".rstrip("0").rstrip(".") + "s"
+    total = int(seconds)
+    days, rest = divmod(total, 86400)
+    hours, rest = divmod(rest, 3600)
+    minutes, secs = divmod(rest, 60)
+    if days:
+        return f"{days}d{hours}h{minutes}m{secs}s"
+    if hours:
+        return f"{hours}h{minutes}m{secs}s"
+    if minutes:
+        return f"{minutes}m{secs}s"
+    return f"{secs}s"
+
+
+def duration_text(duration: duration_pb2.Duration) -> str:
+    return human_duration(duration.ToNanoseconds() / 1e9)
+
+
+def human_bytes(count: int) -> str:
+    """1536 → 1.5KiB; powers of 1024, like the --memory-max flag accepts."""
+    value = float(count)
+    for unit in ("B", "KiB", "MiB", "GiB", "TiB"):
+        if value < 1024 or unit == "TiB":
+            return f"{count}B" if unit == "B" else f"{value:.1f}{unit}"
+        value /= 1024
+    raise AssertionError("unreachable")
+
+
+def timestamp_text(ts: timestamp_pb2.Timestamp, now: datetime | None = None) -> str:
+    """RFC 3339 UTC with the age, e.g. 2025-05-01T10:00:00Z (5m3s ago)."""
+    when = ts.ToDatetime(tzinfo=UTC)
+    now = now or datetime.now(UTC)
+    delta = (now - when).total_seconds()
+    stamp = when.strftime("%Y-%m-%dT%H:%M:%SZ")
+    if delta >= 0:
+        return f"{stamp} ({human_duration(int(delta))} ago)"
+    return f"{stamp} (in {human_duration(int(-delta))})"
+
+
+def clock_text(ts: timestamp_pb2.Timestamp) -> str:
+    return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")

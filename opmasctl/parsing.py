@@ -1,0 +1,121 @@
+"""Parsers for command-line values: durations, byte sizes, KEY=VALUE pairs, enum names.
+
+Each raises ValueError with a message fit for a usage error; argparse wrappers turn that into
+exit status 2.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import re
+from collections.abc import Callable, Iterable
+from typing import Any, TypeVar
+
+from google.protobuf import duration_pb2, struct_pb2
+
+# The same unit forms as the daemon's manifests and config (opmasd/units.py), so an operator
+# can paste a value from one into the other.
+_DURATION = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?$")
+_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
+_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
+_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+_UINT64_MAX = 2**64 - 1
+
+T = TypeVar("T")
+E = TypeVar("E", bound=int)
+
+
+def parse_seconds(text: str) -> float:
+    """Seconds from "30", "1.5", "500ms", "10s", "5m", "1h", "1d"; a leading minus is kept."""
+    value = text.strip()
+    sign = 1.0
+    if value.startswith("-"):
+        sign, value = -1.0, value[1:].strip()
+    match = _DURATION.match(value)
+    if not match:
+        raise ValueError(f"invalid duration {text!r}: expected seconds or a value such as 500ms, 10s, 5m, 1h")
+    return sign * float(match.group(1)) * _DURATION_FACTORS[match.group(2)]
+
+
+def parse_duration(text: str) -> duration_pb2.Duration:
+    """A google.protobuf.Duration; negative values pass through for the server to judge."""
+    duration = duration_pb2.Duration()
+    duration.FromNanoseconds(round(parse_seconds(text) * 1_000_000_000))
+    return duration
+
+
+def parse_size(text: str) -> int:
+    """Bytes from "1048576", "512K", "512M", "1G", "10MiB" (powers of 1024, as systemd's MemoryMax)."""
+    match = _SIZE.match(text.strip())
+    if not match:
+        raise ValueError(f"invalid size {text!r}: expected bytes or a value such as 512K, 512M, 1G")
+    size = int(float(match.group(1)) * 1024 ** _SIZE_POWERS[match.group(2).lower()])
+    if size > _UINT64_MAX:
+        raise ValueError(f"invalid size {text!r}: too large")
+    return size
+
+
+def parse_percent(text: str) -> float:
+    """A CPU quota in percent of one CPU: "50", "150%", "1.5"."""
+    value = text.strip().removesuffix("%").strip()
+    try:
+        return float(value)
+    except ValueError:
+        raise ValueError(f"invalid percentage {text!r}: expected a number such as 50 or 150%") from None
+
+
+def split_pair(text: str, what: str) -> tuple[str, str]:
+    """KEY=VALUE → (KEY, VALUE); the value may be empty or contain '='."""
+    key, sep, value = text.partition("=")
+    if not sep or not key.strip():
+        raise ValueError(f"invalid {what} {text!r}: expected KEY=VALUE")
+    return key.strip(), value
+
+
+def parse_env(pairs: Iterable[str]) -> dict[str, str]:
+    env: dict[str, str] = {}
+    for pair in pairs:
+        key, value = split_pair(pair, "--env")
+        if "\0" in key or "\0" in value:
+            raise ValueError(f"invalid --env {pair!r}: NUL characters are not allowed")
+        env[key] = value
+    return env
+
+
+def parse_params(pairs: Iterable[str]) -> struct_pb2.Struct:
+    """--param k=v pairs into a Struct: a value that parses as JSON is taken as JSON (42, true,
+    [1,2], {"a":1}), anything else as a plain string, so `--param host=r1` needs no quoting."""
+    params: dict[str, Any] = {}
+    for pair in pairs:
+        key, raw = split_pair(pair, "--param")
+        try:
+            params[key] = json.loads(raw)
+        except ValueError:
+            params[key] = raw
+    struct = struct_pb2.Struct()
+    struct.update(params)
+    return struct
+
+
+def enum_choices(items: Iterable[tuple[str, E]], prefix: str) -> dict[str, E]:
+    """CLI spellings of a proto enum's values: AGENT_STATE_RUNNING → "running",
+    RESTART_POLICY_ON_FAILURE → "on-failure"; the UNSPECIFIED value is left out."""
+    return {
+        name.removeprefix(prefix).lower().replace("_", "-"): value
+        for name, value in items
+        if not name.endswith("_UNSPECIFIED")
+    }
+
+
+def argtype(parser: Callable[[str], T]) -> Callable[[str], T]:
+    """Wraps a parser for argparse's type=, keeping our message instead of argparse's generic one."""
+
+    def convert(text: str) -> T:
+        try:
+            return parser(text)
+        except ValueError as err:
+            raise argparse.ArgumentTypeError(str(err)) from None
+
+    convert.__name__ = parser.__name__
+    return convert

@@ -1,0 +1,181 @@
+"""The agent spec flags shared by `agents register` and `agents update`, and the AgentSpec (plus
+update_mask paths) they build."""
+
+from __future__ import annotations
+
+import argparse
+import shlex
+
+from opmas.v1 import agents_pb2
+from opmasctl.parsing import (
+    argtype,
+    enum_choices,
+    parse_duration,
+    parse_env,
+    parse_percent,
+    parse_size,
+)
+
+RESTART_POLICIES = enum_choices(agents_pb2.RestartPolicy.items(), "RESTART_POLICY_")
+RUNTIMES = enum_choices(agents_pb2.RuntimeKind.items(), "RUNTIME_KIND_")
+
+
+class SpecError(ValueError):
+    """Spec flags that cannot be combined; reported as a usage error."""
+
+
+def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None:
+    # Every default is None so that "not given" is distinguishable from "given as empty/false":
+    # update sends exactly the given fields in its update_mask.
+    group = parser.add_argument_group("agent spec")
+    group.add_argument("--name", dest="spec_name", metavar="NAME")
+    group.add_argument("--type", dest="spec_type", metavar="TYPE")
+    group.add_argument("--version", dest="spec_version", metavar="VERSION")
+    group.add_argument("--description", dest="spec_description", metavar="TEXT")
+    group.add_argument(
+        "--command",
+        dest="spec_command",
+        metavar="CMD",
+        help='program and arguments as one shell-quoted string, e.g. "python -m sysmon -v"; '
+        "or give them after --",
+    )
+    group.add_argument("--workdir", dest="spec_workdir", metavar="DIR", help="working directory")
+    group.add_argument(
+        "--env",
+        dest="spec_env",
+        action="append",
+        metavar="KEY=VALUE",
+        help="environment variable (repeatable)" + ("; replaces the whole environment" if update else ""),
+    )
+    if update:
+        group.add_argument(
+            "--clear-env", dest="spec_clear_env", action="store_true", help="remove every variable"
+        )
+    group.add_argument("--restart-policy", dest="spec_restart_policy", choices=sorted(RESTART_POLICIES))
+    group.add_argument(
+        "--stop-timeout", dest="spec_stop_timeout", type=argtype(parse_duration), metavar="SECONDS"
+    )
+    group.add_argument(
+        "--heartbeat-interval",
+        dest="spec_heartbeat_interval",
+        type=argtype(parse_duration),
+        metavar="SECONDS",
+    )
+    group.add_argument("--runtime", dest="spec_runtime", choices=sorted(RUNTIMES))
+    group.add_argument(
+        "--autostart",
+        dest="spec_autostart",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="start when registered or discovered",
+    )
+    group.add_argument(
+        "--restart-on-inactive",
+        dest="spec_restart_on_inactive",
+        action=argparse.BooleanOptionalAction,
+        default=None,
+        help="restart when the heartbeat is lost",
+    )
+    group.add_argument(
+        "--memory-max",
+        dest="spec_memory_max",
+        type=argtype(parse_size),
+        metavar="BYTES",
+        help="memory limit: bytes, or 512K, 512M, 1G (0: none)",
+    )
+    group.add_argument(
+        "--cpu-quota",
+        dest="spec_cpu_quota",
+        type=argtype(parse_percent),
+        metavar="PERCENT",
+        help="percent of one CPU; 200 means two CPUs",
+    )
+    group.add_argument("--tasks-max", dest="spec_tasks_max", type=int, metavar="N")
+    group.add_argument("--open-files-max", dest="spec_open_files_max", type=int, metavar="N")
+
+
+def build_spec(
+    args: argparse.Namespace, argv_after_dashes: list[str]
+) -> tuple[agents_pb2.AgentSpec, list[str]]:
+    """The AgentSpec of the given flags and the AgentSpec field paths they set, in proto order."""
+    spec = agents_pb2.AgentSpec()
+    paths: list[str] = []
+
+    def given(name: str) -> bool:
+        return getattr(args, name, None) is not None
+
+    for flag, field in (
+        ("spec_name", "name"),
+        ("spec_type", "type"),
+        ("spec_version", "version"),
+        ("spec_description", "description"),
+    ):
+        if given(flag):
+            setattr(spec, field, getattr(args, flag))
+            paths.append(field)
+
+    command = _command(args.spec_command, argv_after_dashes)
+    if command is not None:
+        spec.command.extend(command)
+        paths.append("command")
+    if given("spec_workdir"):
+        spec.working_directory = args.spec_workdir
+        paths.append("working_directory")
+    if getattr(args, "spec_clear_env", False) and given("spec_env"):
+        raise SpecError("--clear-env and --env cannot be combined")
+    if given("spec_env"):
+        try:
+            spec.environment.update(parse_env(args.spec_env))
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+        paths.append("environment")
+    elif getattr(args, "spec_clear_env", False):
+        paths.append("environment")
+    if given("spec_restart_policy"):
+        spec.restart_policy = RESTART_POLICIES[args.spec_restart_policy]
+        paths.append("restart_policy")
+    if given("spec_stop_timeout"):
+        spec.stop_timeout.CopyFrom(args.spec_stop_timeout)
+        paths.append("stop_timeout")
+    if given("spec_heartbeat_interval"):
+        spec.heartbeat_interval.CopyFrom(args.spec_heartbeat_interval)
+        paths.append("heartbeat_interval")
+    for flag, field in (
+        ("spec_memory_max", "memory_max_bytes"),
+        ("spec_cpu_quota", "cpu_quota_percent"),
+        ("spec_tasks_max", "tasks_max"),
+        ("spec_open_files_max", "open_files_max"),
+    ):
+        if given(flag):
+            try:
+                setattr(spec.resources, field, getattr(args, flag))
+            except ValueError as err:
+                # e.g. a negative --tasks-max into a uint32 field.
+                raise SpecError(f"--{flag.removeprefix('spec_').replace('_', '-')}: {err}") from None
+            paths.append(f"resources.{field}")
+    if given("spec_runtime"):
+        spec.runtime = RUNTIMES[args.spec_runtime]
+        paths.append("runtime")
+    if given("spec_autostart"):
+        spec.autostart = args.spec_autostart
+        paths.append("autostart")
+    if given("spec_restart_on_inactive"):
+        spec.restart_on_inactive = args.spec_restart_on_inactive
+        paths.append("restart_on_inactive")
+    return spec, paths
+
+
+def _command(flag: str | None, after_dashes: list[str]) -> list[str] | None:
+    if flag is not None and after_dashes:
+        raise SpecError("give the command either with --command or after --, not both")
+    if after_dashes:
+        return after_dashes
+    if flag is None:
+        return None
+    try:
+        argv = shlex.split(flag)
+    except ValueError as err:
+        raise SpecError(f"invalid --command {flag!r}: {err}") from None
+    if not argv:
+        raise SpecError("--command is empty")
+    return argv

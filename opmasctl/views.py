@@ -1,0 +1,248 @@
+"""Human views of the API's messages: the agent table, key/value pages, event lines."""
+
+from __future__ import annotations
+
+import json
+import shlex
+import signal
+from collections.abc import Sequence
+from datetime import UTC, datetime
+
+from google.protobuf import struct_pb2
+
+from opmas.v1 import agents_pb2
+from opmasctl.output import (
+    EMPTY,
+    clock_text,
+    duration_text,
+    enum_text,
+    human_bytes,
+    human_duration,
+    key_values,
+    message_to_dict,
+    table,
+    timestamp_text,
+)
+
+AGENT_HEADERS = ("ID", "NAME", "TYPE", "STATE", "DESIRED", "PID", "UPTIME", "RESTARTS", "LAST EXIT")
+_LIVE_STATES = {
+    agents_pb2.AGENT_STATE_STARTING,
+    agents_pb2.AGENT_STATE_RUNNING,
+    agents_pb2.AGENT_STATE_STOPPING,
+    agents_pb2.AGENT_STATE_INACTIVE,
+}
+
+
+def state_text(state: agents_pb2.AgentState.ValueType) -> str:
+    return enum_text(agents_pb2.AgentState.Name(state), "AGENT_STATE_")
+
+
+def desired_text(state: agents_pb2.DesiredState.ValueType) -> str:
+    return enum_text(agents_pb2.DesiredState.Name(state), "DESIRED_STATE_")
+
+
+def policy_text(policy: agents_pb2.RestartPolicy.ValueType) -> str:
+    return enum_text(agents_pb2.RestartPolicy.Name(policy), "RESTART_POLICY_")
+
+
+def runtime_text(kind: agents_pb2.RuntimeKind.ValueType) -> str:
+    return enum_text(agents_pb2.RuntimeKind.Name(kind), "RUNTIME_KIND_")
+
+
+def source_text(source: agents_pb2.AgentSource.ValueType) -> str:
+    return enum_text(agents_pb2.AgentSource.Name(source), "AGENT_SOURCE_")
+
+
+def _text(value: str) -> str:
+    return value or EMPTY
+
+
+def _number(value: int) -> str:
+    return str(value) if value else EMPTY
+
+
+def uptime_text(status: agents_pb2.AgentStatus, now: datetime | None = None) -> str:
+    if status.HasField("uptime") and status.uptime.ToNanoseconds() > 0:
+        return human_duration(int(status.uptime.ToNanoseconds() // 1_000_000_000))
+    # A server that leaves uptime out still gives start_time; only meaningful while alive.
+    if status.state in _LIVE_STATES and status.HasField("start_time"):
+        now = now or datetime.now(UTC)
+        seconds = (now - status.start_time.ToDatetime(tzinfo=UTC)).total_seconds()
+        if seconds >= 0:
+            return human_duration(int(seconds))
+    return EMPTY
+
+
+def _signal_name(number: int) -> str:
+    try:
+        return signal.Signals(number).name
+    except ValueError:
+        return f"signal {number}"
+
+
+def last_exit_short(status: agents_pb2.AgentStatus) -> str:
+    if not status.HasField("last_exit"):
+        return EMPTY
+    exit_info = status.last_exit
+    if exit_info.signal:
+        return _signal_name(exit_info.signal)
+    return f"exit {exit_info.exit_code}"
+
+
+def last_exit_long(status: agents_pb2.AgentStatus) -> str:
+    if not status.HasField("last_exit"):
+        return EMPTY
+    text = last_exit_short(status)
+    exit_info = status.last_exit
+    if exit_info.reason:
+        text += f": {exit_info.reason}"
+    if exit_info.HasField("time"):
+        text += f" at {timestamp_text(exit_info.time)}"
+    return text
+
+
+def agent_row(agent: agents_pb2.Agent) -> list[str]:
+    status = agent.status
+    return [
+        agent.agent_id,
+        _text(agent.spec.name),
+        _text(agent.spec.type),
+        state_text(status.state),
+        desired_text(status.desired_state),
+        _number(status.pid),
+        uptime_text(status),
+        str(status.restart_count),
+        last_exit_short(status),
+    ]
+
+
+def agents_table(agents: Sequence[agents_pb2.Agent]) -> str:
+    if not agents:
+        return "no agents\n"
+    return table(AGENT_HEADERS, [agent_row(agent) for agent in agents])
+
+
+def _time(status_or_agent: agents_pb2.AgentStatus | agents_pb2.Agent, field: str) -> str:
+    if not status_or_agent.HasField(field):  # type: ignore[arg-type]
+        return EMPTY
+    return timestamp_text(getattr(status_or_agent, field))
+
+
+def _environment(env: dict[str, str]) -> str:
+    return "\n".join(f"{key}={env[key]}" for key in sorted(env)) or EMPTY
+
+
+def spec_pairs(spec: agents_pb2.AgentSpec) -> list[tuple[str, str]]:
+    limits = spec.resources
+    return [
+        ("Name", _text(spec.name)),
+        ("Type", _text(spec.type)),
+        ("Version", _text(spec.version)),
+        ("Description", _text(spec.description)),
+        ("Command", shlex.join(spec.command) if spec.command else EMPTY),
+        ("Working dir", _text(spec.working_directory)),
+        ("Environment", _environment(dict(spec.environment))),
+        ("Restart policy", policy_text(spec.restart_policy)),
+        ("Stop timeout", duration_text(spec.stop_timeout) if spec.HasField("stop_timeout") else EMPTY),
+        (
+            "Heartbeat interval",
+            duration_text(spec.heartbeat_interval) if spec.HasField("heartbeat_interval") else EMPTY,
+        ),
+        ("Runtime", runtime_text(spec.runtime)),
+        ("Autostart", "yes" if spec.autostart else "no"),
+        ("Restart on inactive", "yes" if spec.restart_on_inactive else "no"),
+        ("Memory max", human_bytes(limits.memory_max_bytes) if limits.memory_max_bytes else EMPTY),
+        ("CPU quota", f"{limits.cpu_quota_percent:g}%" if limits.cpu_quota_percent else EMPTY),
+        ("Tasks max", _number(limits.tasks_max)),
+        ("Open files max", _number(limits.open_files_max)),
+    ]
+
+
+def status_pairs(status: agents_pb2.AgentStatus) -> list[tuple[str, str]]:
+    return [
+        ("State", state_text(status.state)),
+        ("Desired", desired_text(status.desired_state)),
+        ("Reason", _text(status.state_reason)),
+        ("Since", _time(status, "state_change_time")),
+        ("PID", _number(status.pid)),
+        ("Started", _time(status, "start_time")),
+        ("Uptime", uptime_text(status)),
+        ("Restarts", str(status.restart_count)),
+        ("Last exit", last_exit_long(status)),
+        ("Last heartbeat", _time(status, "last_heartbeat_time")),
+        ("Next restart", _time(status, "next_restart_time")),
+        ("Node", _text(status.node)),
+        ("Runtime", runtime_text(status.runtime)),
+    ]
+
+
+def agent_view(agent: agents_pb2.Agent) -> str:
+    pairs = [("ID", agent.agent_id)]
+    pairs += spec_pairs(agent.spec)
+    pairs += [
+        ("Source", source_text(agent.source)),
+        ("Manifest", _text(agent.manifest_path)),
+        ("Node", _text(agent.node)),
+        ("Created", _time(agent, "create_time")),
+        ("Updated", _time(agent, "update_time")),
+    ]
+    # The status block repeats Node/Runtime as the status sees them; the spec's are kept above.
+    pairs += [(key, value) for key, value in status_pairs(agent.status) if key not in ("Node", "Runtime")]
+    return key_values(pairs)
+
+
+def status_view(status: agents_pb2.AgentStatus) -> str:
+    return key_values([("ID", status.agent_id), *status_pairs(status)])
+
+
+def _struct_lines(struct: struct_pb2.Struct) -> str:
+    data = message_to_dict(struct)
+    return "\n".join(f"{key}={json.dumps(data[key])}" for key in sorted(data)) or EMPTY
+
+
+def metrics_view(metrics: agents_pb2.AgentMetrics) -> str:
+    return key_values(
+        [
+            ("ID", metrics.agent_id),
+            ("CPU", f"{metrics.cpu_percent:.1f}%"),
+            ("RSS", human_bytes(metrics.rss_bytes) if metrics.rss_bytes else EMPTY),
+            ("Threads", _number(metrics.num_threads)),
+            ("Open files", _number(metrics.open_fds)),
+            ("Uptime", duration_text(metrics.uptime) if metrics.HasField("uptime") else EMPTY),
+            ("Restarts", str(metrics.restart_count)),
+            ("Reported", _struct_lines(metrics.reported)),
+            ("Reported at", _time_metrics(metrics)),
+        ]
+    )
+
+
+def _time_metrics(metrics: agents_pb2.AgentMetrics) -> str:
+    return timestamp_text(metrics.reported_time) if metrics.HasField("reported_time") else EMPTY
+
+
+def discover_view(response: agents_pb2.DiscoverAgentsResponse) -> str:
+    if response.agents:
+        text = table(
+            ("ID", "NAME", "NEW", "MANIFEST"),
+            [
+                [found.agent_id, _text(found.name), "yes" if found.new else "no", _text(found.manifest_path)]
+                for found in response.agents
+            ],
+        )
+    else:
+        text = "no agents found\n"
+    if response.errors:
+        text += "\n" + table(
+            ("MANIFEST", "ERROR"),
+            [[error.manifest_path, error.message] for error in response.errors],
+        )
+    return text
+
+
+def event_line(event: agents_pb2.AgentEvent) -> str:
+    when = clock_text(event.time) if event.HasField("time") else EMPTY
+    change = f"{state_text(event.previous_state)} → {state_text(event.state)}"
+    parts = [when, event.agent_id, change]
+    if event.reason:
+        parts.append(event.reason)
+    return "  ".join(parts) + "\n"

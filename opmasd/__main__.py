@@ -1,0 +1,58 @@
+"""`opmasd`: run the daemon in the foreground (systemd, or `make run`)."""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import sys
+from pathlib import Path
+
+import structlog
+
+from opmasd import __version__
+from opmasd.config import ConfigError, load_config
+from opmasd.logging import configure_logging
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="opmasd", description="OPMAS agent manager daemon")
+    parser.add_argument(
+        "--config",
+        type=Path,
+        default=os.environ.get("OPMAS_CONFIG") or None,
+        help="YAML configuration file (default: /etc/opmas/opmasd.yaml when it exists; $OPMAS_CONFIG)",
+    )
+    parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    parser.add_argument("--version", action="version", version=f"opmasd {__version__}")
+    return parser.parse_args(argv)
+
+
+def main(argv: list[str] | None = None) -> None:
+    args = parse_args(argv)
+    try:
+        config = load_config(args.config, os.environ)
+    except ConfigError as exc:
+        print(f"opmasd: configuration error: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    if args.check_config:
+        print(f"opmasd: configuration OK ({args.config or 'defaults'})")
+        return
+    configure_logging(config.service.log_level, config.service.log_format)
+
+    from opmasd.app import Daemon
+    from opmasd.api.grpc_server import ListenError
+    from opmasd.store.base import StoreError
+
+    log = structlog.get_logger("opmasd")
+    try:
+        asyncio.run(Daemon(config, args.config).serve())
+    except (ListenError, StoreError, OSError, ValueError) as exc:
+        log.error("opmasd could not start", error=str(exc))
+        raise SystemExit(1) from None
+    except KeyboardInterrupt:
+        pass
+
+
+if __name__ == "__main__":
+    main()

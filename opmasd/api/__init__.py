@@ -1,0 +1,1 @@
+"""The API edge: gRPC (and, from the same proto, REST). Wire types stop here."""

@@ -1,0 +1,282 @@
+"""Protobuf ↔ domain conversions, in one place.
+
+Incoming messages become plain values the manager understands (an unknown enum number or a
+bad field mask is an InvalidArgument naming the field); domain records become messages.
+"""
+
+from __future__ import annotations
+
+import base64
+from datetime import datetime
+from typing import Any
+
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from opmas.v1 import agents_pb2 as pb
+from opmasd.manager.errors import FieldViolation, InvalidArgument
+from opmasd.manager.events import AgentEvent
+from opmasd.manager.model import (
+    AgentRecord,
+    AgentSource,
+    AgentSpec,
+    AgentState,
+    DesiredState,
+    ExitInfo,
+    RestartPolicy,
+    RuntimeKind,
+    Transition,
+    utcnow,
+)
+from opmasd.runtime.base import ProcessUsage
+
+_STATE_TO_PB = {
+    AgentState.STARTING: pb.AGENT_STATE_STARTING,
+    AgentState.RUNNING: pb.AGENT_STATE_RUNNING,
+    AgentState.STOPPING: pb.AGENT_STATE_STOPPING,
+    AgentState.STOPPED: pb.AGENT_STATE_STOPPED,
+    AgentState.ERROR: pb.AGENT_STATE_ERROR,
+    AgentState.INACTIVE: pb.AGENT_STATE_INACTIVE,
+    AgentState.BACKOFF: pb.AGENT_STATE_BACKOFF,
+}
+_STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
+_DESIRED_TO_PB = {DesiredState.RUNNING: pb.DESIRED_STATE_RUNNING, DesiredState.STOPPED: pb.DESIRED_STATE_STOPPED}
+_POLICY_TO_PB = {
+    RestartPolicy.NEVER: pb.RESTART_POLICY_NEVER,
+    RestartPolicy.ON_FAILURE: pb.RESTART_POLICY_ON_FAILURE,
+    RestartPolicy.ALWAYS: pb.RESTART_POLICY_ALWAYS,
+}
+_POLICY_FROM_PB = {v: k for k, v in _POLICY_TO_PB.items()}
+_RUNTIME_TO_PB = {RuntimeKind.PROCESS: pb.RUNTIME_KIND_PROCESS, RuntimeKind.SYSTEMD: pb.RUNTIME_KIND_SYSTEMD}
+_RUNTIME_FROM_PB = {v: k for k, v in _RUNTIME_TO_PB.items()}
+_SOURCE_TO_PB = {
+    AgentSource.DISCOVERED: pb.AGENT_SOURCE_DISCOVERED,
+    AgentSource.REGISTERED: pb.AGENT_SOURCE_REGISTERED,
+}
+
+# AgentSpec fields an update_mask may name, with the AgentSpec (domain) field they change.
+_SCALAR_FIELDS = ("name", "type", "version", "description", "working_directory", "autostart", "restart_on_inactive")
+_RESOURCE_FIELDS = ("memory_max_bytes", "cpu_quota_percent", "tasks_max", "open_files_max")
+SPEC_MASK_PATHS = frozenset(
+    (
+        *_SCALAR_FIELDS,
+        "command",
+        "environment",
+        "restart_policy",
+        "stop_timeout",
+        "heartbeat_interval",
+        "runtime",
+        "resources",
+        *(f"resources.{name}" for name in _RESOURCE_FIELDS),
+    )
+)
+
+
+def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
+    if value is None:
+        return None
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(value)
+    return ts
+
+
+def duration(seconds: float) -> duration_pb2.Duration:
+    d = duration_pb2.Duration()
+    d.FromNanoseconds(round(seconds * 1e9))
+    return d
+
+
+def seconds(d: duration_pb2.Duration) -> float:
+    return d.seconds + d.nanos / 1e9
+
+
+def state_to_pb(state: AgentState) -> pb.AgentState.ValueType:
+    return _STATE_TO_PB[state]
+
+
+def state_from_pb(value: int, field: str = "state") -> AgentState | None:
+    if value == pb.AGENT_STATE_UNSPECIFIED:
+        return None
+    try:
+        return _STATE_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument.single(field, f"{value} is not a known agent state") from None
+
+
+def _policy_from_pb(value: int) -> RestartPolicy:
+    try:
+        return _POLICY_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument.single(
+            "spec.restart_policy", f"{value} is not one of RESTART_POLICY_NEVER, _ON_FAILURE, _ALWAYS"
+        ) from None
+
+
+def _runtime_from_pb(value: int) -> RuntimeKind:
+    try:
+        return _RUNTIME_FROM_PB[value]  # type: ignore[index]
+    except KeyError:
+        raise InvalidArgument.single(
+            "spec.runtime", f"{value} is not one of RUNTIME_KIND_PROCESS, RUNTIME_KIND_SYSTEMD"
+        ) from None
+
+
+def spec_fields(spec: pb.AgentSpec, mask: list[str] | None = None) -> dict[str, Any]:
+    """The spec fields a request sets, as AgentSpec field names → domain values.
+
+    Without a mask: every field with a non-default value (what CreateAgent and an UpdateAgent
+    with an empty mask mean). With a mask: exactly the named paths, zero values included.
+    """
+    if mask is not None:
+        unknown = [p for p in mask if p not in SPEC_MASK_PATHS]
+        if unknown:
+            raise InvalidArgument(
+                [FieldViolation("update_mask", f"{p!r} is not a field of AgentSpec") for p in unknown]
+            )
+        wanted = set(mask)
+
+        def named(path: str, is_set: bool) -> bool:
+            return path in wanted
+
+    else:
+        wanted = set()
+
+        def named(path: str, is_set: bool) -> bool:
+            return is_set
+
+    out: dict[str, Any] = {}
+    for name in _SCALAR_FIELDS:
+        value = getattr(spec, name)
+        if named(name, bool(value)):
+            out[name] = value
+    if named("command", len(spec.command) > 0):
+        out["command"] = tuple(spec.command)
+    if named("environment", len(spec.environment) > 0):
+        out["environment"] = dict(spec.environment)
+    if named("restart_policy", spec.restart_policy != pb.RESTART_POLICY_UNSPECIFIED):
+        out["restart_policy"] = _policy_from_pb(spec.restart_policy)
+    if named("runtime", spec.runtime != pb.RUNTIME_KIND_UNSPECIFIED):
+        # An update that names runtime but leaves it unspecified means the default.
+        unset = spec.runtime == pb.RUNTIME_KIND_UNSPECIFIED
+        out["runtime"] = RuntimeKind.PROCESS if unset else _runtime_from_pb(spec.runtime)
+    for name in ("stop_timeout", "heartbeat_interval"):
+        if named(name, spec.HasField(name)):
+            out[name] = seconds(getattr(spec, name))
+    resources: dict[str, Any] = {}
+    for name in _RESOURCE_FIELDS:
+        value = getattr(spec.resources, name)
+        if named(f"resources.{name}", bool(value)) or "resources" in wanted:
+            resources[name] = value
+    if resources:
+        out["resources"] = resources
+    return out
+
+
+def spec_to_pb(spec: AgentSpec) -> pb.AgentSpec:
+    res = spec.resources
+    return pb.AgentSpec(
+        name=spec.name,
+        type=spec.type,
+        version=spec.version,
+        description=spec.description,
+        command=list(spec.command),
+        working_directory=spec.working_directory,
+        environment=spec.env,
+        restart_policy=_POLICY_TO_PB[spec.restart_policy],
+        stop_timeout=duration(spec.stop_timeout),
+        heartbeat_interval=duration(spec.heartbeat_interval),
+        resources=pb.ResourceLimits(
+            memory_max_bytes=res.memory_max_bytes,
+            cpu_quota_percent=res.cpu_quota_percent,
+            tasks_max=res.tasks_max,
+            open_files_max=res.open_files_max,
+        ),
+        runtime=_RUNTIME_TO_PB[spec.runtime],
+        autostart=spec.autostart,
+        restart_on_inactive=spec.restart_on_inactive,
+    )
+
+
+def exit_to_pb(exit_info: ExitInfo | None) -> pb.ExitInfo | None:
+    if exit_info is None:
+        return None
+    return pb.ExitInfo(
+        exit_code=exit_info.exit_code or 0,
+        signal=exit_info.signal or 0,
+        reason=exit_info.reason,
+        time=timestamp(exit_info.time),
+    )
+
+
+def status_to_pb(rec: AgentRecord) -> pb.AgentStatus:
+    status = pb.AgentStatus(
+        agent_id=rec.agent_id,
+        state=_STATE_TO_PB[rec.state],
+        desired_state=_DESIRED_TO_PB[rec.desired],
+        state_reason=rec.state_reason,
+        state_change_time=timestamp(rec.state_changed_at),
+        pid=rec.pid or 0,
+        restart_count=rec.restart_count,
+        node=rec.node,
+        runtime=_RUNTIME_TO_PB[rec.spec.runtime],
+    )
+    if rec.started_at is not None and rec.pid is not None:
+        status.start_time.CopyFrom(timestamp(rec.started_at))
+        status.uptime.CopyFrom(duration(max(0.0, (utcnow() - rec.started_at).total_seconds())))
+    if rec.last_exit is not None:
+        status.last_exit.CopyFrom(exit_to_pb(rec.last_exit))
+    if rec.last_heartbeat is not None:
+        status.last_heartbeat_time.CopyFrom(timestamp(rec.last_heartbeat))
+    if rec.next_restart_at is not None and rec.state is AgentState.BACKOFF:
+        status.next_restart_time.CopyFrom(timestamp(rec.next_restart_at))
+    return status
+
+
+def agent_to_pb(rec: AgentRecord) -> pb.Agent:
+    return pb.Agent(
+        agent_id=rec.agent_id,
+        spec=spec_to_pb(rec.spec),
+        status=status_to_pb(rec),
+        source=_SOURCE_TO_PB[rec.source],
+        manifest_path=rec.manifest_path,
+        node=rec.node,
+        create_time=timestamp(rec.created_at),
+        update_time=timestamp(rec.updated_at),
+    )
+
+
+def event_to_pb(event: AgentEvent) -> pb.AgentEvent:
+    t: Transition = event.transition
+    return pb.AgentEvent(
+        agent_id=t.agent_id,
+        previous_state=_STATE_TO_PB[t.previous],
+        state=_STATE_TO_PB[t.state],
+        reason=t.reason,
+        time=timestamp(t.at),
+        status=status_to_pb(event.record),
+    )
+
+
+def metrics_to_pb(rec: AgentRecord, usage: ProcessUsage | None) -> pb.AgentMetrics:
+    metrics = pb.AgentMetrics(agent_id=rec.agent_id, restart_count=rec.restart_count)
+    if usage is not None:
+        metrics.cpu_percent = usage.cpu_percent
+        metrics.rss_bytes = usage.rss_bytes
+        metrics.num_threads = usage.num_threads
+        metrics.open_fds = usage.open_fds
+    if rec.started_at is not None and rec.pid is not None:
+        metrics.uptime.CopyFrom(duration(max(0.0, (utcnow() - rec.started_at).total_seconds())))
+    return metrics
+
+
+def encode_page_token(last_agent_id: str) -> str:
+    return base64.urlsafe_b64encode(f"after:{last_agent_id}".encode()).decode()
+
+
+def decode_page_token(token: str) -> str:
+    try:
+        text = base64.urlsafe_b64decode(token.encode()).decode()
+    except (ValueError, UnicodeDecodeError):
+        text = ""
+    if not text.startswith("after:"):
+        raise InvalidArgument.single("page_token", "is not a token this server issued")
+    return text.removeprefix("after:")

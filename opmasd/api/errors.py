@@ -1,0 +1,64 @@
+"""Domain errors → gRPC status with google.rpc details, in one place.
+
+REST derives its HTTP status from the gRPC code (grpc-gateway's table), so this is the only
+mapping to keep right.
+"""
+
+from __future__ import annotations
+
+import grpc
+from google.protobuf import any_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2
+from grpc_status import rpc_status
+
+from opmasd.manager import errors
+from opmasd.store.base import StoreError
+
+_CODES: list[tuple[type[Exception], int]] = [
+    (errors.NotFound, code_pb2.NOT_FOUND),
+    (errors.AlreadyExists, code_pb2.ALREADY_EXISTS),
+    (errors.InvalidArgument, code_pb2.INVALID_ARGUMENT),
+    (errors.FailedPrecondition, code_pb2.FAILED_PRECONDITION),
+    (errors.Unavailable, code_pb2.UNAVAILABLE),
+    (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
+    (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
+    (StoreError, code_pb2.UNAVAILABLE),
+]
+
+
+def _pack(message: object) -> any_pb2.Any:
+    packed = any_pb2.Any()
+    packed.Pack(message)  # type: ignore[arg-type]
+    return packed
+
+
+def to_status_pb(exc: Exception) -> status_pb2.Status:
+    code = next((c for cls, c in _CODES if isinstance(exc, cls)), code_pb2.INTERNAL)
+    message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
+    status = status_pb2.Status(code=code, message=message)
+    if isinstance(exc, errors.InvalidArgument):
+        status.details.append(
+            _pack(
+                error_details_pb2.BadRequest(
+                    field_violations=[
+                        error_details_pb2.BadRequest.FieldViolation(field=v.field, description=v.description)
+                        for v in exc.violations
+                    ]
+                )
+            )
+        )
+    if isinstance(exc, errors.NotFound | errors.AlreadyExists):
+        status.details.append(
+            _pack(
+                error_details_pb2.ResourceInfo(
+                    resource_type=f"opmas.v1.{exc.resource_type.capitalize()}",
+                    resource_name=exc.name,
+                    description=message,
+                )
+            )
+        )
+    return status
+
+
+def to_grpc_status(exc: Exception) -> grpc.Status:
+    return rpc_status.to_status(to_status_pb(exc))

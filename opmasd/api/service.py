@@ -1,0 +1,209 @@
+"""AgentService over grpc.aio: each RPC converts its request, calls the manager, converts back.
+
+No logic lives here beyond that. Domain errors become statuses with details (api/errors.py);
+anything unexpected is logged with its traceback and answered INTERNAL, never a dropped call.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+from collections.abc import AsyncIterator, Awaitable, Callable
+from typing import Any, TypeVar
+
+import grpc
+import structlog
+
+from opmas.v1 import agents_pb2 as pb
+from opmas.v1 import agents_pb2_grpc
+from opmasd.api import convert
+from opmasd.api.errors import to_grpc_status
+from opmasd.manager.errors import InvalidArgument, OpmasError, Unimplemented
+from opmasd.manager.manager import AgentFilter, AgentManager, OperationResult
+from opmasd.manager.validation import check_agent_id
+from opmasd.store.base import StoreError
+
+log = structlog.get_logger(__name__)
+
+Req = TypeVar("Req")
+Resp = TypeVar("Resp")
+DEFAULT_PAGE_SIZE = 500
+MAX_PAGE_SIZE = 1000
+
+
+async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
+    if not isinstance(exc, OpmasError | StoreError):
+        log.exception("unexpected error in rpc", method=method)
+    await context.abort_with_status(to_grpc_status(exc))
+
+
+def unary(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
+        try:
+            return await fn(self, request, context)
+        except Exception as exc:
+            if isinstance(exc, asyncio.CancelledError):
+                raise
+            await _abort(context, fn.__name__, exc)
+            raise  # abort_with_status raises; this is never reached
+
+    return wrapper
+
+
+def streaming(
+    fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]],
+) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]:
+    @functools.wraps(fn)
+    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Resp]:
+        try:
+            async for item in fn(self, request, context):
+                yield item
+        except Exception as exc:
+            await _abort(context, fn.__name__, exc)
+
+    return wrapper
+
+
+async def _until(stop: asyncio.Event, source: AsyncIterator[Resp]) -> AsyncIterator[Resp]:
+    """Items of source until it ends or the daemon begins shutting down (which ends the stream
+    at once instead of holding server.stop() for its whole grace period)."""
+    stop_wait = asyncio.ensure_future(stop.wait())
+    iterator = source.__aiter__()
+    try:
+        while True:
+            next_item = asyncio.ensure_future(iterator.__anext__())
+            done, _ = await asyncio.wait({next_item, stop_wait}, return_when=asyncio.FIRST_COMPLETED)
+            if next_item not in done:
+                next_item.cancel()
+                await asyncio.gather(next_item, return_exceptions=True)
+                return
+            try:
+                yield next_item.result()
+            except StopAsyncIteration:
+                return
+    finally:
+        stop_wait.cancel()
+        aclose = getattr(iterator, "aclose", None)
+        if aclose is not None:
+            await aclose()
+
+
+def _operation(result: OperationResult, response_type: Any) -> Any:
+    return response_type(
+        status=convert.status_to_pb(result.record), changed=result.changed, message=result.message
+    )
+
+
+class AgentService(agents_pb2_grpc.AgentServiceServicer):
+    def __init__(self, manager: AgentManager, stopping: asyncio.Event) -> None:
+        self._manager = manager
+        self._stopping = stopping
+
+    @unary
+    async def ListAgents(self, request: pb.ListAgentsRequest, context: Any) -> pb.ListAgentsResponse:
+        if request.page_size < 0:
+            raise InvalidArgument.single("page_size", f"must not be negative, got {request.page_size}")
+        page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
+        records = self._manager.list_agents(
+            AgentFilter(state=convert.state_from_pb(request.state), type=request.type, node=request.node)
+        )
+        total = len(records)
+        if request.page_token:
+            after = convert.decode_page_token(request.page_token)
+            records = [rec for rec in records if rec.agent_id > after]
+        page = records[:page_size]
+        token = convert.encode_page_token(page[-1].agent_id) if len(records) > page_size else ""
+        return pb.ListAgentsResponse(
+            agents=[convert.agent_to_pb(rec) for rec in page], next_page_token=token, total_size=total
+        )
+
+    @unary
+    async def CreateAgent(self, request: pb.CreateAgentRequest, context: Any) -> pb.Agent:
+        if request.manifest_path:
+            rec = await self._manager.create_agent_from_manifest(
+                request.manifest_path, request.agent_id, request.start
+            )
+        else:
+            if not request.HasField("spec"):
+                raise InvalidArgument.single("spec", "give a spec or a manifest_path")
+            rec = await self._manager.create_agent(
+                convert.spec_fields(request.spec), request.agent_id, request.start
+            )
+        return convert.agent_to_pb(rec)
+
+    @unary
+    async def GetAgent(self, request: pb.GetAgentRequest, context: Any) -> pb.Agent:
+        return convert.agent_to_pb(self._manager.get_agent(request.agent_id))
+
+    @unary
+    async def UpdateAgent(self, request: pb.UpdateAgentRequest, context: Any) -> pb.Agent:
+        check_agent_id(request.agent_id)
+        mask = list(request.update_mask.paths) if request.update_mask.paths else None
+        rec = await self._manager.update_agent(request.agent_id, convert.spec_fields(request.spec, mask))
+        return convert.agent_to_pb(rec)
+
+    @unary
+    async def DeleteAgent(self, request: pb.DeleteAgentRequest, context: Any) -> pb.DeleteAgentResponse:
+        rec, deleted = await self._manager.delete_agent(request.agent_id)
+        message = f"agent {rec.agent_id} deleted" if deleted else f"agent {rec.agent_id} was already deleted"
+        return pb.DeleteAgentResponse(agent_id=rec.agent_id, deleted=deleted, message=message)
+
+    @unary
+    async def StartAgent(self, request: pb.StartAgentRequest, context: Any) -> pb.StartAgentResponse:
+        result = await self._manager.start_agent(request.agent_id)
+        return _operation(result, pb.StartAgentResponse)  # type: ignore[no-any-return]
+
+    @unary
+    async def StopAgent(self, request: pb.StopAgentRequest, context: Any) -> pb.StopAgentResponse:
+        timeout = convert.seconds(request.timeout) if request.HasField("timeout") else None
+        result = await self._manager.stop_agent(request.agent_id, timeout)
+        return _operation(result, pb.StopAgentResponse)  # type: ignore[no-any-return]
+
+    @unary
+    async def RestartAgent(self, request: pb.RestartAgentRequest, context: Any) -> pb.RestartAgentResponse:
+        result = await self._manager.restart_agent(request.agent_id)
+        return _operation(result, pb.RestartAgentResponse)  # type: ignore[no-any-return]
+
+    @unary
+    async def GetAgentStatus(self, request: pb.GetAgentStatusRequest, context: Any) -> pb.AgentStatus:
+        return convert.status_to_pb(self._manager.get_agent(request.agent_id))
+
+    @unary
+    async def GetAgentMetrics(self, request: pb.GetAgentMetricsRequest, context: Any) -> pb.AgentMetrics:
+        usage = self._manager.usage(request.agent_id)
+        return convert.metrics_to_pb(self._manager.get_agent(request.agent_id), usage)
+
+    @streaming
+    async def GetAgentLogs(self, request: pb.GetAgentLogsRequest, context: Any) -> AsyncIterator[pb.LogLine]:
+        agent_id = request.agent_id
+        follow = self._manager.follow_logs(agent_id) if request.follow else None
+        for line in await self._manager.tail_logs(agent_id, request.tail_lines):
+            yield pb.LogLine(agent_id=agent_id, line=line)
+        if follow is not None:
+            async for line in _until(self._stopping, follow):
+                yield pb.LogLine(agent_id=agent_id, line=line)
+
+    @streaming
+    async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.AgentEvent]:
+        subscription = self._manager.watch(list(request.agent_ids))
+        async for event in _until(self._stopping, subscription.__aiter__()):
+            yield convert.event_to_pb(event)
+
+    @unary
+    async def DiscoverAgents(self, request: pb.DiscoverAgentsRequest, context: Any) -> pb.DiscoverAgentsResponse:
+        report = await self._manager.discover()
+        return pb.DiscoverAgentsResponse(
+            agents=[
+                pb.DiscoveredAgent(agent_id=a.agent_id, name=a.name, manifest_path=a.manifest_path, new=a.new)
+                for a in report.agents
+            ],
+            errors=[pb.ManifestError(manifest_path=str(e.path), message=e.message) for e in report.errors],
+        )
+
+    @unary
+    async def SendCommand(self, request: pb.SendCommandRequest, context: Any) -> pb.SendCommandResponse:
+        self._manager.get_agent(request.agent_id)
+        raise Unimplemented("SendCommand needs the NATS bus, which this opmasd does not run yet")

@@ -1,0 +1,208 @@
+"""The daemon's life in plain phases: startup → main loop → shutdown.
+
+Components start in dependency order (store → runtime → manager → api) and stop in reverse,
+with the sd_notify messages at the phase boundaries. Signal handling is ours alone: SIGTERM
+and SIGINT ask for a graceful exit (a second one forces it), SIGHUP reloads the
+configuration and rescans the agents directories.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import os
+import signal
+from pathlib import Path
+
+import structlog
+
+from opmasd.api.grpc_server import GrpcListeners, GrpcServer
+from opmasd.config import Config, load_config
+from opmasd.logging import configure_logging
+from opmasd.manager.manager import AgentManager, ManagerSettings
+from opmasd.manager.model import RestartPolicy
+from opmasd.manager.restart import RestartSettings
+from opmasd.notify import Notifier
+from opmasd.runtime.process import ProcessRuntime
+from opmasd.store.sql import SqlStore
+from opmasd.tasks import TaskOwner
+
+log = structlog.get_logger(__name__)
+
+
+def manager_settings(config: Config) -> ManagerSettings:
+    agents = config.agents
+    return ManagerSettings(
+        node=config.service.node,
+        agent_dirs=tuple(agents.dirs),
+        restart=RestartSettings(
+            backoff_initial=agents.backoff_initial,
+            backoff_max=agents.backoff_max,
+            stable_after=agents.stable_after,
+            max_restarts=agents.max_restarts,
+        ),
+        default_stop_timeout=agents.stop_timeout,
+        default_restart_policy=RestartPolicy(agents.restart_policy),
+        autostart_discovered=agents.autostart,
+        monitoring_interval=config.service.monitoring_interval,
+        discovery_interval=config.service.discovery_interval,
+        cleanup_interval=config.service.cleanup_interval,
+    )
+
+
+class Daemon:
+    def __init__(self, config: Config, config_path: Path | None) -> None:
+        self.config = config
+        self._config_path = config_path
+        self.notifier = Notifier()
+        self.should_exit = asyncio.Event()
+        self._force_exit = False
+        self._reload_requested = asyncio.Event()
+        self._tasks = TaskOwner("daemon")
+        self._store: SqlStore | None = None
+        self._runtime: ProcessRuntime | None = None
+        self.manager: AgentManager | None = None
+        self._grpc: GrpcServer | None = None
+
+    async def serve(self) -> None:
+        self._install_signal_handlers()
+        try:
+            await self.startup()
+            await self.main_loop()
+        finally:
+            await self.shutdown()
+
+    # -- phases ---------------------------------------------------------------------------------
+
+    async def startup(self) -> None:
+        config = self.config
+        for directory in (config.service.state_dir, config.service.runtime_dir, config.service.log_dir):
+            directory.mkdir(parents=True, exist_ok=True)
+        self.notifier.status("opening the store")
+        self._store = SqlStore.open(config.database.url, pool_size=config.database.pool_size)
+        self._runtime = ProcessRuntime(
+            config.service.log_dir / "agents",
+            log_max_bytes=config.agents.log_max_bytes,
+            log_backups=config.agents.log_backups,
+        )
+        self.manager = AgentManager(self._store, self._runtime, manager_settings(config))
+        self.notifier.status("recovering agents")
+        await self.manager.start()
+        self._grpc = GrpcServer(
+            self.manager,
+            GrpcListeners(
+                socket_path=config.grpc.socket,
+                socket_mode=config.grpc.socket_mode,
+                address=config.grpc.address or "",
+            ),
+        )
+        await self._grpc.start()
+        self.notifier.ready(self._status_line())
+        log.info(
+            "opmasd ready",
+            node=config.service.node,
+            database=_redacted(config.database.url),
+            agents=len(self.manager.list_agents()),
+        )
+        self._tasks.spawn(self._heartbeat_systemd(), "sd-notify")
+
+    async def main_loop(self) -> None:
+        while not self.should_exit.is_set():
+            reload_wait = asyncio.ensure_future(self._reload_requested.wait())
+            exit_wait = asyncio.ensure_future(self.should_exit.wait())
+            await asyncio.wait({reload_wait, exit_wait}, return_when=asyncio.FIRST_COMPLETED)
+            reload_wait.cancel()
+            exit_wait.cancel()
+            if self._reload_requested.is_set() and not self.should_exit.is_set():
+                self._reload_requested.clear()
+                await self.reload()
+
+    async def shutdown(self) -> None:
+        self.notifier.stopping()
+        log.info("opmasd shutting down")
+        await self._tasks.close()
+        if self._grpc is not None:
+            await self._grpc.stop(0 if self._force_exit else self.config.grpc.grace_period)
+        if self.manager is not None:
+            await self.manager.stop(stop_agents=self.config.service.stop_agents_on_shutdown and not self._force_exit)
+        if self._runtime is not None:
+            await self._runtime.aclose()
+        if self._store is not None:
+            self._store.close()
+        log.info("opmasd stopped")
+        self.notifier.close()
+
+    async def reload(self) -> None:
+        """SIGHUP: re-read the configuration, apply what can change live, rescan agents."""
+        self.notifier.reloading()
+        try:
+            new = load_config(self._config_path, os.environ)
+        except Exception as exc:
+            log.error("configuration reload failed; keeping the running configuration", error=str(exc))
+        else:
+            fixed = [
+                name
+                for name in ("database", "grpc", "rest", "nats", "auth")
+                if getattr(new, name) != getattr(self.config, name)
+            ]
+            if fixed:
+                log.warning("configuration sections changed that apply only at restart", sections=fixed)
+            configure_logging(new.service.log_level, new.service.log_format)
+            self.config = dataclasses.replace(
+                self.config, service=new.service, agents=new.agents
+            )
+            if self.manager is not None:
+                self.manager.settings = manager_settings(self.config)
+            log.info("configuration reloaded")
+        if self.manager is not None:
+            report = await self.manager.discover()
+            log.info("agents rescanned", found=len(report.agents), errors=len(report.errors))
+        self.notifier.ready(self._status_line())
+
+    # -- signals and systemd --------------------------------------------------------------------
+
+    def _install_signal_handlers(self) -> None:
+        loop = asyncio.get_running_loop()
+        loop.add_signal_handler(signal.SIGTERM, self.request_exit, "SIGTERM")
+        loop.add_signal_handler(signal.SIGINT, self.request_exit, "SIGINT")
+        loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+
+    def request_exit(self, why: str) -> None:
+        if self.should_exit.is_set():
+            log.warning("second exit request: stopping without waiting for agents", signal=why)
+            self._force_exit = True
+        else:
+            log.info("exit requested", signal=why)
+        self.should_exit.set()
+
+    def _status_line(self) -> str:
+        if self.manager is None:
+            return "starting"
+        total, running = self.manager.counts()
+        return f"{total} agents, {running} running"
+
+    async def _heartbeat_systemd(self) -> None:
+        """WATCHDOG=1 from the event loop itself (a blocked loop misses it) and a fresh STATUS."""
+        interval = self.notifier.watchdog_interval()
+        period = min(interval, self.config.service.monitoring_interval) if interval else None
+        if period is None:
+            period = self.config.service.monitoring_interval
+        last_status = ""
+        while True:
+            if interval:
+                self.notifier.watchdog()
+            status = self._status_line()
+            if status != last_status:
+                self.notifier.status(status)
+                last_status = status
+            await asyncio.sleep(period)
+
+
+def _redacted(url: str) -> str:
+    """The database URL without its password, for logs."""
+    if "@" not in url or "://" not in url:
+        return url
+    scheme, rest = url.split("://", 1)
+    credentials, host = rest.rsplit("@", 1)
+    user = credentials.split(":", 1)[0]
+    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url

@@ -1,0 +1,217 @@
+"""Reads an agent package's manifest (agent.yaml) into an AgentSpec.
+
+A manifest error is reported as ManifestError naming the file and the key; it never stops
+discovery of the other packages.
+
+    name: sysmon                  # required
+    id: sysmon                    # optional; default: derived from name
+    type: monitor
+    version: 1.0.0
+    description: Host load and memory reporter
+    entrypoint: {module: sysmon}  # or a command: "bin/agent --flag" or [bin/agent, --flag]
+    working_directory: .          # relative to the package folder (the default)
+    environment: {LEVEL: info}
+    restart_policy: on-failure    # never | on-failure | always
+    stop_timeout: 10s
+    heartbeat_interval: 30s
+    resources: {memory_max: 256M, cpu_quota: 50, tasks_max: 64, open_files_max: 1024}
+    runtime: process              # process | systemd
+    autostart: true
+    restart_on_inactive: false
+"""
+
+from __future__ import annotations
+
+import shlex
+import sys
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opmasd.manager.errors import InvalidArgument
+from opmasd.manager.model import AgentSpec, ResourceLimits, RestartPolicy, RuntimeKind
+from opmasd.manager.validation import agent_id_from_name, check_agent_id, spec_violations
+from opmasd.units import parse_duration, parse_size
+
+MANIFEST_NAME = "agent.yaml"
+KNOWN_KEYS = {
+    "id",
+    "name",
+    "type",
+    "version",
+    "description",
+    "entrypoint",
+    "working_directory",
+    "environment",
+    "restart_policy",
+    "stop_timeout",
+    "heartbeat_interval",
+    "resources",
+    "runtime",
+    "autostart",
+    "restart_on_inactive",
+}
+RESOURCE_KEYS = {"memory_max", "cpu_quota", "tasks_max", "open_files_max"}
+# Where the agent SDK lives in a checkout and in an install, for module entrypoints.
+SDK_DIRS = (Path(__file__).resolve().parents[2] / "agents", Path("/usr/lib/opmas"))
+
+
+class ManifestError(Exception):
+    def __init__(self, path: Path, message: str) -> None:
+        super().__init__(f"{path}: {message}")
+        self.path = path
+        self.message = message
+
+
+@dataclass(frozen=True)
+class Manifest:
+    path: Path
+    agent_id: str
+    spec: AgentSpec
+
+
+def manifest_file(path: Path) -> Path:
+    """The agent.yaml of a package folder, or path itself when it names a file."""
+    return path / MANIFEST_NAME if path.is_dir() else path
+
+
+def load_manifest(path: Path, defaults: AgentSpec | None = None) -> Manifest:
+    """Parse and validate one manifest; raises ManifestError naming what is wrong."""
+    path = manifest_file(path).resolve()
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ManifestError(path, f"cannot read: {exc.strerror or exc}") from exc
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as exc:
+        mark = getattr(exc, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        problem = getattr(exc, "problem", None) or str(exc)
+        raise ManifestError(path, f"{where}invalid YAML: {problem}") from exc
+    if not isinstance(data, dict):
+        raise ManifestError(path, "must be a mapping of keys (name, entrypoint, ...)")
+    unknown = sorted(str(k) for k in data if k not in KNOWN_KEYS)
+    if unknown:
+        raise ManifestError(path, f"unknown key(s): {', '.join(unknown)}")
+    try:
+        spec = _spec_from(data, path.parent, defaults)
+    except (ValueError, TypeError) as exc:
+        raise ManifestError(path, str(exc)) from exc
+    violations = spec_violations(spec, prefix="")
+    if violations:
+        raise ManifestError(path, "; ".join(f"{v.field}: {v.description}" for v in violations))
+    agent_id = str(data.get("id") or "")
+    if not agent_id:
+        agent_id = agent_id_from_name(spec.name)
+    try:
+        check_agent_id(agent_id, "id")
+    except InvalidArgument as exc:
+        raise ManifestError(path, exc.message) from exc
+    return Manifest(path=path, agent_id=agent_id, spec=spec)
+
+
+def _text(data: dict[str, Any], key: str, default: str = "") -> str:
+    value = data.get(key, default)
+    if value is None:
+        return default
+    if not isinstance(value, str | int | float) or isinstance(value, bool):
+        raise ValueError(f"{key}: must be a string, got {type(value).__name__}")
+    return str(value)
+
+
+def _seconds(data: dict[str, Any], key: str, default: float) -> float:
+    if data.get(key) is None:
+        return default
+    try:
+        return parse_duration(data[key])
+    except ValueError as exc:
+        raise ValueError(f"{key}: {exc}") from None
+
+
+def _flag(data: dict[str, Any], key: str) -> bool:
+    value = data.get(key, False)
+    if not isinstance(value, bool):
+        raise ValueError(f"{key}: must be true or false, got {value!r}")
+    return value
+
+
+def _entrypoint(value: Any, package_dir: Path) -> tuple[tuple[str, ...], dict[str, str]]:
+    """The argv of an entrypoint, and environment it needs (PYTHONPATH for modules)."""
+    if isinstance(value, dict):
+        if set(value) != {"module"} or not isinstance(value["module"], str) or not value["module"]:
+            raise ValueError("entrypoint: a mapping must be {module: python.module.name}")
+        paths = [str(package_dir), *(str(d) for d in SDK_DIRS if d.is_dir())]
+        return (sys.executable, "-m", value["module"]), {"PYTHONPATH": ":".join(paths)}
+    if isinstance(value, str) and value.strip():
+        try:
+            return tuple(shlex.split(value)), {}
+        except ValueError as exc:
+            raise ValueError(f"entrypoint: {exc}") from None
+    if isinstance(value, list) and value and all(isinstance(v, str | int | float) for v in value):
+        return tuple(str(v) for v in value), {}
+    raise ValueError("entrypoint: required; a command string, a list of arguments, or {module: name}")
+
+
+def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | None) -> AgentSpec:
+    name = _text(data, "name")
+    if not name.strip():
+        raise ValueError("name: required")
+    command, extra_env = _entrypoint(data.get("entrypoint"), package_dir)
+    workdir_text = _text(data, "working_directory", ".")
+    workdir = (package_dir / workdir_text).resolve()
+
+    env_raw = data.get("environment") or {}
+    if not isinstance(env_raw, dict):
+        raise ValueError("environment: must be a mapping of NAME: value")
+    environment = {str(k): "" if v is None else str(v) for k, v in env_raw.items()}
+    for key, value in extra_env.items():
+        environment[key] = f"{environment[key]}:{value}" if key in environment else value
+
+    policy_text = _text(data, "restart_policy", defaults.restart_policy.value if defaults else "on-failure")
+    try:
+        policy = RestartPolicy(policy_text)
+    except ValueError:
+        raise ValueError(
+            f"restart_policy: {policy_text!r} is not one of never, on-failure, always"
+        ) from None
+    runtime_text = _text(data, "runtime", "process")
+    try:
+        runtime = RuntimeKind(runtime_text)
+    except ValueError:
+        raise ValueError(f"runtime: {runtime_text!r} is not one of process, systemd") from None
+
+    res_raw = data.get("resources") or {}
+    if not isinstance(res_raw, dict):
+        raise ValueError("resources: must be a mapping")
+    unknown = sorted(str(k) for k in res_raw if k not in RESOURCE_KEYS)
+    if unknown:
+        raise ValueError(f"resources: unknown key(s): {', '.join(unknown)}")
+    try:
+        resources = ResourceLimits(
+            memory_max_bytes=parse_size(res_raw.get("memory_max", 0)),
+            cpu_quota_percent=float(str(res_raw.get("cpu_quota", 0)).rstrip("%")),
+            tasks_max=int(res_raw.get("tasks_max", 0)),
+            open_files_max=int(res_raw.get("open_files_max", 0)),
+        )
+    except ValueError as exc:
+        raise ValueError(f"resources: {exc}") from None
+
+    return AgentSpec(
+        name=name,
+        command=command,
+        type=_text(data, "type", "generic"),
+        version=_text(data, "version", "0.0.0"),
+        description=_text(data, "description"),
+        working_directory=str(workdir),
+        environment=tuple(sorted(environment.items())),
+        restart_policy=policy,
+        stop_timeout=_seconds(data, "stop_timeout", defaults.stop_timeout if defaults else 10.0),
+        heartbeat_interval=_seconds(data, "heartbeat_interval", 30.0),
+        resources=resources,
+        runtime=runtime,
+        autostart=_flag(data, "autostart"),
+        restart_on_inactive=_flag(data, "restart_on_inactive"),
+    )

@@ -1,0 +1,251 @@
+"""Runs agents: start, stop, exits, restarts with backoff, re-adoption after a daemon restart.
+
+The state machine of DESIGN §4 lives here, over the Runtime interface, so it is the same for
+every backend and unit-tested with an in-memory runtime. One lock per agent serialises the
+operations on it (start, stop, a backoff timer firing); exits arrive from the runtime as
+callbacks and are handled at once.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
+from datetime import timedelta
+
+import structlog
+
+from opmasd.manager.errors import FailedPrecondition
+from opmasd.manager.model import (
+    AgentRecord,
+    AgentState,
+    DesiredState,
+    ExitInfo,
+    ProcessHandle,
+    utcnow,
+)
+from opmasd.manager.registry import AgentRegistry
+from opmasd.manager.restart import RestartSettings, decide
+from opmasd.runtime.base import LaunchError, LaunchRequest, Runtime
+from opmasd.tasks import TaskOwner
+
+log = structlog.get_logger(__name__)
+
+# Variables of the daemon's own environment that must not leak into agents: they would make
+# an agent talk to systemd, or read opmasd's configuration, as if it were opmasd.
+_PRIVATE_ENV_PREFIXES = ("OPMAS_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM", "INVOCATION_ID")
+
+
+def agent_base_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    return {k: v for k, v in environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
+
+
+@dataclass(frozen=True)
+class OperationResult:
+    record: AgentRecord
+    changed: bool
+    message: str
+
+
+class Supervisor:
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        runtime: Runtime,
+        settings: RestartSettings,
+        tasks: TaskOwner,
+        agent_environment: Callable[[], Mapping[str, str]] = lambda: {},
+    ) -> None:
+        self._registry = registry
+        self._runtime = runtime
+        self._settings = settings
+        self._tasks = tasks
+        self._agent_environment = agent_environment
+        self._base_env = agent_base_environment(os.environ)
+        self._locks: dict[str, asyncio.Lock] = {}
+        self._restart_timers: dict[str, asyncio.Task[None]] = {}
+        # An exit that arrived while its launch was still being recorded.
+        self._early_exits: dict[str, tuple[ProcessHandle, ExitInfo]] = {}
+        self._stopped_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        self._shutting_down = False
+        runtime.set_exit_handler(self._on_exit)
+
+    def lock(self, agent_id: str) -> asyncio.Lock:
+        lock = self._locks.get(agent_id)
+        if lock is None:
+            lock = self._locks[agent_id] = asyncio.Lock()
+        return lock
+
+    # -- operations; callers hold lock(agent_id) --------------------------------------------
+
+    async def start(self, rec: AgentRecord, reason: str) -> OperationResult:
+        if rec.pid is not None and rec.state.has_process and rec.state is not AgentState.STOPPING:
+            if rec.desired is not DesiredState.RUNNING:
+                rec.desired = DesiredState.RUNNING
+                self._registry.save(rec)
+            return OperationResult(rec, False, f"agent {rec.agent_id} is already running (pid {rec.pid})")
+        self._cancel_restart(rec.agent_id)
+        rec.desired = DesiredState.RUNNING
+        rec.consecutive_failures = 0
+        rec.restart_count = 0
+        if not await self._launch(rec, reason):
+            raise FailedPrecondition(f"agent {rec.agent_id} failed to start: {rec.state_reason}")
+        return OperationResult(rec, True, f"agent {rec.agent_id} started (pid {rec.pid})")
+
+    async def stop(self, rec: AgentRecord, reason: str, timeout: float | None = None) -> OperationResult:
+        was_desired = rec.desired
+        rec.desired = DesiredState.STOPPED
+        self._cancel_restart(rec.agent_id)
+        if rec.pid is not None:
+            await self._terminate(rec, reason, timeout)
+            return OperationResult(rec, True, f"agent {rec.agent_id} stopped")
+        if rec.state is not AgentState.STOPPED:
+            self._registry.transition(rec, AgentState.STOPPED, reason)
+            return OperationResult(rec, True, f"agent {rec.agent_id} stopped")
+        if was_desired is not DesiredState.STOPPED:
+            self._registry.save(rec)
+        return OperationResult(rec, False, f"agent {rec.agent_id} is already stopped")
+
+    async def restart(self, rec: AgentRecord, reason: str) -> OperationResult:
+        if rec.pid is not None:
+            await self._terminate(rec, reason, None)
+        result = await self.start(rec, reason)
+        return OperationResult(rec, True, f"agent {rec.agent_id} restarted (pid {result.record.pid})")
+
+    async def recover(self, rec: AgentRecord) -> None:
+        """Bring one agent loaded from the store in line with its desired state at daemon start."""
+        handle = rec.handle
+        vanished = ""
+        if handle is not None:
+            if self._runtime.adopt(rec.agent_id, handle):
+                state = rec.state if rec.state in (AgentState.RUNNING, AgentState.INACTIVE) else AgentState.RUNNING
+                self._registry.transition(rec, state, f"re-adopted pid {handle.pid} after opmasd restart")
+                if rec.desired is DesiredState.STOPPED:
+                    await self._terminate(rec, "desired state is stopped", None)
+                return
+            vanished = f"process {handle.pid} ended while opmasd was not running"
+            rec.pid = rec.pid_start_time = rec.started_at = None
+            rec.last_exit = ExitInfo(exit_code=None, signal=None)
+        if rec.desired is DesiredState.RUNNING:
+            reason = f"{vanished}; " if vanished else ""
+            if not await self._launch(rec, f"{reason}starting: desired state is running"):
+                log.warning("agent could not be started at daemon start", agent_id=rec.agent_id)
+        elif rec.state not in (AgentState.STOPPED, AgentState.ERROR):
+            self._registry.transition(rec, AgentState.STOPPED, vanished or "desired state is stopped")
+
+    async def shutdown(self, stop_agents: bool) -> None:
+        """Daemon shutdown: no more restarts; stop every agent when asked (desired state kept)."""
+        self._shutting_down = True
+        for agent_id in list(self._restart_timers):
+            self._cancel_restart(agent_id)
+        if not stop_agents:
+            return
+        running = [rec for rec in self._registry.live() if rec.pid is not None]
+        await asyncio.gather(
+            *(self._terminate(rec, "opmasd is shutting down", None) for rec in running),
+            return_exceptions=True,
+        )
+
+    # -- process control ----------------------------------------------------------------------
+
+    def _launch_request(self, rec: AgentRecord) -> LaunchRequest:
+        spec = rec.spec
+        env = dict(self._base_env)
+        env.update(self._agent_environment())
+        env.update(spec.env)
+        env.update(
+            AGENT_ID=rec.agent_id,
+            AGENT_NAME=spec.name,
+            AGENT_TYPE=spec.type,
+            AGENT_VERSION=spec.version,
+            AGENT_HEARTBEAT_INTERVAL=f"{spec.heartbeat_interval:g}",
+            PYTHONUNBUFFERED="1",
+        )
+        return LaunchRequest(
+            agent_id=rec.agent_id,
+            command=spec.command,
+            working_directory=spec.working_directory or "/",
+            environment=env,
+            resources=spec.resources,
+        )
+
+    async def _launch(self, rec: AgentRecord, reason: str) -> bool:
+        """STARTING → RUNNING, or → ERROR when the program cannot be started."""
+        rec.next_restart_at = None
+        self._registry.transition(rec, AgentState.STARTING, reason)
+        try:
+            handle = await self._runtime.launch(self._launch_request(rec))
+        except LaunchError as exc:
+            rec.pid = rec.pid_start_time = rec.started_at = None
+            self._registry.transition(rec, AgentState.ERROR, f"failed to start: {exc}")
+            return False
+        rec.pid, rec.pid_start_time, rec.started_at = handle.pid, handle.start_time, utcnow()
+        self._registry.transition(rec, AgentState.RUNNING, f"started (pid {handle.pid})")
+        early = self._early_exits.pop(rec.agent_id, None)
+        if early is not None and early[0].pid == handle.pid:
+            self._on_exit(rec.agent_id, *early)
+        return True
+
+    async def _terminate(self, rec: AgentRecord, reason: str, timeout: float | None) -> None:
+        """→ STOPPING, then wait until the exit handler has recorded → STOPPED."""
+        if rec.state is not AgentState.STOPPING:
+            self._registry.transition(rec, AgentState.STOPPING, reason)
+        stopped = asyncio.get_running_loop().create_future()
+        self._stopped_waiters.setdefault(rec.agent_id, []).append(stopped)
+        await self._runtime.terminate(rec.agent_id, rec.spec.stop_timeout if timeout is None else timeout)
+        # The runtime reports the exit through _on_exit; it may land just after terminate returns.
+        try:
+            await asyncio.wait_for(asyncio.shield(stopped), timeout=5.0)
+        except TimeoutError:
+            log.error("runtime reported no exit after terminate", agent_id=rec.agent_id, pid=rec.pid)
+            self._on_exit(rec.agent_id, ProcessHandle(rec.pid or 0, 0.0), ExitInfo(None, None))
+
+    def _cancel_restart(self, agent_id: str) -> None:
+        timer = self._restart_timers.pop(agent_id, None)
+        if timer is not None:
+            timer.cancel()
+
+    def _on_exit(self, agent_id: str, handle: ProcessHandle, exit_info: ExitInfo) -> None:
+        rec = self._registry.get(agent_id)
+        if rec is None or rec.pid != handle.pid:
+            if rec is not None and rec.state is AgentState.STARTING and rec.pid is None:
+                self._early_exits[agent_id] = (handle, exit_info)
+            else:
+                log.debug("exit of a process no agent owns", agent_id=agent_id, pid=handle.pid)
+            return
+        ran_for = (utcnow() - rec.started_at).total_seconds() if rec.started_at else None
+        rec.pid = rec.pid_start_time = rec.started_at = None
+        rec.last_exit = exit_info
+        log.info("agent process exited", agent_id=agent_id, pid=handle.pid, reason=exit_info.reason)
+        if rec.state is AgentState.STOPPING or rec.desired is DesiredState.STOPPED or self._shutting_down:
+            self._registry.transition(rec, AgentState.STOPPED, f"stopped: {exit_info.reason}")
+            for waiter in self._stopped_waiters.pop(agent_id, []):
+                if not waiter.done():
+                    waiter.set_result(None)
+            return
+        decision = decide(rec.spec.restart_policy, exit_info, rec.consecutive_failures, ran_for, self._settings)
+        rec.consecutive_failures = decision.failures
+        if not decision.restart:
+            clean = exit_info.success and decision.failures <= self._settings.max_restarts
+            self._registry.transition(rec, AgentState.STOPPED if clean else AgentState.ERROR, decision.reason)
+            return
+        rec.restart_count += 1
+        rec.next_restart_at = utcnow() + timedelta(seconds=decision.delay)
+        self._registry.transition(rec, AgentState.BACKOFF, decision.reason)
+        self._restart_timers[agent_id] = self._tasks.spawn(
+            self._restart_after(agent_id, decision.delay), name=f"restart:{agent_id}"
+        )
+
+    async def _restart_after(self, agent_id: str, delay: float) -> None:
+        if delay > 0:
+            await asyncio.sleep(delay)
+        async with self.lock(agent_id):
+            if self._restart_timers.get(agent_id) is asyncio.current_task():
+                del self._restart_timers[agent_id]
+            rec = self._registry.get(agent_id)
+            if rec is None or rec.state is not AgentState.BACKOFF or rec.desired is not DesiredState.RUNNING:
+                return
+            if self._shutting_down:
+                return
+            await self._launch(rec, f"restarting after {rec.last_exit.reason if rec.last_exit else 'exit'}")

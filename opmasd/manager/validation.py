@@ -1,0 +1,108 @@
+"""Checks an agent id and spec before the manager accepts them.
+
+Every problem is reported as a FieldViolation naming the field, all of them at once, so an
+operator fixes a manifest or a request in one go.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+from pathlib import Path
+
+from opmasd.manager.errors import FieldViolation, InvalidArgument
+from opmasd.manager.model import AgentSpec
+
+AGENT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_.-]{0,62}$")
+ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+MAX_NAME_LENGTH = 128
+
+
+def check_agent_id(agent_id: str, field: str = "agent_id") -> None:
+    """Raise InvalidArgument unless agent_id is 1-63 of [a-z0-9_.-], starting alphanumeric."""
+    if not agent_id:
+        raise InvalidArgument.single(field, "must not be empty")
+    if not AGENT_ID_PATTERN.match(agent_id):
+        raise InvalidArgument.single(
+            field,
+            f"{agent_id[:80]!r} is not a valid agent id: use 1-63 characters of a-z, 0-9, '-', '_', '.', "
+            "starting with a letter or digit",
+        )
+
+
+def agent_id_from_name(name: str) -> str:
+    """The id an agent gets when none is given: its name, lower-cased, other characters as '-'."""
+    slug = re.sub(r"[^a-z0-9_.-]+", "-", name.strip().lower()).strip("-_.")
+    return slug[:63]
+
+
+def resolve_program(spec: AgentSpec) -> str | None:
+    """The absolute path of the spec's program, or None when it cannot be found."""
+    if not spec.command:
+        return None
+    program = spec.command[0]
+    if "/" in program:
+        path = Path(program)
+        if not path.is_absolute():
+            if not spec.working_directory:
+                return None
+            path = Path(spec.working_directory) / path
+        return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+    search_path = spec.env.get("PATH", os.environ.get("PATH", os.defpath))
+    return shutil.which(program, path=search_path)
+
+
+def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolation]:
+    """Everything wrong with spec; empty when it is valid."""
+    out: list[FieldViolation] = []
+
+    def bad(field: str, description: str) -> None:
+        out.append(FieldViolation(prefix + field, description))
+
+    if not spec.name.strip():
+        bad("name", "must not be empty")
+    elif len(spec.name) > MAX_NAME_LENGTH:
+        bad("name", f"must be at most {MAX_NAME_LENGTH} characters")
+    elif any(ord(c) < 32 for c in spec.name):
+        bad("name", "must not contain control characters")
+
+    if spec.working_directory:
+        if not Path(spec.working_directory).is_absolute():
+            bad("working_directory", f"{spec.working_directory!r} must be an absolute path")
+        elif not Path(spec.working_directory).is_dir():
+            bad("working_directory", f"{spec.working_directory!r} is not an existing directory")
+
+    if not spec.command or not spec.command[0]:
+        bad("command", "must name the program to run")
+    elif resolve_program(spec) is None:
+        program = spec.command[0]
+        if "/" in program and not Path(program).is_absolute() and not spec.working_directory:
+            bad("command", f"program {program!r} is a relative path and no working_directory is set")
+        else:
+            bad("command", f"program {program!r} does not exist or is not executable")
+
+    for key, _value in spec.environment:
+        if not ENV_NAME_PATTERN.match(key):
+            bad("environment", f"{key!r} is not a valid environment variable name")
+
+    if spec.stop_timeout < 0:
+        bad("stop_timeout", f"must not be negative, got {spec.stop_timeout:g}s")
+    if spec.heartbeat_interval < 0:
+        bad("heartbeat_interval", f"must not be negative, got {spec.heartbeat_interval:g}s")
+    res = spec.resources
+    if res.memory_max_bytes < 0:
+        bad("resources.memory_max_bytes", "must not be negative")
+    if res.cpu_quota_percent < 0:
+        bad("resources.cpu_quota_percent", "must not be negative")
+    if res.tasks_max < 0:
+        bad("resources.tasks_max", "must not be negative")
+    if res.open_files_max < 0:
+        bad("resources.open_files_max", "must not be negative")
+    return out
+
+
+def check_spec(spec: AgentSpec, prefix: str = "spec.") -> None:
+    violations = spec_violations(spec, prefix)
+    if violations:
+        raise InvalidArgument(violations)

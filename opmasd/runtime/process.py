@@ -1,0 +1,404 @@
+"""The process backend: every agent is a child process leading its own process group.
+
+Exits are noticed through a pidfd registered with the event loop (readable the moment the
+process ends), not by polling and not through asyncio's child watchers. The same mechanism
+watches processes adopted from an earlier daemon, which are not our children: for those the
+kernel tells us that they ended but not how.
+
+Output goes to per-agent log files (logfiles.AgentLogs) that the child writes to directly, so
+agents and their output outlive the daemon, and a restarted daemon adopts them again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import subprocess
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+
+import psutil
+import structlog
+
+from opmasd.manager.model import ExitInfo, ProcessHandle, ResourceLimits
+from opmasd.runtime.base import ExitHandler, LaunchError, LaunchRequest, ProcessUsage
+from opmasd.runtime.logfiles import AgentLogs
+
+log = structlog.get_logger(__name__)
+
+# create_time is derived from clock ticks since boot: equal for the same process, but a float.
+_START_TIME_TOLERANCE = 0.01
+# After SIGKILL the leader goes at once unless stuck in the kernel; say so at this interval.
+_SIGKILL_WARN_INTERVAL = 5.0
+# How long terminate waits for SIGKILLed descendants (outside the group) to disappear.
+_DESCENDANT_WAIT = 1.0
+
+
+@dataclass(eq=False)
+class _Watched:
+    """One agent process being watched through its pidfd."""
+
+    agent_id: str
+    handle: ProcessHandle
+    pidfd: int
+    # Our child: kept referenced until reaped, or subprocess' _cleanup could reap it behind our
+    # back. None for an adopted process, whose exit status only its real parent can read.
+    popen: subprocess.Popen[bytes] | None
+    gone: asyncio.Event = field(default_factory=asyncio.Event)
+    exit: ExitInfo | None = None
+    # psutil objects kept between usage() calls: cpu_percent measures since the previous call.
+    usage_procs: dict[int, psutil.Process] = field(default_factory=dict)
+
+
+class ProcessRuntime:
+    """The Runtime protocol over plain child processes. Use it from the event loop's thread."""
+
+    def __init__(self, log_dir: Path, *, log_max_bytes: int = 10 * 1024 * 1024, log_backups: int = 3) -> None:
+        self._logs = AgentLogs(log_dir, max_bytes=log_max_bytes, backups=log_backups)
+        self._watched: dict[str, _Watched] = {}
+        self._exit_handler: ExitHandler | None = None
+        self._closed = False
+
+    def set_exit_handler(self, handler: ExitHandler) -> None:
+        self._exit_handler = handler
+
+    # --- starting and watching --------------------------------------------------------------
+
+    async def launch(self, request: LaunchRequest) -> ProcessHandle:
+        agent_id = request.agent_id
+        if self._closed:
+            raise LaunchError("the process runtime is closed")
+        if agent_id in self._watched:
+            raise LaunchError(
+                f"agent {agent_id} already has a process (pid {self._watched[agent_id].handle.pid})"
+            )
+        if not request.command:
+            raise LaunchError(f"agent {agent_id} has an empty command")
+        # Spawning is synchronous on purpose: fork/exec takes about a millisecond.
+        popen = self._spawn(request)
+        handle = ProcessHandle(popen.pid, _start_time(popen.pid, agent_id))
+        try:
+            # Cannot fail for lack of the process: an unreaped child (even dead) keeps its PID.
+            pidfd = os.pidfd_open(popen.pid)
+        except OSError as exc:
+            log.error("pidfd_open failed, killing the new process", agent_id=agent_id, error=str(exc))
+            _kill_group(popen.pid)
+            popen.wait()
+            raise LaunchError(f"cannot watch the process of agent {agent_id}: {exc}") from exc
+        _apply_limits(agent_id, popen.pid, request.resources)
+        self._watch(_Watched(agent_id, handle, pidfd, popen))
+        log.info("agent launched", agent_id=agent_id, pid=popen.pid, command=request.command)
+        return handle
+
+    def _spawn(self, request: LaunchRequest) -> subprocess.Popen[bytes]:
+        """Start the process with the agent's log as its stdout and stderr."""
+        agent_id = request.agent_id
+        cwd = request.working_directory or None
+        if cwd is not None and not os.path.isdir(cwd):
+            raise LaunchError(f"working directory {cwd!r} does not exist or is not a directory")
+        try:
+            log_fd = self._logs.open_for_child(agent_id)
+        except (OSError, ValueError) as exc:
+            raise LaunchError(f"cannot open the log file of agent {agent_id}: {exc}") from exc
+        try:
+            try:
+                # A session of its own makes the agent a process-group leader, so the whole tree
+                # can be signalled at once. No preexec_fn: it would force a plain fork, running
+                # gRPC's fork handlers. The log descriptor is the child's stdout and stderr.
+                popen = subprocess.Popen(
+                    list(request.command),
+                    cwd=cwd,
+                    env=dict(request.environment),
+                    stdin=subprocess.DEVNULL,
+                    stdout=log_fd,
+                    stderr=subprocess.STDOUT,
+                    start_new_session=True,
+                    close_fds=True,
+                )
+            except (OSError, ValueError) as exc:
+                message = _launch_failure(request.command[0], exc)
+                self._logs.write_note(log_fd, f"failed to start: {message}")
+                log.warning("agent launch failed", agent_id=agent_id, command=request.command, error=message)
+                raise LaunchError(message) from exc
+            self._logs.write_note(log_fd, f"started pid {popen.pid} at {_now_iso()}")
+        finally:
+            # The child has its own copy; holding ours would only keep the file open here.
+            os.close(log_fd)
+        return popen
+
+    def adopt(self, agent_id: str, handle: ProcessHandle) -> bool:
+        existing = self._watched.get(agent_id)
+        if existing is not None:
+            same = existing.handle == handle
+            log.info("adopt: agent already watched", agent_id=agent_id, pid=existing.handle.pid, same=same)
+            return same
+        if self._closed:
+            log.warning("adopt: the process runtime is closed", agent_id=agent_id)
+            return False
+        try:
+            pidfd = os.pidfd_open(handle.pid)
+        except OSError as exc:  # ProcessLookupError when the PID is free
+            log.info("not adopting: process gone", agent_id=agent_id, pid=handle.pid, error=str(exc))
+            return False
+        # Opened first, checked second: if the PID was reused before the open, the start time
+        # read now is the new process's, and the pidfd is dropped with it.
+        try:
+            start_time: float | None = psutil.Process(handle.pid).create_time()
+        except psutil.Error as exc:
+            log.info("not adopting: process unreadable", agent_id=agent_id, pid=handle.pid, error=str(exc))
+            start_time = None
+        if start_time is None or abs(start_time - handle.start_time) > _START_TIME_TOLERANCE:
+            os.close(pidfd)
+            log.info(
+                "not adopting: PID belongs to another process",
+                agent_id=agent_id,
+                pid=handle.pid,
+                expected_start=handle.start_time,
+                actual_start=start_time,
+            )
+            return False
+        self._watch(_Watched(agent_id, handle, pidfd, popen=None))
+        log.info("agent process adopted", agent_id=agent_id, pid=handle.pid)
+        return True
+
+    def _watch(self, watched: _Watched) -> None:
+        self._watched[watched.agent_id] = watched
+        asyncio.get_running_loop().add_reader(watched.pidfd, self._on_exit, watched)
+
+    def _on_exit(self, watched: _Watched) -> None:
+        """The pidfd became readable: the process has ended. Runs on the loop, once."""
+        asyncio.get_running_loop().remove_reader(watched.pidfd)
+        pid = watched.handle.pid
+        # Orphans of the agent must not linger. Our child is still an unreaped zombie here, which
+        # keeps its PID (and so its group ID) from being reused: sweep the group before reaping.
+        _kill_group(pid)
+        if watched.popen is None:
+            info = ExitInfo(exit_code=None, signal=None)
+        else:
+            returncode = watched.popen.poll()
+            if returncode is None:  # cannot happen once the pidfd is readable; never hang on it
+                log.error(
+                    "pidfd readable but process not reaped; waiting", agent_id=watched.agent_id, pid=pid
+                )
+                returncode = watched.popen.wait()
+            if returncode >= 0:
+                info = ExitInfo(exit_code=returncode, signal=None)
+            else:
+                info = ExitInfo(exit_code=None, signal=-returncode)
+        os.close(watched.pidfd)
+        watched.exit = info
+        if self._watched.get(watched.agent_id) is watched:
+            del self._watched[watched.agent_id]
+        watched.gone.set()
+        log.info("agent process exited", agent_id=watched.agent_id, pid=pid, reason=info.reason)
+        self._logs.note(watched.agent_id, f"pid {pid} {info.reason} at {_now_iso()}")
+        if self._exit_handler is None:
+            log.warning("no exit handler set; exit not reported", agent_id=watched.agent_id, pid=pid)
+            return
+        try:
+            self._exit_handler(watched.agent_id, watched.handle, info)
+        except Exception:
+            log.exception("exit handler failed", agent_id=watched.agent_id, pid=pid)
+
+    # --- stopping ---------------------------------------------------------------------------
+
+    # The protocol fixes the `timeout` parameter (ASYNC109 prefers asyncio.timeout).
+    async def terminate(self, agent_id: str, timeout: float) -> None:  # noqa: ASYNC109
+        watched = self._watched.get(agent_id)
+        if watched is None:
+            return
+        pid = watched.handle.pid
+        # Descendants are found now, while the tree is intact: one that left the group (setsid)
+        # is out of killpg's reach, and once its parent dies it is no longer findable as ours.
+        family = _descendants(pid)
+        log.info("terminating agent process", agent_id=agent_id, pid=pid, timeout=timeout)
+        _signal_tree(watched, signal.SIGTERM, family)
+        if not await _wait(watched.gone, timeout):
+            family = _merge(family, _descendants(pid))
+            log.warning(
+                "agent process still alive after SIGTERM; sending SIGKILL", agent_id=agent_id, pid=pid
+            )
+            _signal_tree(watched, signal.SIGKILL, family)
+            while not await _wait(watched.gone, _SIGKILL_WARN_INTERVAL):
+                log.error("agent process still alive after SIGKILL", agent_id=agent_id, pid=pid)
+        if watched.exit is None:
+            raise RuntimeError(f"the process runtime was closed before agent {agent_id} exited")
+        await _kill_stragglers(agent_id, family)
+
+    # --- observing --------------------------------------------------------------------------
+
+    def usage(self, agent_id: str) -> ProcessUsage | None:
+        watched = self._watched.get(agent_id)
+        if watched is None:
+            return None
+        cache = watched.usage_procs
+        pid = watched.handle.pid
+        try:
+            leader = cache.get(pid) or psutil.Process(pid)
+            children = leader.children(recursive=True)
+        except psutil.NoSuchProcess:  # gone, or a zombie about to be reported
+            return None
+        current = {pid: leader}
+        for child in children:
+            cached = cache.get(child.pid)
+            # psutil compares PID and start time: a reused PID gets a fresh object.
+            current[child.pid] = cached if cached is not None and cached == child else child
+        watched.usage_procs = current
+        cpu, rss, threads, fds = 0.0, 0, 0, 0
+        for proc in current.values():
+            try:
+                with proc.oneshot():
+                    cpu += proc.cpu_percent(interval=None)
+                    rss += proc.memory_info().rss
+                    threads += proc.num_threads()
+                    fds += proc.num_fds()
+            except psutil.NoSuchProcess:
+                continue  # ended between the listing and now
+            except psutil.AccessDenied as exc:
+                log.debug("usage: process not readable", agent_id=agent_id, pid=proc.pid, error=str(exc))
+        return ProcessUsage(cpu_percent=cpu, rss_bytes=rss, num_threads=threads, open_fds=fds)
+
+    async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
+        return await asyncio.to_thread(self._logs.tail, agent_id, lines)
+
+    def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
+        return self._logs.follow(agent_id)
+
+    async def maintain(self) -> None:
+        await asyncio.to_thread(self._logs.rotate_oversized)
+
+    async def aclose(self) -> None:
+        """Stop watching; the processes keep running for a later daemon to adopt.
+
+        Our children's Popen objects are dropped: the standard library keeps the ones still
+        running in its own list and reaps them if they end while this process lives on.
+        """
+        self._closed = True
+        loop = asyncio.get_running_loop()
+        for watched in self._watched.values():
+            loop.remove_reader(watched.pidfd)
+            os.close(watched.pidfd)
+            watched.gone.set()  # wakes terminate() calls in progress; they see no exit and raise
+        log.info("process runtime closed", left_running=sorted(self._watched))
+        self._watched.clear()
+
+
+# --- helpers -------------------------------------------------------------------------------
+
+
+def _now_iso() -> str:
+    return datetime.now(UTC).isoformat(timespec="milliseconds")
+
+
+def _launch_failure(program: str, exc: Exception) -> str:
+    if isinstance(exc, FileNotFoundError):
+        return f"program {program!r} not found (or its script interpreter is missing)"
+    if isinstance(exc, PermissionError):
+        return f"program {program!r} is not executable (permission denied)"
+    if isinstance(exc, OSError):
+        return f"cannot start program {program!r}: {exc.strerror or exc}"
+    return f"cannot start program {program!r}: {exc}"
+
+
+def _start_time(pid: int, agent_id: str) -> float:
+    try:
+        return psutil.Process(pid).create_time()
+    except psutil.Error as exc:  # our unreaped child is always readable; keep going regardless
+        log.error("cannot read process start time", agent_id=agent_id, pid=pid, error=str(exc))
+        return 0.0
+
+
+def _apply_limits(agent_id: str, pid: int, resources: ResourceLimits) -> None:
+    """Only the open-files limit is enforceable per process; the rest is the systemd backend's."""
+    if resources.open_files_max <= 0:
+        return
+    limit = resources.open_files_max
+    try:
+        psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE, (limit, limit))
+    except (psutil.Error, OSError, ValueError) as exc:
+        log.warning(
+            "cannot set the open-files limit", agent_id=agent_id, pid=pid, limit=limit, error=str(exc)
+        )
+
+
+def _descendants(pid: int) -> list[psutil.Process]:
+    try:
+        return psutil.Process(pid).children(recursive=True)
+    except psutil.NoSuchProcess:
+        return []
+
+
+def _merge(first: list[psutil.Process], second: list[psutil.Process]) -> list[psutil.Process]:
+    return first + [proc for proc in second if proc not in first]
+
+
+def _signal_tree(watched: _Watched, sig: signal.Signals, family: list[psutil.Process]) -> None:
+    """Signal the leader (by pidfd: no PID reuse race), its group and the given descendants."""
+    if not watched.gone.is_set():  # afterwards the pidfd is closed and the group swept
+        try:
+            signal.pidfd_send_signal(watched.pidfd, sig)
+        except ProcessLookupError:
+            pass  # already dead, not yet reported
+        _signal_group(watched.handle.pid, sig)
+    for proc in family:
+        try:
+            proc.send_signal(sig)  # psutil checks the PID still names the same process
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.AccessDenied as exc:
+            log.warning("cannot signal descendant", pid=proc.pid, signal=sig.name, error=str(exc))
+
+
+def _kill_group(pgid: int) -> None:
+    _signal_group(pgid, signal.SIGKILL)
+
+
+def _signal_group(pgid: int, sig: signal.Signals) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except ProcessLookupError:
+        pass  # nothing left in the group
+    except PermissionError as exc:
+        log.warning("cannot signal process group", pgid=pgid, signal=sig.name, error=str(exc))
+
+
+async def _wait(event: asyncio.Event, seconds: float) -> bool:
+    try:
+        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
+    except TimeoutError:
+        return False
+    return True
+
+
+def _alive(proc: psutil.Process) -> bool:
+    try:
+        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return False
+
+
+async def _kill_stragglers(agent_id: str, family: list[psutil.Process]) -> None:
+    """SIGKILL descendants that outlived the leader (they left its group), and let them go."""
+    survivors = [proc for proc in family if _alive(proc)]
+    if not survivors:
+        return
+    log.warning(
+        "killing descendants that outlived the agent", agent_id=agent_id, pids=[p.pid for p in survivors]
+    )
+    for proc in survivors:
+        try:
+            proc.kill()
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.AccessDenied as exc:
+            log.warning("cannot kill descendant", agent_id=agent_id, pid=proc.pid, error=str(exc))
+    # A short poll: they are not ours to reap, and SIGKILL takes effect within milliseconds.
+    deadline = asyncio.get_running_loop().time() + _DESCENDANT_WAIT
+    while any(_alive(proc) for proc in survivors):
+        if asyncio.get_running_loop().time() >= deadline:
+            log.error("descendants still alive after SIGKILL", agent_id=agent_id)
+            return
+        await asyncio.sleep(0.01)

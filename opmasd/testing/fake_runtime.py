@@ -1,0 +1,91 @@
+"""An in-memory Runtime: processes are records, exits are what the test says they are.
+
+Lets the manager's state machine, restart policy and reconciliation be tested in
+milliseconds, with the same interface the process and systemd backends implement.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import itertools
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
+
+from opmasd.manager.model import ExitInfo, ProcessHandle
+from opmasd.runtime.base import ExitHandler, LaunchError, LaunchRequest, ProcessUsage
+
+
+@dataclass
+class FakeProcess:
+    handle: ProcessHandle
+    request: LaunchRequest
+    # Whether SIGTERM ends it; when False, terminate waits the timeout and "kills" it.
+    obeys_sigterm: bool = True
+    lines: list[str] = field(default_factory=list)
+
+
+class FakeRuntime:
+    def __init__(self, first_pid: int = 1000) -> None:
+        self._handler: ExitHandler | None = None
+        self._pids = itertools.count(first_pid)
+        self.processes: dict[str, FakeProcess] = {}
+        # Processes that "survived" an earlier daemon: pid -> start_time.
+        self.alive_elsewhere: dict[int, float] = {}
+        self.launches: list[LaunchRequest] = []
+        self.fail_launch: dict[str, str] = {}
+        self.ignore_sigterm: set[str] = set()
+        self.terminations: list[tuple[str, float]] = []
+        self.logs: dict[str, list[str]] = {}
+        self.maintained = 0
+
+    def set_exit_handler(self, handler: ExitHandler) -> None:
+        self._handler = handler
+
+    async def launch(self, request: LaunchRequest) -> ProcessHandle:
+        self.launches.append(request)
+        if request.agent_id in self.fail_launch:
+            raise LaunchError(self.fail_launch[request.agent_id])
+        handle = ProcessHandle(next(self._pids), 1_700_000_000.0)
+        self.processes[request.agent_id] = FakeProcess(
+            handle, request, obeys_sigterm=request.agent_id not in self.ignore_sigterm
+        )
+        return handle
+
+    def crash(self, agent_id: str, exit_code: int | None = 1, signal: int | None = None) -> None:
+        """The agent's process ends by itself."""
+        proc = self.processes.pop(agent_id)
+        assert self._handler is not None
+        self._handler(agent_id, proc.handle, ExitInfo(exit_code, signal))
+
+    async def terminate(self, agent_id: str, timeout: float) -> None:
+        self.terminations.append((agent_id, timeout))
+        proc = self.processes.pop(agent_id, None)
+        if proc is None:
+            return
+        if not proc.obeys_sigterm:
+            await asyncio.sleep(timeout)
+        assert self._handler is not None
+        self._handler(agent_id, proc.handle, ExitInfo(None, 15 if proc.obeys_sigterm else 9))
+
+    def adopt(self, agent_id: str, handle: ProcessHandle) -> bool:
+        if self.alive_elsewhere.get(handle.pid) != handle.start_time:
+            return False
+        del self.alive_elsewhere[handle.pid]
+        self.processes[agent_id] = FakeProcess(handle, LaunchRequest(agent_id, (), "/"))
+        return True
+
+    def usage(self, agent_id: str) -> ProcessUsage | None:
+        return ProcessUsage(1.0, 1024, 1, 3) if agent_id in self.processes else None
+
+    async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
+        return self.logs.get(agent_id, [])[-lines:]
+
+    async def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
+        for line in self.logs.get(agent_id, []):
+            yield line
+
+    async def maintain(self) -> None:
+        self.maintained += 1
+
+    async def aclose(self) -> None:
+        self.processes.clear()

@@ -1,0 +1,68 @@
+"""An in-memory AgentStore, for tests of the manager that need no database.
+
+It keeps the SqlStore's contract (the shared contract test holds both to it): records and
+transitions are deep-copied on the way in and out, so a caller mutating what it saved or
+loaded cannot change what is stored, just as with a real database.
+"""
+
+from __future__ import annotations
+
+import copy
+
+from opmasd.manager.model import AgentRecord, Transition
+from opmasd.store.base import StoreError
+
+
+class MemoryStore:
+    def __init__(self) -> None:
+        self._agents: dict[str, AgentRecord] = {}
+        # Per agent, oldest first: append order is the order of events, as in SqlStore.
+        self._transitions: dict[str, list[Transition]] = {}
+        self._closed = False
+        # Set by a test to make every call raise it: a database that went away.
+        self.failure: StoreError | None = None
+
+    def load_agents(self) -> list[AgentRecord]:
+        self._check("load agents")
+        return [copy.deepcopy(self._agents[agent_id]) for agent_id in sorted(self._agents)]
+
+    def save_agent(self, record: AgentRecord) -> None:
+        self._check(f"save agent {record.agent_id}")
+        self._agents[record.agent_id] = copy.deepcopy(record)
+
+    def record_transition(self, record: AgentRecord, transition: Transition) -> None:
+        if transition.agent_id != record.agent_id:
+            raise ValueError(
+                f"transition of agent {transition.agent_id!r} recorded with the row of {record.agent_id!r}"
+            )
+        self._check(f"record transition of {record.agent_id}")
+        # Both or neither: nothing between these lines can fail.
+        self._agents[record.agent_id] = copy.deepcopy(record)
+        self._transitions.setdefault(record.agent_id, []).append(copy.deepcopy(transition))
+
+    def transitions(self, agent_id: str, limit: int = 100) -> list[Transition]:
+        if limit < 0:
+            raise ValueError(f"limit must not be negative, not {limit}")
+        self._check(f"load transitions of {agent_id}")
+        newest_first = reversed(self._transitions.get(agent_id, []))
+        return [copy.deepcopy(t) for _, t in zip(range(limit), newest_first, strict=False)]
+
+    def prune_transitions(self, keep_per_agent: int) -> int:
+        if keep_per_agent < 0:
+            raise ValueError(f"keep_per_agent must not be negative, not {keep_per_agent}")
+        self._check("prune transitions")
+        dropped = 0
+        for agent_id, kept in self._transitions.items():
+            excess = max(0, len(kept) - keep_per_agent)
+            dropped += excess
+            self._transitions[agent_id] = kept[excess:]
+        return dropped
+
+    def close(self) -> None:
+        self._closed = True
+
+    def _check(self, what: str) -> None:
+        if self._closed:
+            raise StoreError(f"cannot {what}: the store is closed")
+        if self.failure is not None:
+            raise self.failure

@@ -1,0 +1,300 @@
+"""opmasctl's pure parts: endpoint resolution, flag parsing, spec/update_mask building, rendering."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from datetime import UTC, datetime
+
+import pytest
+import yaml
+from google.protobuf import duration_pb2, timestamp_pb2
+
+from opmas.v1 import agents_pb2
+from opmasctl import output, views
+from opmasctl.cli import build_parser
+from opmasctl.connection import DEFAULT_TCP, default_socket_path, parse_server, resolve_endpoint
+from opmasctl.parsing import parse_duration, parse_env, parse_params, parse_seconds, parse_size
+from opmasctl.spec import SpecError, build_spec
+
+# --- endpoint resolution ------------------------------------------------------------------------
+
+
+def test_default_socket_prefers_runtime_directory() -> None:
+    env = {"RUNTIME_DIRECTORY": "/run/opmas", "XDG_RUNTIME_DIR": "/run/user/1000"}
+    assert default_socket_path(env, euid=1000, uid=1000) == "/run/opmas/opmasd.sock"
+
+
+def test_default_socket_root_uses_run() -> None:
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/0"}, euid=0, uid=0) == "/run/opmas/opmasd.sock"
+
+
+def test_default_socket_user_uses_xdg_then_tmp() -> None:
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000, 1000) == (
+        "/run/user/1000/opmas/opmasd.sock"
+    )
+    assert default_socket_path({}, 1000, 1000) == "/tmp/opmas-1000/opmasd.sock"
+
+
+@pytest.mark.parametrize(
+    ("server", "target", "display"),
+    [
+        ("/run/opmas/opmasd.sock", "unix:/run/opmas/opmasd.sock", "/run/opmas/opmasd.sock"),
+        ("unix:///run/x.sock", "unix:/run/x.sock", "/run/x.sock"),
+        ("unix:/run/x.sock", "unix:/run/x.sock", "/run/x.sock"),
+        ("localhost:50051", "localhost:50051", "localhost:50051"),
+        ("10.0.0.5:7000", "10.0.0.5:7000", "10.0.0.5:7000"),
+        ("[::1]:50051", "[::1]:50051", "[::1]:50051"),
+    ],
+)
+def test_parse_server(server: str, target: str, display: str) -> None:
+    endpoint = parse_server(server)
+    assert (endpoint.target, endpoint.display) == (target, display)
+
+
+def test_parse_server_relative_socket_made_absolute(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(str(tmp_path))
+    assert parse_server("./d.sock").target == f"unix:{tmp_path}/d.sock"
+
+
+@pytest.mark.parametrize("server", ["", "justahost", "unix://relative/x.sock"])
+def test_parse_server_rejects(server: str) -> None:
+    with pytest.raises(ValueError):
+        parse_server(server)
+
+
+def test_resolve_flag_beats_env() -> None:
+    env = {"OPMAS_SERVER": "envhost:1"}
+    assert resolve_endpoint("flaghost:2", env, 1000, 1000).target == "flaghost:2"
+    assert resolve_endpoint(None, env, 1000, 1000).target == "envhost:1"
+
+
+def test_resolve_default_socket_only_when_it_exists(tmp_path: pytest.TempPathFactory) -> None:
+    env = {"RUNTIME_DIRECTORY": str(tmp_path)}
+    assert resolve_endpoint(None, env, 1000, 1000).target == DEFAULT_TCP
+    (tmp_path / "opmasd.sock").touch()  # type: ignore[operator]
+    endpoint = resolve_endpoint(None, env, 1000, 1000)
+    assert endpoint.target == f"unix:{tmp_path}/opmasd.sock"
+    assert endpoint.is_unix
+
+
+# --- flag values ----------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize(
+    ("text", "seconds"),
+    [("30", 30.0), ("1.5", 1.5), ("500ms", 0.5), ("10s", 10.0), ("5m", 300.0), ("1h", 3600.0), ("-5", -5.0)],
+)
+def test_parse_seconds(text: str, seconds: float) -> None:
+    assert parse_seconds(text) == seconds
+
+
+def test_parse_duration_negative_passes_through() -> None:
+    duration = parse_duration("-1.5")
+    assert duration.ToNanoseconds() == -1_500_000_000
+    assert (duration.seconds, duration.nanos) == (-1, -500_000_000)
+    assert parse_duration("90") == duration_pb2.Duration(seconds=90)
+
+
+@pytest.mark.parametrize("text", ["", "abc", "10x", "1h30"])
+def test_parse_duration_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_duration(text)
+
+
+@pytest.mark.parametrize(
+    ("text", "size"),
+    [("1048576", 1048576), ("512K", 512 * 1024), ("512M", 512 * 1024**2), ("1G", 1024**3), ("10MiB", 10 * 1024**2)],
+)
+def test_parse_size(text: str, size: int) -> None:
+    assert parse_size(text) == size
+
+
+@pytest.mark.parametrize("text", ["-1", "1X", "M", ""])
+def test_parse_size_rejects(text: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_size(text)
+
+
+def test_parse_env() -> None:
+    assert parse_env(["A=1", "B=x=y", "C="]) == {"A": "1", "B": "x=y", "C": ""}
+
+
+@pytest.mark.parametrize("pair", ["NOEQUALS", "=value"])
+def test_parse_env_rejects(pair: str) -> None:
+    with pytest.raises(ValueError, match="expected KEY=VALUE"):
+        parse_env([pair])
+
+
+def test_parse_params_json_else_string() -> None:
+    params = parse_params(["n=42", "flag=true", "host=r1", "list=[1,2]", "obj={\"a\":1}", "q=\"7\""])
+    assert dict(params) == {"n": 42, "flag": True, "host": "r1", "list": [1, 2], "obj": {"a": 1}, "q": "7"}
+
+
+# --- spec flags and update_mask -------------------------------------------------------------------
+
+
+def _parse(*argv: str) -> argparse.Namespace:
+    return build_parser().parse_args(list(argv))
+
+
+def test_update_mask_lists_exactly_the_given_fields() -> None:
+    args = _parse(
+        "agents", "update", "a1", "--stop-timeout", "20", "--env", "A=1", "--memory-max", "512M", "--no-autostart"
+    )
+    spec, paths = build_spec(args, [])
+    assert paths == ["environment", "stop_timeout", "resources.memory_max_bytes", "autostart"]
+    assert spec.stop_timeout.seconds == 20
+    assert dict(spec.environment) == {"A": "1"}
+    assert spec.resources.memory_max_bytes == 512 * 1024**2
+    assert spec.autostart is False
+
+
+def test_update_mask_command_from_flag_or_dashes() -> None:
+    spec, paths = build_spec(_parse("agents", "update", "a1", "--command", "prog 'a b' -v"), [])
+    assert (list(spec.command), paths) == (["prog", "a b", "-v"], ["command"])
+    spec, paths = build_spec(_parse("agents", "update", "a1"), ["prog", "--flag"])
+    assert (list(spec.command), paths) == (["prog", "--flag"], ["command"])
+
+
+def test_update_no_flags_gives_empty_mask() -> None:
+    assert build_spec(_parse("agents", "update", "a1"), []) == (agents_pb2.AgentSpec(), [])
+
+
+def test_update_clear_env() -> None:
+    spec, paths = build_spec(_parse("agents", "update", "a1", "--clear-env"), [])
+    assert paths == ["environment"] and not spec.environment
+
+
+def test_spec_rejects_command_twice_and_bad_env() -> None:
+    with pytest.raises(SpecError, match="not both"):
+        build_spec(_parse("agents", "update", "a1", "--command", "x"), ["y"])
+    with pytest.raises(SpecError, match="KEY=VALUE"):
+        build_spec(_parse("agents", "update", "a1", "--env", "oops"), [])
+
+
+def test_spec_enums_and_resources() -> None:
+    args = _parse(
+        "agents", "update", "a1", "--restart-policy", "on-failure", "--runtime", "systemd", "--cpu-quota", "150%"
+    )
+    spec, paths = build_spec(args, [])
+    assert spec.restart_policy == agents_pb2.RESTART_POLICY_ON_FAILURE
+    assert spec.runtime == agents_pb2.RUNTIME_KIND_SYSTEMD
+    assert spec.resources.cpu_quota_percent == 150.0
+    assert paths == ["restart_policy", "resources.cpu_quota_percent", "runtime"]
+
+
+# --- rendering ------------------------------------------------------------------------------------
+
+NOW = datetime(2025, 5, 1, 12, 0, 0, tzinfo=UTC)
+
+
+def _ts(dt: datetime) -> timestamp_pb2.Timestamp:
+    ts = timestamp_pb2.Timestamp()
+    ts.FromDatetime(dt)
+    return ts
+
+
+def sample_agent() -> agents_pb2.Agent:
+    return agents_pb2.Agent(
+        agent_id="sysmon",
+        spec=agents_pb2.AgentSpec(
+            name="sysmon",
+            type="monitor",
+            version="1.2.0",
+            command=["python", "-m", "sysmon", "--level", "a b"],
+            environment={"B": "2", "A": "1"},
+            restart_policy=agents_pb2.RESTART_POLICY_ON_FAILURE,
+            stop_timeout=duration_pb2.Duration(seconds=10),
+            resources=agents_pb2.ResourceLimits(memory_max_bytes=512 * 1024**2),
+            runtime=agents_pb2.RUNTIME_KIND_PROCESS,
+            autostart=True,
+        ),
+        status=agents_pb2.AgentStatus(
+            agent_id="sysmon",
+            state=agents_pb2.AGENT_STATE_RUNNING,
+            desired_state=agents_pb2.DESIRED_STATE_RUNNING,
+            pid=1234,
+            uptime=duration_pb2.Duration(seconds=3723),
+            restart_count=2,
+            last_exit=agents_pb2.ExitInfo(signal=9, reason="killed", time=_ts(NOW)),
+        ),
+        source=agents_pb2.AGENT_SOURCE_DISCOVERED,
+        manifest_path="/usr/lib/opmas/agents/sysmon/agent.yaml",
+    )
+
+
+def test_human_duration() -> None:
+    assert output.human_duration(45) == "45s"
+    assert output.human_duration(3723) == "1h2m3s"
+    assert output.human_duration(125) == "2m5s"
+    assert output.human_duration(90061) == "1d1h1m1s"
+    assert output.human_duration(0.5) == "0.5s"
+
+
+def test_agent_table() -> None:
+    stopped = agents_pb2.Agent(
+        agent_id="x",
+        status=agents_pb2.AgentStatus(
+            state=agents_pb2.AGENT_STATE_STOPPED, last_exit=agents_pb2.ExitInfo(exit_code=3)
+        ),
+    )
+    lines = views.agents_table([sample_agent(), stopped]).splitlines()
+    assert lines[0].split() == ["ID", "NAME", "TYPE", "STATE", "DESIRED", "PID", "UPTIME", "RESTARTS", "LAST", "EXIT"]
+    assert lines[1].split() == ["sysmon", "sysmon", "monitor", "running", "running", "1234", "1h2m3s", "2", "SIGKILL"]
+    assert lines[2].split() == ["x", "-", "-", "stopped", "-", "-", "-", "0", "exit", "3"]
+    # Columns line up: every row's STATE starts where the header's does.
+    column = lines[0].index("STATE")
+    assert all(line[column:].startswith(("STATE", "running", "stopped")) for line in lines)
+
+
+def test_agent_view_key_values() -> None:
+    text = views.agent_view(sample_agent())
+    assert "ID:" in text and "sysmon" in text
+    assert "Command:" in text and "python -m sysmon --level 'a b'" in text
+    assert "Restart policy:" in text and "on-failure" in text
+    assert "Memory max:" in text and "512.0MiB" in text
+    # Environment is one variable per line, sorted, continuation lines indented under the value.
+    lines = text.splitlines()
+    index = next(i for i, line in enumerate(lines) if line.startswith("Environment:"))
+    assert lines[index].endswith("A=1")
+    assert lines[index + 1].strip() == "B=2"
+    assert lines[index + 1].index("B") == lines[index].index("A=1")
+
+
+def test_json_and_yaml_rendering() -> None:
+    data = output.message_to_dict(sample_agent())
+    as_json = json.loads(output.dump(data, "json"))
+    assert as_json["agent_id"] == "sysmon"
+    assert as_json["status"]["state"] == "AGENT_STATE_RUNNING"
+    assert as_json["spec"]["stop_timeout"] == "10s"
+    # Fields without presence are printed even at their default value.
+    assert as_json["spec"]["restart_on_inactive"] is False
+    assert as_json["node"] == ""
+    assert yaml.safe_load(output.dump(data, "yaml")) == as_json
+    line = output.dump_item(data, "json")
+    assert line.count("\n") == 1 and json.loads(line) == as_json
+
+
+def test_event_line() -> None:
+    event = agents_pb2.AgentEvent(
+        agent_id="sysmon",
+        previous_state=agents_pb2.AGENT_STATE_RUNNING,
+        state=agents_pb2.AGENT_STATE_ERROR,
+        reason="exit code 1",
+        time=_ts(NOW),
+    )
+    assert views.event_line(event) == "2025-05-01T12:00:00Z  sysmon  running → error  exit code 1\n"
+
+
+def test_discover_view() -> None:
+    response = agents_pb2.DiscoverAgentsResponse(
+        agents=[agents_pb2.DiscoveredAgent(agent_id="a", name="A", manifest_path="/p/a/agent.yaml", new=True)],
+        errors=[agents_pb2.ManifestError(manifest_path="/p/b/agent.yaml", message="name: required")],
+    )
+    lines = views.discover_view(response).splitlines()
+    assert lines[0].split() == ["ID", "NAME", "NEW", "MANIFEST"]
+    assert lines[1].split() == ["a", "A", "yes", "/p/a/agent.yaml"]
+    assert lines[2] == ""
+    assert lines[3].split() == ["MANIFEST", "ERROR"]
+    assert lines[4].split(None, 1) == ["/p/b/agent.yaml", "name: required"]
