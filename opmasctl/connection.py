@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import os
-import threading
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -87,16 +87,32 @@ def _unix(path: str) -> Endpoint:
     return Endpoint(target=f"unix:{path}", display=path, is_unix=True)
 
 
-class Connection:
-    """A channel plus the AgentService stub, remembering whether the channel ever connected.
+def probe(endpoint: Endpoint, timeout: float = 2.0) -> bool | None:
+    """Whether a plain socket connect to the endpoint succeeds; None when it cannot be tried
+    (a grpc target URI such as dns:///...)."""
+    try:
+        if endpoint.is_unix:
+            name = endpoint.target.split(":", 1)[1]
+            if endpoint.target.startswith("unix-abstract:"):
+                name = "\0" + name
+            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
+                sock.settimeout(timeout)
+                sock.connect(name)
+            return True
+        host, sep, port = endpoint.target.rpartition(":")
+        if not sep or not port.isdigit() or "/" in host:
+            return None
+        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
+            return True
+    except OSError:
+        return False
 
-    grpc reports both "nothing listens there" and "the server answered UNAVAILABLE" as the same
-    status code; whether the channel ever reached READY tells the two apart.
-    """
+
+class Connection:
+    """A channel plus the AgentService stub."""
 
     def __init__(self, endpoint: Endpoint) -> None:
         self.endpoint = endpoint
-        self._ready = threading.Event()
         self.channel = grpc.insecure_channel(
             endpoint.target,
             options=[
@@ -104,38 +120,26 @@ class Connection:
                 ("grpc.max_receive_message_length", 64 * 1024 * 1024),
             ],
         )
-        self.channel.subscribe(self._on_state, try_to_connect=False)
         self.stub = agents_pb2_grpc.AgentServiceStub(self.channel)
 
-    def _on_state(self, state: grpc.ChannelConnectivity) -> None:
-        if state == grpc.ChannelConnectivity.READY:
-            self._ready.set()
-
-    @property
-    def ever_connected(self) -> bool:
-        return self._ready.is_set()
-
     def is_connect_failure(self, err: grpc.RpcError) -> bool:
-        """Whether an error means the daemon could not be reached, rather than an answer from it."""
+        """Whether an error means the daemon could not be reached, rather than an answer from it.
+
+        grpc gives both the same code (UNAVAILABLE) and no reliable mark of who said it; a
+        server's own message may well read "failed to connect to NATS". So, on this error path
+        only, try a plain connect. (Watching the channel's connectivity instead needs grpc's
+        polling thread, which raises into stderr when the channel closes under it.)
+        """
         if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
             return False
-        if (err.details() or "").startswith("failed to connect"):
-            return True
-        if self.ever_connected:
-            return False
-        # The READY notice comes from grpc's polling thread and can trail a fast local round trip:
-        # a channel that is connected now answers at once, an unreachable one does not.
-        ready = grpc.channel_ready_future(self.channel)
-        try:
-            ready.result(timeout=0.3)
-        except grpc.FutureTimeoutError:
-            return True
-        finally:
-            ready.cancel()
-        return False
+        reachable = probe(self.endpoint)
+        if reachable is None:
+            # grpc core's own wording for "no connection"; only used when no probe is possible.
+            details = err.details() or ""
+            return details.startswith(("failed to connect to all addresses", "errors resolving", "DNS"))
+        return not reachable
 
     def close(self) -> None:
-        self.channel.unsubscribe(self._on_state)
         self.channel.close()
 
     def __enter__(self) -> Connection:

@@ -30,10 +30,10 @@ from typing import Any
 
 import yaml
 
+from opmasd.config_types import parse_duration, parse_size
 from opmasd.manager.errors import InvalidArgument
 from opmasd.manager.model import AgentSpec, ResourceLimits, RestartPolicy, RuntimeKind
 from opmasd.manager.validation import agent_id_from_name, check_agent_id, spec_violations
-from opmasd.units import parse_duration, parse_size
 
 MANIFEST_NAME = "agent.yaml"
 KNOWN_KEYS = {
@@ -122,11 +122,14 @@ def _text(data: dict[str, Any], key: str, default: str = "") -> str:
     return str(value)
 
 
+_non_negative_duration = parse_duration(positive=False)
+
+
 def _seconds(data: dict[str, Any], key: str, default: float) -> float:
     if data.get(key) is None:
         return default
     try:
-        return parse_duration(data[key])
+        return _non_negative_duration(data[key])
     except ValueError as exc:
         raise ValueError(f"{key}: {exc}") from None
 
@@ -191,7 +194,7 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
         raise ValueError(f"resources: unknown key(s): {', '.join(unknown)}")
     try:
         resources = ResourceLimits(
-            memory_max_bytes=parse_size(res_raw.get("memory_max", 0)),
+            memory_max_bytes=parse_size(res_raw["memory_max"]) if "memory_max" in res_raw else 0,
             cpu_quota_percent=float(str(res_raw.get("cpu_quota", 0)).rstrip("%")),
             tasks_max=int(res_raw.get("tasks_max", 0)),
             open_files_max=int(res_raw.get("open_files_max", 0)),

@@ -179,7 +179,11 @@ class SqlStore:
         opened or migrated, or its schema is newer than this code.
         """
         store = cls(database_from_url(url, pool_size=pool_size), url)
-        store.schema_version = store._call("open and migrate the database", store._migrate, write=False)
+        try:
+            store.schema_version = store._call("open and migrate the database", store._migrate, write=False)
+        except BaseException:
+            store.close()
+            raise
         log.info("store.opened", url=store._url, schema_version=store.schema_version)
         return store
 
@@ -190,7 +194,7 @@ class SqlStore:
 
     def load_agents(self) -> list[AgentRecord]:
         def work() -> list[AgentRecord]:
-            return [agent_from_row(row) for row in AgentRow.select().order_by(AgentRow.agent_id)]
+            return [_agent(row) for row in AgentRow.select().order_by(AgentRow.agent_id)]
 
         return self._call("load agents", work, write=False)
 
@@ -318,8 +322,21 @@ class SqlStore:
 
     def _failure(self, what: str, exc: Exception) -> StoreError:
         message = str(exc).strip() or type(exc).__name__
+        # A rollback failing on a dead connection hides the error that killed it: keep both.
+        first = exc.__context__
+        if isinstance(first, peewee.PeeweeException) and str(first).strip() not in ("", message):
+            message = f"{message}, after: {str(first).strip()}"
         log.error("store.failed", url=self._url, operation=what, error=message, exc_type=type(exc).__name__)
         return StoreError(f"{what} failed ({self._url}): {message}")
+
+
+def _agent(row: AgentRow) -> AgentRecord:
+    try:
+        return agent_from_row(row)
+    except (ValueError, KeyError, TypeError) as exc:
+        # Refuse to start on a row we cannot read rather than silently forget the agent.
+        log.error("store.unreadable_row", agent_id=row.agent_id, error=repr(exc))
+        raise StoreError(f"the stored row of agent {row.agent_id!r} cannot be read: {exc!r}") from exc
 
 
 def _check_same_agent(record: AgentRecord, transition: Transition) -> None:

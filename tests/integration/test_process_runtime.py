@@ -11,7 +11,7 @@ import subprocess
 import sys
 import textwrap
 import time
-from collections.abc import AsyncIterator, Iterator
+from collections.abc import AsyncIterator, Callable, Iterator
 from pathlib import Path
 
 import psutil
@@ -39,7 +39,14 @@ FAMILY_SCRIPT = textwrap.dedent(
     """
 )
 
-TICKER = "import itertools, time\nfor i in itertools.count():\n    print('tick', i, flush=True)\n    time.sleep(0.02)"
+TICKER = textwrap.dedent(
+    """
+    import itertools, time
+    for i in itertools.count():
+        print("tick", i, flush=True)
+        time.sleep(0.02)
+    """
+)
 
 
 class Exits:
@@ -56,8 +63,8 @@ class Exits:
     def _event(self, agent_id: str) -> asyncio.Event:
         return self._events.setdefault(agent_id, asyncio.Event())
 
-    async def wait(self, agent_id: str, timeout: float = 5.0) -> ExitInfo:
-        await asyncio.wait_for(self._event(agent_id).wait(), timeout)
+    async def wait(self, agent_id: str) -> ExitInfo:
+        await asyncio.wait_for(self._event(agent_id).wait(), 5)
         return [info for aid, _, info in self.reports if aid == agent_id][-1]
 
     def count(self, agent_id: str) -> int:
@@ -121,9 +128,9 @@ def gone(pid: int) -> bool:
         return True
 
 
-async def eventually(check: object, timeout: float = 5.0) -> None:
-    deadline = time.monotonic() + timeout
-    while not check():  # type: ignore[operator]
+async def eventually(check: Callable[[], object]) -> None:
+    deadline = time.monotonic() + 5
+    while not check():
         assert time.monotonic() < deadline, "condition not met in time"
         await asyncio.sleep(0.01)
 
@@ -173,7 +180,8 @@ async def test_second_launch_of_a_running_agent_is_refused(harness: Harness) -> 
 
 
 async def test_leftovers_in_the_group_die_with_the_leader(harness: Harness) -> None:
-    handle = await harness.launch("a", PY, "-c", "import subprocess; print(subprocess.Popen(['sleep', '60']).pid)")
+    spawn_grandchild = "import subprocess; print(subprocess.Popen(['sleep', '60']).pid)"
+    handle = await harness.launch("a", PY, "-c", spawn_grandchild)
     await harness.exits.wait("a")
     grandchild = int(harness.log("a").splitlines()[1])
     await eventually(lambda: gone(grandchild))
@@ -317,11 +325,14 @@ DAEMON_SCRIPT = textwrap.dedent(
 )
 
 
-async def test_agent_and_its_output_survive_the_daemon(harness: Harness, pids: list[int]) -> None:
+def start_daemon(log_dir: Path) -> subprocess.Popen[bytes]:
+    """A daemon of its own (a second Python process) that launches a ticking agent."""
     env = {**os.environ, "PYTHONPATH": str(REPO)}
-    daemon = subprocess.Popen(
-        [PY, "-c", DAEMON_SCRIPT, str(harness.log_dir), TICKER], stdout=subprocess.PIPE, env=env
-    )
+    return subprocess.Popen([PY, "-c", DAEMON_SCRIPT, str(log_dir), TICKER], stdout=subprocess.PIPE, env=env)
+
+
+async def test_agent_and_its_output_survive_the_daemon(harness: Harness, pids: list[int]) -> None:
+    daemon = start_daemon(harness.log_dir)
     try:
         assert daemon.stdout is not None
         line = b""
@@ -331,8 +342,10 @@ async def test_agent_and_its_output_survive_the_daemon(harness: Harness, pids: l
         pid, start_time = json.loads(line.removeprefix(b"HANDLE "))
         pids.append(pid)
     finally:
-        daemon.kill()
+        daemon.kill()  # the daemon dies; the agent must not
         daemon.wait()
+        assert daemon.stdout is not None
+        daemon.stdout.close()
     log_file = harness.log_dir / "agent.log"
     size = log_file.stat().st_size
     await eventually(lambda: log_file.stat().st_size > size + 100)  # still writing, no pipe broke
@@ -362,7 +375,8 @@ async def test_tail_logs_returns_the_last_lines(harness: Harness) -> None:
 async def test_rotation_caps_the_log_of_a_running_agent(tmp_path: Path, pids: list[int]) -> None:
     harness = Harness(tmp_path / "logs", pids, log_max_bytes=2000, log_backups=2)
     try:
-        await harness.launch("a", PY, "-c", "import time\nwhile True: print('x' * 99, flush=True); time.sleep(0.005)")
+        chatty = "import time\nwhile True: print('x' * 99, flush=True); time.sleep(0.005)"
+        await harness.launch("a", PY, "-c", chatty)
         log_file = harness.log_dir / "a.log"
         for _ in range(5):
             await eventually(lambda: log_file.stat().st_size > 2000)

@@ -35,7 +35,7 @@ from opmasd.manager.model import (
     RuntimeKind,
     Transition,
 )
-from opmasd.store import sql as sql_module
+from opmasd.store import models
 from opmasd.store.base import AgentStore, StoreError
 from opmasd.store.migrations import LATEST_VERSION
 from opmasd.store.models import AgentRow, SchemaVersion, TransitionRow
@@ -319,7 +319,7 @@ def test_prune_keeps_the_newest_of_each_agent(store: AgentStore) -> None:
 
 
 def test_transition_of_another_agent_is_refused(store: AgentStore) -> None:
-    with pytest.raises(ValueError, match="'b'.*'a'"):
+    with pytest.raises(ValueError, match=r"'b'.*'a'"):
         store.record_transition(minimal_record("a"), transition("b", 0))
     assert store.load_agents() == []
 
@@ -416,8 +416,8 @@ def test_failing_transition_insert_rolls_back_the_agent_row(
     def broken_transition(t: Transition) -> dict[str, Any]:
         return {**to_row(t), "reason": None}  # NOT NULL: the database itself refuses it
 
-    to_row = sql_module.transition_to_row
-    monkeypatch.setattr(sql_module, "transition_to_row", broken_transition)
+    to_row = models.transition_to_row
+    monkeypatch.setattr("opmasd.store.sql.transition_to_row", broken_transition)
     running = dataclasses.replace(record, state=AgentState.RUNNING)
     with pytest.raises(StoreError, match="record transition of agent-min"):
         store.record_transition(running, transition(record.agent_id, 0))
@@ -429,13 +429,21 @@ def test_failing_agent_row_leaves_no_transition(
     backend: Backend, open_store: Callable[[str], SqlStore], monkeypatch: pytest.MonkeyPatch
 ) -> None:
     store = open_store(backend.url)
-    to_row = sql_module.agent_to_row
-    monkeypatch.setattr(sql_module, "agent_to_row", lambda r: {**to_row(r), "name": None})
+    to_row = models.agent_to_row
+    monkeypatch.setattr("opmasd.store.sql.agent_to_row", lambda r: {**to_row(r), "name": None})
     with pytest.raises(StoreError, match="record transition of agent-min"):
         store.record_transition(minimal_record(), transition("agent-min", 0))
     monkeypatch.undo()
     assert store.load_agents() == []
     assert backend.raw("SELECT COUNT(*) FROM agent_transitions", ()) == [(0,)]
+
+
+def test_an_unreadable_row_is_a_store_error(backend: Backend, open_store: Callable[[str], SqlStore]) -> None:
+    store = open_store(backend.url)
+    store.save_agent(minimal_record())
+    backend.raw("UPDATE agents SET state = 'hibernating'", ())
+    with pytest.raises(StoreError, match=r"agent 'agent-min' cannot be read.*hibernating"):
+        store.load_agents()
 
 
 def test_sqlite_runs_in_wal_mode_and_creates_its_directory(
@@ -483,14 +491,14 @@ def test_postgres_replaces_connections_that_died_while_idle(
 def _die_once_while_building_the_row(backend: Backend, monkeypatch: pytest.MonkeyPatch) -> list[int]:
     """Kill the store's connection in the middle of its next save (inside the transaction)."""
     kills: list[int] = []
-    to_row = sql_module.agent_to_row
+    to_row = models.agent_to_row
 
     def dying(record: AgentRecord) -> dict[str, Any]:
         if not kills:
             kills.append(_drop_store_connections(backend))
         return to_row(record)
 
-    monkeypatch.setattr(sql_module, "agent_to_row", dying)
+    monkeypatch.setattr("opmasd.store.sql.agent_to_row", dying)
     return kills
 
 
@@ -521,7 +529,9 @@ def test_postgres_does_not_repeat_a_transition_whose_outcome_is_unknown(
 
 
 @pytest.mark.postgres
-def test_postgres_sqlalchemy_style_url(postgres_backend: Backend, open_store: Callable[[str], SqlStore]) -> None:
+def test_postgres_sqlalchemy_style_url(
+    postgres_backend: Backend, open_store: Callable[[str], SqlStore]
+) -> None:
     url = postgres_backend.url.replace("postgresql://", "postgresql+asyncpg://", 1)
     assert url.startswith("postgresql+asyncpg://"), "OPMAS_TEST_POSTGRES_URL should be postgresql://"
     open_store(url).save_agent(minimal_record())

@@ -5,6 +5,7 @@ from __future__ import annotations
 import argparse
 import json
 from datetime import UTC, datetime
+from pathlib import Path
 
 import pytest
 import yaml
@@ -13,7 +14,7 @@ from google.protobuf import duration_pb2, timestamp_pb2
 from opmas.v1 import agents_pb2
 from opmasctl import output, views
 from opmasctl.cli import build_parser
-from opmasctl.connection import DEFAULT_TCP, default_socket_path, parse_server, resolve_endpoint
+from opmasctl.connection import DEFAULT_TCP, default_socket_path, parse_server, probe, resolve_endpoint
 from opmasctl.parsing import parse_duration, parse_env, parse_params, parse_seconds, parse_size
 from opmasctl.spec import SpecError, build_spec
 
@@ -52,8 +53,8 @@ def test_parse_server(server: str, target: str, display: str) -> None:
     assert (endpoint.target, endpoint.display) == (target, display)
 
 
-def test_parse_server_relative_socket_made_absolute(tmp_path: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(str(tmp_path))
+def test_parse_server_relative_socket_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.chdir(tmp_path)
     assert parse_server("./d.sock").target == f"unix:{tmp_path}/d.sock"
 
 
@@ -63,16 +64,20 @@ def test_parse_server_rejects(server: str) -> None:
         parse_server(server)
 
 
+def test_probe_needs_a_socket_address() -> None:
+    assert probe(parse_server("dns:///opmasd.example:50051")) is None
+
+
 def test_resolve_flag_beats_env() -> None:
     env = {"OPMAS_SERVER": "envhost:1"}
     assert resolve_endpoint("flaghost:2", env, 1000, 1000).target == "flaghost:2"
     assert resolve_endpoint(None, env, 1000, 1000).target == "envhost:1"
 
 
-def test_resolve_default_socket_only_when_it_exists(tmp_path: pytest.TempPathFactory) -> None:
+def test_resolve_default_socket_only_when_it_exists(tmp_path: Path) -> None:
     env = {"RUNTIME_DIRECTORY": str(tmp_path)}
     assert resolve_endpoint(None, env, 1000, 1000).target == DEFAULT_TCP
-    (tmp_path / "opmasd.sock").touch()  # type: ignore[operator]
+    (tmp_path / "opmasd.sock").touch()
     endpoint = resolve_endpoint(None, env, 1000, 1000)
     assert endpoint.target == f"unix:{tmp_path}/opmasd.sock"
     assert endpoint.is_unix
@@ -104,7 +109,13 @@ def test_parse_duration_rejects(text: str) -> None:
 
 @pytest.mark.parametrize(
     ("text", "size"),
-    [("1048576", 1048576), ("512K", 512 * 1024), ("512M", 512 * 1024**2), ("1G", 1024**3), ("10MiB", 10 * 1024**2)],
+    [
+        ("1048576", 1048576),
+        ("512K", 512 * 1024),
+        ("512M", 512 * 1024**2),
+        ("1G", 1024**3),
+        ("10MiB", 10 * 1024**2),
+    ],
 )
 def test_parse_size(text: str, size: int) -> None:
     assert parse_size(text) == size
@@ -127,7 +138,7 @@ def test_parse_env_rejects(pair: str) -> None:
 
 
 def test_parse_params_json_else_string() -> None:
-    params = parse_params(["n=42", "flag=true", "host=r1", "list=[1,2]", "obj={\"a\":1}", "q=\"7\""])
+    params = parse_params(["n=42", "flag=true", "host=r1", "list=[1,2]", 'obj={"a":1}', 'q="7"'])
     assert dict(params) == {"n": 42, "flag": True, "host": "r1", "list": [1, 2], "obj": {"a": 1}, "q": "7"}
 
 
@@ -140,7 +151,16 @@ def _parse(*argv: str) -> argparse.Namespace:
 
 def test_update_mask_lists_exactly_the_given_fields() -> None:
     args = _parse(
-        "agents", "update", "a1", "--stop-timeout", "20", "--env", "A=1", "--memory-max", "512M", "--no-autostart"
+        "agents",
+        "update",
+        "a1",
+        "--stop-timeout",
+        "20",
+        "--env",
+        "A=1",
+        "--memory-max",
+        "512M",
+        "--no-autostart",
     )
     spec, paths = build_spec(args, [])
     assert paths == ["environment", "stop_timeout", "resources.memory_max_bytes", "autostart"]
@@ -175,7 +195,15 @@ def test_spec_rejects_command_twice_and_bad_env() -> None:
 
 def test_spec_enums_and_resources() -> None:
     args = _parse(
-        "agents", "update", "a1", "--restart-policy", "on-failure", "--runtime", "systemd", "--cpu-quota", "150%"
+        "agents",
+        "update",
+        "a1",
+        "--restart-policy",
+        "on-failure",
+        "--runtime",
+        "systemd",
+        "--cpu-quota",
+        "150%",
     )
     spec, paths = build_spec(args, [])
     assert spec.restart_policy == agents_pb2.RESTART_POLICY_ON_FAILURE
@@ -240,8 +268,29 @@ def test_agent_table() -> None:
         ),
     )
     lines = views.agents_table([sample_agent(), stopped]).splitlines()
-    assert lines[0].split() == ["ID", "NAME", "TYPE", "STATE", "DESIRED", "PID", "UPTIME", "RESTARTS", "LAST", "EXIT"]
-    assert lines[1].split() == ["sysmon", "sysmon", "monitor", "running", "running", "1234", "1h2m3s", "2", "SIGKILL"]
+    assert lines[0].split() == [
+        "ID",
+        "NAME",
+        "TYPE",
+        "STATE",
+        "DESIRED",
+        "PID",
+        "UPTIME",
+        "RESTARTS",
+        "LAST",
+        "EXIT",
+    ]
+    assert lines[1].split() == [
+        "sysmon",
+        "sysmon",
+        "monitor",
+        "running",
+        "running",
+        "1234",
+        "1h2m3s",
+        "2",
+        "SIGKILL",
+    ]
     assert lines[2].split() == ["x", "-", "-", "stopped", "-", "-", "-", "0", "exit", "3"]
     # Columns line up: every row's STATE starts where the header's does.
     column = lines[0].index("STATE")
@@ -289,7 +338,9 @@ def test_event_line() -> None:
 
 def test_discover_view() -> None:
     response = agents_pb2.DiscoverAgentsResponse(
-        agents=[agents_pb2.DiscoveredAgent(agent_id="a", name="A", manifest_path="/p/a/agent.yaml", new=True)],
+        agents=[
+            agents_pb2.DiscoveredAgent(agent_id="a", name="A", manifest_path="/p/a/agent.yaml", new=True)
+        ],
         errors=[agents_pb2.ManifestError(manifest_path="/p/b/agent.yaml", message="name: required")],
     )
     lines = views.discover_view(response).splitlines()

@@ -17,7 +17,7 @@ from typing import Any
 import grpc
 import pytest
 from google.protobuf import any_pb2, duration_pb2, message
-from google.rpc import code_pb2, error_details_pb2, status_pb2
+from google.rpc import code_pb2, error_details_pb2, status_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_status import rpc_status
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
@@ -34,7 +34,9 @@ class FakeAgentService(agents_pb2_grpc.AgentServiceServicer):
         self.handlers: dict[str, Handler] = {}
         self.cancelled = threading.Event()
 
-    def _answer(self, name: str, request: message.Message, context: grpc.ServicerContext, default: Any) -> Any:
+    def _answer(
+        self, name: str, request: message.Message, context: grpc.ServicerContext, default: Any
+    ) -> Any:
         self.requests.append((name, request))
         handler = self.handlers.get(name)
         return handler(request, context) if handler else default
@@ -68,7 +70,9 @@ class FakeAgentService(agents_pb2_grpc.AgentServiceServicer):
         return self._answer("RestartAgent", request, context, agents_pb2.RestartAgentResponse())
 
     def GetAgentStatus(self, request, context):  # type: ignore[no-untyped-def]
-        return self._answer("GetAgentStatus", request, context, agents_pb2.AgentStatus(agent_id=request.agent_id))
+        return self._answer(
+            "GetAgentStatus", request, context, agents_pb2.AgentStatus(agent_id=request.agent_id)
+        )
 
     def GetAgentMetrics(self, request, context):  # type: ignore[no-untyped-def]
         return self._answer("GetAgentMetrics", request, context, agents_pb2.AgentMetrics())
@@ -124,7 +128,9 @@ def test_list_follows_pages(service: FakeAgentService, capsys: pytest.CaptureFix
     assert out[2].split()[:4] == ["a2", "a2", "monitor", "stopped"]
     sent = service.sent("ListAgents")
     assert [r.page_token for r in sent] == ["", "p2"]
-    assert all(r.page_size == 500 and r.state == agents_pb2.AGENT_STATE_RUNNING and r.type == "monitor" for r in sent)
+    assert all(
+        r.page_size == 500 and r.state == agents_pb2.AGENT_STATE_RUNNING and r.type == "monitor" for r in sent
+    )
 
 
 def test_list_json_after_subcommand(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
@@ -218,7 +224,10 @@ def test_register_from_manifest_sends_absolute_path(
 @pytest.mark.parametrize(
     ("argv", "message"),
     [
-        (["agents", "register", "--name", "x", "--env", "BROKEN", "--command", "p"], "invalid --env 'BROKEN'"),
+        (
+            ["agents", "register", "--name", "x", "--env", "BROKEN", "--command", "p"],
+            "invalid --env 'BROKEN'",
+        ),
         (["agents", "register", "--name", "x"], "--manifest PATH, or --name NAME and a command"),
         (["agents", "register", "--manifest", "m", "--name", "x"], "cannot be combined"),
         (["agents", "update", "x"], "nothing to update"),
@@ -238,7 +247,10 @@ def test_usage_errors_exit_2(
 
 
 def test_update_sends_mask(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
-    assert cli(service, "agents", "update", "a1", "--stop-timeout", "15", "--env", "K=V", "--cpu-quota", "50") == 0
+    assert (
+        cli(service, "agents", "update", "a1", "--stop-timeout", "15", "--env", "K=V", "--cpu-quota", "50")
+        == 0
+    )
     assert capsys.readouterr().out.startswith("agent a1 updated")
     (request,) = service.sent("UpdateAgent")
     assert request.agent_id == "a1"
@@ -257,7 +269,9 @@ def test_delete(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -
 
 
 def test_logs_prints_lines(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
-    def logs(request: agents_pb2.GetAgentLogsRequest, context: grpc.ServicerContext) -> Iterator[agents_pb2.LogLine]:
+    def logs(
+        request: agents_pb2.GetAgentLogsRequest, context: grpc.ServicerContext
+    ) -> Iterator[agents_pb2.LogLine]:
         yield agents_pb2.LogLine(agent_id="a1", line="first")
         yield agents_pb2.LogLine(agent_id="a1", line="second\n")
 
@@ -272,8 +286,12 @@ def test_logs_prints_lines(service: FakeAgentService, capsys: pytest.CaptureFixt
     assert [json.loads(line)["line"] for line in lines] == ["first", "second\n"]
 
 
-def test_logs_follow_ctrl_c_cancels_quietly(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
-    def logs(request: agents_pb2.GetAgentLogsRequest, context: grpc.ServicerContext) -> Iterator[agents_pb2.LogLine]:
+def test_logs_follow_ctrl_c_cancels_quietly(
+    service: FakeAgentService, capsys: pytest.CaptureFixture[str]
+) -> None:
+    def logs(
+        request: agents_pb2.GetAgentLogsRequest, context: grpc.ServicerContext
+    ) -> Iterator[agents_pb2.LogLine]:
         context.add_callback(service.cancelled.set)
         yield agents_pb2.LogLine(agent_id="a1", line="one")
         yield agents_pb2.LogLine(agent_id="a1", line="two")
@@ -294,7 +312,9 @@ def test_logs_follow_ctrl_c_cancels_quietly(service: FakeAgentService, capsys: p
 
 
 def test_watch_prints_events(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
-    def watch(request: agents_pb2.WatchEventsRequest, context: grpc.ServicerContext) -> Iterator[agents_pb2.AgentEvent]:
+    def watch(
+        request: agents_pb2.WatchEventsRequest, context: grpc.ServicerContext
+    ) -> Iterator[agents_pb2.AgentEvent]:
         event = agents_pb2.AgentEvent(
             agent_id="a1",
             previous_state=agents_pb2.AGENT_STATE_STARTING,
@@ -312,7 +332,9 @@ def test_watch_prints_events(service: FakeAgentService, capsys: pytest.CaptureFi
 
 
 def test_command_params_and_result(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
-    def answer(request: agents_pb2.SendCommandRequest, context: grpc.ServicerContext) -> agents_pb2.SendCommandResponse:
+    def answer(
+        request: agents_pb2.SendCommandRequest, context: grpc.ServicerContext
+    ) -> agents_pb2.SendCommandResponse:
         response = agents_pb2.SendCommandResponse(agent_id="a1", command=request.command, status="success")
         response.result.struct_value.update({"ok": True})
         return response
@@ -324,7 +346,9 @@ def test_command_params_and_result(service: FakeAgentService, capsys: pytest.Cap
     assert request.command == "scan"
     assert dict(request.params) == {"depth": 3, "host": "r1"}
 
-    service.handlers["SendCommand"] = lambda r, c: agents_pb2.SendCommandResponse(status="error", error="no such scan")
+    service.handlers["SendCommand"] = lambda r, c: agents_pb2.SendCommandResponse(
+        status="error", error="no such scan"
+    )
     assert cli(service, "agents", "command", "a1", "scan") == 1
     assert "no such scan" in capsys.readouterr().err
 
@@ -336,13 +360,15 @@ def test_discover(service: FakeAgentService, capsys: pytest.CaptureFixture[str])
     )
     assert cli(service, "agents", "discover") == 0
     out = capsys.readouterr().out
-    assert "a  A     yes  /m/a" in out
+    assert "a   A     yes  /m/a" in out
     assert "/m/b      bad yaml" in out
     assert cli(service, "-o", "yaml", "agents", "discover") == 0
     assert "errors:" in capsys.readouterr().out
 
 
-def test_error_with_bad_request_details(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
+def test_error_with_bad_request_details(
+    service: FakeAgentService, capsys: pytest.CaptureFixture[str]
+) -> None:
     def reject(request: agents_pb2.CreateAgentRequest, context: grpc.ServicerContext) -> agents_pb2.Agent:
         detail = any_pb2.Any()
         detail.Pack(
@@ -351,11 +377,15 @@ def test_error_with_bad_request_details(service: FakeAgentService, capsys: pytes
                     error_details_pb2.BadRequest.FieldViolation(
                         field="spec.stop_timeout", description="must not be negative"
                     ),
-                    error_details_pb2.BadRequest.FieldViolation(field="spec.command", description="is required"),
+                    error_details_pb2.BadRequest.FieldViolation(
+                        field="spec.command", description="is required"
+                    ),
                 ]
             )
         )
-        status = status_pb2.Status(code=code_pb2.INVALID_ARGUMENT, message="invalid agent spec", details=[detail])
+        status = status_pb2.Status(
+            code=code_pb2.INVALID_ARGUMENT, message="invalid agent spec", details=[detail]
+        )
         context.abort_with_status(rpc_status.to_status(status))
         raise AssertionError("abort_with_status returns only by raising")
 
@@ -383,11 +413,11 @@ def test_server_unavailable_is_not_a_connect_failure(
     service: FakeAgentService, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def down(request: Any, context: grpc.ServicerContext) -> Any:
-        context.abort(grpc.StatusCode.UNAVAILABLE, "NATS is not connected")
+        context.abort(grpc.StatusCode.UNAVAILABLE, "failed to connect to NATS")
 
     service.handlers["SendCommand"] = down
     assert cli(service, "agents", "command", "a1", "ping") == 1
-    assert capsys.readouterr().err == "error: unavailable: NATS is not connected\n"
+    assert capsys.readouterr().err == "error: unavailable: failed to connect to NATS\n"
 
 
 def test_unreachable_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
