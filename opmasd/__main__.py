@@ -40,8 +40,8 @@ def main(argv: list[str] | None = None) -> None:
         return
     configure_logging(config.service.log_level, config.service.log_format)
 
-    from opmasd.app import Daemon
     from opmasd.api.grpc_server import ListenError
+    from opmasd.app import Daemon
     from opmasd.store.base import StoreError
 
     log = structlog.get_logger("opmasd")

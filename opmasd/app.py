@@ -124,7 +124,9 @@ class Daemon:
         if self._grpc is not None:
             await self._grpc.stop(0 if self._force_exit else self.config.grpc.grace_period)
         if self.manager is not None:
-            await self.manager.stop(stop_agents=self.config.service.stop_agents_on_shutdown and not self._force_exit)
+            await self.manager.stop(
+                stop_agents=self.config.service.stop_agents_on_shutdown and not self._force_exit
+            )
         if self._runtime is not None:
             await self._runtime.aclose()
         if self._store is not None:
@@ -148,9 +150,7 @@ class Daemon:
             if fixed:
                 log.warning("configuration sections changed that apply only at restart", sections=fixed)
             configure_logging(new.service.log_level, new.service.log_format)
-            self.config = dataclasses.replace(
-                self.config, service=new.service, agents=new.agents
-            )
+            self.config = dataclasses.replace(self.config, service=new.service, agents=new.agents)
             if self.manager is not None:
                 self.manager.settings = manager_settings(self.config)
             log.info("configuration reloaded")

@@ -12,9 +12,8 @@ import sys
 from pathlib import Path
 
 import grpc_tools
-from grpc_tools import protoc
-
 from google.api import annotations_pb2  # googleapis-common-protos ships the .proto beside it
+from grpc_tools import protoc
 
 ROOT = Path(__file__).resolve().parent.parent
 PROTO_ROOT = ROOT / "proto"

@@ -39,7 +39,10 @@ _STATE_TO_PB = {
     AgentState.BACKOFF: pb.AGENT_STATE_BACKOFF,
 }
 _STATE_FROM_PB = {v: k for k, v in _STATE_TO_PB.items()}
-_DESIRED_TO_PB = {DesiredState.RUNNING: pb.DESIRED_STATE_RUNNING, DesiredState.STOPPED: pb.DESIRED_STATE_STOPPED}
+_DESIRED_TO_PB = {
+    DesiredState.RUNNING: pb.DESIRED_STATE_RUNNING,
+    DesiredState.STOPPED: pb.DESIRED_STATE_STOPPED,
+}
 _POLICY_TO_PB = {
     RestartPolicy.NEVER: pb.RESTART_POLICY_NEVER,
     RestartPolicy.ON_FAILURE: pb.RESTART_POLICY_ON_FAILURE,
@@ -54,7 +57,15 @@ _SOURCE_TO_PB = {
 }
 
 # AgentSpec fields an update_mask may name, with the AgentSpec (domain) field they change.
-_SCALAR_FIELDS = ("name", "type", "version", "description", "working_directory", "autostart", "restart_on_inactive")
+_SCALAR_FIELDS = (
+    "name",
+    "type",
+    "version",
+    "description",
+    "working_directory",
+    "autostart",
+    "restart_on_inactive",
+)
 _RESOURCE_FIELDS = ("memory_max_bytes", "cpu_quota_percent", "tasks_max", "open_files_max")
 SPEC_MASK_PATHS = frozenset(
     (
@@ -71,9 +82,7 @@ SPEC_MASK_PATHS = frozenset(
 )
 
 
-def timestamp(value: datetime | None) -> timestamp_pb2.Timestamp | None:
-    if value is None:
-        return None
+def timestamp(value: datetime) -> timestamp_pb2.Timestamp:
     ts = timestamp_pb2.Timestamp()
     ts.FromDatetime(value)
     return ts
@@ -158,9 +167,10 @@ def spec_fields(spec: pb.AgentSpec, mask: list[str] | None = None) -> dict[str, 
         # An update that names runtime but leaves it unspecified means the default.
         unset = spec.runtime == pb.RUNTIME_KIND_UNSPECIFIED
         out["runtime"] = RuntimeKind.PROCESS if unset else _runtime_from_pb(spec.runtime)
-    for name in ("stop_timeout", "heartbeat_interval"):
-        if named(name, spec.HasField(name)):
-            out[name] = seconds(getattr(spec, name))
+    if named("stop_timeout", spec.HasField("stop_timeout")):
+        out["stop_timeout"] = seconds(spec.stop_timeout)
+    if named("heartbeat_interval", spec.HasField("heartbeat_interval")):
+        out["heartbeat_interval"] = seconds(spec.heartbeat_interval)
     resources: dict[str, Any] = {}
     for name in _RESOURCE_FIELDS:
         value = getattr(spec.resources, name)
@@ -196,9 +206,7 @@ def spec_to_pb(spec: AgentSpec) -> pb.AgentSpec:
     )
 
 
-def exit_to_pb(exit_info: ExitInfo | None) -> pb.ExitInfo | None:
-    if exit_info is None:
-        return None
+def exit_to_pb(exit_info: ExitInfo) -> pb.ExitInfo:
     return pb.ExitInfo(
         exit_code=exit_info.exit_code or 0,
         signal=exit_info.signal or 0,

@@ -61,4 +61,5 @@ def to_status_pb(exc: Exception) -> status_pb2.Status:
 
 
 def to_grpc_status(exc: Exception) -> grpc.Status:
-    return rpc_status.to_status(to_status_pb(exc))
+    status: grpc.Status = rpc_status.to_status(to_status_pb(exc))
+    return status

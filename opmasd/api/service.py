@@ -57,7 +57,9 @@ def streaming(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], AsyncIterator[Resp]]:
     @functools.wraps(fn)
-    async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> AsyncIterator[Resp]:
+    async def wrapper(
+        self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
+    ) -> AsyncIterator[Resp]:
         try:
             async for item in fn(self, request, context):
                 yield item
@@ -193,7 +195,9 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
             yield convert.event_to_pb(event)
 
     @unary
-    async def DiscoverAgents(self, request: pb.DiscoverAgentsRequest, context: Any) -> pb.DiscoverAgentsResponse:
+    async def DiscoverAgents(
+        self, request: pb.DiscoverAgentsRequest, context: Any
+    ) -> pb.DiscoverAgentsResponse:
         report = await self._manager.discover()
         return pb.DiscoverAgentsResponse(
             agents=[

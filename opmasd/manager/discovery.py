@@ -48,7 +48,8 @@ def scan(dirs: Iterable[Path], defaults: AgentSpec | None = None) -> ScanResult:
                 continue
             if manifest.agent_id in seen:
                 error = ManifestError(
-                    manifest.path, f"agent id {manifest.agent_id!r} is already used by {seen[manifest.agent_id]}"
+                    manifest.path,
+                    f"agent id {manifest.agent_id!r} is already used by {seen[manifest.agent_id]}",
                 )
                 log.warning("agent manifest rejected", path=str(error.path), error=error.message)
                 result.errors.append(error)

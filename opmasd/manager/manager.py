@@ -225,7 +225,9 @@ class AgentManager:
         check_agent_id(agent_id)
         return await self._register(agent_id, spec, AgentSource.REGISTERED, "", start or spec.autostart)
 
-    async def create_agent_from_manifest(self, path: str, agent_id: str = "", start: bool = False) -> AgentRecord:
+    async def create_agent_from_manifest(
+        self, path: str, agent_id: str = "", start: bool = False
+    ) -> AgentRecord:
         if not Path(path).is_absolute():
             raise InvalidArgument.single("manifest_path", f"{path!r} must be an absolute path")
         try:
@@ -235,7 +237,11 @@ class AgentManager:
         agent_id = agent_id or manifest.agent_id
         check_agent_id(agent_id)
         return await self._register(
-            agent_id, manifest.spec, AgentSource.REGISTERED, str(manifest.path), start or manifest.spec.autostart
+            agent_id,
+            manifest.spec,
+            AgentSource.REGISTERED,
+            str(manifest.path),
+            start or manifest.spec.autostart,
         )
 
     async def _register(
@@ -316,7 +322,9 @@ class AgentManager:
                         continue
                     if rec.manifest_path != path:
                         report.errors.append(
-                            ManifestError(manifest.path, f"agent id {agent_id!r} is already used by another agent")
+                            ManifestError(
+                                manifest.path, f"agent id {agent_id!r} is already used by another agent"
+                            )
                         )
                         continue
                     if rec.spec != manifest.spec:

@@ -177,9 +177,7 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
     try:
         policy = RestartPolicy(policy_text)
     except ValueError:
-        raise ValueError(
-            f"restart_policy: {policy_text!r} is not one of never, on-failure, always"
-        ) from None
+        raise ValueError(f"restart_policy: {policy_text!r} is not one of never, on-failure, always") from None
     runtime_text = _text(data, "runtime", "process")
     try:
         runtime = RuntimeKind(runtime_text)

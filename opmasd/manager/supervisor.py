@@ -119,7 +119,11 @@ class Supervisor:
         vanished = ""
         if handle is not None:
             if self._runtime.adopt(rec.agent_id, handle):
-                state = rec.state if rec.state in (AgentState.RUNNING, AgentState.INACTIVE) else AgentState.RUNNING
+                state = (
+                    rec.state
+                    if rec.state in (AgentState.RUNNING, AgentState.INACTIVE)
+                    else AgentState.RUNNING
+                )
                 self._registry.transition(rec, state, f"re-adopted pid {handle.pid} after opmasd restart")
                 if rec.desired is DesiredState.STOPPED:
                     await self._terminate(rec, "desired state is stopped", None)
@@ -224,7 +228,9 @@ class Supervisor:
                 if not waiter.done():
                     waiter.set_result(None)
             return
-        decision = decide(rec.spec.restart_policy, exit_info, rec.consecutive_failures, ran_for, self._settings)
+        decision = decide(
+            rec.spec.restart_policy, exit_info, rec.consecutive_failures, ran_for, self._settings
+        )
         rec.consecutive_failures = decision.failures
         if not decision.restart:
             clean = exit_info.success and decision.failures <= self._settings.max_restarts

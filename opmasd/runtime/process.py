@@ -206,7 +206,7 @@ class ProcessRuntime:
     # --- stopping ---------------------------------------------------------------------------
 
     # The protocol fixes the `timeout` parameter (ASYNC109 prefers asyncio.timeout).
-    async def terminate(self, agent_id: str, timeout: float) -> None:  # noqa: ASYNC109
+    async def terminate(self, agent_id: str, timeout: float) -> None:
         watched = self._watched.get(agent_id)
         if watched is None:
             return
