@@ -41,13 +41,14 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.service.log_level, config.service.log_format)
 
     from opmasd.api.grpc_server import ListenError
+    from opmasd.instance_lock import AlreadyRunning
     from opmasd.app import Daemon
     from opmasd.store.base import StoreError
 
     log = structlog.get_logger("opmasd")
     try:
         asyncio.run(Daemon(config, args.config).serve())
-    except (ListenError, StoreError, OSError, ValueError) as exc:
+    except (AlreadyRunning, ListenError, StoreError, OSError, ValueError) as exc:
         log.error("opmasd could not start", error=str(exc))
         raise SystemExit(1) from None
     except KeyboardInterrupt:

@@ -18,6 +18,7 @@ import structlog
 
 from opmasd.api.grpc_server import GrpcListeners, GrpcServer
 from opmasd.config import Config, load_config
+from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
 from opmasd.manager.manager import AgentManager, ManagerSettings
 from opmasd.manager.model import RestartPolicy
@@ -59,6 +60,7 @@ class Daemon:
         self._force_exit = False
         self._reload_requested = asyncio.Event()
         self._tasks = TaskOwner("daemon")
+        self._lock = InstanceLock(config.service.state_dir / "opmasd.lock")
         self._store: SqlStore | None = None
         self._runtime: ProcessRuntime | None = None
         self.manager: AgentManager | None = None
@@ -78,6 +80,7 @@ class Daemon:
         config = self.config
         for directory in (config.service.state_dir, config.service.runtime_dir, config.service.log_dir):
             directory.mkdir(parents=True, exist_ok=True)
+        self._lock.acquire()
         self.notifier.status("opening the store")
         self._store = SqlStore.open(config.database.url, pool_size=config.database.pool_size)
         self._runtime = ProcessRuntime(
@@ -133,6 +136,7 @@ class Daemon:
             self._store.close()
         log.info("opmasd stopped")
         self.notifier.close()
+        self._lock.release()
 
     async def reload(self) -> None:
         """SIGHUP: re-read the configuration, apply what can change live, rescan agents."""

@@ -107,6 +107,8 @@ class AgentManager:
         """Load the store, re-adopt or restart agents as desired, scan for packages, start loops."""
         self._registry.load()
         for rec in list(self._registry.live()):
+            if rec.node != self.settings.node:
+                continue  # another host's agent, in a shared database: that host runs it
             async with self._supervisor.lock(rec.agent_id):
                 await self._supervisor.recover(rec)
         if discover:
@@ -146,6 +148,13 @@ class AgentManager:
         rec = self._registry.get(agent_id)
         if rec is None:
             raise NotFound("agent", agent_id)
+        return rec
+
+    def _local_agent(self, agent_id: str) -> AgentRecord:
+        """The agent, when this node runs it: only its own node can start or stop it."""
+        rec = self.get_agent(agent_id)
+        if rec.node != self.settings.node:
+            raise FailedPrecondition(f"agent {agent_id} runs on node {rec.node!r}, not on {self.settings.node!r}")
         return rec
 
     def list_agents(self, filt: AgentFilter = AgentFilter()) -> list[AgentRecord]:
@@ -192,19 +201,19 @@ class AgentManager:
 
     async def start_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
-            rec = self.get_agent(agent_id)
+            rec = self._local_agent(agent_id)
             return await self._supervisor.start(rec, "started by operator")
 
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
         if timeout is not None and timeout < 0:
             raise InvalidArgument.single("timeout", f"must not be negative, got {timeout:g}s")
         async with self._supervisor.lock(agent_id):
-            rec = self.get_agent(agent_id)
+            rec = self._local_agent(agent_id)
             return await self._supervisor.stop(rec, "stopped by operator", timeout)
 
     async def restart_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
-            rec = self.get_agent(agent_id)
+            rec = self._local_agent(agent_id)
             return await self._supervisor.restart(rec, "restarted by operator")
 
     def spec_defaults(self, name: str = "") -> AgentSpec:
@@ -286,6 +295,7 @@ class AgentManager:
                 raise NotFound("agent", agent_id)
             if rec.deleted:
                 return rec, False
+            self._local_agent(agent_id)
             await self._supervisor.stop(rec, "deleted by operator")
             # The row stays as a tombstone, so discovery does not bring a deleted agent back.
             rec.deleted = True

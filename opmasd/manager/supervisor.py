@@ -221,7 +221,6 @@ class Supervisor:
         ran_for = (utcnow() - rec.started_at).total_seconds() if rec.started_at else None
         rec.pid = rec.pid_start_time = rec.started_at = None
         rec.last_exit = exit_info
-        log.info("agent process exited", agent_id=agent_id, pid=handle.pid, reason=exit_info.reason)
         if rec.state is AgentState.STOPPING or rec.desired is DesiredState.STOPPED or self._shutting_down:
             self._registry.transition(rec, AgentState.STOPPED, f"stopped: {exit_info.reason}")
             for waiter in self._stopped_waiters.pop(agent_id, []):

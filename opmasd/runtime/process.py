@@ -172,8 +172,10 @@ class ProcessRuntime:
         """The pidfd became readable: the process has ended. Runs on the loop, once."""
         asyncio.get_running_loop().remove_reader(watched.pidfd)
         pid = watched.handle.pid
-        # Orphans of the agent must not linger. Our child is still an unreaped zombie here, which
-        # keeps its PID (and so its group ID) from being reused: sweep the group before reaping.
+        # Orphans of the agent must not linger. Our own child is still an unreaped zombie here,
+        # which keeps its PID (and so its group ID) from being reused: sweep the group before
+        # reaping. An adopted process may be reaped already, but its group ID stays reserved
+        # while any member is left; when none is, the signal finds nobody.
         _kill_group(pid)
         if watched.popen is None:
             info = ExitInfo(exit_code=None, signal=None)
@@ -205,7 +207,6 @@ class ProcessRuntime:
 
     # --- stopping ---------------------------------------------------------------------------
 
-    # The protocol fixes the `timeout` parameter (ASYNC109 prefers asyncio.timeout).
     async def terminate(self, agent_id: str, timeout: float) -> None:
         watched = self._watched.get(agent_id)
         if watched is None:

@@ -283,3 +283,21 @@ async def test_discovery_registers_reports_errors_and_respects_deletion(tmp_path
             manager.get_agent("good")
     finally:
         await manager.stop(stop_agents=False)
+
+
+async def test_agents_of_another_node_are_listed_but_not_run() -> None:
+    store = MemoryStore()
+    other = AgentManager(store, FakeRuntime(), settings(node="n2"))
+    await other.start(discover=False)
+    await other.create_agent(SLEEP, start=True)
+    await other.stop(stop_agents=False)
+    runtime = FakeRuntime(first_pid=7000)
+    manager = AgentManager(store, runtime, settings(node="n1"))
+    await manager.start(discover=False)
+    try:
+        assert [r.node for r in manager.list_agents()] == ["n2"]
+        assert runtime.launches == []
+        with pytest.raises(FailedPrecondition, match="runs on node 'n2'"):
+            await manager.stop_agent("sleeper")
+    finally:
+        await manager.stop(stop_agents=False)
