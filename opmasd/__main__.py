@@ -41,8 +41,8 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.service.log_level, config.service.log_format)
 
     from opmasd.api.grpc_server import ListenError
-    from opmasd.instance_lock import AlreadyRunning
     from opmasd.app import Daemon
+    from opmasd.instance_lock import AlreadyRunning
     from opmasd.store.base import StoreError
 
     log = structlog.get_logger("opmasd")

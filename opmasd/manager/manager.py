@@ -154,7 +154,9 @@ class AgentManager:
         """The agent, when this node runs it: only its own node can start or stop it."""
         rec = self.get_agent(agent_id)
         if rec.node != self.settings.node:
-            raise FailedPrecondition(f"agent {agent_id} runs on node {rec.node!r}, not on {self.settings.node!r}")
+            raise FailedPrecondition(
+                f"agent {agent_id} runs on node {rec.node!r}, not on {self.settings.node!r}"
+            )
         return rec
 
     def list_agents(self, filt: AgentFilter = AgentFilter()) -> list[AgentRecord]:

@@ -74,7 +74,7 @@ def test_notify_phases_reload_and_watchdog(workdir: Path) -> None:
         "OPMAS_GRPC_ADDRESS": "",
         "OPMAS_SERVICE_LOG_FORMAT": "json",
     }
-    stderr = open(workdir / "stderr.log", "wb")  # noqa: SIM115 - closed in finally
+    stderr = open(workdir / "stderr.log", "wb")
     daemon = subprocess.Popen([sys.executable, "-m", "opmasd"], env=env, stderr=stderr)
     channel = grpc.insecure_channel(f"unix://{workdir / 'run' / 'opmasd.sock'}")
     try:

@@ -11,7 +11,7 @@ import shutil
 import signal
 import sys
 import threading
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 stop = threading.Event()
 
@@ -31,7 +31,7 @@ def sample() -> dict[str, object]:
     mem = meminfo()
     disk = shutil.disk_usage("/")
     return {
-        "time": datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "time": datetime.now(UTC).isoformat(timespec="seconds"),
         "agent_id": os.environ.get("AGENT_ID", "sysmon"),
         "load": [round(load1, 2), round(load5, 2), round(load15, 2)],
         "memory_total": mem.get("MemTotal", 0),

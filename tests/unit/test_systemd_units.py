@@ -1,0 +1,58 @@
+"""The shipped unit is valid for systemd 252 and keeps a tight sandbox (checked offline)."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+UNIT = Path(__file__).resolve().parents[2] / "systemd" / "opmasd.service"
+
+
+@pytest.fixture
+def unit_copy(tmp_path: Path) -> Path:
+    if shutil.which("systemd-analyze") is None:
+        pytest.fail("systemd-analyze is needed to check systemd/opmasd.service (apt-get install systemd)")
+    # verify checks that ExecStart's program exists: point it at this Python.
+    text = re.sub(r"^ExecStart=\S+", f"ExecStart={sys.executable}", UNIT.read_text(), flags=re.M)
+    path = tmp_path / "opmasd.service"
+    path.write_text(text)
+    return path
+
+
+def test_unit_verifies(unit_copy: Path) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "verify", str(unit_copy)], capture_output=True, text=True, check=False
+    )
+    assert result.returncode == 0, result.stderr
+    assert "opmasd.service" not in result.stderr, result.stderr
+
+
+def test_unit_is_notify_with_watchdog_and_reload() -> None:
+    text = UNIT.read_text()
+    for line in (
+        "Type=notify",
+        "ExecReload=/bin/kill -HUP $MAINPID",
+        "KillMode=mixed",
+        "StateDirectory=opmas",
+    ):
+        assert line in text
+    assert re.search(r"^WatchdogSec=\d+", text, flags=re.M)
+
+
+def test_unit_sandbox_exposure(unit_copy: Path) -> None:
+    result = subprocess.run(
+        ["systemd-analyze", "security", "--offline=yes", "--threshold=70", str(unit_copy)],
+        capture_output=True,
+        text=True,
+        check=False,
+    )
+    # The daemon must stay able to fork agents of any kind, so it cannot be "SAFE"; it must
+    # not slide back to systemd's default exposure (9.6 UNSAFE) either.
+    match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
+    assert match, result.stdout + result.stderr
+    assert float(match.group(1)) <= 7.0, result.stdout
