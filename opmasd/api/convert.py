@@ -10,11 +10,12 @@ import base64
 from datetime import datetime
 from typing import Any
 
-from google.protobuf import duration_pb2, timestamp_pb2
+from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from opmas.v1 import agents_pb2 as pb
 from opmasd.manager.errors import FieldViolation, InvalidArgument
 from opmasd.manager.events import AgentEvent
+from opmasd.manager.manager import MetricsReport, ProcessUsage
 from opmasd.manager.model import (
     AgentRecord,
     AgentSource,
@@ -27,7 +28,6 @@ from opmasd.manager.model import (
     Transition,
     utcnow,
 )
-from opmasd.runtime.base import ProcessUsage
 
 _STATE_TO_PB = {
     AgentState.STARTING: pb.AGENT_STATE_STARTING,
@@ -264,8 +264,24 @@ def event_to_pb(event: AgentEvent) -> pb.AgentEvent:
     )
 
 
-def metrics_to_pb(rec: AgentRecord, usage: ProcessUsage | None) -> pb.AgentMetrics:
+def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+    return json_format.MessageToDict(value)
+
+
+def to_value(data: Any) -> struct_pb2.Value:
+    """A JSON-like Python value (from a NATS reply) as google.protobuf.Value."""
+    value = struct_pb2.Value()
+    json_format.ParseDict(data, value)
+    return value
+
+
+def metrics_to_pb(
+    rec: AgentRecord, usage: ProcessUsage | None, reported: MetricsReport | None = None
+) -> pb.AgentMetrics:
     metrics = pb.AgentMetrics(agent_id=rec.agent_id, restart_count=rec.restart_count)
+    if reported is not None:
+        json_format.ParseDict(dict(reported.metrics), metrics.reported)
+        metrics.reported_time.CopyFrom(timestamp(reported.timestamp))
     if usage is not None:
         metrics.cpu_percent = usage.cpu_percent
         metrics.rss_bytes = usage.rss_bytes

@@ -18,7 +18,7 @@ from opmas.v1 import agents_pb2 as pb
 from opmas.v1 import agents_pb2_grpc
 from opmasd.api import convert
 from opmasd.api.errors import to_grpc_status
-from opmasd.manager.errors import InvalidArgument, OpmasError, Unimplemented
+from opmasd.manager.errors import InvalidArgument, OpmasError
 from opmasd.manager.manager import AgentFilter, AgentManager, OperationResult
 from opmasd.manager.validation import check_agent_id
 from opmasd.store.base import StoreError
@@ -74,6 +74,7 @@ async def _until(stop: asyncio.Event, source: AsyncIterator[Resp]) -> AsyncItera
     at once instead of holding server.stop() for its whole grace period)."""
     stop_wait = asyncio.ensure_future(stop.wait())
     iterator = source.__aiter__()
+    next_item: asyncio.Future[Resp] | None = None
     try:
         while True:
             next_item = asyncio.ensure_future(iterator.__anext__())
@@ -88,6 +89,11 @@ async def _until(stop: asyncio.Event, source: AsyncIterator[Resp]) -> AsyncItera
                 return
     finally:
         stop_wait.cancel()
+        # The client went away (the handler is cancelled) while an item was awaited: that
+        # __anext__ must be over before aclose, or aclose fails with "already running".
+        if next_item is not None and not next_item.done():
+            next_item.cancel()
+            await asyncio.gather(next_item, return_exceptions=True)
         aclose = getattr(iterator, "aclose", None)
         if aclose is not None:
             await aclose()
@@ -176,7 +182,8 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @unary
     async def GetAgentMetrics(self, request: pb.GetAgentMetricsRequest, context: Any) -> pb.AgentMetrics:
         usage = self._manager.usage(request.agent_id)
-        return convert.metrics_to_pb(self._manager.get_agent(request.agent_id), usage)
+        reported = self._manager.reported_metrics(request.agent_id)
+        return convert.metrics_to_pb(self._manager.get_agent(request.agent_id), usage, reported)
 
     @streaming
     async def GetAgentLogs(self, request: pb.GetAgentLogsRequest, context: Any) -> AsyncIterator[pb.LogLine]:
@@ -209,5 +216,13 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def SendCommand(self, request: pb.SendCommandRequest, context: Any) -> pb.SendCommandResponse:
-        self._manager.get_agent(request.agent_id)
-        raise Unimplemented("SendCommand needs the NATS bus, which this opmasd does not run yet")
+        timeout = convert.seconds(request.timeout) if request.HasField("timeout") else None
+        params = convert.struct_to_dict(request.params)
+        reply = await self._manager.send_command(request.agent_id, request.command, params, timeout)
+        return pb.SendCommandResponse(
+            agent_id=request.agent_id,
+            command=request.command,
+            status=reply.status,
+            result=convert.to_value(reply.result),
+            error=reply.error,
+        )

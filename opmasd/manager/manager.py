@@ -15,9 +15,18 @@ from typing import Any
 
 import structlog
 
+from opmasd.bus.base import AgentBus, BusTimeout, BusUnavailable, CommandReply, MetricsReport
 from opmasd.manager import discovery
-from opmasd.manager.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
+from opmasd.manager.errors import (
+    AlreadyExists,
+    DeadlineExceeded,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    Unavailable,
+)
 from opmasd.manager.events import EventHub, Subscription
+from opmasd.manager.health import HealthMonitor, HealthSettings
 from opmasd.manager.manifest import ManifestError, load_manifest
 from opmasd.manager.model import (
     AgentRecord,
@@ -41,6 +50,8 @@ log = structlog.get_logger(__name__)
 
 DEFAULT_TAIL_LINES = 100
 MAX_TAIL_LINES = 100_000
+DEFAULT_COMMAND_TIMEOUT = 5.0
+MAX_COMMAND_TIMEOUT = 300.0
 
 
 @dataclass(frozen=True)
@@ -56,6 +67,9 @@ class ManagerSettings:
     discovery_interval: float = 60.0
     cleanup_interval: float = 3600.0
     transitions_kept_per_agent: int = 1000
+    health: HealthSettings = HealthSettings()
+    # How often batched heartbeat times are written to the store.
+    heartbeat_flush_interval: float = 1.0
 
 
 @dataclass(frozen=True)
@@ -86,6 +100,7 @@ class AgentManager:
         runtime: Runtime,
         settings: ManagerSettings,
         agent_environment: Mapping[str, str] | None = None,
+        bus: AgentBus | None = None,
     ) -> None:
         self._store = store
         self._runtime = runtime
@@ -93,8 +108,13 @@ class AgentManager:
         self.hub = EventHub()
         self._registry = AgentRegistry(store, self.hub)
         self._tasks = TaskOwner("manager")
-        # Variables every agent gets from the daemon (NATS_URL, ...); the app fills it in.
+        # Variables every agent gets from the daemon (NATS_URL, ...).
         self.agent_environment: dict[str, str] = dict(agent_environment or {})
+        self._bus = bus
+        self.health = HealthMonitor(self._registry, store, settings.health)
+        if bus is not None:
+            bus.set_handlers(self.health.on_heartbeat, self.health.on_metrics)
+            self.agent_environment.setdefault("NATS_URL", bus.agent_url)
         self._supervisor = Supervisor(
             self._registry, runtime, settings.restart, self._tasks, lambda: self.agent_environment
         )
@@ -117,10 +137,18 @@ class AgentManager:
         if discover and self.settings.discovery_interval > 0:
             self._tasks.spawn(self._every(self.settings.discovery_interval, self.discover), "discovery")
         self._tasks.spawn(self._every(self.settings.cleanup_interval, self._cleanup), "cleanup")
+        if self._bus is not None:
+            timeout = self.settings.health.heartbeat_timeout
+            check_every = min(max(timeout / 4, 0.05), self.settings.monitoring_interval)
+            self._tasks.spawn(self._every(check_every, self._check_heartbeats), "heartbeat-check")
+            self._tasks.spawn(
+                self._every(self.settings.heartbeat_flush_interval, self._flush), "heartbeat-flush"
+            )
 
     async def stop(self, stop_agents: bool) -> None:
         await self._supervisor.shutdown(stop_agents)
         await self._tasks.close()
+        self.health.flush()
         self._registry.flush_pending()
         self.hub.close()
 
@@ -135,6 +163,24 @@ class AgentManager:
     async def _monitor(self) -> None:
         self._registry.flush_pending()
         await self._runtime.maintain()
+
+    async def _flush(self) -> None:
+        self.health.flush()
+
+    async def _check_heartbeats(self) -> None:
+        for rec in self.health.lost():
+            if rec.spec.restart_on_inactive:
+                self._tasks.spawn(self._restart_inactive(rec.agent_id), f"restart-inactive:{rec.agent_id}")
+
+    async def _restart_inactive(self, agent_id: str) -> None:
+        async with self._supervisor.lock(agent_id):
+            rec = self._registry.get(agent_id)
+            if rec is None or rec.state is not AgentState.INACTIVE:
+                return
+            try:
+                await self._supervisor.restart(rec, f"{rec.state_reason}; restart_on_inactive")
+            except FailedPrecondition as exc:
+                log.warning("inactive agent could not be restarted", agent_id=agent_id, error=exc.message)
 
     async def _cleanup(self) -> None:
         removed = self._store.prune_transitions(self.settings.transitions_kept_per_agent)
@@ -184,6 +230,11 @@ class AgentManager:
         self.get_agent(agent_id)
         return self._runtime.usage(agent_id)
 
+    def reported_metrics(self, agent_id: str) -> MetricsReport | None:
+        """What the agent last published on agent.metrics (since this daemon started)."""
+        self.get_agent(agent_id)
+        return self.health.reported_metrics(agent_id)
+
     async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
         self.get_agent(agent_id)
         if lines < 0:
@@ -217,6 +268,31 @@ class AgentManager:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             return await self._supervisor.restart(rec, "restarted by operator")
+
+    async def send_command(
+        self, agent_id: str, command: str, params: Mapping[str, Any], timeout: float | None = None
+    ) -> CommandReply:
+        """Deliver a custom command to the agent over NATS and return its reply."""
+        if not command.strip():
+            raise InvalidArgument.single("command", "must not be empty")
+        if timeout is not None and not 0 < timeout <= MAX_COMMAND_TIMEOUT:
+            raise InvalidArgument.single(
+                "timeout", f"must be in (0, {MAX_COMMAND_TIMEOUT:g}] seconds, got {timeout:g}"
+            )
+        timeout = timeout or DEFAULT_COMMAND_TIMEOUT
+        rec = self.get_agent(agent_id)
+        if self._bus is None:
+            raise Unavailable("commands need NATS, and this opmasd runs without it")
+        if rec.pid is None:
+            raise FailedPrecondition(f"agent {agent_id} is not running (state {rec.state.value})")
+        try:
+            return await self._bus.command_agent(agent_id, command, params, timeout)
+        except BusTimeout:
+            raise DeadlineExceeded(
+                f"agent {agent_id} did not answer {command!r} within {timeout:g}s"
+            ) from None
+        except BusUnavailable as exc:
+            raise Unavailable(f"cannot reach agent {agent_id}: NATS is unavailable ({exc})") from None
 
     def spec_defaults(self, name: str = "") -> AgentSpec:
         return AgentSpec(
@@ -302,6 +378,7 @@ class AgentManager:
             # The row stays as a tombstone, so discovery does not bring a deleted agent back.
             rec.deleted = True
             self._registry.save(rec)
+            self.health.forget(agent_id)
             log.info("agent deleted", agent_id=agent_id)
             return rec, True
 
@@ -372,6 +449,7 @@ def apply_fields(base: AgentSpec, fields: Mapping[str, Any]) -> AgentSpec:
     return dataclasses.replace(base, **changes)
 
 
+# The API edge takes these from here, not from the layers below the manager.
 __all__ = [
     "AgentFilter",
     "AgentManager",
@@ -379,6 +457,8 @@ __all__ = [
     "DiscoveredAgent",
     "DiscoveryReport",
     "ManagerSettings",
+    "MetricsReport",
     "OperationResult",
+    "ProcessUsage",
     "ResourceLimits",
 ]

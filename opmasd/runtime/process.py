@@ -146,7 +146,14 @@ class ProcessRuntime:
         # Opened first, checked second: if the PID was reused before the open, the start time
         # read now is the new process's, and the pidfd is dropped with it.
         try:
-            start_time: float | None = psutil.Process(handle.pid).create_time()
+            proc = psutil.Process(handle.pid)
+            start_time: float | None = proc.create_time()
+            # A process that ended but was not reaped (its new parent, PID 1 in a container,
+            # may never reap) still has its PID: it is gone all the same, not to be adopted.
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                os.close(pidfd)
+                log.info("not adopting: process has ended (zombie)", agent_id=agent_id, pid=handle.pid)
+                return False
         except psutil.Error as exc:
             log.info("not adopting: process unreadable", agent_id=agent_id, pid=handle.pid, error=str(exc))
             start_time = None

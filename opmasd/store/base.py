@@ -7,6 +7,8 @@ operator wanted and what was last observed.
 
 from __future__ import annotations
 
+from collections.abc import Mapping
+from datetime import datetime
 from typing import Protocol
 
 from opmasd.manager.model import AgentRecord, Transition
@@ -25,6 +27,13 @@ class AgentStore(Protocol):
 
     def record_transition(self, record: AgentRecord, transition: Transition) -> None:
         """In one transaction: save the agent's row and append the transition."""
+
+    def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
+        """In one transaction: set each agent's last heartbeat time (agents absent are skipped).
+
+        Heartbeats arrive far more often than anything else; they are batched by the manager
+        and written with this, so the store sees a flush or two a second, not every message.
+        """
 
     def transitions(self, agent_id: str, limit: int = 100) -> list[Transition]:
         """The agent's latest transitions, newest first."""

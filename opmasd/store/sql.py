@@ -26,7 +26,8 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Mapping
+from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -211,6 +212,16 @@ class SqlStore:
         # Not idempotent: retried only if the connection broke before the transaction began.
         what = f"record transition of {record.agent_id} to {transition.state.value}"
         self._call(what, work, write=True, idempotent=False)
+
+    def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
+        if not last_seen:
+            return
+
+        def work() -> None:
+            for agent_id, seen in last_seen.items():
+                AgentRow.update(last_heartbeat=seen).where(AgentRow.agent_id == agent_id).execute()
+
+        self._call(f"save heartbeats of {len(last_seen)} agents", work, write=True)
 
     def transitions(self, agent_id: str, limit: int = 100) -> list[Transition]:
         if limit < 0:

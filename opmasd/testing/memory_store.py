@@ -8,6 +8,9 @@ loaded cannot change what is stored, just as with a real database.
 from __future__ import annotations
 
 import copy
+import dataclasses
+from collections.abc import Mapping
+from datetime import datetime
 
 from opmasd.manager.model import AgentRecord, Transition
 from opmasd.store.base import StoreError
@@ -39,6 +42,12 @@ class MemoryStore:
         # Both or neither: nothing between these lines can fail.
         self._agents[record.agent_id] = copy.deepcopy(record)
         self._transitions.setdefault(record.agent_id, []).append(copy.deepcopy(transition))
+
+    def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
+        self._check(f"save heartbeats of {len(last_seen)} agents")
+        for agent_id, seen in last_seen.items():
+            if agent_id in self._agents:
+                self._agents[agent_id] = dataclasses.replace(self._agents[agent_id], last_heartbeat=seen)
 
     def transitions(self, agent_id: str, limit: int = 100) -> list[Transition]:
         if limit < 0:

@@ -318,6 +318,17 @@ def test_prune_keeps_the_newest_of_each_agent(store: AgentStore) -> None:
         store.prune_transitions(-1)
 
 
+def test_heartbeats_are_saved_in_one_batch(store: AgentStore) -> None:
+    store.save_agent(minimal_record("a"))
+    store.save_agent(minimal_record("b"))
+    seen = datetime(2026, 11, 24, 8, 0, 1, 500000, tzinfo=UTC)
+    store.save_heartbeats({"a": seen, "ghost": seen})
+    by_id = {rec.agent_id: rec for rec in store.load_agents()}
+    assert by_id["a"].last_heartbeat == seen
+    assert by_id["b"].last_heartbeat is None
+    assert "ghost" not in by_id
+
+
 def test_transition_of_another_agent_is_refused(store: AgentStore) -> None:
     with pytest.raises(ValueError, match=r"'b'.*'a'"):
         store.record_transition(minimal_record("a"), transition("b", 0))

@@ -1,0 +1,1 @@
+"""The NATS side of opmasd: connection, embedded server, subjects, JSON codecs, intake."""

@@ -1,0 +1,102 @@
+"""Agent health from heartbeats: running ↔ inactive, and the last metrics each agent reported.
+
+Heartbeats are the hottest input opmasd has (thousands a second on a big host), so taking one
+is a dictionary update in memory; the last-seen times reach the store in batches, once per
+flush interval, never one write per heartbeat.
+
+An agent is watched for a lost heartbeat only once it has sent one since its process started:
+an agent that speaks the NATS contract has proved it, while a plain program that never will
+(a shell loop, a binary from elsewhere) is not marked inactive for staying silent.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from datetime import datetime
+
+import structlog
+
+from opmasd.bus.base import Heartbeat, MetricsReport
+from opmasd.manager.model import AgentRecord, AgentState, utcnow
+from opmasd.manager.registry import AgentRegistry
+from opmasd.store.base import AgentStore, StoreError
+
+log = structlog.get_logger(__name__)
+
+
+@dataclass(frozen=True)
+class HealthSettings:
+    heartbeat_timeout: float = 90.0
+
+
+class HealthMonitor:
+    def __init__(self, registry: AgentRegistry, store: AgentStore, settings: HealthSettings) -> None:
+        self._registry = registry
+        self._store = store
+        self.settings = settings
+        self._unflushed: dict[str, datetime] = {}
+        self._metrics: dict[str, MetricsReport] = {}
+        self.heartbeats_received = 0
+        self.heartbeats_unknown = 0
+        self.flushes = 0
+
+    def on_heartbeat(self, heartbeat: Heartbeat) -> None:
+        rec = self._registry.get(heartbeat.agent_id)
+        self.heartbeats_received += 1
+        if rec is None:
+            self.heartbeats_unknown += 1
+            if self.heartbeats_unknown in (1, 100, 10_000) or self.heartbeats_unknown % 100_000 == 0:
+                log.warning(
+                    "heartbeat from an unknown agent",
+                    agent_id=heartbeat.agent_id,
+                    total=self.heartbeats_unknown,
+                )
+            return
+        # Our clock, not the agent's: liveness must not depend on the agents' clocks being right.
+        now = utcnow()
+        rec.last_heartbeat = now
+        self._unflushed[rec.agent_id] = now
+        if rec.state is AgentState.INACTIVE:
+            self._registry.transition(rec, AgentState.RUNNING, "heartbeat received again")
+
+    def on_metrics(self, report: MetricsReport) -> None:
+        if self._registry.get(report.agent_id) is not None:
+            self._metrics[report.agent_id] = report
+
+    def reported_metrics(self, agent_id: str) -> MetricsReport | None:
+        return self._metrics.get(agent_id)
+
+    def lost(self, now: datetime | None = None) -> list[AgentRecord]:
+        """Move running agents whose heartbeat stopped to inactive; returns them."""
+        now = now or utcnow()
+        timeout = self.settings.heartbeat_timeout
+        gone: list[AgentRecord] = []
+        for rec in list(self._registry.live()):
+            if rec.state is not AgentState.RUNNING or rec.pid is None:
+                continue
+            last, started = rec.last_heartbeat, rec.started_at
+            if last is None or started is None or last < started:
+                continue  # no heartbeat from this process yet: not a NATS agent, or still starting
+            silent = (now - last).total_seconds()
+            if silent > timeout:
+                reason = f"no heartbeat for {silent:.0f}s (last at {last.isoformat(timespec='seconds')})"
+                self._registry.transition(rec, AgentState.INACTIVE, reason)
+                gone.append(rec)
+        return gone
+
+    def flush(self) -> None:
+        """Write the last-seen times gathered since the previous flush, in one transaction."""
+        if not self._unflushed:
+            return
+        batch, self._unflushed = self._unflushed, {}
+        try:
+            self._store.save_heartbeats(batch)
+            self.flushes += 1
+        except StoreError as exc:
+            # Keep them for the next flush; newer times taken meanwhile win.
+            log.warning("heartbeat flush failed; will retry", agents=len(batch), error=str(exc))
+            self._unflushed = {**batch, **self._unflushed}
+
+    def forget(self, agent_id: str) -> None:
+        self._metrics.pop(agent_id, None)
+        self._unflushed.pop(agent_id, None)
