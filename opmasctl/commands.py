@@ -17,7 +17,7 @@ from google.protobuf import field_mask_pb2, message
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
 from opmasctl import views
-from opmasctl.output import dump, dump_item, message_to_dict, write
+from opmasctl.output import dump, dump_item, message_to_dict, plain_numbers, write
 from opmasctl.parsing import enum_choices, parse_params, parse_seconds
 from opmasctl.spec import SpecError, build_spec
 
@@ -261,7 +261,7 @@ def _result_text(result: Any) -> str:
         return ""
     if isinstance(result, str):
         return result + "\n"
-    return json.dumps(result, indent=2, ensure_ascii=False) + "\n"
+    return json.dumps(plain_numbers(result), indent=2, ensure_ascii=False) + "\n"
 
 
 def agents_command(ctx: Context, args: argparse.Namespace) -> int:

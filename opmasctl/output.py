@@ -25,6 +25,17 @@ def message_to_dict(msg: message.Message) -> Any:
     )
 
 
+def plain_numbers(value: Any) -> Any:
+    """Struct/Value numbers are doubles: show 10.0 as 10 in human output (JSON/YAML keep them)."""
+    if isinstance(value, float) and value.is_integer() and abs(value) < 2**53:
+        return int(value)
+    if isinstance(value, dict):
+        return {key: plain_numbers(item) for key, item in value.items()}
+    if isinstance(value, list):
+        return [plain_numbers(item) for item in value]
+    return value
+
+
 def dump(data: Any, fmt: str) -> str:
     """A whole document in json or yaml, ending with a newline."""
     if fmt == "json":

@@ -8,7 +8,7 @@ import signal
 from collections.abc import Sequence
 from datetime import UTC, datetime
 
-from google.protobuf import struct_pb2
+from google.protobuf import message, struct_pb2
 
 from opmas.v1 import agents_pb2
 from opmasctl.output import (
@@ -20,6 +20,7 @@ from opmasctl.output import (
     human_duration,
     key_values,
     message_to_dict,
+    plain_numbers,
     table,
     timestamp_text,
 )
@@ -122,10 +123,11 @@ def agents_table(agents: Sequence[agents_pb2.Agent]) -> str:
     return table(AGENT_HEADERS, [agent_row(agent) for agent in agents])
 
 
-def _time(status_or_agent: agents_pb2.AgentStatus | agents_pb2.Agent, field: str) -> str:
-    if not status_or_agent.HasField(field):  # type: ignore[arg-type]
+def _time(msg: message.Message, field: str) -> str:
+    """A Timestamp field with its age, or "-" when unset."""
+    if not msg.HasField(field):
         return EMPTY
-    return timestamp_text(getattr(status_or_agent, field))
+    return timestamp_text(getattr(msg, field))
 
 
 def _environment(env: dict[str, str]) -> str:
@@ -196,7 +198,7 @@ def status_view(status: agents_pb2.AgentStatus) -> str:
 
 
 def _struct_lines(struct: struct_pb2.Struct) -> str:
-    data = message_to_dict(struct)
+    data = plain_numbers(message_to_dict(struct))
     return "\n".join(f"{key}={json.dumps(data[key])}" for key in sorted(data)) or EMPTY
 
 
@@ -211,13 +213,9 @@ def metrics_view(metrics: agents_pb2.AgentMetrics) -> str:
             ("Uptime", duration_text(metrics.uptime) if metrics.HasField("uptime") else EMPTY),
             ("Restarts", str(metrics.restart_count)),
             ("Reported", _struct_lines(metrics.reported)),
-            ("Reported at", _time_metrics(metrics)),
+            ("Reported at", _time(metrics, "reported_time")),
         ]
     )
-
-
-def _time_metrics(metrics: agents_pb2.AgentMetrics) -> str:
-    return timestamp_text(metrics.reported_time) if metrics.HasField("reported_time") else EMPTY
 
 
 def discover_view(response: agents_pb2.DiscoverAgentsResponse) -> str:

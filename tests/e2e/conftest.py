@@ -16,15 +16,18 @@ from typing import Any
 
 import pytest
 
-from .harness import ACTIVE_SANDBOXES, Sandbox, become_subreaper, reap_orphans, sandbox
+from .harness import ACTIVE_SANDBOXES, Sandbox, reap_orphans, sandbox, set_subreaper
 
 BACKENDS = ["sqlite", pytest.param("postgres", marks=pytest.mark.postgres)]
 
 
-@pytest.fixture(scope="session", autouse=True)
+@pytest.fixture(scope="package", autouse=True)
 def _subreaper() -> Iterator[None]:
-    become_subreaper()
+    """This test process adopts the orphans of the daemons (see harness.set_subreaper) while
+    the e2e tests run, and reaps them."""
+    set_subreaper(True)
     yield
+    set_subreaper(False)
     reap_orphans()
 
 

@@ -28,12 +28,12 @@ import weakref
 from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any, Literal, TypeVar
 
 import grpc
 import psycopg2  # type: ignore[import-untyped]
 import yaml
-from google.rpc import error_details_pb2  # type: ignore[import-untyped]
+from google.rpc import error_details_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
@@ -56,7 +56,12 @@ ACTIVE_SANDBOXES: list[Sandbox] = []
 # -- waiting ------------------------------------------------------------------------------------
 
 
-def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float = 0.05, what: str = "") -> T:
+def wait_for(
+    predicate: Callable[[], T | Literal[False] | None],
+    timeout: float = 10.0,
+    interval: float = 0.05,
+    what: str = "",
+) -> T:
     """Poll predicate until it returns something truthy, and return that; fail after timeout."""
     deadline = time.monotonic() + timeout
     last: Any = None
@@ -67,7 +72,8 @@ def wait_for(predicate: Callable[[], T], timeout: float = 10.0, interval: float 
             last = err
         else:
             if last:
-                return last
+                result: T = last
+                return result
         if time.monotonic() >= deadline:
             raise AssertionError(
                 f"timed out after {timeout:g}s waiting for {what or predicate}; last: {last!r}"
@@ -101,8 +107,31 @@ def pid_alive(pid: int) -> bool:
     return stat is not None and stat[0] not in ("Z", "X")
 
 
+_CLOCK_TICKS = os.sysconf("SC_CLK_TCK")
+
+
+def _young(pid: int, seconds: float = 5.0) -> bool:
+    """Started less than `seconds` ago (and not a kernel thread)."""
+    raw = _read(f"/proc/{pid}/stat")
+    uptime = _read("/proc/uptime")
+    if raw is None or uptime is None:
+        return False
+    fields = raw[raw.rindex(b")") + 2 :].split()
+    if int(fields[6]) & 0x00200000:  # PF_KTHREAD
+        return False
+    started = int(fields[19]) / _CLOCK_TICKS
+    return float(uptime.split()[0]) - started < seconds
+
+
 def proc_environ(pid: int) -> dict[str, str]:
     raw = _read(f"/proc/{pid}/environ") or b""
+    # A process in the middle of execve (sh exec'ing the agent's program, just after it was
+    # started) briefly shows an empty environment. Old processes with none are not ours.
+    for _ in range(40):
+        if raw or not pid_alive(pid) or not _young(pid):
+            break
+        time.sleep(0.005)
+        raw = _read(f"/proc/{pid}/environ") or b""
     env: dict[str, str] = {}
     for item in raw.split(b"\0"):
         key, sep, value = item.partition(b"=")
@@ -142,7 +171,7 @@ def zombie_children(parent: int) -> list[int]:
     return out
 
 
-def become_subreaper() -> None:
+def set_subreaper(on: bool) -> None:
     """Orphans of the daemons we start (agents of a SIGKILLed opmasd) become our children.
 
     Where PID 1 does not reap (a container's init), they would otherwise linger as zombies
@@ -150,7 +179,7 @@ def become_subreaper() -> None:
     """
     pr_set_child_subreaper = 36
     libc = ctypes.CDLL(None, use_errno=True)
-    if libc.prctl(pr_set_child_subreaper, 1, 0, 0, 0) != 0:
+    if libc.prctl(pr_set_child_subreaper, int(on), 0, 0, 0) != 0:
         raise OSError(ctypes.get_errno(), "prctl(PR_SET_CHILD_SUBREAPER)")
 
 
@@ -163,7 +192,7 @@ def reap_orphans() -> None:
                 os.waitpid(pid, os.WNOHANG)
 
 
-def track(popen: subprocess.Popen[T]) -> subprocess.Popen[T]:
+def track(popen: subprocess.Popen[Any]) -> subprocess.Popen[Any]:
     _OUR_CHILDREN.add(popen)
     return popen
 
@@ -324,7 +353,7 @@ class Daemon:
                     return
                 last = f"health status {reply.status}"
             except grpc.RpcError as err:
-                last = f"{err.code()}: {err.details()}"  # type: ignore[attr-defined]
+                last = f"{err.code()}: {err.details()}" if isinstance(err, grpc.Call) else str(err)
             time.sleep(0.05)
         self.kill()
         raise AssertionError(
@@ -575,12 +604,20 @@ class Sandbox:
         for daemon in self.daemons:
             if daemon.running:
                 try:
+                    daemon.no_zombie_children()
+                except AssertionError as exc:
+                    problems.append(str(exc).splitlines()[0])
+                try:
                     code = daemon.stop()
                 except AssertionError as exc:
                     problems.append(str(exc).splitlines()[0])
                 else:
                     if code != 0:
                         problems.append(f"opmasd {daemon.pid} exited with status {code} on SIGTERM")
+        for daemon in self.daemons:
+            for record in daemon.log_events():
+                if "exception" in record or record.get("event") == "unexpected error in rpc":
+                    problems.append(f"opmasd {daemon.pid} logged an unexpected error: {json.dumps(record)}")
         # Processes need a moment to be seen as gone after their group was killed.
         deadline = time.monotonic() + 3.0
         left = self.processes()
@@ -663,7 +700,7 @@ def status(stub: agents_pb2_grpc.AgentServiceStub, agent_id: str) -> pb.AgentSta
 def wait_state(
     stub: agents_pb2_grpc.AgentServiceStub,
     agent_id: str,
-    state: int,
+    state: pb.AgentState.ValueType,
     timeout: float = 10.0,
     check: Callable[[pb.AgentStatus], bool] = lambda s: True,
 ) -> pb.AgentStatus:

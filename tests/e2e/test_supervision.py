@@ -164,7 +164,12 @@ def test_crash_loop_ends_in_error_and_a_start_resets_it(box: Sandbox, stub: Agen
     ],
 )
 def test_restart_policies(
-    box: Sandbox, stub: AgentServiceStub, policy: int, code: int, final: int | None, restarted: bool
+    box: Sandbox,
+    stub: AgentServiceStub,
+    policy: pb.RestartPolicy.ValueType,
+    code: int,
+    final: pb.AgentState.ValueType | None,
+    restarted: bool,
 ) -> None:
     agent_id = f"policy-{policy}-{code}"
     first = create(stub, agent_id, ["sh", "-c", f"sleep 0.2; exit {code}"], start=True, restart_policy=policy)
@@ -258,7 +263,8 @@ def _check_store_is_whole(box: Sandbox) -> None:
     rows = box.sql("SELECT agent_id, state, desired FROM agents ORDER BY agent_id")
     assert [r[0] for r in rows] == ["never-started", "run-a", "run-b", "was-running"]
     orphans = box.sql(
-        "SELECT COUNT(*) FROM agent_transitions t LEFT JOIN agents a USING (agent_id) WHERE a.agent_id IS NULL"
+        "SELECT COUNT(*) FROM agent_transitions t LEFT JOIN agents a ON a.agent_id = t.agent_id "
+        "WHERE a.agent_id IS NULL"
     )
     assert orphans == [(0,)]
 

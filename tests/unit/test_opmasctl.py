@@ -349,3 +349,12 @@ def test_discover_view() -> None:
     assert lines[2] == ""
     assert lines[3].split() == ["MANIFEST", "ERROR"]
     assert lines[4].split(None, 1) == ["/p/b/agent.yaml", "name: required"]
+
+
+def test_metrics_view_shows_reported_numbers_plainly() -> None:
+    metrics = agents_pb2.AgentMetrics(agent_id="sysmon", cpu_percent=3.5, rss_bytes=1536, restart_count=1)
+    metrics.reported.update({"events": 10, "ratio": 0.25, "queue": {"depth": 2}})
+    lines = views.metrics_view(metrics).splitlines()
+    assert "3.5%" in lines[1] and "1.5KiB" in lines[2]
+    reported = [line.removeprefix("Reported:").strip() for line in lines if "=" in line]
+    assert reported == ["events=10", 'queue={"depth": 2}', "ratio=0.25"]
