@@ -17,9 +17,14 @@ from pathlib import Path
 import structlog
 
 from opmasd.api.grpc_server import GrpcListeners, GrpcServer
+from opmasd.api.nats_api import NatsManagerApi
+from opmasd.bus.connection import NatsBus
+from opmasd.bus.embedded import EmbeddedNatsServer
+from opmasd.bus.subjects import Subjects
 from opmasd.config import Config, load_config
 from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
+from opmasd.manager.health import HealthSettings
 from opmasd.manager.manager import AgentManager, ManagerSettings
 from opmasd.manager.model import RestartPolicy
 from opmasd.manager.restart import RestartSettings
@@ -48,6 +53,7 @@ def manager_settings(config: Config) -> ManagerSettings:
         monitoring_interval=config.service.monitoring_interval,
         discovery_interval=config.service.discovery_interval,
         cleanup_interval=config.service.cleanup_interval,
+        health=HealthSettings(heartbeat_timeout=config.nats.heartbeat_timeout),
     )
 
 
@@ -63,6 +69,9 @@ class Daemon:
         self._lock = InstanceLock(config.service.state_dir / "opmasd.lock")
         self._store: SqlStore | None = None
         self._runtime: ProcessRuntime | None = None
+        self._embedded_nats: EmbeddedNatsServer | None = None
+        self._bus: NatsBus | None = None
+        self._nats_api: NatsManagerApi | None = None
         self.manager: AgentManager | None = None
         self._grpc: GrpcServer | None = None
 
@@ -88,9 +97,18 @@ class Daemon:
             log_max_bytes=config.agents.log_max_bytes,
             log_backups=config.agents.log_backups,
         )
-        self.manager = AgentManager(self._store, self._runtime, manager_settings(config))
+        self._bus = await self._start_bus()
+        self.manager = AgentManager(
+            self._store,
+            self._runtime,
+            manager_settings(config),
+            agent_environment=self._nats_agent_environment(),
+            bus=self._bus,
+        )
         self.notifier.status("recovering agents")
         await self.manager.start()
+        self._nats_api = NatsManagerApi(self.manager, self._bus, self._bus.subjects)
+        await self._nats_api.start()
         self._grpc = GrpcServer(
             self.manager,
             GrpcListeners(
@@ -109,6 +127,35 @@ class Daemon:
         )
         self._tasks.spawn(self._heartbeat_systemd(), "sd-notify")
 
+    def _nats_agent_environment(self) -> dict[str, str]:
+        """What agents need to reach NATS as opmasd does (NATS_URL comes from the bus)."""
+        nats = self.config.nats
+        env = {"NATS_SUBJECT_PREFIX": nats.subject_prefix}
+        if nats.user:
+            env.update(NATS_USER=nats.user, NATS_PASSWORD=nats.password)
+        return env
+
+    async def _start_bus(self) -> NatsBus:
+        """The embedded nats-server when nats.url is empty, then the connection.
+
+        An external NATS that is down does not stop opmasd from starting: agents are supervised
+        all the same, and the bus keeps connecting in the background.
+        """
+        nats = self.config.nats
+        url = nats.url
+        if not url:
+            self.notifier.status("starting the embedded NATS server")
+            self._embedded_nats = EmbeddedNatsServer(self.config.service.state_dir / "nats")
+            url = await self._embedded_nats.start()
+        self.notifier.status("connecting to NATS")
+        return await NatsBus.connect(
+            url,
+            user=nats.user,
+            password=nats.password,
+            tls_verify=nats.tls_verify,
+            subjects=Subjects(nats.subject_prefix),
+        )
+
     async def main_loop(self) -> None:
         while not self.should_exit.is_set():
             reload_wait = asyncio.ensure_future(self._reload_requested.wait())
@@ -124,14 +171,22 @@ class Daemon:
         self.notifier.stopping()
         log.info("opmasd shutting down")
         await self._tasks.close()
+        grace = 0 if self._force_exit else self.config.grpc.grace_period
+        if self._nats_api is not None:
+            await self._nats_api.stop(grace)
         if self._grpc is not None:
-            await self._grpc.stop(0 if self._force_exit else self.config.grpc.grace_period)
+            await self._grpc.stop(grace)
         if self.manager is not None:
             await self.manager.stop(
                 stop_agents=self.config.service.stop_agents_on_shutdown and not self._force_exit
             )
         if self._runtime is not None:
             await self._runtime.aclose()
+        # NATS goes last but for the store: agents being stopped may still talk to it.
+        if self._bus is not None:
+            await self._bus.close(timeout=0.5 if self._force_exit else 5.0)
+        if self._embedded_nats is not None:
+            await self._embedded_nats.stop()
         if self._store is not None:
             self._store.close()
         log.info("opmasd stopped")

@@ -162,6 +162,13 @@ def processes_with(**env: str) -> list[int]:
     return sorted(found)
 
 
+def proc_comm(pid: int) -> str:
+    try:
+        return Path(f"/proc/{pid}/comm").read_text().strip()
+    except OSError:
+        return ""
+
+
 def zombie_children(parent: int) -> list[int]:
     out = []
     for pid in all_pids():
@@ -543,10 +550,18 @@ class Sandbox:
 
     # -- agents -----------------------------------------------------------------------------
 
-    def processes(self, **env: str) -> list[int]:
-        """Live processes of this sandbox (daemons excluded) with these environment variables."""
+    def processes(self, include_nats: bool = False, **env: str) -> list[int]:
+        """Live processes of this sandbox (daemons excluded) with these environment variables.
+
+        The daemon's embedded nats-server belongs to the daemon, not to the agents: it is left
+        out unless include_nats (the final check, when nothing at all may be left).
+        """
         daemons = {d.pid for d in self.daemons}
-        return [pid for pid in processes_with(**{MARKER: self.id}, **env) if pid not in daemons]
+        return [
+            pid
+            for pid in processes_with(**{MARKER: self.id}, **env)
+            if pid not in daemons and (include_nats or proc_comm(pid) != "nats-server")
+        ]
 
     def agent_pids(self, agent_id: str) -> list[int]:
         """Live processes of this agent (its process and any children)."""
@@ -620,10 +635,10 @@ class Sandbox:
                     problems.append(f"opmasd {daemon.pid} logged an unexpected error: {json.dumps(record)}")
         # Processes need a moment to be seen as gone after their group was killed.
         deadline = time.monotonic() + 3.0
-        left = self.processes()
+        left = self.processes(include_nats=True)
         while left and time.monotonic() < deadline:
             time.sleep(0.05)
-            left = self.processes()
+            left = self.processes(include_nats=True)
         if left:
             described = [f"{pid}: {proc_cmdline(pid)}" for pid in left]
             problems.append("processes left behind after opmasd stopped: " + "; ".join(described))

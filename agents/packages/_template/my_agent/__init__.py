@@ -1,0 +1,1 @@
+"""my-agent: replace with what this agent watches and reports."""

@@ -1,0 +1,1 @@
+"""device-liveness: notices devices that stop sending logs. Detection is in `tracker`."""

