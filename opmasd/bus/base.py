@@ -59,6 +59,10 @@ class AgentBus(Protocol):
     def agent_url(self) -> str:
         """The URL agents connect to (their NATS_URL), credentials excluded."""
 
+    @property
+    def is_connected(self) -> bool:
+        """Whether messages can flow now (False while NATS is down or reconnecting)."""
+
     def set_handlers(self, heartbeat: HeartbeatHandler, metrics: MetricsHandler) -> None:
         """Where valid agent.status / agent.metrics messages go; called on the event loop."""
 

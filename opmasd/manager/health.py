@@ -4,6 +4,10 @@ Heartbeats are the hottest input opmasd has (thousands a second on a big host), 
 is a dictionary update in memory; the last-seen times reach the store in batches, once per
 flush interval, never one write per heartbeat.
 
+A NATS outage silences every agent at once; that says nothing about them, so while the bus is
+down nobody is judged, and after it is back every agent gets a full heartbeat_timeout to be
+heard again before it is marked inactive (and, with restart_on_inactive, restarted).
+
 An agent is watched for a lost heartbeat only once it has sent one since its process started:
 an agent that speaks the NATS contract has proved it, while a plain program that never will
 (a shell loop, a binary from elsewhere) is not marked inactive for staying silent.
@@ -12,7 +16,7 @@ an agent that speaks the NATS contract has proved it, while a plain program that
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime
+from datetime import datetime, timedelta
 
 import structlog
 
@@ -36,6 +40,9 @@ class HealthMonitor:
         self.settings = settings
         self._unflushed: dict[str, datetime] = {}
         self._metrics: dict[str, MetricsReport] = {}
+        # While the bus is down: None. After it is back: no judging before this time.
+        self._bus_was_down = False
+        self._grace_until: datetime | None = None
         self.heartbeats_received = 0
         self.heartbeats_unknown = 0
         self.flushes = 0
@@ -66,10 +73,23 @@ class HealthMonitor:
     def reported_metrics(self, agent_id: str) -> MetricsReport | None:
         return self._metrics.get(agent_id)
 
-    def lost(self, now: datetime | None = None) -> list[AgentRecord]:
+    def lost(self, bus_connected: bool = True, now: datetime | None = None) -> list[AgentRecord]:
         """Move running agents whose heartbeat stopped to inactive; returns them."""
         now = now or utcnow()
         timeout = self.settings.heartbeat_timeout
+        if not bus_connected:
+            if not self._bus_was_down:
+                log.warning("NATS is down: heartbeat loss is not judged until it is back")
+            self._bus_was_down = True
+            return []
+        if self._bus_was_down:
+            self._bus_was_down = False
+            self._grace_until = now + timedelta(seconds=timeout)
+            log.info("NATS is back: agents have one heartbeat timeout to be heard", timeout=timeout)
+        if self._grace_until is not None:
+            if now < self._grace_until:
+                return []
+            self._grace_until = None
         gone: list[AgentRecord] = []
         for rec in list(self._registry.live()):
             if rec.state is not AgentState.RUNNING or rec.pid is None:

@@ -168,7 +168,8 @@ class AgentManager:
         self.health.flush()
 
     async def _check_heartbeats(self) -> None:
-        for rec in self.health.lost():
+        connected = self._bus.is_connected if self._bus is not None else False
+        for rec in self.health.lost(bus_connected=connected):
             if rec.spec.restart_on_inactive:
                 self._tasks.spawn(self._restart_inactive(rec.agent_id), f"restart-inactive:{rec.agent_id}")
 

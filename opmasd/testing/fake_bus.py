@@ -32,6 +32,10 @@ class FakeBus:
         self.requests: list[tuple[str, str, Mapping[str, Any], float]] = []
 
     @property
+    def is_connected(self) -> bool:
+        return self.connected
+
+    @property
     def agent_url(self) -> str:
         return self._agent_url
 

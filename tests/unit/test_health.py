@@ -132,3 +132,18 @@ async def test_without_a_bus_commands_are_unavailable() -> None:
             await manager.send_command("nagent", "ping", {})
     finally:
         await manager.stop(stop_agents=False)
+
+
+async def test_nats_outage_marks_nobody_inactive_and_gives_grace_after(parts) -> None:  # type: ignore[no-untyped-def]
+    manager, _, runtime, bus = parts
+    await manager.create_agent({**SLEEP, "restart_on_inactive": True}, start=True)
+    pid = manager.get_agent("nagent").pid
+    bus.heartbeat("nagent")
+    bus.connected = False
+    await asyncio.sleep(0.5)  # well past heartbeat_timeout (0.2 s)
+    assert manager.get_agent("nagent").state is AgentState.RUNNING
+    bus.connected = True
+    await asyncio.sleep(0.1)  # within the grace period after the bus is back
+    assert manager.get_agent("nagent").state is AgentState.RUNNING
+    assert runtime.terminations == [] and manager.get_agent("nagent").pid == pid
+    await wait_state(manager, "nagent", AgentState.INACTIVE)  # still silent after the grace
