@@ -18,6 +18,7 @@ from opmas.v1 import agents_pb2 as pb
 from opmas.v1 import agents_pb2_grpc
 from opmasd.api import convert
 from opmasd.api.errors import to_grpc_status
+from opmasd.api.wire_cache import AgentWireCache
 from opmasd.manager.errors import InvalidArgument, OpmasError
 from opmasd.manager.manager import AgentFilter, AgentManager, OperationResult
 from opmasd.manager.validation import check_agent_id
@@ -27,7 +28,7 @@ log = structlog.get_logger(__name__)
 
 Req = TypeVar("Req")
 Resp = TypeVar("Resp")
-DEFAULT_PAGE_SIZE = 500
+DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 1000
 
 
@@ -109,6 +110,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     def __init__(self, manager: AgentManager, stopping: asyncio.Event) -> None:
         self._manager = manager
         self._stopping = stopping
+        self._wire_cache = AgentWireCache()
 
     @unary
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Any) -> pb.ListAgentsResponse:
@@ -124,9 +126,9 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
             records = [rec for rec in records if rec.agent_id > after]
         page = records[:page_size]
         token = convert.encode_page_token(page[-1].agent_id) if len(records) > page_size else ""
-        return pb.ListAgentsResponse(
-            agents=[convert.agent_to_pb(rec) for rec in page], next_page_token=token, total_size=total
-        )
+        if len(self._wire_cache) > 2 * total + 100:
+            self._wire_cache.forget_missing({rec.agent_id for rec in self._manager.list_agents()})
+        return self._wire_cache.list_response(page, token, total)
 
     @unary
     async def CreateAgent(self, request: pb.CreateAgentRequest, context: Any) -> pb.Agent:

@@ -1,0 +1,61 @@
+"""The cached ListAgents encoding equals the message built field by field, uptime included."""
+
+from __future__ import annotations
+
+from dataclasses import replace
+from datetime import timedelta
+
+from opmasd.api import convert
+from opmasd.api.wire_cache import AgentWireCache
+from opmasd.manager.model import AgentRecord, AgentSpec, AgentState, ExitInfo, utcnow
+
+
+def record(agent_id: str, running: bool = True) -> AgentRecord:
+    now = utcnow()
+    return AgentRecord(
+        agent_id=agent_id,
+        spec=AgentSpec(name=agent_id, command=("sleep", "1000"), environment=(("A", "1"),)),
+        state=AgentState.RUNNING if running else AgentState.STOPPED,
+        pid=4242 if running else None,
+        pid_start_time=1.0 if running else None,
+        started_at=now - timedelta(seconds=90.5) if running else None,
+        last_exit=ExitInfo(3, None),
+    )
+
+
+def test_cached_list_equals_direct_conversion() -> None:
+    cache = AgentWireCache()
+    records = [record("a"), record("b", running=False), record("c" * 60)]
+    listed = cache.list_response(records, "tok", 7)
+    assert listed.next_page_token == "tok" and listed.total_size == 7
+    for got, rec in zip(listed.agents, records, strict=True):
+        want = convert.agent_to_pb(rec)
+        # Uptime is taken at each call: compare it apart, to the second.
+        assert abs(got.status.uptime.seconds - want.status.uptime.seconds) <= 1
+        got.status.ClearField("uptime")
+        want.status.ClearField("uptime")
+        assert got == want
+    assert listed.agents[0].status.uptime.seconds == 0  # cleared above; the real one was 90
+    assert not listed.agents[1].status.HasField("uptime")
+
+
+def test_a_changed_record_is_encoded_anew() -> None:
+    cache = AgentWireCache()
+    rec = record("a")
+    cache.list_response([rec], "", 1)
+    changed = replace(rec, state=AgentState.INACTIVE, updated_at=utcnow() + timedelta(seconds=1))
+    assert cache.list_response([changed], "", 1).agents[0].status.state == convert.state_to_pb(
+        AgentState.INACTIVE
+    )
+    beat = replace(changed, last_heartbeat=utcnow())
+    assert cache.list_response([beat], "", 1).agents[0].status.HasField("last_heartbeat_time")
+
+
+def test_uptime_is_current_at_each_call() -> None:
+    cache = AgentWireCache()
+    rec = record("a")
+    first = cache.list_response([rec], "", 1).agents[0].status.uptime.seconds
+    assert 89 <= first <= 91
+    older = replace(rec, started_at=rec.started_at - timedelta(seconds=100))  # type: ignore[operator]
+    older.updated_at = rec.updated_at  # same cache key: only uptime differs
+    assert cache.list_response([older], "", 1).agents[0].status.uptime.seconds >= 189
