@@ -58,7 +58,7 @@ class AgentWireCache:
         self, records: Iterable[AgentRecord], next_page_token: str, total_size: int
     ) -> pb.ListAgentsResponse:
         now = utcnow()
-        parts = []
+        parts: list[bytes] = []
         for rec in records:
             data = self.agent_bytes(rec, now)
             parts += (_AGENTS_TAG, _varint(len(data)), data)
