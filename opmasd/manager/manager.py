@@ -149,7 +149,7 @@ class AgentManager:
         await self._supervisor.shutdown(stop_agents)
         await self._tasks.close()
         self.health.flush()
-        self._registry.flush_pending()
+        self._registry.flush()
         self.hub.close()
 
     async def _every(self, interval: float, job: Any) -> None:
@@ -161,7 +161,7 @@ class AgentManager:
                 log.exception("periodic job failed", job=getattr(job, "__name__", str(job)))
 
     async def _monitor(self) -> None:
-        self._registry.flush_pending()
+        self._registry.flush()
         await self._runtime.maintain()
 
     async def _flush(self) -> None:
@@ -256,19 +256,25 @@ class AgentManager:
     async def start_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
-            return await self._supervisor.start(rec, "started by operator")
+            result = await self._supervisor.start(rec, "started by operator")
+        await self._registry.durable()
+        return result
 
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
         if timeout is not None and timeout < 0:
             raise InvalidArgument.single("timeout", f"must not be negative, got {timeout:g}s")
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
-            return await self._supervisor.stop(rec, "stopped by operator", timeout)
+            result = await self._supervisor.stop(rec, "stopped by operator", timeout)
+        await self._registry.durable()
+        return result
 
     async def restart_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
-            return await self._supervisor.restart(rec, "restarted by operator")
+            result = await self._supervisor.restart(rec, "restarted by operator")
+        await self._registry.durable()
+        return result
 
     async def send_command(
         self, agent_id: str, command: str, params: Mapping[str, Any], timeout: float | None = None
@@ -351,7 +357,8 @@ class AgentManager:
             log.info("agent registered", agent_id=agent_id, source=source.value)
             if start:
                 await self._supervisor.start(rec, "started at registration")
-            return rec
+        await self._registry.durable()
+        return rec
 
     async def update_agent(self, agent_id: str, fields: Mapping[str, Any]) -> AgentRecord:
         if not fields:
@@ -363,7 +370,8 @@ class AgentManager:
             rec.spec = spec
             self._registry.save(rec)
             log.info("agent updated", agent_id=agent_id, fields=sorted(fields))
-            return rec
+        await self._registry.durable()
+        return rec
 
     async def delete_agent(self, agent_id: str) -> tuple[AgentRecord, bool]:
         """Stop and remove the agent; (record, False) when it was already deleted."""
@@ -381,7 +389,8 @@ class AgentManager:
             self._registry.save(rec)
             self.health.forget(agent_id)
             log.info("agent deleted", agent_id=agent_id)
-            return rec, True
+        await self._registry.durable()
+        return rec, True
 
     async def discover(self) -> DiscoveryReport:
         """Scan the agents directories; register new packages, refresh changed manifests."""
@@ -423,7 +432,8 @@ class AgentManager:
                         log.info("agent manifest changed; applies at next start", agent_id=agent_id)
                     report.agents.append(DiscoveredAgent(agent_id, manifest.spec.name, path, False))
             self.last_discovery = report
-            return report
+        await self._registry.durable()
+        return report
 
     async def _start_quietly(self, rec: AgentRecord, reason: str) -> None:
         try:

@@ -26,6 +26,7 @@ import structlog
 from opmasd.manager.model import ExitInfo, ProcessHandle, ResourceLimits
 from opmasd.runtime.base import ExitHandler, LaunchError, LaunchRequest, ProcessUsage
 from opmasd.runtime.logfiles import AgentLogs
+from opmasd.runtime.proctable import ProcessTable
 
 log = structlog.get_logger(__name__)
 
@@ -61,6 +62,7 @@ class ProcessRuntime:
         self._watched: dict[str, _Watched] = {}
         self._exit_handler: ExitHandler | None = None
         self._closed = False
+        self._processes = ProcessTable()
 
     def set_exit_handler(self, handler: ExitHandler) -> None:
         self._exit_handler = handler
@@ -221,11 +223,11 @@ class ProcessRuntime:
         pid = watched.handle.pid
         # Descendants are found now, while the tree is intact: one that left the group (setsid)
         # is out of killpg's reach, and once its parent dies it is no longer findable as ours.
-        family = _descendants(pid)
+        family = self._processes.descendants(pid)
         log.info("terminating agent process", agent_id=agent_id, pid=pid, timeout=timeout)
         _signal_tree(watched, signal.SIGTERM, family)
         if not await _wait(watched.gone, timeout):
-            family = _merge(family, _descendants(pid))
+            family = _merge(family, self._processes.descendants(pid, fresh=True))
             log.warning(
                 "agent process still alive after SIGTERM; sending SIGKILL", agent_id=agent_id, pid=pid
             )
@@ -330,13 +332,6 @@ def _apply_limits(agent_id: str, pid: int, resources: ResourceLimits) -> None:
         log.warning(
             "cannot set the open-files limit", agent_id=agent_id, pid=pid, limit=limit, error=str(exc)
         )
-
-
-def _descendants(pid: int) -> list[psutil.Process]:
-    try:
-        return psutil.Process(pid).children(recursive=True)
-    except psutil.NoSuchProcess:
-        return []
 
 
 def _merge(first: list[psutil.Process], second: list[psutil.Process]) -> list[psutil.Process]:

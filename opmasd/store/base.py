@@ -7,7 +7,7 @@ operator wanted and what was last observed.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
@@ -27,6 +27,13 @@ class AgentStore(Protocol):
 
     def record_transition(self, record: AgentRecord, transition: Transition) -> None:
         """In one transaction: save the agent's row and append the transition."""
+
+    def write_batch(self, records: Sequence[AgentRecord], transitions: Sequence[Transition]) -> None:
+        """In one transaction: save every record's row, then append the transitions in order.
+
+        The manager queues its writes and hands them over a batch at a time, so a burst (200
+        agents stopped at once) costs one transaction, not 400.
+        """
 
     def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
         """In one transaction: set each agent's last heartbeat time (agents absent are skipped).

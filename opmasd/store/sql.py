@@ -26,7 +26,7 @@ from __future__ import annotations
 import contextlib
 import re
 import threading
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
 from typing import Any, TypeVar
@@ -213,6 +213,23 @@ class SqlStore:
         what = f"record transition of {record.agent_id} to {transition.state.value}"
         self._call(what, work, write=True, idempotent=False)
 
+    def write_batch(self, records: Sequence[AgentRecord], transitions: Sequence[Transition]) -> None:
+        if not records and not transitions:
+            return
+
+        def work() -> None:
+            if records:
+                rows = [agent_to_row(record) for record in records]
+                AgentRow.insert_many(rows).on_conflict(
+                    conflict_target=[AgentRow.agent_id], preserve=self._preserved
+                ).execute()
+            if transitions:
+                TransitionRow.insert_many([transition_to_row(t) for t in transitions]).execute()
+
+        # Not idempotent (transitions are appended): retried only if it never began.
+        what = f"write {len(records)} agents and {len(transitions)} transitions"
+        self._call(what, work, write=True, idempotent=False)
+
     def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
         if not last_seen:
             return
@@ -278,10 +295,13 @@ class SqlStore:
 
     def _upsert(self, record: AgentRecord) -> None:
         row = agent_to_row(record)
-        # An upsert, not REPLACE: SQLite's REPLACE deletes the old row first, which would
-        # cascade to the agent's transitions.
-        preserve = [field for field in AgentRow._meta.sorted_fields if field.name != "agent_id"]
-        AgentRow.insert(**row).on_conflict(conflict_target=[AgentRow.agent_id], preserve=preserve).execute()
+        AgentRow.insert(**row).on_conflict(
+            conflict_target=[AgentRow.agent_id], preserve=self._preserved
+        ).execute()
+
+    # An upsert, not REPLACE: SQLite's REPLACE deletes the old row first, which would cascade to
+    # the agent's transitions.
+    _preserved = [field for field in AgentRow._meta.sorted_fields if field.name != "agent_id"]
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[None]:

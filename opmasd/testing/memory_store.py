@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import copy
 import dataclasses
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from datetime import datetime
 
 from opmasd.manager.model import AgentRecord, Transition
@@ -42,6 +42,13 @@ class MemoryStore:
         # Both or neither: nothing between these lines can fail.
         self._agents[record.agent_id] = copy.deepcopy(record)
         self._transitions.setdefault(record.agent_id, []).append(copy.deepcopy(transition))
+
+    def write_batch(self, records: Sequence[AgentRecord], transitions: Sequence[Transition]) -> None:
+        self._check(f"write {len(records)} agents and {len(transitions)} transitions")
+        for record in records:
+            self._agents[record.agent_id] = copy.deepcopy(record)
+        for transition in transitions:
+            self._transitions.setdefault(transition.agent_id, []).append(copy.deepcopy(transition))
 
     def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
         self._check(f"save heartbeats of {len(last_seen)} agents")

@@ -11,6 +11,7 @@ from opmasd.manager.errors import AlreadyExists, FailedPrecondition, InvalidArgu
 from opmasd.manager.manager import AgentFilter, AgentManager, ManagerSettings
 from opmasd.manager.model import AgentState, DesiredState, RestartPolicy
 from opmasd.manager.restart import RestartSettings
+from opmasd.store.base import StoreError
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
 
@@ -299,5 +300,44 @@ async def test_agents_of_another_node_are_listed_but_not_run() -> None:
         assert runtime.launches == []
         with pytest.raises(FailedPrecondition, match="runs on node 'n2'"):
             await manager.stop_agent("sleeper")
+    finally:
+        await manager.stop(stop_agents=False)
+
+
+async def test_a_burst_of_changes_is_one_store_transaction() -> None:
+    class CountingStore(MemoryStore):
+        batches = 0
+
+        def write_batch(self, records, transitions):  # type: ignore[no-untyped-def]
+            CountingStore.batches += 1
+            super().write_batch(records, transitions)
+
+    store = CountingStore()
+    manager = AgentManager(store, FakeRuntime(), settings())
+    await manager.start(discover=False)
+    try:
+        for i in range(20):
+            await manager.create_agent({**SLEEP, "name": f"a{i}"})
+        before = CountingStore.batches
+        await asyncio.gather(*(manager.start_agent(f"a{i}") for i in range(20)))
+        # 40 transitions (starting, running) for 20 agents: a handful of commits, not 40.
+        assert CountingStore.batches - before <= 3
+        assert all(len(store.transitions(f"a{i}")) == 2 for i in range(20))
+    finally:
+        await manager.stop(stop_agents=False)
+
+
+async def test_store_outage_keeps_supervising_and_catches_up() -> None:
+    store = MemoryStore()
+    manager = AgentManager(store, FakeRuntime(), settings())
+    await manager.start(discover=False)
+    try:
+        await manager.create_agent(SLEEP)
+        store.failure = StoreError("database is down")
+        result = await manager.start_agent("sleeper")  # answered, though not yet stored
+        assert result.record.state is AgentState.RUNNING
+        store.failure = None
+        manager._registry.flush()  # what the monitor loop does every monitoring_interval
+        assert [t.state for t in store.transitions("sleeper")] == [AgentState.RUNNING, AgentState.STARTING]
     finally:
         await manager.stop(stop_agents=False)
