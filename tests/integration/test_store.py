@@ -318,6 +318,22 @@ def test_prune_keeps_the_newest_of_each_agent(store: AgentStore) -> None:
         store.prune_transitions(-1)
 
 
+def test_write_batch_saves_rows_and_appends_transitions_in_order(store: AgentStore) -> None:
+    store.save_agent(minimal_record("a"))
+    changed = minimal_record("a")
+    changed.state = AgentState.RUNNING
+    store.write_batch(
+        [changed, minimal_record("b")], [transition("a", 0), transition("b", 1), transition("a", 2)]
+    )
+    by_id = {rec.agent_id: rec for rec in store.load_agents()}
+    assert set(by_id) == {"a", "b"} and by_id["a"].state is AgentState.RUNNING
+    assert [t.reason for t in store.transitions("a")] == [
+        transition("a", 2).reason,
+        transition("a", 0).reason,
+    ]
+    store.write_batch([], [])  # nothing to do is fine
+
+
 def test_heartbeats_are_saved_in_one_batch(store: AgentStore) -> None:
     store.save_agent(minimal_record("a"))
     store.save_agent(minimal_record("b"))
