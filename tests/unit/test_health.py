@@ -93,6 +93,7 @@ async def test_restart_on_inactive(parts) -> None:  # type: ignore[no-untyped-de
 
     await asyncio.wait_for(restarted(), 2)
     assert ("nagent", 10.0) in runtime.terminations
+    assert manager.get_agent("nagent").restart_count == 1
 
 
 async def test_send_command(parts) -> None:  # type: ignore[no-untyped-def]
