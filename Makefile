@@ -38,5 +38,19 @@ typecheck: install
 proto: install
 	$(BIN)/python scripts/gen_proto.py
 
+# The benchmark (not part of `make test`): supervisor, circus and py-spy go into their own venv,
+# built by the same Python as .venv (the circus client is loaded from it).
+BENCH_VENV := bench/.venv
+BENCH_ARGS ?=
+
+$(BENCH_VENV)/.installed: $(BIN)/python
+	$(BIN)/python -m venv $(BENCH_VENV)
+	$(BENCH_VENV)/bin/python -m pip install -q --upgrade pip
+	$(BENCH_VENV)/bin/python -m pip install -q supervisor circus py-spy
+	@touch $@
+
+bench: install $(BENCH_VENV)/.installed
+	$(BIN)/python bench/run.py $(BENCH_ARGS)
+
 clean:
 	rm -rf $(VENV) build *.egg-info
