@@ -48,8 +48,12 @@ def main(argv: list[str] | None = None) -> None:
     log = structlog.get_logger("opmasd")
     try:
         asyncio.run(Daemon(config, args.config).serve())
-    except (AlreadyRunning, ListenError, StoreError, OSError, ValueError) as exc:
+    except (AlreadyRunning, ListenError, StoreError) as exc:
         log.error("opmasd could not start", error=str(exc))
+        raise SystemExit(1) from None
+    except (OSError, ValueError) as exc:
+        # A directory that cannot be made, a URL that cannot be used, ...: say what, and where.
+        log.error("opmasd could not start", error=str(exc), exc_info=True)
         raise SystemExit(1) from None
     except KeyboardInterrupt:
         pass
