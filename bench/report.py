@@ -36,7 +36,7 @@ def _time_rows(key: str, label: str, p50: tuple | None = None, p99: tuple | None
 def rows_for(data: dict[str, Any]) -> list[Row]:
     keys = list(data["scenarios"])
     rows: list[Row] = []
-    for key in sorted(k for k in keys if k.startswith("1.spawn.")):
+    for key in sorted((k for k in keys if k.startswith("1.spawn.")), key=lambda k: int(k.split("=")[1])):
         n = int(key.split("=")[1])
         target = ("≤ 0.7x supervisord", lambda v, f: v <= 0.7 * f["supervisord"]) if n == 500 else None
         rows += _time_rows(key, f"1 spawn N={n}", p50=target)
