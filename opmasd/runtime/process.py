@@ -236,7 +236,7 @@ class ProcessRuntime:
                 log.error("agent process still alive after SIGKILL", agent_id=agent_id, pid=pid)
         if watched.exit is None:
             raise RuntimeError(f"the process runtime was closed before agent {agent_id} exited")
-        await _kill_stragglers(agent_id, family)
+        await _kill_stragglers(agent_id, family, pid)
 
     # --- observing --------------------------------------------------------------------------
 
@@ -376,6 +376,13 @@ async def _wait(event: asyncio.Event, seconds: float) -> bool:
     return True
 
 
+def _group_of(pid: int) -> int | None:
+    try:
+        return os.getpgid(pid)
+    except ProcessLookupError:
+        return None
+
+
 def _alive(proc: psutil.Process) -> bool:
     try:
         return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
@@ -383,14 +390,16 @@ def _alive(proc: psutil.Process) -> bool:
         return False
 
 
-async def _kill_stragglers(agent_id: str, family: list[psutil.Process]) -> None:
+async def _kill_stragglers(agent_id: str, family: list[psutil.Process], group: int) -> None:
     """SIGKILL descendants that outlived the leader (they left its group), and let them go."""
     survivors = [proc for proc in family if _alive(proc)]
     if not survivors:
         return
-    log.warning(
-        "killing descendants that outlived the agent", agent_id=agent_id, pids=[p.pid for p in survivors]
-    )
+    # Members of the agent's own group were swept with SIGKILL when the leader went and are
+    # merely still exiting: only those that left the group are worth a warning.
+    escaped = [proc.pid for proc in survivors if _group_of(proc.pid) != group]
+    if escaped:
+        log.warning("killing descendants that outlived the agent", agent_id=agent_id, pids=escaped)
     for proc in survivors:
         try:
             proc.kill()
