@@ -1,7 +1,7 @@
-"""Domain errors → gRPC status with google.rpc details, in one place.
+"""Domain errors → status codes with google.rpc details, in one place.
 
-REST derives its HTTP status from the gRPC code (grpc-gateway's table), so this is the only
-mapping to keep right.
+gRPC sends the code; REST derives its HTTP status from it (grpc-gateway's table); the NATS
+manager API names it ("NOT_FOUND") in its error responses. This is the only mapping to keep right.
 """
 
 from __future__ import annotations
@@ -11,6 +11,7 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
+from opmasd.bus.base import BusTimeout, BusUnavailable
 from opmasd.manager import errors
 from opmasd.store.base import StoreError
 
@@ -23,6 +24,8 @@ _CODES: list[tuple[type[Exception], int]] = [
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
     (StoreError, code_pb2.UNAVAILABLE),
+    (BusUnavailable, code_pb2.UNAVAILABLE),
+    (BusTimeout, code_pb2.DEADLINE_EXCEEDED),
 ]
 
 
@@ -32,8 +35,18 @@ def _pack(message: object) -> any_pb2.Any:
     return packed
 
 
+def code_of(exc: Exception) -> int:
+    """The google.rpc code for exc; INTERNAL for anything not a known domain error."""
+    return next((c for cls, c in _CODES if isinstance(exc, cls)), code_pb2.INTERNAL)
+
+
+def code_name(exc: Exception) -> str:
+    """The code's name, e.g. "NOT_FOUND", as the NATS API writes it."""
+    return str(code_pb2.Code.Name(code_of(exc)))
+
+
 def to_status_pb(exc: Exception) -> status_pb2.Status:
-    code = next((c for cls, c in _CODES if isinstance(exc, cls)), code_pb2.INTERNAL)
+    code = code_of(exc)
     message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
     status = status_pb2.Status(code=code, message=message)
     if isinstance(exc, errors.InvalidArgument):

@@ -18,8 +18,9 @@ from typing import Any
 import structlog
 
 import opmasd
+from opmasd.api.errors import code_name
 from opmasd.bus import codec
-from opmasd.bus.base import BusTimeout, BusUnavailable, CommandReply
+from opmasd.bus.base import BusUnavailable, CommandReply
 from opmasd.bus.burst import BurstLog
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.discovery import ServiceDescription, ServiceEndpoint
@@ -28,25 +29,12 @@ from opmasd.bus.subjects import Subjects
 from opmasd.manager import errors
 from opmasd.manager.manager import AgentFilter, AgentManager, OperationResult
 from opmasd.manager.model import AgentRecord, AgentState, utcnow
-from opmasd.store.base import StoreError
 
 log = structlog.get_logger(__name__)
 
 # Manager requests are small; a bigger one is refused before any parsing.
 MAX_REQUEST_BYTES = 64 * 1024
 
-_CODES: list[tuple[type[Exception], str]] = [
-    (errors.NotFound, "NOT_FOUND"),
-    (errors.AlreadyExists, "ALREADY_EXISTS"),
-    (errors.InvalidArgument, "INVALID_ARGUMENT"),
-    (errors.FailedPrecondition, "FAILED_PRECONDITION"),
-    (errors.Unavailable, "UNAVAILABLE"),
-    (errors.DeadlineExceeded, "DEADLINE_EXCEEDED"),
-    (errors.Unimplemented, "UNIMPLEMENTED"),
-    (StoreError, "UNAVAILABLE"),
-    (BusUnavailable, "UNAVAILABLE"),
-    (BusTimeout, "DEADLINE_EXCEEDED"),
-]
 # The agent answered a forwarded command with an error of its own.
 AGENT_ERROR = "AGENT_ERROR"
 
@@ -235,7 +223,7 @@ class NatsManagerApi:
             return codec.encode_response(
                 codec.ERROR, name, agent_id, exc.reply.result, exc.reply.error, code=AGENT_ERROR
             )
-        code = next((c for cls, c in _CODES if isinstance(exc, cls)), "INTERNAL")
+        code = code_name(exc)
         if code == "INTERNAL":
             log.exception("unexpected error in NATS manager request", command=name[:64], agent_id=agent_id)
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
