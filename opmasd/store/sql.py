@@ -24,6 +24,7 @@ for the store's life, which `:memory:` needs anyway.
 from __future__ import annotations
 
 import contextlib
+import functools
 import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -218,13 +219,14 @@ class SqlStore:
             return
 
         def work() -> None:
+            # Plain executemany on statements built once: peewee building a 200-row INSERT
+            # was a third of the CPU of stopping 200 agents at once.
+            cursor = self._db.cursor()  # type: ignore[no-untyped-call]
             if records:
-                rows = [agent_to_row(record) for record in records]
-                AgentRow.insert_many(rows).on_conflict(
-                    conflict_target=[AgentRow.agent_id], preserve=self._preserved
-                ).execute()
+                cursor.executemany(self._agent_upsert, [_params(AgentRow, agent_to_row(r)) for r in records])
             if transitions:
-                TransitionRow.insert_many([transition_to_row(t) for t in transitions]).execute()
+                rows = [_params(TransitionRow, transition_to_row(t)) for t in transitions]
+                cursor.executemany(self._transition_insert, rows)
 
         # Not idempotent (transitions are appended): retried only if it never began.
         what = f"write {len(records)} agents and {len(transitions)} transitions"
@@ -303,6 +305,22 @@ class SqlStore:
     # the agent's transitions.
     _preserved = [field for field in AgentRow._meta.sorted_fields if field.name != "agent_id"]
 
+    @functools.cached_property
+    def _agent_upsert(self) -> str:
+        columns = [field.column_name for field in _insert_fields(AgentRow)]
+        names = ", ".join(f'"{c}"' for c in columns)
+        values = ", ".join([self._db.param] * len(columns))
+        updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in columns if c != "agent_id")
+        upsert = f'ON CONFLICT ("agent_id") DO UPDATE SET {updates}'
+        return f'INSERT INTO "agents" ({names}) VALUES ({values}) {upsert}'
+
+    @functools.cached_property
+    def _transition_insert(self) -> str:
+        columns = [field.column_name for field in _insert_fields(TransitionRow)]
+        names = ", ".join(f'"{c}"' for c in columns)
+        values = ", ".join([self._db.param] * len(columns))
+        return f'INSERT INTO "agent_transitions" ({names}) VALUES ({values})'
+
     @contextlib.contextmanager
     def _connection(self) -> Iterator[None]:
         if self._postgres:
@@ -375,3 +393,13 @@ def _check_same_agent(record: AgentRecord, transition: Transition) -> None:
         raise ValueError(
             f"transition of agent {transition.agent_id!r} recorded with the row of {record.agent_id!r}"
         )
+
+
+def _insert_fields(model: type[peewee.Model]) -> list[peewee.Field]:
+    """The columns an INSERT sets: all but an auto-incremented id."""
+    return [f for f in model._meta.sorted_fields if not isinstance(f, peewee.AutoField)]
+
+
+def _params(model: type[peewee.Model], row: Mapping[str, Any]) -> list[Any]:
+    """A row's values in column order, as the database takes them (the fields' db_value)."""
+    return [field.db_value(row[field.name]) for field in _insert_fields(model)]  # type: ignore[no-untyped-call]
