@@ -6,7 +6,9 @@ flush interval, never one write per heartbeat.
 
 A NATS outage silences every agent at once; that says nothing about them, so while the bus is
 down nobody is judged, and after it is back every agent gets a full heartbeat_timeout to be
-heard again before it is marked inactive (and, with restart_on_inactive, restarted).
+heard again before it is marked inactive (and, with restart_on_inactive, restarted). A daemon
+that has just started is in the same position (it was down, and heard nobody meanwhile): agents
+it re-adopted get the same grace, instead of being judged on heartbeats stored before it died.
 
 An agent is watched for a lost heartbeat only once it has sent one since its process started:
 an agent that speaks the NATS contract has proved it, while a plain program that never will
@@ -40,8 +42,9 @@ class HealthMonitor:
         self.settings = settings
         self._unflushed: dict[str, datetime] = {}
         self._metrics: dict[str, MetricsReport] = {}
-        # While the bus is down: None. After it is back: no judging before this time.
-        self._bus_was_down = False
+        # Down until the first check that finds the bus connected (see the module docstring);
+        # after that, nobody is judged before _grace_until.
+        self._bus_was_down = True
         self._grace_until: datetime | None = None
         self.heartbeats_received = 0
         self.heartbeats_unknown = 0
@@ -85,7 +88,7 @@ class HealthMonitor:
         if self._bus_was_down:
             self._bus_was_down = False
             self._grace_until = now + timedelta(seconds=timeout)
-            log.info("NATS is back: agents have one heartbeat timeout to be heard", timeout=timeout)
+            log.info("NATS connected: agents have one heartbeat timeout to be heard", timeout=timeout)
         if self._grace_until is not None:
             if now < self._grace_until:
                 return []

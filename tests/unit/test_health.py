@@ -153,3 +153,40 @@ async def test_nats_outage_marks_nobody_inactive_and_gives_grace_after(parts) ->
     async with asyncio.timeout(3):
         while not runtime.terminations:
             await asyncio.sleep(0.01)
+
+
+async def test_readopted_agents_get_a_grace_period_after_a_daemon_restart() -> None:
+    """Heartbeats stored before opmasd died are older than the timeout: that is not the agent's fault."""
+    from datetime import timedelta
+
+    from opmasd.manager.model import utcnow
+
+    store = MemoryStore()
+    settings = ManagerSettings(
+        node="n1", health=HealthSettings(heartbeat_timeout=0.3), monitoring_interval=0.05
+    )
+    first = AgentManager(store, FakeRuntime(), settings, bus=FakeBus())
+    await first.start(discover=False)
+    await first.create_agent({**SLEEP, "restart_on_inactive": True}, start=True)
+    handle = first.get_agent("nagent").handle
+    assert handle is not None
+    await first.stop(stop_agents=False)
+    # opmasd was down for a minute; the agent heartbeated meanwhile, nobody listened.
+    rec = next(r for r in store.load_agents() if r.agent_id == "nagent")
+    rec.started_at = utcnow() - timedelta(seconds=120)
+    rec.last_heartbeat = utcnow() - timedelta(seconds=60)
+    store.save_agent(rec)
+
+    runtime, bus = FakeRuntime(first_pid=9000), FakeBus()
+    runtime.alive_elsewhere[handle.pid] = handle.start_time
+    second = AgentManager(store, runtime, settings, bus=bus)
+    await second.start(discover=False)
+    try:
+        await asyncio.sleep(0.15)  # within the grace: not judged on the stale time
+        assert second.get_agent("nagent").state is AgentState.RUNNING
+        bus.heartbeat("nagent")
+        await asyncio.sleep(0.25)
+        assert second.get_agent("nagent").state is AgentState.RUNNING
+        assert runtime.terminations == [] and second.get_agent("nagent").pid == handle.pid
+    finally:
+        await second.stop(stop_agents=False)
