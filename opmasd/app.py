@@ -21,7 +21,7 @@ from opmasd.api.nats_api import NatsManagerApi
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import EmbeddedNatsServer
 from opmasd.bus.subjects import Subjects
-from opmasd.config import Config, load_config
+from opmasd.config import Config, ConfigError, load_config
 from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
 from opmasd.manager.health import HealthSettings
@@ -198,7 +198,7 @@ class Daemon:
         self.notifier.reloading()
         try:
             new = load_config(self._config_path, os.environ)
-        except Exception as exc:
+        except ConfigError as exc:
             log.error("configuration reload failed; keeping the running configuration", error=str(exc))
         else:
             fixed = [
@@ -206,10 +206,20 @@ class Daemon:
                 for name in ("database", "grpc", "rest", "nats", "auth")
                 if getattr(new, name) != getattr(self.config, name)
             ]
+            for key in ("state_dir", "runtime_dir", "log_dir", "node"):
+                if getattr(new.service, key) != getattr(self.config.service, key):
+                    fixed.append(f"service.{key}")
             if fixed:
                 log.warning("configuration sections changed that apply only at restart", sections=fixed)
             configure_logging(new.service.log_level, new.service.log_format)
-            self.config = dataclasses.replace(self.config, service=new.service, agents=new.agents)
+            service = dataclasses.replace(
+                new.service,
+                state_dir=self.config.service.state_dir,
+                runtime_dir=self.config.service.runtime_dir,
+                log_dir=self.config.service.log_dir,
+                node=self.config.service.node,
+            )
+            self.config = dataclasses.replace(self.config, service=service, agents=new.agents)
             if self.manager is not None:
                 self.manager.settings = manager_settings(self.config)
             log.info("configuration reloaded")
@@ -243,9 +253,8 @@ class Daemon:
     async def _heartbeat_systemd(self) -> None:
         """WATCHDOG=1 from the event loop itself (a blocked loop misses it) and a fresh STATUS."""
         interval = self.notifier.watchdog_interval()
-        period = min(interval, self.config.service.monitoring_interval) if interval else None
-        if period is None:
-            period = self.config.service.monitoring_interval
+        monitoring = self.config.service.monitoring_interval
+        period = min(interval, monitoring) if interval else monitoring
         last_status = ""
         while True:
             if interval:

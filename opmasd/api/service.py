@@ -45,9 +45,7 @@ def unary(
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
             return await fn(self, request, context)
-        except Exception as exc:
-            if isinstance(exc, asyncio.CancelledError):
-                raise
+        except Exception as exc:  # CancelledError is not one: a cancelled call stays cancelled
             await _abort(context, fn.__name__, exc)
             raise  # abort_with_status raises; this is never reached
 

@@ -46,13 +46,11 @@ class HealthMonitor:
         # after that, nobody is judged before _grace_until.
         self._bus_was_down = True
         self._grace_until: datetime | None = None
-        self.heartbeats_received = 0
         self.heartbeats_unknown = 0
         self.flushes = 0
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None:
         rec = self._registry.get(heartbeat.agent_id)
-        self.heartbeats_received += 1
         if rec is None:
             self.heartbeats_unknown += 1
             if self.heartbeats_unknown in (1, 100, 10_000) or self.heartbeats_unknown % 100_000 == 0:

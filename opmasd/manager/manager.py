@@ -36,7 +36,6 @@ from opmasd.manager.model import (
     DesiredState,
     ResourceLimits,
     RestartPolicy,
-    Transition,
 )
 from opmasd.manager.registry import AgentRegistry
 from opmasd.manager.restart import RestartSettings
@@ -104,7 +103,7 @@ class AgentManager:
     ) -> None:
         self._store = store
         self._runtime = runtime
-        self.settings = settings
+        self._settings = settings
         self.hub = EventHub()
         self._registry = AgentRegistry(store, self.hub)
         self._tasks = TaskOwner("manager")
@@ -120,6 +119,18 @@ class AgentManager:
         )
         self._discovery_lock = asyncio.Lock()
         self.last_discovery = DiscoveryReport()
+
+    @property
+    def settings(self) -> ManagerSettings:
+        return self._settings
+
+    @settings.setter
+    def settings(self, value: ManagerSettings) -> None:
+        """A reload: restart policy, health and discovery settings apply from the next use; the
+        intervals of the periodic loops, fixed when they started, apply at the next daemon start."""
+        self._settings = value
+        self._supervisor.settings = value.restart
+        self.health.settings = value.health
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -226,10 +237,6 @@ class AgentManager:
         """(agents, of which running), for sd_notify STATUS."""
         agents = list(self._registry.live())
         return len(agents), sum(1 for rec in agents if rec.state is AgentState.RUNNING)
-
-    def transitions(self, agent_id: str, limit: int = 100) -> list[Transition]:
-        self.get_agent(agent_id)
-        return self._store.transitions(agent_id, limit)
 
     def usage(self, agent_id: str) -> ProcessUsage | None:
         self.get_agent(agent_id)

@@ -49,9 +49,6 @@ class AgentRegistry:
     def live(self) -> Iterator[AgentRecord]:
         return (rec for rec in self._records.values() if not rec.deleted)
 
-    def __len__(self) -> int:
-        return sum(1 for _ in self.live())
-
     def save(self, rec: AgentRecord) -> None:
         rec.updated_at = utcnow()
         self._records[rec.agent_id] = rec
@@ -105,7 +102,7 @@ class AgentRegistry:
                     log.error("store write failed; will retry", pending=len(batch), error=str(exc))
                 self._failing = True
             else:
-                self._queue = self._queue[len(batch) :]
+                self._queue = []  # all of it: nothing can queue while this runs
                 if self._failing:
                     log.info("store writes caught up", written=len(batch))
                 self._failing = False
@@ -125,7 +122,3 @@ class AgentRegistry:
         waiter = asyncio.get_running_loop().create_future()
         self._durable_waiters.append(waiter)
         await waiter
-
-    @property
-    def pending_writes(self) -> int:
-        return len(self._queue)

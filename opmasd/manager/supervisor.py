@@ -59,7 +59,8 @@ class Supervisor:
     ) -> None:
         self._registry = registry
         self._runtime = runtime
-        self._settings = settings
+        # Public: a configuration reload (SIGHUP) replaces it.
+        self.settings = settings
         self._tasks = tasks
         self._agent_environment = agent_environment
         self._base_env = agent_base_environment(os.environ)
@@ -228,11 +229,11 @@ class Supervisor:
                     waiter.set_result(None)
             return
         decision = decide(
-            rec.spec.restart_policy, exit_info, rec.consecutive_failures, ran_for, self._settings
+            rec.spec.restart_policy, exit_info, rec.consecutive_failures, ran_for, self.settings
         )
         rec.consecutive_failures = decision.failures
         if not decision.restart:
-            clean = exit_info.success and decision.failures <= self._settings.max_restarts
+            clean = exit_info.success and decision.failures <= self.settings.max_restarts
             self._registry.transition(rec, AgentState.STOPPED if clean else AgentState.ERROR, decision.reason)
             return
         rec.restart_count += 1

@@ -341,3 +341,13 @@ async def test_store_outage_keeps_supervising_and_catches_up() -> None:
         assert [t.state for t in store.transitions("sleeper")] == [AgentState.RUNNING, AgentState.STARTING]
     finally:
         await manager.stop(stop_agents=False)
+
+
+async def test_reloaded_restart_settings_apply_to_the_next_exit(parts) -> None:
+    manager, _, runtime = parts
+    await manager.create_agent(SLEEP, start=True)
+    manager.settings = settings(restart=RestartSettings(max_restarts=0))  # what SIGHUP does
+    runtime.crash("sleeper", exit_code=1)
+    await asyncio.sleep(0.01)
+    assert manager.get_agent("sleeper").state is AgentState.ERROR
+    assert "gave up after 0 restarts" in manager.get_agent("sleeper").state_reason
