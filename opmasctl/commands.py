@@ -118,12 +118,22 @@ def agents_start(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
+def _stop_wait(ctx: Context, agent_id: str) -> float | None:
+    """How long a stop of the agent may take on the server: its stop_timeout (SIGTERM, then the
+    wait, then SIGKILL). The call deadline must outlast it, or a slow agent reads as a failure."""
+    if ctx.timeout is None:
+        return None
+    agent = ctx.stub.GetAgent(agents_pb2.GetAgentRequest(agent_id=agent_id), timeout=ctx.timeout)
+    return agent.spec.stop_timeout.ToNanoseconds() / 1e9
+
+
 def agents_stop(ctx: Context, args: argparse.Namespace) -> int:
     request = agents_pb2.StopAgentRequest(agent_id=args.agent_id)
     if args.stop_timeout is not None:
         request.timeout.CopyFrom(args.stop_timeout)
-    # The server may wait the whole stop timeout before it answers: do not give up before it.
-    extra = args.stop_timeout.ToNanoseconds() / 1e9 if args.stop_timeout is not None else None
+        extra: float | None = args.stop_timeout.ToNanoseconds() / 1e9
+    else:
+        extra = _stop_wait(ctx, args.agent_id)
     response = ctx.stub.StopAgent(request, timeout=ctx.longer(extra))
     agent_id = response.status.agent_id or args.agent_id
     if response.changed:
@@ -136,7 +146,8 @@ def agents_stop(ctx: Context, args: argparse.Namespace) -> int:
 
 def agents_restart(ctx: Context, args: argparse.Namespace) -> int:
     response = ctx.stub.RestartAgent(
-        agents_pb2.RestartAgentRequest(agent_id=args.agent_id), timeout=ctx.timeout
+        agents_pb2.RestartAgentRequest(agent_id=args.agent_id),
+        timeout=ctx.longer(_stop_wait(ctx, args.agent_id)),
     )
     agent_id = response.status.agent_id or args.agent_id
     if response.changed:
