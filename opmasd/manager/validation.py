@@ -87,9 +87,13 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
         else:
             bad("command", f"program {program!r} does not exist or is not executable")
 
-    for key, _value in spec.environment:
+    if any("\0" in arg for arg in spec.command[1:]):
+        bad("command", "arguments must not contain NUL characters")
+    for key, value in spec.environment:
         if not ENV_NAME_PATTERN.match(key):
             bad("environment", f"{key!r} is not a valid environment variable name")
+        elif "\0" in value:
+            bad("environment", f"the value of {key} must not contain NUL characters")
 
     if spec.stop_timeout < 0:
         bad("stop_timeout", f"must not be negative, got {spec.stop_timeout:g}s")

@@ -351,3 +351,13 @@ async def test_reloaded_restart_settings_apply_to_the_next_exit(parts) -> None:
     await asyncio.sleep(0.01)
     assert manager.get_agent("sleeper").state is AgentState.ERROR
     assert "gave up after 0 restarts" in manager.get_agent("sleeper").state_reason
+
+
+async def test_nul_characters_are_refused_before_launch(parts) -> None:
+    manager, _, _ = parts
+    with pytest.raises(InvalidArgument) as arg:
+        await manager.create_agent({"name": "x", "command": ("sleep", "1\0")})
+    assert [v.field for v in arg.value.violations] == ["spec.command"]
+    with pytest.raises(InvalidArgument) as env:
+        await manager.create_agent({**SLEEP, "environment": {"A": "b\0c"}})
+    assert [v.field for v in env.value.violations] == ["spec.environment"]
