@@ -36,7 +36,14 @@ def scan(dirs: Iterable[Path], defaults: AgentSpec | None = None) -> ScanResult:
         if not root.is_dir():
             log.debug("agents directory absent", path=str(root))
             continue
-        for folder in sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p)):
+        try:
+            folders = sorted(p for p in root.iterdir() if p.is_dir() and not _skipped(p))
+        except OSError as exc:
+            error = ManifestError(root, f"cannot read the agents directory: {exc.strerror or exc}")
+            log.warning("agents directory unreadable", path=str(root), error=error.message)
+            result.errors.append(error)
+            continue
+        for folder in folders:
             path = folder / MANIFEST_NAME
             if not path.is_file():
                 continue

@@ -361,3 +361,26 @@ async def test_nul_characters_are_refused_before_launch(parts) -> None:
     with pytest.raises(InvalidArgument) as env:
         await manager.create_agent({**SLEEP, "environment": {"A": "b\0c"}})
     assert [v.field for v in env.value.violations] == ["spec.environment"]
+
+
+def test_an_unreadable_agents_directory_is_reported_not_raised(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    from opmasd.manager.discovery import scan
+
+    blocked, good = tmp_path / "blocked", tmp_path / "good"
+    blocked.mkdir()
+    write_manifest(good / "a", "name: a\nentrypoint: sleep 100\n")
+    real_iterdir = Path.iterdir
+
+    def iterdir(self: Path):  # type: ignore[no-untyped-def]
+        if self == blocked:  # root reads any directory: fake the EACCES an operator would get
+            raise PermissionError(13, "Permission denied")
+        return real_iterdir(self)
+
+    monkeypatch.setattr(Path, "iterdir", iterdir)
+    result = scan([blocked, good])
+    assert [m.agent_id for m in result.manifests] == ["a"]
+    assert [(e.path, e.message) for e in result.errors] == [
+        (blocked, "cannot read the agents directory: Permission denied")
+    ]
