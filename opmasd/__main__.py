@@ -42,8 +42,8 @@ def main(argv: list[str] | None = None) -> None:
 
     from opmasd.api.grpc_server import ListenError
     from opmasd.app import Daemon
+    from opmasd.core.errors import StoreError
     from opmasd.instance_lock import AlreadyRunning
-    from opmasd.store.base import StoreError
 
     log = structlog.get_logger("opmasd")
     try:

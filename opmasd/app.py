@@ -22,16 +22,17 @@ from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import EmbeddedNatsServer
 from opmasd.bus.subjects import Subjects
 from opmasd.config import Config, ConfigError, load_config
+from opmasd.core.model import RestartPolicy
+from opmasd.core.tasks import TaskOwner
+from opmasd.core.urls import redacted
 from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
 from opmasd.manager.health import HealthSettings
-from opmasd.manager.manager import AgentManager, ManagerSettings
-from opmasd.manager.model import RestartPolicy
+from opmasd.manager.operations import AgentManager, ManagerSettings
 from opmasd.manager.restart import RestartSettings
 from opmasd.notify import Notifier
 from opmasd.runtime.process import ProcessRuntime
 from opmasd.store.sql import SqlStore
-from opmasd.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 
@@ -122,7 +123,7 @@ class Daemon:
         log.info(
             "opmasd ready",
             node=config.service.node,
-            database=_redacted(config.database.url),
+            database=redacted(config.database.url),
             agents=len(self.manager.list_agents()),
         )
         self._tasks.spawn(self._heartbeat_systemd(), "sd-notify")
@@ -264,13 +265,3 @@ class Daemon:
                 self.notifier.status(status)
                 last_status = status
             await asyncio.sleep(period)
-
-
-def _redacted(url: str) -> str:
-    """The database URL without its password, for logs."""
-    if "@" not in url or "://" not in url:
-        return url
-    scheme, rest = url.split("://", 1)
-    credentials, host = rest.rsplit("@", 1)
-    user = credentials.split(":", 1)[0]
-    return f"{scheme}://{user}:***@{host}" if ":" in credentials else url

@@ -15,6 +15,8 @@ from typing import Any
 
 import yaml
 
+from opmasd.bus.subjects import is_valid_prefix
+
 __all__ = [
     "load_yaml",
     "parse_address",
@@ -202,12 +204,9 @@ def parse_address(value: object) -> str | None:
     return text
 
 
-_NATS_TOKEN = r"[A-Za-z0-9_-]+"
-
-
 def parse_nats_subject_prefix(value: object) -> str:
     text = parse_str(value)
-    if not re.fullmatch(rf"{_NATS_TOKEN}(\.{_NATS_TOKEN})*", text):
+    if not is_valid_prefix(text):
         raise _reject(
             "NATS subject tokens (letters, digits, '-', '_') separated by dots, with no wildcards", value
         )

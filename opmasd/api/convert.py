@@ -13,21 +13,22 @@ from typing import Any
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from opmas.v1 import agents_pb2 as pb
-from opmasd.manager.errors import FieldViolation, InvalidArgument
-from opmasd.manager.events import AgentEvent
-from opmasd.manager.manager import MetricsReport, ProcessUsage
-from opmasd.manager.model import (
+from opmasd.core.clock import utcnow
+from opmasd.core.errors import FieldViolation, InvalidArgument
+from opmasd.core.messages import MetricsReport
+from opmasd.core.model import (
     AgentRecord,
     AgentSource,
     AgentSpec,
     AgentState,
     DesiredState,
     ExitInfo,
+    ProcessUsage,
     RestartPolicy,
     RuntimeKind,
     Transition,
-    utcnow,
 )
+from opmasd.manager.events import AgentEvent
 
 _STATE_TO_PB = {
     AgentState.STARTING: pb.AGENT_STATE_STARTING,

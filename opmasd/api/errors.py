@@ -11,9 +11,8 @@ from google.protobuf import any_pb2
 from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
-from opmasd.bus.base import BusTimeout, BusUnavailable
-from opmasd.manager import errors
-from opmasd.store.base import StoreError
+from opmasd.core import errors
+from opmasd.core.errors import BusTimeout, BusUnavailable, StoreError
 
 _CODES: list[tuple[type[Exception], int]] = [
     (errors.NotFound, code_pb2.NOT_FOUND),

@@ -19,7 +19,7 @@ from grpc_reflection.v1alpha import reflection
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
 from opmasd.api.service import AgentService
-from opmasd.manager.manager import AgentManager
+from opmasd.manager.operations import AgentManager
 
 log = structlog.get_logger(__name__)
 

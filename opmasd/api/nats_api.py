@@ -20,15 +20,17 @@ import structlog
 import opmasd
 from opmasd.api.errors import code_name
 from opmasd.bus import codec
-from opmasd.bus.base import BusUnavailable, CommandReply
 from opmasd.bus.burst import BurstLog
 from opmasd.bus.connection import NatsBus
-from opmasd.bus.discovery import ServiceDescription, ServiceEndpoint
+from opmasd.bus.micro import ServiceDescription, ServiceEndpoint
 from opmasd.bus.registration import Registration
 from opmasd.bus.subjects import Subjects
-from opmasd.manager import errors
-from opmasd.manager.manager import AgentFilter, AgentManager, OperationResult
-from opmasd.manager.model import AgentRecord, AgentState, utcnow
+from opmasd.core import errors
+from opmasd.core.clock import utcnow
+from opmasd.core.errors import BusUnavailable
+from opmasd.core.messages import CommandReply
+from opmasd.core.model import AgentRecord, AgentState
+from opmasd.manager.operations import AgentFilter, AgentManager, OperationResult
 
 log = structlog.get_logger(__name__)
 

@@ -19,10 +19,9 @@ from opmas.v1 import agents_pb2_grpc
 from opmasd.api import convert
 from opmasd.api.errors import to_grpc_status
 from opmasd.api.wire_cache import AgentWireCache
-from opmasd.manager.errors import InvalidArgument, OpmasError
-from opmasd.manager.manager import AgentFilter, AgentManager, OperationResult
-from opmasd.manager.validation import check_agent_id
-from opmasd.store.base import StoreError
+from opmasd.core.errors import InvalidArgument, OpmasError, StoreError
+from opmasd.core.ids import check_agent_id
+from opmasd.manager.operations import AgentFilter, AgentManager, OperationResult
 
 log = structlog.get_logger(__name__)
 

@@ -18,7 +18,8 @@ from datetime import datetime
 
 from opmas.v1 import agents_pb2 as pb
 from opmasd.api import convert
-from opmasd.manager.model import AgentRecord, utcnow
+from opmasd.core.clock import utcnow
+from opmasd.core.model import AgentRecord
 
 # ListAgentsResponse.agents is field 1, length-delimited: tag byte (1 << 3) | 2.
 _AGENTS_TAG = b"\x0a"

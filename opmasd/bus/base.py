@@ -8,47 +8,9 @@ in-memory implementation for the manager's unit tests.
 from __future__ import annotations
 
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass, field
-from datetime import datetime
 from typing import Any, Protocol
 
-
-@dataclass(frozen=True)
-class Heartbeat:
-    """One message on agent.status: the agent says it is alive (and how it is)."""
-
-    agent_id: str
-    # What the agent reports about itself ("running", "degraded", ...): informational.
-    status: str
-    timestamp: datetime
-    metadata: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class MetricsReport:
-    """One message on agent.metrics."""
-
-    agent_id: str
-    timestamp: datetime
-    metrics: Mapping[str, Any] = field(default_factory=dict)
-
-
-@dataclass(frozen=True)
-class CommandReply:
-    """An agent's answer on agent.{id}.command: status is "success" or "error"."""
-
-    status: str
-    result: Any = None
-    error: str = ""
-
-
-class BusTimeout(Exception):
-    """Nobody answered a request within its timeout."""
-
-
-class BusUnavailable(Exception):
-    """The bus is not connected (server down, reconnecting)."""
-
+from opmasd.core.messages import CommandReply, Heartbeat, MetricsReport
 
 HeartbeatHandler = Callable[[Heartbeat], None]
 MetricsHandler = Callable[[MetricsReport], None]

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from opmasd.bus.base import CommandReply, Heartbeat, MetricsReport
+from opmasd.core.messages import CommandReply, Heartbeat, MetricsReport
 
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_ID_LENGTH = 255

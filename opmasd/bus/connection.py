@@ -25,22 +25,17 @@ from nats.aio.client import Client
 from nats.aio.msg import Msg
 
 from opmasd.bus import codec
-from opmasd.bus.base import (
-    BusTimeout,
-    BusUnavailable,
-    CommandReply,
-    Heartbeat,
-    HeartbeatHandler,
-    MetricsHandler,
-    MetricsReport,
-)
+from opmasd.bus.base import HeartbeatHandler, MetricsHandler
 from opmasd.bus.burst import BurstLog
-from opmasd.bus.discovery import ServiceDescription, ServiceEndpoint, start_service
+from opmasd.bus.micro import ServiceDescription, ServiceEndpoint, start_service
 from opmasd.bus.registration import Registration, Teardown
 from opmasd.bus.serving import RequestHandler, RequestRunner
 from opmasd.bus.subjects import Subjects
-from opmasd.bus.urls import check_url, split_servers, tls_context, uses_tls, without_credentials
-from opmasd.tasks import TaskOwner
+from opmasd.bus.urls import check_url, split_servers, tls_context, uses_tls
+from opmasd.core.errors import BusTimeout, BusUnavailable
+from opmasd.core.messages import CommandReply, Heartbeat, MetricsReport
+from opmasd.core.tasks import TaskOwner
+from opmasd.core.urls import without_credentials
 
 log = structlog.get_logger(__name__)
 

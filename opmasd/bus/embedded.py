@@ -27,7 +27,7 @@ from pathlib import Path
 import psutil
 import structlog
 
-from opmasd.tasks import TaskOwner
+from opmasd.core.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 

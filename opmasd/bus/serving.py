@@ -15,7 +15,7 @@ from collections.abc import Awaitable, Callable
 import structlog
 
 from opmasd.bus.burst import BurstLog
-from opmasd.tasks import TaskOwner
+from opmasd.core.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 

@@ -5,12 +5,15 @@ from __future__ import annotations
 import re
 from dataclasses import dataclass
 
-# One NATS subject token: no separators, wildcards or whitespace (nats-server would split or
-# widen a subject built from anything else).
-_TOKEN = re.compile(r"^[^.*>\s]+$")
-# First tokens after the prefix that name the manager's own subjects: an agent with one of
-# these ids would collide with them (agent "manager" ↔ {p}.manager.command).
-RESERVED_AGENT_IDS = frozenset({"manager", "node"})
+from opmasd.core.ids import is_valid_agent_id
+
+# The prefix: dot-separated tokens of letters, digits, '-' and '_' (no wildcards, no whitespace,
+# which nats-server would read as separators or widen into patterns).
+PREFIX_PATTERN = re.compile(r"^[A-Za-z0-9_-]+(\.[A-Za-z0-9_-]+)*$")
+
+
+def is_valid_prefix(prefix: str) -> bool:
+    return bool(PREFIX_PATTERN.match(prefix))
 
 
 @dataclass(frozen=True)
@@ -18,9 +21,10 @@ class Subjects:
     prefix: str = "agent"
 
     def __post_init__(self) -> None:
-        if not self.prefix or not all(_TOKEN.match(token) for token in self.prefix.split(".")):
+        if not is_valid_prefix(self.prefix):
             raise ValueError(
-                f"subject prefix {self.prefix!r} must be dot-separated tokens without '*', '>' or whitespace"
+                f"subject prefix {self.prefix!r} must be tokens of letters, digits, '-' and '_' "
+                "separated by dots"
             )
 
     @property
@@ -54,11 +58,8 @@ class Subjects:
         return self._agent(agent_id, "response")
 
     def _agent(self, agent_id: str, kind: str) -> str:
-        # Agent ids may hold dots (the manager allows [a-z0-9_.-]); the subject then has more
-        # tokens, which is valid NATS and what an agent subscribing to its own id expects.
-        tokens = agent_id.split(".")
-        if not all(_TOKEN.match(token) for token in tokens):
+        # One token, never a reserved one (core.ids): agent "manager" would collide with
+        # {p}.manager.command, and an id holding a dot would widen into another agent's subject.
+        if not is_valid_agent_id(agent_id):
             raise ValueError(f"agent id {agent_id[:80]!r} cannot be part of a NATS subject")
-        if tokens[0] in RESERVED_AGENT_IDS:
-            raise ValueError(f"agent id {agent_id!r} collides with the manager's subjects")
         return f"{self.prefix}.{agent_id}.{kind}"

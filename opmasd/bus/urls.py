@@ -1,9 +1,9 @@
-"""NATS server URLs: parsing, checking, and the credential-free form agents are given."""
+"""NATS server URLs: splitting a cluster list, checking each, and the TLS context they need."""
 
 from __future__ import annotations
 
 import ssl
-from urllib.parse import urlsplit, urlunsplit
+from urllib.parse import urlsplit
 
 SCHEMES = ("nats", "tls", "ws", "wss")
 
@@ -22,19 +22,6 @@ def check_url(server: str) -> None:
         raise ValueError(f"bad NATS URL {server!r}: {exc}") from None
     if parts.scheme not in SCHEMES or not parts.hostname:
         raise ValueError(f"bad NATS URL {server!r}: want nats://host:port (or tls://, ws://, wss://)")
-
-
-def without_credentials(url: str) -> str:
-    """The URL(s) with any user:password@ removed: what agents are told."""
-    out = []
-    for server in split_servers(url):
-        parts = urlsplit(server if "://" in server else f"nats://{server}")
-        host = parts.hostname or ""
-        netloc = f"[{host}]" if ":" in host else host
-        if parts.port is not None:
-            netloc = f"{netloc}:{parts.port}"
-        out.append(urlunsplit((parts.scheme, netloc, parts.path, "", "")))
-    return ",".join(out)
 
 
 def uses_tls(servers: list[str]) -> bool:

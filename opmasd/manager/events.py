@@ -12,7 +12,7 @@ from dataclasses import dataclass
 
 import structlog
 
-from opmasd.manager.model import AgentRecord, Transition
+from opmasd.core.model import AgentRecord, Transition
 
 log = structlog.get_logger(__name__)
 

@@ -22,10 +22,12 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from opmasd.bus.base import Heartbeat, MetricsReport
-from opmasd.manager.model import AgentRecord, AgentState, utcnow
+from opmasd.core.clock import utcnow
+from opmasd.core.errors import StoreError
+from opmasd.core.messages import Heartbeat, MetricsReport
+from opmasd.core.model import AgentRecord, AgentState
 from opmasd.manager.registry import AgentRegistry
-from opmasd.store.base import AgentStore, StoreError
+from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
 

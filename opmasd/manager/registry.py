@@ -15,9 +15,11 @@ from collections.abc import Iterator
 
 import structlog
 
+from opmasd.core.clock import utcnow
+from opmasd.core.errors import StoreError
+from opmasd.core.model import AgentRecord, AgentState, Transition
 from opmasd.manager.events import AgentEvent, EventHub
-from opmasd.manager.model import AgentRecord, AgentState, Transition, utcnow
-from opmasd.store.base import AgentStore, StoreError
+from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
 

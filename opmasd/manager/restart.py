@@ -7,7 +7,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
-from opmasd.manager.model import ExitInfo, RestartPolicy
+from opmasd.core.model import ExitInfo, RestartPolicy
 
 
 @dataclass(frozen=True)

@@ -16,19 +16,13 @@ from datetime import timedelta
 
 import structlog
 
-from opmasd.manager.errors import FailedPrecondition
-from opmasd.manager.model import (
-    AgentRecord,
-    AgentState,
-    DesiredState,
-    ExitInfo,
-    ProcessHandle,
-    utcnow,
-)
+from opmasd.core.clock import utcnow
+from opmasd.core.errors import FailedPrecondition, LaunchError
+from opmasd.core.model import AgentRecord, AgentState, DesiredState, ExitInfo, ProcessHandle
+from opmasd.core.tasks import TaskOwner
 from opmasd.manager.registry import AgentRegistry
 from opmasd.manager.restart import RestartSettings, decide
-from opmasd.runtime.base import LaunchError, LaunchRequest, Runtime
-from opmasd.tasks import TaskOwner
+from opmasd.runtime.base import LaunchRequest, Runtime
 
 log = structlog.get_logger(__name__)
 

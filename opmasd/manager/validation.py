@@ -1,4 +1,4 @@
-"""Checks an agent id and spec before the manager accepts them.
+"""Checks an agent spec before the manager accepts it (the id grammar is core.ids).
 
 Every problem is reported as a FieldViolation naming the field, all of them at once, so an
 operator fixes a manifest or a request in one go.
@@ -11,35 +11,11 @@ import re
 import shutil
 from pathlib import Path
 
-from opmasd.manager.errors import FieldViolation, InvalidArgument
-from opmasd.manager.model import AgentSpec
+from opmasd.core.errors import FieldViolation, InvalidArgument
+from opmasd.core.model import AgentSpec
 
-# No dots: an id is one token of NATS subjects such as agent.{id}.command.
-AGENT_ID_PATTERN = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
-# Ids that would collide with the manager's own subjects (agent.manager.command, agent.status, …).
-RESERVED_AGENT_IDS = frozenset({"manager", "status", "metrics", "node", "events"})
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LENGTH = 128
-
-
-def check_agent_id(agent_id: str, field: str = "agent_id") -> None:
-    """Raise InvalidArgument unless agent_id is 1-63 of [a-z0-9_-], starting alphanumeric."""
-    if not agent_id:
-        raise InvalidArgument.single(field, "must not be empty")
-    if not AGENT_ID_PATTERN.match(agent_id):
-        raise InvalidArgument.single(
-            field,
-            f"{agent_id[:80]!r} is not a valid agent id: use 1-63 characters of a-z, 0-9, '-', '_', "
-            "starting with a letter or digit",
-        )
-    if agent_id in RESERVED_AGENT_IDS:
-        raise InvalidArgument.single(field, f"{agent_id!r} is reserved for opmasd's own NATS subjects")
-
-
-def agent_id_from_name(name: str) -> str:
-    """The id an agent gets when none is given: its name, lower-cased, other characters as '-'."""
-    slug = re.sub(r"[^a-z0-9_-]+", "-", name.strip().lower()).strip("-_")
-    return slug[:63]
 
 
 def resolve_program(spec: AgentSpec) -> str | None:

@@ -11,11 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
-from opmasd.manager.model import ExitInfo, ProcessHandle, ResourceLimits
-
-
-class LaunchError(Exception):
-    """The agent's program could not be started; the message says why."""
+from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
 
 
 @dataclass(frozen=True)
@@ -26,14 +22,6 @@ class LaunchRequest:
     # The complete environment of the agent process (the manager builds it).
     environment: Mapping[str, str] = field(default_factory=dict)
     resources: ResourceLimits = ResourceLimits()
-
-
-@dataclass(frozen=True)
-class ProcessUsage:
-    cpu_percent: float
-    rss_bytes: int
-    num_threads: int
-    open_fds: int
 
 
 # Called once per process exit, on the event loop: (agent_id, the process that ended, how).

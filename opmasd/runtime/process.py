@@ -23,8 +23,9 @@ from pathlib import Path
 import psutil
 import structlog
 
-from opmasd.manager.model import ExitInfo, ProcessHandle, ResourceLimits
-from opmasd.runtime.base import ExitHandler, LaunchError, LaunchRequest, ProcessUsage
+from opmasd.core.errors import LaunchError
+from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
+from opmasd.runtime.base import ExitHandler, LaunchRequest
 from opmasd.runtime.logfiles import AgentLogs
 from opmasd.runtime.proctable import ProcessTable
 

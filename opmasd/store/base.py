@@ -11,11 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
-from opmasd.manager.model import AgentRecord, Transition
-
-
-class StoreError(Exception):
-    """The store could not complete an operation (connection lost, disk full, ...)."""
+from opmasd.core.model import AgentRecord, Transition
 
 
 class AgentStore(Protocol):

@@ -19,7 +19,7 @@ from dataclasses import dataclass
 import peewee
 import structlog
 
-from opmasd.store.base import StoreError
+from opmasd.core.errors import StoreError
 from opmasd.store.models import SchemaVersion
 
 log = structlog.get_logger(__name__)

@@ -18,7 +18,7 @@ from typing import Any
 
 import peewee
 
-from opmasd.manager.model import (
+from opmasd.core.model import (
     AgentRecord,
     AgentSource,
     AgentSpec,

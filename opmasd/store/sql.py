@@ -37,9 +37,10 @@ import peewee
 import structlog
 from playhouse.pool import PooledPostgresqlDatabase
 
-from opmasd.manager.model import AgentRecord, Transition
+from opmasd.core.errors import StoreError
+from opmasd.core.model import AgentRecord, Transition
+from opmasd.core.urls import redacted
 from opmasd.store import migrations
-from opmasd.store.base import StoreError
 from opmasd.store.models import (
     AgentRow,
     TransitionRow,
@@ -62,15 +63,6 @@ _POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgresql
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The lock every call holds; see the module docstring.
 _CALL_LOCK = threading.RLock()
-
-
-def redact(url: str) -> str:
-    """The URL without its password, for messages and logs."""
-    parts = urlsplit(url)
-    if parts.password is None:
-        return url
-    netloc = parts.netloc.replace(f":{parts.password}@", ":***@", 1)
-    return parts._replace(netloc=netloc).geturl()
 
 
 def _sqlite_database(url: str) -> peewee.SqliteDatabase:
@@ -114,7 +106,7 @@ def _postgres_database(url: str, pool_size: int) -> peewee.PostgresqlDatabase:
     parts = urlsplit(url)
     dbname = unquote(parts.path.lstrip("/"))
     if not dbname:
-        raise ValueError(f"bad PostgreSQL URL {redact(url)!r}: no database name")
+        raise ValueError(f"bad PostgreSQL URL {redacted(url)!r}: no database name")
     params: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
     schema = params.pop("schema", None)
     if schema is not None:
@@ -130,7 +122,7 @@ def _postgres_database(url: str, pool_size: int) -> peewee.PostgresqlDatabase:
     try:
         port = parts.port
     except ValueError as exc:
-        raise ValueError(f"bad port in PostgreSQL URL {redact(url)!r}") from exc
+        raise ValueError(f"bad port in PostgreSQL URL {redacted(url)!r}") from exc
     if port is not None:
         params["port"] = port
     # libpq waits forever for an unreachable host by default; a daemon should report it.
@@ -158,7 +150,7 @@ def database_from_url(url: str, *, pool_size: int = 5) -> peewee.Database:
     if scheme in _POSTGRES_SCHEMES:
         return _postgres_database(url, pool_size)
     raise ValueError(
-        f"unsupported database URL scheme {scheme or '(none)'!r} in {redact(url)!r}: accepted are "
+        f"unsupported database URL scheme {scheme or '(none)'!r} in {redacted(url)!r}: accepted are "
         + ACCEPTED_URLS
     )
 
@@ -168,7 +160,7 @@ class SqlStore:
 
     def __init__(self, database: peewee.Database, url: str) -> None:
         self._db = database
-        self._url = redact(url)
+        self._url = redacted(url)
         self._postgres = isinstance(database, peewee.PostgresqlDatabase)
         self._closed = False
         self.schema_version = 0

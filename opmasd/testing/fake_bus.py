@@ -7,16 +7,10 @@ from collections.abc import Callable, Mapping
 from datetime import datetime
 from typing import Any
 
-from opmasd.bus.base import (
-    BusTimeout,
-    BusUnavailable,
-    CommandReply,
-    Heartbeat,
-    HeartbeatHandler,
-    MetricsHandler,
-    MetricsReport,
-)
-from opmasd.manager.model import utcnow
+from opmasd.bus.base import HeartbeatHandler, MetricsHandler
+from opmasd.core.clock import utcnow
+from opmasd.core.errors import BusTimeout, BusUnavailable
+from opmasd.core.messages import CommandReply, Heartbeat, MetricsReport
 
 Responder = Callable[[str, Mapping[str, Any]], CommandReply]
 

@@ -11,8 +11,9 @@ import itertools
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from opmasd.manager.model import ExitInfo, ProcessHandle
-from opmasd.runtime.base import ExitHandler, LaunchError, LaunchRequest, ProcessUsage
+from opmasd.core.errors import LaunchError
+from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage
+from opmasd.runtime.base import ExitHandler, LaunchRequest
 
 
 @dataclass

@@ -12,8 +12,8 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from opmasd.manager.model import AgentRecord, Transition
-from opmasd.store.base import StoreError
+from opmasd.core.errors import StoreError
+from opmasd.core.model import AgentRecord, Transition
 
 
 class MemoryStore:

@@ -26,7 +26,7 @@ import pytest
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from opmasd.manager.manifest import load_manifest
+from opmasd.manager.packages.manifest import load_manifest
 
 ROOT = Path(__file__).resolve().parents[2]
 PACKAGES = ROOT / "agents" / "packages"

@@ -18,12 +18,13 @@ from nats.aio.msg import Msg
 from structlog.testing import capture_logs
 
 from opmasd.bus import codec
-from opmasd.bus.base import BusTimeout, BusUnavailable, Heartbeat, MetricsReport
 from opmasd.bus.connection import NatsBus
-from opmasd.bus.discovery import ServiceDescription, ServiceEndpoint
 from opmasd.bus.embedded import EmbeddedNatsServer
+from opmasd.bus.micro import ServiceDescription, ServiceEndpoint
 from opmasd.bus.registration import server_has_seen
 from opmasd.bus.subjects import Subjects
+from opmasd.core.errors import BusTimeout, BusUnavailable
+from opmasd.core.messages import Heartbeat, MetricsReport
 
 MACHINE_NATS = "nats://127.0.0.1:4222"
 

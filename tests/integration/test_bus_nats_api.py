@@ -22,8 +22,8 @@ from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import EmbeddedNatsServer
 from opmasd.bus.registration import server_has_seen
 from opmasd.bus.subjects import Subjects
-from opmasd.manager.manager import AgentManager, ManagerSettings
-from opmasd.manager.model import AgentRecord, AgentSpec
+from opmasd.core.model import AgentRecord, AgentSpec
+from opmasd.manager.operations import AgentManager, ManagerSettings
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import nats
 import pytest
 
-from opmasd.bus.base import Heartbeat
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import find_binary
 from opmasd.bus.subjects import Subjects
+from opmasd.core.messages import Heartbeat
 
 
 def free_port() -> int:

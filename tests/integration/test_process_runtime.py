@@ -17,8 +17,9 @@ from pathlib import Path
 import psutil
 import pytest
 
-from opmasd.manager.model import ExitInfo, ProcessHandle, ResourceLimits
-from opmasd.runtime.base import LaunchError, LaunchRequest
+from opmasd.core.errors import LaunchError
+from opmasd.core.model import ExitInfo, ProcessHandle, ResourceLimits
+from opmasd.runtime.base import LaunchRequest
 from opmasd.runtime.process import ProcessRuntime
 
 REPO = Path(__file__).resolve().parents[2]

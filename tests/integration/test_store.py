@@ -23,7 +23,8 @@ import peewee
 import psycopg2  # type: ignore[import-untyped]
 import pytest
 
-from opmasd.manager.model import (
+from opmasd.core.errors import StoreError
+from opmasd.core.model import (
     AgentRecord,
     AgentSource,
     AgentSpec,
@@ -36,7 +37,7 @@ from opmasd.manager.model import (
     Transition,
 )
 from opmasd.store import models
-from opmasd.store.base import AgentStore, StoreError
+from opmasd.store.base import AgentStore
 from opmasd.store.migrations import LATEST_VERSION
 from opmasd.store.models import AgentRow, SchemaVersion, TransitionRow
 from opmasd.store.sql import SqlStore, database_from_url

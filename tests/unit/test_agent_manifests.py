@@ -5,9 +5,9 @@ from __future__ import annotations
 import sys
 from pathlib import Path
 
-from opmasd.manager.discovery import scan
-from opmasd.manager.manifest import load_manifest
-from opmasd.manager.model import RestartPolicy
+from opmasd.core.model import RestartPolicy
+from opmasd.manager.packages.manifest import load_manifest
+from opmasd.manager.packages.scan import scan
 
 PACKAGES = Path(__file__).resolve().parents[2] / "agents" / "packages"
 

@@ -9,11 +9,11 @@ import pytest
 from structlog.testing import capture_logs
 
 from opmasd.bus import codec
-from opmasd.bus.base import Heartbeat, MetricsReport
 from opmasd.bus.burst import BurstLog
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.subjects import Subjects
-from opmasd.bus.urls import without_credentials
+from opmasd.core.messages import Heartbeat, MetricsReport
+from opmasd.core.urls import without_credentials
 
 
 def j(obj: object) -> bytes:
@@ -144,8 +144,9 @@ def test_subjects_follow_the_prefix_and_refuse_unsafe_ids() -> None:
         "agent.a1.query",
         "agent.a1.response",
     )
-    assert Subjects("site1.opmas").agent_command("x.y") == "site1.opmas.x.y.command"
-    for bad_id in ("", "a*", "a>b", "a b", "a..b", "manager", "node.n1"):
+    assert Subjects("site1.opmas").agent_command("x-y") == "site1.opmas.x-y.command"
+    # The agent-id grammar (core.ids) holds here too: no dots, no reserved first token.
+    for bad_id in ("", "a*", "a>b", "a b", "a..b", "x.y", "manager", "status", "node.n1", "A1"):
         with pytest.raises(ValueError):
             s.agent_command(bad_id)
     for bad_prefix in ("", "a.", "a b", "*", "x.>"):

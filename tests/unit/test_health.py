@@ -7,11 +7,11 @@ from collections.abc import AsyncIterator
 
 import pytest
 
-from opmasd.bus.base import CommandReply
-from opmasd.manager.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from opmasd.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
+from opmasd.core.messages import CommandReply
+from opmasd.core.model import AgentState
 from opmasd.manager.health import HealthSettings
-from opmasd.manager.manager import AgentManager, ManagerSettings
-from opmasd.manager.model import AgentState
+from opmasd.manager.operations import AgentManager, ManagerSettings
 from opmasd.manager.restart import RestartSettings
 from opmasd.testing.fake_bus import FakeBus
 from opmasd.testing.fake_runtime import FakeRuntime
@@ -159,7 +159,7 @@ async def test_readopted_agents_get_a_grace_period_after_a_daemon_restart() -> N
     """Heartbeats stored before opmasd died are older than the timeout: that is not the agent's fault."""
     from datetime import timedelta
 
-    from opmasd.manager.model import utcnow
+    from opmasd.core.clock import utcnow
 
     store = MemoryStore()
     settings = ManagerSettings(

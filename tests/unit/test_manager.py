@@ -7,11 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from opmasd.manager.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound
-from opmasd.manager.manager import AgentFilter, AgentManager, ManagerSettings
-from opmasd.manager.model import AgentState, DesiredState, RestartPolicy
+from opmasd.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, StoreError
+from opmasd.core.model import AgentState, DesiredState, RestartPolicy
+from opmasd.manager.operations import AgentFilter, AgentManager, ManagerSettings
 from opmasd.manager.restart import RestartSettings
-from opmasd.store.base import StoreError
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
 
@@ -366,7 +365,7 @@ async def test_nul_characters_are_refused_before_launch(parts) -> None:
 def test_an_unreadable_agents_directory_is_reported_not_raised(
     tmp_path: Path, monkeypatch: pytest.MonkeyPatch
 ) -> None:
-    from opmasd.manager.discovery import scan
+    from opmasd.manager.packages.scan import scan
 
     blocked, good = tmp_path / "blocked", tmp_path / "good"
     blocked.mkdir()

@@ -8,8 +8,9 @@ from datetime import UTC, datetime
 
 import pytest
 
-from opmasd.manager.model import AgentRecord, AgentSpec, AgentState, ExitInfo, Transition
-from opmasd.store.base import AgentStore, StoreError
+from opmasd.core.errors import StoreError
+from opmasd.core.model import AgentRecord, AgentSpec, AgentState, ExitInfo, Transition
+from opmasd.store.base import AgentStore
 from opmasd.testing.memory_store import MemoryStore
 
 

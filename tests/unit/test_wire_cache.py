@@ -7,7 +7,8 @@ from datetime import timedelta
 
 from opmasd.api import convert
 from opmasd.api.wire_cache import AgentWireCache
-from opmasd.manager.model import AgentRecord, AgentSpec, AgentState, ExitInfo, utcnow
+from opmasd.core.clock import utcnow
+from opmasd.core.model import AgentRecord, AgentSpec, AgentState, ExitInfo
 
 
 def record(agent_id: str, running: bool = True) -> AgentRecord:

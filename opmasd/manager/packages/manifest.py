@@ -31,9 +31,10 @@ from typing import Any
 import yaml
 
 from opmasd.config_types import parse_duration, parse_size
-from opmasd.manager.errors import InvalidArgument
-from opmasd.manager.model import AgentSpec, ResourceLimits, RestartPolicy, RuntimeKind
-from opmasd.manager.validation import agent_id_from_name, check_agent_id, spec_violations
+from opmasd.core.errors import InvalidArgument
+from opmasd.core.ids import agent_id_from_name, check_agent_id
+from opmasd.core.model import AgentSpec, ResourceLimits, RestartPolicy, RuntimeKind
+from opmasd.manager.validation import spec_violations
 
 MANIFEST_NAME = "agent.yaml"
 KNOWN_KEYS = {
@@ -55,7 +56,7 @@ KNOWN_KEYS = {
 }
 RESOURCE_KEYS = {"memory_max", "cpu_quota", "tasks_max", "open_files_max"}
 # Where the agent SDK lives in a checkout and in an install, for module entrypoints.
-SDK_DIRS = (Path(__file__).resolve().parents[2] / "agents", Path("/usr/lib/opmas"))
+SDK_DIRS = (Path(__file__).resolve().parents[3] / "agents", Path("/usr/lib/opmas"))
 
 
 class ManifestError(Exception):

@@ -1,4 +1,6 @@
-"""The manager's domain types: plain values, free of gRPC, NATS and database types.
+"""The domain model: what an agent is, what is wanted of it and what is observed, as plain values.
+
+Free of gRPC, NATS and database types.
 
 Protobuf messages (api/), JSON payloads (bus/) and database rows (store/) are converted to and
 from these at their own edges, one place each.
@@ -8,12 +10,10 @@ from __future__ import annotations
 
 import enum
 from dataclasses import dataclass, field, replace
-from datetime import UTC, datetime
+from datetime import datetime
 from typing import Any
 
-
-def utcnow() -> datetime:
-    return datetime.now(UTC)
+from opmasd.core.clock import utcnow
 
 
 class AgentState(enum.Enum):
@@ -210,6 +210,16 @@ class AgentRecord:
         if self.pid is None or self.pid_start_time is None:
             return None
         return ProcessHandle(self.pid, self.pid_start_time)
+
+
+@dataclass(frozen=True)
+class ProcessUsage:
+    """CPU, memory, threads and open files of an agent's process tree, as last sampled."""
+
+    cpu_percent: float
+    rss_bytes: int
+    num_threads: int
+    open_fds: int
 
 
 @dataclass(frozen=True)

@@ -12,8 +12,8 @@ from pathlib import Path
 
 import structlog
 
-from opmasd.manager.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
-from opmasd.manager.model import AgentSpec
+from opmasd.core.model import AgentSpec
+from opmasd.manager.packages.manifest import MANIFEST_NAME, Manifest, ManifestError, load_manifest
 
 log = structlog.get_logger(__name__)
 

@@ -1,4 +1,9 @@
-"""Domain errors. api/errors.py maps each to one gRPC status code, in one place."""
+"""Every error a layer reports upwards: the domain errors and the bases of backend failures.
+
+Domain errors (NotFound, InvalidArgument, ...) are the manager's verdict on a request; backend
+errors (StoreError, BusError, LaunchError) say that the database, NATS or the process runtime
+failed. api/errors.py maps each kind to one status code, in one place.
+"""
 
 from __future__ import annotations
 
@@ -61,3 +66,30 @@ class DeadlineExceeded(OpmasError):
 
 class Unimplemented(OpmasError):
     pass
+
+
+# -- backend failures ------------------------------------------------------------------------
+
+
+class BackendError(Exception):
+    """A store, bus or runtime could not do what was asked; the message says why."""
+
+
+class StoreError(BackendError):
+    """The store could not complete an operation (connection lost, disk full, ...)."""
+
+
+class BusError(BackendError):
+    """A message bus operation failed."""
+
+
+class BusTimeout(BusError):
+    """Nobody answered a request within its timeout."""
+
+
+class BusUnavailable(BusError):
+    """The bus is not connected (server down, reconnecting)."""
+
+
+class LaunchError(BackendError):
+    """The agent's program could not be started; the message says why."""

@@ -15,35 +15,40 @@ from typing import Any
 
 import structlog
 
-from opmasd.bus.base import AgentBus, BusTimeout, BusUnavailable, CommandReply, MetricsReport
-from opmasd.manager import discovery
-from opmasd.manager.errors import (
+from opmasd.bus.base import AgentBus
+from opmasd.core.errors import (
     AlreadyExists,
+    BusTimeout,
+    BusUnavailable,
     DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
     Unavailable,
 )
-from opmasd.manager.events import EventHub, Subscription
-from opmasd.manager.health import HealthMonitor, HealthSettings
-from opmasd.manager.manifest import ManifestError, load_manifest
-from opmasd.manager.model import (
+from opmasd.core.ids import agent_id_from_name, check_agent_id
+from opmasd.core.messages import CommandReply, MetricsReport
+from opmasd.core.model import (
     AgentRecord,
     AgentSource,
     AgentSpec,
     AgentState,
     DesiredState,
+    ProcessUsage,
     ResourceLimits,
     RestartPolicy,
 )
+from opmasd.core.tasks import TaskOwner
+from opmasd.manager.events import EventHub, Subscription
+from opmasd.manager.health import HealthMonitor, HealthSettings
+from opmasd.manager.packages import scan as package_scan
+from opmasd.manager.packages.manifest import ManifestError, load_manifest
 from opmasd.manager.registry import AgentRegistry
 from opmasd.manager.restart import RestartSettings
 from opmasd.manager.supervisor import OperationResult, Supervisor
-from opmasd.manager.validation import agent_id_from_name, check_agent_id, check_spec
-from opmasd.runtime.base import ProcessUsage, Runtime
+from opmasd.manager.validation import check_spec
+from opmasd.runtime.base import Runtime
 from opmasd.store.base import AgentStore
-from opmasd.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 
@@ -406,7 +411,7 @@ class AgentManager:
     async def discover(self) -> DiscoveryReport:
         """Scan the agents directories; register new packages, refresh changed manifests."""
         async with self._discovery_lock:
-            scan = discovery.scan(self.settings.agent_dirs, self.spec_defaults())
+            scan = package_scan.scan(self.settings.agent_dirs, self.spec_defaults())
             report = DiscoveryReport(errors=list(scan.errors))
             for manifest in scan.manifests:
                 agent_id = manifest.agent_id
