@@ -10,10 +10,10 @@ from types import TracebackType
 
 import grpc
 
+from opmas.local import default_socket_path
 from opmas.v1 import agents_pb2_grpc
 
 DEFAULT_TCP = "127.0.0.1:50051"
-SOCKET_NAME = "opmasd.sock"
 
 
 @dataclass(frozen=True)
@@ -23,20 +23,6 @@ class Endpoint:
     target: str
     display: str
     is_unix: bool
-
-
-def default_socket_path(env: Mapping[str, str], euid: int, uid: int) -> str:
-    """The unix socket opmasd binds when it is given no other (the daemon's own rule)."""
-    runtime_directory = env.get("RUNTIME_DIRECTORY")
-    if runtime_directory:
-        # systemd may pass several colon-separated directories; the daemon uses the first.
-        return os.path.join(runtime_directory.split(":")[0], SOCKET_NAME)
-    if euid == 0:
-        return f"/run/opmas/{SOCKET_NAME}"
-    xdg = env.get("XDG_RUNTIME_DIR")
-    if xdg:
-        return os.path.join(xdg, "opmas", SOCKET_NAME)
-    return f"/tmp/opmas-{uid}/{SOCKET_NAME}"
 
 
 def parse_server(server: str) -> Endpoint:
@@ -65,7 +51,6 @@ def resolve_endpoint(
     server: str | None,
     env: Mapping[str, str] | None = None,
     euid: int | None = None,
-    uid: int | None = None,
 ) -> Endpoint:
     """--server, else $OPMAS_SERVER, else the daemon's default socket if it exists, else TCP."""
     env = os.environ if env is None else env
@@ -73,11 +58,10 @@ def resolve_endpoint(
         return parse_server(server)
     if env.get("OPMAS_SERVER"):
         return parse_server(env["OPMAS_SERVER"])
-    path = default_socket_path(
-        env,
-        os.geteuid() if euid is None else euid,
-        os.getuid() if uid is None else uid,
-    )
+    # Where a daemon run by this user in this environment binds (opmas.local, the daemon's rule).
+    path = str(default_socket_path(env, euid))
+    # os.path.exists, not Path.exists: a directory this user may not search must mean
+    # "not there", not a PermissionError.
     if os.path.exists(path):
         return _unix(path)
     return Endpoint(target=DEFAULT_TCP, display=DEFAULT_TCP, is_unix=False)

@@ -8,18 +8,13 @@ from __future__ import annotations
 
 import argparse
 import json
-import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, struct_pb2
 
-# The same unit forms as the daemon's manifests and config (opmasd/units.py), so an operator
-# can paste a value from one into the other.
-_DURATION = re.compile(r"^(\d+(?:\.\d+)?|\.\d+)\s*(ms|s|m|h|d)?$")
-_DURATION_FACTORS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0, None: 1.0}
-_SIZE = re.compile(r"^(\d+(?:\.\d+)?)\s*([kmgt]?)(i?b?)$", re.IGNORECASE)
-_SIZE_POWERS = {"": 0, "k": 1, "m": 2, "g": 3, "t": 4}
+from opmas import units
+
 _UINT64_MAX = 2**64 - 1
 
 T = TypeVar("T")
@@ -27,15 +22,9 @@ E = TypeVar("E", bound=int)
 
 
 def parse_seconds(text: str) -> float:
-    """Seconds from "30", "1.5", "500ms", "10s", "5m", "1h", "1d"; a leading minus is kept."""
-    value = text.strip()
-    sign = 1.0
-    if value.startswith("-"):
-        sign, value = -1.0, value[1:].strip()
-    match = _DURATION.match(value)
-    if not match:
-        raise ValueError(f"invalid duration {text!r}: expected seconds or a value such as 500ms, 10s, 5m, 1h")
-    return sign * float(match.group(1)) * _DURATION_FACTORS[match.group(2)]
+    """Seconds from "30", "1.5", "500ms", "10s", "5m", "1h", "1m30s"; a leading minus is kept."""
+    # The daemon's own reading (opmas.units), so a value pasted from a manifest means the same.
+    return units.parse_seconds(text)
 
 
 def parse_duration(text: str) -> duration_pb2.Duration:
@@ -47,11 +36,8 @@ def parse_duration(text: str) -> duration_pb2.Duration:
 
 def parse_size(text: str) -> int:
     """Bytes from "1048576", "512K", "512M", "1G", "10MiB" (powers of 1024, as systemd's MemoryMax)."""
-    match = _SIZE.match(text.strip())
-    if not match:
-        raise ValueError(f"invalid size {text!r}: expected bytes or a value such as 512K, 512M, 1G")
-    size = int(float(match.group(1)) * 1024 ** _SIZE_POWERS[match.group(2).lower()])
-    if size > _UINT64_MAX:
+    size = units.parse_bytes(text)
+    if size > _UINT64_MAX:  # the API's byte counts are uint64
         raise ValueError(f"invalid size {text!r}: too large")
     return size
 

@@ -16,23 +16,22 @@ from pathlib import Path
 
 import structlog
 
+import opmasd
 from opmasd.api.grpc_server import GrpcListeners, GrpcServer
 from opmasd.api.nats_api import NatsManagerApi
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import EmbeddedNatsServer
+from opmasd.bus.manager_service import ManagerService
 from opmasd.bus.subjects import Subjects
 from opmasd.config import Config, ConfigError, load_config
-from opmasd.core.model import RestartPolicy
 from opmasd.core.tasks import TaskOwner
 from opmasd.core.urls import redacted
 from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
-from opmasd.manager.health import HealthSettings
-from opmasd.manager.operations import AgentManager, ManagerSettings
-from opmasd.manager.restart import RestartSettings
-from opmasd.notify import Notifier
+from opmasd.manager import AgentManager, HealthSettings, ManagerSettings, RestartSettings
 from opmasd.runtime.process import ProcessRuntime
 from opmasd.store.sql import SqlStore
+from opmasd.systemd.notify import Notifier
 
 log = structlog.get_logger(__name__)
 
@@ -49,7 +48,7 @@ def manager_settings(config: Config) -> ManagerSettings:
             max_restarts=agents.max_restarts,
         ),
         default_stop_timeout=agents.stop_timeout,
-        default_restart_policy=RestartPolicy(agents.restart_policy),
+        default_restart_policy=agents.restart_policy,
         autostart_discovered=agents.autostart,
         monitoring_interval=config.service.monitoring_interval,
         discovery_interval=config.service.discovery_interval,
@@ -72,7 +71,7 @@ class Daemon:
         self._runtime: ProcessRuntime | None = None
         self._embedded_nats: EmbeddedNatsServer | None = None
         self._bus: NatsBus | None = None
-        self._nats_api: NatsManagerApi | None = None
+        self._nats_api: ManagerService | None = None
         self.manager: AgentManager | None = None
         self._grpc: GrpcServer | None = None
 
@@ -108,7 +107,11 @@ class Daemon:
         )
         self.notifier.status("recovering agents")
         await self.manager.start()
-        self._nats_api = NatsManagerApi(self.manager, self._bus, self._bus.subjects)
+        # The NATS manager API: the bus serves the subjects, the api's dispatch table answers.
+        dispatch = NatsManagerApi(self.manager, command_subject=self._bus.subjects.manager_command)
+        self._nats_api = ManagerService(
+            self._bus, dispatch.handle, node=self.manager.settings.node, version=opmasd.__version__
+        )
         await self._nats_api.start()
         self._grpc = GrpcServer(
             self.manager,

@@ -7,8 +7,9 @@ bad field mask is an InvalidArgument naming the field); domain records become me
 from __future__ import annotations
 
 import base64
+from collections.abc import Mapping
 from datetime import datetime
-from typing import Any
+from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
@@ -28,7 +29,9 @@ from opmasd.core.model import (
     RuntimeKind,
     Transition,
 )
-from opmasd.manager.events import AgentEvent
+from opmasd.manager import AgentEvent
+
+E = TypeVar("E")
 
 _STATE_TO_PB = {
     AgentState.STARTING: pb.AGENT_STATE_STARTING,
@@ -103,31 +106,28 @@ def state_to_pb(state: AgentState) -> pb.AgentState.ValueType:
     return _STATE_TO_PB[state]
 
 
+def _from_pb(table: Mapping[Any, E], value: int, field: str, expected: str) -> E:
+    """The domain value of a proto enum number; an unknown number is a field error."""
+    try:
+        return table[value]
+    except KeyError:
+        raise InvalidArgument.single(field, f"{value} {expected}") from None
+
+
 def state_from_pb(value: int, field: str = "state") -> AgentState | None:
     if value == pb.AGENT_STATE_UNSPECIFIED:
         return None
-    try:
-        return _STATE_FROM_PB[value]  # type: ignore[index]
-    except KeyError:
-        raise InvalidArgument.single(field, f"{value} is not a known agent state") from None
+    return _from_pb(_STATE_FROM_PB, value, field, "is not a known agent state")
 
 
 def _policy_from_pb(value: int) -> RestartPolicy:
-    try:
-        return _POLICY_FROM_PB[value]  # type: ignore[index]
-    except KeyError:
-        raise InvalidArgument.single(
-            "spec.restart_policy", f"{value} is not one of RESTART_POLICY_NEVER, _ON_FAILURE, _ALWAYS"
-        ) from None
+    expected = "is not one of RESTART_POLICY_NEVER, _ON_FAILURE, _ALWAYS"
+    return _from_pb(_POLICY_FROM_PB, value, "spec.restart_policy", expected)
 
 
 def _runtime_from_pb(value: int) -> RuntimeKind:
-    try:
-        return _RUNTIME_FROM_PB[value]  # type: ignore[index]
-    except KeyError:
-        raise InvalidArgument.single(
-            "spec.runtime", f"{value} is not one of RUNTIME_KIND_PROCESS, RUNTIME_KIND_SYSTEMD"
-        ) from None
+    expected = "is not one of RUNTIME_KIND_PROCESS, RUNTIME_KIND_SYSTEMD"
+    return _from_pb(_RUNTIME_FROM_PB, value, "spec.runtime", expected)
 
 
 def spec_fields(spec: pb.AgentSpec, mask: list[str] | None = None) -> dict[str, Any]:

@@ -18,8 +18,8 @@ from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
-from opmasd.api.service import AgentService
-from opmasd.manager.operations import AgentManager
+from opmasd.api.grpc_servicer import AgentService
+from opmasd.manager import AgentManager
 
 log = structlog.get_logger(__name__)
 

@@ -8,20 +8,24 @@ log can fix the sender. Unknown extra fields are ignored: senders may add their 
 from __future__ import annotations
 
 import json
-import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from typing import Any
 
-from opmasd.core.messages import CommandReply, Heartbeat, MetricsReport
+from opmasd.core.clock import rfc3339, utcnow
+from opmasd.core.messages import (
+    ERROR,
+    SUCCESS,
+    CommandReply,
+    Heartbeat,
+    ManagerReply,
+    MetricsReport,
+)
 
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_ID_LENGTH = 255
-
-SUCCESS = "success"
-ERROR = "error"
 
 # RFC 3339 date-time (section 5.6): the offset is mandatory; 't'/'z' may be lower case.
 _RFC3339 = re.compile(
@@ -65,13 +69,7 @@ class ResponseMessage:
         return CommandReply(status=self.status, result=self.result, error=self.error)
 
 
-# -- timestamps -------------------------------------------------------------------------------
-
-
-def format_timestamp(value: datetime) -> str:
-    """RFC 3339 in UTC with milliseconds: 2026-11-24T07:54:47.123Z."""
-    utc = value.astimezone(UTC) if value.tzinfo is not None else value.replace(tzinfo=UTC)
-    return utc.strftime("%Y-%m-%dT%H:%M:%S.") + f"{utc.microsecond // 1000:03d}Z"
+# -- timestamps: written by core.clock.rfc3339 (UTC, milliseconds), read in any RFC 3339 form ----
 
 
 def parse_timestamp(value: object, name: str = "timestamp") -> datetime:
@@ -86,10 +84,6 @@ def parse_timestamp(value: object, name: str = "timestamp") -> datetime:
     except ValueError as exc:
         raise MalformedMessage(f"{name}: {value[:64]!r} is not a valid time ({exc})") from None
     return parsed.astimezone(UTC)
-
-
-def _now() -> datetime:
-    return datetime.now(UTC)
 
 
 # -- decoding helpers ---------------------------------------------------------------------------
@@ -161,7 +155,7 @@ def _object(obj: Mapping[str, Any], name: str, *, required: bool) -> dict[str, A
 
 def _timestamp(obj: Mapping[str, Any], *, default_now: bool) -> datetime | None:
     if "timestamp" not in obj or obj["timestamp"] is None:
-        return _now() if default_now else None
+        return utcnow() if default_now else None
     return parse_timestamp(obj["timestamp"])
 
 
@@ -192,7 +186,7 @@ def encode_heartbeat(heartbeat: Heartbeat) -> bytes:
         {
             "agent_id": heartbeat.agent_id,
             "status": heartbeat.status,
-            "timestamp": format_timestamp(heartbeat.timestamp),
+            "timestamp": rfc3339(heartbeat.timestamp),
             "metadata": dict(heartbeat.metadata),
         }
     )
@@ -202,7 +196,7 @@ def encode_metrics(report: MetricsReport) -> bytes:
     return _dump(
         {
             "agent_id": report.agent_id,
-            "timestamp": format_timestamp(report.timestamp),
+            "timestamp": rfc3339(report.timestamp),
             "metrics": dict(report.metrics),
         }
     )
@@ -220,7 +214,7 @@ def encode_command(
             "command": command,
             "agent_id": agent_id,
             "params": dict(params or {}),
-            "timestamp": format_timestamp(now or _now()),
+            "timestamp": rfc3339(now or utcnow()),
         }
     )
 
@@ -255,12 +249,31 @@ def encode_response(
         "agent_id": agent_id,
         "result": result,
         "error": error or None,
-        "timestamp": format_timestamp(now or _now()),
+        "timestamp": rfc3339(now or utcnow()),
     }
     if code:
         body["code"] = code
     body.update(extra or {})
     return _dump(body)
+
+
+def encode_manager_reply(reply: ManagerReply, now: datetime | None = None) -> bytes:
+    """The manager's answer as a §5 response; violations and resource become fields of their own."""
+    extra: dict[str, Any] = {}
+    if reply.violations is not None:
+        extra["violations"] = [{"field": v.field, "description": v.description} for v in reply.violations]
+    if reply.resource is not None:
+        extra["resource"] = {"type": reply.resource[0], "name": reply.resource[1]}
+    return encode_response(
+        reply.status,
+        reply.command,
+        reply.agent_id,
+        reply.result,
+        reply.error,
+        code=reply.code,
+        extra=extra,
+        now=now,
+    )
 
 
 def decode_response(data: bytes) -> ResponseMessage:
@@ -285,8 +298,3 @@ def decode_response(data: bytes) -> ResponseMessage:
 def _dump(body: Mapping[str, Any]) -> bytes:
     # allow_nan=False: NaN is not JSON; a metric that is NaN must fail here, not in a reader.
     return json.dumps(body, separators=(",", ":"), ensure_ascii=False, allow_nan=False).encode()
-
-
-def is_finite_number(value: object) -> bool:
-    """A JSON number that is not a boolean (bool is an int in Python)."""
-    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)

@@ -1,14 +1,15 @@
-"""NatsBus: opmasd's one NATS connection, behind the AgentBus interface (bus/base.py).
+"""NatsBus: opmasd's one NATS connection, the AgentBus of bus/base.py, built from its parts.
 
 - It never gives up: the first connect and every reconnect retry forever in the background,
   so the daemon starts and supervises agents with NATS down; meanwhile requests raise
-  BusUnavailable. Subscriptions and services asked for before the first connect are set up
-  when it succeeds; nats-py replays them after every reconnect.
-- Nothing on the wire can hurt it: agent messages are decoded strictly (bus/codec.py), bad
-  ones counted per subject and logged once per burst (bus/burst.py); handler failures and
-  nats-py's async errors are logged, never raised into nats-py's reader.
-- Every task it starts has an owner that stops it (the connector here, request tasks in
-  serving.RequestRunner); nats-py's own per-subscription tasks end with drain/close.
+  BusUnavailable. Registrations (subscriptions, services) asked for before the first connect
+  are set up when it succeeds; nats-py replays them after every reconnect.
+- What travels over it is in the parts: the agent.status / agent.metrics intake (intake.py),
+  commands to agents (agent_commands.py), micro services (micro.py) and request handlers run
+  concurrently (serving.py). Bad input is counted in one malformed BurstLog they share.
+- nats-py's async errors are logged, never raised into its reader. Every task it starts has
+  an owner that stops it (the connector here, request tasks in serving.RequestRunner);
+  nats-py's own per-subscription tasks end with drain/close.
 """
 
 from __future__ import annotations
@@ -24,25 +25,22 @@ import structlog
 from nats.aio.client import Client
 from nats.aio.msg import Msg
 
-from opmasd.bus import codec
+from opmasd.bus.agent_commands import AgentCommands
 from opmasd.bus.base import HeartbeatHandler, MetricsHandler
 from opmasd.bus.burst import BurstLog
-from opmasd.bus.micro import ServiceDescription, ServiceEndpoint, start_service
+from opmasd.bus.intake import Intake
+from opmasd.bus.micro import ServiceDescription, ServiceEndpoint, service_registration
 from opmasd.bus.registration import Registration, Teardown
 from opmasd.bus.serving import RequestHandler, RequestRunner
 from opmasd.bus.subjects import Subjects
-from opmasd.bus.urls import check_url, split_servers, tls_context, uses_tls
-from opmasd.core.errors import BusTimeout, BusUnavailable
-from opmasd.core.messages import CommandReply, Heartbeat, MetricsReport
+from opmasd.bus.urls import check_url, tls_context, uses_tls
+from opmasd.core.errors import BusUnavailable
+from opmasd.core.messages import CommandReply
 from opmasd.core.tasks import TaskOwner
-from opmasd.core.urls import without_credentials
+from opmasd.core.urls import split_servers, without_credentials
 
 log = structlog.get_logger(__name__)
 
-# The intake subscriptions get far more room than nats-py's defaults before it drops messages
-# as a slow consumer: a fleet's heartbeats arrive in bursts (FIELD-NOTES: raise pending limits).
-INTAKE_PENDING_MSGS = 1_000_000
-INTAKE_PENDING_BYTES = 512 * 1024 * 1024
 # How long connect() waits for the first connection before returning a bus still connecting.
 INITIAL_WAIT = 2.0
 CLOSE_TIMEOUT = 5.0
@@ -103,17 +101,15 @@ class NatsBus:
         self._connected_once = asyncio.Event()
         self._registrations: list[Registration] = []
         self._closing = False
-        self._heartbeat: HeartbeatHandler | None = None
-        self._metrics: MetricsHandler | None = None
-        self._messages_in: Counter[str] = Counter()
+        # One tally of malformed input, keyed by subject: agent messages and agents' replies.
+        self._malformed = BurstLog("malformed message")
+        self._async_errors = BurstLog("NATS client error")
+        self._intake = Intake(self.subjects, self._malformed)
+        self._agents = AgentCommands(self._nc, self.subjects, self._malformed, lambda: self.is_connected)
+        self._served_in: Counter[str] = Counter()  # requests to serve() subjects
         self._messages_out = 0
-        self._requests_sent = 0
-        self._handler_errors = 0
         self._disconnects = 0
         self._reconnects = 0
-        self._malformed = BurstLog("malformed message")
-        self._handler_failures = BurstLog("bus message handler failed", level="error")
-        self._async_errors = BurstLog("NATS client error")
 
     # -- lifecycle ------------------------------------------------------------------------------
 
@@ -147,8 +143,7 @@ class NatsBus:
 
     def start(self) -> None:
         """Begin connecting (forever, in the background) and subscribe to the intake subjects."""
-        self._registrations.append(self._intake(self.subjects.status, self._on_status))
-        self._registrations.append(self._intake(self.subjects.metrics, self._on_metrics))
+        self._registrations.extend(self._intake.registrations(on_stop=self._forget))
         self._tasks.spawn(self._connect_forever(), "connect")
 
     async def _connect_forever(self) -> None:
@@ -213,8 +208,9 @@ class NatsBus:
             except (OSError, nats.errors.Error) as exc:
                 # nats-py flushes on close and fails when the server just went away.
                 log.info("NATS connection closed uncleanly", error=str(exc) or type(exc).__name__)
-        for burst in (self._malformed, self._handler_failures, self._async_errors):
-            burst.close()
+        self._malformed.close()
+        self._intake.close()
+        self._async_errors.close()
         log.info("NATS connection closed", stats=self.stats())
 
     # -- callbacks from nats-py: log, count, never raise ----------------------------------------
@@ -242,7 +238,7 @@ class NatsBus:
         uri = self._nc.connected_url
         return f"{uri.scheme}://{uri.hostname}:{uri.port}" if uri is not None else ""
 
-    # -- agent → manager ------------------------------------------------------------------------
+    # -- state ----------------------------------------------------------------------------------
 
     @property
     def agent_url(self) -> str:
@@ -257,87 +253,15 @@ class NatsBus:
         """The largest message the server accepts (its max_payload; 1 MiB by default)."""
         return int(self._nc.max_payload) if self._nc.is_connected else DEFAULT_MAX_PAYLOAD
 
+    # -- the AgentBus parts: agent → manager, manager → agent ----------------------------------
+
     def set_handlers(self, heartbeat: HeartbeatHandler, metrics: MetricsHandler) -> None:
-        self._heartbeat = heartbeat
-        self._metrics = metrics
-
-    def _intake(self, subject: str, callback: Callable[[Msg], Awaitable[None]]) -> Registration:
-        async def setup(nc: Client) -> Teardown:
-            sub = await nc.subscribe(
-                subject,
-                cb=callback,
-                pending_msgs_limit=INTAKE_PENDING_MSGS,
-                pending_bytes_limit=INTAKE_PENDING_BYTES,
-            )
-            return sub.unsubscribe
-
-        return Registration(f"intake {subject}", setup, on_stop=self._forget)
-
-    async def _on_status(self, msg: Msg) -> None:
-        self._messages_in[msg.subject] += 1
-        try:
-            heartbeat = codec.decode_heartbeat(msg.data)
-        except codec.MalformedMessage as exc:
-            self._malformed.record(msg.subject, exc.reason, size=len(msg.data))
-            return
-        self._deliver(msg.subject, self._heartbeat, heartbeat)
-
-    async def _on_metrics(self, msg: Msg) -> None:
-        self._messages_in[msg.subject] += 1
-        try:
-            report = codec.decode_metrics(msg.data)
-        except codec.MalformedMessage as exc:
-            self._malformed.record(msg.subject, exc.reason, size=len(msg.data))
-            return
-        self._deliver(msg.subject, self._metrics, report)
-
-    def _deliver(
-        self,
-        subject: str,
-        handler: Callable[[Any], None] | None,
-        value: Heartbeat | MetricsReport,
-    ) -> None:
-        if handler is None:
-            return  # nobody asked yet (startup): the next heartbeat comes soon enough
-        try:
-            handler(value)
-        except Exception as exc:
-            self._handler_errors += 1
-            self._handler_failures.record(
-                subject, f"{type(exc).__name__}: {exc}", agent_id=value.agent_id, exc_info=exc
-            )
-
-    # -- manager → agent ------------------------------------------------------------------------
+        self._intake.set_handlers(heartbeat, metrics)
 
     async def command_agent(
         self, agent_id: str, command: str, params: Mapping[str, Any], timeout: float
     ) -> CommandReply:
-        subject = self.subjects.agent_command(agent_id)
-        if not self.is_connected:
-            raise BusUnavailable("not connected to NATS")
-        payload = codec.encode_command(command, agent_id, params)
-        try:
-            msg = await self._nc.request(subject, payload, timeout=timeout)
-        except nats.errors.NoRespondersError:
-            raise BusTimeout(f"agent {agent_id} is not listening on {subject}") from None
-        except nats.errors.TimeoutError:
-            raise BusTimeout(f"agent {agent_id} did not answer {command!r} within {timeout:g}s") from None
-        except (
-            nats.errors.ConnectionClosedError,
-            nats.errors.ConnectionReconnectingError,
-            nats.errors.ConnectionDrainingError,
-            nats.errors.OutboundBufferLimitError,
-        ) as exc:
-            raise BusUnavailable(f"NATS connection lost: {exc}") from None
-        except nats.errors.MaxPayloadError:
-            raise ValueError(f"command of {len(payload)} bytes exceeds the server's max_payload") from None
-        finally:
-            self._requests_sent += 1
-        try:
-            return codec.decode_response(msg.data).to_reply()
-        except codec.MalformedMessage as exc:
-            self._malformed.record(f"reply from {subject}", exc.reason, size=len(msg.data))
-            return CommandReply(status=codec.ERROR, error=f"malformed reply: {exc.reason}")
+        return await self._agents.command_agent(agent_id, command, params, timeout)
 
     # -- serving and publishing -----------------------------------------------------------------
 
@@ -357,7 +281,7 @@ class NatsBus:
         runner = RequestRunner(subject)
 
         async def on_msg(msg: Msg) -> None:
-            self._messages_in[msg.subject] += 1
+            self._served_in[msg.subject] += 1
             reply = self._reply_to(msg.reply) if msg.reply else None
             await runner.dispatch(subject, msg.data, handler, reply)
 
@@ -371,13 +295,7 @@ class NatsBus:
         self, description: ServiceDescription, endpoints: Sequence[ServiceEndpoint]
     ) -> Registration:
         """A NATS micro service (discoverable via $SRV.*) whose endpoints are request handlers."""
-        runner = RequestRunner(description.name)
-
-        async def setup(nc: Client) -> Teardown:
-            service = await start_service(nc, runner, description, endpoints)
-            return service.stop
-
-        return await self._register(Registration(f"service {description.name}", setup, runner, self._forget))
+        return await self._register(service_registration(description, endpoints, self._forget))
 
     def _reply_to(self, reply_subject: str) -> Callable[[bytes], Awaitable[None]]:
         async def reply(payload: bytes) -> None:
@@ -408,11 +326,11 @@ class NatsBus:
     def stats(self) -> BusStats:
         return BusStats(
             connected=self.is_connected,
-            messages_in=dict(self._messages_in),
+            messages_in=dict(self._intake.messages_in + self._served_in),
             messages_out=self._messages_out,
-            requests_sent=self._requests_sent,
+            requests_sent=self._agents.requests_sent,
             malformed=self._malformed.counts(),
-            handler_errors=self._handler_errors,
+            handler_errors=self._intake.handler_errors,
             async_errors=self._async_errors.counts(),
             disconnects=self._disconnects,
             reconnects=self._reconnects,

@@ -9,7 +9,7 @@ therefore not meaningful; the STATS `data` of each endpoint carries the runner's
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -19,6 +19,7 @@ from nats.micro import add_service
 from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
+from opmasd.bus.registration import Registration, Teardown
 from opmasd.bus.serving import RequestHandler, RequestRunner
 
 log = structlog.get_logger(__name__)
@@ -41,6 +42,21 @@ class ServiceDescription:
     version: str
     description: str = ""
     metadata: Mapping[str, str] | None = None
+
+
+def service_registration(
+    desc: ServiceDescription,
+    endpoints: Sequence[ServiceEndpoint],
+    on_stop: Callable[[Registration], None] | None = None,
+) -> Registration:
+    """The service as a Registration: registered on connect, its requests run by one runner."""
+    runner = RequestRunner(desc.name)
+
+    async def setup(nc: Client) -> Teardown:
+        service = await start_service(nc, runner, desc, endpoints)
+        return service.stop
+
+    return Registration(f"service {desc.name}", setup, runner, on_stop)
 
 
 async def start_service(

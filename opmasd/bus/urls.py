@@ -1,4 +1,4 @@
-"""NATS server URLs: splitting a cluster list, checking each, and the TLS context they need."""
+"""NATS server URLs: checking each server of nats.url, and the TLS context they need."""
 
 from __future__ import annotations
 
@@ -6,11 +6,6 @@ import ssl
 from urllib.parse import urlsplit
 
 SCHEMES = ("nats", "tls", "ws", "wss")
-
-
-def split_servers(url: str) -> list[str]:
-    """nats.url may list several servers of a cluster, comma-separated."""
-    return [part.strip() for part in url.split(",") if part.strip()]
 
 
 def check_url(server: str) -> None:

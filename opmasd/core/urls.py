@@ -10,7 +10,8 @@ from __future__ import annotations
 from urllib.parse import SplitResult, urlsplit, urlunsplit
 
 
-def _servers(url: str) -> list[str]:
+def split_servers(url: str) -> list[str]:
+    """The servers of a URL that may list several, comma-separated (a NATS cluster)."""
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
@@ -41,7 +42,7 @@ def redacted(url: str) -> str:
 def without_credentials(url: str) -> str:
     """The URL(s) with any user:password@ removed."""
     out = []
-    for server in _servers(url):
+    for server in split_servers(url):
         parts = _split(server)
         host = parts.hostname or ""
         netloc = f"[{host}]" if ":" in host else host

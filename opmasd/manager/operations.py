@@ -1,21 +1,22 @@
-"""The manager: every management operation, whichever API it arrives through.
+"""The manager's façade: every management operation, whichever API it arrives through.
 
 gRPC, REST and NATS handlers call these methods and nothing else. They take and return domain
-values (manager.model), raise domain errors (manager.errors), and know nothing of wire formats.
+values (core.model, manager.values), raise domain errors (core.errors), and know nothing of
+wire formats. The work itself is done by the parts this wires together: the registry and its
+write-behind persistence, the supervisor (state machine and restarts), discovery, heartbeat
+judging and the metrics cache, and the periodic jobs that drive them.
 """
 
 from __future__ import annotations
 
-import asyncio
-import dataclasses
 from collections.abc import AsyncIterator, Mapping, Sequence
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
 import structlog
 
 from opmasd.bus.base import AgentBus
+from opmasd.core.clock import SYSTEM_CLOCK, Clock
 from opmasd.core.errors import (
     AlreadyExists,
     BusTimeout,
@@ -28,25 +29,21 @@ from opmasd.core.errors import (
 )
 from opmasd.core.ids import agent_id_from_name, check_agent_id
 from opmasd.core.messages import CommandReply, MetricsReport
-from opmasd.core.model import (
-    AgentRecord,
-    AgentSource,
-    AgentSpec,
-    AgentState,
-    DesiredState,
-    ProcessUsage,
-    ResourceLimits,
-    RestartPolicy,
-)
+from opmasd.core.model import AgentRecord, AgentSource, AgentSpec, AgentState, ProcessUsage
 from opmasd.core.tasks import TaskOwner
+from opmasd.manager.discovery import PackageDiscovery
 from opmasd.manager.events import EventHub, Subscription
-from opmasd.manager.health import HealthMonitor, HealthSettings
-from opmasd.manager.packages import scan as package_scan
+from opmasd.manager.heartbeats import HeartbeatJudge
+from opmasd.manager.jobs import PeriodicJobs
+from opmasd.manager.metrics_cache import MetricsCache
 from opmasd.manager.packages.manifest import ManifestError, load_manifest
+from opmasd.manager.persistence import WriteBehind
 from opmasd.manager.registry import AgentRegistry
-from opmasd.manager.restart import RestartSettings
-from opmasd.manager.supervisor import OperationResult, Supervisor
+from opmasd.manager.settings import ManagerSettings
+from opmasd.manager.spec_update import apply_fields
+from opmasd.manager.supervisor import Supervisor
 from opmasd.manager.validation import check_spec
+from opmasd.manager.values import ALL_AGENTS, AgentFilter, DiscoveryReport, OperationResult
 from opmasd.runtime.base import Runtime
 from opmasd.store.base import AgentStore
 
@@ -58,45 +55,6 @@ DEFAULT_COMMAND_TIMEOUT = 5.0
 MAX_COMMAND_TIMEOUT = 300.0
 
 
-@dataclass(frozen=True)
-class ManagerSettings:
-    node: str
-    agent_dirs: tuple[Path, ...] = ()
-    restart: RestartSettings = RestartSettings()
-    default_stop_timeout: float = 10.0
-    default_restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
-    # Start discovered agents even when their manifest does not say autostart.
-    autostart_discovered: bool = False
-    monitoring_interval: float = 5.0
-    discovery_interval: float = 60.0
-    cleanup_interval: float = 3600.0
-    transitions_kept_per_agent: int = 1000
-    health: HealthSettings = HealthSettings()
-    # How often batched heartbeat times are written to the store.
-    heartbeat_flush_interval: float = 1.0
-
-
-@dataclass(frozen=True)
-class AgentFilter:
-    state: AgentState | None = None
-    type: str = ""
-    node: str = ""
-
-
-@dataclass(frozen=True)
-class DiscoveredAgent:
-    agent_id: str
-    name: str
-    manifest_path: str
-    new: bool
-
-
-@dataclass
-class DiscoveryReport:
-    agents: list[DiscoveredAgent] = field(default_factory=list)
-    errors: list[ManifestError] = field(default_factory=list)
-
-
 class AgentManager:
     def __init__(
         self,
@@ -105,25 +63,35 @@ class AgentManager:
         settings: ManagerSettings,
         agent_environment: Mapping[str, str] | None = None,
         bus: AgentBus | None = None,
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
         self._store = store
         self._runtime = runtime
         self._settings = settings
+        self._bus = bus
         self.hub = EventHub()
-        self._registry = AgentRegistry(store, self.hub)
+        self.writes = WriteBehind(store)
+        self._registry = AgentRegistry(self.writes, self.hub, clock)
         self._tasks = TaskOwner("manager")
+        self._jobs = PeriodicJobs(self._tasks)
         # Variables every agent gets from the daemon (NATS_URL, ...).
         self.agent_environment: dict[str, str] = dict(agent_environment or {})
-        self._bus = bus
-        self.health = HealthMonitor(self._registry, store, settings.health)
+        self.heartbeats = HeartbeatJudge(self._registry, self.writes, settings.health, clock)
+        self._metrics = MetricsCache(self._registry)
         if bus is not None:
-            bus.set_handlers(self.health.on_heartbeat, self.health.on_metrics)
+            bus.set_handlers(self.heartbeats.on_heartbeat, self._metrics.on_metrics)
             self.agent_environment.setdefault("NATS_URL", bus.agent_url)
         self._supervisor = Supervisor(
-            self._registry, runtime, settings.restart, self._tasks, lambda: self.agent_environment
+            self._registry,
+            runtime,
+            settings.restart,
+            self._tasks,
+            lambda: self.agent_environment,
+            clock,
         )
-        self._discovery_lock = asyncio.Lock()
-        self.last_discovery = DiscoveryReport()
+        self._discovery = PackageDiscovery(
+            self._registry, self._supervisor, lambda: self._settings, self.spec_defaults
+        )
 
     @property
     def settings(self) -> ManagerSettings:
@@ -132,16 +100,20 @@ class AgentManager:
     @settings.setter
     def settings(self, value: ManagerSettings) -> None:
         """A reload: restart policy, health and discovery settings apply from the next use; the
-        intervals of the periodic loops, fixed when they started, apply at the next daemon start."""
+        intervals of the periodic jobs, fixed when they started, apply at the next daemon start."""
         self._settings = value
         self._supervisor.settings = value.restart
-        self.health.settings = value.health
+        self.heartbeats.settings = value.health
+
+    @property
+    def last_discovery(self) -> DiscoveryReport:
+        return self._discovery.last_report
 
     # -- lifecycle ------------------------------------------------------------------------------
 
     async def start(self, discover: bool = True) -> None:
-        """Load the store, re-adopt or restart agents as desired, scan for packages, start loops."""
-        self._registry.load()
+        """Load the store, re-adopt or restart agents as desired, scan for packages, start jobs."""
+        self._registry.load(self._store.load_agents())
         for rec in list(self._registry.live()):
             if rec.node != self.settings.node:
                 continue  # another host's agent, in a shared database: that host runs it
@@ -149,43 +121,35 @@ class AgentManager:
                 await self._supervisor.recover(rec)
         if discover:
             await self.discover()
-        self._tasks.spawn(self._every(self.settings.monitoring_interval, self._monitor), "monitor")
-        if discover and self.settings.discovery_interval > 0:
-            self._tasks.spawn(self._every(self.settings.discovery_interval, self.discover), "discovery")
-        self._tasks.spawn(self._every(self.settings.cleanup_interval, self._cleanup), "cleanup")
+        settings = self.settings
+        self._jobs.every(settings.monitoring_interval, self._monitor, "monitor")
+        if discover and settings.discovery_interval > 0:
+            self._jobs.every(settings.discovery_interval, self.discover, "discovery")
+        self._jobs.every(settings.cleanup_interval, self._cleanup, "cleanup")
         if self._bus is not None:
-            timeout = self.settings.health.heartbeat_timeout
-            check_every = min(max(timeout / 4, 0.05), self.settings.monitoring_interval)
-            self._tasks.spawn(self._every(check_every, self._check_heartbeats), "heartbeat-check")
-            self._tasks.spawn(
-                self._every(self.settings.heartbeat_flush_interval, self._flush), "heartbeat-flush"
-            )
+            timeout = settings.health.heartbeat_timeout
+            check_every = min(max(timeout / 4, 0.05), settings.monitoring_interval)
+            self._jobs.every(check_every, self._check_heartbeats, "heartbeat-check")
+            self._jobs.every(settings.heartbeat_flush_interval, self._flush_heartbeats, "heartbeat-flush")
 
     async def stop(self, stop_agents: bool) -> None:
         await self._supervisor.shutdown(stop_agents)
         await self._tasks.close()
-        self.health.flush()
-        self._registry.flush()
+        self.writes.close()
         self.hub.close()
 
-    async def _every(self, interval: float, job: Any) -> None:
-        while True:
-            await asyncio.sleep(interval)
-            try:
-                await job()
-            except Exception:
-                log.exception("periodic job failed", job=getattr(job, "__name__", str(job)))
+    # -- periodic jobs --------------------------------------------------------------------------
 
     async def _monitor(self) -> None:
-        self._registry.flush()
-        await self._runtime.maintain()
+        self.writes.flush()
+        await self._runtime.rotate_logs()
 
-    async def _flush(self) -> None:
-        self.health.flush()
+    async def _flush_heartbeats(self) -> None:
+        self.writes.flush_heartbeats()
 
     async def _check_heartbeats(self) -> None:
         connected = self._bus.is_connected if self._bus is not None else False
-        for rec in self.health.lost(bus_connected=connected):
+        for rec in self.heartbeats.mark_silent_inactive(bus_connected=connected):
             if rec.spec.restart_on_inactive:
                 self._tasks.spawn(self._restart_inactive(rec.agent_id), f"restart-inactive:{rec.agent_id}")
 
@@ -226,17 +190,8 @@ class AgentManager:
             )
         return rec
 
-    def list_agents(self, filt: AgentFilter = AgentFilter()) -> list[AgentRecord]:
-        return sorted(
-            (
-                rec
-                for rec in self._registry.live()
-                if (filt.state is None or rec.state is filt.state)
-                and (not filt.type or rec.spec.type == filt.type)
-                and (not filt.node or rec.node == filt.node)
-            ),
-            key=lambda rec: rec.agent_id,
-        )
+    def list_agents(self, filt: AgentFilter = ALL_AGENTS) -> list[AgentRecord]:
+        return sorted((rec for rec in self._registry.live() if filt.matches(rec)), key=lambda r: r.agent_id)
 
     def counts(self) -> tuple[int, int]:
         """(agents, of which running), for sd_notify STATUS."""
@@ -250,7 +205,7 @@ class AgentManager:
     def reported_metrics(self, agent_id: str) -> MetricsReport | None:
         """What the agent last published on agent.metrics (since this daemon started)."""
         self.get_agent(agent_id)
-        return self.health.reported_metrics(agent_id)
+        return self._metrics.last(agent_id)
 
     async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
         self.get_agent(agent_id)
@@ -273,7 +228,7 @@ class AgentManager:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.start(rec, "started by operator")
-        await self._registry.durable()
+        await self.writes.wait_flushed()
         return result
 
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
@@ -282,14 +237,14 @@ class AgentManager:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.stop(rec, "stopped by operator", timeout)
-        await self._registry.durable()
+        await self.writes.wait_flushed()
         return result
 
     async def restart_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.restart(rec, "restarted by operator")
-        await self._registry.durable()
+        await self.writes.wait_flushed()
         return result
 
     async def send_command(
@@ -373,7 +328,7 @@ class AgentManager:
             log.info("agent registered", agent_id=agent_id, source=source.value)
             if start:
                 await self._supervisor.start(rec, "started at registration")
-        await self._registry.durable()
+        await self.writes.wait_flushed()
         return rec
 
     async def update_agent(self, agent_id: str, fields: Mapping[str, Any]) -> AgentRecord:
@@ -386,106 +341,31 @@ class AgentManager:
             rec.spec = spec
             self._registry.save(rec)
             log.info("agent updated", agent_id=agent_id, fields=sorted(fields))
-        await self._registry.durable()
+        await self.writes.wait_flushed()
         return rec
 
-    async def delete_agent(self, agent_id: str) -> tuple[AgentRecord, bool]:
-        """Stop and remove the agent; (record, False) when it was already deleted."""
+    async def delete_agent(self, agent_id: str) -> OperationResult:
+        """Stop and remove the agent; changed is False when it was already deleted."""
         check_agent_id(agent_id)
         async with self._supervisor.lock(agent_id):
             rec = self._registry.get_any(agent_id)
             if rec is None:
                 raise NotFound("agent", agent_id)
             if rec.deleted:
-                return rec, False
+                return OperationResult(rec, False, f"agent {agent_id} was already deleted")
             self._local_agent(agent_id)
             await self._supervisor.stop(rec, "deleted by operator")
             # The row stays as a tombstone, so discovery does not bring a deleted agent back.
             rec.deleted = True
             self._registry.save(rec)
-            self.health.forget(agent_id)
+            self._metrics.forget(agent_id)
+            self.writes.forget_heartbeat(agent_id)
             log.info("agent deleted", agent_id=agent_id)
-        await self._registry.durable()
-        return rec, True
+        await self.writes.wait_flushed()
+        return OperationResult(rec, True, f"agent {agent_id} deleted")
 
     async def discover(self) -> DiscoveryReport:
         """Scan the agents directories; register new packages, refresh changed manifests."""
-        async with self._discovery_lock:
-            scan = package_scan.scan(self.settings.agent_dirs, self.spec_defaults())
-            report = DiscoveryReport(errors=list(scan.errors))
-            for manifest in scan.manifests:
-                agent_id = manifest.agent_id
-                path = str(manifest.path)
-                async with self._supervisor.lock(agent_id):
-                    rec = self._registry.get_any(agent_id)
-                    if rec is None:
-                        rec = AgentRecord(
-                            agent_id=agent_id,
-                            spec=manifest.spec,
-                            source=AgentSource.DISCOVERED,
-                            manifest_path=path,
-                            node=self.settings.node,
-                            state_reason="discovered",
-                        )
-                        self._registry.save(rec)
-                        log.info("agent discovered", agent_id=agent_id, manifest=path)
-                        report.agents.append(DiscoveredAgent(agent_id, manifest.spec.name, path, True))
-                        if manifest.spec.autostart or self.settings.autostart_discovered:
-                            await self._start_quietly(rec, "started at discovery (autostart)")
-                        continue
-                    if rec.deleted:
-                        continue
-                    if rec.manifest_path != path:
-                        report.errors.append(
-                            ManifestError(
-                                manifest.path, f"agent id {agent_id!r} is already used by another agent"
-                            )
-                        )
-                        continue
-                    if rec.spec != manifest.spec:
-                        rec.spec = manifest.spec
-                        self._registry.save(rec)
-                        log.info("agent manifest changed; applies at next start", agent_id=agent_id)
-                    report.agents.append(DiscoveredAgent(agent_id, manifest.spec.name, path, False))
-            self.last_discovery = report
-        await self._registry.durable()
+        report = await self._discovery.discover()
+        await self.writes.wait_flushed()
         return report
-
-    async def _start_quietly(self, rec: AgentRecord, reason: str) -> None:
-        try:
-            await self._supervisor.start(rec, reason)
-        except FailedPrecondition as exc:
-            log.warning("agent did not start", agent_id=rec.agent_id, error=exc.message)
-
-
-def apply_fields(base: AgentSpec, fields: Mapping[str, Any]) -> AgentSpec:
-    """base with the given fields replaced. `resources` is itself a mapping of its fields."""
-    known = {f.name for f in dataclasses.fields(AgentSpec)}
-    changes: dict[str, Any] = {}
-    for key, value in fields.items():
-        if key not in known:
-            raise InvalidArgument.single(f"update_mask.{key}", "is not a field of the agent spec")
-        if key == "resources":
-            changes[key] = dataclasses.replace(base.resources, **dict(value))
-        elif key == "environment":
-            changes[key] = tuple(sorted(dict(value).items()))
-        elif key == "command":
-            changes[key] = tuple(value)
-        else:
-            changes[key] = value
-    return dataclasses.replace(base, **changes)
-
-
-# The API edge takes these from here, not from the layers below the manager.
-__all__ = [
-    "AgentFilter",
-    "AgentManager",
-    "DesiredState",
-    "DiscoveredAgent",
-    "DiscoveryReport",
-    "ManagerSettings",
-    "MetricsReport",
-    "OperationResult",
-    "ProcessUsage",
-    "ResourceLimits",
-]

@@ -11,35 +11,21 @@ from __future__ import annotations
 import asyncio
 import os
 from collections.abc import Callable, Mapping
-from dataclasses import dataclass
 from datetime import timedelta
 
 import structlog
 
-from opmasd.core.clock import utcnow
+from opmasd.core.clock import SYSTEM_CLOCK, Clock
 from opmasd.core.errors import FailedPrecondition, LaunchError
 from opmasd.core.model import AgentRecord, AgentState, DesiredState, ExitInfo, ProcessHandle
 from opmasd.core.tasks import TaskOwner
+from opmasd.manager.launch import agent_base_environment, launch_request
 from opmasd.manager.registry import AgentRegistry
 from opmasd.manager.restart import RestartSettings, decide
-from opmasd.runtime.base import LaunchRequest, Runtime
+from opmasd.manager.values import OperationResult
+from opmasd.runtime.base import Runtime
 
 log = structlog.get_logger(__name__)
-
-# Variables of the daemon's own environment that must not leak into agents: they would make
-# an agent talk to systemd, or read opmasd's configuration, as if it were opmasd.
-_PRIVATE_ENV_PREFIXES = ("OPMAS_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM", "INVOCATION_ID")
-
-
-def agent_base_environment(environ: Mapping[str, str]) -> dict[str, str]:
-    return {k: v for k, v in environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
-
-
-@dataclass(frozen=True)
-class OperationResult:
-    record: AgentRecord
-    changed: bool
-    message: str
 
 
 class Supervisor:
@@ -50,7 +36,9 @@ class Supervisor:
         settings: RestartSettings,
         tasks: TaskOwner,
         agent_environment: Callable[[], Mapping[str, str]] = lambda: {},
+        clock: Clock = SYSTEM_CLOCK,
     ) -> None:
+        self._clock = clock
         self._registry = registry
         self._runtime = runtime
         # Public: a configuration reload (SIGHUP) replaces it.
@@ -148,38 +136,19 @@ class Supervisor:
 
     # -- process control ----------------------------------------------------------------------
 
-    def _launch_request(self, rec: AgentRecord) -> LaunchRequest:
-        spec = rec.spec
-        env = dict(self._base_env)
-        env.update(self._agent_environment())
-        env.update(spec.env)
-        env.update(
-            AGENT_ID=rec.agent_id,
-            AGENT_NAME=spec.name,
-            AGENT_TYPE=spec.type,
-            AGENT_VERSION=spec.version,
-            AGENT_HEARTBEAT_INTERVAL=f"{spec.heartbeat_interval:g}",
-            PYTHONUNBUFFERED="1",
-        )
-        return LaunchRequest(
-            agent_id=rec.agent_id,
-            command=spec.command,
-            working_directory=spec.working_directory or "/",
-            environment=env,
-            resources=spec.resources,
-        )
-
     async def _launch(self, rec: AgentRecord, reason: str) -> bool:
         """STARTING → RUNNING, or → ERROR when the program cannot be started."""
         rec.next_restart_at = None
         self._registry.transition(rec, AgentState.STARTING, reason)
         try:
-            handle = await self._runtime.launch(self._launch_request(rec))
+            handle = await self._runtime.launch(
+                launch_request(rec, self._base_env, self._agent_environment())
+            )
         except LaunchError as exc:
             rec.pid = rec.pid_start_time = rec.started_at = None
             self._registry.transition(rec, AgentState.ERROR, f"failed to start: {exc}")
             return False
-        rec.pid, rec.pid_start_time, rec.started_at = handle.pid, handle.start_time, utcnow()
+        rec.pid, rec.pid_start_time, rec.started_at = handle.pid, handle.start_time, self._clock.now()
         self._registry.transition(rec, AgentState.RUNNING, f"started (pid {handle.pid})")
         early = self._early_exits.pop(rec.agent_id, None)
         if early is not None and early[0].pid == handle.pid:
@@ -213,7 +182,7 @@ class Supervisor:
             else:
                 log.debug("exit of a process no agent owns", agent_id=agent_id, pid=handle.pid)
             return
-        ran_for = (utcnow() - rec.started_at).total_seconds() if rec.started_at else None
+        ran_for = (self._clock.now() - rec.started_at).total_seconds() if rec.started_at else None
         rec.pid = rec.pid_start_time = rec.started_at = None
         rec.last_exit = exit_info
         if rec.state is AgentState.STOPPING or rec.desired is DesiredState.STOPPED or self._shutting_down:
@@ -231,7 +200,7 @@ class Supervisor:
             self._registry.transition(rec, AgentState.STOPPED if clean else AgentState.ERROR, decision.reason)
             return
         rec.restart_count += 1
-        rec.next_restart_at = utcnow() + timedelta(seconds=decision.delay)
+        rec.next_restart_at = self._clock.now() + timedelta(seconds=decision.delay)
         self._registry.transition(rec, AgentState.BACKOFF, decision.reason)
         self._restart_timers[agent_id] = self._tasks.spawn(
             self._restart_after(agent_id, decision.delay), name=f"restart:{agent_id}"

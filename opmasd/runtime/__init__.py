@@ -1,1 +1,1 @@
-"""How an agent runs: one interface (base.Runtime), one backend per module."""
+"""How an agent runs: one interface (base.Runtime), the process backend and the parts it uses."""

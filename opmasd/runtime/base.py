@@ -56,8 +56,8 @@ class Runtime(Protocol):
     def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
         """New lines of the agent's output as they are written, until the caller stops."""
 
-    async def maintain(self) -> None:
-        """Periodic housekeeping (log rotation); the manager calls it every monitoring_interval."""
+    async def rotate_logs(self) -> None:
+        """Rotate the agents' logs that outgrew their cap; the manager calls it every monitoring_interval."""
 
     async def aclose(self) -> None:
         """Stop watching. Processes are left running (a later daemon re-adopts them)."""

@@ -25,9 +25,11 @@ import structlog
 
 from opmasd.core.errors import LaunchError
 from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
+from opmasd.runtime import signals
 from opmasd.runtime.base import ExitHandler, LaunchRequest
 from opmasd.runtime.logfiles import AgentLogs
 from opmasd.runtime.proctable import ProcessTable
+from opmasd.runtime.usage import UsageSampler
 
 log = structlog.get_logger(__name__)
 
@@ -35,8 +37,6 @@ log = structlog.get_logger(__name__)
 _START_TIME_TOLERANCE = 0.01
 # After SIGKILL the leader goes at once unless stuck in the kernel; say so at this interval.
 _SIGKILL_WARN_INTERVAL = 5.0
-# How long terminate waits for SIGKILLed descendants (outside the group) to disappear.
-_DESCENDANT_WAIT = 1.0
 
 
 @dataclass(eq=False)
@@ -51,8 +51,15 @@ class _Watched:
     popen: subprocess.Popen[bytes] | None
     gone: asyncio.Event = field(default_factory=asyncio.Event)
     exit: ExitInfo | None = None
-    # psutil objects kept between usage() calls: cpu_percent measures since the previous call.
-    usage_procs: dict[int, psutil.Process] = field(default_factory=dict)
+    # Lives as long as the watch: a new process of the same agent starts with a fresh sampler.
+    usage: UsageSampler = field(init=False)
+
+    def __post_init__(self) -> None:
+        self.usage = UsageSampler(self.agent_id, self.handle.pid)
+
+    def signal_tree(self, sig: signal.Signals, family: list[psutil.Process]) -> None:
+        # Once gone, the pidfd is closed and the group swept: only the descendants are left.
+        signals.signal_tree(None if self.gone.is_set() else self.pidfd, self.handle.pid, sig, family)
 
 
 class ProcessRuntime:
@@ -88,7 +95,7 @@ class ProcessRuntime:
             pidfd = os.pidfd_open(popen.pid)
         except OSError as exc:
             log.error("pidfd_open failed, killing the new process", agent_id=agent_id, error=str(exc))
-            _kill_group(popen.pid)
+            signals.kill_group(popen.pid)
             popen.wait()
             raise LaunchError(f"cannot watch the process of agent {agent_id}: {exc}") from exc
         _apply_limits(agent_id, popen.pid, request.resources)
@@ -186,7 +193,7 @@ class ProcessRuntime:
         # which keeps its PID (and so its group ID) from being reused: sweep the group before
         # reaping. An adopted process may be reaped already, but its group ID stays reserved
         # while any member is left; when none is, the signal finds nobody.
-        _kill_group(pid)
+        signals.kill_group(pid)
         if watched.popen is None:
             info = ExitInfo(exit_code=None, signal=None)
         else:
@@ -226,18 +233,18 @@ class ProcessRuntime:
         # is out of killpg's reach, and once its parent dies it is no longer findable as ours.
         family = self._processes.descendants(pid)
         log.info("terminating agent process", agent_id=agent_id, pid=pid, timeout=timeout)
-        _signal_tree(watched, signal.SIGTERM, family)
+        watched.signal_tree(signal.SIGTERM, family)
         if not await _wait(watched.gone, timeout):
             family = _merge(family, self._processes.descendants(pid, fresh=True))
             log.warning(
                 "agent process still alive after SIGTERM; sending SIGKILL", agent_id=agent_id, pid=pid
             )
-            _signal_tree(watched, signal.SIGKILL, family)
+            watched.signal_tree(signal.SIGKILL, family)
             while not await _wait(watched.gone, _SIGKILL_WARN_INTERVAL):
                 log.error("agent process still alive after SIGKILL", agent_id=agent_id, pid=pid)
         if watched.exit is None:
             raise RuntimeError(f"the process runtime was closed before agent {agent_id} exited")
-        await _kill_stragglers(agent_id, family, pid)
+        await signals.kill_stragglers(agent_id, family, pid)
 
     # --- observing --------------------------------------------------------------------------
 
@@ -245,32 +252,7 @@ class ProcessRuntime:
         watched = self._watched.get(agent_id)
         if watched is None:
             return None
-        cache = watched.usage_procs
-        pid = watched.handle.pid
-        try:
-            leader = cache.get(pid) or psutil.Process(pid)
-            children = leader.children(recursive=True)
-        except psutil.NoSuchProcess:  # gone, or a zombie about to be reported
-            return None
-        current = {pid: leader}
-        for child in children:
-            cached = cache.get(child.pid)
-            # psutil compares PID and start time: a reused PID gets a fresh object.
-            current[child.pid] = cached if cached is not None and cached == child else child
-        watched.usage_procs = current
-        cpu, rss, threads, fds = 0.0, 0, 0, 0
-        for proc in current.values():
-            try:
-                with proc.oneshot():
-                    cpu += proc.cpu_percent(interval=None)
-                    rss += proc.memory_info().rss
-                    threads += proc.num_threads()
-                    fds += proc.num_fds()
-            except psutil.NoSuchProcess:
-                continue  # ended between the listing and now
-            except psutil.AccessDenied as exc:
-                log.debug("usage: process not readable", agent_id=agent_id, pid=proc.pid, error=str(exc))
-        return ProcessUsage(cpu_percent=cpu, rss_bytes=rss, num_threads=threads, open_fds=fds)
+        return watched.usage.sample()
 
     async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
         return await asyncio.to_thread(self._logs.tail, agent_id, lines)
@@ -278,7 +260,7 @@ class ProcessRuntime:
     def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
         return self._logs.follow(agent_id)
 
-    async def maintain(self) -> None:
+    async def rotate_logs(self) -> None:
         await asyncio.to_thread(self._logs.rotate_oversized)
 
     async def aclose(self) -> None:
@@ -339,79 +321,9 @@ def _merge(first: list[psutil.Process], second: list[psutil.Process]) -> list[ps
     return first + [proc for proc in second if proc not in first]
 
 
-def _signal_tree(watched: _Watched, sig: signal.Signals, family: list[psutil.Process]) -> None:
-    """Signal the leader (by pidfd: no PID reuse race), its group and the given descendants."""
-    if not watched.gone.is_set():  # afterwards the pidfd is closed and the group swept
-        try:
-            signal.pidfd_send_signal(watched.pidfd, sig)
-        except ProcessLookupError:
-            pass  # already dead, not yet reported
-        _signal_group(watched.handle.pid, sig)
-    for proc in family:
-        try:
-            proc.send_signal(sig)  # psutil checks the PID still names the same process
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.AccessDenied as exc:
-            log.warning("cannot signal descendant", pid=proc.pid, signal=sig.name, error=str(exc))
-
-
-def _kill_group(pgid: int) -> None:
-    _signal_group(pgid, signal.SIGKILL)
-
-
-def _signal_group(pgid: int, sig: signal.Signals) -> None:
-    try:
-        os.killpg(pgid, sig)
-    except ProcessLookupError:
-        pass  # nothing left in the group
-    except PermissionError as exc:
-        log.warning("cannot signal process group", pgid=pgid, signal=sig.name, error=str(exc))
-
-
 async def _wait(event: asyncio.Event, seconds: float) -> bool:
     try:
         await asyncio.wait_for(event.wait(), max(seconds, 0.0))
     except TimeoutError:
         return False
     return True
-
-
-def _group_of(pid: int) -> int | None:
-    try:
-        return os.getpgid(pid)
-    except ProcessLookupError:
-        return None
-
-
-def _alive(proc: psutil.Process) -> bool:
-    try:
-        return proc.is_running() and proc.status() != psutil.STATUS_ZOMBIE
-    except psutil.NoSuchProcess:
-        return False
-
-
-async def _kill_stragglers(agent_id: str, family: list[psutil.Process], group: int) -> None:
-    """SIGKILL descendants that outlived the leader (they left its group), and let them go."""
-    survivors = [proc for proc in family if _alive(proc)]
-    if not survivors:
-        return
-    # Members of the agent's own group were swept with SIGKILL when the leader went and are
-    # merely still exiting: only those that left the group are worth a warning.
-    escaped = [proc.pid for proc in survivors if _group_of(proc.pid) != group]
-    if escaped:
-        log.warning("killing descendants that outlived the agent", agent_id=agent_id, pids=escaped)
-    for proc in survivors:
-        try:
-            proc.kill()
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.AccessDenied as exc:
-            log.warning("cannot kill descendant", agent_id=agent_id, pid=proc.pid, error=str(exc))
-    # A short poll: they are not ours to reap, and SIGKILL takes effect within milliseconds.
-    deadline = asyncio.get_running_loop().time() + _DESCENDANT_WAIT
-    while any(_alive(proc) for proc in survivors):
-        if asyncio.get_running_loop().time() >= deadline:
-            log.error("descendants still alive after SIGKILL", agent_id=agent_id)
-            return
-        await asyncio.sleep(0.01)

@@ -1,17 +1,6 @@
 """SqlStore: the AgentStore on SQLite or PostgreSQL, through peewee.
 
-Open it from `database.url`:
-
-    sqlite:///var/lib/opmas/opmas.db          a file (absolute path; its directory is created)
-    sqlite:///:memory:                         a private in-memory database (tests)
-    postgresql://user:pass@host:5432/opmas     PostgreSQL through psycopg2; also postgres://,
-                                               and the original design's SQLAlchemy-style
-                                               postgresql+asyncpg:// and postgresql+psycopg2://
-
-PostgreSQL URLs take libpq connection parameters as query parameters (`?sslmode=require&
-connect_timeout=5`, `options=-c%20statement_timeout%3D5000`, `host=/run/postgresql` for a
-unix socket), plus one of our own: `schema=NAME` puts the tables in that (existing) schema by
-setting the connection's search_path, which is how the tests isolate themselves.
+Open it with SqlStore.open(url); the URLs it takes are described in database.py.
 
 Calls are serialised by a process-wide lock: they are short, the manager makes them from one
 thread, and the models share one `DatabaseProxy`, which each call points at its own store's
@@ -25,13 +14,10 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import re
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
-from pathlib import Path
-from typing import Any, TypeVar
-from urllib.parse import parse_qsl, unquote, urlsplit
+from typing import TypeVar
 
 import peewee
 import structlog
@@ -41,6 +27,7 @@ from opmasd.core.errors import StoreError
 from opmasd.core.model import AgentRecord, Transition
 from opmasd.core.urls import redacted
 from opmasd.store import migrations
+from opmasd.store.database import database_from_url
 from opmasd.store.models import (
     AgentRow,
     TransitionRow,
@@ -50,109 +37,14 @@ from opmasd.store.models import (
     transition_from_row,
     transition_to_row,
 )
+from opmasd.store.statements import agent_upsert, row_params, transition_insert
 
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-ACCEPTED_URLS = (
-    "sqlite:///absolute/path.db, sqlite:///:memory:, postgresql://user:pass@host:port/db "
-    "(also postgres://, postgresql+asyncpg://, postgresql+psycopg2://)"
-)
-_POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2"}
-_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 # The lock every call holds; see the module docstring.
 _CALL_LOCK = threading.RLock()
-
-
-def _sqlite_database(url: str) -> peewee.SqliteDatabase:
-    parts = urlsplit(url)
-    path = unquote(parts.path)
-    if parts.netloc or not path.startswith("/") or parts.query:
-        raise ValueError(f"bad SQLite URL {url!r}: expected sqlite:///absolute/path.db or sqlite:///:memory:")
-    if path == "/:memory:":
-        target = ":memory:"
-    else:
-        # sqlite:////abs (SQLAlchemy's spelling of an absolute path) means the same file.
-        file = Path("/" + path.lstrip("/"))
-        if file.name == "":
-            raise ValueError(f"bad SQLite URL {url!r}: no file name")
-        try:
-            file.parent.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            log.error("store.open_failed", url=url, error=str(exc))
-            raise StoreError(f"cannot create the directory of the database {url}: {exc}") from exc
-        target = str(file)
-    return peewee.SqliteDatabase(
-        target,
-        pragmas={
-            # WAL: readers do not block the writer; NORMAL is durable across process crashes
-            # in WAL mode, and only a power loss may cost the last commits.
-            "journal_mode": "wal",
-            "synchronous": "normal",
-            "foreign_keys": 1,
-            "busy_timeout": 5000,
-        },
-        # Take the write lock at BEGIN: upgrading a read lock later fails at once with
-        # SQLITE_BUSY instead of waiting out busy_timeout.
-        lock_type="IMMEDIATE",
-        # One connection shared under _CALL_LOCK, whichever thread calls.
-        thread_safe=False,
-        check_same_thread=False,
-    )
-
-
-def _postgres_database(url: str, pool_size: int) -> peewee.PostgresqlDatabase:
-    parts = urlsplit(url)
-    dbname = unquote(parts.path.lstrip("/"))
-    if not dbname:
-        raise ValueError(f"bad PostgreSQL URL {redacted(url)!r}: no database name")
-    params: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
-    schema = params.pop("schema", None)
-    if schema is not None:
-        if not _SCHEMA_NAME.match(schema):
-            raise ValueError(f"bad schema {schema!r} in PostgreSQL URL: use letters, digits and _")
-        params["options"] = f"{params.get('options', '')} -c search_path={schema}".strip()
-    if parts.username:
-        params["user"] = unquote(parts.username)
-    if parts.password:
-        params["password"] = unquote(parts.password)
-    if parts.hostname:
-        params["host"] = parts.hostname
-    try:
-        port = parts.port
-    except ValueError as exc:
-        raise ValueError(f"bad port in PostgreSQL URL {redacted(url)!r}") from exc
-    if port is not None:
-        params["port"] = port
-    # libpq waits forever for an unreachable host by default; a daemon should report it.
-    params.setdefault("connect_timeout", 10)
-    params.setdefault("application_name", "opmasd")
-    # playhouse.pool has no type annotations.
-    database: peewee.PostgresqlDatabase = PooledPostgresqlDatabase(  # type: ignore[no-untyped-call]
-        dbname,
-        max_connections=pool_size,
-        # Recycle idle connections before firewalls and proxies silently cut them.
-        stale_timeout=300,
-        timeout=10,
-        **params,
-    )
-    return database
-
-
-def database_from_url(url: str, *, pool_size: int = 5) -> peewee.Database:
-    """An unconnected peewee database for `url`; ValueError for a URL we do not accept."""
-    if pool_size < 1:
-        raise ValueError(f"pool_size must be at least 1, not {pool_size}")
-    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
-    if scheme == "sqlite":
-        return _sqlite_database(url)
-    if scheme in _POSTGRES_SCHEMES:
-        return _postgres_database(url, pool_size)
-    raise ValueError(
-        f"unsupported database URL scheme {scheme or '(none)'!r} in {redacted(url)!r}: accepted are "
-        + ACCEPTED_URLS
-    )
 
 
 class SqlStore:
@@ -211,13 +103,13 @@ class SqlStore:
             return
 
         def work() -> None:
-            # Plain executemany on statements built once: peewee building a 200-row INSERT
-            # was a third of the CPU of stopping 200 agents at once.
+            # Plain executemany on statements built once (statements.py says why).
             cursor = self._db.cursor()  # type: ignore[no-untyped-call]
             if records:
-                cursor.executemany(self._agent_upsert, [_params(AgentRow, agent_to_row(r)) for r in records])
+                rows = [row_params(AgentRow, agent_to_row(r)) for r in records]
+                cursor.executemany(self._agent_upsert, rows)
             if transitions:
-                rows = [_params(TransitionRow, transition_to_row(t)) for t in transitions]
+                rows = [row_params(TransitionRow, transition_to_row(t)) for t in transitions]
                 cursor.executemany(self._transition_insert, rows)
 
         # Not idempotent (transitions are appended): retried only if it never began.
@@ -299,19 +191,11 @@ class SqlStore:
 
     @functools.cached_property
     def _agent_upsert(self) -> str:
-        columns = [field.column_name for field in _insert_fields(AgentRow)]
-        names = ", ".join(f'"{c}"' for c in columns)
-        values = ", ".join([self._db.param] * len(columns))
-        updates = ", ".join(f'"{c}" = EXCLUDED."{c}"' for c in columns if c != "agent_id")
-        upsert = f'ON CONFLICT ("agent_id") DO UPDATE SET {updates}'
-        return f'INSERT INTO "agents" ({names}) VALUES ({values}) {upsert}'
+        return agent_upsert(self._db.param)
 
     @functools.cached_property
     def _transition_insert(self) -> str:
-        columns = [field.column_name for field in _insert_fields(TransitionRow)]
-        names = ", ".join(f'"{c}"' for c in columns)
-        values = ", ".join([self._db.param] * len(columns))
-        return f'INSERT INTO "agent_transitions" ({names}) VALUES ({values})'
+        return transition_insert(self._db.param)
 
     @contextlib.contextmanager
     def _connection(self) -> Iterator[None]:
@@ -385,13 +269,3 @@ def _check_same_agent(record: AgentRecord, transition: Transition) -> None:
         raise ValueError(
             f"transition of agent {transition.agent_id!r} recorded with the row of {record.agent_id!r}"
         )
-
-
-def _insert_fields(model: type[peewee.Model]) -> list[peewee.Field]:
-    """The columns an INSERT sets: all but an auto-incremented id."""
-    return [f for f in model._meta.sorted_fields if not isinstance(f, peewee.AutoField)]
-
-
-def _params(model: type[peewee.Model], row: Mapping[str, Any]) -> list[Any]:
-    """A row's values in column order, as the database takes them (the fields' db_value)."""
-    return [field.db_value(row[field.name]) for field in _insert_fields(model)]  # type: ignore[no-untyped-call]

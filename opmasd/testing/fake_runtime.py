@@ -37,7 +37,7 @@ class FakeRuntime:
         self.ignore_sigterm: set[str] = set()
         self.terminations: list[tuple[str, float]] = []
         self.logs: dict[str, list[str]] = {}
-        self.maintained = 0
+        self.log_rotations = 0
 
     def set_exit_handler(self, handler: ExitHandler) -> None:
         self._handler = handler
@@ -85,8 +85,8 @@ class FakeRuntime:
         for line in self.logs.get(agent_id, []):
             yield line
 
-    async def maintain(self) -> None:
-        self.maintained += 1
+    async def rotate_logs(self) -> None:
+        self.log_rotations += 1
 
     async def aclose(self) -> None:
         self.processes.clear()

@@ -23,6 +23,7 @@ from opmasd.bus.embedded import EmbeddedNatsServer
 from opmasd.bus.micro import ServiceDescription, ServiceEndpoint
 from opmasd.bus.registration import server_has_seen
 from opmasd.bus.subjects import Subjects
+from opmasd.core.clock import rfc3339
 from opmasd.core.errors import BusTimeout, BusUnavailable
 from opmasd.core.messages import Heartbeat, MetricsReport
 
@@ -78,7 +79,7 @@ async def test_heartbeats_and_metrics_are_decoded_and_delivered(bus: NatsBus, ag
     await agent.publish("t.metrics", json.dumps({"agent_id": "a1", "metrics": {"events": 12}}).encode())
     got = await intake.next_heartbeat()
     assert (got.agent_id, got.status, dict(got.metadata)) == ("a1", "running", {"v": "1"})
-    assert codec.format_timestamp(got.timestamp) == "2026-11-24T07:54:47.123Z"
+    assert rfc3339(got.timestamp) == "2026-11-24T07:54:47.123Z"
     report = await asyncio.wait_for(intake.metrics.get(), 5)
     assert report.agent_id == "a1" and report.metrics == {"events": 12}
     assert bus.stats().messages_in == {"t.status": 1, "t.metrics": 1}

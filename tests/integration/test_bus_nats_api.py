@@ -20,10 +20,11 @@ from opmasd.api.nats_api import NatsManagerApi
 from opmasd.bus import codec
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import EmbeddedNatsServer
+from opmasd.bus.manager_service import ManagerService
 from opmasd.bus.registration import server_has_seen
 from opmasd.bus.subjects import Subjects
 from opmasd.core.model import AgentRecord, AgentSpec
-from opmasd.manager.operations import AgentManager, ManagerSettings
+from opmasd.manager import AgentManager, ManagerSettings
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
 
@@ -34,7 +35,7 @@ SLEEP = {"name": "sleeper", "type": "collector", "command": ("sleep", "100")}
 class Node:
     manager: AgentManager
     bus: NatsBus
-    api: NatsManagerApi
+    service: ManagerService
     subjects: Subjects
 
 
@@ -51,19 +52,25 @@ def new_manager(store: MemoryStore | None = None, bus: NatsBus | None = None) ->
     return AgentManager(store or MemoryStore(), FakeRuntime(), settings, bus=bus)
 
 
+def manager_service(manager: AgentManager, bus: NatsBus) -> ManagerService:
+    # As the daemon wires it: the bus serves the subjects, the api's dispatch table answers.
+    api = NatsManagerApi(manager, command_subject=bus.subjects.manager_command)
+    return ManagerService(bus, api.handle, node=manager.settings.node, version=opmasd.__version__)
+
+
 async def start_node(url: str, prefix: str, store: MemoryStore | None = None) -> Node:
     # The daemon's order: bus, manager (it takes the bus), API.
     subjects = Subjects(prefix)
     bus = await NatsBus.connect(url, subjects=subjects)
     manager = new_manager(store, bus)
     await manager.start(discover=False)
-    api = NatsManagerApi(manager, bus, subjects)
-    await api.start()
-    return Node(manager, bus, api, subjects)
+    service = manager_service(manager, bus)
+    await service.start()
+    return Node(manager, bus, service, subjects)
 
 
 async def stop_node(node: Node) -> None:
-    await node.api.stop()
+    await node.service.stop()
     await node.bus.close()
     await node.manager.stop(stop_agents=False)
 
@@ -206,7 +213,7 @@ async def test_malformed_requests_get_error_responses(
 ) -> None:
     reply = failed(await ask(client, body), "INVALID_ARGUMENT")
     assert reply["error"].startswith(reason), reply["error"]
-    assert node.api.malformed_counts() == {"t.manager.command": 1}
+    assert node.service.malformed_counts() == {"t.manager.command": 1}
 
 
 async def test_garbage_barrage_without_reply_is_counted_and_quiet(node: Node, client: Client) -> None:
@@ -216,11 +223,11 @@ async def test_garbage_barrage_without_reply_is_counted_and_quiet(node: Node, cl
         await client.publish("t.manager.command", b"x" * 1_000_000)
         # Requests run concurrently; the counts settle once all 1001 were handled.
         for _ in range(250):
-            if node.api.malformed_counts().get("t.manager.command") == 1001:
+            if node.service.malformed_counts().get("t.manager.command") == 1001:
                 break
             await asyncio.sleep(0.02)
         assert ok(await ask(client, {"command": "list"}))["total"] == 0
-    assert node.api.malformed_counts() == {"t.manager.command": 1001}
+    assert node.service.malformed_counts() == {"t.manager.command": 1001}
     assert len([e for e in logs if e["event"].startswith("malformed manager request")]) == 1
 
 
@@ -287,7 +294,7 @@ async def test_commands_need_nats_on_the_manager_side(server: EmbeddedNatsServer
     bus = await NatsBus.connect(server.url, subjects=Subjects("t"))
     manager = new_manager()
     await manager.start(discover=False)
-    api = NatsManagerApi(manager, bus, Subjects("t"))
+    api = manager_service(manager, bus)
     await api.start()
     try:
         await manager.create_agent(SLEEP, start=True)
@@ -353,7 +360,7 @@ async def test_api_started_before_nats_is_up_serves_once_it_is(tmp_path: Path) -
     bus = await NatsBus.connect(url, subjects=Subjects("t"), initial_wait=0.05)
     manager = new_manager(bus=bus)
     await manager.start(discover=False)
-    api = NatsManagerApi(manager, bus, Subjects("t"))
+    api = manager_service(manager, bus)
     await api.start()
     server = EmbeddedNatsServer(tmp_path, port=port)
     try:

@@ -381,7 +381,7 @@ async def test_rotation_caps_the_log_of_a_running_agent(tmp_path: Path, pids: li
         log_file = harness.log_dir / "a.log"
         for _ in range(5):
             await eventually(lambda: log_file.stat().st_size > 2000)
-            await harness.runtime.maintain()
+            await harness.runtime.rotate_logs()
             assert log_file.stat().st_size < 2000
         await eventually(lambda: log_file.stat().st_size > 500)
         # O_APPEND: after the truncate the agent wrote at the new end, not at its old offset.

@@ -38,9 +38,10 @@ from opmasd.core.model import (
 )
 from opmasd.store import models
 from opmasd.store.base import AgentStore
+from opmasd.store.database import database_from_url
 from opmasd.store.migrations import LATEST_VERSION
 from opmasd.store.models import AgentRow, SchemaVersion, TransitionRow
-from opmasd.store.sql import SqlStore, database_from_url
+from opmasd.store.sql import SqlStore
 from opmasd.testing.memory_store import MemoryStore
 
 POSTGRES_URL = os.environ.get("OPMAS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")

@@ -12,6 +12,7 @@ from opmasd.bus import codec
 from opmasd.bus.burst import BurstLog
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.subjects import Subjects
+from opmasd.core.clock import rfc3339
 from opmasd.core.messages import Heartbeat, MetricsReport
 from opmasd.core.urls import without_credentials
 
@@ -45,7 +46,7 @@ def test_heartbeat_round_trip_and_timestamp_forms() -> None:
 
 def test_timestamps_are_rfc3339_utc_with_milliseconds() -> None:
     local = datetime(2026, 11, 24, 8, 54, 47, 123456, timezone(timedelta(hours=1)))
-    assert codec.format_timestamp(local) == "2026-11-24T07:54:47.123Z"
+    assert rfc3339(local) == "2026-11-24T07:54:47.123Z"
     body = json.loads(codec.encode_command("status", "a1", {"k": 1}, now=local))
     assert body == {
         "command": "status",

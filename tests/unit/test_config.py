@@ -7,16 +7,17 @@ from pathlib import Path
 import pytest
 
 import opmasd
-from opmasd import config as config_module
+from opmas.units import parse_duration, parse_size
 from opmasd.config import (
     Config,
     ConfigError,
     default_agent_dirs,
     default_paths,
-    default_socket_path,
     load_config,
 )
-from opmasd.config_types import parse_duration, parse_mode, parse_size, split_address
+from opmasd.config import loading as config_loading
+from opmasd.config.parsers import parse_mode, split_address
+from opmasd.core.model import RestartPolicy
 
 USER_ENV = {"HOME": "/home/op", "XDG_STATE_HOME": "/home/op/.state", "XDG_RUNTIME_DIR": "/run/user/1000"}
 
@@ -24,7 +25,7 @@ USER_ENV = {"HOME": "/home/op", "XDG_STATE_HOME": "/home/op/.state", "XDG_RUNTIM
 @pytest.fixture(autouse=True)
 def no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
     # The machine's own /etc/opmas/opmasd.yaml must not leak into these tests.
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "opmasd.yaml")
+    monkeypatch.setattr(config_loading, "DEFAULT_CONFIG_PATH", tmp_path / "absent" / "opmasd.yaml")
 
 
 def write(tmp_path: Path, text: str) -> Path:
@@ -72,7 +73,7 @@ def test_defaults_without_any_file_as_user() -> None:
     assert (cfg.auth.enabled, cfg.auth.tokens_file) == (False, None)
     a = cfg.agents
     assert a.dirs == default_agent_dirs()
-    assert (a.autostart, a.stop_timeout, a.restart_policy) == (False, 10, "on-failure")
+    assert (a.autostart, a.stop_timeout, a.restart_policy) == (False, 10, RestartPolicy.ON_FAILURE)
     assert (a.backoff_initial, a.backoff_max, a.stable_after, a.max_restarts) == (0.5, 30, 10, 5)
     assert (a.log_max_bytes, a.log_backups) == (10 * 1024 * 1024, 3)
 
@@ -125,15 +126,6 @@ def test_log_dir_follows_a_configured_state_dir(tmp_path: Path) -> None:
     cfg = load_config(path, USER_ENV, euid=1000)
     assert cfg.service.log_dir == Path("/srv/opmas/logs")
     assert cfg.database.url == "sqlite:////srv/opmas/opmas.db"
-
-
-def test_default_socket_path(tmp_path: Path) -> None:
-    assert default_socket_path({"RUNTIME_DIRECTORY": "/run/x"}, euid=1000) == Path("/run/x/opmasd.sock")
-    assert default_socket_path({}, euid=0) == Path("/run/opmas/opmasd.sock")
-    own = tmp_path / "opmas" / "opmasd.sock"
-    own.parent.mkdir()
-    own.touch()
-    assert default_socket_path({"XDG_RUNTIME_DIR": str(tmp_path)}, euid=1000) == own
 
 
 # --- a full file ---------------------------------------------------------------------------
@@ -217,7 +209,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert (cfg.auth.enabled, cfg.auth.tokens_file) == (True, Path("~/tokens").expanduser())
     a = cfg.agents
     assert a.dirs == (Path("/opt/agents"), tmp_path.resolve() / "more")
-    assert (a.autostart, a.stop_timeout, a.restart_policy) == (True, 30, "always")
+    assert (a.autostart, a.stop_timeout, a.restart_policy) == (True, 30, RestartPolicy.ALWAYS)
     assert (a.backoff_initial, a.backoff_max, a.stable_after) == (1, 60, 90)
     assert (a.max_restarts, a.log_max_bytes, a.log_backups) == (0, 512 * 1024, 0)
 
@@ -247,7 +239,7 @@ def test_socket_mode_forms(tmp_path: Path) -> None:
 
 def test_default_file_is_used_when_present(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     path = write(tmp_path, "agents:\n  max_restarts: 9\n")
-    monkeypatch.setattr(config_module, "DEFAULT_CONFIG_PATH", path)
+    monkeypatch.setattr(config_loading, "DEFAULT_CONFIG_PATH", path)
     cfg = load_config(None, {}, euid=1000)
     assert (cfg.agents.max_restarts, cfg.source) == (9, path)
 
@@ -401,7 +393,7 @@ def test_env_overrides_of_each_type(tmp_path: Path) -> None:
     assert cfg.agents.autostart is True
     assert cfg.agents.stop_timeout == 0.25
     assert cfg.agents.log_max_bytes == 1 << 30
-    assert cfg.agents.restart_policy == "never"
+    assert cfg.agents.restart_policy is RestartPolicy.NEVER
     assert cfg.grpc.socket_mode == 0o640
     assert cfg.database.url == "postgresql+asyncpg://u@h/db"
     assert cfg.service.state_dir == Path("/srv/state")
@@ -484,7 +476,7 @@ def test_sizes(text: object, size: int) -> None:
     assert parse_size(text) == size
 
 
-@pytest.mark.parametrize("text", [0, -1, "0", "", "K", "10X", "1.5", True, 2.0])
+@pytest.mark.parametrize("text", [0, -1, "0", "0.5", "1.5", "1.7K", "", "K", "10X", True, 2.0])
 def test_bad_sizes(text: object) -> None:
     with pytest.raises(ValueError, match="must be a size"):
         parse_size(text)

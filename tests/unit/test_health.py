@@ -10,9 +10,7 @@ import pytest
 from opmasd.core.errors import DeadlineExceeded, FailedPrecondition, InvalidArgument, Unavailable
 from opmasd.core.messages import CommandReply
 from opmasd.core.model import AgentState
-from opmasd.manager.health import HealthSettings
-from opmasd.manager.operations import AgentManager, ManagerSettings
-from opmasd.manager.restart import RestartSettings
+from opmasd.manager import AgentManager, HealthSettings, ManagerSettings, RestartSettings
 from opmasd.testing.fake_bus import FakeBus
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
@@ -75,7 +73,7 @@ async def test_heartbeats_are_flushed_in_batches(parts) -> None:  # type: ignore
     for _ in range(500):
         bus.heartbeat("nagent")
     await asyncio.sleep(0.15)
-    flushes = manager.health.flushes
+    flushes = manager.writes.heartbeat_flushes
     assert 1 <= flushes <= 4, flushes  # a few flushes, not 500 writes
     stored = next(r for r in store.load_agents() if r.agent_id == "nagent")
     assert stored.last_heartbeat == manager.get_agent("nagent").last_heartbeat

@@ -13,13 +13,8 @@ from pathlib import Path
 import pytest
 import structlog
 
-from opmasd.logging import (
-    JournalRenderer,
-    configure_logging,
-    encode_journal_fields,
-    journal_fields,
-    resolve_format,
-)
+from opmasd.logging import JournalRenderer, configure_logging, resolve_format
+from opmasd.systemd.journal import encode_journal_fields, journal_fields
 
 
 @pytest.fixture(autouse=True)

@@ -9,8 +9,7 @@ import pytest
 
 from opmasd.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, StoreError
 from opmasd.core.model import AgentState, DesiredState, RestartPolicy
-from opmasd.manager.operations import AgentFilter, AgentManager, ManagerSettings
-from opmasd.manager.restart import RestartSettings
+from opmasd.manager import AgentFilter, AgentManager, ManagerSettings, RestartSettings
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
 
@@ -148,9 +147,9 @@ async def test_bad_inputs_name_the_field(parts) -> None:
 async def test_delete_is_idempotent_and_stops_the_agent(parts) -> None:
     manager, store, runtime = parts
     await manager.create_agent(SLEEP, start=True)
-    _, deleted = await manager.delete_agent("sleeper")
+    deleted = (await manager.delete_agent("sleeper")).changed
     assert deleted and "sleeper" not in runtime.processes
-    _, again = await manager.delete_agent("sleeper")
+    again = (await manager.delete_agent("sleeper")).changed
     assert not again
     with pytest.raises(NotFound):
         manager.get_agent("sleeper")
@@ -336,7 +335,7 @@ async def test_store_outage_keeps_supervising_and_catches_up() -> None:
         result = await manager.start_agent("sleeper")  # answered, though not yet stored
         assert result.record.state is AgentState.RUNNING
         store.failure = None
-        manager._registry.flush()  # what the monitor loop does every monitoring_interval
+        manager.writes.flush()  # what the monitor loop does every monitoring_interval
         assert [t.state for t in store.transitions("sleeper")] == [AgentState.RUNNING, AgentState.STARTING]
     finally:
         await manager.stop(stop_agents=False)

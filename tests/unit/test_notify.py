@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import structlog
 
-from opmasd.notify import Notifier
+from opmasd.systemd.notify import Notifier
 
 
 @pytest.fixture

@@ -11,10 +11,11 @@ import pytest
 import yaml
 from google.protobuf import duration_pb2, timestamp_pb2
 
+from opmas.local import default_socket_path
 from opmas.v1 import agents_pb2
 from opmasctl import output, views
 from opmasctl.cli import build_parser
-from opmasctl.connection import DEFAULT_TCP, default_socket_path, parse_server, probe, resolve_endpoint
+from opmasctl.connection import DEFAULT_TCP, parse_server, probe, resolve_endpoint
 from opmasctl.parsing import parse_duration, parse_env, parse_params, parse_seconds, parse_size
 from opmasctl.spec import SpecError, build_spec
 
@@ -23,18 +24,18 @@ from opmasctl.spec import SpecError, build_spec
 
 def test_default_socket_prefers_runtime_directory() -> None:
     env = {"RUNTIME_DIRECTORY": "/run/opmas", "XDG_RUNTIME_DIR": "/run/user/1000"}
-    assert default_socket_path(env, euid=1000, uid=1000) == "/run/opmas/opmasd.sock"
+    assert default_socket_path(env, euid=1000) == Path("/run/opmas/opmasd.sock")
 
 
 def test_default_socket_root_uses_run() -> None:
-    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/0"}, euid=0, uid=0) == "/run/opmas/opmasd.sock"
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/0"}, euid=0) == Path("/run/opmas/opmasd.sock")
 
 
 def test_default_socket_user_uses_xdg_then_tmp() -> None:
-    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000, 1000) == (
-        "/run/user/1000/opmas/opmasd.sock"
+    assert default_socket_path({"XDG_RUNTIME_DIR": "/run/user/1000"}, 1000) == (
+        Path("/run/user/1000/opmas/opmasd.sock")
     )
-    assert default_socket_path({}, 1000, 1000) == "/tmp/opmas-1000/opmasd.sock"
+    assert default_socket_path({}, 1000) == Path("/tmp/opmas-1000/opmasd.sock")
 
 
 @pytest.mark.parametrize(
@@ -70,15 +71,15 @@ def test_probe_needs_a_socket_address() -> None:
 
 def test_resolve_flag_beats_env() -> None:
     env = {"OPMAS_SERVER": "envhost:1"}
-    assert resolve_endpoint("flaghost:2", env, 1000, 1000).target == "flaghost:2"
-    assert resolve_endpoint(None, env, 1000, 1000).target == "envhost:1"
+    assert resolve_endpoint("flaghost:2", env, 1000).target == "flaghost:2"
+    assert resolve_endpoint(None, env, 1000).target == "envhost:1"
 
 
 def test_resolve_default_socket_only_when_it_exists(tmp_path: Path) -> None:
     env = {"RUNTIME_DIRECTORY": str(tmp_path)}
-    assert resolve_endpoint(None, env, 1000, 1000).target == DEFAULT_TCP
+    assert resolve_endpoint(None, env, 1000).target == DEFAULT_TCP
     (tmp_path / "opmasd.sock").touch()
-    endpoint = resolve_endpoint(None, env, 1000, 1000)
+    endpoint = resolve_endpoint(None, env, 1000)
     assert endpoint.target == f"unix:{tmp_path}/opmasd.sock"
     assert endpoint.is_unix
 

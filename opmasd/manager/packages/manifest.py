@@ -30,7 +30,7 @@ from typing import Any
 
 import yaml
 
-from opmasd.config_types import parse_duration, parse_size
+from opmas.units import parse_duration, parse_size
 from opmasd.core.errors import InvalidArgument
 from opmasd.core.ids import agent_id_from_name, check_agent_id
 from opmasd.core.model import AgentSpec, ResourceLimits, RestartPolicy, RuntimeKind

@@ -1,8 +1,7 @@
-"""Agent health from heartbeats: running ↔ inactive, and the last metrics each agent reported.
+"""Heartbeat judging: running ↔ inactive from the agents' heartbeats, and when not to judge.
 
-Heartbeats are the hottest input opmasd has (thousands a second on a big host), so taking one
-is a dictionary update in memory; the last-seen times reach the store in batches, once per
-flush interval, never one write per heartbeat.
+Taking a heartbeat is a dictionary update in memory; the last-seen times reach the store
+through the write-behind persistence in batches, once per flush interval.
 
 A NATS outage silences every agent at once; that says nothing about them, so while the bus is
 down nobody is judged, and after it is back every agent gets a full heartbeat_timeout to be
@@ -22,12 +21,11 @@ from datetime import datetime, timedelta
 
 import structlog
 
-from opmasd.core.clock import utcnow
-from opmasd.core.errors import StoreError
-from opmasd.core.messages import Heartbeat, MetricsReport
+from opmasd.core.clock import SYSTEM_CLOCK, Clock
+from opmasd.core.messages import Heartbeat
 from opmasd.core.model import AgentRecord, AgentState
+from opmasd.manager.persistence import WriteBehind
 from opmasd.manager.registry import AgentRegistry
-from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
 
@@ -37,19 +35,24 @@ class HealthSettings:
     heartbeat_timeout: float = 90.0
 
 
-class HealthMonitor:
-    def __init__(self, registry: AgentRegistry, store: AgentStore, settings: HealthSettings) -> None:
+class HeartbeatJudge:
+    def __init__(
+        self,
+        registry: AgentRegistry,
+        writes: WriteBehind,
+        settings: HealthSettings,
+        clock: Clock = SYSTEM_CLOCK,
+    ) -> None:
         self._registry = registry
-        self._store = store
+        self._writes = writes
+        self._clock = clock
+        # Public: a configuration reload (SIGHUP) replaces it.
         self.settings = settings
-        self._unflushed: dict[str, datetime] = {}
-        self._metrics: dict[str, MetricsReport] = {}
         # Down until the first check that finds the bus connected (see the module docstring);
         # after that, nobody is judged before _grace_until.
         self._bus_was_down = True
         self._grace_until: datetime | None = None
         self.heartbeats_unknown = 0
-        self.flushes = 0
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None:
         rec = self._registry.get(heartbeat.agent_id)
@@ -63,22 +66,15 @@ class HealthMonitor:
                 )
             return
         # Our clock, not the agent's: liveness must not depend on the agents' clocks being right.
-        now = utcnow()
+        now = self._clock.now()
         rec.last_heartbeat = now
-        self._unflushed[rec.agent_id] = now
+        self._writes.note_heartbeat(rec.agent_id, now)
         if rec.state is AgentState.INACTIVE:
             self._registry.transition(rec, AgentState.RUNNING, "heartbeat received again")
 
-    def on_metrics(self, report: MetricsReport) -> None:
-        if self._registry.get(report.agent_id) is not None:
-            self._metrics[report.agent_id] = report
-
-    def reported_metrics(self, agent_id: str) -> MetricsReport | None:
-        return self._metrics.get(agent_id)
-
-    def lost(self, bus_connected: bool = True, now: datetime | None = None) -> list[AgentRecord]:
-        """Move running agents whose heartbeat stopped to inactive; returns them."""
-        now = now or utcnow()
+    def mark_silent_inactive(self, bus_connected: bool = True) -> list[AgentRecord]:
+        """Move running agents whose heartbeat stopped to inactive; returns the ones moved."""
+        now = self._clock.now()
         timeout = self.settings.heartbeat_timeout
         if not bus_connected:
             if not self._bus_was_down:
@@ -106,20 +102,3 @@ class HealthMonitor:
                 self._registry.transition(rec, AgentState.INACTIVE, reason)
                 gone.append(rec)
         return gone
-
-    def flush(self) -> None:
-        """Write the last-seen times gathered since the previous flush, in one transaction."""
-        if not self._unflushed:
-            return
-        batch, self._unflushed = self._unflushed, {}
-        try:
-            self._store.save_heartbeats(batch)
-            self.flushes += 1
-        except StoreError as exc:
-            # Keep them for the next flush; newer times taken meanwhile win.
-            log.warning("heartbeat flush failed; will retry", agents=len(batch), error=str(exc))
-            self._unflushed = {**batch, **self._unflushed}
-
-    def forget(self, agent_id: str) -> None:
-        self._metrics.pop(agent_id, None)
-        self._unflushed.pop(agent_id, None)

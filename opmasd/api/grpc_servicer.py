@@ -21,7 +21,7 @@ from opmasd.api.errors import to_grpc_status
 from opmasd.api.wire_cache import AgentWireCache
 from opmasd.core.errors import InvalidArgument, OpmasError, StoreError
 from opmasd.core.ids import check_agent_id
-from opmasd.manager.operations import AgentFilter, AgentManager, OperationResult
+from opmasd.manager import AgentFilter, AgentManager, OperationResult
 
 log = structlog.get_logger(__name__)
 
@@ -154,9 +154,10 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def DeleteAgent(self, request: pb.DeleteAgentRequest, context: Any) -> pb.DeleteAgentResponse:
-        rec, deleted = await self._manager.delete_agent(request.agent_id)
-        message = f"agent {rec.agent_id} deleted" if deleted else f"agent {rec.agent_id} was already deleted"
-        return pb.DeleteAgentResponse(agent_id=rec.agent_id, deleted=deleted, message=message)
+        result = await self._manager.delete_agent(request.agent_id)
+        return pb.DeleteAgentResponse(
+            agent_id=result.record.agent_id, deleted=result.changed, message=result.message
+        )
 
     @unary
     async def StartAgent(self, request: pb.StartAgentRequest, context: Any) -> pb.StartAgentResponse:

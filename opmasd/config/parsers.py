@@ -2,12 +2,12 @@
 
 Every parser takes what YAML or the environment gave (environment values are always strings, so
 every parser accepts the string form too) and returns the typed value, or raises ValueError whose
-message is the reason only ("must be ...") — config.py adds the file and the key.
+message is the reason only ("must be ...") — the loader adds the file and the key. Durations and
+sizes are not here: they are opmas.units', shared with agent manifests and the client.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from collections.abc import Callable
 from pathlib import Path
@@ -22,7 +22,6 @@ __all__ = [
     "parse_address",
     "parse_bool",
     "parse_choice",
-    "parse_duration",
     "parse_int",
     "parse_mode",
     "parse_nats_subject_prefix",
@@ -30,7 +29,6 @@ __all__ = [
     "parse_optional_path",
     "parse_path",
     "parse_path_list",
-    "parse_size",
     "parse_str",
     "parse_url",
     "split_address",
@@ -92,67 +90,6 @@ def parse_int(minimum: int | None = None, maximum: int | None = None) -> Callabl
         return number
 
     return parse
-
-
-_DURATION_UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)")
-
-
-def _duration_seconds(value: object) -> float | None:
-    if isinstance(value, (int, float)) and not isinstance(value, bool):
-        return float(value)
-    if not isinstance(value, str):
-        return None
-    text = value.strip().lower()
-    try:
-        return float(text)  # a bare number is seconds
-    except ValueError:
-        pass
-    # Compound forms like "1m30s" are accepted, as systemd does for its time spans.
-    position, total = 0, 0.0
-    for match in _DURATION_PART.finditer(text):
-        if match.start() != position and text[position : match.start()].strip():
-            return None
-        total += float(match.group(1)) * _DURATION_UNITS[match.group(2)]
-        position = match.end()
-    if position == 0 or text[position:].strip():
-        return None
-    return total
-
-
-def parse_duration(*, positive: bool) -> Callable[[object], float]:
-    """Seconds as a float, from a number or "500ms", "10s", "5m", "1h", "1d", "1m30s"."""
-    bound = "> 0" if positive else ">= 0"
-    expectation = f'a duration {bound} (seconds, or like "500ms", "10s", "5m", "1h")'
-
-    def parse(value: object) -> float:
-        seconds = _duration_seconds(value)
-        if seconds is None or not math.isfinite(seconds) or seconds < 0 or (positive and seconds == 0):
-            raise _reject(expectation, value)
-        return seconds
-
-    return parse
-
-
-# Binary multiples whatever the spelling, as systemd reads "K", "M", "G": a log size cap is
-# never meant in powers of ten.
-_SIZE_UNITS = {"": 1, "b": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b)?")
-
-
-def parse_size(value: object) -> int:
-    """Bytes as an int > 0, from a number or "512K", "10MiB", "1G", "1.5MB"."""
-    expectation = 'a size in bytes > 0 (a number, or like "512K", "10MiB", "1G")'
-    size: float | None = None
-    if isinstance(value, int) and not isinstance(value, bool):
-        size = float(value)
-    elif isinstance(value, str):
-        match = _SIZE.fullmatch(value.strip().lower())
-        if match:
-            size = float(match.group(1)) * _SIZE_UNITS[match.group(2)]
-    if size is None or size < 1 or not size.is_integer():
-        raise _reject(expectation, value)
-    return int(size)
 
 
 def parse_choice(*choices: str) -> Callable[[object], str]:

@@ -1,0 +1,40 @@
+"""The daemon's configuration: `load_config` gives a checked, typed `Config` or a `ConfigError`.
+
+schema.py says what a configuration holds, loading.py reads it from the file and the
+environment, paths.py picks the default directories, parsers.py reads each kind of value.
+"""
+
+from __future__ import annotations
+
+from opmasd.config.loading import ConfigError, load_config
+from opmasd.config.paths import DefaultPaths, default_agent_dirs, default_paths
+from opmasd.config.schema import (
+    AgentsConfig,
+    AuthConfig,
+    Config,
+    DatabaseConfig,
+    GrpcConfig,
+    LogFormat,
+    LogLevel,
+    NatsConfig,
+    RestConfig,
+    ServiceConfig,
+)
+
+__all__ = [
+    "AgentsConfig",
+    "AuthConfig",
+    "Config",
+    "ConfigError",
+    "DatabaseConfig",
+    "DefaultPaths",
+    "GrpcConfig",
+    "LogFormat",
+    "LogLevel",
+    "NatsConfig",
+    "RestConfig",
+    "ServiceConfig",
+    "default_agent_dirs",
+    "default_paths",
+    "load_config",
+]

@@ -1,0 +1,197 @@
+"""Reading a configuration: defaults, then the YAML file, then OPMAS_<SECTION>_<KEY> variables.
+
+Everything is checked when loaded, so a bad value stops the daemon at start with the file, the
+key and the reason, instead of surfacing later as an odd failure deep in some subsystem.
+"""
+
+from __future__ import annotations
+
+import difflib
+import os
+import socket
+from collections.abc import Mapping
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opmas.local import SOCKET_NAME
+from opmasd.config.parsers import load_yaml
+from opmasd.config.paths import default_agent_dirs, default_log_dir, default_paths
+from opmasd.config.schema import (
+    SCHEMA,
+    AgentsConfig,
+    AuthConfig,
+    Config,
+    DatabaseConfig,
+    GrpcConfig,
+    NatsConfig,
+    RestConfig,
+    ServiceConfig,
+)
+
+DEFAULT_CONFIG_PATH = Path("/etc/opmas/opmasd.yaml")
+
+
+class ConfigError(Exception):
+    """A configuration problem: `source` is the file or the environment variable's origin."""
+
+    def __init__(self, source: str, key: str | None, reason: str) -> None:
+        super().__init__(f"{source}: {key}: {reason}" if key else f"{source}: {reason}")
+        self.source = source
+        self.key = key
+        self.reason = reason
+
+
+def _suggest(name: str, known: list[str]) -> str:
+    close = difflib.get_close_matches(name, known, n=1)
+    return f" (did you mean {close[0]!r}?)" if close else ""
+
+
+def _read_file(path: Path) -> dict[str, dict[str, object]]:
+    name = str(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        raise ConfigError(name, None, "no such file") from None
+    except (OSError, UnicodeDecodeError) as exc:
+        raise ConfigError(name, None, f"cannot read: {exc}") from exc
+    try:
+        document = load_yaml(text)
+    except yaml.MarkedYAMLError as exc:
+        mark = exc.problem_mark or exc.context_mark
+        where = f"line {mark.line + 1}, column {mark.column + 1}: " if mark else ""
+        raise ConfigError(name, None, f"{where}{exc.problem or exc.context}") from exc
+    except yaml.YAMLError as exc:
+        raise ConfigError(name, None, f"invalid YAML: {exc}") from exc
+    if document is None:  # an empty file (or only comments) is a valid "all defaults"
+        return {}
+    if not isinstance(document, dict):
+        raise ConfigError(name, None, f"must be a mapping of sections, got {type(document).__name__}")
+    sections: dict[str, dict[str, object]] = {}
+    for section, body in document.items():
+        if section not in SCHEMA:
+            hint = _suggest(str(section), list(SCHEMA))
+            raise ConfigError(name, str(section), f"unknown section{hint}")
+        if body is None:
+            body = {}
+        if not isinstance(body, dict):
+            raise ConfigError(name, section, f"must be a mapping of keys, got {type(body).__name__}")
+        for key in body:
+            if key not in SCHEMA[section]:
+                hint = _suggest(str(key), list(SCHEMA[section]))
+                raise ConfigError(name, f"{section}.{key}", f"unknown key{hint}")
+        # A key written with no value (`url:`) means "the default", as if it were absent.
+        sections[section] = {key: value for key, value in body.items() if value is not None}
+    return sections
+
+
+def _read_env(env: Mapping[str, str]) -> dict[str, dict[str, tuple[str, str]]]:
+    """OPMAS_<SECTION>_<KEY> values by section and key, each with the variable's name.
+
+    Variables whose section is not one of ours (OPMAS_CONFIG, OPMAS_SERVER for the client,
+    test settings) belong to someone else and are left alone.
+    """
+    found: dict[str, dict[str, tuple[str, str]]] = {}
+    for variable, value in env.items():
+        if not variable.startswith("OPMAS_"):
+            continue
+        rest = variable.removeprefix("OPMAS_")
+        section = next((s for s in SCHEMA if rest.startswith(s.upper() + "_")), None)
+        if section is None:
+            continue
+        key = rest.removeprefix(section.upper() + "_").lower()
+        if key not in SCHEMA[section]:
+            known = [f"OPMAS_{section.upper()}_{k.upper()}" for k in SCHEMA[section]]
+            raise ConfigError("environment", variable, f"unknown variable{_suggest(variable, known)}")
+        found.setdefault(section, {})[key] = (value, variable)
+    return found
+
+
+def _absolute(value: object, base: Path) -> Any:
+    if isinstance(value, Path):
+        return value if value.is_absolute() else base / value
+    if isinstance(value, tuple):
+        return tuple(_absolute(item, base) for item in value)
+    return value
+
+
+def load_config(path: Path | None, env: Mapping[str, str], *, euid: int | None = None) -> Config:
+    """Defaults, then the file (given, else /etc/opmas/opmasd.yaml if present), then env."""
+    if path is None and DEFAULT_CONFIG_PATH.exists():
+        path = DEFAULT_CONFIG_PATH
+    file_values = _read_file(path) if path is not None else {}
+    env_values = _read_env(env)
+    # Relative paths in the file are relative to the file, as an operator reading it expects;
+    # relative paths from the environment are relative to the working directory.
+    file_base = path.resolve().parent if path is not None else Path.cwd()
+
+    values: dict[str, dict[str, Any]] = {}
+    origins: dict[tuple[str, str], tuple[str, str]] = {}  # (section, key) -> (source, key label)
+    for section, keys in SCHEMA.items():
+        values[section] = {}
+        for key, spec in keys.items():
+            raw: object
+            if key in env_values.get(section, {}):
+                raw, variable = env_values[section][key]
+                source, label, base = "environment", variable, Path.cwd()
+            elif key in file_values.get(section, {}):
+                raw = file_values[section][key]
+                source, label, base = str(path), f"{section}.{key}", file_base
+            else:
+                continue
+            try:
+                parsed = spec.parse(raw)
+            except ValueError as exc:
+                raise ConfigError(source, label, str(exc)) from None
+            values[section][key] = _absolute(parsed, base) if spec.paths else parsed
+            origins[(section, key)] = (source, label)
+
+    return _build(values, origins, env, os.geteuid() if euid is None else euid, path)
+
+
+def _build(
+    values: dict[str, dict[str, Any]],
+    origins: dict[tuple[str, str], tuple[str, str]],
+    env: Mapping[str, str],
+    euid: int,
+    path: Path | None,
+) -> Config:
+    service = values["service"]
+    defaults = default_paths(env, euid)
+    service.setdefault("node", socket.gethostname())
+    service.setdefault("state_dir", defaults.state_dir)
+    service.setdefault("runtime_dir", defaults.runtime_dir)
+    service.setdefault("log_dir", default_log_dir(env, euid, service["state_dir"]))
+
+    database = values["database"]
+    if not database.get("url"):
+        database["url"] = f"sqlite:///{service['state_dir'] / 'opmas.db'}"
+
+    grpc = values["grpc"]
+    if grpc.get("socket", "") == "":
+        grpc["socket"] = service["runtime_dir"] / SOCKET_NAME
+
+    agents = values["agents"]
+    agents.setdefault("dirs", default_agent_dirs())
+    backoff_initial = agents.get("backoff_initial", AgentsConfig.backoff_initial)
+    backoff_max = agents.get("backoff_max", AgentsConfig.backoff_max)
+    if backoff_max < backoff_initial:
+        key = "backoff_max" if ("agents", "backoff_max") in origins else "backoff_initial"
+        source, label = origins[("agents", key)]
+        raise ConfigError(
+            source,
+            label,
+            f"agents.backoff_max ({backoff_max:g}s) must be >= agents.backoff_initial ({backoff_initial:g}s)",
+        )
+
+    return Config(
+        service=ServiceConfig(**service),
+        database=DatabaseConfig(**database),
+        nats=NatsConfig(**values["nats"]),
+        grpc=GrpcConfig(**grpc),
+        rest=RestConfig(**values["rest"]),
+        auth=AuthConfig(**values["auth"]),
+        agents=AgentsConfig(**agents),
+        source=path,
+    )

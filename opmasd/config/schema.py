@@ -1,0 +1,188 @@
+"""What a configuration holds: the sections as typed dataclasses, and each key's value parser.
+
+The dataclasses are what the rest of the daemon reads; `SCHEMA` is what the loader checks a
+file and the environment against (a key not in it is unknown, a value its parser refuses is bad).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal
+
+from opmas.units import parse_duration, parse_size
+from opmasd.config.parsers import (
+    parse_address,
+    parse_bool,
+    parse_choice,
+    parse_int,
+    parse_mode,
+    parse_nats_subject_prefix,
+    parse_node,
+    parse_optional_path,
+    parse_path,
+    parse_path_list,
+    parse_str,
+    parse_url,
+)
+from opmasd.core.model import RestartPolicy
+
+LogLevel = Literal["debug", "info", "warning", "error"]
+LogFormat = Literal["auto", "console", "json", "journal"]
+
+
+@dataclass(frozen=True)
+class ServiceConfig:
+    node: str
+    state_dir: Path
+    runtime_dir: Path
+    log_dir: Path
+    log_level: LogLevel = "info"
+    log_format: LogFormat = "auto"
+    discovery_interval: float = 60.0
+    monitoring_interval: float = 5.0
+    cleanup_interval: float = 3600.0
+    stop_agents_on_shutdown: bool = True
+
+
+@dataclass(frozen=True)
+class DatabaseConfig:
+    url: str  # always concrete once loaded: the default is the SQLite file in state_dir
+    pool_size: int = 5
+
+
+@dataclass(frozen=True)
+class NatsConfig:
+    url: str = ""  # "" = start the embedded nats-server
+    user: str = ""
+    password: str = field(default="", repr=False)
+    tls_verify: bool = True
+    subject_prefix: str = "agent"
+    heartbeat_timeout: float = 90.0
+
+
+@dataclass(frozen=True)
+class GrpcConfig:
+    socket: Path | None  # None = no unix socket
+    socket_mode: int = 0o660
+    address: str | None = "127.0.0.1:50051"  # None = no TCP listener
+    grace_period: float = 5.0
+
+
+@dataclass(frozen=True)
+class RestConfig:
+    address: str | None = "127.0.0.1:8000"  # None = no REST listener
+    enabled: bool = True
+
+
+@dataclass(frozen=True)
+class AuthConfig:
+    enabled: bool = False
+    tokens_file: Path | None = None
+
+
+@dataclass(frozen=True)
+class AgentsConfig:
+    dirs: tuple[Path, ...]
+    autostart: bool = False
+    stop_timeout: float = 10.0
+    restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    backoff_initial: float = 0.5
+    backoff_max: float = 30.0
+    stable_after: float = 10.0
+    max_restarts: int = 5
+    log_max_bytes: int = 10 << 20
+    log_backups: int = 3
+
+
+@dataclass(frozen=True)
+class Config:
+    service: ServiceConfig
+    database: DatabaseConfig
+    nats: NatsConfig
+    grpc: GrpcConfig
+    rest: RestConfig
+    auth: AuthConfig
+    agents: AgentsConfig
+    source: Path | None = None  # the file it came from, None when built from defaults only
+
+
+@dataclass(frozen=True)
+class Key:
+    parse: Callable[[object], Any]
+    paths: bool = False  # relative paths are resolved against the file's folder
+
+
+_POSITIVE = parse_duration(positive=True)
+_NON_NEGATIVE = parse_duration(positive=False)
+_RESTART_POLICY_NAME = parse_choice(*(policy.value for policy in RestartPolicy))
+
+
+def _restart_policy(value: object) -> RestartPolicy:
+    return RestartPolicy(_RESTART_POLICY_NAME(value))
+
+
+def _grpc_socket(value: object) -> Path | str | None:
+    text = parse_str(value).strip()
+    if text == "":
+        return ""  # resolved to <runtime_dir>/opmasd.sock once runtime_dir is known
+    if text.lower() == "none":
+        return None
+    return parse_path(text)
+
+
+SCHEMA: dict[str, dict[str, Key]] = {
+    "service": {
+        "node": Key(parse_node),
+        "state_dir": Key(parse_path, paths=True),
+        "runtime_dir": Key(parse_path, paths=True),
+        "log_dir": Key(parse_path, paths=True),
+        "log_level": Key(parse_choice("debug", "info", "warning", "error")),
+        "log_format": Key(parse_choice("auto", "console", "json", "journal")),
+        "discovery_interval": Key(_POSITIVE),
+        "monitoring_interval": Key(_POSITIVE),
+        "cleanup_interval": Key(_POSITIVE),
+        "stop_agents_on_shutdown": Key(parse_bool),
+    },
+    "database": {
+        "url": Key(
+            parse_url(("sqlite", "postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2"))
+        ),
+        "pool_size": Key(parse_int(minimum=1)),
+    },
+    "nats": {
+        "url": Key(parse_url(("nats", "tls", "ws", "wss"))),
+        "user": Key(parse_str),
+        "password": Key(parse_str),
+        "tls_verify": Key(parse_bool),
+        "subject_prefix": Key(parse_nats_subject_prefix),
+        "heartbeat_timeout": Key(_POSITIVE),
+    },
+    "grpc": {
+        "socket": Key(_grpc_socket, paths=True),
+        "socket_mode": Key(parse_mode),
+        "address": Key(parse_address),
+        "grace_period": Key(_NON_NEGATIVE),
+    },
+    "rest": {
+        "address": Key(parse_address),
+        "enabled": Key(parse_bool),
+    },
+    "auth": {
+        "enabled": Key(parse_bool),
+        "tokens_file": Key(parse_optional_path, paths=True),
+    },
+    "agents": {
+        "dirs": Key(parse_path_list, paths=True),
+        "autostart": Key(parse_bool),
+        "stop_timeout": Key(_NON_NEGATIVE),
+        "restart_policy": Key(_restart_policy),
+        "backoff_initial": Key(_NON_NEGATIVE),
+        "backoff_max": Key(_NON_NEGATIVE),
+        "stable_after": Key(_NON_NEGATIVE),
+        "max_restarts": Key(parse_int(minimum=0)),
+        "log_max_bytes": Key(parse_size),
+        "log_backups": Key(parse_int(minimum=0)),
+    },
+}

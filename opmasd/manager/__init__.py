@@ -1,0 +1,25 @@
+"""The manager layer: desired state, operations, supervision, discovery and health of agents.
+
+What the layers above (api, app) use is exported here; the modules behind it are the
+manager's own business.
+"""
+
+from opmasd.manager.events import AgentEvent, Subscription
+from opmasd.manager.heartbeats import HealthSettings
+from opmasd.manager.operations import AgentManager
+from opmasd.manager.restart import RestartSettings
+from opmasd.manager.settings import ManagerSettings
+from opmasd.manager.values import AgentFilter, DiscoveredAgent, DiscoveryReport, OperationResult
+
+__all__ = [
+    "AgentEvent",
+    "AgentFilter",
+    "AgentManager",
+    "DiscoveredAgent",
+    "DiscoveryReport",
+    "HealthSettings",
+    "ManagerSettings",
+    "OperationResult",
+    "RestartSettings",
+    "Subscription",
+]

@@ -1,0 +1,43 @@
+"""What an agent's process is started with: its command, directory and complete environment."""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+
+from opmasd.core.model import AgentRecord
+from opmasd.runtime.base import LaunchRequest
+
+# Variables of the daemon's own environment that must not leak into agents: they would make
+# an agent talk to systemd, or read opmasd's configuration, as if it were opmasd.
+_PRIVATE_ENV_PREFIXES = ("OPMAS_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM", "INVOCATION_ID")
+
+
+def agent_base_environment(environ: Mapping[str, str]) -> dict[str, str]:
+    """The daemon's environment without what is the daemon's alone."""
+    return {k: v for k, v in environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
+
+
+def launch_request(
+    rec: AgentRecord, base_env: Mapping[str, str], daemon_env: Mapping[str, str]
+) -> LaunchRequest:
+    """The request for rec's process. Later layers win: base, the daemon's (NATS_URL, ...), the
+    spec's own environment, then the AGENT_* identity, which an agent cannot override."""
+    spec = rec.spec
+    env = dict(base_env)
+    env.update(daemon_env)
+    env.update(spec.env)
+    env.update(
+        AGENT_ID=rec.agent_id,
+        AGENT_NAME=spec.name,
+        AGENT_TYPE=spec.type,
+        AGENT_VERSION=spec.version,
+        AGENT_HEARTBEAT_INTERVAL=f"{spec.heartbeat_interval:g}",
+        PYTHONUNBUFFERED="1",
+    )
+    return LaunchRequest(
+        agent_id=rec.agent_id,
+        command=spec.command,
+        working_directory=spec.working_directory or "/",
+        environment=env,
+        resources=spec.resources,
+    )

@@ -1,0 +1,118 @@
+"""Write-behind persistence: every store write the manager makes, queued and committed in batches.
+
+Two kinds of write reach the store, both from here:
+- agent rows and their transitions, queued as they happen and written in one transaction at
+  the next turn of the event loop, so a burst of changes (200 agents stopped at once) costs one
+  commit, not 400; operations that answer an operator wait for that commit (`wait_flushed`);
+- heartbeat times, the hottest input opmasd has, kept as a dict of last-seen times and written
+  once per heartbeat flush interval (`flush_heartbeats`), never one write per heartbeat.
+
+A write that fails is logged, kept, and retried by the next flush, so a database outage never
+stops supervision and loses no transition once the database is back. While the store fails,
+`wait_flushed` does not wait (see its docstring): the faults issue changes that.
+"""
+
+from __future__ import annotations
+
+import asyncio
+from datetime import datetime
+
+import structlog
+
+from opmasd.core.errors import StoreError
+from opmasd.core.model import AgentRecord, Transition
+from opmasd.store.base import AgentStore
+
+log = structlog.get_logger(__name__)
+
+
+class WriteBehind:
+    def __init__(self, store: AgentStore) -> None:
+        self._store = store
+        # Writes not yet in the store, in order: (snapshot, transition or None for a plain save).
+        self._queue: list[tuple[AgentRecord, Transition | None]] = []
+        self._flush_scheduled = False
+        # Whether the last attempt failed: the queue then waits for the next flush() (retry).
+        self._failing = False
+        self._flush_waiters: list[asyncio.Future[None]] = []
+        self._heartbeats: dict[str, datetime] = {}
+        self.heartbeat_flushes = 0
+
+    # -- agent rows and transitions -------------------------------------------------------------
+
+    def write(self, snapshot: AgentRecord, transition: Transition | None) -> None:
+        """Queue the agent's row (and the transition that produced it) for the next flush."""
+        self._queue.append((snapshot, transition))
+        if self._flush_scheduled or self._failing:
+            return
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # no event loop (start-up, tests): write at once
+            self.flush()
+            return
+        self._flush_scheduled = True
+        loop.call_soon(self.flush)
+
+    def flush(self) -> None:
+        """Write everything queued in one transaction; on failure keep it for the next call."""
+        self._flush_scheduled = False
+        if self._queue:
+            batch = self._queue
+            # Only the newest row of each agent matters; transitions all go, in order.
+            latest = {snapshot.agent_id: snapshot for snapshot, _ in batch}
+            transitions = [t for _, t in batch if t is not None]
+            try:
+                self._store.write_batch(list(latest.values()), transitions)
+            except StoreError as exc:
+                if not self._failing:
+                    log.error("store write failed; will retry", pending=len(batch), error=str(exc))
+                self._failing = True
+            else:
+                self._queue = []  # all of it: nothing can queue while this runs
+                if self._failing:
+                    log.info("store writes caught up", written=len(batch))
+                self._failing = False
+        waiters, self._flush_waiters = self._flush_waiters, []
+        for waiter in waiters:
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def wait_flushed(self) -> None:
+        """Wait for the flush attempt that covers what is queued now (at once when nothing is).
+
+        A failed flush releases its waiters too, and while the store is failing this returns at
+        once: the change is kept and retried, and the failure is logged, so an operator's
+        request is not held hostage by a database outage — but it is then not yet committed.
+        """
+        if not self._queue or self._failing:
+            return
+        waiter = asyncio.get_running_loop().create_future()
+        self._flush_waiters.append(waiter)
+        await waiter
+
+    # -- heartbeat times ------------------------------------------------------------------------
+
+    def note_heartbeat(self, agent_id: str, seen: datetime) -> None:
+        """Remember the agent's last heartbeat time for the next heartbeat flush."""
+        self._heartbeats[agent_id] = seen
+
+    def forget_heartbeat(self, agent_id: str) -> None:
+        self._heartbeats.pop(agent_id, None)
+
+    def flush_heartbeats(self) -> None:
+        """Write the last-seen times gathered since the previous flush, in one transaction."""
+        if not self._heartbeats:
+            return
+        batch, self._heartbeats = self._heartbeats, {}
+        try:
+            self._store.save_heartbeats(batch)
+            self.heartbeat_flushes += 1
+        except StoreError as exc:
+            # Keep them for the next flush; newer times taken meanwhile win.
+            log.warning("heartbeat flush failed; will retry", agents=len(batch), error=str(exc))
+            self._heartbeats = {**batch, **self._heartbeats}
+
+    def close(self) -> None:
+        """The last flush of both kinds (daemon shutdown)."""
+        self.flush_heartbeats()
+        self.flush()

@@ -1,0 +1,129 @@
+"""Database URLs → unconnected peewee databases (SQLite or PostgreSQL).
+
+The forms `database.url` takes:
+
+    sqlite:///var/lib/opmas/opmas.db          a file (absolute path; its directory is created)
+    sqlite:///:memory:                         a private in-memory database (tests)
+    postgresql://user:pass@host:5432/opmas     PostgreSQL through psycopg2; also postgres://,
+                                               and the original design's SQLAlchemy-style
+                                               postgresql+asyncpg:// and postgresql+psycopg2://
+
+PostgreSQL URLs take libpq connection parameters as query parameters (`?sslmode=require&
+connect_timeout=5`, `options=-c%20statement_timeout%3D5000`, `host=/run/postgresql` for a
+unix socket), plus one of our own: `schema=NAME` puts the tables in that (existing) schema by
+setting the connection's search_path, which is how the tests isolate themselves.
+"""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+from typing import Any
+from urllib.parse import parse_qsl, unquote, urlsplit
+
+import peewee
+import structlog
+from playhouse.pool import PooledPostgresqlDatabase
+
+from opmasd.core.errors import StoreError
+from opmasd.core.urls import redacted
+
+log = structlog.get_logger(__name__)
+
+ACCEPTED_URLS = (
+    "sqlite:///absolute/path.db, sqlite:///:memory:, postgresql://user:pass@host:port/db "
+    "(also postgres://, postgresql+asyncpg://, postgresql+psycopg2://)"
+)
+_POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2"}
+# The schema name ends up inside a connection option: a plain identifier only, nothing to quote.
+_SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
+
+
+def database_from_url(url: str, *, pool_size: int = 5) -> peewee.Database:
+    """An unconnected peewee database for `url`; ValueError for a URL we do not accept."""
+    if pool_size < 1:
+        raise ValueError(f"pool_size must be at least 1, not {pool_size}")
+    scheme = urlsplit(url).scheme.lower() if "://" in url else ""
+    if scheme == "sqlite":
+        return _sqlite_database(url)
+    if scheme in _POSTGRES_SCHEMES:
+        return _postgres_database(url, pool_size)
+    raise ValueError(
+        f"unsupported database URL scheme {scheme or '(none)'!r} in {redacted(url)!r}: accepted are "
+        + ACCEPTED_URLS
+    )
+
+
+def _sqlite_database(url: str) -> peewee.SqliteDatabase:
+    parts = urlsplit(url)
+    path = unquote(parts.path)
+    if parts.netloc or not path.startswith("/") or parts.query:
+        raise ValueError(f"bad SQLite URL {url!r}: expected sqlite:///absolute/path.db or sqlite:///:memory:")
+    if path == "/:memory:":
+        target = ":memory:"
+    else:
+        # sqlite:////abs (SQLAlchemy's spelling of an absolute path) means the same file.
+        file = Path("/" + path.lstrip("/"))
+        if file.name == "":
+            raise ValueError(f"bad SQLite URL {url!r}: no file name")
+        try:
+            file.parent.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            log.error("store.open_failed", url=url, error=str(exc))
+            raise StoreError(f"cannot create the directory of the database {url}: {exc}") from exc
+        target = str(file)
+    return peewee.SqliteDatabase(
+        target,
+        pragmas={
+            # WAL: readers do not block the writer; NORMAL is durable across process crashes
+            # in WAL mode, and only a power loss may cost the last commits.
+            "journal_mode": "wal",
+            "synchronous": "normal",
+            "foreign_keys": 1,
+            "busy_timeout": 5000,
+        },
+        # Take the write lock at BEGIN: upgrading a read lock later fails at once with
+        # SQLITE_BUSY instead of waiting out busy_timeout.
+        lock_type="IMMEDIATE",
+        # One connection, shared under SqlStore's call lock (see sql.py) whichever thread calls.
+        thread_safe=False,
+        check_same_thread=False,
+    )
+
+
+def _postgres_database(url: str, pool_size: int) -> peewee.PostgresqlDatabase:
+    parts = urlsplit(url)
+    dbname = unquote(parts.path.lstrip("/"))
+    if not dbname:
+        raise ValueError(f"bad PostgreSQL URL {redacted(url)!r}: no database name")
+    params: dict[str, Any] = dict(parse_qsl(parts.query, keep_blank_values=True))
+    schema = params.pop("schema", None)
+    if schema is not None:
+        if not _SCHEMA_NAME.match(schema):
+            raise ValueError(f"bad schema {schema!r} in PostgreSQL URL: use letters, digits and _")
+        params["options"] = f"{params.get('options', '')} -c search_path={schema}".strip()
+    if parts.username:
+        params["user"] = unquote(parts.username)
+    if parts.password:
+        params["password"] = unquote(parts.password)
+    if parts.hostname:
+        params["host"] = parts.hostname
+    try:
+        port = parts.port
+    except ValueError as exc:
+        raise ValueError(f"bad port in PostgreSQL URL {redacted(url)!r}") from exc
+    if port is not None:
+        params["port"] = port
+    # libpq waits forever for an unreachable host by default; a daemon should report it.
+    params.setdefault("connect_timeout", 10)
+    params.setdefault("application_name", "opmasd")
+    # playhouse.pool has no type annotations.
+    database: peewee.PostgresqlDatabase = PooledPostgresqlDatabase(  # type: ignore[no-untyped-call]
+        dbname,
+        max_connections=pool_size,
+        # Recycle idle connections before firewalls and proxies silently cut them.
+        stale_timeout=300,
+        timeout=10,
+        **params,
+    )
+    return database
