@@ -107,15 +107,25 @@ def _pid(status: agents_pb2.AgentStatus) -> str:
     return f" (pid {status.pid})" if status.pid else ""
 
 
-def agents_start(ctx: Context, args: argparse.Namespace) -> int:
-    response = ctx.stub.StartAgent(agents_pb2.StartAgentRequest(agent_id=args.agent_id), timeout=ctx.timeout)
-    agent_id = response.status.agent_id or args.agent_id
-    if response.changed:
-        line = f"agent {agent_id} started{_pid(response.status)}"
-    else:
-        line = response.message or f"agent {agent_id} is already running{_pid(response.status)}"
+_OperationResponse = (
+    agents_pb2.StartAgentResponse | agents_pb2.StopAgentResponse | agents_pb2.RestartAgentResponse
+)
+
+
+def _report(ctx: Context, response: _OperationResponse, requested_id: str, done: str, unchanged: str) -> int:
+    """Print what start/stop/restart did: `done` or, when nothing changed, the server's message
+    (else `unchanged`); both are formats with {id} and {pid}."""
+    names = {"id": response.status.agent_id or requested_id, "pid": _pid(response.status)}
+    line = done.format(**names) if response.changed else (response.message or unchanged.format(**names))
     ctx.emit(response, line + "\n")
     return 0
+
+
+def agents_start(ctx: Context, args: argparse.Namespace) -> int:
+    response = ctx.stub.StartAgent(agents_pb2.StartAgentRequest(agent_id=args.agent_id), timeout=ctx.timeout)
+    return _report(
+        ctx, response, args.agent_id, "agent {id} started{pid}", "agent {id} is already running{pid}"
+    )
 
 
 def _stop_wait(ctx: Context, agent_id: str) -> float | None:
@@ -135,13 +145,7 @@ def agents_stop(ctx: Context, args: argparse.Namespace) -> int:
     else:
         extra = _stop_wait(ctx, args.agent_id)
     response = ctx.stub.StopAgent(request, timeout=ctx.longer(extra))
-    agent_id = response.status.agent_id or args.agent_id
-    if response.changed:
-        line = f"agent {agent_id} stopped"
-    else:
-        line = response.message or f"agent {agent_id} is already stopped"
-    ctx.emit(response, line + "\n")
-    return 0
+    return _report(ctx, response, args.agent_id, "agent {id} stopped", "agent {id} is already stopped")
 
 
 def agents_restart(ctx: Context, args: argparse.Namespace) -> int:
@@ -149,13 +153,7 @@ def agents_restart(ctx: Context, args: argparse.Namespace) -> int:
         agents_pb2.RestartAgentRequest(agent_id=args.agent_id),
         timeout=ctx.longer(_stop_wait(ctx, args.agent_id)),
     )
-    agent_id = response.status.agent_id or args.agent_id
-    if response.changed:
-        line = f"agent {agent_id} restarted{_pid(response.status)}"
-    else:
-        line = response.message or f"agent {agent_id} was not restarted"
-    ctx.emit(response, line + "\n")
-    return 0
+    return _report(ctx, response, args.agent_id, "agent {id} restarted{pid}", "agent {id} was not restarted")
 
 
 def _spec(ctx: Context, args: argparse.Namespace) -> tuple[agents_pb2.AgentSpec, list[str]]:

@@ -18,7 +18,7 @@ import asyncio
 from collections import Counter
 from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any
+from typing import Any, TypedDict, Unpack
 
 import nats.errors
 import structlog
@@ -73,6 +73,17 @@ class BusStats:
     reconnects: int = 0
 
 
+class BusSettings(TypedDict, total=False):
+    """NatsBus's keyword settings, so connect() passes them on without repeating them."""
+
+    user: str
+    password: str
+    tls_verify: bool
+    subjects: Subjects | None
+    agent_url: str | None
+    options: ConnectOptions | None
+
+
 class NatsBus:
     def __init__(
         self,
@@ -115,27 +126,10 @@ class NatsBus:
 
     @classmethod
     async def connect(
-        cls,
-        url: str,
-        *,
-        user: str = "",
-        password: str = "",
-        tls_verify: bool = True,
-        subjects: Subjects | None = None,
-        agent_url: str | None = None,
-        options: ConnectOptions | None = None,
-        initial_wait: float = INITIAL_WAIT,
+        cls, url: str, *, initial_wait: float = INITIAL_WAIT, **settings: Unpack[BusSettings]
     ) -> NatsBus:
         """A bus connecting to url; returns connected, or after initial_wait still connecting."""
-        bus = cls(
-            url,
-            user=user,
-            password=password,
-            tls_verify=tls_verify,
-            subjects=subjects,
-            agent_url=agent_url,
-            options=options,
-        )
+        bus = cls(url, **settings)
         bus.start()
         if not await bus.wait_connected(initial_wait):
             log.warning("NATS not reachable yet; connecting in the background", servers=bus._agent_url)
