@@ -1,7 +1,8 @@
 """Where a local opmasd keeps its runtime files and gRPC socket, read from the environment.
 
-One rule for both sides: the daemon binds its socket here when its config names none, and
-opmasctl looks here first, so the two cannot disagree about the path.
+One rule for both sides: the daemon binds its socket here when its configuration names neither
+a socket nor a service.runtime_dir, and opmasctl looks here first. A daemon configured
+elsewhere is reached with --server (or $OPMAS_SERVER): the client cannot read its config.
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Mapping
 from pathlib import Path
 
 __all__ = [
+    "DEFAULT_TCP_ADDRESS",
     "SOCKET_NAME",
     "SYSTEM_RUNTIME_DIR",
     "default_runtime_dir",
@@ -20,6 +22,8 @@ __all__ = [
 ]
 
 SOCKET_NAME = "opmasd.sock"
+# The TCP listener of a daemon whose configuration names none, and opmasctl's last resort.
+DEFAULT_TCP_ADDRESS = "127.0.0.1:50051"
 SYSTEM_RUNTIME_DIR = Path("/run/opmas")  # RuntimeDirectory=opmas of the shipped unit
 
 

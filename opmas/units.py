@@ -14,15 +14,18 @@ import re
 from collections.abc import Callable
 from fractions import Fraction
 
-__all__ = ["parse_bytes", "parse_duration", "parse_seconds", "parse_size"]
+__all__ = ["parse_bytes", "parse_duration", "parse_percent", "parse_seconds", "parse_size"]
 
 _SECONDS_PER = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, "d": 86400.0}
-_DURATION_PART = re.compile(r"(\d+(?:\.\d*)?|\.\d+)\s*(ms|s|m|h|d)")
+# Plain decimal numbers only: no exponents, underscores, signs or non-ASCII digits (which
+# float() would take).
+_NUMBER = re.compile(r"(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)")
+_DURATION_PART = re.compile(r"([0-9]+(?:\.[0-9]*)?|\.[0-9]+)\s*(ms|s|m|h|d)")
 
 # Binary multiples whatever the spelling ("K", "KB", "KiB"), as systemd reads MemoryMax= and
 # friends: nobody means a memory or log cap in powers of ten.
 _BYTES_PER = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
-_SIZE = re.compile(r"(\d+(?:\.\d*)?)\s*([kmgt]?)(?:i?b?)")
+_SIZE = re.compile(r"([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(?:i?b)?")
 
 
 def _invalid_duration(value: object) -> ValueError:
@@ -30,10 +33,8 @@ def _invalid_duration(value: object) -> ValueError:
 
 
 def _unsigned_seconds(text: str) -> float | None:
-    try:
+    if _NUMBER.fullmatch(text):
         return float(text)  # a bare number is seconds
-    except ValueError:
-        pass
     # Compound forms like "1m30s" or "1h 30m" are accepted, as systemd does for its time spans.
     position, total = 0, 0.0
     for match in _DURATION_PART.finditer(text):
@@ -59,10 +60,8 @@ def parse_seconds(value: object) -> float:
         text = value.strip().lower()
         sign = -1.0 if text.startswith("-") else 1.0
         text = text.removeprefix("-") if sign < 0 else text.removeprefix("+")
-        text = text.strip()
-        # float() would take a second sign itself ("--5"); one sign is all a duration has.
-        seconds = None if text.startswith(("+", "-")) else _unsigned_seconds(text)
-        seconds = None if seconds is None else sign * seconds
+        unsigned = _unsigned_seconds(text.strip())
+        seconds = None if unsigned is None else sign * unsigned
     else:
         seconds = None
     if seconds is None or not math.isfinite(seconds):
@@ -117,3 +116,17 @@ def parse_size(value: object) -> int:
             f'must be a size in bytes > 0 (a number, or like "512K", "10MiB", "1G"), got {value!r}'
         )
     return size
+
+
+def parse_percent(value: object) -> float:
+    """A CPU quota in percent of one CPU, >= 0: 50, "50", "150%", "1.5" (200 means two CPUs)."""
+    number: float | None = None
+    if isinstance(value, (int, float)) and not isinstance(value, bool):
+        number = float(value)
+    elif isinstance(value, str):
+        text = value.strip().removesuffix("%").strip()
+        if _NUMBER.fullmatch(text):
+            number = float(text)
+    if number is None or not math.isfinite(number) or number < 0:
+        raise ValueError(f"invalid percentage {value!r}: expected a number >= 0 such as 50 or 150%")
+    return number

@@ -10,10 +10,8 @@ from types import TracebackType
 
 import grpc
 
-from opmas.local import default_socket_path
+from opmas.local import DEFAULT_TCP_ADDRESS, default_socket_path
 from opmas.v1 import agents_pb2_grpc
-
-DEFAULT_TCP = "127.0.0.1:50051"
 
 
 @dataclass(frozen=True)
@@ -64,7 +62,7 @@ def resolve_endpoint(
     # "not there", not a PermissionError.
     if os.path.exists(path):
         return _unix(path)
-    return Endpoint(target=DEFAULT_TCP, display=DEFAULT_TCP, is_unix=False)
+    return Endpoint(target=DEFAULT_TCP_ADDRESS, display=DEFAULT_TCP_ADDRESS, is_unix=False)
 
 
 def _unix(path: str) -> Endpoint:

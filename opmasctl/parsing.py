@@ -42,15 +42,6 @@ def parse_size(text: str) -> int:
     return size
 
 
-def parse_percent(text: str) -> float:
-    """A CPU quota in percent of one CPU: "50", "150%", "1.5"."""
-    value = text.strip().removesuffix("%").strip()
-    try:
-        return float(value)
-    except ValueError:
-        raise ValueError(f"invalid percentage {text!r}: expected a number such as 50 or 150%") from None
-
-
 def split_pair(text: str, what: str) -> tuple[str, str]:
     """KEY=VALUE → (KEY, VALUE); the value may be empty or contain '='."""
     key, sep, value = text.partition("=")

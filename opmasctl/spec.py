@@ -1,18 +1,19 @@
-"""The agent spec flags shared by `agents register` and `agents update`, and the AgentSpec (plus
-update_mask paths) they build."""
+"""The agent spec flags of `agents register` and `agents update`, and the AgentSpec they build.
+
+With the spec comes the list of update_mask paths the given flags name (for `update`)."""
 
 from __future__ import annotations
 
 import argparse
 import shlex
 
+from opmas.units import parse_percent
 from opmas.v1 import agents_pb2
 from opmasctl.parsing import (
     argtype,
     enum_choices,
     parse_duration,
     parse_env,
-    parse_percent,
     parse_size,
 )
 

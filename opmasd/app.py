@@ -14,11 +14,20 @@ import os
 import signal
 from pathlib import Path
 
+import grpc
 import structlog
 
 import opmasd
+from opmas.v1 import agents_pb2
 from opmasd.api.grpc_server import GrpcListeners, GrpcServer
+from opmasd.api.health import DaemonHealth
+from opmasd.api.metrics import DaemonMetrics
 from opmasd.api.nats_api import NatsManagerApi
+from opmasd.api.rest.comments import load_descriptor_set
+from opmasd.api.rest.gateway import RestGateway
+from opmasd.api.rest.openapi import openapi_document
+from opmasd.api.rest.rules import routes_of
+from opmasd.api.rest.server import Endpoints, HttpListeners, HttpServer
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import EmbeddedNatsServer
 from opmasd.bus.manager_service import ManagerService
@@ -71,9 +80,13 @@ class Daemon:
         self._runtime: ProcessRuntime | None = None
         self._embedded_nats: EmbeddedNatsServer | None = None
         self._bus: NatsBus | None = None
-        self._nats_api: ManagerService | None = None
+        self._manager_service: ManagerService | None = None
         self.manager: AgentManager | None = None
         self._grpc: GrpcServer | None = None
+        self._http: HttpServer | None = None
+        self._metrics: DaemonMetrics | None = None
+        self._health: DaemonHealth | None = None
+        self._loopback: grpc.aio.Channel | None = None
 
     async def serve(self) -> None:
         self._install_signal_handlers()
@@ -109,10 +122,12 @@ class Daemon:
         await self.manager.start()
         # The NATS manager API: the bus serves the subjects, the api's dispatch table answers.
         dispatch = NatsManagerApi(self.manager, command_subject=self._bus.subjects.manager_command)
-        self._nats_api = ManagerService(
+        self._manager_service = ManagerService(
             self._bus, dispatch.handle, node=self.manager.settings.node, version=opmasd.__version__
         )
-        await self._nats_api.start()
+        await self._manager_service.start()
+        bus = self._bus
+        self._metrics = DaemonMetrics(self.manager, lambda: bus.is_connected)
         self._grpc = GrpcServer(
             self.manager,
             GrpcListeners(
@@ -120,8 +135,13 @@ class Daemon:
                 socket_mode=config.grpc.socket_mode,
                 address=config.grpc.address or "",
             ),
+            interceptors=[self._metrics.interceptor],
         )
         await self._grpc.start()
+        self._health = DaemonHealth(self.manager, lambda: bus.is_connected, self._grpc)
+        await self._health.start()
+        if config.rest.enabled and (config.rest.address or config.rest.socket):
+            self._http = await self._start_http()
         self.notifier.ready(self._status_line())
         log.info(
             "opmasd ready",
@@ -130,6 +150,49 @@ class Daemon:
             agents=len(self.manager.list_agents()),
         )
         self._tasks.spawn(self._heartbeat_systemd(), "sd-notify")
+
+    async def _start_http(self) -> HttpServer:
+        """REST (from the proto's http rules), the OpenAPI document, /metrics, /healthz, /readyz.
+
+        The gateway calls the servicer through a loopback gRPC channel to this daemon's own
+        unix socket (else its TCP listener), so every check a gRPC client meets applies to REST.
+        """
+        config = self.config
+        if config.grpc.socket is not None:
+            target = f"unix:{config.grpc.socket}"
+        elif self._grpc is not None and self._grpc.tcp_port:
+            host = (config.grpc.address or "127.0.0.1:0").rpartition(":")[0]
+            target = f"{host}:{self._grpc.tcp_port}"
+        else:
+            raise ConfigError(
+                "configuration", "rest", "REST needs grpc.socket or grpc.address to call through"
+            )
+        self._loopback = grpc.aio.insecure_channel(
+            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+        )
+        routes = routes_of([agents_pb2.DESCRIPTOR.services_by_name["AgentService"]])
+        gateway = RestGateway(routes, self._loopback, config.rest.max_body_bytes)
+        assert self._metrics is not None and self._health is not None
+        endpoints = Endpoints(
+            openapi=lambda: openapi_document(
+                routes, "OPMAS agent manager", opmasd.__version__, load_descriptor_set()
+            ),
+            metrics=self._metrics.render,
+            alive=self._health.alive,
+            ready=self._health.ready,
+        )
+        server = HttpServer(
+            gateway,
+            endpoints,
+            HttpListeners(
+                address=config.rest.address or "",
+                socket_path=config.rest.socket,
+                socket_mode=config.rest.socket_mode,
+            ),
+            grace=config.grpc.grace_period,
+        )
+        await server.start()
+        return server
 
     def _nats_agent_environment(self) -> dict[str, str]:
         """What agents need to reach NATS as opmasd does (NATS_URL comes from the bus)."""
@@ -176,8 +239,15 @@ class Daemon:
         log.info("opmasd shutting down")
         await self._tasks.close()
         grace = 0 if self._force_exit else self.config.grpc.grace_period
-        if self._nats_api is not None:
-            await self._nats_api.stop(grace)
+        # HTTP first: its calls go through the gRPC server, which must still be there for them.
+        if self._http is not None:
+            await self._http.stop()
+        if self._loopback is not None:
+            await self._loopback.close()
+        if self._health is not None:
+            await self._health.stop()
+        if self._manager_service is not None:
+            await self._manager_service.stop(grace)
         if self._grpc is not None:
             await self._grpc.stop(grace)
         if self.manager is not None:

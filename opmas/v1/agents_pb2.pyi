@@ -32,10 +32,15 @@ class _AgentState:
 class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     AGENT_STATE_UNSPECIFIED: _AgentState.ValueType  # 0
+    """Not a state: in a ListAgentsRequest filter it means "any state"."""
     AGENT_STATE_STARTING: _AgentState.ValueType  # 1
+    """Its process is being launched."""
     AGENT_STATE_RUNNING: _AgentState.ValueType  # 2
+    """Its process runs (and, for an agent that sends heartbeats, they arrive)."""
     AGENT_STATE_STOPPING: _AgentState.ValueType  # 3
+    """SIGTERM was sent; waiting for the process group to exit (SIGKILL after the stop timeout)."""
     AGENT_STATE_STOPPED: _AgentState.ValueType  # 4
+    """No process, and none wanted: stopped by the operator, or exited under its restart policy."""
     AGENT_STATE_ERROR: _AgentState.ValueType  # 5
     """Crashed, failed to start, or gave up restarting."""
     AGENT_STATE_INACTIVE: _AgentState.ValueType  # 6
@@ -43,13 +48,21 @@ class _AgentStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentState
     AGENT_STATE_BACKOFF: _AgentState.ValueType  # 7
     """Waiting out the restart backoff after an exit."""
 
-class AgentState(_AgentState, metaclass=_AgentStateEnumTypeWrapper): ...
+class AgentState(_AgentState, metaclass=_AgentStateEnumTypeWrapper):
+    """The observed state of an agent (DESIGN §4): starting → running → stopping → stopped, with
+    error, inactive and backoff on the way.
+    """
 
 AGENT_STATE_UNSPECIFIED: AgentState.ValueType  # 0
+"""Not a state: in a ListAgentsRequest filter it means "any state"."""
 AGENT_STATE_STARTING: AgentState.ValueType  # 1
+"""Its process is being launched."""
 AGENT_STATE_RUNNING: AgentState.ValueType  # 2
+"""Its process runs (and, for an agent that sends heartbeats, they arrive)."""
 AGENT_STATE_STOPPING: AgentState.ValueType  # 3
+"""SIGTERM was sent; waiting for the process group to exit (SIGKILL after the stop timeout)."""
 AGENT_STATE_STOPPED: AgentState.ValueType  # 4
+"""No process, and none wanted: stopped by the operator, or exited under its restart policy."""
 AGENT_STATE_ERROR: AgentState.ValueType  # 5
 """Crashed, failed to start, or gave up restarting."""
 AGENT_STATE_INACTIVE: AgentState.ValueType  # 6
@@ -65,14 +78,21 @@ class _DesiredState:
 class _DesiredStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_DesiredState.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     DESIRED_STATE_UNSPECIFIED: _DesiredState.ValueType  # 0
+    """Never sent by the server."""
     DESIRED_STATE_RUNNING: _DesiredState.ValueType  # 1
+    """Keep it running: started, restarted by policy, started again when opmasd restarts."""
     DESIRED_STATE_STOPPED: _DesiredState.ValueType  # 2
+    """Keep it stopped."""
 
-class DesiredState(_DesiredState, metaclass=_DesiredStateEnumTypeWrapper): ...
+class DesiredState(_DesiredState, metaclass=_DesiredStateEnumTypeWrapper):
+    """What the operator wants of an agent; the supervisor works to make the state match it."""
 
 DESIRED_STATE_UNSPECIFIED: DesiredState.ValueType  # 0
+"""Never sent by the server."""
 DESIRED_STATE_RUNNING: DesiredState.ValueType  # 1
+"""Keep it running: started, restarted by policy, started again when opmasd restarts."""
 DESIRED_STATE_STOPPED: DesiredState.ValueType  # 2
+"""Keep it stopped."""
 Global___DesiredState: _TypeAlias = DesiredState  # noqa: Y015
 
 class _RestartPolicy:
@@ -82,16 +102,27 @@ class _RestartPolicy:
 class _RestartPolicyEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RestartPolicy.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     RESTART_POLICY_UNSPECIFIED: _RestartPolicy.ValueType  # 0
+    """In a request: the daemon's default (agents.restart_policy, on-failure unless configured)."""
     RESTART_POLICY_NEVER: _RestartPolicy.ValueType  # 1
+    """Never restart."""
     RESTART_POLICY_ON_FAILURE: _RestartPolicy.ValueType  # 2
+    """Restart after a non-zero exit code or a signal, not after exit code 0."""
     RESTART_POLICY_ALWAYS: _RestartPolicy.ValueType  # 3
+    """Restart after any exit not asked for by the operator."""
 
-class RestartPolicy(_RestartPolicy, metaclass=_RestartPolicyEnumTypeWrapper): ...
+class RestartPolicy(_RestartPolicy, metaclass=_RestartPolicyEnumTypeWrapper):
+    """When an exited agent is started again. Restarts back off exponentially (the first one is
+    immediate), and after too many in a row without a stable run the agent goes to error.
+    """
 
 RESTART_POLICY_UNSPECIFIED: RestartPolicy.ValueType  # 0
+"""In a request: the daemon's default (agents.restart_policy, on-failure unless configured)."""
 RESTART_POLICY_NEVER: RestartPolicy.ValueType  # 1
+"""Never restart."""
 RESTART_POLICY_ON_FAILURE: RestartPolicy.ValueType  # 2
+"""Restart after a non-zero exit code or a signal, not after exit code 0."""
 RESTART_POLICY_ALWAYS: RestartPolicy.ValueType  # 3
+"""Restart after any exit not asked for by the operator."""
 Global___RestartPolicy: _TypeAlias = RestartPolicy  # noqa: Y015
 
 class _RuntimeKind:
@@ -101,14 +132,21 @@ class _RuntimeKind:
 class _RuntimeKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_RuntimeKind.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     RUNTIME_KIND_UNSPECIFIED: _RuntimeKind.ValueType  # 0
+    """In a request: the default, RUNTIME_KIND_PROCESS."""
     RUNTIME_KIND_PROCESS: _RuntimeKind.ValueType  # 1
+    """A child process group of opmasd, output to per-agent log files."""
     RUNTIME_KIND_SYSTEMD: _RuntimeKind.ValueType  # 2
+    """A transient systemd unit opmas-agent-<id>.service; logs from the journal."""
 
-class RuntimeKind(_RuntimeKind, metaclass=_RuntimeKindEnumTypeWrapper): ...
+class RuntimeKind(_RuntimeKind, metaclass=_RuntimeKindEnumTypeWrapper):
+    """How an agent's process is run."""
 
 RUNTIME_KIND_UNSPECIFIED: RuntimeKind.ValueType  # 0
+"""In a request: the default, RUNTIME_KIND_PROCESS."""
 RUNTIME_KIND_PROCESS: RuntimeKind.ValueType  # 1
+"""A child process group of opmasd, output to per-agent log files."""
 RUNTIME_KIND_SYSTEMD: RuntimeKind.ValueType  # 2
+"""A transient systemd unit opmas-agent-<id>.service; logs from the journal."""
 Global___RuntimeKind: _TypeAlias = RuntimeKind  # noqa: Y015
 
 class _AgentSource:
@@ -118,14 +156,17 @@ class _AgentSource:
 class _AgentSourceEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_AgentSource.ValueType], _builtins.type):
     DESCRIPTOR: _descriptor.EnumDescriptor
     AGENT_SOURCE_UNSPECIFIED: _AgentSource.ValueType  # 0
+    """Never sent by the server."""
     AGENT_SOURCE_DISCOVERED: _AgentSource.ValueType  # 1
     """Found in an agents directory by discovery."""
     AGENT_SOURCE_REGISTERED: _AgentSource.ValueType  # 2
     """Registered through the API."""
 
-class AgentSource(_AgentSource, metaclass=_AgentSourceEnumTypeWrapper): ...
+class AgentSource(_AgentSource, metaclass=_AgentSourceEnumTypeWrapper):
+    """How an agent came to be known."""
 
 AGENT_SOURCE_UNSPECIFIED: AgentSource.ValueType  # 0
+"""Never sent by the server."""
 AGENT_SOURCE_DISCOVERED: AgentSource.ValueType  # 1
 """Found in an agents directory by discovery."""
 AGENT_SOURCE_REGISTERED: AgentSource.ValueType  # 2
@@ -134,6 +175,10 @@ Global___AgentSource: _TypeAlias = AgentSource  # noqa: Y015
 
 @_typing.final
 class ResourceLimits(_message.Message):
+    """Limits on an agent's resources; 0 means no limit. The process runtime enforces only
+    open_files_max (as RLIMIT_NOFILE); the systemd runtime sets all of them as unit properties.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MEMORY_MAX_BYTES_FIELD_NUMBER: _builtins.int
@@ -141,10 +186,13 @@ class ResourceLimits(_message.Message):
     TASKS_MAX_FIELD_NUMBER: _builtins.int
     OPEN_FILES_MAX_FIELD_NUMBER: _builtins.int
     memory_max_bytes: _builtins.int
+    """Memory limit in bytes (systemd MemoryMax)."""
     cpu_quota_percent: _builtins.float
     """Percent of one CPU; 200 means two CPUs."""
     tasks_max: _builtins.int
+    """Maximum number of tasks (processes and threads; systemd TasksMax)."""
     open_files_max: _builtins.int
+    """Maximum number of open file descriptors per process."""
     def __init__(
         self,
         *,
@@ -202,28 +250,56 @@ class AgentSpec(_message.Message):
     AUTOSTART_FIELD_NUMBER: _builtins.int
     RESTART_ON_INACTIVE_FIELD_NUMBER: _builtins.int
     name: _builtins.str
+    """Human-readable name, 1-128 characters without control characters. Required. When no
+    agent_id is given, the id is derived from it (lower-cased, other characters as '-').
+    """
     type: _builtins.str
+    """A free-form kind, used as a ListAgents filter. Default "generic"."""
     version: _builtins.str
+    """The agent's own version string. Default "0.0.0"."""
     description: _builtins.str
+    """Free text for people."""
     working_directory: _builtins.str
+    """An absolute path of an existing directory; the process starts there. Empty: "/"."""
     restart_policy: Global___RestartPolicy.ValueType
+    """When an exited agent is restarted. Unset: the daemon's default (on-failure)."""
     runtime: Global___RuntimeKind.ValueType
+    """How the process is run. Unset: RUNTIME_KIND_PROCESS."""
     autostart: _builtins.bool
     """Start the agent when it is first registered or discovered."""
     restart_on_inactive: _builtins.bool
     """Restart the agent when its heartbeat is lost."""
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """The program and its arguments. A relative program path is resolved against working_directory."""
+        """The program and its arguments. A relative program path is resolved against working_directory.
+        Required. A bare program name (no '/') is looked up on the PATH of environment, else the
+        daemon's. Arguments must not contain NUL.
+        """
 
     @_builtins.property
-    def environment(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]: ...
+    def environment(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Variables added to (or replacing) the environment the process inherits from the daemon,
+        NATS_URL included. Names match [A-Za-z_][A-Za-z0-9_]*. AGENT_ID, AGENT_NAME, AGENT_TYPE,
+        AGENT_VERSION and AGENT_HEARTBEAT_INTERVAL are always the daemon's and cannot be overridden.
+        """
+
     @_builtins.property
-    def stop_timeout(self) -> _duration_pb2.Duration: ...
+    def stop_timeout(self) -> _duration_pb2.Duration:
+        """How long a stop waits after SIGTERM before SIGKILL. Not negative. Unset: the daemon's
+        default (10s unless configured).
+        """
+
     @_builtins.property
-    def heartbeat_interval(self) -> _duration_pb2.Duration: ...
+    def heartbeat_interval(self) -> _duration_pb2.Duration:
+        """How often the agent should send heartbeats, passed to it as AGENT_HEARTBEAT_INTERVAL
+        (seconds). Not negative. Unset: 30s. Liveness itself is judged by the daemon's
+        heartbeat_timeout.
+        """
+
     @_builtins.property
-    def resources(self) -> Global___ResourceLimits: ...
+    def resources(self) -> Global___ResourceLimits:
+        """Resource limits; unset or 0 fields mean no limit."""
+
     def __init__(
         self,
         *,
@@ -252,6 +328,8 @@ Global___AgentSpec: _TypeAlias = AgentSpec  # noqa: Y015
 
 @_typing.final
 class ExitInfo(_message.Message):
+    """How an agent's process last ended."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     EXIT_CODE_FIELD_NUMBER: _builtins.int
@@ -259,12 +337,19 @@ class ExitInfo(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     exit_code: _builtins.int
-    """Set when the process exited by itself."""
+    """Set when the process exited by itself.
+    0 when a signal ended it, or when unknown (a process that ended while opmasd was down).
+    """
     signal: _builtins.int
-    """Set when a signal ended the process."""
+    """Set when a signal ended the process.
+    The signal number (15 is SIGTERM, 9 SIGKILL); 0 when it exited by itself.
+    """
     reason: _builtins.str
+    """The same in words, e.g. "exited with code 1" or "killed by SIGKILL"."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the exit was noticed."""
+
     def __init__(
         self,
         *,
@@ -283,6 +368,8 @@ Global___ExitInfo: _TypeAlias = ExitInfo  # noqa: Y015
 
 @_typing.final
 class AgentStatus(_message.Message):
+    """What is observed of an agent now. Fields about a process are unset (or 0) when it has none."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -300,25 +387,45 @@ class AgentStatus(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     RUNTIME_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent this status is of."""
     state: Global___AgentState.ValueType
+    """The observed state."""
     desired_state: Global___DesiredState.ValueType
+    """What the operator asked for (running after a start, stopped after a stop)."""
     state_reason: _builtins.str
+    """Why the agent entered its state, e.g. "started by operator" or "exited with code 1; restart 1/5 now"."""
     pid: _builtins.int
+    """The process id (the process group leader); 0 when no process runs."""
     restart_count: _builtins.int
+    """Restarts by restart policy (or restart_on_inactive) since the operator last started it."""
     node: _builtins.str
+    """The opmasd node that runs the agent (its configured node name)."""
     runtime: Global___RuntimeKind.ValueType
+    """How the process is run."""
     @_builtins.property
-    def state_change_time(self) -> _timestamp_pb2.Timestamp: ...
+    def state_change_time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent entered its state."""
+
     @_builtins.property
-    def start_time(self) -> _timestamp_pb2.Timestamp: ...
+    def start_time(self) -> _timestamp_pb2.Timestamp:
+        """When the current process started; unset when none runs."""
+
     @_builtins.property
-    def uptime(self) -> _duration_pb2.Duration: ...
+    def uptime(self) -> _duration_pb2.Duration:
+        """How long the current process has run; unset when none runs."""
+
     @_builtins.property
-    def last_exit(self) -> Global___ExitInfo: ...
+    def last_exit(self) -> Global___ExitInfo:
+        """How the previous process ended; unset when it never ran."""
+
     @_builtins.property
-    def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp: ...
+    def last_heartbeat_time(self) -> _timestamp_pb2.Timestamp:
+        """When the daemon last received a heartbeat from it (the daemon's clock); unset when never."""
+
     @_builtins.property
-    def next_restart_time(self) -> _timestamp_pb2.Timestamp: ...
+    def next_restart_time(self) -> _timestamp_pb2.Timestamp:
+        """When the next restart is due; set only in AGENT_STATE_BACKOFF."""
+
     def __init__(
         self,
         *,
@@ -347,6 +454,8 @@ Global___AgentStatus: _TypeAlias = AgentStatus  # noqa: Y015
 
 @_typing.final
 class Agent(_message.Message):
+    """One agent: what it is (spec), how it is doing (status) and where it came from."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -358,17 +467,29 @@ class Agent(_message.Message):
     CREATE_TIME_FIELD_NUMBER: _builtins.int
     UPDATE_TIME_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's stable identity: the same across restarts, rescans and daemon restarts."""
     source: Global___AgentSource.ValueType
+    """Discovered in an agents directory, or registered through the API."""
     manifest_path: _builtins.str
+    """The manifest it was read from; empty for an agent registered with a spec."""
     node: _builtins.str
+    """The opmasd node that runs it."""
     @_builtins.property
-    def spec(self) -> Global___AgentSpec: ...
+    def spec(self) -> Global___AgentSpec:
+        """Its current spec (a running agent may still run with the previous one)."""
+
     @_builtins.property
-    def status(self) -> Global___AgentStatus: ...
+    def status(self) -> Global___AgentStatus:
+        """What is observed of it now."""
+
     @_builtins.property
-    def create_time(self) -> _timestamp_pb2.Timestamp: ...
+    def create_time(self) -> _timestamp_pb2.Timestamp:
+        """When it was registered or first discovered."""
+
     @_builtins.property
-    def update_time(self) -> _timestamp_pb2.Timestamp: ...
+    def update_time(self) -> _timestamp_pb2.Timestamp:
+        """When its record last changed."""
+
     def __init__(
         self,
         *,
@@ -391,6 +512,8 @@ Global___Agent: _TypeAlias = Agent  # noqa: Y015
 
 @_typing.final
 class ListAgentsRequest(_message.Message):
+    """ListAgents' filter and page. An empty or unset field does not filter."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATE_FIELD_NUMBER: _builtins.int
@@ -399,10 +522,17 @@ class ListAgentsRequest(_message.Message):
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     state: Global___AgentState.ValueType
+    """Only agents in this state; AGENT_STATE_UNSPECIFIED: any."""
     type: _builtins.str
+    """Only agents whose spec.type is exactly this."""
     node: _builtins.str
+    """Only agents of this node."""
     page_size: _builtins.int
+    """Agents per page, 0-1000; 0 means 1000 and larger values are capped at 1000. Not negative."""
     page_token: _builtins.str
+    """The next_page_token of the previous page; empty for the first page. INVALID_ARGUMENT when
+    it is not a token this server issued.
+    """
     def __init__(
         self,
         *,
@@ -422,15 +552,21 @@ Global___ListAgentsRequest: _TypeAlias = ListAgentsRequest  # noqa: Y015
 
 @_typing.final
 class ListAgentsResponse(_message.Message):
+    """One page of agents."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENTS_FIELD_NUMBER: _builtins.int
     NEXT_PAGE_TOKEN_FIELD_NUMBER: _builtins.int
     TOTAL_SIZE_FIELD_NUMBER: _builtins.int
     next_page_token: _builtins.str
+    """Pass as page_token for the next page; empty on the last page."""
     total_size: _builtins.int
+    """How many agents match the filter, over all pages."""
     @_builtins.property
-    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]: ...
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___Agent]:
+        """The agents of this page, in agent_id order."""
+
     def __init__(
         self,
         *,
@@ -448,6 +584,8 @@ Global___ListAgentsResponse: _TypeAlias = ListAgentsResponse  # noqa: Y015
 
 @_typing.final
 class CreateAgentRequest(_message.Message):
+    """Register an agent: give either spec or manifest_path."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -455,13 +593,19 @@ class CreateAgentRequest(_message.Message):
     MANIFEST_PATH_FIELD_NUMBER: _builtins.int
     START_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
-    """Optional; derived from the name when empty."""
+    """Optional; derived from the name when empty.
+    (Or, with manifest_path, the manifest's id.) Must follow the agent-id grammar.
+    """
     manifest_path: _builtins.str
-    """A manifest (agent.yaml, or its folder) on the daemon's host; used instead of spec when set."""
+    """A manifest (agent.yaml, or its folder) on the daemon's host; used instead of spec when set.
+    An absolute path.
+    """
     start: _builtins.bool
     """Start the agent once it is registered."""
     @_builtins.property
-    def spec(self) -> Global___AgentSpec: ...
+    def spec(self) -> Global___AgentSpec:
+        """The agent's spec; required unless manifest_path is set."""
+
     def __init__(
         self,
         *,
@@ -480,10 +624,13 @@ Global___CreateAgentRequest: _TypeAlias = CreateAgentRequest  # noqa: Y015
 
 @_typing.final
 class GetAgentRequest(_message.Message):
+    """Which agent to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     def __init__(
         self,
         *,
@@ -499,17 +646,27 @@ Global___GetAgentRequest: _TypeAlias = GetAgentRequest  # noqa: Y015
 
 @_typing.final
 class UpdateAgentRequest(_message.Message):
+    """The agent to change and the spec fields to set."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     SPEC_FIELD_NUMBER: _builtins.int
     UPDATE_MASK_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     @_builtins.property
-    def spec(self) -> Global___AgentSpec: ...
+    def spec(self) -> Global___AgentSpec:
+        """The new values; only the fields update_mask names (or, without one, the fields set) are used."""
+
     @_builtins.property
     def update_mask(self) -> _field_mask_pb2.FieldMask:
-        """Paths of AgentSpec fields, e.g. "stop_timeout", "environment". Empty: every field set in spec."""
+        """Paths of AgentSpec fields, e.g. "stop_timeout", "environment". Empty: every field set in spec.
+        A named field is set even to its zero value. Valid paths: name, type, version,
+        description, command, working_directory, environment, restart_policy, stop_timeout,
+        heartbeat_interval, resources, resources.<field>, runtime, autostart, restart_on_inactive.
+        In JSON a comma-separated string of lowerCamelCase paths: "stopTimeout,environment".
+        """
 
     def __init__(
         self,
@@ -528,10 +685,13 @@ Global___UpdateAgentRequest: _TypeAlias = UpdateAgentRequest  # noqa: Y015
 
 @_typing.final
 class DeleteAgentRequest(_message.Message):
+    """Which agent to delete."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     def __init__(
         self,
         *,
@@ -547,15 +707,19 @@ Global___DeleteAgentRequest: _TypeAlias = DeleteAgentRequest  # noqa: Y015
 
 @_typing.final
 class DeleteAgentResponse(_message.Message):
+    """What DeleteAgent did."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     DELETED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     deleted: _builtins.bool
     """False when the agent had already been deleted."""
     message: _builtins.str
+    """What happened, in words."""
     def __init__(
         self,
         *,
@@ -573,10 +737,13 @@ Global___DeleteAgentResponse: _TypeAlias = DeleteAgentResponse  # noqa: Y015
 
 @_typing.final
 class StartAgentRequest(_message.Message):
+    """Which agent to start."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     def __init__(
         self,
         *,
@@ -592,6 +759,8 @@ Global___StartAgentRequest: _TypeAlias = StartAgentRequest  # noqa: Y015
 
 @_typing.final
 class StartAgentResponse(_message.Message):
+    """What StartAgent did."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
@@ -600,8 +769,11 @@ class StartAgentResponse(_message.Message):
     changed: _builtins.bool
     """False when the agent was already running."""
     message: _builtins.str
+    """What happened, in words, e.g. "agent sysmon started (pid 4242)"."""
     @_builtins.property
-    def status(self) -> Global___AgentStatus: ...
+    def status(self) -> Global___AgentStatus:
+        """The agent's status after the start."""
+
     def __init__(
         self,
         *,
@@ -619,14 +791,19 @@ Global___StartAgentResponse: _TypeAlias = StartAgentResponse  # noqa: Y015
 
 @_typing.final
 class StopAgentRequest(_message.Message):
+    """Which agent to stop, and how patiently."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """Overrides the agent's stop_timeout for this stop."""
+        """Overrides the agent's stop_timeout for this stop.
+        Not negative; 0s sends SIGKILL right after SIGTERM. Unset: the spec's stop_timeout.
+        """
 
     def __init__(
         self,
@@ -644,6 +821,8 @@ Global___StopAgentRequest: _TypeAlias = StopAgentRequest  # noqa: Y015
 
 @_typing.final
 class StopAgentResponse(_message.Message):
+    """What StopAgent did."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
@@ -652,8 +831,11 @@ class StopAgentResponse(_message.Message):
     changed: _builtins.bool
     """False when the agent was already stopped."""
     message: _builtins.str
+    """What happened, in words."""
     @_builtins.property
-    def status(self) -> Global___AgentStatus: ...
+    def status(self) -> Global___AgentStatus:
+        """The agent's status after the stop."""
+
     def __init__(
         self,
         *,
@@ -671,10 +853,13 @@ Global___StopAgentResponse: _TypeAlias = StopAgentResponse  # noqa: Y015
 
 @_typing.final
 class RestartAgentRequest(_message.Message):
+    """Which agent to restart."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     def __init__(
         self,
         *,
@@ -690,15 +875,21 @@ Global___RestartAgentRequest: _TypeAlias = RestartAgentRequest  # noqa: Y015
 
 @_typing.final
 class RestartAgentResponse(_message.Message):
+    """What RestartAgent did."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     STATUS_FIELD_NUMBER: _builtins.int
     CHANGED_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     changed: _builtins.bool
+    """Always true: a restart always starts a new process."""
     message: _builtins.str
+    """What happened, in words."""
     @_builtins.property
-    def status(self) -> Global___AgentStatus: ...
+    def status(self) -> Global___AgentStatus:
+        """The agent's status after the restart."""
+
     def __init__(
         self,
         *,
@@ -716,10 +907,13 @@ Global___RestartAgentResponse: _TypeAlias = RestartAgentResponse  # noqa: Y015
 
 @_typing.final
 class GetAgentStatusRequest(_message.Message):
+    """Which agent's status to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     def __init__(
         self,
         *,
@@ -735,10 +929,13 @@ Global___GetAgentStatusRequest: _TypeAlias = GetAgentStatusRequest  # noqa: Y015
 
 @_typing.final
 class GetAgentMetricsRequest(_message.Message):
+    """Which agent's metrics to return."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     def __init__(
         self,
         *,
@@ -754,6 +951,11 @@ Global___GetAgentMetricsRequest: _TypeAlias = GetAgentMetricsRequest  # noqa: Y0
 
 @_typing.final
 class AgentMetrics(_message.Message):
+    """An agent's resource usage, sampled by the daemon (every monitoring_interval) over the agent's
+    whole process tree, and the metrics the agent published itself. The usage fields are 0 when
+    no process runs or none has been sampled yet.
+    """
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -766,19 +968,31 @@ class AgentMetrics(_message.Message):
     REPORTED_FIELD_NUMBER: _builtins.int
     REPORTED_TIME_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     cpu_percent: _builtins.float
+    """CPU use in percent of one CPU, summed over the process tree (may exceed 100)."""
     rss_bytes: _builtins.int
+    """Resident memory of the process tree, in bytes."""
     num_threads: _builtins.int
+    """Threads of the process tree."""
     open_fds: _builtins.int
+    """Open file descriptors of the process tree."""
     restart_count: _builtins.int
+    """Restarts by policy since the operator last started it (as in AgentStatus)."""
     @_builtins.property
-    def uptime(self) -> _duration_pb2.Duration: ...
-    @_builtins.property
-    def reported(self) -> _struct_pb2.Struct:
-        """The metrics the agent last published on agent.metrics."""
+    def uptime(self) -> _duration_pb2.Duration:
+        """How long the current process has run; unset when none runs."""
 
     @_builtins.property
-    def reported_time(self) -> _timestamp_pb2.Timestamp: ...
+    def reported(self) -> _struct_pb2.Struct:
+        """The metrics the agent last published on agent.metrics.
+        Any JSON object the agent chose; unset when it published none since the daemon started.
+        """
+
+    @_builtins.property
+    def reported_time(self) -> _timestamp_pb2.Timestamp:
+        """When the agent published reported (its own timestamp, else when it arrived); unset with it."""
+
     def __init__(
         self,
         *,
@@ -802,15 +1016,21 @@ Global___AgentMetrics: _TypeAlias = AgentMetrics  # noqa: Y015
 
 @_typing.final
 class GetAgentLogsRequest(_message.Message):
+    """Which agent's log to read, and how much."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     TAIL_LINES_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     tail_lines: _builtins.int
-    """Lines from the end of the log; 0 means the default (100)."""
+    """Lines from the end of the log; 0 means the default (100).
+    At most 100000 (larger values are capped); not negative.
+    """
     follow: _builtins.bool
+    """After the tail, keep the stream open and send new lines as the agent writes them."""
     def __init__(
         self,
         *,
@@ -828,12 +1048,16 @@ Global___GetAgentLogsRequest: _TypeAlias = GetAgentLogsRequest  # noqa: Y015
 
 @_typing.final
 class LogLine(_message.Message):
+    """One line of an agent's output (stdout and stderr together)."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     LINE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     line: _builtins.str
+    """The line's text, without its line break."""
     def __init__(
         self,
         *,
@@ -850,12 +1074,17 @@ Global___LogLine: _TypeAlias = LogLine  # noqa: Y015
 
 @_typing.final
 class WatchEventsRequest(_message.Message):
+    """Which agents' state changes to send."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_IDS_FIELD_NUMBER: _builtins.int
     @_builtins.property
     def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
-        """Only these agents; all when empty."""
+        """Only these agents; all when empty.
+        Each must follow the agent-id grammar; an id not (yet) registered is allowed. Over REST,
+        repeat the query parameter: ?agent_ids=a&agent_ids=b.
+        """
 
     def __init__(
         self,
@@ -872,6 +1101,8 @@ Global___WatchEventsRequest: _TypeAlias = WatchEventsRequest  # noqa: Y015
 
 @_typing.final
 class AgentEvent(_message.Message):
+    """One state change of an agent."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -881,13 +1112,21 @@ class AgentEvent(_message.Message):
     TIME_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent that changed."""
     previous_state: Global___AgentState.ValueType
+    """Its state before the change."""
     state: Global___AgentState.ValueType
+    """Its state after the change."""
     reason: _builtins.str
+    """Why it changed (the new status's state_reason)."""
     @_builtins.property
-    def time(self) -> _timestamp_pb2.Timestamp: ...
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When it changed."""
+
     @_builtins.property
-    def status(self) -> Global___AgentStatus: ...
+    def status(self) -> Global___AgentStatus:
+        """The agent's whole status right after the change."""
+
     def __init__(
         self,
         *,
@@ -908,6 +1147,8 @@ Global___AgentEvent: _TypeAlias = AgentEvent  # noqa: Y015
 
 @_typing.final
 class DiscoverAgentsRequest(_message.Message):
+    """DiscoverAgents takes no parameters: it scans the configured agents directories."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     def __init__(
@@ -923,6 +1164,8 @@ Global___DiscoverAgentsRequest: _TypeAlias = DiscoverAgentsRequest  # noqa: Y015
 
 @_typing.final
 class DiscoveredAgent(_message.Message):
+    """A package the scan found."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -930,8 +1173,11 @@ class DiscoveredAgent(_message.Message):
     MANIFEST_PATH_FIELD_NUMBER: _builtins.int
     NEW_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id (the manifest's id, or derived from its name)."""
     name: _builtins.str
+    """The manifest's name."""
     manifest_path: _builtins.str
+    """The manifest file."""
     new: _builtins.bool
     """True when this scan registered it for the first time."""
     def __init__(
@@ -952,12 +1198,16 @@ Global___DiscoveredAgent: _TypeAlias = DiscoveredAgent  # noqa: Y015
 
 @_typing.final
 class ManifestError(_message.Message):
+    """A package the scan could not take: a broken manifest, or an id another agent has."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     MANIFEST_PATH_FIELD_NUMBER: _builtins.int
     MESSAGE_FIELD_NUMBER: _builtins.int
     manifest_path: _builtins.str
+    """The manifest file (or package folder)."""
     message: _builtins.str
+    """What is wrong, naming the key."""
     def __init__(
         self,
         *,
@@ -974,14 +1224,20 @@ Global___ManifestError: _TypeAlias = ManifestError  # noqa: Y015
 
 @_typing.final
 class DiscoverAgentsResponse(_message.Message):
+    """What a scan found."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENTS_FIELD_NUMBER: _builtins.int
     ERRORS_FIELD_NUMBER: _builtins.int
     @_builtins.property
-    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiscoveredAgent]: ...
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___DiscoveredAgent]:
+        """Every valid package found, new or already known (deleted agents are left out)."""
+
     @_builtins.property
-    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestError]: ...
+    def errors(self) -> _containers.RepeatedCompositeFieldContainer[Global___ManifestError]:
+        """The packages that could not be taken; a broken manifest never stops the scan."""
+
     def __init__(
         self,
         *,
@@ -998,6 +1254,8 @@ Global___DiscoverAgentsResponse: _TypeAlias = DiscoverAgentsResponse  # noqa: Y0
 
 @_typing.final
 class SendCommandRequest(_message.Message):
+    """A custom command for one agent."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -1005,11 +1263,17 @@ class SendCommandRequest(_message.Message):
     PARAMS_FIELD_NUMBER: _builtins.int
     TIMEOUT_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id; the command goes to it on agent.{agent_id}.command."""
     command: _builtins.str
+    """The command's name, as the agent knows it. Must not be empty."""
     @_builtins.property
-    def params(self) -> _struct_pb2.Struct: ...
+    def params(self) -> _struct_pb2.Struct:
+        """The command's parameters, passed to the agent as they are."""
+
     @_builtins.property
-    def timeout(self) -> _duration_pb2.Duration: ...
+    def timeout(self) -> _duration_pb2.Duration:
+        """How long to wait for the agent's reply, more than 0s and at most 300s. Unset: 5s."""
+
     def __init__(
         self,
         *,
@@ -1028,6 +1292,8 @@ Global___SendCommandRequest: _TypeAlias = SendCommandRequest  # noqa: Y015
 
 @_typing.final
 class SendCommandResponse(_message.Message):
+    """The agent's reply to a command."""
+
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
@@ -1036,12 +1302,17 @@ class SendCommandResponse(_message.Message):
     RESULT_FIELD_NUMBER: _builtins.int
     ERROR_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
+    """The agent's id."""
     command: _builtins.str
+    """The command's name."""
     status: _builtins.str
     """"success" or "error", as the agent answered."""
     error: _builtins.str
+    """The agent's error message when status is "error"; empty otherwise."""
     @_builtins.property
-    def result(self) -> _struct_pb2.Value: ...
+    def result(self) -> _struct_pb2.Value:
+        """What the command returned (any JSON value); unset when it returned nothing."""
+
     def __init__(
         self,
         *,

@@ -26,7 +26,15 @@ if _version_not_supported:
 
 
 class AgentServiceStub:
-    """Missing associated documentation comment in .proto file."""
+    """Registers, runs, stops and observes the agents of one opmasd node.
+
+    An agent id is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit;
+    "manager", "status", "metrics", "node" and "events" are reserved. A malformed id is
+    INVALID_ARGUMENT, an unknown (or deleted) one NOT_FOUND. Errors are google.rpc.Status with
+    details: BadRequest field violations for INVALID_ARGUMENT, ResourceInfo for NOT_FOUND and
+    ALREADY_EXISTS. Starting, stopping and deleting an agent that another node runs (in a shared
+    database) is FAILED_PRECONDITION, and so is restarting it.
+    """
 
     def __init__(self, channel):
         """Constructor.
@@ -107,10 +115,21 @@ class AgentServiceStub:
 
 
 class AgentServiceServicer:
-    """Missing associated documentation comment in .proto file."""
+    """Registers, runs, stops and observes the agents of one opmasd node.
+
+    An agent id is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit;
+    "manager", "status", "metrics", "node" and "events" are reserved. A malformed id is
+    INVALID_ARGUMENT, an unknown (or deleted) one NOT_FOUND. Errors are google.rpc.Status with
+    details: BadRequest field violations for INVALID_ARGUMENT, ResourceInfo for NOT_FOUND and
+    ALREADY_EXISTS. Starting, stopping and deleting an agent that another node runs (in a shared
+    database) is FAILED_PRECONDITION, and so is restarting it.
+    """
 
     def ListAgents(self, request, context):
         """Lists agents, optionally filtered by state, type and node, a page at a time.
+
+        Agents come in agent_id order; deleted agents are not listed. An empty filter field
+        matches every agent.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -118,13 +137,19 @@ class AgentServiceServicer:
 
     def CreateAgent(self, request, context):
         """Registers an agent from a spec or from a manifest file on the daemon's host.
+
+        Spec fields left unset take the defaults of a manifest (see AgentSpec). ALREADY_EXISTS when
+        the id is taken; INVALID_ARGUMENT, with every bad field named, when the spec or manifest is
+        invalid. With start (or the spec's autostart) the agent is started too; if that start fails
+        the agent stays registered and the call fails with FAILED_PRECONDITION.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAgent(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns one agent: its spec, its current status and where it came from.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
@@ -132,6 +157,9 @@ class AgentServiceServicer:
     def UpdateAgent(self, request, context):
         """Changes an agent's spec; the fields named in update_mask, or every field set when it is empty.
         A running agent keeps its old spec until it is next started.
+
+        The new spec is validated as a whole (INVALID_ARGUMENT naming every bad field); a request
+        that changes nothing is INVALID_ARGUMENT on update_mask.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -139,43 +167,62 @@ class AgentServiceServicer:
 
     def DeleteAgent(self, request, context):
         """Stops the agent first, then removes it. Deleting a deleted agent succeeds again.
+
+        The agent is stopped as StopAgent does, with its own stop_timeout. A deleted agent is kept
+        as a tombstone, so discovery does not register its package again.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StartAgent(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Starts the agent's process and sets its desired state to running.
+
+        Starting a running agent changes nothing (changed is false). A start resets restart_count
+        and cancels a pending backoff restart. FAILED_PRECONDITION when the process cannot be
+        launched (the reason is in the message and in status.state_reason).
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def StopAgent(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops the agent and sets its desired state to stopped, so it is not restarted.
+
+        SIGTERM goes to the agent's whole process group; after the timeout (the request's, else
+        the spec's stop_timeout) the group gets SIGKILL. Stopping a stopped agent changes nothing.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def RestartAgent(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Stops the agent (when it runs) and starts it again, with its current spec.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAgentStatus(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns the agent's status alone: state, process, restarts, last exit and heartbeat.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAgentMetrics(self, request, context):
-        """Missing associated documentation comment in .proto file."""
+        """Returns the resource usage of the agent's processes and the metrics the agent reported.
+        """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
     def GetAgentLogs(self, request, context):
         """The last tail_lines lines of the agent's output; with follow, new lines as they are written.
+
+        Without follow the stream ends after the tail. With follow it stays open until the client
+        cancels it or the daemon shuts down. Over REST: newline-delimited JSON, one
+        {"result": LogLine} per line.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -183,6 +230,10 @@ class AgentServiceServicer:
 
     def WatchEvents(self, request, context):
         """State changes of all agents (or of the ones named), as they happen.
+
+        Only changes after the call begins are sent, not the current states (ListAgents gives
+        those). The stream stays open until the client cancels it or the daemon shuts down. Over
+        REST: newline-delimited JSON, one {"result": AgentEvent} per change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -190,6 +241,10 @@ class AgentServiceServicer:
 
     def DiscoverAgents(self, request, context):
         """Rescans the agents directories now and reports what was found and what could not be read.
+
+        A new package is registered (and started when its manifest says autostart); a changed
+        manifest updates the agent's spec, which applies at its next start. Discovery also runs at
+        daemon start and every discovery_interval.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -197,6 +252,10 @@ class AgentServiceServicer:
 
     def SendCommand(self, request, context):
         """Delivers a custom command to the agent over NATS and returns its reply.
+
+        UNAVAILABLE when the daemon runs without NATS or cannot reach it; FAILED_PRECONDITION when
+        the agent is not running; DEADLINE_EXCEEDED when it does not answer within the timeout. An
+        agent that answers with an error is not a failed call: status is then "error".
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -284,7 +343,15 @@ def add_AgentServiceServicer_to_server(servicer, server):
 
  # This class is part of an EXPERIMENTAL API.
 class AgentService:
-    """Missing associated documentation comment in .proto file."""
+    """Registers, runs, stops and observes the agents of one opmasd node.
+
+    An agent id is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit;
+    "manager", "status", "metrics", "node" and "events" are reserved. A malformed id is
+    INVALID_ARGUMENT, an unknown (or deleted) one NOT_FOUND. Errors are google.rpc.Status with
+    details: BadRequest field violations for INVALID_ARGUMENT, ResourceInfo for NOT_FOUND and
+    ALREADY_EXISTS. Starting, stopping and deleting an agent that another node runs (in a shared
+    database) is FAILED_PRECONDITION, and so is restarting it.
+    """
 
     @staticmethod
     def ListAgents(request,

@@ -29,71 +29,209 @@ GRPC_GENERATED_VERSION: str
 GRPC_VERSION: str
 
 class AgentServiceStub:
+    """Registers, runs, stops and observes the agents of one opmasd node.
+
+    An agent id is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit;
+    "manager", "status", "metrics", "node" and "events" are reserved. A malformed id is
+    INVALID_ARGUMENT, an unknown (or deleted) one NOT_FOUND. Errors are google.rpc.Status with
+    details: BadRequest field violations for INVALID_ARGUMENT, ResourceInfo for NOT_FOUND and
+    ALREADY_EXISTS. Starting, stopping and deleting an agent that another node runs (in a shared
+    database) is FAILED_PRECONDITION, and so is restarting it.
+    """
+
     @_typing.overload
     def __new__(cls, channel: _grpc.Channel) -> _Self: ...
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agents_pb2.ListAgentsRequest, _agents_pb2.ListAgentsResponse]
-    """Lists agents, optionally filtered by state, type and node, a page at a time."""
+    """Lists agents, optionally filtered by state, type and node, a page at a time.
+
+    Agents come in agent_id order; deleted agents are not listed. An empty filter field
+    matches every agent.
+    """
     CreateAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.CreateAgentRequest, _agents_pb2.Agent]
-    """Registers an agent from a spec or from a manifest file on the daemon's host."""
+    """Registers an agent from a spec or from a manifest file on the daemon's host.
+
+    Spec fields left unset take the defaults of a manifest (see AgentSpec). ALREADY_EXISTS when
+    the id is taken; INVALID_ARGUMENT, with every bad field named, when the spec or manifest is
+    invalid. With start (or the spec's autostart) the agent is started too; if that start fails
+    the agent stays registered and the call fails with FAILED_PRECONDITION.
+    """
     GetAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.GetAgentRequest, _agents_pb2.Agent]
+    """Returns one agent: its spec, its current status and where it came from."""
     UpdateAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.UpdateAgentRequest, _agents_pb2.Agent]
     """Changes an agent's spec; the fields named in update_mask, or every field set when it is empty.
     A running agent keeps its old spec until it is next started.
+
+    The new spec is validated as a whole (INVALID_ARGUMENT naming every bad field); a request
+    that changes nothing is INVALID_ARGUMENT on update_mask.
     """
     DeleteAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.DeleteAgentRequest, _agents_pb2.DeleteAgentResponse]
-    """Stops the agent first, then removes it. Deleting a deleted agent succeeds again."""
+    """Stops the agent first, then removes it. Deleting a deleted agent succeeds again.
+
+    The agent is stopped as StopAgent does, with its own stop_timeout. A deleted agent is kept
+    as a tombstone, so discovery does not register its package again.
+    """
     StartAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.StartAgentRequest, _agents_pb2.StartAgentResponse]
+    """Starts the agent's process and sets its desired state to running.
+
+    Starting a running agent changes nothing (changed is false). A start resets restart_count
+    and cancels a pending backoff restart. FAILED_PRECONDITION when the process cannot be
+    launched (the reason is in the message and in status.state_reason).
+    """
     StopAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.StopAgentRequest, _agents_pb2.StopAgentResponse]
+    """Stops the agent and sets its desired state to stopped, so it is not restarted.
+
+    SIGTERM goes to the agent's whole process group; after the timeout (the request's, else
+    the spec's stop_timeout) the group gets SIGKILL. Stopping a stopped agent changes nothing.
+    """
     RestartAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.RestartAgentRequest, _agents_pb2.RestartAgentResponse]
+    """Stops the agent (when it runs) and starts it again, with its current spec."""
     GetAgentStatus: _grpc.UnaryUnaryMultiCallable[_agents_pb2.GetAgentStatusRequest, _agents_pb2.AgentStatus]
+    """Returns the agent's status alone: state, process, restarts, last exit and heartbeat."""
     GetAgentMetrics: _grpc.UnaryUnaryMultiCallable[_agents_pb2.GetAgentMetricsRequest, _agents_pb2.AgentMetrics]
+    """Returns the resource usage of the agent's processes and the metrics the agent reported."""
     GetAgentLogs: _grpc.UnaryStreamMultiCallable[_agents_pb2.GetAgentLogsRequest, _agents_pb2.LogLine]
-    """The last tail_lines lines of the agent's output; with follow, new lines as they are written."""
+    """The last tail_lines lines of the agent's output; with follow, new lines as they are written.
+
+    Without follow the stream ends after the tail. With follow it stays open until the client
+    cancels it or the daemon shuts down. Over REST: newline-delimited JSON, one
+    {"result": LogLine} per line.
+    """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_agents_pb2.WatchEventsRequest, _agents_pb2.AgentEvent]
-    """State changes of all agents (or of the ones named), as they happen."""
+    """State changes of all agents (or of the ones named), as they happen.
+
+    Only changes after the call begins are sent, not the current states (ListAgents gives
+    those). The stream stays open until the client cancels it or the daemon shuts down. Over
+    REST: newline-delimited JSON, one {"result": AgentEvent} per change.
+    """
     DiscoverAgents: _grpc.UnaryUnaryMultiCallable[_agents_pb2.DiscoverAgentsRequest, _agents_pb2.DiscoverAgentsResponse]
-    """Rescans the agents directories now and reports what was found and what could not be read."""
+    """Rescans the agents directories now and reports what was found and what could not be read.
+
+    A new package is registered (and started when its manifest says autostart); a changed
+    manifest updates the agent's spec, which applies at its next start. Discovery also runs at
+    daemon start and every discovery_interval.
+    """
     SendCommand: _grpc.UnaryUnaryMultiCallable[_agents_pb2.SendCommandRequest, _agents_pb2.SendCommandResponse]
-    """Delivers a custom command to the agent over NATS and returns its reply."""
+    """Delivers a custom command to the agent over NATS and returns its reply.
+
+    UNAVAILABLE when the daemon runs without NATS or cannot reach it; FAILED_PRECONDITION when
+    the agent is not running; DEADLINE_EXCEEDED when it does not answer within the timeout. An
+    agent that answers with an error is not a failed call: status is then "error".
+    """
 
 @_typing.type_check_only
 class AgentServiceAsyncStub(AgentServiceStub):
+    """Registers, runs, stops and observes the agents of one opmasd node.
+
+    An agent id is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit;
+    "manager", "status", "metrics", "node" and "events" are reserved. A malformed id is
+    INVALID_ARGUMENT, an unknown (or deleted) one NOT_FOUND. Errors are google.rpc.Status with
+    details: BadRequest field violations for INVALID_ARGUMENT, ResourceInfo for NOT_FOUND and
+    ALREADY_EXISTS. Starting, stopping and deleting an agent that another node runs (in a shared
+    database) is FAILED_PRECONDITION, and so is restarting it.
+    """
+
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListAgents: _aio.UnaryUnaryMultiCallable[_agents_pb2.ListAgentsRequest, _agents_pb2.ListAgentsResponse]  # type: ignore[assignment]
-    """Lists agents, optionally filtered by state, type and node, a page at a time."""
+    """Lists agents, optionally filtered by state, type and node, a page at a time.
+
+    Agents come in agent_id order; deleted agents are not listed. An empty filter field
+    matches every agent.
+    """
     CreateAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.CreateAgentRequest, _agents_pb2.Agent]  # type: ignore[assignment]
-    """Registers an agent from a spec or from a manifest file on the daemon's host."""
+    """Registers an agent from a spec or from a manifest file on the daemon's host.
+
+    Spec fields left unset take the defaults of a manifest (see AgentSpec). ALREADY_EXISTS when
+    the id is taken; INVALID_ARGUMENT, with every bad field named, when the spec or manifest is
+    invalid. With start (or the spec's autostart) the agent is started too; if that start fails
+    the agent stays registered and the call fails with FAILED_PRECONDITION.
+    """
     GetAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.GetAgentRequest, _agents_pb2.Agent]  # type: ignore[assignment]
+    """Returns one agent: its spec, its current status and where it came from."""
     UpdateAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.UpdateAgentRequest, _agents_pb2.Agent]  # type: ignore[assignment]
     """Changes an agent's spec; the fields named in update_mask, or every field set when it is empty.
     A running agent keeps its old spec until it is next started.
+
+    The new spec is validated as a whole (INVALID_ARGUMENT naming every bad field); a request
+    that changes nothing is INVALID_ARGUMENT on update_mask.
     """
     DeleteAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.DeleteAgentRequest, _agents_pb2.DeleteAgentResponse]  # type: ignore[assignment]
-    """Stops the agent first, then removes it. Deleting a deleted agent succeeds again."""
+    """Stops the agent first, then removes it. Deleting a deleted agent succeeds again.
+
+    The agent is stopped as StopAgent does, with its own stop_timeout. A deleted agent is kept
+    as a tombstone, so discovery does not register its package again.
+    """
     StartAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.StartAgentRequest, _agents_pb2.StartAgentResponse]  # type: ignore[assignment]
+    """Starts the agent's process and sets its desired state to running.
+
+    Starting a running agent changes nothing (changed is false). A start resets restart_count
+    and cancels a pending backoff restart. FAILED_PRECONDITION when the process cannot be
+    launched (the reason is in the message and in status.state_reason).
+    """
     StopAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.StopAgentRequest, _agents_pb2.StopAgentResponse]  # type: ignore[assignment]
+    """Stops the agent and sets its desired state to stopped, so it is not restarted.
+
+    SIGTERM goes to the agent's whole process group; after the timeout (the request's, else
+    the spec's stop_timeout) the group gets SIGKILL. Stopping a stopped agent changes nothing.
+    """
     RestartAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.RestartAgentRequest, _agents_pb2.RestartAgentResponse]  # type: ignore[assignment]
+    """Stops the agent (when it runs) and starts it again, with its current spec."""
     GetAgentStatus: _aio.UnaryUnaryMultiCallable[_agents_pb2.GetAgentStatusRequest, _agents_pb2.AgentStatus]  # type: ignore[assignment]
+    """Returns the agent's status alone: state, process, restarts, last exit and heartbeat."""
     GetAgentMetrics: _aio.UnaryUnaryMultiCallable[_agents_pb2.GetAgentMetricsRequest, _agents_pb2.AgentMetrics]  # type: ignore[assignment]
+    """Returns the resource usage of the agent's processes and the metrics the agent reported."""
     GetAgentLogs: _aio.UnaryStreamMultiCallable[_agents_pb2.GetAgentLogsRequest, _agents_pb2.LogLine]  # type: ignore[assignment]
-    """The last tail_lines lines of the agent's output; with follow, new lines as they are written."""
+    """The last tail_lines lines of the agent's output; with follow, new lines as they are written.
+
+    Without follow the stream ends after the tail. With follow it stays open until the client
+    cancels it or the daemon shuts down. Over REST: newline-delimited JSON, one
+    {"result": LogLine} per line.
+    """
     WatchEvents: _aio.UnaryStreamMultiCallable[_agents_pb2.WatchEventsRequest, _agents_pb2.AgentEvent]  # type: ignore[assignment]
-    """State changes of all agents (or of the ones named), as they happen."""
+    """State changes of all agents (or of the ones named), as they happen.
+
+    Only changes after the call begins are sent, not the current states (ListAgents gives
+    those). The stream stays open until the client cancels it or the daemon shuts down. Over
+    REST: newline-delimited JSON, one {"result": AgentEvent} per change.
+    """
     DiscoverAgents: _aio.UnaryUnaryMultiCallable[_agents_pb2.DiscoverAgentsRequest, _agents_pb2.DiscoverAgentsResponse]  # type: ignore[assignment]
-    """Rescans the agents directories now and reports what was found and what could not be read."""
+    """Rescans the agents directories now and reports what was found and what could not be read.
+
+    A new package is registered (and started when its manifest says autostart); a changed
+    manifest updates the agent's spec, which applies at its next start. Discovery also runs at
+    daemon start and every discovery_interval.
+    """
     SendCommand: _aio.UnaryUnaryMultiCallable[_agents_pb2.SendCommandRequest, _agents_pb2.SendCommandResponse]  # type: ignore[assignment]
-    """Delivers a custom command to the agent over NATS and returns its reply."""
+    """Delivers a custom command to the agent over NATS and returns its reply.
+
+    UNAVAILABLE when the daemon runs without NATS or cannot reach it; FAILED_PRECONDITION when
+    the agent is not running; DEADLINE_EXCEEDED when it does not answer within the timeout. An
+    agent that answers with an error is not a failed call: status is then "error".
+    """
 
 class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
+    """Registers, runs, stops and observes the agents of one opmasd node.
+
+    An agent id is 1-63 characters of a-z, 0-9, '-' and '_', starting with a letter or digit;
+    "manager", "status", "metrics", "node" and "events" are reserved. A malformed id is
+    INVALID_ARGUMENT, an unknown (or deleted) one NOT_FOUND. Errors are google.rpc.Status with
+    details: BadRequest field violations for INVALID_ARGUMENT, ResourceInfo for NOT_FOUND and
+    ALREADY_EXISTS. Starting, stopping and deleting an agent that another node runs (in a shared
+    database) is FAILED_PRECONDITION, and so is restarting it.
+    """
+
     @_abc_1.abstractmethod
     def ListAgents(
         self,
         request: _agents_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.ListAgentsResponse, _abc.Awaitable[_agents_pb2.ListAgentsResponse]]:
-        """Lists agents, optionally filtered by state, type and node, a page at a time."""
+        """Lists agents, optionally filtered by state, type and node, a page at a time.
+
+        Agents come in agent_id order; deleted agents are not listed. An empty filter field
+        matches every agent.
+        """
 
     @_abc_1.abstractmethod
     def CreateAgent(
@@ -101,14 +239,21 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agents_pb2.CreateAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.Agent, _abc.Awaitable[_agents_pb2.Agent]]:
-        """Registers an agent from a spec or from a manifest file on the daemon's host."""
+        """Registers an agent from a spec or from a manifest file on the daemon's host.
+
+        Spec fields left unset take the defaults of a manifest (see AgentSpec). ALREADY_EXISTS when
+        the id is taken; INVALID_ARGUMENT, with every bad field named, when the spec or manifest is
+        invalid. With start (or the spec's autostart) the agent is started too; if that start fails
+        the agent stays registered and the call fails with FAILED_PRECONDITION.
+        """
 
     @_abc_1.abstractmethod
     def GetAgent(
         self,
         request: _agents_pb2.GetAgentRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agents_pb2.Agent, _abc.Awaitable[_agents_pb2.Agent]]: ...
+    ) -> _typing.Union[_agents_pb2.Agent, _abc.Awaitable[_agents_pb2.Agent]]:
+        """Returns one agent: its spec, its current status and where it came from."""
 
     @_abc_1.abstractmethod
     def UpdateAgent(
@@ -118,6 +263,9 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agents_pb2.Agent, _abc.Awaitable[_agents_pb2.Agent]]:
         """Changes an agent's spec; the fields named in update_mask, or every field set when it is empty.
         A running agent keeps its old spec until it is next started.
+
+        The new spec is validated as a whole (INVALID_ARGUMENT naming every bad field); a request
+        that changes nothing is INVALID_ARGUMENT on update_mask.
         """
 
     @_abc_1.abstractmethod
@@ -126,42 +274,60 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agents_pb2.DeleteAgentRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.DeleteAgentResponse, _abc.Awaitable[_agents_pb2.DeleteAgentResponse]]:
-        """Stops the agent first, then removes it. Deleting a deleted agent succeeds again."""
+        """Stops the agent first, then removes it. Deleting a deleted agent succeeds again.
+
+        The agent is stopped as StopAgent does, with its own stop_timeout. A deleted agent is kept
+        as a tombstone, so discovery does not register its package again.
+        """
 
     @_abc_1.abstractmethod
     def StartAgent(
         self,
         request: _agents_pb2.StartAgentRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agents_pb2.StartAgentResponse, _abc.Awaitable[_agents_pb2.StartAgentResponse]]: ...
+    ) -> _typing.Union[_agents_pb2.StartAgentResponse, _abc.Awaitable[_agents_pb2.StartAgentResponse]]:
+        """Starts the agent's process and sets its desired state to running.
+
+        Starting a running agent changes nothing (changed is false). A start resets restart_count
+        and cancels a pending backoff restart. FAILED_PRECONDITION when the process cannot be
+        launched (the reason is in the message and in status.state_reason).
+        """
 
     @_abc_1.abstractmethod
     def StopAgent(
         self,
         request: _agents_pb2.StopAgentRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agents_pb2.StopAgentResponse, _abc.Awaitable[_agents_pb2.StopAgentResponse]]: ...
+    ) -> _typing.Union[_agents_pb2.StopAgentResponse, _abc.Awaitable[_agents_pb2.StopAgentResponse]]:
+        """Stops the agent and sets its desired state to stopped, so it is not restarted.
+
+        SIGTERM goes to the agent's whole process group; after the timeout (the request's, else
+        the spec's stop_timeout) the group gets SIGKILL. Stopping a stopped agent changes nothing.
+        """
 
     @_abc_1.abstractmethod
     def RestartAgent(
         self,
         request: _agents_pb2.RestartAgentRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agents_pb2.RestartAgentResponse, _abc.Awaitable[_agents_pb2.RestartAgentResponse]]: ...
+    ) -> _typing.Union[_agents_pb2.RestartAgentResponse, _abc.Awaitable[_agents_pb2.RestartAgentResponse]]:
+        """Stops the agent (when it runs) and starts it again, with its current spec."""
 
     @_abc_1.abstractmethod
     def GetAgentStatus(
         self,
         request: _agents_pb2.GetAgentStatusRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agents_pb2.AgentStatus, _abc.Awaitable[_agents_pb2.AgentStatus]]: ...
+    ) -> _typing.Union[_agents_pb2.AgentStatus, _abc.Awaitable[_agents_pb2.AgentStatus]]:
+        """Returns the agent's status alone: state, process, restarts, last exit and heartbeat."""
 
     @_abc_1.abstractmethod
     def GetAgentMetrics(
         self,
         request: _agents_pb2.GetAgentMetricsRequest,
         context: _ServicerContext,
-    ) -> _typing.Union[_agents_pb2.AgentMetrics, _abc.Awaitable[_agents_pb2.AgentMetrics]]: ...
+    ) -> _typing.Union[_agents_pb2.AgentMetrics, _abc.Awaitable[_agents_pb2.AgentMetrics]]:
+        """Returns the resource usage of the agent's processes and the metrics the agent reported."""
 
     @_abc_1.abstractmethod
     def GetAgentLogs(
@@ -169,7 +335,12 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agents_pb2.GetAgentLogsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agents_pb2.LogLine], _abc.AsyncIterator[_agents_pb2.LogLine]]:
-        """The last tail_lines lines of the agent's output; with follow, new lines as they are written."""
+        """The last tail_lines lines of the agent's output; with follow, new lines as they are written.
+
+        Without follow the stream ends after the tail. With follow it stays open until the client
+        cancels it or the daemon shuts down. Over REST: newline-delimited JSON, one
+        {"result": LogLine} per line.
+        """
 
     @_abc_1.abstractmethod
     def WatchEvents(
@@ -177,7 +348,12 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agents_pb2.WatchEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agents_pb2.AgentEvent], _abc.AsyncIterator[_agents_pb2.AgentEvent]]:
-        """State changes of all agents (or of the ones named), as they happen."""
+        """State changes of all agents (or of the ones named), as they happen.
+
+        Only changes after the call begins are sent, not the current states (ListAgents gives
+        those). The stream stays open until the client cancels it or the daemon shuts down. Over
+        REST: newline-delimited JSON, one {"result": AgentEvent} per change.
+        """
 
     @_abc_1.abstractmethod
     def DiscoverAgents(
@@ -185,7 +361,12 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agents_pb2.DiscoverAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.DiscoverAgentsResponse, _abc.Awaitable[_agents_pb2.DiscoverAgentsResponse]]:
-        """Rescans the agents directories now and reports what was found and what could not be read."""
+        """Rescans the agents directories now and reports what was found and what could not be read.
+
+        A new package is registered (and started when its manifest says autostart); a changed
+        manifest updates the agent's spec, which applies at its next start. Discovery also runs at
+        daemon start and every discovery_interval.
+        """
 
     @_abc_1.abstractmethod
     def SendCommand(
@@ -193,6 +374,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agents_pb2.SendCommandRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.SendCommandResponse, _abc.Awaitable[_agents_pb2.SendCommandResponse]]:
-        """Delivers a custom command to the agent over NATS and returns its reply."""
+        """Delivers a custom command to the agent over NATS and returns its reply.
+
+        UNAVAILABLE when the daemon runs without NATS or cannot reach it; FAILED_PRECONDITION when
+        the agent is not running; DEADLINE_EXCEEDED when it does not answer within the timeout. An
+        agent that answers with an error is not a failed call: status is then "error".
+        """
 
 def add_AgentServiceServicer_to_server(servicer: AgentServiceServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

@@ -6,7 +6,6 @@ bad field mask is an InvalidArgument naming the field); domain records become me
 
 from __future__ import annotations
 
-import base64
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TypeVar
@@ -228,9 +227,10 @@ def status_to_pb(rec: AgentRecord) -> pb.AgentStatus:
         node=rec.node,
         runtime=_RUNTIME_TO_PB[rec.spec.runtime],
     )
-    if rec.started_at is not None and rec.pid is not None:
+    uptime = rec.uptime(utcnow())
+    if uptime is not None and rec.started_at is not None:
         status.start_time.CopyFrom(timestamp(rec.started_at))
-        status.uptime.CopyFrom(duration(max(0.0, (utcnow() - rec.started_at).total_seconds())))
+        status.uptime.CopyFrom(duration(uptime))
     if rec.last_exit is not None:
         status.last_exit.CopyFrom(exit_to_pb(rec.last_exit))
     if rec.last_heartbeat is not None:
@@ -288,20 +288,7 @@ def metrics_to_pb(
         metrics.rss_bytes = usage.rss_bytes
         metrics.num_threads = usage.num_threads
         metrics.open_fds = usage.open_fds
-    if rec.started_at is not None and rec.pid is not None:
-        metrics.uptime.CopyFrom(duration(max(0.0, (utcnow() - rec.started_at).total_seconds())))
+    uptime = rec.uptime(utcnow())
+    if uptime is not None:
+        metrics.uptime.CopyFrom(duration(uptime))
     return metrics
-
-
-def encode_page_token(last_agent_id: str) -> str:
-    return base64.urlsafe_b64encode(f"after:{last_agent_id}".encode()).decode()
-
-
-def decode_page_token(token: str) -> str:
-    try:
-        text = base64.urlsafe_b64decode(token.encode()).decode()
-    except (ValueError, UnicodeDecodeError):
-        text = ""
-    if not text.startswith("after:"):
-        raise InvalidArgument.single("page_token", "is not a token this server issued")
-    return text.removeprefix("after:")

@@ -39,6 +39,11 @@ def code_of(exc: Exception) -> int:
     return next((c for cls, c in _CODES if isinstance(exc, cls)), code_pb2.INTERNAL)
 
 
+def is_known(exc: Exception) -> bool:
+    """Whether exc is an error of ours (a verdict to report), not a bug (to log with its traceback)."""
+    return any(isinstance(exc, cls) for cls, _ in _CODES)
+
+
 def code_name(exc: Exception) -> str:
     """The code's name, e.g. "NOT_FOUND", as the NATS API writes it."""
     return str(code_pb2.Code.Name(code_of(exc)))
@@ -75,3 +80,34 @@ def to_status_pb(exc: Exception) -> status_pb2.Status:
 def to_grpc_status(exc: Exception) -> grpc.Status:
     status: grpc.Status = rpc_status.to_status(to_status_pb(exc))
     return status
+
+
+# grpc-gateway's HTTP status for each code (runtime/errors.go, HTTPStatusFromCode).
+HTTP_STATUS: dict[int, int] = {
+    code_pb2.OK: 200,
+    code_pb2.CANCELLED: 499,
+    code_pb2.UNKNOWN: 500,
+    code_pb2.INVALID_ARGUMENT: 400,
+    code_pb2.DEADLINE_EXCEEDED: 504,
+    code_pb2.NOT_FOUND: 404,
+    code_pb2.ALREADY_EXISTS: 409,
+    code_pb2.PERMISSION_DENIED: 403,
+    code_pb2.UNAUTHENTICATED: 401,
+    code_pb2.RESOURCE_EXHAUSTED: 429,
+    code_pb2.FAILED_PRECONDITION: 400,
+    code_pb2.ABORTED: 409,
+    code_pb2.OUT_OF_RANGE: 400,
+    code_pb2.UNIMPLEMENTED: 501,
+    code_pb2.INTERNAL: 500,
+    code_pb2.UNAVAILABLE: 503,
+    code_pb2.DATA_LOSS: 500,
+}
+
+
+def http_status(code: int) -> int:
+    return HTTP_STATUS.get(code, 500)
+
+
+def bad_request_status(field: str, description: str) -> status_pb2.Status:
+    """INVALID_ARGUMENT with one field violation, as the servicer reports a bad field."""
+    return to_status_pb(errors.InvalidArgument.single(field, description))

@@ -3,12 +3,18 @@
 The unix socket's owner, group and mode are the local authorization (a unix-socket peer
 carries no credentials grpc can check), so the socket is created with a restrictive umask and
 then given the configured mode.
+
+Health: the overall status ("") is SERVING from start to shutdown (the process answers);
+AgentService's own status is what `set_serving` last said, which api.health keeps in step with
+the daemon's readiness. Interceptors given to the constructor see every call, REST's included
+(the gateway calls through a loopback channel).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -39,11 +45,18 @@ class GrpcListeners:
 
 
 class GrpcServer:
-    def __init__(self, manager: AgentManager, listeners: GrpcListeners) -> None:
+    def __init__(
+        self,
+        manager: AgentManager,
+        listeners: GrpcListeners,
+        interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+    ) -> None:
         self._listeners = listeners
         self.stopping = asyncio.Event()
+        self._started = False
         self._server = grpc.aio.server(
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+            interceptors=list(interceptors),
+            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
         agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(manager, self.stopping), self._server)
         self.health = health.aio.HealthServicer()
@@ -67,6 +80,7 @@ class GrpcServer:
         await self._server.start()
         if listeners.socket_path is not None:
             os.chmod(listeners.socket_path, listeners.socket_mode)
+        self._started = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
@@ -75,6 +89,18 @@ class GrpcServer:
             address=listeners.address or None,
             port=self.tcp_port,
         )
+
+    @property
+    def serving(self) -> bool:
+        """Started and not yet stopping: the server takes calls."""
+        return self._started and not self.stopping.is_set()
+
+    async def set_serving(self, serving: bool) -> None:
+        """AgentService's health status (a no-op once shutdown has begun: it stays NOT_SERVING)."""
+        status = (
+            health_pb2.HealthCheckResponse.SERVING if serving else health_pb2.HealthCheckResponse.NOT_SERVING
+        )
+        await self.health.set(SERVICE_NAME, status)
 
     def _bind_unix(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)

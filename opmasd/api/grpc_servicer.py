@@ -16,10 +16,10 @@ import structlog
 
 from opmas.v1 import agents_pb2 as pb
 from opmas.v1 import agents_pb2_grpc
-from opmasd.api import convert
-from opmasd.api.errors import to_grpc_status
+from opmasd.api import convert, paging
+from opmasd.api.errors import is_known, to_grpc_status
 from opmasd.api.wire_cache import AgentWireCache
-from opmasd.core.errors import InvalidArgument, OpmasError, StoreError
+from opmasd.core.errors import InvalidArgument
 from opmasd.core.ids import check_agent_id
 from opmasd.manager import AgentFilter, AgentManager, OperationResult
 
@@ -32,7 +32,7 @@ MAX_PAGE_SIZE = 1000
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
-    if not isinstance(exc, OpmasError | StoreError):
+    if not is_known(exc):
         log.exception("unexpected error in rpc", method=method)
     await context.abort_with_status(to_grpc_status(exc))
 
@@ -119,10 +119,10 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         )
         total = len(records)
         if request.page_token:
-            after = convert.decode_page_token(request.page_token)
+            after = paging.decode_page_token(request.page_token)
             records = [rec for rec in records if rec.agent_id > after]
         page = records[:page_size]
-        token = convert.encode_page_token(page[-1].agent_id) if len(records) > page_size else ""
+        token = paging.encode_page_token(page[-1].agent_id) if len(records) > page_size else ""
         if len(self._wire_cache) > 2 * total + 100:
             self._wire_cache.forget_missing({rec.agent_id for rec in self._manager.list_agents()})
         return self._wire_cache.list_response(page, token, total)

@@ -14,7 +14,7 @@ from typing import Any
 
 import structlog
 
-from opmasd.api.errors import code_name
+from opmasd.api.errors import code_name, is_known
 from opmasd.api.nats_convert import (
     BadRequest,
     agent_to_json,
@@ -79,7 +79,7 @@ class NatsManagerApi:
         if isinstance(exc, CommandFailed):
             return ManagerReply(ERROR, name, agent_id, exc.reply.result, exc.reply.error, code=AGENT_ERROR)
         code = code_name(exc)
-        if code == "INTERNAL":
+        if not is_known(exc):
             log.exception("unexpected error in NATS manager request", command=name[:64], agent_id=agent_id)
         message = getattr(exc, "message", None) or str(exc) or type(exc).__name__
         violations = tuple(exc.violations) if isinstance(exc, errors.InvalidArgument) else None

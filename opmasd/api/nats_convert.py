@@ -62,7 +62,7 @@ def _time(value: datetime | None) -> str | None:
 
 
 def agent_to_json(rec: AgentRecord, *, with_spec: bool = False) -> dict[str, Any]:
-    running = rec.started_at is not None and rec.pid is not None
+    uptime = rec.uptime(utcnow())
     out: dict[str, Any] = {
         "agent_id": rec.agent_id,
         "name": rec.spec.name,
@@ -74,11 +74,7 @@ def agent_to_json(rec: AgentRecord, *, with_spec: bool = False) -> dict[str, Any
         "state_reason": rec.state_reason,
         "state_changed_at": _time(rec.state_changed_at),
         "pid": rec.pid,
-        "uptime_seconds": (
-            round(max(0.0, (utcnow() - rec.started_at).total_seconds()), 3)
-            if running and rec.started_at is not None
-            else None
-        ),
+        "uptime_seconds": round(uptime, 3) if uptime is not None else None,
         "restart_count": rec.restart_count,
         "last_exit": (
             {

@@ -50,9 +50,9 @@ class AgentWireCache:
             entry = (key, message.SerializeToString())
             self._entries[rec.agent_id] = entry
         data = entry[1]
-        if rec.started_at is not None and rec.pid is not None:
-            uptime = convert.duration(max(0.0, (now - rec.started_at).total_seconds()))
-            data += pb.Agent(status=pb.AgentStatus(uptime=uptime)).SerializeToString()
+        uptime = rec.uptime(now)
+        if uptime is not None:
+            data += pb.Agent(status=pb.AgentStatus(uptime=convert.duration(uptime))).SerializeToString()
         return data
 
     def list_response(

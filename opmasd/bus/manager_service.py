@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Awaitable, Callable
 
 import structlog
+from google.rpc import code_pb2
 
 from opmasd.bus import codec
 from opmasd.bus.burst import BurstLog
@@ -24,6 +25,13 @@ from opmasd.core.errors import BusUnavailable, FieldViolation
 from opmasd.core.messages import ERROR, ManagerReply, ManagerRequest
 
 log = structlog.get_logger(__name__)
+
+# The codes the bus itself answers with (a request it cannot read, a reply too large, a handler
+# that broke its contract), named as google.rpc.Code names them; domain errors get theirs from
+# the api's table (api/errors.py) through the handler's ManagerReply.
+_INVALID_ARGUMENT = code_pb2.Code.Name(code_pb2.INVALID_ARGUMENT)
+_RESOURCE_EXHAUSTED = code_pb2.Code.Name(code_pb2.RESOURCE_EXHAUSTED)
+_INTERNAL = code_pb2.Code.Name(code_pb2.INTERNAL)
 
 ManagerHandler = Callable[[ManagerRequest], Awaitable[ManagerReply]]
 """Answers one request; meant never to raise (every failure is an error reply)."""
@@ -83,7 +91,7 @@ class ManagerService:
                 ManagerReply(
                     ERROR,
                     error=f"malformed request: {exc.reason}",
-                    code="INVALID_ARGUMENT",
+                    code=_INVALID_ARGUMENT,
                     violations=(FieldViolation("request", exc.reason),),
                 )
             )
@@ -96,7 +104,7 @@ class ManagerService:
                     request.command,
                     request.agent_id,
                     error=f"the result is too large to send ({len(response)} bytes); narrow the request",
-                    code="RESOURCE_EXHAUSTED",
+                    code=_RESOURCE_EXHAUSTED,
                 )
             )
         await self._broadcast(response)
@@ -122,7 +130,7 @@ class ManagerService:
                     request.command,
                     request.agent_id,
                     error=str(exc) or type(exc).__name__,
-                    code="INTERNAL",
+                    code=_INTERNAL,
                 )
             )
 

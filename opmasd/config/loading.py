@@ -16,7 +16,6 @@ from typing import Any
 import yaml
 
 from opmas.local import SOCKET_NAME
-from opmasd.config.parsers import load_yaml
 from opmasd.config.paths import default_agent_dirs, default_log_dir, default_paths
 from opmasd.config.schema import (
     SCHEMA,
@@ -29,6 +28,7 @@ from opmasd.config.schema import (
     RestConfig,
     ServiceConfig,
 )
+from opmasd.core.yamlfile import load_yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/opmas/opmasd.yaml")
 
@@ -171,6 +171,17 @@ def _build(
     grpc = values["grpc"]
     if grpc.get("socket", "") == "":
         grpc["socket"] = service["runtime_dir"] / SOCKET_NAME
+
+    rest = values["rest"]
+    rest_listens = rest.get("address", RestConfig.address) or rest.get("socket")
+    grpc_listens = grpc["socket"] is not None or grpc.get("address", GrpcConfig.address)
+    if rest.get("enabled", True) and rest_listens and not grpc_listens:
+        # The REST gateway calls the gRPC service through one of its listeners.
+        key = "socket" if ("grpc", "socket") in origins else "address"
+        source, label = origins.get(("grpc", key), ("configuration", f"grpc.{key}"))
+        raise ConfigError(
+            source, label, "REST (rest.enabled) needs a gRPC listener: grpc.socket or grpc.address"
+        )
 
     agents = values["agents"]
     agents.setdefault("dirs", default_agent_dirs())

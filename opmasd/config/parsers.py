@@ -11,14 +11,10 @@ from __future__ import annotations
 import re
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
-
-import yaml
 
 from opmasd.bus.subjects import is_valid_prefix
 
 __all__ = [
-    "load_yaml",
     "parse_address",
     "parse_bool",
     "parse_choice",
@@ -151,7 +147,8 @@ def parse_nats_subject_prefix(value: object) -> str:
 
 
 def parse_node(value: object) -> str:
-    # A node name ends up in NATS subjects and database rows: keep it to hostname characters.
+    # A node name ends up in database rows and logs: hostname characters, dots included (the
+    # default is the host name). A subject built from it must treat it as more than one token.
     text = parse_str(value)
     if not re.fullmatch(r"[A-Za-z0-9_.-]+", text):
         raise _reject("a node name of letters, digits, '-', '_' and '.'", value)
@@ -202,29 +199,3 @@ def parse_url(schemes: tuple[str, ...]) -> Callable[[object], str]:
         return text
 
     return parse
-
-
-class _StrictLoader(yaml.SafeLoader):
-    """safe_load, except that a key given twice is an error: PyYAML would keep the last one
-    and silently drop the first, which hides exactly the mistakes a config check is there for."""
-
-
-def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:
-    loader.flatten_mapping(node)
-    seen: set[Any] = set()
-    for key_node, _ in node.value:
-        if not isinstance(key_node, yaml.ScalarNode):
-            continue  # construct_mapping reports unhashable keys itself
-        key = loader.construct_object(key_node)
-        if key in seen:
-            raise yaml.constructor.ConstructorError(None, None, f"duplicate key {key!r}", key_node.start_mark)
-        seen.add(key)
-    return loader.construct_mapping(node)
-
-
-_StrictLoader.add_constructor(yaml.resolver.BaseResolver.DEFAULT_MAPPING_TAG, _construct_mapping)
-
-
-def load_yaml(text: str) -> object:
-    """yaml.safe_load that also rejects duplicate keys; raises yaml.YAMLError."""
-    return yaml.load(text, Loader=_StrictLoader)

@@ -11,7 +11,9 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal
 
+from opmas.local import DEFAULT_TCP_ADDRESS
 from opmas.units import parse_duration, parse_size
+from opmasd.bus.urls import SCHEMES as NATS_SCHEMES
 from opmasd.config.parsers import (
     parse_address,
     parse_bool,
@@ -27,7 +29,10 @@ from opmasd.config.parsers import (
     parse_url,
 )
 from opmasd.core.model import RestartPolicy
+from opmasd.logging import FORMATS, LEVELS
+from opmasd.store.database import SCHEMES as DATABASE_SCHEMES
 
+# Literals for the type checker; the values themselves are opmasd.logging's LEVELS and FORMATS.
 LogLevel = Literal["debug", "info", "warning", "error"]
 LogFormat = Literal["auto", "console", "json", "journal"]
 
@@ -66,14 +71,18 @@ class NatsConfig:
 class GrpcConfig:
     socket: Path | None  # None = no unix socket
     socket_mode: int = 0o660
-    address: str | None = "127.0.0.1:50051"  # None = no TCP listener
+    address: str | None = DEFAULT_TCP_ADDRESS  # None = no TCP listener
     grace_period: float = 5.0
 
 
 @dataclass(frozen=True)
 class RestConfig:
-    address: str | None = "127.0.0.1:8000"  # None = no REST listener
+    address: str | None = "127.0.0.1:8000"  # None = no TCP listener
     enabled: bool = True
+    socket: Path | None = None  # a unix socket beside (or instead of) the TCP listener
+    socket_mode: int = 0o660
+    # Request bodies above this are refused with 413 (the gRPC server takes 4 MiB messages).
+    max_body_bytes: int = 4 * 1024 * 1024
 
 
 @dataclass(frozen=True)
@@ -138,21 +147,19 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "state_dir": Key(parse_path, paths=True),
         "runtime_dir": Key(parse_path, paths=True),
         "log_dir": Key(parse_path, paths=True),
-        "log_level": Key(parse_choice("debug", "info", "warning", "error")),
-        "log_format": Key(parse_choice("auto", "console", "json", "journal")),
+        "log_level": Key(parse_choice(*LEVELS)),
+        "log_format": Key(parse_choice(*FORMATS)),
         "discovery_interval": Key(_POSITIVE),
         "monitoring_interval": Key(_POSITIVE),
         "cleanup_interval": Key(_POSITIVE),
         "stop_agents_on_shutdown": Key(parse_bool),
     },
     "database": {
-        "url": Key(
-            parse_url(("sqlite", "postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2"))
-        ),
+        "url": Key(parse_url(DATABASE_SCHEMES)),
         "pool_size": Key(parse_int(minimum=1)),
     },
     "nats": {
-        "url": Key(parse_url(("nats", "tls", "ws", "wss"))),
+        "url": Key(parse_url(NATS_SCHEMES)),
         "user": Key(parse_str),
         "password": Key(parse_str),
         "tls_verify": Key(parse_bool),
@@ -168,6 +175,9 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "rest": {
         "address": Key(parse_address),
         "enabled": Key(parse_bool),
+        "socket": Key(parse_optional_path, paths=True),
+        "socket_mode": Key(parse_mode),
+        "max_body_bytes": Key(parse_size),
     },
     "auth": {
         "enabled": Key(parse_bool),

@@ -1,9 +1,10 @@
 """Time, behind one small interface: monotonic seconds for durations, UTC wall time for display.
 
-Durations (how long a process ran, how long an agent has been silent) are measured on the
-monotonic clock, which a stepped wall clock cannot move; wall time is what records show and
-stores keep. Components take a Clock so that tests drive time rules with
-opmasd.testing.clock.FakeClock instead of sleeping.
+Wall time is what records show and stores keep. The manager's parts (registry, supervisor,
+heartbeat judge) take a Clock, so that tests drive their time rules with
+opmasd.testing.clock.FakeClock instead of sleeping. They still measure durations (how long a
+process ran, how long an agent has been silent) as differences of wall times; moving those to
+`monotonic()`, which a stepped wall clock cannot move, is the faults issue's work.
 """
 
 from __future__ import annotations

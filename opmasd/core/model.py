@@ -109,29 +109,36 @@ class AgentSpec:
 
     @classmethod
     def from_dict(cls, data: dict[str, Any]) -> AgentSpec:
-        """The inverse of to_dict; trusts its input (it comes from our own store)."""
+        """The inverse of to_dict; trusts its input (it comes from our own store). A key that
+        is missing (a row written by an older version) takes the field's default."""
+        default = _DEFAULT_SPEC
         res = data.get("resources") or {}
+        limits = default.resources
         return cls(
             name=data["name"],
             command=tuple(data["command"]),
-            type=data.get("type", "generic"),
-            version=data.get("version", "0.0.0"),
-            description=data.get("description", ""),
-            working_directory=data.get("working_directory", ""),
+            type=data.get("type", default.type),
+            version=data.get("version", default.version),
+            description=data.get("description", default.description),
+            working_directory=data.get("working_directory", default.working_directory),
             environment=tuple(sorted((data.get("environment") or {}).items())),
-            restart_policy=RestartPolicy(data.get("restart_policy", "on-failure")),
-            stop_timeout=float(data.get("stop_timeout", 10.0)),
-            heartbeat_interval=float(data.get("heartbeat_interval", 30.0)),
+            restart_policy=RestartPolicy(data.get("restart_policy", default.restart_policy.value)),
+            stop_timeout=float(data.get("stop_timeout", default.stop_timeout)),
+            heartbeat_interval=float(data.get("heartbeat_interval", default.heartbeat_interval)),
             resources=ResourceLimits(
-                memory_max_bytes=int(res.get("memory_max_bytes", 0)),
-                cpu_quota_percent=float(res.get("cpu_quota_percent", 0.0)),
-                tasks_max=int(res.get("tasks_max", 0)),
-                open_files_max=int(res.get("open_files_max", 0)),
+                memory_max_bytes=int(res.get("memory_max_bytes", limits.memory_max_bytes)),
+                cpu_quota_percent=float(res.get("cpu_quota_percent", limits.cpu_quota_percent)),
+                tasks_max=int(res.get("tasks_max", limits.tasks_max)),
+                open_files_max=int(res.get("open_files_max", limits.open_files_max)),
             ),
-            runtime=RuntimeKind(data.get("runtime", "process")),
-            autostart=bool(data.get("autostart", False)),
-            restart_on_inactive=bool(data.get("restart_on_inactive", False)),
+            runtime=RuntimeKind(data.get("runtime", default.runtime.value)),
+            autostart=bool(data.get("autostart", default.autostart)),
+            restart_on_inactive=bool(data.get("restart_on_inactive", default.restart_on_inactive)),
         )
+
+
+# The field defaults, read by from_dict (one copy of each default: the dataclass's).
+_DEFAULT_SPEC = AgentSpec(name="", command=())
 
 
 @dataclass(frozen=True)
@@ -204,6 +211,12 @@ class AgentRecord:
 
     def copy(self) -> AgentRecord:
         return replace(self)
+
+    def uptime(self, now: datetime) -> float | None:
+        """Seconds its process has been running at `now`; None without a process."""
+        if self.started_at is None or self.pid is None:
+            return None
+        return max(0.0, (now - self.started_at).total_seconds())
 
     @property
     def handle(self) -> ProcessHandle | None:

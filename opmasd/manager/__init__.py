@@ -9,6 +9,7 @@ from opmasd.manager.heartbeats import HealthSettings
 from opmasd.manager.operations import AgentManager
 from opmasd.manager.restart import RestartSettings
 from opmasd.manager.settings import ManagerSettings
+from opmasd.manager.stats import Durations, ManagerStats
 from opmasd.manager.values import AgentFilter, DiscoveredAgent, DiscoveryReport, OperationResult
 
 __all__ = [
@@ -17,8 +18,10 @@ __all__ = [
     "AgentManager",
     "DiscoveredAgent",
     "DiscoveryReport",
+    "Durations",
     "HealthSettings",
     "ManagerSettings",
+    "ManagerStats",
     "OperationResult",
     "RestartSettings",
     "Subscription",

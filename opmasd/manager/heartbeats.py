@@ -52,9 +52,14 @@ class HeartbeatJudge:
         # after that, nobody is judged before _grace_until.
         self._bus_was_down = True
         self._grace_until: datetime | None = None
+        # Counters for the stats (manager.stats), one int increment each on this hot path:
+        # every heartbeat taken, those from unknown agents, agents marked inactive for silence.
+        self.heartbeats_received = 0
         self.heartbeats_unknown = 0
+        self.heartbeats_late = 0
 
     def on_heartbeat(self, heartbeat: Heartbeat) -> None:
+        self.heartbeats_received += 1
         rec = self._registry.get(heartbeat.agent_id)
         if rec is None:
             self.heartbeats_unknown += 1
@@ -101,4 +106,5 @@ class HeartbeatJudge:
                 reason = f"no heartbeat for {silent:.0f}s (last at {last.isoformat(timespec='seconds')})"
                 self._registry.transition(rec, AgentState.INACTIVE, reason)
                 gone.append(rec)
+        self.heartbeats_late += len(gone)
         return gone

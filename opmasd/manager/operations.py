@@ -41,6 +41,7 @@ from opmasd.manager.persistence import WriteBehind
 from opmasd.manager.registry import AgentRegistry
 from opmasd.manager.settings import ManagerSettings
 from opmasd.manager.spec_update import apply_fields
+from opmasd.manager.stats import ManagerStats
 from opmasd.manager.supervisor import Supervisor
 from opmasd.manager.validation import check_spec
 from opmasd.manager.values import ALL_AGENTS, AgentFilter, DiscoveryReport, OperationResult
@@ -69,24 +70,24 @@ class AgentManager:
         self._runtime = runtime
         self._settings = settings
         self._bus = bus
-        self.hub = EventHub()
-        self.writes = WriteBehind(store)
-        self._registry = AgentRegistry(self.writes, self.hub, clock)
+        self._hub = EventHub()
+        self._writes = WriteBehind(store)
+        self._registry = AgentRegistry(self._writes, self._hub, clock)
         self._tasks = TaskOwner("manager")
         self._jobs = PeriodicJobs(self._tasks)
         # Variables every agent gets from the daemon (NATS_URL, ...).
-        self.agent_environment: dict[str, str] = dict(agent_environment or {})
-        self.heartbeats = HeartbeatJudge(self._registry, self.writes, settings.health, clock)
+        self._agent_environment: dict[str, str] = dict(agent_environment or {})
+        self._heartbeats = HeartbeatJudge(self._registry, self._writes, settings.health, clock)
         self._metrics = MetricsCache(self._registry)
         if bus is not None:
-            bus.set_handlers(self.heartbeats.on_heartbeat, self._metrics.on_metrics)
-            self.agent_environment.setdefault("NATS_URL", bus.agent_url)
+            bus.set_handlers(self._heartbeats.on_heartbeat, self._metrics.on_metrics)
+            self._agent_environment.setdefault("NATS_URL", bus.agent_url)
         self._supervisor = Supervisor(
             self._registry,
             runtime,
             settings.restart,
             self._tasks,
-            lambda: self.agent_environment,
+            lambda: self._agent_environment,
             clock,
         )
         self._discovery = PackageDiscovery(
@@ -103,7 +104,7 @@ class AgentManager:
         intervals of the periodic jobs, fixed when they started, apply at the next daemon start."""
         self._settings = value
         self._supervisor.settings = value.restart
-        self.heartbeats.settings = value.health
+        self._heartbeats.settings = value.health
 
     @property
     def last_discovery(self) -> DiscoveryReport:
@@ -135,37 +136,25 @@ class AgentManager:
     async def stop(self, stop_agents: bool) -> None:
         await self._supervisor.shutdown(stop_agents)
         await self._tasks.close()
-        self.writes.close()
-        self.hub.close()
+        self._writes.close()
+        self._hub.close()
 
     # -- periodic jobs --------------------------------------------------------------------------
 
     async def _monitor(self) -> None:
-        self.writes.flush()
+        self._writes.flush()
         await self._runtime.rotate_logs()
 
     async def _flush_heartbeats(self) -> None:
-        self.writes.flush_heartbeats()
+        self._writes.flush_heartbeats()
 
     async def _check_heartbeats(self) -> None:
         connected = self._bus.is_connected if self._bus is not None else False
-        for rec in self.heartbeats.mark_silent_inactive(bus_connected=connected):
+        for rec in self._heartbeats.mark_silent_inactive(bus_connected=connected):
             if rec.spec.restart_on_inactive:
-                self._tasks.spawn(self._restart_inactive(rec.agent_id), f"restart-inactive:{rec.agent_id}")
-
-    async def _restart_inactive(self, agent_id: str) -> None:
-        async with self._supervisor.lock(agent_id):
-            rec = self._registry.get(agent_id)
-            if rec is None or rec.state is not AgentState.INACTIVE:
-                return
-            restarts = rec.restart_count
-            try:
-                await self._supervisor.restart(rec, f"{rec.state_reason}; restart_on_inactive")
-                # A restart by policy, not by an operator: it counts like a crash restart.
-                rec.restart_count = restarts + 1
-                self._registry.save(rec)
-            except FailedPrecondition as exc:
-                log.warning("inactive agent could not be restarted", agent_id=agent_id, error=exc.message)
+                self._tasks.spawn(
+                    self._supervisor.restart_inactive(rec.agent_id), f"restart-inactive:{rec.agent_id}"
+                )
 
     async def _cleanup(self) -> None:
         removed = self._store.prune_transitions(self.settings.transitions_kept_per_agent)
@@ -198,6 +187,30 @@ class AgentManager:
         agents = list(self._registry.live())
         return len(agents), sum(1 for rec in agents if rec.state is AgentState.RUNNING)
 
+    def stats(self) -> ManagerStats:
+        """The manager's numbers now (one pass over the agents), for metrics and readiness."""
+        by_state = dict.fromkeys(AgentState, 0)
+        restarts_by_state = dict.fromkeys(AgentState, 0)
+        for rec in self._registry.live():
+            by_state[rec.state] += 1
+            restarts_by_state[rec.state] += rec.restart_count
+        writes, judge = self._writes, self._heartbeats
+        return ManagerStats(
+            agents_by_state=by_state,
+            restart_count_by_state=restarts_by_state,
+            restarts_after_exit=self._supervisor.restarts_after_exit,
+            restarts_after_inactive=self._supervisor.restarts_after_inactive,
+            heartbeats_received=judge.heartbeats_received,
+            heartbeats_unknown=judge.heartbeats_unknown,
+            heartbeats_late=judge.heartbeats_late,
+            pending_writes=writes.pending,
+            pending_heartbeats=writes.pending_heartbeats,
+            store_failing=writes.failing,
+            store_failures=writes.failures,
+            row_flushes=writes.row_flush_times.snapshot(),
+            heartbeat_flushes=writes.heartbeat_flush_times.snapshot(),
+        )
+
     def usage(self, agent_id: str) -> ProcessUsage | None:
         self.get_agent(agent_id)
         return self._runtime.usage(agent_id)
@@ -220,7 +233,7 @@ class AgentManager:
     def watch(self, agent_ids: Sequence[str] = ()) -> Subscription:
         for agent_id in agent_ids:
             check_agent_id(agent_id, "agent_ids")
-        return self.hub.subscribe(frozenset(agent_ids))
+        return self._hub.subscribe(frozenset(agent_ids))
 
     # -- operations -----------------------------------------------------------------------------
 
@@ -228,7 +241,7 @@ class AgentManager:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.start(rec, "started by operator")
-        await self.writes.wait_flushed()
+        await self._writes.wait_flush_attempt()
         return result
 
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
@@ -237,14 +250,14 @@ class AgentManager:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.stop(rec, "stopped by operator", timeout)
-        await self.writes.wait_flushed()
+        await self._writes.wait_flush_attempt()
         return result
 
     async def restart_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.restart(rec, "restarted by operator")
-        await self.writes.wait_flushed()
+        await self._writes.wait_flush_attempt()
         return result
 
     async def send_command(
@@ -328,7 +341,7 @@ class AgentManager:
             log.info("agent registered", agent_id=agent_id, source=source.value)
             if start:
                 await self._supervisor.start(rec, "started at registration")
-        await self.writes.wait_flushed()
+        await self._writes.wait_flush_attempt()
         return rec
 
     async def update_agent(self, agent_id: str, fields: Mapping[str, Any]) -> AgentRecord:
@@ -341,7 +354,7 @@ class AgentManager:
             rec.spec = spec
             self._registry.save(rec)
             log.info("agent updated", agent_id=agent_id, fields=sorted(fields))
-        await self.writes.wait_flushed()
+        await self._writes.wait_flush_attempt()
         return rec
 
     async def delete_agent(self, agent_id: str) -> OperationResult:
@@ -359,13 +372,13 @@ class AgentManager:
             rec.deleted = True
             self._registry.save(rec)
             self._metrics.forget(agent_id)
-            self.writes.forget_heartbeat(agent_id)
+            self._writes.forget_heartbeat(agent_id)
             log.info("agent deleted", agent_id=agent_id)
-        await self.writes.wait_flushed()
+        await self._writes.wait_flush_attempt()
         return OperationResult(rec, True, f"agent {agent_id} deleted")
 
     async def discover(self) -> DiscoveryReport:
         """Scan the agents directories; register new packages, refresh changed manifests."""
         report = await self._discovery.discover()
-        await self.writes.wait_flushed()
+        await self._writes.wait_flush_attempt()
         return report

@@ -3,24 +3,29 @@
 Two kinds of write reach the store, both from here:
 - agent rows and their transitions, queued as they happen and written in one transaction at
   the next turn of the event loop, so a burst of changes (200 agents stopped at once) costs one
-  commit, not 400; operations that answer an operator wait for that commit (`wait_flushed`);
+  commit, not 400; operations that answer an operator wait for that commit (`wait_flush_attempt`);
 - heartbeat times, the hottest input opmasd has, kept as a dict of last-seen times and written
   once per heartbeat flush interval (`flush_heartbeats`), never one write per heartbeat.
 
 A write that fails is logged, kept, and retried by the next flush, so a database outage never
 stops supervision and loses no transition once the database is back. While the store fails,
-`wait_flushed` does not wait (see its docstring): the faults issue changes that.
+`wait_flush_attempt` does not wait (see its docstring): the store issue changes that.
+
+Every store call is timed and every failure counted, and what is still pending is known, for
+the manager's stats (manager.stats) and the daemon's readiness (`failing`).
 """
 
 from __future__ import annotations
 
 import asyncio
+import time
 from datetime import datetime
 
 import structlog
 
 from opmasd.core.errors import StoreError
 from opmasd.core.model import AgentRecord, Transition
+from opmasd.manager.stats import DurationHistogram
 from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
@@ -36,7 +41,27 @@ class WriteBehind:
         self._failing = False
         self._flush_waiters: list[asyncio.Future[None]] = []
         self._heartbeats: dict[str, datetime] = {}
+        self._heartbeats_failing = False
         self.heartbeat_flushes = 0
+        # For the metrics: how long each store call took (failed ones too), and how many failed.
+        self.row_flush_times = DurationHistogram()
+        self.heartbeat_flush_times = DurationHistogram()
+        self.failures = 0
+
+    @property
+    def pending(self) -> int:
+        """Agent rows and transitions queued, not yet committed."""
+        return len(self._queue)
+
+    @property
+    def pending_heartbeats(self) -> int:
+        """Agents whose last-seen time is not yet committed."""
+        return len(self._heartbeats)
+
+    @property
+    def failing(self) -> bool:
+        """Whether the last store write of either kind failed (and waits for a retry)."""
+        return self._failing or self._heartbeats_failing
 
     # -- agent rows and transitions -------------------------------------------------------------
 
@@ -61,9 +86,11 @@ class WriteBehind:
             # Only the newest row of each agent matters; transitions all go, in order.
             latest = {snapshot.agent_id: snapshot for snapshot, _ in batch}
             transitions = [t for _, t in batch if t is not None]
+            started = time.perf_counter()
             try:
                 self._store.write_batch(list(latest.values()), transitions)
             except StoreError as exc:
+                self.failures += 1
                 if not self._failing:
                     log.error("store write failed; will retry", pending=len(batch), error=str(exc))
                 self._failing = True
@@ -72,12 +99,14 @@ class WriteBehind:
                 if self._failing:
                     log.info("store writes caught up", written=len(batch))
                 self._failing = False
+            finally:
+                self.row_flush_times.observe(time.perf_counter() - started)
         waiters, self._flush_waiters = self._flush_waiters, []
         for waiter in waiters:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait_flushed(self) -> None:
+    async def wait_flush_attempt(self) -> None:
         """Wait for the flush attempt that covers what is queued now (at once when nothing is).
 
         A failed flush releases its waiters too, and while the store is failing this returns at
@@ -104,13 +133,19 @@ class WriteBehind:
         if not self._heartbeats:
             return
         batch, self._heartbeats = self._heartbeats, {}
+        started = time.perf_counter()
         try:
             self._store.save_heartbeats(batch)
             self.heartbeat_flushes += 1
+            self._heartbeats_failing = False
         except StoreError as exc:
+            self.failures += 1
+            self._heartbeats_failing = True
             # Keep them for the next flush; newer times taken meanwhile win.
             log.warning("heartbeat flush failed; will retry", agents=len(batch), error=str(exc))
             self._heartbeats = {**batch, **self._heartbeats}
+        finally:
+            self.heartbeat_flush_times.observe(time.perf_counter() - started)
 
     def close(self) -> None:
         """The last flush of both kinds (daemon shutdown)."""

@@ -52,6 +52,10 @@ class Supervisor:
         self._early_exits: dict[str, tuple[ProcessHandle, ExitInfo]] = {}
         self._stopped_waiters: dict[str, list[asyncio.Future[None]]] = {}
         self._shutting_down = False
+        # Restarts by the policy since the daemon started, after an exit (counted when decided,
+        # like restart_count) and after heartbeat loss.
+        self.restarts_after_exit = 0
+        self.restarts_after_inactive = 0
         runtime.set_exit_handler(self._on_exit)
 
     def lock(self, agent_id: str) -> asyncio.Lock:
@@ -95,6 +99,23 @@ class Supervisor:
             await self._terminate(rec, reason, None)
         result = await self.start(rec, reason)
         return OperationResult(rec, True, f"agent {rec.agent_id} restarted (pid {result.record.pid})")
+
+    async def restart_inactive(self, agent_id: str) -> None:
+        """restart_on_inactive: restart an agent that stopped heartbeating, if it still has not."""
+        async with self.lock(agent_id):
+            rec = self._registry.get(agent_id)
+            if rec is None or rec.state is not AgentState.INACTIVE:
+                return
+            restarts = rec.restart_count
+            try:
+                await self.restart(rec, f"{rec.state_reason}; restart_on_inactive")
+            except FailedPrecondition as exc:
+                log.warning("inactive agent could not be restarted", agent_id=agent_id, error=exc.message)
+                return
+            # A restart by policy, not by an operator: it counts like a crash restart.
+            rec.restart_count = restarts + 1
+            self.restarts_after_inactive += 1
+            self._registry.save(rec)
 
     async def recover(self, rec: AgentRecord) -> None:
         """Bring one agent loaded from the store in line with its desired state at daemon start."""
@@ -200,6 +221,7 @@ class Supervisor:
             self._registry.transition(rec, AgentState.STOPPED if clean else AgentState.ERROR, decision.reason)
             return
         rec.restart_count += 1
+        self.restarts_after_exit += 1
         rec.next_restart_at = self._clock.now() + timedelta(seconds=decision.delay)
         self._registry.transition(rec, AgentState.BACKOFF, decision.reason)
         self._restart_timers[agent_id] = self._tasks.spawn(

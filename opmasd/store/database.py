@@ -34,7 +34,9 @@ ACCEPTED_URLS = (
     "sqlite:///absolute/path.db, sqlite:///:memory:, postgresql://user:pass@host:port/db "
     "(also postgres://, postgresql+asyncpg://, postgresql+psycopg2://)"
 )
-_POSTGRES_SCHEMES = {"postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2"}
+_POSTGRES_SCHEMES = ("postgresql", "postgres", "postgresql+asyncpg", "postgresql+psycopg2")
+# Every scheme database.url may have (the configuration checks it against this).
+SCHEMES = ("sqlite", *_POSTGRES_SCHEMES)
 # The schema name ends up inside a connection option: a plain identifier only, nothing to quote.
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 

@@ -1,12 +1,14 @@
-"""The agent packages that ship: valid manifests, discovered as the daemon discovers them."""
+"""Agent manifests: the packages that ship are valid and discovered; broken ones are refused."""
 
 from __future__ import annotations
 
 import sys
 from pathlib import Path
 
+import pytest
+
 from opmasd.core.model import RestartPolicy
-from opmasd.manager.packages.manifest import load_manifest
+from opmasd.manager.packages.manifest import ManifestError, load_manifest
 from opmasd.manager.packages.scan import scan
 
 PACKAGES = Path(__file__).resolve().parents[2] / "agents" / "packages"
@@ -40,3 +42,20 @@ def test_python_agents_run_as_modules_with_the_sdk_on_the_path() -> None:
 def test_the_template_is_a_valid_package() -> None:
     spec = load_manifest(PACKAGES / "_template").spec
     assert spec.command[1:] == ("-m", "my_agent")
+
+
+def test_a_key_given_twice_is_refused_not_overwritten(tmp_path: Path) -> None:
+    package = tmp_path / "twice"
+    package.mkdir()
+    manifest = "name: twice\nentrypoint: /bin/true\nstop_timeout: 5s\nstop_timeout: 1h\n"
+    (package / "agent.yaml").write_text(manifest)
+    with pytest.raises(ManifestError, match="duplicate key 'stop_timeout'"):
+        load_manifest(package)
+
+
+def test_a_cpu_quota_that_is_not_a_number_is_refused(tmp_path: Path) -> None:
+    package = tmp_path / "quota"
+    package.mkdir()
+    (package / "agent.yaml").write_text("name: quota\nentrypoint: /bin/true\nresources: {cpu_quota: nan}\n")
+    with pytest.raises(ManifestError, match=r"cpu_quota|percentage"):
+        load_manifest(package)

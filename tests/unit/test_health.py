@@ -73,7 +73,7 @@ async def test_heartbeats_are_flushed_in_batches(parts) -> None:  # type: ignore
     for _ in range(500):
         bus.heartbeat("nagent")
     await asyncio.sleep(0.15)
-    flushes = manager.writes.heartbeat_flushes
+    flushes = manager._writes.heartbeat_flushes
     assert 1 <= flushes <= 4, flushes  # a few flushes, not 500 writes
     stored = next(r for r in store.load_agents() if r.agent_id == "nagent")
     assert stored.last_heartbeat == manager.get_agent("nagent").last_heartbeat

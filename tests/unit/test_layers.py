@@ -40,6 +40,9 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "opmasctl": ("opmas",),
     "opmas": (),
 }
+# The top layer, by name: a new subpackage of opmasd must be given a layer on purpose.
+APP_MODULES = frozenset({"app", "__main__", "config", "logging", "systemd", "instance_lock"})
+DYNAMIC_IMPORTERS = frozenset({"import_module", "__import__"})
 MAX_MODULE_LINES = 450
 
 
@@ -66,7 +69,9 @@ def layer_of(module: str) -> str:
     if len(parts) == 1:
         return "core"  # opmasd/__init__.py: the version, nothing else
     sub = parts[1]
-    return sub if sub in ALLOWED else "app"
+    if sub in ALLOWED:
+        return sub
+    return "app" if sub in APP_MODULES else "unknown"
 
 
 def sources() -> list[Path]:
@@ -79,28 +84,87 @@ def sources() -> list[Path]:
 
 
 def edges(path: Path, root: Path = ROOT) -> list[Edge]:
-    """Every import of our own packages in the module, at any depth (functions, TYPE_CHECKING)."""
+    """Every use of our own packages in the module, at any depth (functions, TYPE_CHECKING):
+    import statements, importlib.import_module / __import__ / exec of a string, and attribute
+    chains through an imported package (`import opmasd.manager as m; m.registry`)."""
     importer = module_name(path, root)
-    is_package = path.name == "__init__.py"
+    tree = ast.parse(path.read_text(encoding="utf-8"), str(path))
+    return list(dict.fromkeys(_edges_in(tree, importer, path.name == "__init__.py", root)))
+
+
+def _edges_in(tree: ast.AST, importer: str, is_package: bool, root: Path) -> list[Edge]:
     found: list[Edge] = []
-    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
-        names: list[str] = []
+    aliases: dict[str, str] = {}  # local name -> module it is bound to
+
+    def add(name: str, line: int) -> None:
+        if name.split(".")[0] in PACKAGES:
+            found.append(Edge(importer, name, line))
+
+    for node in ast.walk(tree):
         if isinstance(node, ast.Import):
-            names = [alias.name for alias in node.names]
+            for alias in node.names:
+                add(alias.name, node.lineno)
+                if alias.asname:
+                    aliases[alias.asname] = alias.name
+                else:
+                    head = alias.name.split(".")[0]
+                    aliases[head] = head
         elif isinstance(node, ast.ImportFrom):
             base = node.module or ""
             if node.level:
                 anchor = importer.split(".")
                 anchor = anchor[: len(anchor) - node.level + (1 if is_package else 0)]
                 base = ".".join([*anchor, base] if base else anchor)
-            # `from opmasd.manager import AgentManager` imports the package; `from opmasd.core
-            # import errors` a module of it: count whichever of the two it is.
-            names = [
-                f"{base}.{alias.name}" if _is_module(f"{base}.{alias.name}", root) else base
-                for alias in node.names
-            ]
-        found += [Edge(importer, name, node.lineno) for name in names if name.split(".")[0] in PACKAGES]
-    return list(dict.fromkeys(found))
+            for alias in node.names:
+                # `from opmasd.manager import AgentManager` imports the package; `from opmasd.core
+                # import errors` a module of it: count whichever of the two it is.
+                full = f"{base}.{alias.name}"
+                if _is_module(full, root):
+                    add(full, node.lineno)
+                    aliases[alias.asname or alias.name] = full
+                elif base == "opmasd" and alias.name == "__version__":
+                    add("opmasd.__version__", node.lineno)
+                else:
+                    add(base, node.lineno)
+        elif isinstance(node, ast.Call) and node.args and isinstance(node.args[0], ast.Constant):
+            func = node.func
+            name = func.attr if isinstance(func, ast.Attribute) else getattr(func, "id", "")
+            text = node.args[0].value
+            if not isinstance(text, str):
+                continue
+            if name in DYNAMIC_IMPORTERS:
+                add(text, node.lineno)
+            elif name in ("exec", "eval", "compile"):
+                try:
+                    inner = ast.parse(text)
+                except SyntaxError:
+                    continue
+                found += [
+                    Edge(importer, e.imported, node.lineno)
+                    for e in _edges_in(inner, importer, is_package, root)
+                ]
+    # Attribute chains through an alias: the longest prefix that is a module of ours.
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Attribute):
+            chain: list[str] = []
+            current: ast.expr = node
+            while isinstance(current, ast.Attribute):
+                chain.insert(0, current.attr)
+                current = current.value
+            if isinstance(current, ast.Name) and current.id in aliases:
+                dotted = aliases[current.id]
+                for attr in chain:
+                    if not _is_module(f"{dotted}.{attr}", root):
+                        break
+                    dotted = f"{dotted}.{attr}"
+                if dotted != aliases[current.id]:
+                    add(dotted, node.lineno)
+                elif dotted == "opmasd" and chain:
+                    add(
+                        f"opmasd.{chain[0]}" if chain[0] != "__version__" else "opmasd.__version__",
+                        node.lineno,
+                    )
+    return found
 
 
 def _is_module(name: str, root: Path) -> bool:
@@ -112,10 +176,12 @@ def allowed(edge: Edge) -> bool:
     importer, imported = edge.importer, edge.imported
     if importer == "opmasd":
         return False  # the package root must stay import-free...
-    if imported == "opmasd" and importer.startswith("opmasd."):
-        return True  # ...so that any layer may read its __version__
+    if imported == "opmasd.__version__" and importer.startswith("opmasd."):
+        return True  # ...so that any layer may read its __version__, and nothing else through it
     layer = layer_of(importer)
-    own = ".".join(importer.split(".")[:2]) if layer != "opmasctl" else "opmasctl"
+    if layer == "unknown":
+        return False
+    own = ".".join(importer.split(".")[:2]) if layer not in ("opmasctl", "opmas") else layer
     if imported == own or imported.startswith(own + "."):
         return True
     for rule in ALLOWED[layer]:
@@ -157,6 +223,8 @@ def test_the_layer_check_sees_a_back_edge() -> None:
     bus_into_store = Edge("opmasd.bus.connection", "opmasd.store.base", 1)
     cli_into_daemon = Edge("opmasctl.cli", "opmasd.config", 1)
     root_into_anything = Edge("opmasd", "opmasd.core", 1)
+    unknown_layer = Edge("opmasd.helpers.x", "opmasd.store.sql", 1)
+    through_the_root = Edge("opmasd.runtime.usage", "opmasd", 1)
     for edge in (
         store_into_manager,
         api_into_bus,
@@ -166,6 +234,8 @@ def test_the_layer_check_sees_a_back_edge() -> None:
         bus_into_store,
         cli_into_daemon,
         root_into_anything,
+        unknown_layer,
+        through_the_root,
     ):
         assert not allowed(edge), edge
     for edge in (
@@ -173,7 +243,8 @@ def test_the_layer_check_sees_a_back_edge() -> None:
         Edge("opmasd.manager.operations", "opmasd.store.base", 1),
         Edge("opmasd.app", "opmasd.bus.connection", 1),
         Edge("opmasctl.cli", "opmas.v1.agents_pb2", 1),
-        Edge("opmasd.api.nats_api", "opmasd", 1),
+        Edge("opmasd.api.nats_api", "opmasd.__version__", 1),
+        Edge("opmas.local", "opmas.units", 1),
     ):
         assert allowed(edge), edge
 
@@ -183,13 +254,32 @@ def test_relative_and_nested_imports_are_seen(tmp_path: Path) -> None:
     package.mkdir(parents=True)
     (package / "__init__.py").write_text("")
     module = package / "sql.py"
+    for sub in ("manager", "api", "bus", "config"):
+        (tmp_path / "opmasd" / sub).mkdir()
+        (tmp_path / "opmasd" / sub / "__init__.py").write_text("")
+    (tmp_path / "opmasd" / "manager" / "registry.py").write_text("")
     module.write_text(
+        "import importlib\nimport opmasd\nimport opmasd.manager as m\n"
         "from . import base\nfrom ..manager import AgentManager\n"
         "def f():\n    import opmasd.api.grpc_servicer\n"
         "if TYPE_CHECKING:\n    from opmasd.bus.connection import NatsBus\n"
+        "importlib.import_module('opmasd.config')\n"
+        "exec('from opmasd.bus import x')\n"
+        "m.registry.AgentRegistry\n"
+        "opmasd.config\n"
     )
     found = {e.imported for e in edges(module, tmp_path)}
-    assert {"opmasd.store", "opmasd.manager", "opmasd.api.grpc_servicer", "opmasd.bus.connection"} <= found
+    expected = {
+        "opmasd.store",
+        "opmasd.manager",
+        "opmasd.api.grpc_servicer",
+        "opmasd.bus.connection",
+        "opmasd.config",
+        "opmasd.bus",
+        "opmasd.manager.registry",
+        "opmasd",
+    }
+    assert expected <= found, expected - found
     assert not allowed(Edge("opmasd.store.sql", "opmasd.manager", 2))
 
 

@@ -335,7 +335,7 @@ async def test_store_outage_keeps_supervising_and_catches_up() -> None:
         result = await manager.start_agent("sleeper")  # answered, though not yet stored
         assert result.record.state is AgentState.RUNNING
         store.failure = None
-        manager.writes.flush()  # what the monitor loop does every monitoring_interval
+        manager._writes.flush()  # what the monitor loop does every monitoring_interval
         assert [t.state for t in store.transitions("sleeper")] == [AgentState.RUNNING, AgentState.STARTING]
     finally:
         await manager.stop(stop_agents=False)

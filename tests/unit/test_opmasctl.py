@@ -11,11 +11,11 @@ import pytest
 import yaml
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from opmas.local import default_socket_path
+from opmas.local import DEFAULT_TCP_ADDRESS, default_socket_path
 from opmas.v1 import agents_pb2
 from opmasctl import output, views
 from opmasctl.cli import build_parser
-from opmasctl.connection import DEFAULT_TCP, parse_server, probe, resolve_endpoint
+from opmasctl.connection import parse_server, probe, resolve_endpoint
 from opmasctl.parsing import parse_duration, parse_env, parse_params, parse_seconds, parse_size
 from opmasctl.spec import SpecError, build_spec
 
@@ -77,7 +77,7 @@ def test_resolve_flag_beats_env() -> None:
 
 def test_resolve_default_socket_only_when_it_exists(tmp_path: Path) -> None:
     env = {"RUNTIME_DIRECTORY": str(tmp_path)}
-    assert resolve_endpoint(None, env, 1000).target == DEFAULT_TCP
+    assert resolve_endpoint(None, env, 1000).target == DEFAULT_TCP_ADDRESS
     (tmp_path / "opmasd.sock").touch()
     endpoint = resolve_endpoint(None, env, 1000)
     assert endpoint.target == f"unix:{tmp_path}/opmasd.sock"

@@ -9,6 +9,7 @@ from pathlib import Path
 
 import pytest
 from google.api import annotations_pb2
+from google.protobuf import descriptor_pb2
 
 from opmas.v1 import agents_pb2
 
@@ -32,6 +33,29 @@ def test_committed_stubs_are_fresh(tmp_path: Path) -> None:
         if (tmp_path / "opmas" / "v1" / name).read_text() != (ROOT / "opmas" / "v1" / name).read_text()
     ]
     assert not stale, f"stubs out of date with proto/opmas/v1: {stale}; run `make proto` and commit"
+
+
+def _descriptor_set(root: Path) -> descriptor_pb2.FileDescriptorSet:
+    return descriptor_pb2.FileDescriptorSet.FromString((root / "opmas" / "v1" / "agents.binpb").read_bytes())
+
+
+def test_committed_descriptor_set_is_fresh(tmp_path: Path) -> None:
+    # Compared parsed, not byte for byte. The imported files (google/api, google/protobuf) come
+    # from the installed packages: only their names must match, their comments may differ.
+    _generator().generate(tmp_path)
+    fresh, committed = _descriptor_set(tmp_path), _descriptor_set(ROOT)
+    assert [f.name for f in committed.file] == [f.name for f in fresh.file]
+    ours = {f.name: f for f in fresh.file if f.name.startswith("opmas/")}
+    assert ours, "the descriptor set holds none of proto/opmas"
+    stale = [f.name for f in committed.file if f.name in ours and f != ours[f.name]]
+    assert not stale, f"opmas/v1/agents.binpb out of date: {stale}; run `make proto` and commit"
+
+
+def test_descriptor_set_keeps_the_comments() -> None:
+    (agents,) = (f for f in _descriptor_set(ROOT).file if f.name == "opmas/v1/agents.proto")
+    comments = {tuple(loc.path): loc.leading_comments for loc in agents.source_code_info.location}
+    # path [6, 0, 2, 0]: service 0, method 0 (descriptor.proto numbers the fields so)
+    assert "Lists agents" in comments.get((6, 0, 2, 0), ""), "generated without --include_source_info?"
 
 
 EXPECTED_HTTP = {

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from opmas.local import default_runtime_dir, default_socket_path
-from opmas.units import parse_bytes, parse_seconds
+from opmas.units import parse_bytes, parse_percent, parse_seconds
 
 
 @pytest.mark.parametrize(
@@ -68,3 +68,22 @@ def test_runtime_dir_rule() -> None:
     # A relative XDG_RUNTIME_DIR is invalid by the XDG spec and ignored.
     assert default_runtime_dir({"XDG_RUNTIME_DIR": "run"}, 1000) == Path("/tmp/opmas-1000")
     assert default_socket_path({}, 1000) == Path("/tmp/opmas-1000/opmasd.sock")
+
+
+@pytest.mark.parametrize("value", ["1e3", "1_000", "\u0663", "inf", "nan", "--5", "5 parsecs", "1e3s"])
+def test_parse_seconds_takes_plain_decimals_only(value: str) -> None:
+    with pytest.raises(ValueError, match="invalid duration"):
+        parse_seconds(value)
+
+
+@pytest.mark.parametrize("value", ["512i", "10Ki", "1Gi", "5 bytes"])
+def test_parse_bytes_refuses_half_units(value: str) -> None:
+    with pytest.raises(ValueError, match="invalid size"):
+        parse_bytes(value)
+
+
+def test_parse_percent() -> None:
+    assert parse_percent("150%") == parse_percent(" 150 ") == parse_percent(150) == 150.0
+    for bad in ("nan", "inf", "-1", "50%%", "1e2", "", True):
+        with pytest.raises(ValueError, match="invalid percentage"):
+            parse_percent(bad)

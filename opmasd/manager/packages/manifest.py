@@ -30,10 +30,11 @@ from typing import Any
 
 import yaml
 
-from opmas.units import parse_duration, parse_size
+from opmas.units import parse_duration, parse_percent, parse_size
 from opmasd.core.errors import InvalidArgument
 from opmasd.core.ids import agent_id_from_name, check_agent_id
 from opmasd.core.model import AgentSpec, ResourceLimits, RestartPolicy, RuntimeKind
+from opmasd.core.yamlfile import load_yaml
 from opmasd.manager.validation import spec_violations
 
 MANIFEST_NAME = "agent.yaml"
@@ -86,7 +87,7 @@ def load_manifest(path: Path, defaults: AgentSpec | None = None) -> Manifest:
     except OSError as exc:
         raise ManifestError(path, f"cannot read: {exc.strerror or exc}") from exc
     try:
-        data = yaml.safe_load(text)
+        data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
@@ -194,7 +195,7 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
     try:
         resources = ResourceLimits(
             memory_max_bytes=parse_size(res_raw["memory_max"]) if "memory_max" in res_raw else 0,
-            cpu_quota_percent=float(str(res_raw.get("cpu_quota", 0)).rstrip("%")),
+            cpu_quota_percent=parse_percent(res_raw.get("cpu_quota", 0)),
             tasks_max=int(res_raw.get("tasks_max", 0)),
             open_files_max=int(res_raw.get("open_files_max", 0)),
         )

@@ -1,0 +1,162 @@
+"""The HTTP server: REST routes from the proto, the OpenAPI document, /metrics, /healthz, /readyz.
+
+One aiohttp server on the daemon's event loop, on rest.address (TCP) and, optionally, a unix
+socket; HTTP/1.1 with keep-alive. aiohttp takes over no signal handling. Every path that is not
+one of the fixed endpoints goes to the gateway, which answers 404 / 405 in the same error shape.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import os
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import structlog
+from aiohttp import web
+from google.rpc import code_pb2
+
+from opmasd.api.rest.gateway import JSON, RestGateway, routing_error
+
+log = structlog.get_logger(__name__)
+
+OPENAPI_PATH = "/api/v1/openapi.json"
+
+
+class HttpListenError(Exception):
+    """The HTTP listener could not be bound; the message names the address."""
+
+
+@dataclass(frozen=True)
+class HttpListeners:
+    # host:port; port 0 picks a free port (see HttpServer.port). "" for none.
+    address: str = ""
+    socket_path: Path | None = None
+    socket_mode: int = 0o660
+
+
+@dataclass(frozen=True)
+class Endpoints:
+    """What the fixed endpoints serve, as plain callables (the app wires them)."""
+
+    openapi: Callable[[], dict[str, Any]]
+    # (body, content type) of the Prometheus exposition.
+    metrics: Callable[[], tuple[bytes, str]] | None = None
+    alive: Callable[[], bool] = lambda: True
+    # (ready, each check's verdict)
+    ready: Callable[[], tuple[bool, dict[str, str]]] = lambda: (True, {})
+
+
+class HttpServer:
+    def __init__(
+        self, gateway: RestGateway, endpoints: Endpoints, listeners: HttpListeners, grace: float = 5.0
+    ) -> None:
+        self._gateway = gateway
+        self._grace = grace
+        self._endpoints = endpoints
+        self._listeners = listeners
+        self._openapi: bytes | None = None
+        self._runner: web.AppRunner | None = None
+        self.port: int | None = None
+        self._fixed: dict[str, Callable[[web.Request], Awaitable[web.StreamResponse]]] = {
+            OPENAPI_PATH: self._serve_openapi,
+            "/metrics": self._serve_metrics,
+            "/healthz": self._serve_healthz,
+            "/readyz": self._serve_readyz,
+        }
+
+    async def start(self) -> None:
+        app = web.Application(client_max_size=0)  # the gateway bounds bodies itself (413)
+        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        # handler_cancellation: a client that goes away ends its stream at once.
+        # shutdown_timeout: how long unary calls in flight get at stop (the gRPC grace period).
+        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=self._grace)
+        await runner.setup()
+        self._runner = runner
+        listeners = self._listeners
+        try:
+            if listeners.address:
+                host, _, port = listeners.address.rpartition(":")
+                site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
+                await site.start()
+                tcp = [a for a in runner.addresses if isinstance(a, tuple)]
+                self.port = int(tcp[0][1]) if tcp else int(port)
+            if listeners.socket_path is not None:
+                await self._start_unix(runner, listeners.socket_path, listeners.socket_mode)
+        except OSError as exc:
+            await runner.cleanup()
+            self._runner = None
+            where = listeners.address or str(listeners.socket_path)
+            raise HttpListenError(f"cannot listen for HTTP on {where}: {exc.strerror or exc}") from exc
+        log.info(
+            "HTTP serving",
+            address=listeners.address or None,
+            port=self.port,
+            socket=str(listeners.socket_path) if listeners.socket_path else None,
+            routes=len(self._gateway.routes),
+        )
+
+    async def _start_unix(self, runner: web.AppRunner, path: Path, mode: int) -> None:
+        _clear_socket_path(path)
+        old_umask = os.umask(0o177)
+        try:
+            await web.UnixSite(runner, str(path)).start()
+        finally:
+            os.umask(old_umask)
+        os.chmod(path, mode)
+
+    async def stop(self) -> None:
+        """Stop listening, end open streams now, give unary calls up to the grace period."""
+        await self._gateway.close()
+        if self._runner is not None:
+            runner, self._runner = self._runner, None
+            await runner.cleanup()
+        if self._listeners.socket_path is not None:
+            _clear_socket_path(self._listeners.socket_path)
+
+    # -- dispatch ------------------------------------------------------------------------------
+
+    async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        fixed = self._fixed.get(request.path)
+        if fixed is None:
+            return await self._gateway.handle(request)
+        if request.method not in ("GET", "HEAD"):
+            return routing_error(
+                405,
+                code_pb2.UNIMPLEMENTED,
+                f"{request.method} is not allowed on {request.path}; use GET",
+                headers={"Allow": "GET, HEAD"},
+            )
+        return await fixed(request)
+
+    async def _serve_openapi(self, request: web.Request) -> web.StreamResponse:
+        if self._openapi is None:
+            document = await asyncio.to_thread(self._endpoints.openapi)
+            self._openapi = json.dumps(document, indent=1).encode()
+        return web.Response(body=self._openapi, content_type=JSON)
+
+    async def _serve_metrics(self, request: web.Request) -> web.StreamResponse:
+        if self._endpoints.metrics is None:
+            return routing_error(404, code_pb2.NOT_FOUND, "metrics are not enabled")
+        body, content_type = self._endpoints.metrics()
+        return web.Response(body=body, headers={"Content-Type": content_type})
+
+    async def _serve_healthz(self, request: web.Request) -> web.StreamResponse:
+        alive = self._endpoints.alive()
+        body = {"status": "alive" if alive else "not alive"}
+        return web.json_response(body, status=200 if alive else 503)
+
+    async def _serve_readyz(self, request: web.Request) -> web.StreamResponse:
+        ready, checks = self._endpoints.ready()
+        body = {"status": "ready" if ready else "not ready", "checks": checks}
+        return web.json_response(body, status=200 if ready else 503)
+
+
+def _clear_socket_path(path: Path) -> None:
+    """Make room for the socket: its folder exists, a stale socket (never another file) is gone."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    if path.is_socket():
+        path.unlink(missing_ok=True)

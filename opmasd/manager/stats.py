@@ -1,0 +1,92 @@
+"""The manager's own numbers, as one plain value: agents by state, restarts, heartbeats, store writes.
+
+The counters behind it are ints the hot paths increment (a heartbeat costs one `+= 1`) and a
+fixed-bucket histogram of store flush times; `AgentManager.stats()` reads them all at once into
+a `ManagerStats`, which an exporter (the api's Prometheus collector) turns into metrics at
+scrape time. Nothing here knows of any metrics library.
+"""
+
+from __future__ import annotations
+
+from bisect import bisect_left
+from collections.abc import Mapping
+from dataclasses import dataclass
+
+from opmasd.core.model import AgentState
+
+# Upper bounds (seconds) of the flush-time buckets: a SQLite commit takes well under a
+# millisecond to a few; a PostgreSQL one across a network, tens; a struggling store, seconds.
+FLUSH_BUCKETS: tuple[float, ...] = (
+    0.0005,
+    0.001,
+    0.0025,
+    0.005,
+    0.01,
+    0.025,
+    0.05,
+    0.1,
+    0.25,
+    0.5,
+    1.0,
+    2.5,
+    5.0,
+    10.0,
+)
+
+
+@dataclass(frozen=True)
+class Durations:
+    """A histogram snapshot: counts per bucket (not cumulative; the last one is above every
+    bound), and the sum of all observations in seconds."""
+
+    bounds: tuple[float, ...]
+    counts: tuple[int, ...]
+    total: float
+
+    @property
+    def count(self) -> int:
+        return sum(self.counts)
+
+
+class DurationHistogram:
+    """Observations of durations into fixed buckets: an index search and two additions each."""
+
+    def __init__(self, bounds: tuple[float, ...] = FLUSH_BUCKETS) -> None:
+        self._bounds = bounds
+        self._counts = [0] * (len(bounds) + 1)
+        self._total = 0.0
+
+    def observe(self, seconds: float) -> None:
+        # bisect_left: a value equal to a bound falls in that bound's bucket (le = "≤").
+        self._counts[bisect_left(self._bounds, seconds)] += 1
+        self._total += seconds
+
+    def snapshot(self) -> Durations:
+        return Durations(self._bounds, tuple(self._counts), self._total)
+
+
+@dataclass(frozen=True)
+class ManagerStats:
+    """What the manager counted, read at one moment. Counters run from the daemon's start."""
+
+    # Live (not deleted) agents per state; every state is present, zero included.
+    agents_by_state: Mapping[AgentState, int]
+    # The sum of the agents' own restart_count (kept in the store, reset when an operator
+    # starts the agent anew) per state: a gauge, unlike the counters below.
+    restart_count_by_state: Mapping[AgentState, int]
+    # Restarts the policy made since the daemon started: after an exit, after inactivity.
+    restarts_after_exit: int
+    restarts_after_inactive: int
+    # Every heartbeat that reached the manager; of those, the ones from an unknown agent.
+    heartbeats_received: int
+    heartbeats_unknown: int
+    # Agents marked inactive because their heartbeat stopped (one per time it happened).
+    heartbeats_late: int
+    # Store writes not yet committed: agent rows and transitions, and last-seen times.
+    pending_writes: int
+    pending_heartbeats: int
+    # Whether the last write of either kind failed (kept, retried at the next flush).
+    store_failing: bool
+    store_failures: int
+    row_flushes: Durations
+    heartbeat_flushes: Durations

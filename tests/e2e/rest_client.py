@@ -1,0 +1,85 @@
+"""A plain HTTP/1.1 client for the REST tests: what curl would send and see, nothing smarter."""
+
+from __future__ import annotations
+
+import http.client
+import json
+import socket
+from dataclasses import dataclass
+from typing import Any
+
+
+@dataclass
+class Reply:
+    status: int
+    headers: dict[str, str]
+    body: bytes
+
+    def json(self) -> Any:
+        return json.loads(self.body)
+
+
+class UnixHTTPConnection(http.client.HTTPConnection):
+    def __init__(self, path: str, timeout: float = 10.0) -> None:
+        super().__init__("localhost", timeout=timeout)
+        self._path = path
+
+    def connect(self) -> None:
+        sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        sock.settimeout(self.timeout)
+        sock.connect(self._path)
+        self.sock = sock
+
+
+class Rest:
+    """Requests to one opmasd's HTTP listener, on one kept-alive connection."""
+
+    def __init__(self, address: str = "", socket_path: str = "", timeout: float = 15.0) -> None:
+        self.address = address
+        self.socket_path = socket_path
+        self.timeout = timeout
+        self._conn: http.client.HTTPConnection | None = None
+
+    def connection(self) -> http.client.HTTPConnection:
+        if self.socket_path:
+            return UnixHTTPConnection(self.socket_path, self.timeout)
+        host, port = self.address.rsplit(":", 1)
+        return http.client.HTTPConnection(host, int(port), timeout=self.timeout)
+
+    def request(
+        self,
+        method: str,
+        path: str,
+        body: Any = None,
+        raw: bytes | None = None,
+        headers: dict[str, str] | None = None,
+    ) -> Reply:
+        if self._conn is None:
+            self._conn = self.connection()
+        data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
+        sent = {"Content-Type": "application/json"} if data is not None else {}
+        sent.update(headers or {})
+        self._conn.request(method, path, body=data, headers=sent)
+        response = self._conn.getresponse()
+        reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
+        if response.will_close:
+            self._conn.close()
+            self._conn = None
+        return reply
+
+    def get(self, path: str, **kw: Any) -> Reply:
+        return self.request("GET", path, **kw)
+
+    def post(self, path: str, body: Any = None, **kw: Any) -> Reply:
+        return self.request("POST", path, body=body if body is not None else {}, **kw)
+
+    def stream(self, path: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+        """A GET whose NDJSON body the test reads line by line (response.readline())."""
+        conn = self.connection()
+        conn.request("GET", path)
+        return conn, conn.getresponse()
+
+    def close(self) -> None:
+        if self._conn is not None:
+            self._conn.close()
+            self._conn = None

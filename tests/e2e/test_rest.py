@@ -1,0 +1,276 @@
+"""REST from the proto's google.api.http rules, against a real opmasd: what curl sees.
+
+Every seed endpoint, the error shapes and codes of grpc-gateway, streaming as NDJSON (a client
+that leaves, a daemon that stops), and the unix-socket listener.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import pytest
+
+from .harness import Sandbox, free_port, python_agent, sandbox, sleeper, wait_for
+from .rest_client import Rest
+
+pytestmark = pytest.mark.timeout(90)
+
+TICKER = python_agent(
+    """
+    import itertools, sys, time
+    for n in itertools.count():
+        print(f"tick {n}", flush=True)
+        time.sleep(0.05)
+    """
+)
+
+
+def rest_env(port: int, **extra: str) -> dict[str, str]:
+    return {
+        "OPMAS_REST_ENABLED": "true",
+        "OPMAS_REST_ADDRESS": f"127.0.0.1:{port}",
+        "OPMAS_REST_MAX_BODY_BYTES": "64K",
+        **extra,
+    }
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Sandbox]:
+    port = free_port()
+    with sandbox("rest", env=rest_env(port)) as b:
+        b.start()
+        b.rest_port = port  # type: ignore[attr-defined]
+        yield b
+
+
+@pytest.fixture
+def rest(box: Sandbox) -> Iterator[Rest]:
+    client = Rest(f"127.0.0.1:{box.rest_port}")  # type: ignore[attr-defined]
+    yield client
+    client.close()
+
+
+def register(rest: Rest, agent_id: str, command: list[str], start: bool = False, **spec: object) -> dict:
+    reply = rest.post(
+        "/api/v1/agents",
+        {"agentId": agent_id, "spec": {"name": agent_id, "command": command, **spec}, "start": start},
+    )
+    assert reply.status == 200, reply.body
+    return reply.json()  # type: ignore[no-any-return]
+
+
+def fd_count(pid: int) -> int:
+    return len(os.listdir(f"/proc/{pid}/fd"))
+
+
+# -- the seed endpoints -------------------------------------------------------------------------
+
+
+def test_the_agent_lifecycle_over_rest(rest: Rest) -> None:
+    agent = register(rest, "rest-life", sleeper(), type="e2e-rest", description="over REST")
+    # grpc-gateway's marshalling: lowerCamelCase names, unpopulated fields present, int64 as text.
+    assert agent["agentId"] == "rest-life"
+    assert agent["spec"]["type"] == "e2e-rest"
+    assert agent["status"]["state"] == "AGENT_STATE_STOPPED"
+    assert agent["status"]["restartCount"] == 0
+    assert "pid" in agent["status"]
+
+    got = rest.get("/api/v1/agents/rest-life")
+    assert got.status == 200 and got.json()["spec"]["description"] == "over REST"
+    assert got.headers["content-type"].startswith("application/json")
+
+    started = rest.post("/api/v1/agents/rest-life/start")
+    assert started.status == 200, started.body
+    assert started.json()["changed"] is True
+    assert started.json()["status"]["state"] == "AGENT_STATE_RUNNING"
+    pid = started.json()["status"]["pid"]
+
+    status = rest.get("/api/v1/agents/rest-life/status").json()
+    assert (status["state"], status["pid"]) == ("AGENT_STATE_RUNNING", pid)
+    metrics = rest.get("/api/v1/agents/rest-life/metrics")
+    assert metrics.status == 200 and metrics.json()["agentId"] == "rest-life"
+
+    updated = rest.request(
+        "PUT",
+        "/api/v1/agents/rest-life",
+        body={"spec": {"description": "changed"}, "updateMask": "description"},
+    )
+    assert updated.status == 200, updated.body
+    assert updated.json()["spec"]["description"] == "changed"
+    assert updated.json()["spec"]["type"] == "e2e-rest"  # only the masked field changed
+
+    restarted = rest.post("/api/v1/agents/rest-life/restart")
+    assert restarted.status == 200 and restarted.json()["status"]["pid"] != pid
+    stopped = rest.post("/api/v1/agents/rest-life/stop", {"timeout": "2s"})
+    assert stopped.status == 200, stopped.body
+    assert stopped.json()["status"]["state"] == "AGENT_STATE_STOPPED"
+
+    logs = rest.get("/api/v1/agents/rest-life/logs?tailLines=10")
+    lines = [json.loads(line) for line in logs.body.splitlines()]
+    assert logs.headers["content-type"].startswith("application/x-ndjson")
+    assert any("hello from rest-life" in item["result"]["line"] for item in lines), lines
+
+    deleted = rest.request("DELETE", "/api/v1/agents/rest-life")
+    assert deleted.status == 200 and deleted.json()["deleted"] is True
+    assert rest.get("/api/v1/agents/rest-life").status == 404
+
+
+def test_list_with_query_parameters(rest: Rest) -> None:
+    for agent_id in ("rest-q-a", "rest-q-b", "rest-q-c"):
+        register(rest, agent_id, sleeper(), type="e2e-rest-q")
+    everything = rest.get("/api/v1/agents?type=e2e-rest-q").json()
+    assert [a["agentId"] for a in everything["agents"]] == ["rest-q-a", "rest-q-b", "rest-q-c"]
+    # Names as in the proto or as in JSON; enums by name or by number.
+    page = rest.get("/api/v1/agents?type=e2e-rest-q&page_size=2").json()
+    assert len(page["agents"]) == 2 and page["nextPageToken"]
+    rest_page = rest.get(f"/api/v1/agents?type=e2e-rest-q&pageSize=2&pageToken={page['nextPageToken']}")
+    assert [a["agentId"] for a in rest_page.json()["agents"]] == ["rest-q-c"]
+    by_name = rest.get("/api/v1/agents?type=e2e-rest-q&state=AGENT_STATE_STOPPED").json()
+    by_number = rest.get("/api/v1/agents?type=e2e-rest-q&state=4").json()
+    assert len(by_name["agents"]) == len(by_number["agents"]) == 3
+    running = rest.get("/api/v1/agents?type=e2e-rest-q&state=AGENT_STATE_RUNNING").json()
+    assert running["agents"] == []
+
+
+def test_discover_custom_verb(rest: Rest) -> None:
+    reply = rest.post("/api/v1/agents:discover")
+    assert reply.status == 200, reply.body
+    assert set(reply.json()) == {"agents", "errors"}
+
+
+# -- errors: grpc-gateway's shapes and codes -----------------------------------------------------
+
+
+def assert_status(reply, http: int, code: int, *words: str) -> dict:  # type: ignore[no-untyped-def]
+    assert reply.status == http, (reply.status, reply.body)
+    assert reply.headers["content-type"].startswith("application/json")
+    body = reply.json()
+    assert set(body) == {"code", "message", "details"}, body
+    assert body["code"] == code, body
+    for word in words:
+        assert word in body["message"], body
+    return body  # type: ignore[no-any-return]
+
+
+def test_unknown_agent_is_404_with_resource_info(rest: Rest) -> None:
+    body = assert_status(rest.get("/api/v1/agents/no-such-agent"), 404, 5, "no-such-agent")
+    assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.ResourceInfo"
+    assert body["details"][0]["resourceName"] == "no-such-agent"
+
+
+def test_bad_field_is_400_with_the_field_named(rest: Rest) -> None:
+    reply = rest.post(
+        "/api/v1/agents", {"agentId": "Bad Id!", "spec": {"name": "x", "command": ["/bin/true"]}}
+    )
+    body = assert_status(reply, 400, 3, "agent_id")
+    violations = body["details"][0]["fieldViolations"]
+    assert body["details"][0]["@type"] == "type.googleapis.com/google.rpc.BadRequest"
+    assert violations[0]["field"] == "agent_id"
+
+
+def test_unknown_body_field_is_refused_naming_it(rest: Rest) -> None:
+    reply = rest.post("/api/v1/agents", {"agentId": "x1", "spec": {"name": "x", "comand": ["/bin/true"]}})
+    assert_status(reply, 400, 3, "comand")
+
+
+def test_unknown_query_parameter_is_refused_naming_it(rest: Rest) -> None:
+    assert_status(rest.get("/api/v1/agents?stat=AGENT_STATE_RUNNING"), 400, 3, "stat")
+    assert_status(rest.get("/api/v1/agents?state=AGENT_STATE_SLEEPING"), 400, 3, "state")
+    assert_status(rest.get("/api/v1/agents?pageSize=many"), 400, 3, "pageSize")
+
+
+def test_unknown_path_is_404_and_wrong_method_405_with_allow(rest: Rest) -> None:
+    assert_status(rest.get("/api/v1/nothing-here"), 404, 5, "/api/v1/nothing-here")
+    reply = rest.request("PATCH", "/api/v1/agents/some-agent")
+    body = assert_status(reply, 405, 12, "PATCH")
+    assert reply.headers["allow"] == "DELETE, GET, PUT", reply.headers
+    assert body["details"] == []
+    assert rest.request("DELETE", "/api/v1/agents").headers["allow"] == "GET, POST"
+
+
+def test_bad_json_names_the_position(rest: Rest) -> None:
+    reply = rest.post("/api/v1/agents", raw=b'{"agentId": "x",\n  "spec": }')
+    assert_status(reply, 400, 3, "line 2 column 11")
+    assert_status(rest.post("/api/v1/agents", raw=b"[1, 2]"), 400, 3, "JSON object")
+    assert_status(rest.post("/api/v1/agents", raw=b'{"agentId": NaN}'), 400, 3, "NaN")
+
+
+def test_body_over_the_limit_is_413_and_wrong_content_type_415(rest: Rest) -> None:
+    big = {"agentId": "big", "spec": {"name": "big", "command": ["/bin/true"], "description": "x" * 70_000}}
+    assert_status(rest.post("/api/v1/agents", big), 413, 8, "65536")
+    reply = rest.post("/api/v1/agents", raw=b"agentId=x", headers={"Content-Type": "text/plain"})
+    assert_status(reply, 415, 3, "text/plain")
+    # The daemon is fine afterwards, on the same kept-alive connection or a new one.
+    assert rest.get("/api/v1/agents").status == 200
+
+
+# -- streams ------------------------------------------------------------------------------------
+
+
+def test_log_follow_streams_ndjson_and_a_client_that_leaves_frees_it(box: Sandbox, rest: Rest) -> None:
+    register(rest, "rest-ticker", TICKER, start=True)
+    daemon_pid = box.daemon.pid
+    before = fd_count(daemon_pid)
+    conn, response = rest.stream("/api/v1/agents/rest-ticker/logs?follow=true&tailLines=1")
+    assert response.status == 200
+    assert response.getheader("Content-Type", "").startswith("application/x-ndjson")
+    lines = [json.loads(response.readline())["result"]["line"] for _ in range(6)]
+    assert sum(1 for line in lines if line.startswith("tick ")) >= 5, lines
+    assert fd_count(daemon_pid) > before - 1
+    conn.sock.close()  # type: ignore[union-attr]
+    conn.close()
+    # The stream's connection, its gRPC call and its log follower are released.
+    wait_for(lambda: fd_count(daemon_pid) <= before, 10, what="the stream's descriptors released")
+    rest.post("/api/v1/agents/rest-ticker/stop")
+
+
+def test_a_stream_refused_at_once_gets_its_own_status(rest: Rest) -> None:
+    assert_status(rest.get("/api/v1/agents/nobody-here/logs?follow=true"), 404, 5, "nobody-here")
+
+
+def test_watch_events_streams_state_changes(rest: Rest) -> None:
+    register(rest, "rest-watched", sleeper())
+    conn, response = rest.stream("/api/v1/events?agentIds=rest-watched")
+    assert response.status == 200
+    assert rest.post("/api/v1/agents/rest-watched/start").status == 200
+    states = [json.loads(response.readline())["result"]["state"] for _ in range(2)]
+    assert states == ["AGENT_STATE_STARTING", "AGENT_STATE_RUNNING"], states
+    conn.close()
+    rest.post("/api/v1/agents/rest-watched/stop")
+
+
+def test_shutdown_ends_open_streams_promptly(make_sandbox) -> None:  # type: ignore[no-untyped-def]
+    port = free_port()
+    box = make_sandbox("rest-shutdown", env=rest_env(port, OPMAS_GRPC_GRACE_PERIOD="10"))
+    box.start()
+    rest = Rest(f"127.0.0.1:{port}")
+    register(rest, "rest-quiet", sleeper())
+    conn, response = rest.stream("/api/v1/events")
+    assert response.status == 200
+    began = time.monotonic()
+    os.kill(box.daemon.pid, signal.SIGTERM)
+    last = response.readline()
+    assert json.loads(last)["error"]["code"] == 14, last
+    assert response.readline() == b""
+    assert time.monotonic() - began < 5, "the stream held the shutdown"
+    assert box.daemon.popen.wait(15) == 0
+    conn.close()
+
+
+# -- listeners ----------------------------------------------------------------------------------
+
+
+def test_rest_on_a_unix_socket(make_sandbox) -> None:  # type: ignore[no-untyped-def]
+    box = make_sandbox("rest-unix")
+    path = Path(box.runtime_dir) / "rest.sock"
+    box.start(env={"OPMAS_REST_ENABLED": "true", "OPMAS_REST_ADDRESS": "", "OPMAS_REST_SOCKET": str(path)})
+    assert oct(path.stat().st_mode & 0o777) == "0o660"
+    client = Rest(socket_path=str(path))
+    assert client.get("/api/v1/agents").json()["agents"] == []
+    assert client.get("/healthz").status == 200
+    client.close()
