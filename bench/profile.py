@@ -1,6 +1,6 @@
 """Profile opmasd with py-spy (from bench/.venv) while it does one scenario's work.
 
-    .venv/bin/python bench/profile.py list|stop_all|api_spawn|status [--n N] [--repeat R]
+    .venv/bin/python bench/profile.py list|stop_all|api_spawn|status|status_rest [--n N] [--repeat R]
 
 Starts opmasd with N agents, records it with `py-spy record --format raw` during the operation
 (repeated R times), and prints the hottest frames: by self time (the leaf: function, file:line)
@@ -99,7 +99,7 @@ def _short(frame: str) -> str:
 
 def main() -> int:
     parser = argparse.ArgumentParser()
-    parser.add_argument("what", choices=["list", "stop_all", "api_spawn", "status"])
+    parser.add_argument("what", choices=["list", "stop_all", "api_spawn", "status", "status_rest"])
     parser.add_argument("--n", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=3)
     parser.add_argument("--rate", type=int, default=250)
@@ -148,6 +148,9 @@ def main() -> int:
                 elif args.what == "status":
                     for _ in range(2000):
                         driver.status("a0001")
+                elif args.what == "status_rest":  # scenario 8's REST call
+                    for _ in range(2000):
+                        driver.status_rest("a0001")
                 else:
                     driver.request_stop_all()
                     print(f"stop all {args.n}: {time.perf_counter() - t0:.2f} s")

@@ -121,6 +121,11 @@ def rows_for(data: dict[str, Any]) -> list[Row]:
         rows.append(
             Row("8.rest_overhead", "8 REST - gRPC", "p50", target=("≤ 0.5 ms", lambda v, f: v <= 0.5))
         )
+        rows.append(Row("8.rest_overhead_p99", "8 REST - gRPC", "p99"))
+    if "8.rest_cpu" in keys:  # runs before the daemon's CPU per call was recorded have none
+        rows.append(Row("8.rest_cpu", "8 opmasd CPU per REST call", "p50"))
+        rows.append(Row("8.grpc_tcp_cpu", "8 opmasd CPU per gRPC call", "p50"))
+        rows.append(Row("8.rest_cpu_overhead", "8 CPU REST - gRPC", "p50"))
     for key in ("9.systemd_start", "9.systemd_stop"):
         if key in keys:
             rows.append(Row(key, f"9 systemd {key.split('_')[1]} units", "p50"))
@@ -148,6 +153,10 @@ def derived(data: dict[str, Any]) -> None:
     if "8.rest_status" in s and "8.grpc_tcp_status" in s:
         rest, grpc = s["8.rest_status"]["opmasd"], s["8.grpc_tcp_status"]["opmasd"]
         s["8.rest_overhead"] = {"opmasd": [median(rest) - median(grpc)]}
+        s["8.rest_overhead_p99"] = {"opmasd": [percentile(rest, 99) - percentile(grpc, 99)]}
+    if "8.rest_cpu" in s and "8.grpc_tcp_cpu" in s:
+        rest, grpc = s["8.rest_cpu"]["opmasd"], s["8.grpc_tcp_cpu"]["opmasd"]
+        s["8.rest_cpu_overhead"] = {"opmasd": [median(rest) - median(grpc)]}
 
 
 def _fmt(value: float, unit: str) -> str:

@@ -41,6 +41,7 @@ def main(argv: list[str] | None = None) -> None:
     configure_logging(config.service.log_level, config.service.log_format)
 
     from opmasd.api.grpc_server import ListenError
+    from opmasd.api.rest.server import HttpListenError
     from opmasd.app import Daemon
     from opmasd.core.errors import StoreError
     from opmasd.instance_lock import AlreadyRunning
@@ -48,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     log = structlog.get_logger("opmasd")
     try:
         asyncio.run(Daemon(config, args.config).serve())
-    except (AlreadyRunning, ListenError, StoreError) as exc:
+    except (AlreadyRunning, ListenError, HttpListenError, StoreError) as exc:
         log.error("opmasd could not start", error=str(exc))
         raise SystemExit(1) from None
     except (OSError, ValueError) as exc:

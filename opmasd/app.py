@@ -14,7 +14,6 @@ import os
 import signal
 from pathlib import Path
 
-import grpc
 import structlog
 
 import opmasd
@@ -86,7 +85,6 @@ class Daemon:
         self._http: HttpServer | None = None
         self._metrics: DaemonMetrics | None = None
         self._health: DaemonHealth | None = None
-        self._loopback: grpc.aio.Channel | None = None
 
     async def serve(self) -> None:
         self._install_signal_handlers()
@@ -154,24 +152,13 @@ class Daemon:
     async def _start_http(self) -> HttpServer:
         """REST (from the proto's http rules), the OpenAPI document, /metrics, /healthz, /readyz.
 
-        The gateway calls the servicer through a loopback gRPC channel to this daemon's own
-        unix socket (else its TCP listener), so every check a gRPC client meets applies to REST.
+        The gateway calls the gRPC servicer in-process through the server's own interceptors
+        (api/local_calls.py), so every check a gRPC client meets applies to REST.
         """
         config = self.config
-        if config.grpc.socket is not None:
-            target = f"unix:{config.grpc.socket}"
-        elif self._grpc is not None and self._grpc.tcp_port:
-            host = (config.grpc.address or "127.0.0.1:0").rpartition(":")[0]
-            target = f"{host}:{self._grpc.tcp_port}"
-        else:
-            raise ConfigError(
-                "configuration", "rest", "REST needs grpc.socket or grpc.address to call through"
-            )
-        self._loopback = grpc.aio.insecure_channel(
-            target, options=[("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-        )
+        assert self._grpc is not None
         routes = routes_of([agents_pb2.DESCRIPTOR.services_by_name["AgentService"]])
-        gateway = RestGateway(routes, self._loopback, config.rest.max_body_bytes)
+        gateway = RestGateway(routes, self._grpc.local_channel(), config.rest.max_body_bytes)
         assert self._metrics is not None and self._health is not None
         endpoints = Endpoints(
             openapi=lambda: openapi_document(
@@ -242,8 +229,6 @@ class Daemon:
         # HTTP first: its calls go through the gRPC server, which must still be there for them.
         if self._http is not None:
             await self._http.stop()
-        if self._loopback is not None:
-            await self._loopback.close()
         if self._health is not None:
             await self._health.stop()
         if self._manager_service is not None:

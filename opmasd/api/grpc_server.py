@@ -17,6 +17,7 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
+from typing import cast
 
 import grpc
 import structlog
@@ -25,6 +26,7 @@ from grpc_reflection.v1alpha import reflection
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
 from opmasd.api.grpc_servicer import AgentService
+from opmasd.api.local_calls import LocalChannel, LocalServer
 from opmasd.manager import AgentManager
 
 log = structlog.get_logger(__name__)
@@ -58,13 +60,22 @@ class GrpcServer:
             interceptors=list(interceptors),
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
-        agents_pb2_grpc.add_AgentServiceServicer_to_server(AgentService(manager, self.stopping), self._server)
+        servicer = AgentService(manager, self.stopping)
+        agents_pb2_grpc.add_AgentServiceServicer_to_server(servicer, self._server)
+        # The same servicer behind the same interceptors, for in-process callers (REST).
+        self._local = LocalServer(interceptors)
+        # Generated code only calls the two registration methods LocalServer has.
+        agents_pb2_grpc.add_AgentServiceServicer_to_server(servicer, cast(grpc.aio.Server, self._local))
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
             (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
         )
         self.tcp_port: int | None = None
+
+    def local_channel(self) -> LocalChannel:
+        """A channel to AgentService that calls it in-process (see api/local_calls.py)."""
+        return self._local.channel()
 
     async def start(self) -> None:
         listeners = self._listeners

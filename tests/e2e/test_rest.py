@@ -274,3 +274,16 @@ def test_rest_on_a_unix_socket(make_sandbox) -> None:  # type: ignore[no-untyped
     assert client.get("/api/v1/agents").json()["agents"] == []
     assert client.get("/healthz").status == 200
     client.close()
+
+
+def test_a_taken_rest_port_stops_the_start_with_a_clear_message(make_sandbox) -> None:  # type: ignore[no-untyped-def]
+    import socket
+
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        box = make_sandbox("rest-taken")
+        with pytest.raises(AssertionError, match="exited with status 1"):
+            box.start(env=rest_env(port))
+        assert f"cannot listen for HTTP on 127.0.0.1:{port}" in box.daemons[-1].stderr_text()

@@ -1,9 +1,9 @@
-"""The REST gateway: an HTTP request → its route → the gRPC method, called over a loopback channel.
+"""The REST gateway: an HTTP request → its route → the gRPC method, called through a channel.
 
-Every REST call is a real gRPC call to opmasd's own server, so it passes the same interceptors,
-the same deserialisation limits and the same servicer as a gRPC client's call: there is no
-second implementation of any check. The cost is one local round trip (measured in the
-benchmark, scenario 8).
+opmasd gives it the in-process channel of its own gRPC server (api/local_calls.py): every REST
+call passes the same interceptors and the same servicer as a gRPC client's call, so there is no
+second implementation of any check, without the cost of a loopback round trip (benchmark,
+scenario 8). Any grpc.aio channel works as well (the tests serve a proto of their own so).
 
 Once a unary call is sent it runs to its end even if the HTTP client goes away: the daemon
 owns an operation it accepted. A stream ends when its client goes, and when the daemon stops.
@@ -15,7 +15,7 @@ import asyncio
 import json
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Protocol
 
 import grpc
 import structlog
@@ -38,6 +38,15 @@ FIRST_MESSAGE_WAIT = 0.25
 _FORWARDED_HEADERS = ("authorization",)
 _METADATA_PREFIX = "grpc-metadata-"
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+
+
+class Channel(Protocol):
+    """What the gateway calls through: a grpc.aio.Channel, or the in-process one
+    (api/local_calls.LocalChannel) that opmasd uses."""
+
+    def unary_unary(self, method: str, **kwargs: Any) -> Any: ...
+
+    def unary_stream(self, method: str, **kwargs: Any) -> Any: ...
 
 
 @dataclass(frozen=True)
@@ -67,7 +76,7 @@ def routing_error(
 
 
 class RestGateway:
-    def __init__(self, routes: list[Route], channel: grpc.aio.Channel, max_body_bytes: int) -> None:
+    def __init__(self, routes: list[Route], channel: Channel, max_body_bytes: int) -> None:
         self._routes = routes
         self._channel = channel
         self._max_body = max_body_bytes
