@@ -3,7 +3,8 @@
 from __future__ import annotations
 
 import ssl
-from urllib.parse import urlsplit
+
+from opmasd.core.urls import split_server
 
 SCHEMES = ("nats", "tls", "ws", "wss")
 
@@ -11,7 +12,7 @@ SCHEMES = ("nats", "tls", "ws", "wss")
 def check_url(server: str) -> None:
     """Refuse what nats-py would only fail on inside its (endless) connect loop."""
     try:
-        parts = urlsplit(server if "://" in server else f"nats://{server}")
+        parts = split_server(server)
         parts.port  # noqa: B018 - parsing it is the check
     except ValueError as exc:
         raise ValueError(f"bad NATS URL {server!r}: {exc}") from None

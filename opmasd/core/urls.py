@@ -15,7 +15,8 @@ def split_servers(url: str) -> list[str]:
     return [part.strip() for part in url.split(",") if part.strip()]
 
 
-def _split(server: str) -> SplitResult:
+def split_server(server: str) -> SplitResult:
+    """One server's URL, parsed; "host:port" alone means nats://host:port, as nats-py reads it."""
     return urlsplit(server if "://" in server else f"nats://{server}")
 
 
@@ -43,7 +44,7 @@ def without_credentials(url: str) -> str:
     """The URL(s) with any user:password@ removed."""
     out = []
     for server in split_servers(url):
-        parts = _split(server)
+        parts = split_server(server)
         host = parts.hostname or ""
         netloc = f"[{host}]" if ":" in host else host
         if parts.port is not None:
