@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import logging
 import os
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -17,6 +18,7 @@ from typing import Any
 
 import structlog
 from aiohttp import web
+from aiohttp.http_exceptions import HttpProcessingError
 from google.rpc import code_pb2
 
 from opmasd.api.rest.gateway import JSON, RestGateway, routing_error
@@ -43,11 +45,23 @@ class Endpoints:
     """What the fixed endpoints serve, as plain callables (the app wires them)."""
 
     openapi: Callable[[], dict[str, Any]]
-    # (body, content type) of the Prometheus exposition.
-    metrics: Callable[[], tuple[bytes, str]] | None = None
+    # (body, content type) of the Prometheus exposition, for the scraper's Accept header.
+    metrics: Callable[[str], tuple[bytes, str]] | None = None
     alive: Callable[[], bool] = lambda: True
     # (ready, each check's verdict)
     ready: Callable[[], tuple[bool, dict[str, str]]] = lambda: (True, {})
+
+
+class _MalformedRequests(logging.Filter):
+    """Drops aiohttp's error log of a request it could not parse (it answers 400 itself): any
+    client could otherwise fill the daemon's log with tracebacks."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        exc = record.exc_info[1] if record.exc_info else None
+        return not isinstance(exc, HttpProcessingError)
+
+
+logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 
 class HttpServer:
@@ -70,7 +84,8 @@ class HttpServer:
 
     async def start(self) -> None:
         app = web.Application(client_max_size=0)  # the gateway bounds bodies itself (413)
-        app.router.add_route("*", "/{tail:.*}", self._dispatch)
+        # [\s\S]: every path, newlines (%0A) included, reaches the gateway's own 404/400.
+        app.router.add_route("*", r"/{tail:[\s\S]*}", self._dispatch)
         # handler_cancellation: a client that goes away ends its stream at once.
         # shutdown_timeout: how long unary calls in flight get at stop (the gRPC grace period).
         runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=self._grace)
@@ -141,7 +156,7 @@ class HttpServer:
     async def _serve_metrics(self, request: web.Request) -> web.StreamResponse:
         if self._endpoints.metrics is None:
             return routing_error(404, code_pb2.NOT_FOUND, "metrics are not enabled")
-        body, content_type = self._endpoints.metrics()
+        body, content_type = self._endpoints.metrics(request.headers.get("Accept", ""))
         return web.Response(body=body, headers={"Content-Type": content_type})
 
     async def _serve_healthz(self, request: web.Request) -> web.StreamResponse:
