@@ -211,10 +211,16 @@ class LocalStream:
         context = LocalContext(self._metadata, self._timeout)
         generator = handler.unary_stream(self._request, context)
         self._generator = generator
+        deadline = None if self._timeout is None else time.monotonic() + self._timeout
         try:
-            async with asyncio.timeout(self._timeout):
-                async for message in generator:
-                    yield message
+            while True:
+                # Per message, not around the loop: each message may be read by another task.
+                remaining = None if deadline is None else max(0.0, deadline - time.monotonic())
+                try:
+                    message = await asyncio.wait_for(anext(generator), remaining)
+                except StopAsyncIteration:
+                    break
+                yield message
         except Exception as exc:
             raise _failed(self._method, exc, context) from None
         finally:

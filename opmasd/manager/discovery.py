@@ -44,7 +44,8 @@ class PackageDiscovery:
         """Scan the agents directories; register new packages, refresh changed manifests."""
         async with self._lock:
             settings = self._settings()
-            found = scan(settings.agent_dirs, self._spec_defaults())
+            # Off the event loop: reading many manifests (or one on a slow mount) takes a while.
+            found = await asyncio.to_thread(scan, settings.agent_dirs, self._spec_defaults())
             report = DiscoveryReport(errors=list(found.errors))
             for manifest in found.manifests:
                 async with self._supervisor.lock(manifest.agent_id):

@@ -9,6 +9,7 @@ judging and the metrics cache, and the periodic jobs that drive them.
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
 from typing import Any
@@ -309,7 +310,8 @@ class AgentManager:
         if not Path(path).is_absolute():
             raise InvalidArgument.single("manifest_path", f"{path!r} must be an absolute path")
         try:
-            manifest = load_manifest(Path(path), self.spec_defaults())
+            # Off the event loop: a slow file system must not stall the daemon.
+            manifest = await asyncio.to_thread(load_manifest, Path(path), self.spec_defaults())
         except ManifestError as exc:
             raise InvalidArgument.single("manifest_path", str(exc)) from exc
         agent_id = agent_id or manifest.agent_id

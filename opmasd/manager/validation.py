@@ -29,9 +29,28 @@ def resolve_program(spec: AgentSpec) -> str | None:
             if not spec.working_directory:
                 return None
             path = Path(spec.working_directory) / path
-        return str(path) if path.is_file() and os.access(path, os.X_OK) else None
+        return str(path) if _is_executable_file(path) else None
     search_path = spec.env.get("PATH", os.environ.get("PATH", os.defpath))
-    return shutil.which(program, path=search_path)
+    try:
+        return shutil.which(program, path=search_path)
+    except (OSError, ValueError):  # a name too long for the file system, a NUL
+        return None
+
+
+# A path the file system refuses to look up (a component over 255 bytes, a NUL) is simply not
+# there: a field error, never an exception out of validation.
+def _is_dir(path: Path) -> bool:
+    try:
+        return path.is_dir()
+    except (OSError, ValueError):
+        return False
+
+
+def _is_executable_file(path: Path) -> bool:
+    try:
+        return path.is_file() and os.access(path, os.X_OK)
+    except (OSError, ValueError):
+        return False
 
 
 def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolation]:
@@ -51,7 +70,7 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
     if spec.working_directory:
         if not Path(spec.working_directory).is_absolute():
             bad("working_directory", f"{spec.working_directory!r} must be an absolute path")
-        elif not Path(spec.working_directory).is_dir():
+        elif not _is_dir(Path(spec.working_directory)):
             bad("working_directory", f"{spec.working_directory!r} is not an existing directory")
 
     if not spec.command or not spec.command[0]:

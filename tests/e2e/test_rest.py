@@ -287,3 +287,117 @@ def test_a_taken_rest_port_stops_the_start_with_a_clear_message(make_sandbox) ->
         with pytest.raises(AssertionError, match="exited with status 1"):
             box.start(env=rest_env(port))
         assert f"cannot listen for HTTP on 127.0.0.1:{port}" in box.daemons[-1].stderr_text()
+
+
+# -- hostile or careless clients (found by attacking the gateway from outside) ------------------
+
+
+def raw_request(port: int, head: bytes, parts: list[bytes], pause: float = 0.0) -> bytes:
+    """Send a request's head, then its body in parts (pausing between them); the whole reply."""
+    import socket
+
+    with socket.create_connection(("127.0.0.1", port), timeout=10) as sock:
+        sock.sendall(head)
+        for part in parts:
+            time.sleep(pause)
+            sock.sendall(part)
+        chunks = []
+        while True:
+            try:
+                data = sock.recv(65536)
+            except TimeoutError:
+                break
+            if not data:
+                break
+            chunks.append(data)
+            if (b"\r\n\r\n" in b"".join(chunks) and b'"code"' in b"".join(chunks)) or b"}\n" in data:
+                break
+        return b"".join(chunks)
+
+
+def test_a_body_in_many_pieces_is_read_whole_and_chunked_bodies_keep_the_limit(box: Sandbox) -> None:
+    port = box.rest_port  # type: ignore[attr-defined]
+    body = json.dumps(
+        {"agentId": "rest-split", "spec": {"name": "rest-split", "command": sleeper()}}
+    ).encode()
+    head = (
+        b"POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
+    )
+    reply = raw_request(port, head, [body[:20], body[20:]], pause=0.3)
+    assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
+    chunked_head = (
+        b"POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+        b"Connection: close\r\nTransfer-Encoding: chunked\r\n\r\n"
+    )
+    filler = b" " * 60_000
+    chunks = [b"%x\r\n%s\r\n" % (len(filler), filler) for _ in range(2)] + [b"0\r\n\r\n"]
+    reply = raw_request(port, chunked_head, chunks)
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+    rest = Rest(f"127.0.0.1:{port}")
+    assert rest.get("/api/v1/agents/rest-split").status == 200
+    rest.request("DELETE", "/api/v1/agents/rest-split")
+
+
+def test_compressed_bodies_are_refused(rest: Rest) -> None:
+    import gzip
+
+    body = gzip.compress(b'{"agentId": "gz"}' + b" " * 1_000_000)
+    reply = rest.post("/api/v1/agents", raw=body, headers={"Content-Encoding": "gzip"})
+    assert_status(reply, 415, 3, "gzip")
+
+
+@pytest.mark.parametrize(
+    ("path", "named"),
+    [
+        ("/api/v1/agents?pageSize=1_000", "pageSize"),
+        ("/api/v1/agents?pageSize=%D9%A1", "pageSize"),
+        ("/api/v1/agents?state=%D9%A2", "state"),
+        ("/api/v1/agents?page_size=1&pageSize=2", "pageSize"),
+    ],
+)
+def test_query_values_are_read_strictly(rest: Rest, path: str, named: str) -> None:
+    assert_status(rest.get(path), 400, 3, named)
+
+
+def test_json_is_read_strictly(rest: Rest) -> None:
+    twice = b'{"agentId": "a1", "agentId": "a2", "spec": {"name": "x", "command": ["/bin/true"]}}'
+    assert_status(rest.post("/api/v1/agents", raw=twice), 400, 3, "twice")
+    spellings = b'{"agentId": "a1", "agent_id": "a2", "spec": {"name": "x", "command": ["/bin/true"]}}'
+    assert_status(rest.post("/api/v1/agents", raw=spellings), 400, 3, "same field")
+    huge = b'{"command": "ping", "params": {"a": 1e400}}'
+    assert_status(rest.post("/api/v1/agents/rest-nobody/command", raw=huge), 400, 3, "out of range")
+
+
+def test_a_bad_grpc_timeout_is_refused_and_a_good_one_ends_a_stream(rest: Rest) -> None:
+    assert_status(rest.get("/api/v1/agents", headers={"Grpc-Timeout": "5s"}), 400, 3, "Grpc-Timeout")
+    register(rest, "rest-deadline", TICKER, start=True)
+    conn = rest.connection()
+    began = time.monotonic()
+    conn.request(
+        "GET", "/api/v1/agents/rest-deadline/logs?follow=true&tailLines=1", headers={"Grpc-Timeout": "1S"}
+    )
+    lines = [json.loads(line) for line in conn.getresponse().read().splitlines()]
+    assert time.monotonic() - began < 5
+    assert lines[-1]["error"]["code"] == 4, lines[-1]
+    assert any("result" in line for line in lines)
+    conn.close()
+    rest.post("/api/v1/agents/rest-deadline/stop")
+
+
+def test_a_manifest_path_is_read_only_if_it_is_a_small_regular_file(box: Sandbox, rest: Rest) -> None:
+    fifo = Path(box.root) / "manifest.fifo"
+    os.mkfifo(fifo)
+    began = time.monotonic()
+    assert_status(rest.post("/api/v1/agents", {"manifestPath": str(fifo)}), 400, 3, "not a regular file")
+    assert_status(rest.post("/api/v1/agents", {"manifestPath": "/dev/zero"}), 400, 3, "not a regular file")
+    assert time.monotonic() - began < 5
+    big = Path(box.root) / "big.yaml"
+    big.write_text("name: big\n" + "#" * 2_000_000)
+    assert_status(rest.post("/api/v1/agents", {"manifestPath": str(big)}), 400, 3, "at most")
+    secret = Path(box.root) / "secret.txt"
+    secret.write_text("root:$6$hash-that-must-not-leak:20228:0:99999:7:::\nopmas_token: hunter2\n")
+    body = rest.post("/api/v1/agents", {"manifestPath": str(secret)}).json()
+    assert "hash-that-must-not-leak" not in json.dumps(body) and "hunter2" not in json.dumps(body), body
+    long = "/" + "x" * 300 + "/agent.yaml"
+    assert_status(rest.post("/api/v1/agents", {"manifestPath": long}), 400, 3, "too long")

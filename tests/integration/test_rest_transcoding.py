@@ -5,6 +5,7 @@ its own. A real grpc.aio server and a real aiohttp server, on loopback."""
 
 from __future__ import annotations
 
+import asyncio
 import importlib
 import json
 import sys
@@ -251,3 +252,41 @@ def test_a_rule_that_cannot_be_served_is_refused_at_start(shelf: tuple[ModuleTyp
         _route(method, http_pb2.HttpRule(get="/v1/{tags}"))
     with pytest.raises(RuleError, match="'\\*\\*' must be the last"):
         _route(method, http_pb2.HttpRule(get="/v1/{shelf=**}/x"))
+
+
+async def test_connections_past_the_cap_are_closed_and_the_server_keeps_answering(
+    shelf: tuple[ModuleType, ModuleType], tmp_path: Path
+) -> None:
+    pb, _ = shelf
+    channel = grpc.aio.insecure_channel(f"unix:{tmp_path / 'none.sock'}")
+    routes = routes_of([pb.DESCRIPTOR.services_by_name["ShelfService"]])
+    web = HttpServer(
+        RestGateway(routes, channel, 1024),
+        Endpoints(openapi=dict),
+        HttpListeners(address="127.0.0.1:0"),
+        grace=1,
+        max_connections=3,
+    )
+    await web.start()
+    try:
+        held = [await asyncio.open_connection("127.0.0.1", web.port) for _ in range(3)]
+        await asyncio.sleep(0.05)
+        reader, writer = await asyncio.open_connection("127.0.0.1", web.port)
+        # Closed unanswered (an EOF, or a reset if our request raced the close).
+        try:
+            writer.write(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+            assert await asyncio.wait_for(reader.read(), 5) == b""
+        except ConnectionResetError:
+            pass
+        writer.close()
+        for _, held_writer in held:
+            held_writer.close()
+        await asyncio.sleep(0.1)
+        async with (
+            aiohttp.ClientSession() as session,
+            session.get(f"http://127.0.0.1:{web.port}/healthz") as r,
+        ):
+            assert r.status == 200
+    finally:
+        await web.stop()
+        await channel.close()

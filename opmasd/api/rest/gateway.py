@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import json
+import re
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -38,6 +39,7 @@ FIRST_MESSAGE_WAIT = 0.25
 _FORWARDED_HEADERS = ("authorization",)
 _METADATA_PREFIX = "grpc-metadata-"
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
+_TIMEOUT = re.compile(r"[0-9]{1,8}[HMSmun]")
 
 
 class Channel(Protocol):
@@ -128,7 +130,14 @@ class RestGateway:
         except BadRequest as exc:
             return error_response(bad_request_status(exc.field, exc.description))
         metadata = _metadata(request)
-        timeout = _grpc_timeout(request.headers.get("Grpc-Timeout", ""))
+        timeout_header = request.headers.get("Grpc-Timeout", "")
+        timeout = _grpc_timeout(timeout_header)
+        if timeout_header and timeout is None:
+            return error_response(
+                bad_request_status(
+                    "Grpc-Timeout", f"{timeout_header[:32]!r} is not a gRPC timeout (e.g. 5S, 200m)"
+                )
+            )
         if route.server_streaming:
             return await self._stream(request, method, message, metadata, timeout)
         return await self._unary(method, message, metadata, timeout)
@@ -136,12 +145,26 @@ class RestGateway:
     async def _body(self, request: web.Request, route: Route) -> bytes | web.Response | None:
         if not route.body:
             return None
+        encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
+        if encoding not in ("", "identity"):
+            # Decompressing would let a small body grow without bound before the limit applies.
+            return _closing(
+                routing_error(
+                    415, code_pb2.INVALID_ARGUMENT, f"Content-Encoding {encoding[:32]!r} is not supported"
+                )
+            )
         length = request.content_length
         if length is not None and length > self._max_body:
-            return _too_large(length, self._max_body)
-        data = await request.content.read(self._max_body + 1)
-        if len(data) > self._max_body:
-            return _too_large(None, self._max_body)
+            return _closing(_too_large(length, self._max_body))
+        # To the end of the body (it may come in many chunks), never past the limit.
+        chunks: list[bytes] = []
+        size = 0
+        while chunk := await request.content.readany():
+            size += len(chunk)
+            if size > self._max_body:
+                return _closing(_too_large(None, self._max_body))
+            chunks.append(chunk)
+        data = b"".join(chunks)
         if data.strip() and request.content_type != JSON and not request.content_type.endswith("+json"):
             return routing_error(
                 415,
@@ -194,7 +217,12 @@ class RestGateway:
                 return error_response(_status_of(pending.exception()))  # type: ignore[arg-type]
             response = web.StreamResponse(headers={"Content-Type": NDJSON})
             await response.prepare(request)
-            await self._pump(request, response, method.route, messages, pending)
+            try:
+                # The deadline covers the whole stream, whichever task reads its messages.
+                async with asyncio.timeout(timeout):
+                    await self._pump(request, response, method.route, messages, pending)
+            except TimeoutError:
+                await _write_line(response, {"error": message_json(_DEADLINE)})
             return response
         finally:
             self._streams.discard(task)
@@ -242,6 +270,7 @@ class RestGateway:
 
 
 _STOPPING = status_pb2.Status(code=code_pb2.UNAVAILABLE, message="opmasd is stopping")
+_DEADLINE = status_pb2.Status(code=code_pb2.DEADLINE_EXCEEDED, message="Deadline Exceeded")
 
 
 async def _write_line(response: web.StreamResponse, value: Any) -> None:
@@ -253,6 +282,13 @@ async def _write_line(response: web.StreamResponse, value: Any) -> None:
 
 def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
+
+
+def _closing(response: web.Response) -> web.Response:
+    """The response, with the connection closed after it: the unread rest of the body is not
+    drained (and, compressed, not inflated) on the event loop."""
+    response.force_close()
+    return response
 
 
 def _too_large(length: int | None, limit: int) -> web.Response:
@@ -276,8 +312,9 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
 
 
 def _grpc_timeout(text: str) -> float | None:
-    """The Grpc-Timeout header ("5S", "200m", ...), as grpc-gateway honours it; None without one."""
-    if len(text) < 2 or not text[:-1].isdigit() or text[-1] not in _TIMEOUT_UNITS:
+    """The Grpc-Timeout header ("5S", "200m", ...: at most 8 digits and a unit, as gRPC defines
+    it), as grpc-gateway honours it; None when absent or not of that form."""
+    if not _TIMEOUT.fullmatch(text):
         return None
     return int(text[:-1]) * _TIMEOUT_UNITS[text[-1]]
 

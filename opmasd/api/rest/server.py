@@ -26,6 +26,11 @@ from opmasd.api.rest.gateway import JSON, RestGateway, routing_error
 log = structlog.get_logger(__name__)
 
 OPENAPI_PATH = "/api/v1/openapi.json"
+# Seconds an idle keep-alive connection (or one still sending its request head) is kept.
+IDLE_TIMEOUT = 15.0
+# Open HTTP connections at most; past it a new one is closed at once, so that clients cannot
+# use up the daemon's file descriptors (1024 by default) and starve gRPC, agents and the store.
+MAX_CONNECTIONS = 256
 
 
 class HttpListenError(Exception):
@@ -66,9 +71,15 @@ logging.getLogger("aiohttp.server").addFilter(_MalformedRequests())
 
 class HttpServer:
     def __init__(
-        self, gateway: RestGateway, endpoints: Endpoints, listeners: HttpListeners, grace: float = 5.0
+        self,
+        gateway: RestGateway,
+        endpoints: Endpoints,
+        listeners: HttpListeners,
+        grace: float = 5.0,
+        max_connections: int = MAX_CONNECTIONS,
     ) -> None:
         self._gateway = gateway
+        self._max_connections = max_connections
         self._grace = grace
         self._endpoints = endpoints
         self._listeners = listeners
@@ -83,13 +94,24 @@ class HttpServer:
         }
 
     async def start(self) -> None:
-        app = web.Application(client_max_size=0)  # the gateway bounds bodies itself (413)
+        # The gateway bounds bodies itself (413); errors aiohttp raises keep the Status shape.
+        app = web.Application(client_max_size=0, middlewares=[_status_shaped_errors])
         # [\s\S]: every path, newlines (%0A) included, reaches the gateway's own 404/400.
         app.router.add_route("*", r"/{tail:[\s\S]*}", self._dispatch)
         # handler_cancellation: a client that goes away ends its stream at once.
         # shutdown_timeout: how long unary calls in flight get at stop (the gRPC grace period).
-        runner = web.AppRunner(app, handler_cancellation=True, access_log=None, shutdown_timeout=self._grace)
+        runner = web.AppRunner(
+            app,
+            handler_cancellation=True,
+            access_log=None,
+            shutdown_timeout=self._grace,
+            # An idle connection, or one trickling its headers, is closed after this long.
+            keepalive_timeout=IDLE_TIMEOUT,
+            # Compressed bodies are refused (415): inflating one would outgrow the body limit.
+            auto_decompress=False,
+        )
         await runner.setup()
+        _cap_connections(runner.server, self._max_connections)
         self._runner = runner
         listeners = self._listeners
         try:
@@ -175,3 +197,40 @@ def _clear_socket_path(path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket():
         path.unlink(missing_ok=True)
+
+
+def _cap_connections(server: web.Server | None, limit: int) -> None:
+    """Close each connection past `limit` as soon as it is made (logged once per burst)."""
+    if server is None:
+        return
+    made = server.connection_made
+    refused = 0
+
+    def connection_made(handler: Any, transport: Any) -> None:
+        nonlocal refused
+        made(handler, transport)
+        if len(server.connections) > limit:
+            # After aiohttp has set the connection up (closing inside this call trips its
+            # request loop): at the next turn, close it without reading a byte.
+            asyncio.get_running_loop().call_soon(handler.force_close)
+            asyncio.get_running_loop().call_soon(transport.close)
+            refused += 1
+            if refused in (1, 100) or refused % 10_000 == 0:
+                log.warning("HTTP connection refused: too many open", limit=limit, refused=refused)
+
+    # aiohttp has no connection limit of its own; its Server tracks connections through this.
+    server.connection_made = connection_made  # type: ignore[method-assign]
+
+
+@web.middleware
+async def _status_shaped_errors(
+    request: web.Request, handler: Callable[[web.Request], Awaitable[web.StreamResponse]]
+) -> web.StreamResponse:
+    """aiohttp's own HTTP errors (raised before or around the gateway) as Status JSON too."""
+    try:
+        return await handler(request)
+    except web.HTTPException as exc:
+        if exc.content_type == JSON:
+            raise
+        code = code_pb2.NOT_FOUND if exc.status == 404 else code_pb2.INVALID_ARGUMENT
+        return routing_error(exc.status, code, exc.reason or "bad request")

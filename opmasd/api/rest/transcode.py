@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import base64
 import json
+import math
+import re
 from collections.abc import Iterable, Mapping
 from typing import Any, cast
 
@@ -29,6 +31,9 @@ _WRAPPER_TYPES = frozenset(
     f"google.protobuf.{name}Value"
     for name in ("Double", "Float", "Int64", "UInt64", "Int32", "UInt32", "Bool", "String", "Bytes")
 )
+# ASCII digits only: int() and float() would also take "1_000", " 5" and other scripts' digits.
+_INTEGER = re.compile(r"-?[0-9]{1,20}")
+_DECIMAL = re.compile(r"-?(?:[0-9]+(?:\.[0-9]*)?|\.[0-9]+)(?:[eE][-+]?[0-9]{1,3})?")
 _TRUE = frozenset({"1", "t", "T", "TRUE", "true", "True"})
 _FALSE = frozenset({"0", "f", "F", "FALSE", "false", "False"})
 _INTEGER_TYPES = frozenset(
@@ -61,6 +66,23 @@ def _reject_constant(name: str) -> Any:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"the number {text[:32]} is out of range")
+    return value
+
+
+def _no_duplicates(pairs: list[tuple[str, Any]]) -> dict[str, Any]:
+    """A JSON object; a key given twice is an error (protojson's rule), not a silent overwrite."""
+    document: dict[str, Any] = {}
+    for key, value in pairs:
+        if key in document:
+            raise ValueError(f"the key {key[:64]!r} is given twice")
+        document[key] = value
+    return document
+
+
 def parse_json(body: bytes) -> Any:
     """The body as JSON; BadRequest with the line and column of the first error."""
     try:
@@ -68,7 +90,9 @@ def parse_json(body: bytes) -> Any:
     except UnicodeDecodeError as exc:
         raise BadRequest("body", f"is not UTF-8 (byte {exc.start})") from None
     try:
-        return json.loads(text, parse_constant=_reject_constant)
+        return json.loads(
+            text, parse_constant=_reject_constant, parse_float=_finite, object_pairs_hook=_no_duplicates
+        )
     except json.JSONDecodeError as exc:
         raise BadRequest("body", f"invalid JSON at line {exc.lineno} column {exc.colno}: {exc.msg}") from None
     except ValueError as exc:
@@ -92,11 +116,13 @@ def build_request(
             document = parse_json(body)
             if not isinstance(document, dict):
                 raise BadRequest("body", f"must be a JSON object of {descriptor.name} fields")
+            _one_spelling(document, descriptor, "body")
             _parse_into(document, request, "body")
     elif route.body:
         if body:
             document = parse_json(body)
             field = descriptor.fields_by_name[route.body]
+            _one_spelling({field.json_name: document}, descriptor, "body")
             _parse_into({field.json_name: document}, request, f"body ({route.body})")
     bound = set(path_values)
     if route.body and route.body != "*":
@@ -120,16 +146,20 @@ def _query_values(
     descriptor: Descriptor, route: Route, bound: set[str], query: Iterable[tuple[str, str]]
 ) -> list[tuple[str, dict[str, Any]]]:
     """Each query parameter (repeated keys gathered) as the nested JSON value of its field."""
-    grouped: dict[str, list[str]] = {}
+    # Gathered by the field a key names, so that "page_size" and "pageSize" are one field.
+    grouped: dict[str, tuple[str, list[FieldDescriptor], list[str]]] = {}
     for key, text in query:
-        grouped.setdefault(key, []).append(text)
-    out: list[tuple[str, dict[str, Any]]] = []
-    for key, texts in grouped.items():
-        where = f"query parameter {key}"
         if route.body == "*":
             raise BadRequest(key, f"not accepted: {route.method.name} takes every field in its body")
-        path = _field_at(descriptor, key, where)
-        proto_path = ".".join(f.name for f in path)
+        fields = _field_at(descriptor, key, f"query parameter {key}")
+        proto_path = ".".join(f.name for f in fields)
+        first_key, _, texts = grouped.setdefault(proto_path, (key, fields, []))
+        if first_key != key:
+            raise BadRequest(key, f"names the same field as {first_key!r}; give it once")
+        texts.append(text)
+    out: list[tuple[str, dict[str, Any]]] = []
+    for proto_path, (key, path, texts) in grouped.items():
+        where = f"query parameter {key}"
         if any(proto_path == b or proto_path.startswith(b + ".") for b in bound):
             raise BadRequest(key, "is already given by the path or the body")
         value: dict[str, Any] = {}
@@ -185,17 +215,21 @@ def _scalar(field: FieldDescriptor, text: str, where: str) -> Any:
             return False
         raise BadRequest(field.name, f"{where}: {text[:64]!r} is not true or false")
     if kind in _INTEGER_TYPES:
-        try:
-            return int(text)
-        except ValueError:
-            raise BadRequest(field.name, f"{where}: {text[:64]!r} is not an integer") from None
+        if not _INTEGER.fullmatch(text):
+            raise BadRequest(field.name, f"{where}: {text[:64]!r} is not an integer")
+        return int(text)
     if kind in _FLOAT_TYPES:
-        try:
-            return float(text)
-        except ValueError:
-            raise BadRequest(field.name, f"{where}: {text[:64]!r} is not a number") from None
+        if not _DECIMAL.fullmatch(text) or not math.isfinite(float(text)):
+            raise BadRequest(field.name, f"{where}: {text[:64]!r} is not a finite number")
+        return float(text)
     if kind == FieldDescriptor.TYPE_ENUM:
-        return int(text) if text.lstrip("-").isdigit() else text
+        if _INTEGER.fullmatch(text):
+            return int(text)
+        known = field.enum_type.values_by_name if field.enum_type is not None else {}
+        if text not in known:
+            names = ", ".join(known)
+            raise BadRequest(field.name, f"{where}: {text[:64]!r} is not one of {names}")
+        return text
     if kind == FieldDescriptor.TYPE_BYTES:
         try:
             base64.b64decode(text.replace("-", "+").replace("_", "/") + "==", validate=False)
@@ -217,6 +251,29 @@ def _clear(message: Message, path: list[str]) -> None:
             return
         message = getattr(message, name)
     message.ClearField(path[-1])
+
+
+def _one_spelling(document: dict[str, Any], descriptor: Any, where: str) -> None:
+    """Refuse a field given under both of its names ("agentId" and "agent_id"): json_format
+    would keep one of the two without a word."""
+    named: dict[str, str] = {}
+    for key, value in document.items():
+        field = descriptor.fields_by_name.get(key) or next(
+            (f for f in descriptor.fields if f.json_name == key), None
+        )
+        if field is None:
+            continue  # json_format names unknown fields itself
+        if field.name in named:
+            raise BadRequest(where, f"{named[field.name]!r} and {key!r} are the same field; give it once")
+        named[field.name] = key
+        if field.message_type is None or field.message_type.full_name.startswith("google.protobuf."):
+            continue
+        if field.message_type.GetOptions().map_entry:
+            continue
+        items = value if field.is_repeated and isinstance(value, list) else [value]
+        for item in items:
+            if isinstance(item, dict):
+                _one_spelling(item, field.message_type, f"{where}.{key}")
 
 
 def _parse_into(document: dict[str, Any], message: Message, where: str) -> None:

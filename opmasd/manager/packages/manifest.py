@@ -22,7 +22,10 @@ discovery of the other packages.
 
 from __future__ import annotations
 
+import os
+import re
 import shlex
+import stat
 import sys
 from dataclasses import dataclass
 from pathlib import Path
@@ -55,6 +58,8 @@ KNOWN_KEYS = {
     "autostart",
     "restart_on_inactive",
 }
+MAX_MANIFEST_BYTES = 1024 * 1024
+_KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,39}")
 RESOURCE_KEYS = {"memory_max", "cpu_quota", "tasks_max", "open_files_max"}
 # Where the agent SDK lives in a checkout and in an install, for module entrypoints.
 SDK_DIRS = (Path(__file__).resolve().parents[3] / "agents", Path("/usr/lib/opmas"))
@@ -67,6 +72,17 @@ class ManifestError(Exception):
         self.message = message
 
 
+def _key_names(keys: list[str]) -> str:
+    """Unknown keys as an error may show them: names only (a key that is not a plain name, such
+    as a line of some other file, is counted, not shown), a few, each short."""
+    names = [k for k in keys if _KEY_NAME.fullmatch(k)]
+    shown = ", ".join(names[:5])
+    hidden = len(keys) - len(names[:5])
+    if hidden:
+        shown = f"{shown} and {hidden} more" if shown else f"{hidden} that are not key names"
+    return shown
+
+
 @dataclass(frozen=True)
 class Manifest:
     path: Path
@@ -76,28 +92,71 @@ class Manifest:
 
 def manifest_file(path: Path) -> Path:
     """The agent.yaml of a package folder, or path itself when it names a file."""
-    return path / MANIFEST_NAME if path.is_dir() else path
+    try:
+        return path / MANIFEST_NAME if path.is_dir() else path
+    except OSError as exc:  # a name too long, a loop of links, ...
+        raise ManifestError(path, f"cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the path
+        raise ManifestError(path, "cannot read: the path holds a NUL character") from None
+
+
+def read_manifest_text(path: Path) -> str:
+    """The file's text, if it is a regular file of at most MAX_MANIFEST_BYTES, read in one go.
+
+    Opened non-blocking and checked before reading: a FIFO would block the reader until a
+    writer comes, a device (/dev/zero) would be read for ever.
+    """
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except OSError as exc:
+        raise ManifestError(path, f"cannot read: {exc.strerror or exc}") from None
+    except ValueError:  # a NUL in the path
+        raise ManifestError(path, "cannot read: the path holds a NUL character") from None
+    try:
+        info = os.fstat(fd)
+        if not stat.S_ISREG(info.st_mode):
+            raise ManifestError(path, "is not a regular file")
+        if info.st_size > MAX_MANIFEST_BYTES:
+            raise ManifestError(path, f"is {info.st_size} bytes; a manifest has at most {MAX_MANIFEST_BYTES}")
+        data = os.read(fd, MAX_MANIFEST_BYTES + 1)
+        if len(data) > MAX_MANIFEST_BYTES:  # it grew while we looked
+            raise ManifestError(path, f"is over {MAX_MANIFEST_BYTES} bytes")
+    except OSError as exc:
+        raise ManifestError(path, f"cannot read: {exc.strerror or exc}") from None
+    finally:
+        os.close(fd)
+    try:
+        return data.decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise ManifestError(path, f"is not UTF-8 text (byte {exc.start})") from None
 
 
 def load_manifest(path: Path, defaults: AgentSpec | None = None) -> Manifest:
-    """Parse and validate one manifest; raises ManifestError naming what is wrong."""
-    path = manifest_file(path).resolve()
+    """Parse and validate one manifest; raises ManifestError naming what is wrong.
+
+    Errors name the problem, never the file's content beyond a key's name: the path may be
+    any file the daemon can read (an operator's typo, or a caller's probe).
+    """
+    path = manifest_file(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except OSError as exc:
-        raise ManifestError(path, f"cannot read: {exc.strerror or exc}") from exc
+        path = path.resolve()
+    except (OSError, ValueError) as exc:
+        raise ManifestError(path, f"cannot read: {getattr(exc, 'strerror', None) or exc}") from None
+    text = read_manifest_text(path)
     try:
         data = load_yaml(text)
     except yaml.YAMLError as exc:
         mark = getattr(exc, "problem_mark", None)
         where = f"line {mark.line + 1}: " if mark is not None else ""
-        problem = getattr(exc, "problem", None) or str(exc)
-        raise ManifestError(path, f"{where}invalid YAML: {problem}") from exc
+        # The parser's problem only ("mapping values are not allowed here"), never str(exc),
+        # which quotes the offending line.
+        problem = getattr(exc, "problem", None) or type(exc).__name__
+        raise ManifestError(path, f"{where}invalid YAML: {problem}") from None
     if not isinstance(data, dict):
         raise ManifestError(path, "must be a mapping of keys (name, entrypoint, ...)")
     unknown = sorted(str(k) for k in data if k not in KNOWN_KEYS)
     if unknown:
-        raise ManifestError(path, f"unknown key(s): {', '.join(unknown)}")
+        raise ManifestError(path, f"unknown key(s): {_key_names(unknown)}")
     try:
         spec = _spec_from(data, path.parent, defaults)
     except (ValueError, TypeError) as exc:
@@ -139,7 +198,7 @@ def _seconds(data: dict[str, Any], key: str, default: float) -> float:
 def _flag(data: dict[str, Any], key: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false, got {value!r}")
+        raise ValueError(f"{key}: must be true or false, got {str(value)[:32]!r}")
     return value
 
 
@@ -179,12 +238,14 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
     try:
         policy = RestartPolicy(policy_text)
     except ValueError:
-        raise ValueError(f"restart_policy: {policy_text!r} is not one of never, on-failure, always") from None
+        raise ValueError(
+            f"restart_policy: {policy_text[:32]!r} is not one of never, on-failure, always"
+        ) from None
     runtime_text = _text(data, "runtime", "process")
     try:
         runtime = RuntimeKind(runtime_text)
     except ValueError:
-        raise ValueError(f"runtime: {runtime_text!r} is not one of process, systemd") from None
+        raise ValueError(f"runtime: {runtime_text[:32]!r} is not one of process, systemd") from None
 
     res_raw = data.get("resources") or {}
     if not isinstance(res_raw, dict):
