@@ -12,7 +12,7 @@ from google.rpc import code_pb2, error_details_pb2, status_pb2
 from grpc_status import rpc_status
 
 from opmasd.core import errors
-from opmasd.core.errors import BusTimeout, BusUnavailable, StoreError
+from opmasd.core.errors import BusTimeout, BusUnavailable, StoreError, StoreRejected
 
 _CODES: list[tuple[type[Exception], int]] = [
     (errors.NotFound, code_pb2.NOT_FOUND),
@@ -22,6 +22,8 @@ _CODES: list[tuple[type[Exception], int]] = [
     (errors.Unavailable, code_pb2.UNAVAILABLE),
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
+    # The database refused the values (first: it is a StoreError too); the message says why.
+    (StoreRejected, code_pb2.INVALID_ARGUMENT),
     (StoreError, code_pb2.UNAVAILABLE),
     (BusUnavailable, code_pb2.UNAVAILABLE),
     (BusTimeout, code_pb2.DEADLINE_EXCEEDED),

@@ -79,6 +79,11 @@ class StoreError(BackendError):
     """The store could not complete an operation (connection lost, disk full, ...)."""
 
 
+class StoreRejected(StoreError):
+    """The database refused the values themselves (a constraint, a value too long): unlike a
+    lost connection, trying the same write again cannot succeed."""
+
+
 class BusError(BackendError):
     """A message bus operation failed."""
 

@@ -26,6 +26,7 @@ from opmasd.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    StoreRejected,
     Unavailable,
 )
 from opmasd.core.ids import agent_id_from_name, check_agent_id
@@ -242,7 +243,7 @@ class AgentManager:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.start(rec, "started by operator")
-        await self._writes.wait_flush_attempt()
+        await self._writes.wait_flush_attempt(agent_id)
         return result
 
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
@@ -251,14 +252,14 @@ class AgentManager:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.stop(rec, "stopped by operator", timeout)
-        await self._writes.wait_flush_attempt()
+        await self._writes.wait_flush_attempt(agent_id)
         return result
 
     async def restart_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             result = await self._supervisor.restart(rec, "restarted by operator")
-        await self._writes.wait_flush_attempt()
+        await self._writes.wait_flush_attempt(agent_id)
         return result
 
     async def send_command(
@@ -343,8 +344,20 @@ class AgentManager:
             log.info("agent registered", agent_id=agent_id, source=source.value)
             if start:
                 await self._supervisor.start(rec, "started at registration")
-        await self._writes.wait_flush_attempt()
+        try:
+            await self._writes.wait_flush_attempt(agent_id)
+        except StoreRejected:
+            await self._unregister(rec, existing)
+            raise
         return rec
+
+    async def _unregister(self, rec: AgentRecord, existing: AgentRecord | None) -> None:
+        """Undo a registration the store refused: memory goes back to what the store holds."""
+        async with self._supervisor.lock(rec.agent_id):
+            if rec.pid is not None:
+                await self._supervisor.stop(rec, "the store refused the registration")
+            self._registry.restore(rec.agent_id, existing)
+        log.error("agent registration undone: the store refused it", agent_id=rec.agent_id)
 
     async def update_agent(self, agent_id: str, fields: Mapping[str, Any]) -> AgentRecord:
         if not fields:
@@ -353,10 +366,16 @@ class AgentManager:
             rec = self.get_agent(agent_id)
             spec = apply_fields(rec.spec, fields)
             check_spec(spec)
-            rec.spec = spec
+            previous, rec.spec = rec.spec, spec
             self._registry.save(rec)
             log.info("agent updated", agent_id=agent_id, fields=sorted(fields))
-        await self._writes.wait_flush_attempt()
+        try:
+            await self._writes.wait_flush_attempt(agent_id)
+        except StoreRejected:
+            async with self._supervisor.lock(agent_id):
+                rec.spec = previous  # what the store still holds
+                self._registry.save(rec)
+            raise
         return rec
 
     async def delete_agent(self, agent_id: str) -> OperationResult:
@@ -376,7 +395,7 @@ class AgentManager:
             self._metrics.forget(agent_id)
             self._writes.forget_heartbeat(agent_id)
             log.info("agent deleted", agent_id=agent_id)
-        await self._writes.wait_flush_attempt()
+        await self._writes.wait_flush_attempt(agent_id)
         return OperationResult(rec, True, f"agent {agent_id} deleted")
 
     async def discover(self) -> DiscoveryReport:

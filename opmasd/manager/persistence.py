@@ -23,7 +23,7 @@ from datetime import datetime
 
 import structlog
 
-from opmasd.core.errors import StoreError
+from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
 from opmasd.manager.stats import DurationHistogram
 from opmasd.store.base import AgentStore
@@ -40,6 +40,11 @@ class WriteBehind:
         # Whether the last attempt failed: the queue then waits for the next flush() (retry).
         self._failing = False
         self._flush_waiters: list[asyncio.Future[None]] = []
+        # Flushes so far; per agent, the first flush that could have taken its latest write; and
+        # the agents whose change a flush dropped: (flush number, why).
+        self._generation = 0
+        self._queued_at: dict[str, int] = {}
+        self._rejected: dict[str, tuple[int, StoreRejected]] = {}
         self._heartbeats: dict[str, datetime] = {}
         self._heartbeats_failing = False
         self.heartbeat_flushes = 0
@@ -68,6 +73,7 @@ class WriteBehind:
     def write(self, snapshot: AgentRecord, transition: Transition | None) -> None:
         """Queue the agent's row (and the transition that produced it) for the next flush."""
         self._queue.append((snapshot, transition))
+        self._queued_at[snapshot.agent_id] = self._generation + 1
         if self._flush_scheduled or self._failing:
             return
         try:
@@ -79,16 +85,22 @@ class WriteBehind:
         loop.call_soon(self.flush)
 
     def flush(self) -> None:
-        """Write everything queued in one transaction; on failure keep it for the next call."""
+        """Write everything queued in one transaction; on failure keep it for the next call.
+
+        A batch the database refuses for its values (StoreRejected: a constraint, a value too
+        long) is written again agent by agent, so that only the agents whose rows are refused
+        are dropped, with their callers told why, and nothing behind them is held up.
+        """
         self._flush_scheduled = False
+        self._generation += 1
         if self._queue:
             batch = self._queue
-            # Only the newest row of each agent matters; transitions all go, in order.
-            latest = {snapshot.agent_id: snapshot for snapshot, _ in batch}
-            transitions = [t for _, t in batch if t is not None]
             started = time.perf_counter()
             try:
-                self._store.write_batch(list(latest.values()), transitions)
+                self._write(batch)
+            except StoreRejected as exc:
+                self._queue = []
+                self._isolate(batch, exc)
             except StoreError as exc:
                 self.failures += 1
                 if not self._failing:
@@ -106,18 +118,52 @@ class WriteBehind:
             if not waiter.done():
                 waiter.set_result(None)
 
-    async def wait_flush_attempt(self) -> None:
+    def _write(self, batch: list[tuple[AgentRecord, Transition | None]]) -> None:
+        # Only the newest row of each agent matters; transitions all go, in order.
+        latest = {snapshot.agent_id: snapshot for snapshot, _ in batch}
+        transitions = [t for _, t in batch if t is not None]
+        self._store.write_batch(list(latest.values()), transitions)
+
+    def _isolate(self, batch: list[tuple[AgentRecord, Transition | None]], first: StoreRejected) -> None:
+        """Write each agent's part of a refused batch on its own; drop the refused parts."""
+        by_agent: dict[str, list[tuple[AgentRecord, Transition | None]]] = {}
+        for entry in batch:
+            by_agent.setdefault(entry[0].agent_id, []).append(entry)
+        for position, (agent_id, entries) in enumerate(by_agent.items()):
+            try:
+                self._write(entries)
+            except StoreRejected as exc:
+                self.failures += 1
+                self._rejected[agent_id] = (self._generation, exc)
+                log.error("store refused an agent's row; change dropped", agent_id=agent_id, error=str(exc))
+            except StoreError as exc:
+                # The database went away meanwhile: the rest waits for the next flush, in order.
+                self.failures += 1
+                self._failing = True
+                rest = [e for entries_left in list(by_agent.values())[position:] for e in entries_left]
+                self._queue = rest + self._queue
+                log.error("store write failed; will retry", pending=len(rest), error=str(exc))
+                return
+        if not by_agent:
+            log.error("store refused a write", error=str(first))
+
+    async def wait_flush_attempt(self, agent_id: str = "") -> None:
         """Wait for the flush attempt that covers what is queued now (at once when nothing is).
 
-        A failed flush releases its waiters too, and while the store is failing this returns at
-        once: the change is kept and retried, and the failure is logged, so an operator's
-        request is not held hostage by a database outage — but it is then not yet committed.
+        Raises StoreRejected when that flush dropped agent_id's change because the database
+        refused it. A failed flush releases its waiters too, and while the store is failing
+        this returns at once: the change is kept and retried, and the failure is logged, so an
+        operator's request is not held hostage by a database outage — but it is then not yet
+        committed (the store issue changes that).
         """
-        if not self._queue or self._failing:
-            return
-        waiter = asyncio.get_running_loop().create_future()
-        self._flush_waiters.append(waiter)
-        await waiter
+        if self._queue and not self._failing:
+            waiter = asyncio.get_running_loop().create_future()
+            self._flush_waiters.append(waiter)
+            await waiter
+        rejected = self._rejected.get(agent_id) if agent_id else None
+        if rejected is not None and rejected[0] >= self._queued_at.get(agent_id, 0):
+            del self._rejected[agent_id]
+            raise rejected[1]
 
     # -- heartbeat times ------------------------------------------------------------------------
 

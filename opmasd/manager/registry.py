@@ -41,6 +41,13 @@ class AgentRegistry:
     def live(self) -> Iterator[AgentRecord]:
         return (rec for rec in self._records.values() if not rec.deleted)
 
+    def restore(self, agent_id: str, rec: AgentRecord | None) -> None:
+        """Put back in memory what the store holds for agent_id (None: nothing), writing nothing."""
+        if rec is None:
+            self._records.pop(agent_id, None)
+        else:
+            self._records[agent_id] = rec
+
     def save(self, rec: AgentRecord) -> None:
         rec.updated_at = self._clock.now()
         self._records[rec.agent_id] = rec

@@ -16,6 +16,9 @@ from opmasd.core.model import AgentSpec
 
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LENGTH = 128
+# type and version are labels (the type is a column of its own); a description is prose.
+MAX_LABEL_LENGTH = 64
+MAX_DESCRIPTION_LENGTH = 1024
 
 
 def resolve_program(spec: AgentSpec) -> str | None:
@@ -66,6 +69,19 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
         bad("name", f"must be at most {MAX_NAME_LENGTH} characters")
     elif any(ord(c) < 32 for c in spec.name):
         bad("name", "must not contain control characters")
+    # Checked here, not left to the database: SQLite would store any length, PostgreSQL refuse
+    # it, and both must refuse the same inputs.
+    for name, value, limit in (
+        ("type", spec.type, MAX_LABEL_LENGTH),
+        ("version", spec.version, MAX_LABEL_LENGTH),
+        ("description", spec.description, MAX_DESCRIPTION_LENGTH),
+    ):
+        if len(value) > limit:
+            bad(name, f"must be at most {limit} characters, got {len(value)}")
+        elif any(ord(c) < 32 and c not in ("\t", "\n") for c in value) or (
+            name != "description" and "\n" in value
+        ):
+            bad(name, "must not contain control characters")
 
     if spec.working_directory:
         if not Path(spec.working_directory).is_absolute():

@@ -14,16 +14,18 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
 import peewee
+import psycopg2  # type: ignore[import-untyped]
 import structlog
 from playhouse.pool import PooledPostgresqlDatabase
 
-from opmasd.core.errors import StoreError
+from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
 from opmasd.core.urls import redacted
 from opmasd.store import migrations
@@ -42,6 +44,21 @@ from opmasd.store.statements import agent_upsert, row_params, transition_insert
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
+
+# Errors about the values written, not the connection: the same write would fail again.
+_REJECTIONS = (
+    peewee.IntegrityError,
+    peewee.DataError,
+    peewee.ProgrammingError,
+    peewee.NotSupportedError,
+    sqlite3.IntegrityError,
+    sqlite3.DataError,
+    sqlite3.ProgrammingError,
+    psycopg2.IntegrityError,
+    psycopg2.DataError,
+    psycopg2.ProgrammingError,
+    ValueError,
+)
 
 # The lock every call holds; see the module docstring.
 _CALL_LOCK = threading.RLock()
@@ -103,14 +120,17 @@ class SqlStore:
             return
 
         def work() -> None:
-            # Plain executemany on statements built once (statements.py says why).
+            # Plain executemany on statements built once (statements.py says why). The raw
+            # cursor raises the driver's own exceptions: peewee's wrapper turns them into
+            # peewee's, which _call maps to StoreError like every other call's.
             cursor = self._db.cursor()  # type: ignore[no-untyped-call]
-            if records:
-                rows = [row_params(AgentRow, agent_to_row(r)) for r in records]
-                cursor.executemany(self._agent_upsert, rows)
-            if transitions:
-                rows = [row_params(TransitionRow, transition_to_row(t)) for t in transitions]
-                cursor.executemany(self._transition_insert, rows)
+            with peewee.__exception_wrapper__:  # type: ignore[attr-defined]
+                if records:
+                    rows = [row_params(AgentRow, agent_to_row(r)) for r in records]
+                    cursor.executemany(self._agent_upsert, rows)
+                if transitions:
+                    rows = [row_params(TransitionRow, transition_to_row(t)) for t in transitions]
+                    cursor.executemany(self._transition_insert, rows)
 
         # Not idempotent (transitions are appended): retried only if it never began.
         what = f"write {len(records)} agents and {len(transitions)} transitions"
@@ -238,6 +258,10 @@ class SqlStore:
                     raise self._failure(what, exc) from exc
                 except peewee.PeeweeException as exc:
                     raise self._failure(what, exc) from exc
+                except (sqlite3.Error, psycopg2.Error, ValueError) as exc:
+                    # A driver error that reached us unwrapped, or a value a driver cannot send
+                    # (psycopg2 refuses a NUL in a string with ValueError): a store error too.
+                    raise self._failure(what, exc) from exc
             raise AssertionError("unreachable: the second attempt returns or raises")
 
     def _discard_idle_connections(self) -> None:
@@ -252,7 +276,8 @@ class SqlStore:
         if isinstance(first, peewee.PeeweeException) and str(first).strip() not in ("", message):
             message = f"{message}, after: {str(first).strip()}"
         log.error("store.failed", url=self._url, operation=what, error=message, exc_type=type(exc).__name__)
-        return StoreError(f"{what} failed ({self._url}): {message}")
+        kind = StoreRejected if isinstance(exc, _REJECTIONS) else StoreError
+        return kind(f"{what} failed ({self._url}): {message}")
 
 
 def _agent(row: AgentRow) -> AgentRecord:

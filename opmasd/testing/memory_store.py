@@ -12,7 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
-from opmasd.core.errors import StoreError
+from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
 
 
@@ -24,6 +24,9 @@ class MemoryStore:
         self._closed = False
         # Set by a test to make every call raise it: a database that went away.
         self.failure: StoreError | None = None
+        # Set by a test: rows of these agents are refused (StoreRejected), as a database refuses
+        # a value too long; the whole batch they are in fails, as in one transaction.
+        self.refuse: set[str] = set()
 
     def load_agents(self) -> list[AgentRecord]:
         self._check("load agents")
@@ -45,6 +48,9 @@ class MemoryStore:
 
     def write_batch(self, records: Sequence[AgentRecord], transitions: Sequence[Transition]) -> None:
         self._check(f"write {len(records)} agents and {len(transitions)} transitions")
+        refused = sorted({r.agent_id for r in records} & self.refuse)
+        if refused:
+            raise StoreRejected(f"write failed: the row of {refused[0]} is refused")
         for record in records:
             self._agents[record.agent_id] = copy.deepcopy(record)
         for transition in transitions:

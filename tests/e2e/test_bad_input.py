@@ -327,3 +327,23 @@ def test_a_failing_start_reports_why(box: Sandbox, stub: AgentServiceStub) -> No
         assert box.agent_pids("vanishing") == []
     finally:
         stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="vanishing"), timeout=10)
+
+
+def test_values_too_long_for_the_store_are_refused_alike_on_both_stores_and_hang_nothing(
+    make_sandbox: Callable[..., Sandbox], backend: str
+) -> None:
+    box = make_sandbox(f"bounded-{backend}", backend=backend)
+    box.start()
+    for field, value in (
+        ("type", "t" * 300),
+        ("version", "v" * 300),
+        ("description", "d" * 5000),
+        ("type", "a\0b"),
+    ):
+        spec = pb.AgentSpec(name="bounded", command=sleeper(), **{field: value})
+        request = pb.CreateAgentRequest(agent_id="bounded", spec=spec)
+        error = call_error(lambda request=request: box.stub.CreateAgent(request, timeout=5))
+        assert error.code == grpc.StatusCode.INVALID_ARGUMENT and error.fields == [f"spec.{field}"], error
+    # Nothing was poisoned: the next change is answered at once, and stored.
+    create(box.stub, "after", sleeper())
+    assert box.sql("SELECT agent_id FROM agents") == [("after",)]

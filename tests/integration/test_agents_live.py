@@ -403,7 +403,12 @@ async def test_an_agent_outlives_a_nats_outage(agents: list[AgentProcess], tmp_p
 async def test_sigterm_before_nats_is_reachable_exits_0(agents: list[AgentProcess], tmp_path: Path) -> None:
     agent = AgentProcess("device-liveness", "lonely", f"nats://127.0.0.1:{free_port()}", tmp_path)
     agents.append(agent)
-    await asyncio.sleep(0.7)
+    # Once it runs (its signal handlers are in place), not after a fixed time: a loaded
+    # machine can take longer than that to import the agent.
+    async with asyncio.timeout(15):
+        while '"agent running"' not in agent.output():
+            await asyncio.sleep(0.05)
+    await asyncio.sleep(0.3)
     code, took = await agent.terminate()
     assert code == 0 and took < 3.0, agent.output()
 

@@ -23,7 +23,7 @@ import peewee
 import psycopg2  # type: ignore[import-untyped]
 import pytest
 
-from opmasd.core.errors import StoreError
+from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import (
     AgentRecord,
     AgentSource,
@@ -622,3 +622,28 @@ def test_postgres_url_spellings(scheme: str) -> None:
 def test_unreachable_postgres_is_a_store_error() -> None:
     with pytest.raises(StoreError, match=r"open and migrate the database failed \(postgresql://"):
         SqlStore.open("postgresql://opmas:pw@127.0.0.1:1/opmas?connect_timeout=2")
+
+
+def test_a_row_the_database_refuses_is_a_store_rejection_not_a_driver_error(
+    backend: Backend, open_store: Callable[[str], SqlStore]
+) -> None:
+    """write_batch runs on the raw cursor: its driver errors must still become the store's."""
+    store = open_store(backend.url)
+    store.write_batch([minimal_record("fine")], [])
+    orphan = transition("no-such-agent", 1)  # its agent has no row: a foreign-key violation
+    with pytest.raises(StoreRejected):
+        store.write_batch([], [orphan])
+    if backend.name == "postgres":
+        too_long = dataclasses.replace(
+            minimal_record("long"), spec=AgentSpec(name="x", command=("a",), type="t" * 300)
+        )
+        with pytest.raises(StoreRejected):
+            store.write_batch([too_long], [])
+        nul = dataclasses.replace(
+            minimal_record("nul"), spec=AgentSpec(name="x", command=("a",), type="a\x00b")
+        )
+        with pytest.raises(StoreRejected):
+            store.write_batch([nul], [])
+    # The store is fine afterwards: the refused batches left nothing behind.
+    store.write_batch([minimal_record("after")], [transition("after", 1)])
+    assert {r.agent_id for r in store.load_agents()} == {"fine", "after"}

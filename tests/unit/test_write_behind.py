@@ -1,0 +1,89 @@
+"""The write-behind path: a row the store refuses is dropped alone, its caller told why, and
+nothing behind it waits; a driver error never leaves a waiter hanging."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+
+from opmasd.core.errors import InvalidArgument, NotFound, StoreRejected
+from opmasd.core.model import AgentRecord, AgentSpec, AgentState, Transition
+from opmasd.manager import AgentManager, ManagerSettings
+from opmasd.manager.persistence import WriteBehind
+from opmasd.testing.fake_runtime import FakeRuntime
+from opmasd.testing.memory_store import MemoryStore
+
+
+def record(agent_id: str) -> AgentRecord:
+    return AgentRecord(agent_id=agent_id, spec=AgentSpec(name=agent_id, command=("sleep", "1")))
+
+
+async def test_a_refused_row_is_dropped_alone_and_its_waiter_told_why() -> None:
+    store = MemoryStore()
+    store.refuse = {"bad"}
+    writes = WriteBehind(store)
+    for agent_id in ("good-1", "bad", "good-2"):
+        rec = record(agent_id)
+        writes.write(rec, Transition(agent_id, AgentState.STOPPED, AgentState.STARTING, "x"))
+    waiting_bad = asyncio.ensure_future(writes.wait_flush_attempt("bad"))
+    waiting_good = asyncio.ensure_future(writes.wait_flush_attempt("good-1"))
+    async with asyncio.timeout(2):  # never hangs
+        with pytest.raises(StoreRejected, match="bad"):
+            await waiting_bad
+        await waiting_good
+    assert {r.agent_id for r in store.load_agents()} == {"good-1", "good-2"}
+    assert [t.state for t in store.transitions("good-2")] == [AgentState.STARTING]
+    assert writes.pending == 0 and not writes.failing
+    # What comes after is written at once, not held behind the refused row.
+    writes.write(record("later"), None)
+    async with asyncio.timeout(2):
+        await writes.wait_flush_attempt("later")
+    assert "later" in {r.agent_id for r in store.load_agents()}
+
+
+async def test_a_registration_the_store_refuses_is_an_error_and_leaves_nothing_behind() -> None:
+    store = MemoryStore()
+    store.refuse = {"refused"}
+    runtime = FakeRuntime()
+    manager = AgentManager(store, runtime, ManagerSettings(node="n1"))
+    await manager.start(discover=False)
+    try:
+        with pytest.raises(StoreRejected):
+            await manager.create_agent({"name": "refused", "command": ("sleep", "100")}, start=True)
+        with pytest.raises(NotFound):
+            manager.get_agent("refused")
+        assert runtime.processes == {}  # started, then stopped again when the store said no
+        ok = await manager.create_agent({"name": "fine", "command": ("sleep", "100")})
+        assert ok.agent_id == "fine" and "fine" in {r.agent_id for r in store.load_agents()}
+    finally:
+        await manager.stop(stop_agents=False)
+
+
+async def test_an_update_the_store_refuses_keeps_the_stored_spec() -> None:
+    store = MemoryStore()
+    manager = AgentManager(store, FakeRuntime(), ManagerSettings(node="n1"))
+    await manager.start(discover=False)
+    try:
+        await manager.create_agent({"name": "upd", "command": ("sleep", "100"), "description": "before"})
+        store.refuse = {"upd"}
+        with pytest.raises(StoreRejected):
+            await manager.update_agent("upd", {"description": "after"})
+        assert manager.get_agent("upd").spec.description == "before"
+    finally:
+        await manager.stop(stop_agents=False)
+
+
+@pytest.mark.parametrize(
+    ("field", "value"),
+    [("type", "t" * 65), ("version", "v" * 65), ("description", "d" * 1025), ("type", "a\x00b")],
+)
+async def test_bounded_fields_are_checked_before_the_store(field: str, value: str) -> None:
+    manager = AgentManager(MemoryStore(), FakeRuntime(), ManagerSettings(node="n1"))
+    await manager.start(discover=False)
+    try:
+        with pytest.raises(InvalidArgument) as raised:
+            await manager.create_agent({"name": "long", "command": ("sleep", "1"), field: value})
+        assert raised.value.violations[0].field == f"spec.{field}"
+    finally:
+        await manager.stop(stop_agents=False)
