@@ -6,6 +6,7 @@ bad field mask is an InvalidArgument naming the field); domain records become me
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 from datetime import datetime
 from typing import Any, TypeVar
@@ -265,8 +266,29 @@ def event_to_pb(event: AgentEvent) -> pb.AgentEvent:
     )
 
 
-def struct_to_dict(value: struct_pb2.Struct) -> dict[str, Any]:
+# Deeper than this, a value is not a command parameter but an attack on the recursion limit.
+MAX_PARAMS_DEPTH = 16
+
+
+def struct_to_dict(value: struct_pb2.Struct, field: str = "params") -> dict[str, Any]:
+    """Command parameters as plain values; non-finite numbers and deep nesting are a field
+    error (JSON has no NaN, and the agent must be able to read what it is sent)."""
+    _check_struct(value, field, 1)
     return json_format.MessageToDict(value)
+
+
+def _check_struct(value: struct_pb2.Struct | struct_pb2.ListValue, field: str, depth: int) -> None:
+    if depth > MAX_PARAMS_DEPTH:
+        raise InvalidArgument.single(field, f"is nested deeper than {MAX_PARAMS_DEPTH} levels")
+    items = value.fields.values() if isinstance(value, struct_pb2.Struct) else value.values
+    for item in items:
+        kind = item.WhichOneof("kind")
+        if kind == "number_value" and not math.isfinite(item.number_value):
+            raise InvalidArgument.single(field, f"holds {item.number_value}, which is not a finite number")
+        elif kind == "struct_value":
+            _check_struct(item.struct_value, field, depth + 1)
+        elif kind == "list_value":
+            _check_struct(item.list_value, field, depth + 1)
 
 
 def to_value(data: Any) -> struct_pb2.Value:

@@ -17,14 +17,14 @@ import os
 from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import cast
 
 import grpc
 import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from opmas.v1 import agents_pb2, agents_pb2_grpc
+from opmas.v1 import agents_pb2
+from opmasd.api.grpc_handlers import add_service
 from opmasd.api.grpc_servicer import AgentService
 from opmasd.api.local_calls import LocalChannel, LocalServer
 from opmasd.manager import AgentManager
@@ -61,11 +61,11 @@ class GrpcServer:
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
         servicer = AgentService(manager, self.stopping)
-        agents_pb2_grpc.add_AgentServiceServicer_to_server(servicer, self._server)
+        service = agents_pb2.DESCRIPTOR.services_by_name["AgentService"]
+        add_service(self._server, service, servicer)
         # The same servicer behind the same interceptors, for in-process callers (REST).
         self._local = LocalServer(interceptors)
-        # Generated code only calls the two registration methods LocalServer has.
-        agents_pb2_grpc.add_AgentServiceServicer_to_server(servicer, cast(grpc.aio.Server, self._local))
+        add_service(self._local, service, servicer)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(

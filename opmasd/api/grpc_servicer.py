@@ -18,6 +18,7 @@ from opmas.v1 import agents_pb2 as pb
 from opmas.v1 import agents_pb2_grpc
 from opmasd.api import convert, paging
 from opmasd.api.errors import is_known, to_grpc_status
+from opmasd.api.grpc_handlers import Undecodable
 from opmasd.api.wire_cache import AgentWireCache
 from opmasd.core.errors import InvalidArgument
 from opmasd.core.ids import check_agent_id
@@ -37,12 +38,18 @@ async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: 
     await context.abort_with_status(to_grpc_status(exc))
 
 
+def _refuse_undecodable(request: object) -> None:
+    if isinstance(request, Undecodable):
+        raise InvalidArgument.single("request", f"is not a valid message of its type: {request.reason}")
+
+
 def unary(
     fn: Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]],
 ) -> Callable[[Any, Req, grpc.aio.ServicerContext[Any, Any]], Awaitable[Resp]]:
     @functools.wraps(fn)
     async def wrapper(self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]) -> Resp:
         try:
+            _refuse_undecodable(request)
             return await fn(self, request, context)
         except Exception as exc:  # CancelledError is not one: a cancelled call stays cancelled
             await _abort(context, fn.__name__, exc)
@@ -59,6 +66,7 @@ def streaming(
         self: Any, request: Req, context: grpc.aio.ServicerContext[Any, Any]
     ) -> AsyncIterator[Resp]:
         try:
+            _refuse_undecodable(request)
             async for item in fn(self, request, context):
                 yield item
         except Exception as exc:

@@ -8,6 +8,7 @@ log can fix the sender. Unknown extra fields are ignored: senders may add their 
 from __future__ import annotations
 
 import json
+import math
 import re
 from collections.abc import Mapping
 from dataclasses import dataclass, field
@@ -111,6 +112,21 @@ def _reject_constant(name: str) -> float:
     raise ValueError(f"{name} is not valid JSON")
 
 
+def _int64(text: str) -> int:
+    # Beyond 64 bits a number cannot go into the API's messages (int64, or a Struct's double).
+    value = int(text)
+    if not -(2**63) <= value < 2**64:
+        raise ValueError(f"integer {text[:24]}... out of range")
+    return value
+
+
+def _finite(text: str) -> float:
+    value = float(text)
+    if not math.isfinite(value):
+        raise ValueError(f"number {text[:24]} out of range")
+    return value
+
+
 def load_object(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     """The JSON object in data, size-checked before parsing."""
     if len(data) > limit:
@@ -118,7 +134,7 @@ def load_object(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
     if not data.strip():
         raise MalformedMessage("not JSON: empty message")
     try:
-        value = json.loads(data, parse_constant=_reject_constant)
+        value = json.loads(data, parse_constant=_reject_constant, parse_int=_int64, parse_float=_finite)
     except (ValueError, UnicodeDecodeError, RecursionError) as exc:
         detail = str(exc).splitlines()[0][:120] if str(exc) else type(exc).__name__
         raise MalformedMessage(f"not JSON: {detail}") from None

@@ -9,8 +9,10 @@ callbacks and are handled at once.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import os
-from collections.abc import Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Mapping
+from dataclasses import dataclass, field
 from datetime import timedelta
 
 import structlog
@@ -26,6 +28,13 @@ from opmasd.manager.values import OperationResult
 from opmasd.runtime.base import Runtime
 
 log = structlog.get_logger(__name__)
+
+
+@dataclass
+class _AgentLock:
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    # Tasks holding or waiting for it.
+    users: int = 0
 
 
 class Supervisor:
@@ -46,7 +55,7 @@ class Supervisor:
         self._tasks = tasks
         self._agent_environment = agent_environment
         self._base_env = agent_base_environment(os.environ)
-        self._locks: dict[str, asyncio.Lock] = {}
+        self._locks: dict[str, _AgentLock] = {}
         self._restart_timers: dict[str, asyncio.Task[None]] = {}
         # An exit that arrived while its launch was still being recorded.
         self._early_exits: dict[str, tuple[ProcessHandle, ExitInfo]] = {}
@@ -58,11 +67,21 @@ class Supervisor:
         self.restarts_after_inactive = 0
         runtime.set_exit_handler(self._on_exit)
 
-    def lock(self, agent_id: str) -> asyncio.Lock:
-        lock = self._locks.get(agent_id)
-        if lock is None:
-            lock = self._locks[agent_id] = asyncio.Lock()
-        return lock
+    @contextlib.asynccontextmanager
+    async def lock(self, agent_id: str) -> AsyncIterator[None]:
+        """Hold the agent's lock. A lock lives only while someone holds or awaits it, so that
+        requests for ids that do not exist leave nothing behind."""
+        entry = self._locks.get(agent_id)
+        if entry is None:
+            entry = self._locks[agent_id] = _AgentLock()
+        entry.users += 1
+        try:
+            async with entry.lock:
+                yield
+        finally:
+            entry.users -= 1
+            if entry.users == 0:
+                del self._locks[agent_id]
 
     # -- operations; callers hold lock(agent_id) --------------------------------------------
 

@@ -4,6 +4,7 @@ in google.rpc.BadRequest; repeated operations answer sensibly instead of failing
 from __future__ import annotations
 
 import functools
+import struct
 from collections.abc import Callable, Iterator
 from typing import Any
 
@@ -347,3 +348,54 @@ def test_values_too_long_for_the_store_are_refused_alike_on_both_stores_and_hang
     # Nothing was poisoned: the next change is answered at once, and stored.
     create(box.stub, "after", sleeper())
     assert box.sql("SELECT agent_id FROM agents") == [("after",)]
+
+
+@pytest.mark.parametrize(
+    "payload",
+    [
+        b"\x0a\xff\xff\xff\xff\x0f",  # a length past the end
+        b"\x0a\x02\xff\xfe",  # agent_id that is not UTF-8
+        b"\xff",  # not a tag at all
+    ],
+)
+def test_a_request_that_cannot_be_decoded_is_invalid_argument_not_unknown(
+    box: Sandbox, payload: bytes
+) -> None:
+    channel = box.daemon.channel()
+    call = channel.unary_unary(
+        "/opmas.v1.AgentService/GetAgent", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        call(payload, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value
+    assert "not a valid message" in (raised.value.details() or "")
+
+
+def _varint(value: int) -> bytes:
+    out = bytearray()
+    while True:
+        byte, value = value & 0x7F, value >> 7
+        out.append(byte | (0x80 if value else 0))
+        if not value:
+            return bytes(out)
+
+
+def _field(number: int, payload: bytes) -> bytes:
+    return _varint(number << 3 | 2) + _varint(len(payload)) + payload
+
+
+def test_params_nested_past_protobufs_limit_are_invalid_argument(box: Sandbox) -> None:
+    # Built by hand: the Python protobuf library refuses to build a Struct this deep itself.
+    value = b"\x11" + struct.pack("<d", 1.0)  # Value.number_value
+    params = b""
+    for _ in range(120):
+        params = _field(1, _field(1, b"a") + _field(2, value))  # Struct.fields["a"] = value
+        value = _field(5, params)  # Value.struct_value
+    request = _field(1, b"nobody") + _field(2, b"ping") + _field(3, params)
+    channel = box.daemon.channel()
+    call = channel.unary_unary(
+        "/opmas.v1.AgentService/SendCommand", request_serializer=None, response_deserializer=None
+    )
+    with pytest.raises(grpc.RpcError) as raised:
+        call(request, timeout=5)
+    assert raised.value.code() == grpc.StatusCode.INVALID_ARGUMENT, raised.value

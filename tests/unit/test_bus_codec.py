@@ -181,3 +181,11 @@ def test_burst_log_logs_first_then_one_summary() -> None:
         ("malformed message (repeated)", "agent.status"),
     ]
     assert logs[2]["more"] == 999 and logs[2]["last_reason"] == "reason 999"
+
+
+@pytest.mark.parametrize("number", [b"1e400", b"-1e400", b"9" * 40, b"-" + b"9" * 40])
+def test_numbers_no_api_message_can_hold_are_malformed(number: bytes) -> None:
+    # An agent's metrics end up in a Struct (a double) and in int64 fields: refused at intake,
+    # they cannot break GetAgentMetrics later.
+    with pytest.raises(codec.MalformedMessage, match="out of range"):
+        codec.decode_metrics(b'{"agent_id": "a1", "metrics": {"x": ' + number + b"}}")

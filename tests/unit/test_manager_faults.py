@@ -1,5 +1,5 @@
-"""The write-behind path: a row the store refuses is dropped alone, its caller told why, and
-nothing behind it waits; a driver error never leaves a waiter hanging."""
+"""Faults the manager must survive: a row the store refuses is dropped alone (its caller told why,
+nothing behind it waiting), and requests for ids that do not exist leave nothing behind."""
 
 from __future__ import annotations
 
@@ -85,5 +85,19 @@ async def test_bounded_fields_are_checked_before_the_store(field: str, value: st
         with pytest.raises(InvalidArgument) as raised:
             await manager.create_agent({"name": "long", "command": ("sleep", "1"), field: value})
         assert raised.value.violations[0].field == f"spec.{field}"
+    finally:
+        await manager.stop(stop_agents=False)
+
+
+async def test_requests_for_unknown_ids_leave_no_lock_behind() -> None:
+    manager = AgentManager(MemoryStore(), FakeRuntime(), ManagerSettings(node="n1"))
+    await manager.start(discover=False)
+    try:
+        for n in range(200):
+            with pytest.raises(NotFound):
+                await manager.start_agent(f"ghost-{n}")
+            with pytest.raises(NotFound):
+                await manager.delete_agent(f"ghost-{n}")
+        assert manager._supervisor._locks == {}
     finally:
         await manager.stop(stop_agents=False)
