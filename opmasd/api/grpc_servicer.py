@@ -30,6 +30,8 @@ Req = TypeVar("Req")
 Resp = TypeVar("Resp")
 DEFAULT_PAGE_SIZE = 1000
 MAX_PAGE_SIZE = 1000
+# Below gRPC's default 4 MiB receive limit, with room for the rest of the message.
+MAX_PAGE_BYTES = 3 * 1024 * 1024
 
 
 async def _abort(context: grpc.aio.ServicerContext[Any, Any], method: str, exc: Exception) -> None:
@@ -129,11 +131,14 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         if request.page_token:
             after = paging.decode_page_token(request.page_token)
             records = [rec for rec in records if rec.agent_id > after]
-        page = records[:page_size]
-        token = paging.encode_page_token(page[-1].agent_id) if len(records) > page_size else ""
         if len(self._wire_cache) > 2 * total + 100:
             self._wire_cache.forget_missing({rec.agent_id for rec in self._manager.list_agents()})
-        return self._wire_cache.list_response(page, token, total)
+        # A page also ends before it outgrows what an ordinary client takes (4 MiB by default).
+        response, taken = self._wire_cache.list_page(records[:page_size], MAX_PAGE_BYTES)
+        if len(records) > taken:
+            response.next_page_token = paging.encode_page_token(records[taken - 1].agent_id)
+        response.total_size = total
+        return response
 
     @unary
     async def CreateAgent(self, request: pb.CreateAgentRequest, context: Any) -> pb.Agent:

@@ -13,7 +13,7 @@ message convert.agent_to_pb would have built.
 
 from __future__ import annotations
 
-from collections.abc import Iterable
+from collections.abc import Sequence
 from datetime import datetime
 
 from opmas.v1 import agents_pb2 as pb
@@ -55,18 +55,23 @@ class AgentWireCache:
             data += pb.Agent(status=pb.AgentStatus(uptime=convert.duration(uptime))).SerializeToString()
         return data
 
-    def list_response(
-        self, records: Iterable[AgentRecord], next_page_token: str, total_size: int
-    ) -> pb.ListAgentsResponse:
+    def list_page(self, records: Sequence[AgentRecord], max_bytes: int) -> tuple[pb.ListAgentsResponse, int]:
+        """A response with the first records that fit in max_bytes (at least one), and how many
+        those are: the caller pages on from there."""
         now = utcnow()
         parts: list[bytes] = []
+        size = 0
+        taken = 0
         for rec in records:
             data = self.agent_bytes(rec, now)
-            parts += (_AGENTS_TAG, _varint(len(data)), data)
-        response = pb.ListAgentsResponse.FromString(b"".join(parts))
-        response.next_page_token = next_page_token
-        response.total_size = total_size
-        return response
+            entry = (_AGENTS_TAG, _varint(len(data)), data)
+            entry_size = sum(len(part) for part in entry)
+            if taken and size + entry_size > max_bytes:
+                break
+            parts += entry
+            size += entry_size
+            taken += 1
+        return pb.ListAgentsResponse.FromString(b"".join(parts)), taken
 
     def __len__(self) -> int:
         return len(self._entries)

@@ -6,6 +6,7 @@ operator fixes a manifest or a request in one go.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -16,6 +17,13 @@ from opmasd.core.model import AgentSpec
 
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LENGTH = 128
+MAX_ARGUMENTS = 1024
+MAX_ARGUMENT_LENGTH = 8192
+MAX_ENVIRONMENT = 512
+MAX_ENV_NAME_LENGTH = 256
+MAX_ENV_VALUE_LENGTH = 32 * 1024
+MAX_PATH_LENGTH = 4096
+MAX_SPEC_BYTES = 128 * 1024
 # type and version are labels (the type is a column of its own); a description is prose.
 MAX_LABEL_LENGTH = 64
 MAX_DESCRIPTION_LENGTH = 1024
@@ -61,7 +69,8 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
     out: list[FieldViolation] = []
 
     def bad(field: str, description: str) -> None:
-        out.append(FieldViolation(prefix + field, description))
+        # An empty field is the spec as a whole.
+        out.append(FieldViolation(prefix + field if field else prefix.rstrip(".") or "spec", description))
 
     if not spec.name.strip():
         bad("name", "must not be empty")
@@ -98,6 +107,25 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
         else:
             bad("command", f"program {program!r} does not exist or is not executable")
 
+    if len(spec.command) > MAX_ARGUMENTS:
+        bad("command", f"has {len(spec.command)} arguments; at most {MAX_ARGUMENTS}")
+    elif any(len(arg) > MAX_ARGUMENT_LENGTH for arg in spec.command):
+        bad("command", f"an argument is over {MAX_ARGUMENT_LENGTH} characters")
+    if len(spec.environment) > MAX_ENVIRONMENT:
+        bad("environment", f"has {len(spec.environment)} variables; at most {MAX_ENVIRONMENT}")
+    elif any(len(k) > MAX_ENV_NAME_LENGTH or len(v) > MAX_ENV_VALUE_LENGTH for k, v in spec.environment):
+        bad(
+            "environment",
+            f"names are at most {MAX_ENV_NAME_LENGTH} and values {MAX_ENV_VALUE_LENGTH} characters",
+        )
+    if len(spec.working_directory) > MAX_PATH_LENGTH:
+        bad("working_directory", f"must be at most {MAX_PATH_LENGTH} characters")
+    if not out:
+        # The whole spec too, so that a page of ListAgents (pages are byte-bounded as well)
+        # and every stored row stay small whatever the mix of fields.
+        size = len(json.dumps(spec.to_dict()))
+        if size > MAX_SPEC_BYTES:
+            bad("", f"the spec is {size} bytes as JSON; at most {MAX_SPEC_BYTES}")
     if any("\0" in arg for arg in spec.command[1:]):
         bad("command", "arguments must not contain NUL characters")
     for key, value in spec.environment:

@@ -101,3 +101,26 @@ async def test_requests_for_unknown_ids_leave_no_lock_behind() -> None:
         assert manager._supervisor._locks == {}
     finally:
         await manager.stop(stop_agents=False)
+
+
+@pytest.mark.parametrize(
+    ("fields", "field"),
+    [
+        ({"command": ("sleep",) + ("1",) * 2000}, "spec.command"),
+        ({"command": ("sleep", "x" * 9000)}, "spec.command"),
+        ({"environment": {f"K{n}": "v" for n in range(600)}}, "spec.environment"),
+        ({"environment": {"K": "v" * 40_000}}, "spec.environment"),
+        ({"environment": {f"K{n}": "v" * 30_000 for n in range(5)}}, "spec"),
+    ],
+)
+async def test_specs_have_bounded_sizes(fields: dict[str, object], field: str) -> None:
+    manager = AgentManager(MemoryStore(), FakeRuntime(), ManagerSettings(node="n1"))
+    await manager.start(discover=False)
+    try:
+        with pytest.raises(InvalidArgument) as raised:
+            await manager.create_agent({"name": "big", "command": ("sleep", "1"), **fields})
+        assert raised.value.violations[0].field == field, raised.value.violations
+        with pytest.raises(NotFound):
+            manager.get_agent("big")
+    finally:
+        await manager.stop(stop_agents=False)

@@ -27,8 +27,8 @@ def record(agent_id: str, running: bool = True) -> AgentRecord:
 def test_cached_list_equals_direct_conversion() -> None:
     cache = AgentWireCache()
     records = [record("a"), record("b", running=False), record("c" * 60)]
-    listed = cache.list_response(records, "tok", 7)
-    assert listed.next_page_token == "tok" and listed.total_size == 7
+    listed, taken = cache.list_page(records, 4 << 20)
+    assert taken == 3
     for got, rec in zip(listed.agents, records, strict=True):
         want = convert.agent_to_pb(rec)
         # Uptime is taken at each call: compare it apart, to the second.
@@ -43,20 +43,29 @@ def test_cached_list_equals_direct_conversion() -> None:
 def test_a_changed_record_is_encoded_anew() -> None:
     cache = AgentWireCache()
     rec = record("a")
-    cache.list_response([rec], "", 1)
+    cache.list_page([rec], 4 << 20)[0]
     changed = replace(rec, state=AgentState.INACTIVE, updated_at=utcnow() + timedelta(seconds=1))
-    assert cache.list_response([changed], "", 1).agents[0].status.state == convert.state_to_pb(
+    assert cache.list_page([changed], 4 << 20)[0].agents[0].status.state == convert.state_to_pb(
         AgentState.INACTIVE
     )
     beat = replace(changed, last_heartbeat=utcnow())
-    assert cache.list_response([beat], "", 1).agents[0].status.HasField("last_heartbeat_time")
+    assert cache.list_page([beat], 4 << 20)[0].agents[0].status.HasField("last_heartbeat_time")
 
 
 def test_uptime_is_current_at_each_call() -> None:
     cache = AgentWireCache()
     rec = record("a")
-    first = cache.list_response([rec], "", 1).agents[0].status.uptime.seconds
+    first = cache.list_page([rec], 4 << 20)[0].agents[0].status.uptime.seconds
     assert 89 <= first <= 91
     older = replace(rec, started_at=rec.started_at - timedelta(seconds=100))  # type: ignore[operator]
     older.updated_at = rec.updated_at  # same cache key: only uptime differs
-    assert cache.list_response([older], "", 1).agents[0].status.uptime.seconds >= 189
+    assert cache.list_page([older], 4 << 20)[0].agents[0].status.uptime.seconds >= 189
+
+
+def test_a_page_ends_before_it_outgrows_its_byte_budget() -> None:
+    cache = AgentWireCache()
+    records = [record(f"agent-{n}") for n in range(50)]
+    one = len(cache.list_page(records[:1], 4 << 20)[0].SerializeToString())
+    page, taken = cache.list_page(records, 10 * one)
+    assert 9 <= taken <= 10 and len(page.SerializeToString()) <= 10 * one
+    assert cache.list_page(records, 1)[1] == 1  # never empty: one agent always goes
