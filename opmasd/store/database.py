@@ -119,6 +119,14 @@ def _postgres_database(url: str, pool_size: int) -> peewee.PostgresqlDatabase:
     # libpq waits forever for an unreachable host by default; a daemon should report it.
     params.setdefault("connect_timeout", 10)
     params.setdefault("application_name", "opmasd")
+    # Every wait bounded: a server that stops answering (frozen, or cut off by a firewall) is
+    # noticed by TCP keepalives within ~25 s, and no statement runs longer than 10 s.
+    params.setdefault("keepalives", 1)
+    params.setdefault("keepalives_idle", 10)
+    params.setdefault("keepalives_interval", 5)
+    params.setdefault("keepalives_count", 3)
+    if "statement_timeout" not in params.get("options", ""):
+        params["options"] = f"{params.get('options', '')} -c statement_timeout=10000".strip()
     # playhouse.pool has no type annotations.
     database: peewee.PostgresqlDatabase = PooledPostgresqlDatabase(  # type: ignore[no-untyped-call]
         dbname,

@@ -616,7 +616,12 @@ def test_postgres_url_spellings(scheme: str) -> None:
         6432,
     )
     assert params["sslmode"] == "require"
-    assert params["options"] == "-c search_path=s1"
+    assert params["options"] == "-c search_path=s1 -c statement_timeout=10000"
+    # Every wait bounded, unless the URL says otherwise.
+    assert (params["connect_timeout"], params["keepalives"], params["keepalives_idle"]) == (10, 1, 10)
+    own = database_from_url("postgresql://u@h/db?options=-c%20statement_timeout%3D500&keepalives_idle=3")
+    assert own.connect_params["options"] == "-c statement_timeout=500"
+    assert own.connect_params["keepalives_idle"] == "3"
 
 
 def test_unreachable_postgres_is_a_store_error() -> None:
