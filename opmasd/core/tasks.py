@@ -22,14 +22,23 @@ class TaskOwner:
         self._tasks: set[asyncio.Task[Any]] = set()
         self._closed = False
 
-    def spawn(self, coro: Coroutine[Any, Any, Any], name: str) -> asyncio.Task[Any]:
+    @property
+    def closed(self) -> bool:
+        return self._closed
+
+    def spawn(self, coro: Coroutine[Any, Any, Any], name: str, *, awaited: bool = False) -> asyncio.Task[Any]:
+        """Run coro in a task of this owner. awaited: someone awaits its result and gets its
+        error, so a failure is not logged as a background task's."""
         if self._closed:
             coro.close()
             raise RuntimeError(f"{self._name} is stopped; cannot start {name}")
         task = asyncio.create_task(coro, name=f"{self._name}:{name}")
         self._tasks.add(task)
-        task.add_done_callback(self._finished)
+        task.add_done_callback(self._forget if awaited else self._finished)
         return task
+
+    def _forget(self, task: asyncio.Task[Any]) -> None:
+        self._tasks.discard(task)
 
     def _finished(self, task: asyncio.Task[Any]) -> None:
         self._tasks.discard(task)

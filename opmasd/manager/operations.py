@@ -10,9 +10,10 @@ judging and the metrics cache, and the periodic jobs that drive them.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator, Mapping, Sequence
+import functools
+from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -56,6 +57,39 @@ DEFAULT_TAIL_LINES = 100
 MAX_TAIL_LINES = 100_000
 DEFAULT_COMMAND_TIMEOUT = 5.0
 MAX_COMMAND_TIMEOUT = 300.0
+
+
+Op = TypeVar("Op")
+
+
+def _finishes(method: Callable[..., Coroutine[Any, Any, Op]]) -> Callable[..., Coroutine[Any, Any, Op]]:
+    """Once accepted, the operation runs to its end in a task the manager owns: the caller's
+    cancellation (a client's deadline, a dropped connection, Ctrl-C) only stops the caller
+    waiting, never a stop half-way through. Its result is in the agent's state and events."""
+
+    @functools.wraps(method)
+    async def run(self: AgentManager, *args: Any, **kwargs: Any) -> Op:
+        if self._tasks.closed:
+            raise Unavailable("opmasd is shutting down")
+        task = self._tasks.spawn(method(self, *args, **kwargs), method.__name__, awaited=True)
+        try:
+            return await asyncio.shield(task)
+        except asyncio.CancelledError:
+            task.add_done_callback(_report_unattended)
+            raise
+
+    return run
+
+
+def _report_unattended(task: asyncio.Task[Any]) -> None:
+    """The outcome of an operation whose caller left before it ended, for the log."""
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is None:
+        log.info("operation finished after its caller left", operation=task.get_name())
+    else:
+        log.warning("operation failed after its caller left", operation=task.get_name(), error=str(error))
 
 
 class AgentManager:
@@ -239,6 +273,7 @@ class AgentManager:
 
     # -- operations -----------------------------------------------------------------------------
 
+    @_finishes
     async def start_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
@@ -246,6 +281,7 @@ class AgentManager:
         await self._writes.wait_flush_attempt(agent_id)
         return result
 
+    @_finishes
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
         if timeout is not None and timeout < 0:
             raise InvalidArgument.single("timeout", f"must not be negative, got {timeout:g}s")
@@ -255,6 +291,7 @@ class AgentManager:
         await self._writes.wait_flush_attempt(agent_id)
         return result
 
+    @_finishes
     async def restart_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
@@ -295,6 +332,7 @@ class AgentManager:
             stop_timeout=self.settings.default_stop_timeout,
         )
 
+    @_finishes
     async def create_agent(
         self, fields: Mapping[str, Any], agent_id: str = "", start: bool = False
     ) -> AgentRecord:
@@ -305,6 +343,7 @@ class AgentManager:
         check_agent_id(agent_id)
         return await self._register(agent_id, spec, AgentSource.REGISTERED, "", start or spec.autostart)
 
+    @_finishes
     async def create_agent_from_manifest(
         self, path: str, agent_id: str = "", start: bool = False
     ) -> AgentRecord:
@@ -359,6 +398,7 @@ class AgentManager:
             self._registry.restore(rec.agent_id, existing)
         log.error("agent registration undone: the store refused it", agent_id=rec.agent_id)
 
+    @_finishes
     async def update_agent(self, agent_id: str, fields: Mapping[str, Any]) -> AgentRecord:
         if not fields:
             raise InvalidArgument.single("update_mask", "names no field to change")
@@ -378,6 +418,7 @@ class AgentManager:
             raise
         return rec
 
+    @_finishes
     async def delete_agent(self, agent_id: str) -> OperationResult:
         """Stop and remove the agent; changed is False when it was already deleted."""
         check_agent_id(agent_id)

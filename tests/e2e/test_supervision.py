@@ -10,6 +10,7 @@ import sys
 import time
 from collections.abc import Callable, Iterator
 
+import grpc
 import pytest
 from google.protobuf import duration_pb2
 
@@ -406,3 +407,29 @@ def test_pid_reused_by_another_process_is_not_adopted_nor_killed(
         decoy.kill()
         decoy.wait()
         kill_pid(old)
+
+
+# -- an accepted operation finishes, whatever its caller does --------------------------------------
+
+
+def test_a_stop_whose_client_gives_up_still_ends_in_stopped(box: Sandbox, stub: AgentServiceStub) -> None:
+    """A client deadline cancels the call, never the stop: SIGKILL still comes after the agent's
+    stop_timeout, the agent ends stopped, and a start afterwards runs exactly one process."""
+    create(stub, "gives-up", STUBBORN, start=True, stop_timeout=duration_pb2.Duration(seconds=3))
+    pid = status(stub, "gives-up").pid
+    # Its children exist once it ignores SIGTERM.
+    wait_for(lambda: len(box.processes(AGENT_ID="gives-up")) == 3, 10, what="the agent and its children")
+    with pytest.raises(grpc.RpcError) as raised:
+        stub.StopAgent(pb.StopAgentRequest(agent_id="gives-up"), timeout=0.5)
+    assert raised.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    stopped = wait_state(stub, "gives-up", STOPPED, timeout=15)
+    assert "SIGKILL" in stopped.state_reason, stopped.state_reason
+    assert not pid_alive(pid)
+    started = stub.StartAgent(pb.StartAgentRequest(agent_id="gives-up"), timeout=10)
+    assert started.changed and started.status.pid not in (0, pid)
+    # The agent and its two children, once: nothing of the first run was left behind.
+    wait_for(lambda: len(box.processes(AGENT_ID="gives-up")) == 3, 10, what="one agent, two children")
+    time.sleep(0.3)
+    assert len(box.processes(AGENT_ID="gives-up")) == 3
+    stub.StopAgent(pb.StopAgentRequest(agent_id="gives-up"), timeout=20)
+    stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="gives-up"), timeout=20)
