@@ -64,7 +64,7 @@ def redact_url(url: str) -> str:
     return urlunsplit(parts._replace(netloc=f"{parts.username or ''}:{REDACTED}@{host}"))
 
 
-def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
+def _seconds(environ: Mapping[str, str], name: str, default: float, *, allow_zero: bool = False) -> float:
     raw = environ.get(name, "").strip()
     if not raw:
         return default
@@ -72,8 +72,9 @@ def _seconds(environ: Mapping[str, str], name: str, default: float) -> float:
         value = float(raw.removesuffix("s"))
     except ValueError:
         raise ConfigError(f"{name}={raw!r}: not a number of seconds") from None
-    if not math.isfinite(value) or value <= 0:
-        raise ConfigError(f"{name}={raw!r}: must be a positive number of seconds")
+    if not math.isfinite(value) or value < 0 or (value == 0 and not allow_zero):
+        kind = "a number of seconds >= 0" if allow_zero else "a positive number of seconds"
+        raise ConfigError(f"{name}={raw!r}: must be {kind}")
     return value
 
 
@@ -135,7 +136,8 @@ class AgentContext:
             type=environ.get("AGENT_TYPE", "").strip() or "generic",
             version=environ.get("AGENT_VERSION", "").strip() or "0.0.0",
             heartbeat_interval=_seconds(environ, "AGENT_HEARTBEAT_INTERVAL", 30.0),
-            stop_timeout=_seconds(environ, "AGENT_STOP_TIMEOUT", 10.0),
+            # 0: opmasd SIGKILLs at once after SIGTERM (a stop_timeout of 0 is allowed).
+            stop_timeout=_seconds(environ, "AGENT_STOP_TIMEOUT", 10.0, allow_zero=True),
             nats_url=url,
             nats_user=environ.get("NATS_USER", ""),
             nats_password=environ.get("NATS_PASSWORD", ""),

@@ -32,6 +32,8 @@ def launch_request(
         AGENT_TYPE=spec.type,
         AGENT_VERSION=spec.version,
         AGENT_HEARTBEAT_INTERVAL=f"{spec.heartbeat_interval:g}",
+        # Seconds between SIGTERM and SIGKILL: the SDK plans its teardown within them.
+        AGENT_STOP_TIMEOUT=f"{spec.stop_timeout:g}",
         PYTHONUNBUFFERED="1",
     )
     return LaunchRequest(

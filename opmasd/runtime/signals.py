@@ -18,18 +18,19 @@ _DESCENDANT_WAIT = 1.0
 def signal_tree(
     leader_pidfd: int | None, pgid: int, sig: signal.Signals, family: list[psutil.Process]
 ) -> None:
-    """Signal the leader (by pidfd: no PID reuse race), its group and the given descendants.
+    """Signal the leader's group (the leader with it) and the descendants that left the group,
+    each process once: an agent's SDK takes a second SIGTERM as "stop now".
 
     leader_pidfd is None once the leader is gone: its pidfd is closed and its group swept, so
-    only the descendants are left to signal.
+    only the descendants are left to signal. While it is open the group id is the leader's own
+    (a session leader cannot leave its group, and we have not reaped it), so killpg cannot
+    reach a stranger's group.
     """
     if leader_pidfd is not None:
-        try:
-            signal.pidfd_send_signal(leader_pidfd, sig)
-        except ProcessLookupError:
-            pass  # already dead, not yet reported
         signal_group(pgid, sig)
     for proc in family:
+        if leader_pidfd is not None and _group_of(proc.pid) == pgid:
+            continue  # killpg reached it
         try:
             proc.send_signal(sig)  # psutil checks the PID still names the same process
         except psutil.NoSuchProcess:

@@ -9,6 +9,7 @@ import signal
 import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 
 import grpc
 import pytest
@@ -22,6 +23,7 @@ from .harness import (
     create,
     kill_pid,
     pid_alive,
+    proc_environ,
     proc_stat,
     python_agent,
     reap_orphans,
@@ -433,3 +435,56 @@ def test_a_stop_whose_client_gives_up_still_ends_in_stopped(box: Sandbox, stub: 
     assert len(box.processes(AGENT_ID="gives-up")) == 3
     stub.StopAgent(pb.StopAgentRequest(agent_id="gives-up"), timeout=20)
     stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="gives-up"), timeout=20)
+
+
+# Counts the SIGTERMs it and its child (in its group) receive, each into a file of its own; each
+# exits a while after its first (the child after 0.5 s, the leader after 2 s), so that a second
+# SIGTERM would still be counted. (Descendants that left the group: tests/unit/test_signals.py.)
+COUNTER = python_agent(
+    """
+    import os, signal, subprocess, sys, time
+    child = r'''
+    import os, signal, sys, time
+    seen = 0
+    def on_term(*_):
+        global seen
+        seen += 1
+        open(sys.argv[1], "w").write(str(seen))
+    signal.signal(signal.SIGTERM, on_term)
+    open(sys.argv[1], "w").write("0")
+    deadline = None
+    while True:
+        time.sleep(0.05)
+        if seen and deadline is None:
+            deadline = time.monotonic() + float(sys.argv[2])
+        if deadline and time.monotonic() > deadline:
+            sys.exit(0)
+    '''
+    folder = os.environ["COUNT_DIR"]
+    kid = subprocess.Popen([sys.executable, "-c", child, f"{folder}/in-group", "0.5"])
+    os.execv(sys.executable, [sys.executable, "-c", child, f"{folder}/leader", "2"])
+    """
+)
+
+
+def test_a_stop_sends_each_process_exactly_one_sigterm_and_the_stop_budget(
+    box: Sandbox, stub: AgentServiceStub, tmp_path: Path
+) -> None:
+    folder = tmp_path / "counts"
+    folder.mkdir()
+    create(
+        stub,
+        "counter",
+        COUNTER,
+        start=True,
+        environment={"COUNT_DIR": str(folder)},
+        stop_timeout=duration_pb2.Duration(seconds=7),
+    )
+    names = ("leader", "in-group")
+    wait_for(lambda: all((folder / n).exists() for n in names), 10, what="two processes counting")
+    leader = status(stub, "counter").pid
+    assert proc_environ(leader)["AGENT_STOP_TIMEOUT"] == "7"
+    stub.StopAgent(pb.StopAgentRequest(agent_id="counter"), timeout=20)
+    wait_for(lambda: not box.processes(AGENT_ID="counter"), 10, what="the agent's tree gone")
+    assert {n: (folder / n).read_text() for n in names} == dict.fromkeys(names, "1")
+    stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="counter"), timeout=20)
