@@ -2,11 +2,15 @@
 
 from __future__ import annotations
 
+import contextlib
 import http.client
 import json
 import socket
+from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
+
+from .harness import Sandbox, free_port, sandbox
 
 
 @dataclass
@@ -83,3 +87,23 @@ class Rest:
         if self._conn is not None:
             self._conn.close()
             self._conn = None
+
+
+def rest_env(port: int, **extra: str) -> dict[str, str]:
+    """A daemon's environment with REST on 127.0.0.1:port (the harness turns it off otherwise)."""
+    return {
+        "OPMAS_REST_ENABLED": "true",
+        "OPMAS_REST_ADDRESS": f"127.0.0.1:{port}",
+        "OPMAS_REST_MAX_BODY_BYTES": "64K",
+        **extra,
+    }
+
+
+@contextlib.contextmanager
+def rest_sandbox(name: str) -> Iterator[Sandbox]:
+    """A sandbox whose running daemon serves REST; its port is the sandbox's rest_port."""
+    port = free_port()
+    with sandbox(name, env=rest_env(port)) as box:
+        box.start()
+        box.rest_port = port  # type: ignore[attr-defined]
+        yield box

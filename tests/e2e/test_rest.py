@@ -15,8 +15,8 @@ from pathlib import Path
 
 import pytest
 
-from .harness import Sandbox, free_port, python_agent, sandbox, sleeper, wait_for
-from .rest_client import Rest
+from .harness import Sandbox, free_port, python_agent, sleeper, wait_for
+from .rest_client import Rest, rest_env, rest_sandbox
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -30,21 +30,9 @@ TICKER = python_agent(
 )
 
 
-def rest_env(port: int, **extra: str) -> dict[str, str]:
-    return {
-        "OPMAS_REST_ENABLED": "true",
-        "OPMAS_REST_ADDRESS": f"127.0.0.1:{port}",
-        "OPMAS_REST_MAX_BODY_BYTES": "64K",
-        **extra,
-    }
-
-
 @pytest.fixture(scope="module")
 def box() -> Iterator[Sandbox]:
-    port = free_port()
-    with sandbox("rest", env=rest_env(port)) as b:
-        b.start()
-        b.rest_port = port  # type: ignore[attr-defined]
+    with rest_sandbox("rest") as b:
         yield b
 
 

@@ -32,8 +32,8 @@ from prometheus_client.parser import text_string_to_metric_families
 from opmas.v1 import agents_pb2 as pb
 from opmasd.api.rest.rules import routes_of
 
-from .harness import Sandbox, call_error, free_port, sandbox, sleeper, wait_for
-from .rest_client import Reply, Rest
+from .harness import Sandbox, call_error, sleeper, wait_for
+from .rest_client import Reply, Rest, rest_sandbox
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -47,20 +47,9 @@ SCHEMATHESIS_TIMEOUT = 120
 SCHEMATHESIS = Path(sys.executable).with_name("schemathesis")
 
 
-def rest_env(port: int) -> dict[str, str]:
-    return {
-        "OPMAS_REST_ENABLED": "true",
-        "OPMAS_REST_ADDRESS": f"127.0.0.1:{port}",
-        "OPMAS_REST_MAX_BODY_BYTES": "64K",
-    }
-
-
 @pytest.fixture(scope="module")
 def box() -> Iterator[Sandbox]:
-    port = free_port()
-    with sandbox("rest-contract", env=rest_env(port)) as b:
-        b.start()
-        b.rest_port = port  # type: ignore[attr-defined]
+    with rest_sandbox("rest-contract") as b:
         yield b
 
 
