@@ -12,7 +12,9 @@ import asyncio
 import dataclasses
 import os
 import signal
+from collections.abc import Coroutine
 from pathlib import Path
+from typing import Any
 
 import structlog
 
@@ -72,6 +74,7 @@ class Daemon:
         self.notifier = Notifier()
         self.should_exit = asyncio.Event()
         self._force_exit = False
+        self._forced = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._tasks = TaskOwner("daemon")
         self._lock = InstanceLock(config.service.state_dir / "opmasd.lock")
@@ -222,35 +225,55 @@ class Daemon:
                 await self.reload()
 
     async def shutdown(self) -> None:
+        """Stop in reverse order. A second SIGTERM/SIGINT cuts the slow steps short (agents that
+        will not die are left running, to be re-adopted by the next opmasd): exit within ~2 s."""
         self.notifier.stopping()
         log.info("opmasd shutting down")
         await self._tasks.close()
         grace = 0 if self._force_exit else self.config.grpc.grace_period
         # HTTP first: its calls go through the gRPC server, which must still be there for them.
         if self._http is not None:
-            await self._http.stop()
+            await self._unless_forced(self._http.stop(), "HTTP server")
         if self._health is not None:
             await self._health.stop()
         if self._manager_service is not None:
-            await self._manager_service.stop(grace)
+            await self._unless_forced(self._manager_service.stop(grace), "NATS manager API")
         if self._grpc is not None:
-            await self._grpc.stop(grace)
+            await self._unless_forced(self._grpc.stop(grace), "gRPC server")
         if self.manager is not None:
-            await self.manager.stop(
-                stop_agents=self.config.service.stop_agents_on_shutdown and not self._force_exit
-            )
+            stop_agents = self.config.service.stop_agents_on_shutdown and not self._force_exit
+            if not await self._unless_forced(self.manager.stop(stop_agents=stop_agents), "agents' stop"):
+                # Cut short while agents were stopping: flush what is known and leave them be.
+                await self.manager.stop(stop_agents=False)
         if self._runtime is not None:
             await self._runtime.aclose()
         # NATS goes last but for the store: agents being stopped may still talk to it.
         if self._bus is not None:
-            await self._bus.close(timeout=0.5 if self._force_exit else 5.0)
+            await self._unless_forced(self._bus.close(timeout=0.5 if self._force_exit else 5.0), "NATS")
         if self._embedded_nats is not None:
-            await self._embedded_nats.stop()
+            await self._unless_forced(self._embedded_nats.stop(), "embedded NATS server")
         if self._store is not None:
             self._store.close()
         log.info("opmasd stopped")
         self.notifier.close()
         self._lock.release()
+
+    async def _unless_forced(self, step: Coroutine[Any, Any, Any], what: str) -> bool:
+        """Run a shutdown step; a second exit request (now or during it) cuts it short.
+        Whether it ran to its end."""
+        task = asyncio.ensure_future(step)
+        forced = asyncio.ensure_future(self._forced.wait())
+        try:
+            await asyncio.wait({task, forced}, return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            forced.cancel()
+        if task.done():
+            task.result()  # its error, if any, is the step's
+            return True
+        task.cancel()
+        await asyncio.gather(task, return_exceptions=True)
+        log.warning("shutdown step cut short by a second exit request", step=what)
+        return False
 
     async def reload(self) -> None:
         """SIGHUP: re-read the configuration, apply what can change live, rescan agents."""
@@ -299,6 +322,7 @@ class Daemon:
         if self.should_exit.is_set():
             log.warning("second exit request: stopping without waiting for agents", signal=why)
             self._force_exit = True
+            self._forced.set()
         else:
             log.info("exit requested", signal=why)
         self.should_exit.set()

@@ -488,3 +488,26 @@ def test_a_stop_sends_each_process_exactly_one_sigterm_and_the_stop_budget(
     wait_for(lambda: not box.processes(AGENT_ID="counter"), 10, what="the agent's tree gone")
     assert {n: (folder / n).read_text() for n in names} == dict.fromkeys(names, "1")
     stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="counter"), timeout=20)
+
+
+def test_a_second_sigterm_forces_the_exit_within_two_seconds(make_sandbox) -> None:  # type: ignore[no-untyped-def]
+    """Even with an agent that will not die: it is left running (a later opmasd re-adopts it)."""
+    box = make_sandbox("forced-exit")
+    box.start()
+    create(box.stub, "will-not-die", STUBBORN, start=True, stop_timeout=duration_pb2.Duration(seconds=60))
+    wait_for(lambda: len(box.processes(AGENT_ID="will-not-die")) == 3, 10, what="the agent and its children")
+    pid = status(box.stub, "will-not-die").pid
+    daemon = box.daemon
+    os.kill(daemon.pid, signal.SIGTERM)
+    time.sleep(0.5)  # the first stops the agents: this one would take a minute
+    assert daemon.popen.poll() is None
+    forced_at = time.monotonic()
+    os.kill(daemon.pid, signal.SIGTERM)
+    code = daemon.popen.wait(10)
+    assert time.monotonic() - forced_at < 2.0, "the second SIGTERM did not force the exit"
+    assert code == 0
+    assert pid_alive(pid)  # left running for the next opmasd
+    adopted = box.start()
+    assert status(box.stub, "will-not-die").pid == pid and adopted.running
+    quick = pb.StopAgentRequest(agent_id="will-not-die", timeout=duration_pb2.Duration(nanos=100_000_000))
+    box.stub.StopAgent(quick, timeout=20)
