@@ -183,6 +183,16 @@ def _build(
             source, label, "REST (rest.enabled) needs a gRPC listener: grpc.socket or grpc.address"
         )
 
+    # Authentication is not built yet: a setting that asks for it must not be accepted and
+    # ignored (the API would stay open while the operator believes it closed).
+    auth = values["auth"]
+    for key, asks in (("enabled", auth.get("enabled") is True), ("tokens_file", auth.get("tokens_file"))):
+        if asks:
+            source, label = origins[("auth", key)]
+            raise ConfigError(
+                source, label, "authentication is not available yet: remove auth.enabled / auth.tokens_file"
+            )
+
     agents = values["agents"]
     agents.setdefault("dirs", default_agent_dirs())
     backoff_initial = agents.get("backoff_initial", AgentsConfig.backoff_initial)

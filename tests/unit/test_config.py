@@ -161,8 +161,7 @@ rest:
   address: 0.0.0.0:8080
   enabled: false
 auth:
-  enabled: true
-  tokens_file: ~/tokens
+  enabled: false
 agents:
   dirs: [/opt/agents, more]
   autostart: yes
@@ -206,7 +205,7 @@ def test_full_file(tmp_path: Path) -> None:
         0,
     )
     assert (cfg.rest.address, cfg.rest.enabled) == ("0.0.0.0:8080", False)
-    assert (cfg.auth.enabled, cfg.auth.tokens_file) == (True, Path("~/tokens").expanduser())
+    assert (cfg.auth.enabled, cfg.auth.tokens_file) == (False, None)
     a = cfg.agents
     assert a.dirs == (Path("/opt/agents"), tmp_path.resolve() / "more")
     assert (a.autostart, a.stop_timeout, a.restart_policy) == (True, 30, RestartPolicy.ALWAYS)
@@ -404,8 +403,24 @@ def test_env_overrides_of_each_type(tmp_path: Path) -> None:
 
 def test_env_relative_path_is_relative_to_cwd(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     monkeypatch.chdir(tmp_path)
-    cfg = load_config(None, {**USER_ENV, "OPMAS_AUTH_TOKENS_FILE": "tokens"}, euid=1000)
-    assert cfg.auth.tokens_file == tmp_path / "tokens"
+    cfg = load_config(None, {**USER_ENV, "OPMAS_AGENTS_DIRS": "pkgs"}, euid=1000)
+    assert cfg.agents.dirs == (tmp_path / "pkgs",)
+
+
+@pytest.mark.parametrize(
+    ("text", "env", "named"),
+    [
+        ("auth:\n  enabled: true\n", {}, "auth.enabled"),
+        ("auth:\n  tokens_file: /etc/opmas/tokens\n", {}, "auth.tokens_file"),
+        ("", {"OPMAS_AUTH_ENABLED": "yes"}, "OPMAS_AUTH_ENABLED"),
+    ],
+)
+def test_authentication_settings_are_refused_until_authentication_exists(
+    tmp_path: Path, text: str, env: dict[str, str], named: str
+) -> None:
+    with pytest.raises(ConfigError, match="authentication is not available yet") as raised:
+        load_config(write(tmp_path, text), {**USER_ENV, **env}, euid=1000)
+    assert raised.value.key == named
 
 
 def test_env_bad_value_names_the_variable() -> None:
