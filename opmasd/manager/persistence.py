@@ -98,9 +98,9 @@ class WriteBehind:
             started = time.perf_counter()
             try:
                 self._write(batch)
-            except StoreRejected as exc:
+            except StoreRejected:
                 self._queue = []
-                self._isolate(batch, exc)
+                self._isolate(batch)
             except StoreError as exc:
                 self.failures += 1
                 if not self._failing:
@@ -124,7 +124,7 @@ class WriteBehind:
         transitions = [t for _, t in batch if t is not None]
         self._store.write_batch(list(latest.values()), transitions)
 
-    def _isolate(self, batch: list[tuple[AgentRecord, Transition | None]], first: StoreRejected) -> None:
+    def _isolate(self, batch: list[tuple[AgentRecord, Transition | None]]) -> None:
         """Write each agent's part of a refused batch on its own; drop the refused parts."""
         by_agent: dict[str, list[tuple[AgentRecord, Transition | None]]] = {}
         for entry in batch:
@@ -144,8 +144,6 @@ class WriteBehind:
                 self._queue = rest + self._queue
                 log.error("store write failed; will retry", pending=len(rest), error=str(exc))
                 return
-        if not by_agent:
-            log.error("store refused a write", error=str(first))
 
     async def wait_flush_attempt(self, agent_id: str = "") -> None:
         """Wait for the flush attempt that covers what is queued now (at once when nothing is).

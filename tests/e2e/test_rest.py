@@ -209,7 +209,7 @@ def test_log_follow_streams_ndjson_and_a_client_that_leaves_frees_it(box: Sandbo
     assert response.getheader("Content-Type", "").startswith("application/x-ndjson")
     lines = [json.loads(response.readline())["result"]["line"] for _ in range(6)]
     assert sum(1 for line in lines if line.startswith("tick ")) >= 5, lines
-    assert fd_count(daemon_pid) > before - 1
+    assert fd_count(daemon_pid) > before  # the stream holds descendants while it is open
     conn.sock.close()  # type: ignore[union-attr]
     conn.close()
     # The stream's connection, its gRPC call and its log follower are released.
