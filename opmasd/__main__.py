@@ -49,7 +49,7 @@ def main(argv: list[str] | None = None) -> None:
     log = structlog.get_logger("opmasd")
     try:
         asyncio.run(Daemon(config, args.config).serve())
-    except (AlreadyRunning, ListenError, HttpListenError, StoreError) as exc:
+    except (AlreadyRunning, ListenError, HttpListenError, StoreError, ConfigError) as exc:
         log.error("opmasd could not start", error=str(exc))
         raise SystemExit(1) from None
     except (OSError, ValueError) as exc:

@@ -39,6 +39,7 @@ from opmasd.core.urls import redacted
 from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
 from opmasd.manager import AgentManager, HealthSettings, ManagerSettings, RestartSettings
+from opmasd.runtime.cgroups import AgentCgroups
 from opmasd.runtime.process import ProcessRuntime
 from opmasd.store.sql import SqlStore
 from opmasd.systemd.notify import Notifier
@@ -110,6 +111,7 @@ class Daemon:
             config.service.log_dir / "agents",
             log_max_bytes=config.agents.log_max_bytes,
             log_backups=config.agents.log_backups,
+            cgroups=self._agent_cgroups(),
         )
         self._bus = await self._start_bus()
         self.manager = AgentManager(
@@ -191,6 +193,22 @@ class Daemon:
         if nats.user:
             env.update(NATS_USER=nats.user, NATS_PASSWORD=nats.password)
         return env
+
+    def _agent_cgroups(self) -> AgentCgroups | None:
+        """A cgroup per agent where the host allows it (agents.cgroups); refused when required."""
+        setting = self.config.agents.cgroups
+        if setting == "off":
+            log.info("agent process trees tracked by process group (agents.cgroups: off)")
+            return None
+        cgroups, why = AgentCgroups.detect(self.config.service.state_dir)
+        if cgroups is None and setting == "required":
+            source = str(self._config_path) if self._config_path else "configuration"
+            raise ConfigError(source, "agents.cgroups", f"required, but no cgroup can be used: {why}")
+        if cgroups is None:
+            log.warning("agent process trees tracked by process group: no cgroup per agent", reason=why)
+        else:
+            log.info("agent process trees tracked by cgroup", detail=why)
+        return cgroups
 
     async def _start_bus(self) -> NatsBus:
         """The embedded nats-server when nats.url is empty, then the connection.

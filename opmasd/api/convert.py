@@ -14,7 +14,7 @@ from typing import Any, TypeVar
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from opmas.v1 import agents_pb2 as pb
-from opmasd.core.clock import utcnow
+from opmasd.core.clock import SYSTEM_CLOCK
 from opmasd.core.errors import FieldViolation, InvalidArgument
 from opmasd.core.messages import MetricsReport
 from opmasd.core.model import (
@@ -228,7 +228,7 @@ def status_to_pb(rec: AgentRecord) -> pb.AgentStatus:
         node=rec.node,
         runtime=_RUNTIME_TO_PB[rec.spec.runtime],
     )
-    uptime = rec.uptime(utcnow())
+    uptime = rec.uptime(SYSTEM_CLOCK.monotonic())
     if uptime is not None and rec.started_at is not None:
         status.start_time.CopyFrom(timestamp(rec.started_at))
         status.uptime.CopyFrom(duration(uptime))
@@ -310,7 +310,7 @@ def metrics_to_pb(
         metrics.rss_bytes = usage.rss_bytes
         metrics.num_threads = usage.num_threads
         metrics.open_fds = usage.open_fds
-    uptime = rec.uptime(utcnow())
+    uptime = rec.uptime(SYSTEM_CLOCK.monotonic())
     if uptime is not None:
         metrics.uptime.CopyFrom(duration(uptime))
     return metrics

@@ -13,7 +13,7 @@ from datetime import datetime
 from typing import Any
 
 from opmasd.core import errors
-from opmasd.core.clock import rfc3339, utcnow
+from opmasd.core.clock import SYSTEM_CLOCK, rfc3339
 from opmasd.core.model import AgentRecord
 from opmasd.manager import DiscoveryReport, OperationResult
 
@@ -62,7 +62,7 @@ def _time(value: datetime | None) -> str | None:
 
 
 def agent_to_json(rec: AgentRecord, *, with_spec: bool = False) -> dict[str, Any]:
-    uptime = rec.uptime(utcnow())
+    uptime = rec.uptime(SYSTEM_CLOCK.monotonic())
     out: dict[str, Any] = {
         "agent_id": rec.agent_id,
         "name": rec.spec.name,

@@ -18,7 +18,7 @@ from datetime import datetime
 
 from opmas.v1 import agents_pb2 as pb
 from opmasd.api import convert
-from opmasd.core.clock import utcnow
+from opmasd.core.clock import SYSTEM_CLOCK
 from opmasd.core.model import AgentRecord
 
 # ListAgentsResponse.agents is field 1, length-delimited: tag byte (1 << 3) | 2.
@@ -41,7 +41,7 @@ class AgentWireCache:
     def __init__(self) -> None:
         self._entries: dict[str, tuple[tuple[datetime, datetime | None], bytes]] = {}
 
-    def agent_bytes(self, rec: AgentRecord, now: datetime) -> bytes:
+    def agent_bytes(self, rec: AgentRecord, monotonic_now: float) -> bytes:
         key = (rec.updated_at, rec.last_heartbeat)
         entry = self._entries.get(rec.agent_id)
         if entry is None or entry[0] != key:
@@ -50,7 +50,7 @@ class AgentWireCache:
             entry = (key, message.SerializeToString())
             self._entries[rec.agent_id] = entry
         data = entry[1]
-        uptime = rec.uptime(now)
+        uptime = rec.uptime(monotonic_now)
         if uptime is not None:
             data += pb.Agent(status=pb.AgentStatus(uptime=convert.duration(uptime))).SerializeToString()
         return data
@@ -58,7 +58,7 @@ class AgentWireCache:
     def list_page(self, records: Sequence[AgentRecord], max_bytes: int) -> tuple[pb.ListAgentsResponse, int]:
         """A response with the first records that fit in max_bytes (at least one), and how many
         those are: the caller pages on from there."""
-        now = utcnow()
+        now = SYSTEM_CLOCK.monotonic()
         parts: list[bytes] = []
         size = 0
         taken = 0

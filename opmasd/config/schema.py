@@ -103,6 +103,9 @@ class AgentsConfig:
     max_restarts: int = 5
     log_max_bytes: int = 10 << 20
     log_backups: int = 3
+    # How an agent's whole process tree is kept track of: "auto" uses a cgroup per agent where
+    # opmasd may create them (else process groups), "required" refuses to start without them.
+    cgroups: str = "auto"
 
 
 @dataclass(frozen=True)
@@ -194,5 +197,6 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "max_restarts": Key(parse_int(minimum=0)),
         "log_max_bytes": Key(parse_size),
         "log_backups": Key(parse_int(minimum=0)),
+        "cgroups": Key(parse_choice("auto", "required", "off")),
     },
 }

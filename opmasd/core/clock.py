@@ -1,14 +1,18 @@
 """Time, behind one small interface: monotonic seconds for durations, UTC wall time for display.
 
-Wall time is what records show and stores keep. The manager's parts (registry, supervisor,
-heartbeat judge) take a Clock, so that tests drive their time rules with
-opmasd.testing.clock.FakeClock instead of sleeping. They still measure durations (how long a
-process ran, how long an agent has been silent) as differences of wall times; moving those to
-`monotonic()`, which a stepped wall clock cannot move, is the faults issue's work.
+Wall time is what records show and stores keep; it may step (NTP, an operator's `date -s`), so
+no duration is ever a difference of wall times. Durations and deadlines (backoff, the stability
+window, heartbeat silence, uptime) are differences of `monotonic()`, which is the kernel's
+CLOCK_BOOTTIME: it never steps, and it is the clock that process start times in /proc count in
+(runtime.procstat), so the age of a process a restarted daemon adopts is known exactly.
+
+The manager's parts (registry, supervisor, heartbeat judge) take a Clock, so that tests drive
+their time rules with opmasd.testing.clock.FakeClock instead of sleeping.
 """
 
 from __future__ import annotations
 
+import asyncio
 import time
 from datetime import UTC, datetime
 from typing import Protocol
@@ -27,20 +31,26 @@ def rfc3339(value: datetime) -> str:
 
 class Clock(Protocol):
     def monotonic(self) -> float:
-        """Seconds on a clock that only moves forward; for durations and deadlines."""
+        """Seconds since boot on a clock that only moves forward; for durations and deadlines."""
 
     def now(self) -> datetime:
         """The wall time in UTC; for what is shown and stored."""
+
+    async def sleep(self, seconds: float) -> None:
+        """Wait `seconds` of monotonic time."""
 
 
 class SystemClock:
     """The real clocks."""
 
     def monotonic(self) -> float:
-        return time.monotonic()
+        return time.clock_gettime(time.CLOCK_BOOTTIME)
 
     def now(self) -> datetime:
         return utcnow()
+
+    async def sleep(self, seconds: float) -> None:
+        await asyncio.sleep(seconds)
 
 
 SYSTEM_CLOCK = SystemClock()

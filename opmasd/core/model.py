@@ -148,6 +148,9 @@ class ExitInfo:
     exit_code: int | None
     signal: int | None
     time: datetime = field(default_factory=utcnow)
+    # Processes of the agent's tree still alive after it ended, killed by the runtime
+    # ("PID command" each): shown in the reason, so the event and the status name them.
+    leftovers: tuple[str, ...] = ()
 
     @property
     def success(self) -> bool:
@@ -155,6 +158,13 @@ class ExitInfo:
 
     @property
     def reason(self) -> str:
+        if not self.leftovers:
+            return self._how
+        shown = ", ".join(self.leftovers[:5]) + (", …" if len(self.leftovers) > 5 else "")
+        return f"{self._how}; killed {len(self.leftovers)} leftover process(es): {shown}"
+
+    @property
+    def _how(self) -> str:
         if self.signal is not None:
             import signal as _signal
 
@@ -168,12 +178,18 @@ class ExitInfo:
         return f"exited with code {self.exit_code}"
 
 
+# Seconds since boot are below this for 30 years of uptime; epoch seconds are above it.
+LEGACY_START_TIME_FLOOR = 1_000_000_000.0
+
+
 @dataclass(frozen=True)
 class ProcessHandle:
     """A running agent process as the runtime sees it.
 
-    start_time is the kernel's process start time (psutil create_time, seconds since the
-    epoch): with the PID it identifies the process, since PIDs are reused.
+    start_time is the kernel's process start time in seconds since boot (/proc/PID/stat, the
+    timescale of Clock.monotonic): with the PID it identifies the process, since PIDs are
+    reused, and no wall-clock step can change it. Rows written before this was so hold
+    psutil's wall-clock create_time instead (a value past LEGACY_START_TIME_FLOOR).
     """
 
     pid: int
@@ -208,15 +224,20 @@ class AgentRecord:
     last_exit: ExitInfo | None = None
     last_heartbeat: datetime | None = None
     next_restart_at: datetime | None = None
+    # The same moments on the monotonic clock (Clock.monotonic), which durations are measured
+    # on: held in memory only, since a wall time may step. After a daemon restart
+    # started_monotonic is the adopted process's own start time (boot-relative).
+    started_monotonic: float | None = None
+    heard_monotonic: float | None = None
 
     def copy(self) -> AgentRecord:
         return replace(self)
 
-    def uptime(self, now: datetime) -> float | None:
-        """Seconds its process has been running at `now`; None without a process."""
-        if self.started_at is None or self.pid is None:
+    def uptime(self, monotonic_now: float) -> float | None:
+        """Seconds its process has been running at `monotonic_now`; None without a process."""
+        if self.started_monotonic is None or self.pid is None:
             return None
-        return max(0.0, (now - self.started_at).total_seconds())
+        return max(0.0, monotonic_now - self.started_monotonic)
 
     @property
     def handle(self) -> ProcessHandle | None:

@@ -17,7 +17,6 @@ an agent that speaks the NATS contract has proved it, while a plain program that
 from __future__ import annotations
 
 from dataclasses import dataclass
-from datetime import datetime, timedelta
 
 import structlog
 
@@ -51,7 +50,7 @@ class HeartbeatJudge:
         # Down until the first check that finds the bus connected (see the module docstring);
         # after that, nobody is judged before _grace_until.
         self._bus_was_down = True
-        self._grace_until: datetime | None = None
+        self._grace_until: float | None = None
         # Counters for the stats (manager.stats), one int increment each on this hot path:
         # every heartbeat taken, those from unknown agents, agents marked inactive for silence.
         self.heartbeats_received = 0
@@ -73,13 +72,14 @@ class HeartbeatJudge:
         # Our clock, not the agent's: liveness must not depend on the agents' clocks being right.
         now = self._clock.now()
         rec.last_heartbeat = now
+        rec.heard_monotonic = self._clock.monotonic()
         self._writes.note_heartbeat(rec.agent_id, now)
         if rec.state is AgentState.INACTIVE:
             self._registry.transition(rec, AgentState.RUNNING, "heartbeat received again")
 
     def mark_silent_inactive(self, bus_connected: bool = True) -> list[AgentRecord]:
         """Move running agents whose heartbeat stopped to inactive; returns the ones moved."""
-        now = self._clock.now()
+        now = self._clock.monotonic()
         timeout = self.settings.heartbeat_timeout
         if not bus_connected:
             if not self._bus_was_down:
@@ -88,7 +88,7 @@ class HeartbeatJudge:
             return []
         if self._bus_was_down:
             self._bus_was_down = False
-            self._grace_until = now + timedelta(seconds=timeout)
+            self._grace_until = now + timeout
             log.info("NATS connected: agents have one heartbeat timeout to be heard", timeout=timeout)
         if self._grace_until is not None:
             if now < self._grace_until:
@@ -98,12 +98,14 @@ class HeartbeatJudge:
         for rec in list(self._registry.live()):
             if rec.state is not AgentState.RUNNING or rec.pid is None:
                 continue
-            last, started = rec.last_heartbeat, rec.started_at
-            if last is None or started is None or last < started:
+            heard, started = rec.heard_monotonic, rec.started_monotonic
+            if heard is None or started is None or heard < started:
                 continue  # no heartbeat from this process yet: not a NATS agent, or still starting
-            silent = (now - last).total_seconds()
+            silent = now - heard
             if silent > timeout:
-                reason = f"no heartbeat for {silent:.0f}s (last at {last.isoformat(timespec='seconds')})"
+                last = rec.last_heartbeat
+                at = f" (last at {last.isoformat(timespec='seconds')})" if last is not None else ""
+                reason = f"no heartbeat for {silent:.0f}s{at}"
                 self._registry.transition(rec, AgentState.INACTIVE, reason)
                 gone.append(rec)
         self.heartbeats_late += len(gone)

@@ -156,6 +156,10 @@ class AgentManager:
                 continue  # another host's agent, in a shared database: that host runs it
             async with self._supervisor.lock(rec.agent_id):
                 await self._supervisor.recover(rec)
+        # Whatever an earlier daemon launched that no agent claimed now (deleted while it was
+        # down, or never recorded) must not run unmanaged.
+        for report in await self._runtime.reap_unmanaged():
+            log.warning("stopped an unmanaged process left by an earlier opmasd", detail=report)
         if discover:
             await self.discover()
         settings = self.settings

@@ -140,19 +140,33 @@ class Supervisor:
         """Bring one agent loaded from the store in line with its desired state at daemon start."""
         handle = rec.handle
         vanished = ""
-        if handle is not None:
-            if self._runtime.adopt(rec.agent_id, handle):
+        # Asked even without a recorded PID: a daemon killed between a spawn and its commit
+        # left a process the runtime can still find (the agent's cgroup).
+        adopted = self._runtime.adopt(rec.agent_id, handle)
+        if adopted is not None or handle is not None:
+            if adopted is not None:
+                if handle is None:
+                    age = max(0.0, self._clock.monotonic() - adopted.start_time)
+                    rec.pid, rec.started_at = adopted.pid, self._clock.now() - timedelta(seconds=age)
+                # The process's own start time: its age is exact, whatever the wall clock did.
+                rec.pid_start_time = rec.started_monotonic = adopted.start_time
+                if rec.last_heartbeat is not None and rec.started_at is not None:
+                    if rec.last_heartbeat >= rec.started_at:
+                        # It spoke NATS before: judged again, after the start-up grace.
+                        rec.heard_monotonic = self._clock.monotonic()
                 state = (
                     rec.state
                     if rec.state in (AgentState.RUNNING, AgentState.INACTIVE)
                     else AgentState.RUNNING
                 )
-                self._registry.transition(rec, state, f"re-adopted pid {handle.pid} after opmasd restart")
+                how = "re-adopted" if handle is not None else "found unrecorded process, adopted"
+                self._registry.transition(rec, state, f"{how} pid {adopted.pid} after opmasd restart")
                 if rec.desired is DesiredState.STOPPED:
                     await self._terminate(rec, "desired state is stopped", None)
                 return
+            assert handle is not None
             vanished = f"process {handle.pid} ended while opmasd was not running"
-            rec.pid = rec.pid_start_time = rec.started_at = None
+            _forget_process(rec)
             rec.last_exit = ExitInfo(exit_code=None, signal=None)
         if rec.desired is DesiredState.RUNNING:
             reason = f"{vanished}; " if vanished else ""
@@ -185,10 +199,12 @@ class Supervisor:
                 launch_request(rec, self._base_env, self._agent_environment())
             )
         except LaunchError as exc:
-            rec.pid = rec.pid_start_time = rec.started_at = None
+            _forget_process(rec)
             self._registry.transition(rec, AgentState.ERROR, f"failed to start: {exc}")
             return False
         rec.pid, rec.pid_start_time, rec.started_at = handle.pid, handle.start_time, self._clock.now()
+        rec.started_monotonic = self._clock.monotonic()
+        rec.heard_monotonic = None  # a new process is never judged by its predecessor's heartbeat
         self._registry.transition(rec, AgentState.RUNNING, f"started (pid {handle.pid})")
         early = self._early_exits.pop(rec.agent_id, None)
         if early is not None and early[0].pid == handle.pid:
@@ -222,8 +238,9 @@ class Supervisor:
             else:
                 log.debug("exit of a process no agent owns", agent_id=agent_id, pid=handle.pid)
             return
-        ran_for = (self._clock.now() - rec.started_at).total_seconds() if rec.started_at else None
-        rec.pid = rec.pid_start_time = rec.started_at = None
+        started = rec.started_monotonic
+        ran_for = None if started is None else max(0.0, self._clock.monotonic() - started)
+        _forget_process(rec)
         rec.last_exit = exit_info
         if rec.state is AgentState.STOPPING or rec.desired is DesiredState.STOPPED or self._shutting_down:
             self._registry.transition(rec, AgentState.STOPPED, f"stopped: {exit_info.reason}")
@@ -248,8 +265,7 @@ class Supervisor:
         )
 
     async def _restart_after(self, agent_id: str, delay: float) -> None:
-        if delay > 0:
-            await asyncio.sleep(delay)
+        await self._clock.sleep(delay)
         async with self.lock(agent_id):
             if self._restart_timers.get(agent_id) is asyncio.current_task():
                 del self._restart_timers[agent_id]
@@ -259,3 +275,8 @@ class Supervisor:
             if self._shutting_down:
                 return
             await self._launch(rec, f"restarting after {rec.last_exit.reason if rec.last_exit else 'exit'}")
+
+
+def _forget_process(rec: AgentRecord) -> None:
+    rec.pid = rec.pid_start_time = rec.started_at = None
+    rec.started_monotonic = rec.heard_monotonic = None

@@ -43,9 +43,16 @@ class Runtime(Protocol):
         exit handler. A no-op when the agent has no process.
         """
 
-    def adopt(self, agent_id: str, handle: ProcessHandle) -> bool:
-        """Watch a process that an earlier daemon started. False (and nothing watched) when
-        no process with that PID and start time exists any more."""
+    def adopt(self, agent_id: str, handle: ProcessHandle | None) -> ProcessHandle | None:
+        """Watch the agent's process that an earlier daemon started: the one `handle` names
+        or, when none was recorded, the one the runtime can find by itself (its cgroup, its
+        unit). Returns the process as it is now (its start time as this runtime reads it), or
+        None (and nothing watched) when no such process is alive; what the agent's tree left
+        behind is then killed."""
+
+    async def reap_unmanaged(self) -> list[str]:
+        """Kill processes that an earlier daemon launched for agents nobody adopted (deleted,
+        or never recorded): called once every agent is recovered. One line per agent affected."""
 
     def usage(self, agent_id: str) -> ProcessUsage | None:
         """CPU, memory, threads and fds of the agent's process tree; None without a process."""

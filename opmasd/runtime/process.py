@@ -16,7 +16,7 @@ import os
 import signal
 import subprocess
 from collections.abc import AsyncIterator
-from dataclasses import dataclass, field
+from dataclasses import replace
 from datetime import UTC, datetime
 from pathlib import Path
 
@@ -24,50 +24,44 @@ import psutil
 import structlog
 
 from opmasd.core.errors import LaunchError
-from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
-from opmasd.runtime import signals
+from opmasd.core.model import (
+    ExitInfo,
+    ProcessHandle,
+    ProcessUsage,
+    ResourceLimits,
+)
+from opmasd.runtime import procstat, signals
 from opmasd.runtime.base import ExitHandler, LaunchRequest
+from opmasd.runtime.cgroup_trees import EMPTY_WAIT, CgroupTrees
+from opmasd.runtime.cgroups import AgentCgroups, joining_command
 from opmasd.runtime.logfiles import AgentLogs
 from opmasd.runtime.proctable import ProcessTable
-from opmasd.runtime.usage import UsageSampler
+from opmasd.runtime.programs import check_program
+from opmasd.runtime.watched import WatchedProcess, reap, same_process, start_time_of
 
 log = structlog.get_logger(__name__)
 
-# create_time is derived from clock ticks since boot: equal for the same process, but a float.
-_START_TIME_TOLERANCE = 0.01
 # After SIGKILL the leader goes at once unless stuck in the kernel; say so at this interval.
 _SIGKILL_WARN_INTERVAL = 5.0
-
-
-@dataclass(eq=False)
-class _Watched:
-    """One agent process being watched through its pidfd."""
-
-    agent_id: str
-    handle: ProcessHandle
-    pidfd: int
-    # Our child: kept referenced until reaped, or subprocess' _cleanup could reap it behind our
-    # back. None for an adopted process, whose exit status only its real parent can read.
-    popen: subprocess.Popen[bytes] | None
-    gone: asyncio.Event = field(default_factory=asyncio.Event)
-    exit: ExitInfo | None = None
-    # Lives as long as the watch: a new process of the same agent starts with a fresh sampler.
-    usage: UsageSampler = field(init=False)
-
-    def __post_init__(self) -> None:
-        self.usage = UsageSampler(self.agent_id, self.handle.pid)
-
-    def signal_tree(self, sig: signal.Signals, family: list[psutil.Process]) -> None:
-        # Once gone, the pidfd is closed and the group swept: only the descendants are left.
-        signals.signal_tree(None if self.gone.is_set() else self.pidfd, self.handle.pid, sig, family)
 
 
 class ProcessRuntime:
     """The Runtime protocol over plain child processes. Use it from the event loop's thread."""
 
-    def __init__(self, log_dir: Path, *, log_max_bytes: int = 10 * 1024 * 1024, log_backups: int = 3) -> None:
+    def __init__(
+        self,
+        log_dir: Path,
+        *,
+        log_max_bytes: int = 10 * 1024 * 1024,
+        log_backups: int = 3,
+        cgroups: AgentCgroups | None = None,
+    ) -> None:
+        # With cgroups an agent's tree is its cgroup's members; without, its process group
+        # plus what a /proc scan finds (which misses a double fork once its parent is gone).
+        self._trees = None if cgroups is None else CgroupTrees(cgroups)
+        self._finishing: set[asyncio.Task[None]] = set()
         self._logs = AgentLogs(log_dir, max_bytes=log_max_bytes, backups=log_backups)
-        self._watched: dict[str, _Watched] = {}
+        self._watched: dict[str, WatchedProcess] = {}
         self._exit_handler: ExitHandler | None = None
         self._closed = False
         self._processes = ProcessTable()
@@ -87,9 +81,20 @@ class ProcessRuntime:
             )
         if not request.command:
             raise LaunchError(f"agent {agent_id} has an empty command")
-        # Spawning is synchronous on purpose: fork/exec takes about a millisecond.
-        popen = self._spawn(request)
-        handle = ProcessHandle(popen.pid, _start_time(popen.pid, agent_id))
+        spawned = request
+        if self._trees is not None:
+            check_program(request.command, request.working_directory or None, request.environment)
+            try:
+                procs_file = self._trees.cgroups.prepare(agent_id)
+            except OSError as exc:
+                raise LaunchError(
+                    f"cannot create the cgroup of agent {agent_id}: {exc.strerror or exc}"
+                ) from exc
+            spawned = replace(request, command=joining_command(procs_file, request.command))
+        # Spawning is synchronous on purpose: fork/exec takes about a millisecond. From here to
+        # _watch nothing awaits, so no sweep of unmanaged cgroups can run in between.
+        popen = self._spawn(spawned)
+        handle = ProcessHandle(popen.pid, start_time_of(popen.pid, agent_id))
         try:
             # Cannot fail for lack of the process: an unreaped child (even dead) keeps its PID.
             pidfd = os.pidfd_open(popen.pid)
@@ -99,7 +104,7 @@ class ProcessRuntime:
             popen.wait()
             raise LaunchError(f"cannot watch the process of agent {agent_id}: {exc}") from exc
         _apply_limits(agent_id, popen.pid, request.resources)
-        self._watch(_Watched(agent_id, handle, pidfd, popen))
+        self._watch(WatchedProcess(agent_id, handle, pidfd, popen))
         log.info("agent launched", agent_id=agent_id, pid=popen.pid, command=request.command)
         return handle
 
@@ -139,75 +144,103 @@ class ProcessRuntime:
             os.close(log_fd)
         return popen
 
-    def adopt(self, agent_id: str, handle: ProcessHandle) -> bool:
+    def adopt(self, agent_id: str, handle: ProcessHandle | None) -> ProcessHandle | None:
         existing = self._watched.get(agent_id)
         if existing is not None:
-            same = existing.handle == handle
+            # While watched its PID cannot be reused: the same PID is the same process.
+            same = handle is None or existing.handle.pid == handle.pid
             log.info("adopt: agent already watched", agent_id=agent_id, pid=existing.handle.pid, same=same)
-            return same
+            return existing.handle if same else None
         if self._closed:
             log.warning("adopt: the process runtime is closed", agent_id=agent_id)
-            return False
+            return None
+        if handle is None:
+            # No PID was recorded (a daemon killed between spawn and commit): the agent's
+            # cgroup still knows its process.
+            found = None if self._trees is None else self._trees.leader(agent_id)
+            if found is None:
+                return None
+            handle = ProcessHandle(found.pid, found.start_time)
+            log.warning(
+                "found an agent process whose launch was not recorded", agent_id=agent_id, pid=found.pid
+            )
+        adopted = self._watch_adopted(agent_id, handle)
+        if adopted is None and self._trees is not None:
+            self._trees.kill_orphans(agent_id)
+        return adopted
+
+    def _watch_adopted(self, agent_id: str, handle: ProcessHandle) -> ProcessHandle | None:
         try:
             pidfd = os.pidfd_open(handle.pid)
         except OSError as exc:  # ProcessLookupError when the PID is free
             log.info("not adopting: process gone", agent_id=agent_id, pid=handle.pid, error=str(exc))
-            return False
+            return None
         # Opened first, checked second: if the PID was reused before the open, the start time
         # read now is the new process's, and the pidfd is dropped with it.
-        try:
-            proc = psutil.Process(handle.pid)
-            start_time: float | None = proc.create_time()
+        stat = procstat.read(handle.pid)
+        if stat is None or stat.zombie:
             # A process that ended but was not reaped (its new parent, PID 1 in a container,
             # may never reap) still has its PID: it is gone all the same, not to be adopted.
-            if proc.status() == psutil.STATUS_ZOMBIE:
-                os.close(pidfd)
-                log.info("not adopting: process has ended (zombie)", agent_id=agent_id, pid=handle.pid)
-                return False
-        except psutil.Error as exc:
-            log.info("not adopting: process unreadable", agent_id=agent_id, pid=handle.pid, error=str(exc))
-            start_time = None
-        if start_time is None or abs(start_time - handle.start_time) > _START_TIME_TOLERANCE:
+            os.close(pidfd)
+            log.info("not adopting: process has ended", agent_id=agent_id, pid=handle.pid)
+            return None
+        if not same_process(handle, stat):
             os.close(pidfd)
             log.info(
                 "not adopting: PID belongs to another process",
                 agent_id=agent_id,
                 pid=handle.pid,
                 expected_start=handle.start_time,
-                actual_start=start_time,
+                actual_start=stat.start_time,
             )
-            return False
-        self._watch(_Watched(agent_id, handle, pidfd, popen=None))
+            return None
+        current = ProcessHandle(handle.pid, stat.start_time)
+        self._watch(WatchedProcess(agent_id, current, pidfd, popen=None))
         log.info("agent process adopted", agent_id=agent_id, pid=handle.pid)
-        return True
+        return current
 
-    def _watch(self, watched: _Watched) -> None:
+    async def reap_unmanaged(self) -> list[str]:
+        return [] if self._trees is None else await self._trees.reap_unmanaged(self._watched)
+
+    def _watch(self, watched: WatchedProcess) -> None:
         self._watched[watched.agent_id] = watched
         asyncio.get_running_loop().add_reader(watched.pidfd, self._on_exit, watched)
 
-    def _on_exit(self, watched: _Watched) -> None:
+    def _on_exit(self, watched: WatchedProcess) -> None:
         """The pidfd became readable: the process has ended. Runs on the loop, once."""
-        asyncio.get_running_loop().remove_reader(watched.pidfd)
+        loop = asyncio.get_running_loop()
+        loop.remove_reader(watched.pidfd)
         pid = watched.handle.pid
-        # Orphans of the agent must not linger. Our own child is still an unreaped zombie here,
-        # which keeps its PID (and so its group ID) from being reused: sweep the group before
-        # reaping. An adopted process may be reaped already, but its group ID stays reserved
-        # while any member is left; when none is, the signal finds nobody.
-        signals.kill_group(pid)
-        if watched.popen is None:
-            info = ExitInfo(exit_code=None, signal=None)
-        else:
-            returncode = watched.popen.poll()
-            if returncode is None:  # cannot happen once the pidfd is readable; never hang on it
-                log.error(
-                    "pidfd readable but process not reaped; waiting", agent_id=watched.agent_id, pid=pid
-                )
-                returncode = watched.popen.wait()
-            if returncode >= 0:
-                info = ExitInfo(exit_code=returncode, signal=None)
-            else:
-                info = ExitInfo(exit_code=None, signal=-returncode)
+        if self._trees is None:
+            # Orphans of the agent must not linger. Our own child is still an unreaped zombie
+            # here, which keeps its PID (and so its group ID) from being reused: sweep the group
+            # before reaping. An adopted process may be reaped already, but its group ID stays
+            # reserved while any member is left; when none is, the signal finds nobody.
+            signals.kill_group(pid)
+        info = reap(watched)
         os.close(watched.pidfd)
+        watched.leader_gone = True
+        if self._trees is None:
+            self._report_exit(watched, info)
+            return
+        # Still watched until the cgroup is empty: no new process of the agent may join it
+        # while what the old one left is being killed.
+        clear = self._clear_cgroup(watched, info, self._trees)
+        task = loop.create_task(clear, name=f"cgroup-clear:{watched.agent_id}")
+        self._finishing.add(task)
+        task.add_done_callback(self._finishing.discard)
+
+    async def _clear_cgroup(self, watched: WatchedProcess, info: ExitInfo, trees: CgroupTrees) -> None:
+        """After the leader: the exit is reported once the cgroup is verified empty."""
+        try:
+            killed = await trees.clear_after_exit(watched.agent_id, watched.grace_until)
+        except asyncio.CancelledError:
+            watched.gone.set()  # the runtime is closing; terminate() sees no exit and raises
+            raise
+        self._report_exit(watched, replace(info, leftovers=killed) if killed else info)
+
+    def _report_exit(self, watched: WatchedProcess, info: ExitInfo) -> None:
+        pid = watched.handle.pid
         watched.exit = info
         if self._watched.get(watched.agent_id) is watched:
             del self._watched[watched.agent_id]
@@ -228,6 +261,9 @@ class ProcessRuntime:
         watched = self._watched.get(agent_id)
         if watched is None:
             return
+        if self._trees is not None:
+            await self._terminate_tree(watched, self._trees, timeout)
+            return
         pid = watched.handle.pid
         # Descendants are found now, while the tree is intact: one that left the group (setsid)
         # is out of killpg's reach, and once its parent dies it is no longer findable as ours.
@@ -245,6 +281,24 @@ class ProcessRuntime:
         if watched.exit is None:
             raise RuntimeError(f"the process runtime was closed before agent {agent_id} exited")
         await signals.kill_stragglers(agent_id, family, pid)
+
+    async def _terminate_tree(self, watched: WatchedProcess, trees: CgroupTrees, timeout: float) -> None:
+        """SIGTERM once to every member of the agent's cgroup, SIGKILL to all after `timeout`;
+        done when the cgroup is empty (the exit is reported only then)."""
+        agent_id, pid = watched.agent_id, watched.handle.pid
+        watched.grace_until = asyncio.get_running_loop().time() + max(timeout, 0.0)
+        family = trees.family(agent_id, pid)
+        log.info(
+            "terminating agent process", agent_id=agent_id, pid=pid, timeout=timeout, tree=len(family) + 1
+        )
+        watched.signal_tree(signal.SIGTERM, family)
+        if not await _wait(watched.gone, timeout):
+            log.warning("agent still alive after SIGTERM; killing its cgroup", agent_id=agent_id, pid=pid)
+            trees.cgroups.kill(agent_id)
+            while not await _wait(watched.gone, _SIGKILL_WARN_INTERVAL):
+                log.error("agent process still alive after SIGKILL", agent_id=agent_id, pid=pid)
+        if watched.exit is None:
+            raise RuntimeError(f"the process runtime was closed before agent {agent_id} exited")
 
     # --- observing --------------------------------------------------------------------------
 
@@ -270,11 +324,20 @@ class ProcessRuntime:
         running in its own list and reaps them if they end while this process lives on.
         """
         self._closed = True
+        if self._finishing:
+            # Exits whose leftovers are being killed: let them finish briefly (a later daemon
+            # sweeps whatever is still left: reap_unmanaged).
+            _done, pending = await asyncio.wait(set(self._finishing), timeout=EMPTY_WAIT)
+            for task in pending:
+                task.cancel()
         loop = asyncio.get_running_loop()
         for watched in self._watched.values():
-            loop.remove_reader(watched.pidfd)
-            os.close(watched.pidfd)
+            if not watched.leader_gone:
+                loop.remove_reader(watched.pidfd)
+                os.close(watched.pidfd)
             watched.gone.set()  # wakes terminate() calls in progress; they see no exit and raise
+        if self._trees is not None:
+            self._trees.cgroups.close()
         log.info("process runtime closed", left_running=sorted(self._watched))
         self._watched.clear()
 
@@ -294,14 +357,6 @@ def _launch_failure(program: str, exc: Exception) -> str:
     if isinstance(exc, OSError):
         return f"cannot start program {program!r}: {exc.strerror or exc}"
     return f"cannot start program {program!r}: {exc}"
-
-
-def _start_time(pid: int, agent_id: str) -> float:
-    try:
-        return psutil.Process(pid).create_time()
-    except psutil.Error as exc:  # our unreaped child is always readable; keep going regardless
-        log.error("cannot read process start time", agent_id=agent_id, pid=pid, error=str(exc))
-        return 0.0
 
 
 def _apply_limits(agent_id: str, pid: int, resources: ResourceLimits) -> None:

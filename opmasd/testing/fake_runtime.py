@@ -32,6 +32,8 @@ class FakeRuntime:
         self.processes: dict[str, FakeProcess] = {}
         # Processes that "survived" an earlier daemon: pid -> start_time.
         self.alive_elsewhere: dict[int, float] = {}
+        # Processes an earlier daemon launched but never recorded, found by agent id.
+        self.unrecorded: dict[str, ProcessHandle] = {}
         self.launches: list[LaunchRequest] = []
         self.fail_launch: dict[str, str] = {}
         self.ignore_sigterm: set[str] = set()
@@ -68,12 +70,24 @@ class FakeRuntime:
         assert self._handler is not None
         self._handler(agent_id, proc.handle, ExitInfo(None, 15 if proc.obeys_sigterm else 9))
 
-    def adopt(self, agent_id: str, handle: ProcessHandle) -> bool:
-        if self.alive_elsewhere.get(handle.pid) != handle.start_time:
-            return False
-        del self.alive_elsewhere[handle.pid]
+    def adopt(self, agent_id: str, handle: ProcessHandle | None) -> ProcessHandle | None:
+        if handle is None:
+            handle = self.unrecorded.pop(agent_id, None)
+            if handle is None:
+                return None
+        elif self.alive_elsewhere.get(handle.pid) != handle.start_time:
+            return None
+        else:
+            del self.alive_elsewhere[handle.pid]
         self.processes[agent_id] = FakeProcess(handle, LaunchRequest(agent_id, (), "/"))
-        return True
+        return handle
+
+    async def reap_unmanaged(self) -> list[str]:
+        reaped = [
+            f"agent {agent_id}: killed pid {handle.pid}" for agent_id, handle in self.unrecorded.items()
+        ]
+        self.unrecorded.clear()
+        return reaped
 
     def usage(self, agent_id: str) -> ProcessUsage | None:
         return ProcessUsage(1.0, 1024, 1, 3) if agent_id in self.processes else None

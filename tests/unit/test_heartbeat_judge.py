@@ -17,6 +17,7 @@ TIMEOUT = 90.0
 def running_agent(registry: AgentRegistry, clock: FakeClock, agent_id: str = "a1") -> AgentRecord:
     rec = AgentRecord(agent_id=agent_id, spec=AgentSpec(name=agent_id, command=("sleep", "1")), node="n1")
     rec.state, rec.pid, rec.started_at = AgentState.RUNNING, 4242, clock.now()
+    rec.started_monotonic = clock.monotonic()
     registry.save(rec)
     return rec
 

@@ -7,7 +7,7 @@ from datetime import timedelta
 
 from opmasd.api import convert
 from opmasd.api.wire_cache import AgentWireCache
-from opmasd.core.clock import utcnow
+from opmasd.core.clock import SYSTEM_CLOCK, utcnow
 from opmasd.core.model import AgentRecord, AgentSpec, AgentState, ExitInfo
 
 
@@ -20,6 +20,7 @@ def record(agent_id: str, running: bool = True) -> AgentRecord:
         pid=4242 if running else None,
         pid_start_time=1.0 if running else None,
         started_at=now - timedelta(seconds=90.5) if running else None,
+        started_monotonic=SYSTEM_CLOCK.monotonic() - 90.5 if running else None,
         last_exit=ExitInfo(3, None),
     )
 
@@ -57,7 +58,7 @@ def test_uptime_is_current_at_each_call() -> None:
     rec = record("a")
     first = cache.list_page([rec], 4 << 20)[0].agents[0].status.uptime.seconds
     assert 89 <= first <= 91
-    older = replace(rec, started_at=rec.started_at - timedelta(seconds=100))  # type: ignore[operator]
+    older = replace(rec, started_monotonic=rec.started_monotonic - 100)  # type: ignore[operator]
     older.updated_at = rec.updated_at  # same cache key: only uptime differs
     assert cache.list_page([older], 4 << 20)[0].agents[0].status.uptime.seconds >= 189
 
