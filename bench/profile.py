@@ -18,6 +18,7 @@ import sys
 import time
 
 from common import PEER_VENV, become_subreaper, cleanup_all, make_tmp
+from google.protobuf import duration_pb2
 from peers.base import SLEEP_WITH_CHILD, Fleet
 from peers.opmasd import OpmasdDriver
 
@@ -170,7 +171,9 @@ def _create(name: str, fleet: Fleet):
     from opmas.v1 import agents_pb2 as pb
 
     return pb.CreateAgentRequest(
-        agent_id=name, spec=pb.AgentSpec(name=name, command=fleet.command), start=True
+        agent_id=name,
+        spec=pb.AgentSpec(name=name, command=fleet.command, start_seconds=duration_pb2.Duration()),
+        start=True,
     )
 
 

@@ -121,8 +121,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("delete", commands.agents_delete, "stop and remove an agent")
     p.add_argument("agent_id", metavar="ID")
 
-    p = add("logs", commands.agents_logs, "print an agent's output")
+    p = add("logs", commands.agents_logs, "print an agent's output (stderr lines marked [err])")
     p.add_argument("agent_id", metavar="ID")
+    p.add_argument(
+        "-t", "--timestamps", action="store_true", help="begin each line with when it was stored (UTC)"
+    )
     p.add_argument(
         "--tail", type=_non_negative_int, default=0, metavar="N", help="last N lines (default 100)"
     )

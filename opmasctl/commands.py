@@ -236,14 +236,22 @@ def _stream_render(ctx: Context, human: Callable[[M], str]) -> Callable[[M], str
     return lambda msg: dump_item(message_to_dict(msg), ctx.fmt)
 
 
-def _log_line(line: agents_pb2.LogLine) -> str:
-    return line.line.removesuffix("\n") + "\n"
+def _log_line(line: agents_pb2.LogLine, timestamps: bool = False) -> str:
+    """The text as the agent wrote it; a line of its stderr begins with `[err] `."""
+    text = line.line.removesuffix("\n") + "\n"
+    if line.stream == agents_pb2.LOG_STREAM_STDERR:
+        text = "[err] " + text
+    if timestamps:
+        when = line.time.ToJsonString() if line.HasField("time") else "-"
+        text = f"{when} {text}"
+    return text
 
 
 def agents_logs(ctx: Context, args: argparse.Namespace) -> int:
     request = agents_pb2.GetAgentLogsRequest(agent_id=args.agent_id, tail_lines=args.tail, follow=args.follow)
     stream = ctx.stub.GetAgentLogs(request, timeout=None if args.follow else ctx.timeout)
-    return _follow(stream, _stream_render(ctx, _log_line))
+    timestamps = bool(args.timestamps)
+    return _follow(stream, _stream_render(ctx, lambda line: _log_line(line, timestamps)))
 
 
 def agents_watch(ctx: Context, args: argparse.Namespace) -> int:

@@ -62,6 +62,13 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None
         type=argtype(parse_duration),
         metavar="SECONDS",
     )
+    group.add_argument(
+        "--start-seconds",
+        dest="spec_start_seconds",
+        type=argtype(parse_duration),
+        metavar="SECONDS",
+        help="how long a new process must stay up to count as started (0: at once; default 1s)",
+    )
     group.add_argument("--runtime", dest="spec_runtime", choices=sorted(RUNTIMES))
     group.add_argument(
         "--autostart",
@@ -141,6 +148,9 @@ def build_spec(
     if given("spec_heartbeat_interval"):
         spec.heartbeat_interval.CopyFrom(args.spec_heartbeat_interval)
         paths.append("heartbeat_interval")
+    if given("spec_start_seconds"):
+        spec.start_seconds.CopyFrom(args.spec_start_seconds)
+        paths.append("start_seconds")
     for flag, field in (
         ("spec_memory_max", "memory_max_bytes"),
         ("spec_cpu_quota", "cpu_quota_percent"),

@@ -150,6 +150,7 @@ def spec_pairs(spec: agents_pb2.AgentSpec) -> list[tuple[str, str]]:
             "Heartbeat interval",
             duration_text(spec.heartbeat_interval) if spec.HasField("heartbeat_interval") else EMPTY,
         ),
+        ("Start seconds", duration_text(spec.start_seconds) if spec.HasField("start_seconds") else EMPTY),
         ("Runtime", runtime_text(spec.runtime)),
         ("Autostart", "yes" if spec.autostart else "no"),
         ("Restart on inactive", "yes" if spec.restart_on_inactive else "no"),

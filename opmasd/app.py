@@ -40,6 +40,7 @@ from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
 from opmasd.manager import AgentManager, HealthSettings, ManagerSettings, RestartSettings
 from opmasd.runtime.cgroups import AgentCgroups
+from opmasd.runtime.fdlimit import raise_open_files_limit
 from opmasd.runtime.process import ProcessRuntime
 from opmasd.store.sql import SqlStore
 from opmasd.systemd.notify import Notifier
@@ -112,6 +113,7 @@ class Daemon:
             log_max_bytes=config.agents.log_max_bytes,
             log_backups=config.agents.log_backups,
             cgroups=self._agent_cgroups(),
+            child_open_files=raise_open_files_limit(),
         )
         self._bus = await self._start_bus()
         self.manager = AgentManager(

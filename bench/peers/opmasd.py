@@ -109,10 +109,12 @@ class OpmasdDriver(Driver):
         self._launch()
         timeout = duration_pb2.Duration()
         timeout.FromNanoseconds(int(fleet.stop_timeout * 1e9))
+        at_once = duration_pb2.Duration()
         calls = []
         t0 = time.perf_counter()
         for name in fleet.names():
-            spec = pb.AgentSpec(name=name, command=fleet.command, stop_timeout=timeout)
+            # start_seconds 0: RUNNING at exec, as the peers are configured (startsecs=0).
+            spec = pb.AgentSpec(name=name, command=fleet.command, stop_timeout=timeout, start_seconds=at_once)
             calls.append(
                 self.stub.CreateAgent.future(
                     pb.CreateAgentRequest(agent_id=name, spec=spec, start=fleet.autostart), timeout=120
@@ -121,7 +123,9 @@ class OpmasdDriver(Driver):
         for name, stop_timeout in fleet.extra:
             extra_timeout = duration_pb2.Duration()
             extra_timeout.FromNanoseconds(int(stop_timeout * 1e9))
-            spec = pb.AgentSpec(name=name, command=fleet.command, stop_timeout=extra_timeout)
+            spec = pb.AgentSpec(
+                name=name, command=fleet.command, stop_timeout=extra_timeout, start_seconds=at_once
+            )
             calls.append(self.stub.CreateAgent.future(pb.CreateAgentRequest(agent_id=name, spec=spec)))
         for call in calls:
             call.result()

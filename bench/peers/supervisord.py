@@ -1,9 +1,9 @@
 """supervisord (from bench/.venv), driven over XML-RPC on its unix socket, as supervisorctl does.
 
 One [program:x] per agent: autostart=true, autorestart=true, startsecs=0 (RUNNING at exec, as
-opmasd counts it), stopasgroup/killasgroup=true (a stop reaches the agent's children, as
-opmasd's does), redirect_stderr=true (one log per agent, as opmasd's), stopwaitsecs as the
-fleet's stop timeout.
+opmasd's agents are configured here: start_seconds 0), stopasgroup/killasgroup=true (a stop
+reaches the agent's children, as opmasd's does), redirect_stderr=true (one log per agent, as
+opmasd's), stopwaitsecs as the fleet's stop timeout.
 """
 
 from __future__ import annotations

@@ -173,6 +173,34 @@ AGENT_SOURCE_REGISTERED: AgentSource.ValueType  # 2
 """Registered through the API."""
 Global___AgentSource: _TypeAlias = AgentSource  # noqa: Y015
 
+class _LogStream:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _LogStreamEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_LogStream.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    LOG_STREAM_UNSPECIFIED: _LogStream.ValueType  # 0
+    """Not recorded: a line stored before streams were (or by a runtime that cannot tell)."""
+    LOG_STREAM_STDOUT: _LogStream.ValueType  # 1
+    """The agent's standard output."""
+    LOG_STREAM_STDERR: _LogStream.ValueType  # 2
+    """The agent's standard error."""
+    LOG_STREAM_OPMASD: _LogStream.ValueType  # 3
+    """opmasd itself: a note of a launch, a failure to start or an exit ("--- opmasd: ... ---")."""
+
+class LogStream(_LogStream, metaclass=_LogStreamEnumTypeWrapper):
+    """Who wrote a line of an agent's log."""
+
+LOG_STREAM_UNSPECIFIED: LogStream.ValueType  # 0
+"""Not recorded: a line stored before streams were (or by a runtime that cannot tell)."""
+LOG_STREAM_STDOUT: LogStream.ValueType  # 1
+"""The agent's standard output."""
+LOG_STREAM_STDERR: LogStream.ValueType  # 2
+"""The agent's standard error."""
+LOG_STREAM_OPMASD: LogStream.ValueType  # 3
+"""opmasd itself: a note of a launch, a failure to start or an exit ("--- opmasd: ... ---")."""
+Global___LogStream: _TypeAlias = LogStream  # noqa: Y015
+
 @_typing.final
 class ResourceLimits(_message.Message):
     """Limits on an agent's resources; 0 means no limit. The process runtime enforces only
@@ -249,6 +277,7 @@ class AgentSpec(_message.Message):
     RUNTIME_FIELD_NUMBER: _builtins.int
     AUTOSTART_FIELD_NUMBER: _builtins.int
     RESTART_ON_INACTIVE_FIELD_NUMBER: _builtins.int
+    START_SECONDS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name, 1-128 characters without control characters. Required. When no
     agent_id is given, the id is derived from it (lower-cased, other characters as '-').
@@ -292,13 +321,21 @@ class AgentSpec(_message.Message):
     @_builtins.property
     def heartbeat_interval(self) -> _duration_pb2.Duration:
         """How often the agent should send heartbeats, passed to it as AGENT_HEARTBEAT_INTERVAL
-        (seconds). Not negative. Unset: 30s. Liveness itself is judged by the daemon's
+        (seconds). Not negative. An agent that heartbeats is inactive after three intervals
+        without one. Unset or 0: not declared; the agent is told 30s and judged on the daemon's
         heartbeat_timeout.
         """
 
     @_builtins.property
     def resources(self) -> Global___ResourceLimits:
         """Resource limits; unset or 0 fields mean no limit."""
+
+    @_builtins.property
+    def start_seconds(self) -> _duration_pb2.Duration:
+        """How long a new process must stay up to count as started: it is `starting` until then (or
+        until its first heartbeat, if sooner), and an exit before is a failed start. Between 0
+        and 3600s; 0: running at once. Unset: 1s.
+        """
 
     def __init__(
         self,
@@ -317,10 +354,11 @@ class AgentSpec(_message.Message):
         runtime: Global___RuntimeKind.ValueType = ...,
         autostart: _builtins.bool = ...,
         restart_on_inactive: _builtins.bool = ...,
+        start_seconds: _duration_pb2.Duration | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "resources", b"resources", "stop_timeout", b"stop_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "resources", b"resources", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autostart", b"autostart", "command", b"command", "description", b"description", "environment", b"environment", "heartbeat_interval", b"heartbeat_interval", "name", b"name", "resources", b"resources", "restart_on_inactive", b"restart_on_inactive", "restart_policy", b"restart_policy", "runtime", b"runtime", "stop_timeout", b"stop_timeout", "type", b"type", "version", b"version", "working_directory", b"working_directory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autostart", b"autostart", "command", b"command", "description", b"description", "environment", b"environment", "heartbeat_interval", b"heartbeat_interval", "name", b"name", "resources", b"resources", "restart_on_inactive", b"restart_on_inactive", "restart_policy", b"restart_policy", "runtime", b"runtime", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout", "type", b"type", "version", b"version", "working_directory", b"working_directory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -664,7 +702,8 @@ class UpdateAgentRequest(_message.Message):
         """Paths of AgentSpec fields, e.g. "stop_timeout", "environment". Empty: every field set in spec.
         A named field is set even to its zero value. Valid paths: name, type, version,
         description, command, working_directory, environment, restart_policy, stop_timeout,
-        heartbeat_interval, resources, resources.<field>, runtime, autostart, restart_on_inactive.
+        heartbeat_interval, start_seconds, resources, resources.<field>, runtime, autostart,
+        restart_on_inactive.
         In JSON a comma-separated string of lowerCamelCase paths: "stopTimeout,environment".
         """
 
@@ -1048,25 +1087,39 @@ Global___GetAgentLogsRequest: _TypeAlias = GetAgentLogsRequest  # noqa: Y015
 
 @_typing.final
 class LogLine(_message.Message):
-    """One line of an agent's output (stdout and stderr together)."""
+    """One line of an agent's output (stdout and stderr together, in the order they were stored)."""
 
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_ID_FIELD_NUMBER: _builtins.int
     LINE_FIELD_NUMBER: _builtins.int
+    STREAM_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's id."""
     line: _builtins.str
-    """The line's text, without its line break."""
+    """The line's text, without its line break.
+    A line longer than 64 KiB arrives as several LogLines of the same stream.
+    """
+    stream: Global___LogStream.ValueType
+    """Which stream the line came from."""
+    @_builtins.property
+    def time(self) -> _timestamp_pb2.Timestamp:
+        """When the line was stored (read from the agent's pipe), with millisecond precision; unset
+        when not recorded.
+        """
+
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
         line: _builtins.str = ...,
+        stream: Global___LogStream.ValueType = ...,
+        time: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "line", b"line"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "line", b"line", "stream", b"stream", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

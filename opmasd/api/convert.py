@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from opmas.v1 import agents_pb2 as pb
 from opmasd.core.clock import SYSTEM_CLOCK
 from opmasd.core.errors import FieldViolation, InvalidArgument
+from opmasd.core.logs import LogEntry, LogStream
 from opmasd.core.messages import MetricsReport
 from opmasd.core.model import (
     AgentRecord,
@@ -79,6 +80,7 @@ SPEC_MASK_PATHS = frozenset(
         "restart_policy",
         "stop_timeout",
         "heartbeat_interval",
+        "start_seconds",
         "runtime",
         "resources",
         *(f"resources.{name}" for name in _RESOURCE_FIELDS),
@@ -172,6 +174,8 @@ def spec_fields(spec: pb.AgentSpec, mask: list[str] | None = None) -> dict[str, 
         out["stop_timeout"] = seconds(spec.stop_timeout)
     if named("heartbeat_interval", spec.HasField("heartbeat_interval")):
         out["heartbeat_interval"] = seconds(spec.heartbeat_interval)
+    if named("start_seconds", spec.HasField("start_seconds")):
+        out["start_seconds"] = seconds(spec.start_seconds)
     resources: dict[str, Any] = {}
     for name in _RESOURCE_FIELDS:
         value = getattr(spec.resources, name)
@@ -194,7 +198,8 @@ def spec_to_pb(spec: AgentSpec) -> pb.AgentSpec:
         environment=spec.env,
         restart_policy=_POLICY_TO_PB[spec.restart_policy],
         stop_timeout=duration(spec.stop_timeout),
-        heartbeat_interval=duration(spec.heartbeat_interval),
+        heartbeat_interval=duration(spec.heartbeat_interval) if spec.heartbeat_interval else None,
+        start_seconds=duration(spec.start_seconds),
         resources=pb.ResourceLimits(
             memory_max_bytes=res.memory_max_bytes,
             cpu_quota_percent=res.cpu_quota_percent,
@@ -314,3 +319,18 @@ def metrics_to_pb(
     if uptime is not None:
         metrics.uptime.CopyFrom(duration(uptime))
     return metrics
+
+
+_LOG_STREAMS = {
+    LogStream.UNKNOWN: pb.LOG_STREAM_UNSPECIFIED,
+    LogStream.STDOUT: pb.LOG_STREAM_STDOUT,
+    LogStream.STDERR: pb.LOG_STREAM_STDERR,
+    LogStream.OPMASD: pb.LOG_STREAM_OPMASD,
+}
+
+
+def log_line_to_pb(agent_id: str, entry: LogEntry) -> pb.LogLine:
+    line = pb.LogLine(agent_id=agent_id, line=entry.text, stream=_LOG_STREAMS[entry.stream])
+    if entry.time is not None:
+        line.time.CopyFrom(timestamp(entry.time))
+    return line

@@ -202,11 +202,11 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     async def GetAgentLogs(self, request: pb.GetAgentLogsRequest, context: Any) -> AsyncIterator[pb.LogLine]:
         agent_id = request.agent_id
         follow = self._manager.follow_logs(agent_id) if request.follow else None
-        for line in await self._manager.tail_logs(agent_id, request.tail_lines):
-            yield pb.LogLine(agent_id=agent_id, line=line)
+        for entry in await self._manager.tail_logs(agent_id, request.tail_lines):
+            yield convert.log_line_to_pb(agent_id, entry)
         if follow is not None:
-            async for line in _until(self._stopping, follow):
-                yield pb.LogLine(agent_id=agent_id, line=line)
+            async for entry in _until(self._stopping, follow):
+                yield convert.log_line_to_pb(agent_id, entry)
 
     @streaming
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.AgentEvent]:

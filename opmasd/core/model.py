@@ -73,7 +73,10 @@ class AgentSpec:
     environment: tuple[tuple[str, str], ...] = ()
     restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
     stop_timeout: float = 10.0
-    heartbeat_interval: float = 30.0
+    # 0: not declared (the agent heartbeats at its own default, judged on heartbeat_timeout).
+    heartbeat_interval: float = 0.0
+    # How long a new process must stay up (or until its first heartbeat) to count as started.
+    start_seconds: float = 1.0
     resources: ResourceLimits = ResourceLimits()
     runtime: RuntimeKind = RuntimeKind.PROCESS
     autostart: bool = False
@@ -96,6 +99,7 @@ class AgentSpec:
             "restart_policy": self.restart_policy.value,
             "stop_timeout": self.stop_timeout,
             "heartbeat_interval": self.heartbeat_interval,
+            "start_seconds": self.start_seconds,
             "resources": {
                 "memory_max_bytes": self.resources.memory_max_bytes,
                 "cpu_quota_percent": self.resources.cpu_quota_percent,
@@ -125,6 +129,7 @@ class AgentSpec:
             restart_policy=RestartPolicy(data.get("restart_policy", default.restart_policy.value)),
             stop_timeout=float(data.get("stop_timeout", default.stop_timeout)),
             heartbeat_interval=float(data.get("heartbeat_interval", default.heartbeat_interval)),
+            start_seconds=float(data.get("start_seconds", default.start_seconds)),
             resources=ResourceLimits(
                 memory_max_bytes=int(res.get("memory_max_bytes", limits.memory_max_bytes)),
                 cpu_quota_percent=float(res.get("cpu_quota_percent", limits.cpu_quota_percent)),

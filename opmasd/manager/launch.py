@@ -12,6 +12,10 @@ from opmasd.runtime.base import LaunchRequest
 _PRIVATE_ENV_PREFIXES = ("OPMAS_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM", "INVOCATION_ID")
 
 
+# What an agent whose spec declares no heartbeat interval is told to use (the SDK's default).
+DEFAULT_HEARTBEAT_INTERVAL = 30.0
+
+
 def agent_base_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The daemon's environment without what is the daemon's alone."""
     return {k: v for k, v in environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
@@ -31,7 +35,7 @@ def launch_request(
         AGENT_NAME=spec.name,
         AGENT_TYPE=spec.type,
         AGENT_VERSION=spec.version,
-        AGENT_HEARTBEAT_INTERVAL=f"{spec.heartbeat_interval:g}",
+        AGENT_HEARTBEAT_INTERVAL=f"{spec.heartbeat_interval or DEFAULT_HEARTBEAT_INTERVAL:g}",
         # Seconds between SIGTERM and SIGKILL: the SDK plans its teardown within them.
         AGENT_STOP_TIMEOUT=f"{spec.stop_timeout:g}",
         PYTHONUNBUFFERED="1",

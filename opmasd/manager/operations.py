@@ -10,10 +10,9 @@ judging and the metrics cache, and the periodic jobs that drive them.
 from __future__ import annotations
 
 import asyncio
-import functools
-from collections.abc import AsyncIterator, Callable, Coroutine, Mapping, Sequence
+from collections.abc import AsyncIterator, Mapping, Sequence
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import Any
 
 import structlog
 
@@ -39,6 +38,7 @@ from opmasd.manager.events import EventHub, Subscription
 from opmasd.manager.heartbeats import HeartbeatJudge
 from opmasd.manager.jobs import PeriodicJobs
 from opmasd.manager.metrics_cache import MetricsCache
+from opmasd.manager.owned import finishes
 from opmasd.manager.packages.manifest import ManifestError, load_manifest
 from opmasd.manager.persistence import WriteBehind
 from opmasd.manager.registry import AgentRegistry
@@ -48,7 +48,7 @@ from opmasd.manager.stats import ManagerStats
 from opmasd.manager.supervisor import Supervisor
 from opmasd.manager.validation import check_spec
 from opmasd.manager.values import ALL_AGENTS, AgentFilter, DiscoveryReport, OperationResult
-from opmasd.runtime.base import Runtime
+from opmasd.runtime.base import LogEntry, Runtime
 from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
@@ -57,39 +57,6 @@ DEFAULT_TAIL_LINES = 100
 MAX_TAIL_LINES = 100_000
 DEFAULT_COMMAND_TIMEOUT = 5.0
 MAX_COMMAND_TIMEOUT = 300.0
-
-
-Op = TypeVar("Op")
-
-
-def _finishes(method: Callable[..., Coroutine[Any, Any, Op]]) -> Callable[..., Coroutine[Any, Any, Op]]:
-    """Once accepted, the operation runs to its end in a task the manager owns: the caller's
-    cancellation (a client's deadline, a dropped connection, Ctrl-C) only stops the caller
-    waiting, never a stop half-way through. Its result is in the agent's state and events."""
-
-    @functools.wraps(method)
-    async def run(self: AgentManager, *args: Any, **kwargs: Any) -> Op:
-        if self._tasks.closed:
-            raise Unavailable("opmasd is shutting down")
-        task = self._tasks.spawn(method(self, *args, **kwargs), method.__name__, awaited=True)
-        try:
-            return await asyncio.shield(task)
-        except asyncio.CancelledError:
-            task.add_done_callback(_report_unattended)
-            raise
-
-    return run
-
-
-def _report_unattended(task: asyncio.Task[Any]) -> None:
-    """The outcome of an operation whose caller left before it ended, for the log."""
-    if task.cancelled():
-        return
-    error = task.exception()
-    if error is None:
-        log.info("operation finished after its caller left", operation=task.get_name())
-    else:
-        log.warning("operation failed after its caller left", operation=task.get_name(), error=str(error))
 
 
 class AgentManager:
@@ -126,6 +93,7 @@ class AgentManager:
             lambda: self._agent_environment,
             clock,
         )
+        self._heartbeats.on_starting_heartbeat = self._supervisor.started_by_heartbeat
         self._discovery = PackageDiscovery(
             self._registry, self._supervisor, lambda: self._settings, self.spec_defaults
         )
@@ -169,7 +137,8 @@ class AgentManager:
         self._jobs.every(settings.cleanup_interval, self._cleanup, "cleanup")
         if self._bus is not None:
             timeout = settings.health.heartbeat_timeout
-            check_every = min(max(timeout / 4, 0.05), settings.monitoring_interval)
+            # Agents' own deadlines may be short (three times a 1 s interval): look at least every second.
+            check_every = min(max(timeout / 4, 0.05), settings.monitoring_interval, 1.0)
             self._jobs.every(check_every, self._check_heartbeats, "heartbeat-check")
             self._jobs.every(settings.heartbeat_flush_interval, self._flush_heartbeats, "heartbeat-flush")
 
@@ -260,13 +229,13 @@ class AgentManager:
         self.get_agent(agent_id)
         return self._metrics.last(agent_id)
 
-    async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
+    async def tail_logs(self, agent_id: str, lines: int) -> list[LogEntry]:
         self.get_agent(agent_id)
         if lines < 0:
             raise InvalidArgument.single("tail_lines", f"must not be negative, got {lines}")
         return await self._runtime.tail_logs(agent_id, min(lines or DEFAULT_TAIL_LINES, MAX_TAIL_LINES))
 
-    def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
+    def follow_logs(self, agent_id: str) -> AsyncIterator[LogEntry]:
         self.get_agent(agent_id)
         return self._runtime.follow_logs(agent_id)
 
@@ -277,7 +246,7 @@ class AgentManager:
 
     # -- operations -----------------------------------------------------------------------------
 
-    @_finishes
+    @finishes
     async def start_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
@@ -285,7 +254,7 @@ class AgentManager:
         await self._writes.wait_flush_attempt(agent_id)
         return result
 
-    @_finishes
+    @finishes
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
         if timeout is not None and timeout < 0:
             raise InvalidArgument.single("timeout", f"must not be negative, got {timeout:g}s")
@@ -295,7 +264,7 @@ class AgentManager:
         await self._writes.wait_flush_attempt(agent_id)
         return result
 
-    @_finishes
+    @finishes
     async def restart_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
@@ -336,7 +305,7 @@ class AgentManager:
             stop_timeout=self.settings.default_stop_timeout,
         )
 
-    @_finishes
+    @finishes
     async def create_agent(
         self, fields: Mapping[str, Any], agent_id: str = "", start: bool = False
     ) -> AgentRecord:
@@ -347,7 +316,7 @@ class AgentManager:
         check_agent_id(agent_id)
         return await self._register(agent_id, spec, AgentSource.REGISTERED, "", start or spec.autostart)
 
-    @_finishes
+    @finishes
     async def create_agent_from_manifest(
         self, path: str, agent_id: str = "", start: bool = False
     ) -> AgentRecord:
@@ -402,7 +371,7 @@ class AgentManager:
             self._registry.restore(rec.agent_id, existing)
         log.error("agent registration undone: the store refused it", agent_id=rec.agent_id)
 
-    @_finishes
+    @finishes
     async def update_agent(self, agent_id: str, fields: Mapping[str, Any]) -> AgentRecord:
         if not fields:
             raise InvalidArgument.single("update_mask", "names no field to change")
@@ -422,7 +391,7 @@ class AgentManager:
             raise
         return rec
 
-    @_finishes
+    @finishes
     async def delete_agent(self, agent_id: str) -> OperationResult:
         """Stop and remove the agent; changed is False when it was already deleted."""
         check_agent_id(agent_id)

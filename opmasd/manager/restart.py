@@ -29,11 +29,12 @@ class RestartDecision:
     reason: str
 
 
-def wants_restart(policy: RestartPolicy, exit_info: ExitInfo) -> bool:
+def wants_restart(policy: RestartPolicy, exit_info: ExitInfo, failed_start: bool = False) -> bool:
+    """failed_start: it ended within its start window, which is a failure whatever its code."""
     if policy is RestartPolicy.ALWAYS:
         return True
     if policy is RestartPolicy.ON_FAILURE:
-        return not exit_info.success
+        return failed_start or not exit_info.success
     return False
 
 
@@ -50,27 +51,31 @@ def decide(
     previous_failures: int,
     ran_for: float | None,
     settings: RestartSettings,
+    failed_start: bool = False,
 ) -> RestartDecision:
     """What to do after an unexpected exit.
 
     previous_failures: consecutive failures before this exit. ran_for: how long the process
-    ran (None when unknown), compared with the stability window.
+    ran (None when unknown), compared with the stability window. failed_start: it ended
+    before it counted as started (spec.start_seconds).
     """
     if ran_for is not None and ran_for >= settings.stable_after:
         previous_failures = 0
     failures = previous_failures + 1
-    if not wants_restart(policy, exit_info):
-        return RestartDecision(False, 0.0, failures, f"{exit_info.reason}; restart policy {policy.value}")
+    how = exit_info.reason
+    if failed_start:
+        lasted = "" if ran_for is None else f" after {ran_for:.3g}s"
+        how = f"failed to start: {how}{lasted}"
+    if not wants_restart(policy, exit_info, failed_start):
+        return RestartDecision(False, 0.0, failures, f"{how}; restart policy {policy.value}")
     if failures > settings.max_restarts:
         return RestartDecision(
             False,
             0.0,
             failures,
-            f"{exit_info.reason}; crash loop: gave up after {settings.max_restarts} restarts "
+            f"{how}; crash loop: gave up after {settings.max_restarts} restarts "
             f"without running {settings.stable_after:g}s",
         )
     delay = backoff_delay(failures, settings)
     when = "now" if delay == 0 else f"in {delay:g}s"
-    return RestartDecision(
-        True, delay, failures, f"{exit_info.reason}; restart {failures}/{settings.max_restarts} {when}"
-    )
+    return RestartDecision(True, delay, failures, f"{how}; restart {failures}/{settings.max_restarts} {when}")

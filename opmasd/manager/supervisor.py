@@ -60,6 +60,10 @@ class Supervisor:
         # An exit that arrived while its launch was still being recorded.
         self._early_exits: dict[str, tuple[ProcessHandle, ExitInfo]] = {}
         self._stopped_waiters: dict[str, list[asyncio.Future[None]]] = {}
+        # A launch in its start window (spec.start_seconds): the timer that promotes it, and
+        # operators' starts waiting for the outcome (None: started; text: why it failed).
+        self._promotions: dict[str, asyncio.Task[None]] = {}
+        self._start_waiters: dict[str, list[asyncio.Future[str | None]]] = {}
         self._shutting_down = False
         # Restarts by the policy since the daemon started, after an exit (counted when decided,
         # like restart_count) and after heartbeat loss.
@@ -95,9 +99,16 @@ class Supervisor:
         rec.desired = DesiredState.RUNNING
         rec.consecutive_failures = 0
         rec.restart_count = 0
+        outcome = self._await_start(rec.agent_id)
         if not await self._launch(rec, reason):
+            outcome.cancel()
             raise FailedPrecondition(f"agent {rec.agent_id} failed to start: {rec.state_reason}")
-        return OperationResult(rec, True, f"agent {rec.agent_id} started (pid {rec.pid})")
+        pid = rec.pid
+        # The answer waits for the start window: "started" means it stayed up (or heartbeated).
+        failure = await outcome
+        if failure is not None:
+            raise FailedPrecondition(f"agent {rec.agent_id} failed to start: {failure}")
+        return OperationResult(rec, True, f"agent {rec.agent_id} started (pid {pid})")
 
     async def stop(self, rec: AgentRecord, reason: str, timeout: float | None = None) -> OperationResult:
         was_desired = rec.desired
@@ -205,7 +216,14 @@ class Supervisor:
         rec.pid, rec.pid_start_time, rec.started_at = handle.pid, handle.start_time, self._clock.now()
         rec.started_monotonic = self._clock.monotonic()
         rec.heard_monotonic = None  # a new process is never judged by its predecessor's heartbeat
-        self._registry.transition(rec, AgentState.RUNNING, f"started (pid {handle.pid})")
+        window = rec.spec.start_seconds
+        if window > 0:
+            self._registry.save(rec)  # its PID, committed while it is still starting
+            self._promotions[rec.agent_id] = self._tasks.spawn(
+                self._promote_after(rec.agent_id, handle.pid, window), name=f"start-window:{rec.agent_id}"
+            )
+        else:
+            self._promote(rec, f"started (pid {handle.pid})")
         early = self._early_exits.pop(rec.agent_id, None)
         if early is not None and early[0].pid == handle.pid:
             self._on_exit(rec.agent_id, *early)
@@ -225,6 +243,39 @@ class Supervisor:
             log.error("runtime reported no exit after terminate", agent_id=rec.agent_id, pid=rec.pid)
             self._on_exit(rec.agent_id, ProcessHandle(rec.pid or 0, 0.0), ExitInfo(None, None))
 
+    # -- the start window ------------------------------------------------------------------------
+
+    def _await_start(self, agent_id: str) -> asyncio.Future[str | None]:
+        future: asyncio.Future[str | None] = asyncio.get_running_loop().create_future()
+        self._start_waiters.setdefault(agent_id, []).append(future)
+        return future
+
+    def _settle_start(self, agent_id: str, failure: str | None) -> None:
+        for waiter in self._start_waiters.pop(agent_id, []):
+            if not waiter.done():
+                waiter.set_result(failure)
+
+    async def _promote_after(self, agent_id: str, pid: int, window: float) -> None:
+        await self._clock.sleep(window)
+        if self._promotions.get(agent_id) is asyncio.current_task():
+            del self._promotions[agent_id]
+        rec = self._registry.get(agent_id)
+        if rec is not None and rec.pid == pid and rec.state is AgentState.STARTING:
+            self._promote(rec, f"started (pid {pid}, up {window:g}s)")
+
+    def _promote(self, rec: AgentRecord, reason: str) -> None:
+        self._registry.transition(rec, AgentState.RUNNING, reason)
+        self._settle_start(rec.agent_id, None)
+
+    def started_by_heartbeat(self, rec: AgentRecord) -> None:
+        """A heartbeat from an agent in its start window: it is up and speaking, so started."""
+        if rec.state is not AgentState.STARTING or rec.pid is None:
+            return
+        promotion = self._promotions.pop(rec.agent_id, None)
+        if promotion is not None:
+            promotion.cancel()
+        self._promote(rec, f"started (pid {rec.pid}, first heartbeat)")
+
     def _cancel_restart(self, agent_id: str) -> None:
         timer = self._restart_timers.pop(agent_id, None)
         if timer is not None:
@@ -240,8 +291,15 @@ class Supervisor:
             return
         started = rec.started_monotonic
         ran_for = None if started is None else max(0.0, self._clock.monotonic() - started)
+        failed_start = rec.state is AgentState.STARTING
+        promotion = self._promotions.pop(agent_id, None)
+        if promotion is not None:
+            promotion.cancel()
         _forget_process(rec)
         rec.last_exit = exit_info
+        if failed_start:
+            lasted = "" if ran_for is None else f" after {ran_for:.3g}s"
+            self._settle_start(agent_id, f"{exit_info.reason}{lasted}, within its start window")
         if rec.state is AgentState.STOPPING or rec.desired is DesiredState.STOPPED or self._shutting_down:
             self._registry.transition(rec, AgentState.STOPPED, f"stopped: {exit_info.reason}")
             for waiter in self._stopped_waiters.pop(agent_id, []):
@@ -249,11 +307,11 @@ class Supervisor:
                     waiter.set_result(None)
             return
         decision = decide(
-            rec.spec.restart_policy, exit_info, rec.consecutive_failures, ran_for, self.settings
+            rec.spec.restart_policy, exit_info, rec.consecutive_failures, ran_for, self.settings, failed_start
         )
         rec.consecutive_failures = decision.failures
         if not decision.restart:
-            clean = exit_info.success and decision.failures <= self.settings.max_restarts
+            clean = exit_info.success and not failed_start and decision.failures <= self.settings.max_restarts
             self._registry.transition(rec, AgentState.STOPPED if clean else AgentState.ERROR, decision.reason)
             return
         rec.restart_count += 1

@@ -24,6 +24,8 @@ MAX_ENV_NAME_LENGTH = 256
 MAX_ENV_VALUE_LENGTH = 32 * 1024
 MAX_PATH_LENGTH = 4096
 MAX_SPEC_BYTES = 128 * 1024
+# A start window longer than an hour is a typo, not a plan.
+MAX_START_SECONDS = 3600.0
 # type and version are labels (the type is a column of its own); a description is prose.
 MAX_LABEL_LENGTH = 64
 MAX_DESCRIPTION_LENGTH = 1024
@@ -138,6 +140,8 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
         bad("stop_timeout", f"must not be negative, got {spec.stop_timeout:g}s")
     if spec.heartbeat_interval < 0:
         bad("heartbeat_interval", f"must not be negative, got {spec.heartbeat_interval:g}s")
+    if not 0 <= spec.start_seconds <= MAX_START_SECONDS:
+        bad("start_seconds", f"must be between 0 and {MAX_START_SECONDS:g}s, got {spec.start_seconds:g}s")
     res = spec.resources
     if res.memory_max_bytes < 0:
         bad("resources.memory_max_bytes", "must not be negative")

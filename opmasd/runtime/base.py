@@ -11,6 +11,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from dataclasses import dataclass, field
 from typing import Protocol
 
+from opmasd.core.logs import LogEntry as LogEntry  # what tail_logs and follow_logs return
 from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
 
 
@@ -57,14 +58,17 @@ class Runtime(Protocol):
     def usage(self, agent_id: str) -> ProcessUsage | None:
         """CPU, memory, threads and fds of the agent's process tree; None without a process."""
 
-    async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
+    async def tail_logs(self, agent_id: str, lines: int) -> list[LogEntry]:
         """The last `lines` lines of the agent's output."""
 
-    def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
+    def follow_logs(self, agent_id: str) -> AsyncIterator[LogEntry]:
         """New lines of the agent's output as they are written, until the caller stops."""
 
     async def rotate_logs(self) -> None:
-        """Rotate the agents' logs that outgrew their cap; the manager calls it every monitoring_interval."""
+        """Log housekeeping, every monitoring_interval (the manager calls it).
+
+        A backend that caps its logs as they are written (the process runtime's log relay)
+        uses it to check on its log writer; one without logs does nothing."""
 
     async def aclose(self) -> None:
         """Stop watching. Processes are left running (a later daemon re-adopts them)."""

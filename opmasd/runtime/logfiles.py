@@ -1,52 +1,63 @@
-"""Per-agent log files: the file an agent writes to, size-capped rotation, tail and follow.
+"""Reading agents' log files: the last lines (tail) and new lines as they come (follow).
 
-An agent's stdout and stderr go straight to `<dir>/<agent_id>.log`, opened with O_APPEND by the
-daemon and inherited by the child. No pipe runs through the daemon, so the agent keeps writing
-when the daemon dies and a restarted daemon finds the output where it left it.
+The log relay (logrelay.py) writes the files and rotates them by renaming `.log` to `.log.1`;
+this side only reads, from another process, so it relies on what a rename keeps: an open
+descriptor still reads the file it was opened on, wherever the file is now, and the inode
+number tells which file is which. A follower reads its file to the end, and only then — when
+the live name points to another inode — moves on to the files that came after it, in order: no
+line lost or read twice across rotations, however many happened between two looks (as long as
+the files were not yet dropped beyond the backups kept).
 
-Because the agent holds its own descriptor on the file, the file cannot be renamed away to
-rotate it (the agent would keep writing into the renamed file). Rotation is therefore
-copytruncate: copy the file to `.1` and empty it in place. O_APPEND makes the agent's next write
-land at the new end instead of at its old offset (which would leave a hole of zeros).
+Lines come back as core.logs.LogEntry, parsed from the stored format (logformat).
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
-import shutil
-import threading
 from collections.abc import AsyncIterator
-from dataclasses import dataclass
+from datetime import datetime
+from io import BufferedReader
 from pathlib import Path
 
 import structlog
 
+from opmasd.core.logs import LogEntry, LogStream
+from opmasd.runtime import logformat
+
 log = structlog.get_logger(__name__)
 
-# tail reads the file backwards in blocks of this size.
+# tail reads a file backwards in blocks of this size.
 _TAIL_BLOCK = 64 * 1024
-# follow yields an unterminated "line" in pieces once it grows past this, so a program that
-# never writes a newline cannot make the follower buffer without bound.
-_MAX_PARTIAL_LINE = 64 * 1024
-# follow reads at most this much per look, so one look never holds the lock for long.
+# follow yields an unterminated "line" once it grows past the longest line the relay stores.
+_MAX_PARTIAL_LINE = logformat.PREFIX_LEN + logformat.MAX_TEXT + 1
+# follow reads at most this much per look, so one look is short.
 _FOLLOW_CHUNK = 1024 * 1024
+# Opening the live file and its backups is retried when a rotation ran in the middle.
+_OPEN_ATTEMPTS = 10
+
+_STREAMS = {
+    logformat.STDOUT: LogStream.STDOUT,
+    logformat.STDERR: LogStream.STDERR,
+    logformat.OPMASD: LogStream.OPMASD,
+}
 
 
-@dataclass
-class _Cursor:
-    """Where a follower has read up to, and which rotation of the file that position is in."""
-
-    position: int
-    rotations: int
+def parse_entry(raw: bytes) -> LogEntry:
+    """A stored line as a LogEntry; a line not in the format is all text, stream unknown."""
+    stamp, tag, text = logformat.parse_line(raw)
+    decoded = text.decode("utf-8", "replace")
+    if stamp is None or tag is None:
+        return LogEntry(decoded)
+    try:
+        when: datetime | None = datetime.fromisoformat(stamp)
+    except ValueError:
+        when = None
+    return LogEntry(decoded, _STREAMS[tag], when)
 
 
 class AgentLogs:
-    """The log files of all agents in one directory.
-
-    Rotation runs in a worker thread (copying a large file should not block the event loop);
-    tail and follow read under the same lock, so they never see a rotation half done.
-    """
+    """The log files of all agents in one directory (read-only)."""
 
     def __init__(self, directory: Path, *, max_bytes: int, backups: int) -> None:
         if max_bytes <= 0:
@@ -56,194 +67,190 @@ class AgentLogs:
         self.directory = directory
         self.max_bytes = max_bytes
         self.backups = backups
-        self._lock = threading.Lock()
-        # Rotations done per agent: a follower compares it with its own count to notice one.
-        self._rotations: dict[str, int] = {}
 
     def path(self, agent_id: str) -> Path:
-        """The current log file of an agent. ValueError for an id that cannot be a file name."""
-        if not agent_id or "/" in agent_id or "\0" in agent_id or agent_id in (".", ".."):
-            raise ValueError(f"agent id {agent_id!r} cannot name a log file")
-        return self.directory / f"{agent_id}.log"
+        """The live log file of an agent. ValueError for an id that cannot be a file name."""
+        return logformat.log_path(self.directory, agent_id)
 
     def backup(self, agent_id: str, number: int) -> Path:
-        return self.directory / f"{agent_id}.log.{number}"
+        return logformat.backup_path(self.directory, agent_id, number)
 
-    def open_for_child(self, agent_id: str) -> int:
-        """A write-only O_APPEND descriptor on the agent's log, to hand to its process.
+    def _paths(self, agent_id: str) -> list[Path]:
+        """Newest first: the live file, `.1`, `.2` … (one more than kept: a cap just lowered)."""
+        return [self.path(agent_id), *(self.backup(agent_id, n) for n in range(1, self.backups + 2))]
 
-        O_CLOEXEC keeps it out of other children spawned meanwhile; the dup onto the child's
-        stdout/stderr clears the flag there. The caller closes it after the spawn.
-        """
-        path = self.path(agent_id)
-        self.directory.mkdir(parents=True, exist_ok=True)
-        return os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT | os.O_CLOEXEC, 0o640)
-
-    def write_note(self, fd: int, text: str) -> None:
-        """Write a `--- opmasd: ... ---` line, so operators see launches and exits in the log.
-
-        A failure (disk full) is logged and otherwise ignored: the note is a courtesy, not a
-        reason to fail a launch.
-        """
-        try:
-            os.write(fd, f"--- opmasd: {text} ---\n".encode())
-        except OSError as exc:
-            log.warning("could not write a note into an agent log", fd=fd, error=str(exc))
-
-    def note(self, agent_id: str, text: str) -> None:
-        """write_note for an agent whose log is not open in the daemon."""
-        try:
-            fd = self.open_for_child(agent_id)
-        except (OSError, ValueError) as exc:
-            log.warning("could not open an agent log for a note", agent_id=agent_id, error=str(exc))
-            return
-        try:
-            self.write_note(fd, text)
-        finally:
-            os.close(fd)
-
-    # --- rotation ---------------------------------------------------------------------------
-
-    def rotate_oversized(self) -> list[str]:
-        """Rotate every `*.log` in the directory that is over max_bytes; the agents rotated.
-
-        Logs of agents without a running process are rotated too: the directory is the truth.
-        """
-        rotated: list[str] = []
-        for path in sorted(self.directory.glob("*.log")):
-            agent_id = path.name.removesuffix(".log")
-            try:
-                if path.stat().st_size <= self.max_bytes:
-                    continue
-                self.rotate(agent_id)
-            except (OSError, ValueError) as exc:
-                log.warning("log rotation failed", agent_id=agent_id, path=str(path), error=str(exc))
-                continue
-            rotated.append(agent_id)
-        return rotated
-
-    def rotate(self, agent_id: str) -> None:
-        """copytruncate: shift `.N-1`→`.N` … `.1`→`.2`, copy the log to `.1`, empty the log.
-
-        Output written between the end of the copy and the truncate is lost: the known price of
-        copytruncate, kept small by truncating right after reading to the end.
-        """
-        current = self.path(agent_id)
-        with self._lock:
-            if self.backups > 0:
-                for number in range(self.backups - 1, 0, -1):
-                    older = self.backup(agent_id, number)
-                    if older.exists():
-                        os.replace(older, self.backup(agent_id, number + 1))
-                with current.open("rb") as source, self.backup(agent_id, 1).open("wb") as target:
-                    shutil.copyfileobj(source, target, 1024 * 1024)
-            os.truncate(current, 0)
-            self._rotations[agent_id] = self._rotations.get(agent_id, 0) + 1
-        log.info("agent log rotated", agent_id=agent_id, backups=self.backups)
-
-    # --- reading ----------------------------------------------------------------------------
-
-    def tail(self, agent_id: str, lines: int) -> list[str]:
-        """The last `lines` lines, continuing into the backups when the current file is short.
+    def tail(self, agent_id: str, lines: int) -> list[LogEntry]:
+        """The last `lines` lines, continuing into the backups when the live file is short.
 
         [] when the agent has no log. Blocking file I/O: call it from a worker thread.
         """
         if lines <= 0:
             return []
-        paths = [self.path(agent_id), *(self.backup(agent_id, n) for n in range(1, self.backups + 1))]
         found: list[bytes] = []
-        with self._lock:
-            for path in paths:
+        files = _open_consistent(self._paths(agent_id))
+        try:
+            for file in files:
                 wanted = lines - len(found)
                 if wanted <= 0:
                     break
-                found = _last_lines(path, wanted) + found
-        return [line.decode("utf-8", "replace") for line in found]
+                found = _last_lines(file, wanted) + found
+        finally:
+            for file in files:
+                file.close()
+        return [parse_entry(line) for line in found]
 
-    def follow(self, agent_id: str, poll_interval: float = 0.2) -> AsyncIterator[str]:
-        """Complete lines appended after this call, as they come, until the consumer stops.
+    def follow(self, agent_id: str, poll_interval: float = 0.2) -> AsyncIterator[LogEntry]:
+        """Lines appended after this call, as they come, until the consumer stops.
 
-        The starting point is taken now, not at the first iteration, so nothing written between
-        the call and the first `anext` is missed. The file is polled (a stat every
-        `poll_interval`); a rotation is noticed and the rest of the old content read from `.1`.
+        The starting point (the end of the live file) is taken now, not at the first iteration,
+        so nothing written between the call and the first `anext` is missed.
         """
-        path = self.path(agent_id)
-        with self._lock:
-            cursor = _Cursor(_size(path), self._rotations.get(agent_id, 0))
-        return self._follow(agent_id, path, cursor, poll_interval)
+        follower = _Follower(self._paths(agent_id))
+        return _follow(follower, poll_interval)
 
-    async def _follow(
-        self, agent_id: str, path: Path, cursor: _Cursor, poll_interval: float
-    ) -> AsyncIterator[str]:
-        pending = b""
+
+async def _follow(follower: _Follower, poll_interval: float) -> AsyncIterator[LogEntry]:
+    try:
         while True:
-            # The read runs in a thread: it may wait for the lock while a rotation copies.
-            chunk = await asyncio.to_thread(self._read_new, agent_id, path, cursor)
-            if chunk:
-                pending += chunk
-                *complete, pending = pending.split(b"\n")
-                for line in complete:
-                    yield line.decode("utf-8", "replace")
-                if len(pending) > _MAX_PARTIAL_LINE:
-                    yield pending.decode("utf-8", "replace")
-                    pending = b""
-                if len(chunk) >= _FOLLOW_CHUNK:
-                    continue  # more is waiting: read it before sleeping
-            await asyncio.sleep(poll_interval)
-
-    def _read_new(self, agent_id: str, path: Path, cursor: _Cursor) -> bytes:
-        with self._lock:
-            data = b""
-            rotations = self._rotations.get(agent_id, 0)
-            if rotations != cursor.rotations:
-                # What we had not read yet went into .1 (when exactly one rotation happened and
-                # there are backups); the current file starts again at zero.
-                if rotations == cursor.rotations + 1 and self.backups > 0:
-                    data = _read_range(self.backup(agent_id, 1), cursor.position, None)
-                cursor.position, cursor.rotations = 0, rotations
-            if _size(path) < cursor.position:
-                cursor.position = 0  # truncated by someone other than us
-            new = _read_range(path, cursor.position, _FOLLOW_CHUNK)
-            cursor.position += len(new)
-            return data + new
+            lines, more = await asyncio.to_thread(follower.read)
+            for line in lines:
+                yield parse_entry(line)
+            if not more:
+                await asyncio.sleep(poll_interval)
+    finally:
+        follower.close()
 
 
-def _size(path: Path) -> int:
+class _Follower:
+    """Where a follower is: the file it reads (by descriptor), and the files queued after it."""
+
+    def __init__(self, paths: list[Path]) -> None:
+        self._paths = paths
+        self._queue: list[BufferedReader] = []
+        self._current: BufferedReader | None = _open(paths[0])
+        if self._current is not None:
+            self._current.seek(0, os.SEEK_END)
+        self._pending = b""
+
+    def read(self) -> tuple[list[bytes], bool]:
+        """Complete lines read now, and whether more is waiting already."""
+        if self._current is None:
+            self._current = _open(self._paths[0])  # no log yet: from its beginning once there
+            if self._current is None:
+                return [], False
+        chunk = self._current.read(_FOLLOW_CHUNK)
+        if chunk:
+            return self._split(chunk), len(chunk) >= _FOLLOW_CHUNK or bool(self._queue)
+        if self._queue:
+            self._next()
+            return self._end_of_file(), True
+        if self._rotated():
+            self._queue = self._successors()
+            return [], True
+        return [], False
+
+    def _split(self, chunk: bytes) -> list[bytes]:
+        self._pending += chunk
+        *complete, self._pending = self._pending.split(b"\n")
+        if len(self._pending) > _MAX_PARTIAL_LINE:
+            complete.append(self._pending)
+            self._pending = b""
+        return complete
+
+    def _end_of_file(self) -> list[bytes]:
+        """What is left of a file done with: an unterminated last line is a line."""
+        rest, self._pending = self._pending, b""
+        return [rest] if rest else []
+
+    def _next(self) -> None:
+        if self._current is not None:
+            self._current.close()
+        self._current = self._queue.pop(0)
+
+    def _rotated(self) -> bool:
+        assert self._current is not None
+        try:
+            live = os.stat(self._paths[0]).st_ino
+        except FileNotFoundError:
+            return False  # mid-rotation: look again next time
+        return live != os.fstat(self._current.fileno()).st_ino
+
+    def _successors(self) -> list[BufferedReader]:
+        """The files written after ours, oldest first, ending with the live one."""
+        assert self._current is not None
+        ours = os.fstat(self._current.fileno()).st_ino
+        files = _open_consistent(self._paths)  # newest first
+        newer: list[BufferedReader] = []
+        for file in files:
+            if os.fstat(file.fileno()).st_ino == ours:
+                break
+            newer.append(file)
+        else:
+            log.debug("a followed log was dropped before it was read to the end", path=str(self._paths[0]))
+        for file in files[len(newer) :]:
+            file.close()
+        return list(reversed(newer))
+
+    def close(self) -> None:
+        for file in [self._current, *self._queue]:
+            if file is not None:
+                file.close()
+        self._current, self._queue = None, []
+
+
+def _open(path: Path) -> BufferedReader | None:
     try:
-        return path.stat().st_size
+        return path.open("rb")
     except FileNotFoundError:
-        return 0
+        return None
 
 
-def _read_range(path: Path, start: int, limit: int | None) -> bytes:
-    """Up to `limit` bytes (all when None) from `start`; b"" when the file does not exist."""
-    try:
-        with path.open("rb") as file:
-            file.seek(start)
-            return file.read(-1 if limit is None else limit)
-    except FileNotFoundError:
-        return b""
+def _open_consistent(paths: list[Path]) -> list[BufferedReader]:
+    """The files that exist, newest first, opened as one consistent set (each once).
+
+    A rotation while they are opened would make one file appear under two names, or skip one:
+    the set is taken again when the live file changed meanwhile.
+    """
+    files: list[BufferedReader] = []
+    for _ in range(_OPEN_ATTEMPTS):
+        files = [file for file in map(_open, paths) if file is not None]
+        inodes = [os.fstat(file.fileno()).st_ino for file in files]
+        try:
+            live = os.stat(paths[0]).st_ino
+        except FileNotFoundError:
+            live = None
+        if len(set(inodes)) == len(inodes) and (live is None or (inodes and inodes[0] == live)):
+            return files
+        for file in files:
+            file.close()
+    # Rotating faster than we can open: keep what we have, without duplicates.
+    files = [file for file in map(_open, paths) if file is not None]
+    seen: set[int] = set()
+    unique = []
+    for file in files:
+        inode = os.fstat(file.fileno()).st_ino
+        if inode in seen:
+            file.close()
+        else:
+            seen.add(inode)
+            unique.append(file)
+    return unique
 
 
-def _last_lines(path: Path, count: int) -> list[bytes]:
+def _last_lines(file: BufferedReader, count: int) -> list[bytes]:
     """The last `count` lines of a file (without their newlines), reading backwards in blocks."""
-    try:
-        file = path.open("rb")
-    except FileNotFoundError:
-        return []
     blocks: list[bytes] = []
     newlines = 0
-    with file:
-        position = file.seek(0, os.SEEK_END)
-        # One newline more than lines wanted guarantees `count` complete lines whatever the file
-        # ends with (the text before the first newline read may be the middle of a line).
-        while position > 0 and newlines <= count:
-            step = min(_TAIL_BLOCK, position)
-            position -= step
-            file.seek(position)
-            block = file.read(step)
-            blocks.append(block)
-            newlines += block.count(b"\n")
+    position = file.seek(0, os.SEEK_END)
+    # One newline more than lines wanted guarantees `count` complete lines whatever the file
+    # ends with (the text before the first newline read may be the middle of a line).
+    while position > 0 and newlines <= count:
+        step = min(_TAIL_BLOCK, position)
+        position -= step
+        file.seek(position)
+        block = file.read(step)
+        blocks.append(block)
+        newlines += block.count(b"\n")
     data = b"".join(reversed(blocks))
     if not data:
         return []

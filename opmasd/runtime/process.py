@@ -5,14 +5,16 @@ process ends), not by polling and not through asyncio's child watchers. The same
 watches processes adopted from an earlier daemon, which are not our children: for those the
 kernel tells us that they ended but not how.
 
-Output goes to per-agent log files (logfiles.AgentLogs) that the child writes to directly, so
-agents and their output outlive the daemon, and a restarted daemon adopts them again.
+Output goes through pipes to the log relay (logrelay.py, a process of its own that writes the
+per-agent log files, read back by logfiles.AgentLogs), so agents and their output outlive the
+daemon, and a restarted daemon adopts them again.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+import resource
 import signal
 import subprocess
 from collections.abc import AsyncIterator
@@ -24,17 +26,14 @@ import psutil
 import structlog
 
 from opmasd.core.errors import LaunchError
-from opmasd.core.model import (
-    ExitInfo,
-    ProcessHandle,
-    ProcessUsage,
-    ResourceLimits,
-)
+from opmasd.core.logs import LogEntry
+from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
 from opmasd.runtime import procstat, signals
 from opmasd.runtime.base import ExitHandler, LaunchRequest
 from opmasd.runtime.cgroup_trees import EMPTY_WAIT, CgroupTrees
 from opmasd.runtime.cgroups import AgentCgroups, joining_command
 from opmasd.runtime.logfiles import AgentLogs
+from opmasd.runtime.logrelay_link import RelayLink
 from opmasd.runtime.proctable import ProcessTable
 from opmasd.runtime.programs import check_program
 from opmasd.runtime.watched import WatchedProcess, reap, same_process, start_time_of
@@ -55,12 +54,16 @@ class ProcessRuntime:
         log_max_bytes: int = 10 * 1024 * 1024,
         log_backups: int = 3,
         cgroups: AgentCgroups | None = None,
+        child_open_files: int | None = None,
     ) -> None:
+        # The soft open-files limit agents start with (None: the daemon's own).
+        self._child_open_files = child_open_files
         # With cgroups an agent's tree is its cgroup's members; without, its process group
         # plus what a /proc scan finds (which misses a double fork once its parent is gone).
         self._trees = None if cgroups is None else CgroupTrees(cgroups)
         self._finishing: set[asyncio.Task[None]] = set()
         self._logs = AgentLogs(log_dir, max_bytes=log_max_bytes, backups=log_backups)
+        self._relay = RelayLink(log_dir, max_bytes=log_max_bytes, backups=log_backups)
         self._watched: dict[str, WatchedProcess] = {}
         self._exit_handler: ExitHandler | None = None
         self._closed = False
@@ -103,45 +106,45 @@ class ProcessRuntime:
             signals.kill_group(popen.pid)
             popen.wait()
             raise LaunchError(f"cannot watch the process of agent {agent_id}: {exc}") from exc
-        _apply_limits(agent_id, popen.pid, request.resources)
+        _apply_limits(agent_id, popen.pid, request.resources, self._child_open_files)
         self._watch(WatchedProcess(agent_id, handle, pidfd, popen))
         log.info("agent launched", agent_id=agent_id, pid=popen.pid, command=request.command)
         return handle
 
     def _spawn(self, request: LaunchRequest) -> subprocess.Popen[bytes]:
-        """Start the process with the agent's log as its stdout and stderr."""
+        """Start the process with two pipes to the log relay as its stdout and stderr."""
         agent_id = request.agent_id
         cwd = request.working_directory or None
         if cwd is not None and not os.path.isdir(cwd):
             raise LaunchError(f"working directory {cwd!r} does not exist or is not a directory")
         try:
-            log_fd = self._logs.open_for_child(agent_id)
+            self._logs.path(agent_id)
+            pipes = self._relay.pipes()
         except (OSError, ValueError) as exc:
-            raise LaunchError(f"cannot open the log file of agent {agent_id}: {exc}") from exc
+            raise LaunchError(f"cannot make the output pipes of agent {agent_id}: {exc}") from exc
         try:
-            try:
-                # A session of its own makes the agent a process-group leader, so the whole tree
-                # can be signalled at once. No preexec_fn: it would force a plain fork, running
-                # gRPC's fork handlers. The log descriptor is the child's stdout and stderr.
-                popen = subprocess.Popen(
-                    list(request.command),
-                    cwd=cwd,
-                    env=dict(request.environment),
-                    stdin=subprocess.DEVNULL,
-                    stdout=log_fd,
-                    stderr=subprocess.STDOUT,
-                    start_new_session=True,
-                    close_fds=True,
-                )
-            except (OSError, ValueError) as exc:
-                message = _launch_failure(request.command[0], exc)
-                self._logs.write_note(log_fd, f"failed to start: {message}")
-                log.warning("agent launch failed", agent_id=agent_id, command=request.command, error=message)
-                raise LaunchError(message) from exc
-            self._logs.write_note(log_fd, f"started pid {popen.pid} at {_now_iso()}")
-        finally:
-            # The child has its own copy; holding ours would only keep the file open here.
-            os.close(log_fd)
+            # A session of its own makes the agent a process-group leader, so the whole tree
+            # can be signalled at once. No preexec_fn: it would force a plain fork, running
+            # gRPC's fork handlers. The pipes' write ends are the child's stdout and stderr.
+            popen = subprocess.Popen(
+                list(request.command),
+                cwd=cwd,
+                env=dict(request.environment),
+                stdin=subprocess.DEVNULL,
+                stdout=pipes.out_write,
+                stderr=pipes.err_write,
+                start_new_session=True,
+                close_fds=True,
+            )
+        except (OSError, ValueError) as exc:
+            pipes.close()
+            message = _launch_failure(request.command[0], exc)
+            self._relay.note(agent_id, f"failed to start: {message}")
+            log.warning("agent launch failed", agent_id=agent_id, command=request.command, error=message)
+            raise LaunchError(message) from exc
+        # The child has its own write ends; the read ends go to the relay (and a spare stays here).
+        pipes.close_write_ends()
+        self._relay.attach(agent_id, pipes, f"started pid {popen.pid} at {_now_iso()}")
         return popen
 
     def adopt(self, agent_id: str, handle: ProcessHandle | None) -> ProcessHandle | None:
@@ -246,7 +249,7 @@ class ProcessRuntime:
             del self._watched[watched.agent_id]
         watched.gone.set()
         log.info("agent process exited", agent_id=watched.agent_id, pid=pid, reason=info.reason)
-        self._logs.note(watched.agent_id, f"pid {pid} {info.reason} at {_now_iso()}")
+        self._relay.note(watched.agent_id, f"pid {pid} {info.reason} at {_now_iso()}")
         if self._exit_handler is None:
             log.warning("no exit handler set; exit not reported", agent_id=watched.agent_id, pid=pid)
             return
@@ -308,14 +311,16 @@ class ProcessRuntime:
             return None
         return watched.usage.sample()
 
-    async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
+    async def tail_logs(self, agent_id: str, lines: int) -> list[LogEntry]:
+        await self._relay.sync(agent_id)  # what the agent wrote until now is in the file
         return await asyncio.to_thread(self._logs.tail, agent_id, lines)
 
-    def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
+    def follow_logs(self, agent_id: str) -> AsyncIterator[LogEntry]:
         return self._logs.follow(agent_id)
 
     async def rotate_logs(self) -> None:
-        await asyncio.to_thread(self._logs.rotate_oversized)
+        """The relay caps the logs as it writes; this only reconnects to it (or restarts it)."""
+        self._relay.check()
 
     async def aclose(self) -> None:
         """Stop watching; the processes keep running for a later daemon to adopt.
@@ -338,6 +343,7 @@ class ProcessRuntime:
             watched.gone.set()  # wakes terminate() calls in progress; they see no exit and raise
         if self._trees is not None:
             self._trees.cgroups.close()
+        self._relay.close()
         log.info("process runtime closed", left_running=sorted(self._watched))
         self._watched.clear()
 
@@ -359,13 +365,20 @@ def _launch_failure(program: str, exc: Exception) -> str:
     return f"cannot start program {program!r}: {exc}"
 
 
-def _apply_limits(agent_id: str, pid: int, resources: ResourceLimits) -> None:
-    """Only the open-files limit is enforceable per process; the rest is the systemd backend's."""
-    if resources.open_files_max <= 0:
+def _apply_limits(agent_id: str, pid: int, resources: ResourceLimits, default_soft: int | None) -> None:
+    """Only the open-files limit is enforceable per process; the rest is the systemd backend's.
+
+    Without one in the spec the agent gets default_soft as its soft limit (runtime.fdlimit).
+    """
+    if resources.open_files_max > 0:
+        limits = (resources.open_files_max, resources.open_files_max)
+    elif default_soft is not None:
+        limits = (default_soft, resource.getrlimit(resource.RLIMIT_NOFILE)[1])
+    else:
         return
-    limit = resources.open_files_max
+    limit = limits[0]
     try:
-        psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE, (limit, limit))
+        psutil.Process(pid).rlimit(psutil.RLIMIT_NOFILE, limits)
     except (psutil.Error, OSError, ValueError) as exc:
         log.warning(
             "cannot set the open-files limit", agent_id=agent_id, pid=pid, limit=limit, error=str(exc)

@@ -12,6 +12,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
 from opmasd.core.errors import LaunchError
+from opmasd.core.logs import LogEntry, LogStream
 from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage
 from opmasd.runtime.base import ExitHandler, LaunchRequest
 
@@ -38,7 +39,8 @@ class FakeRuntime:
         self.fail_launch: dict[str, str] = {}
         self.ignore_sigterm: set[str] = set()
         self.terminations: list[tuple[str, float]] = []
-        self.logs: dict[str, list[str]] = {}
+        # A plain string is a line of the agent's stdout.
+        self.logs: dict[str, list[str | LogEntry]] = {}
         self.log_rotations = 0
 
     def set_exit_handler(self, handler: ExitHandler) -> None:
@@ -92,15 +94,19 @@ class FakeRuntime:
     def usage(self, agent_id: str) -> ProcessUsage | None:
         return ProcessUsage(1.0, 1024, 1, 3) if agent_id in self.processes else None
 
-    async def tail_logs(self, agent_id: str, lines: int) -> list[str]:
-        return self.logs.get(agent_id, [])[-lines:]
+    async def tail_logs(self, agent_id: str, lines: int) -> list[LogEntry]:
+        return [_entry(line) for line in self.logs.get(agent_id, [])[-lines:]]
 
-    async def follow_logs(self, agent_id: str) -> AsyncIterator[str]:
+    async def follow_logs(self, agent_id: str) -> AsyncIterator[LogEntry]:
         for line in self.logs.get(agent_id, []):
-            yield line
+            yield _entry(line)
 
     async def rotate_logs(self) -> None:
         self.log_rotations += 1
 
     async def aclose(self) -> None:
         self.processes.clear()
+
+
+def _entry(line: str | LogEntry) -> LogEntry:
+    return line if isinstance(line, LogEntry) else LogEntry(line, LogStream.STDOUT)

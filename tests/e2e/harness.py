@@ -44,6 +44,8 @@ from .nats_client import NatsClient
 
 T = TypeVar("T")
 
+# Processes of the daemon that are not agents (by /proc/PID/comm).
+DAEMON_HELPERS = ("nats-server", "opmas-logrelay")
 MARKER = "E2E_SANDBOX"  # not OPMAS_*: opmasd keeps those variables from its agents
 POSTGRES_URL = os.environ.get("OPMAS_TEST_POSTGRES_URL", "postgresql://postgres@127.0.0.1:5432/test")
 READY_TIMEOUT = 15.0
@@ -638,14 +640,15 @@ class Sandbox:
     def processes(self, include_nats: bool = False, **env: str) -> list[int]:
         """Live processes of this sandbox (daemons excluded) with these environment variables.
 
-        The daemon's embedded nats-server belongs to the daemon, not to the agents: it is left
-        out unless include_nats (the final check, when nothing at all may be left).
+        The daemon's embedded nats-server and its log relay belong to the daemon, not to the
+        agents: they are left out unless include_nats (the final check, when nothing at all may
+        be left).
         """
         daemons = {d.pid for d in self.daemons}
         return [
             pid
             for pid in processes_with(**{MARKER: self.id}, **env)
-            if pid not in daemons and (include_nats or proc_comm(pid) != "nats-server")
+            if pid not in daemons and (include_nats or proc_comm(pid) not in DAEMON_HELPERS)
         ]
 
     def agent_pids(self, agent_id: str) -> list[int]:

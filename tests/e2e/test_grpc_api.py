@@ -396,6 +396,8 @@ def test_logs_tail_and_follow(box: Sandbox, stub: AgentServiceStub) -> None:
             assert numbers == sorted(numbers) and len(set(numbers)) == len(numbers)
             assert numbers[-1] > int(tail[-1].split()[1]), "follow must deliver lines written later"
             assert all(item.agent_id == "talker" for item in got)
+            ticks = [item for item in got if item.line.startswith("tick ")]
+            assert all(item.stream == pb.LOG_STREAM_STDOUT and item.HasField("time") for item in ticks)
         finally:
             reader.cancel()
     finally:

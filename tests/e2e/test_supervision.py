@@ -43,6 +43,8 @@ STOPPED = pb.AGENT_STATE_STOPPED
 ERROR = pb.AGENT_STATE_ERROR
 BACKOFF = pb.AGENT_STATE_BACKOFF
 MAX_RESTARTS = 3
+# start_seconds 0: running at exec, for tests about what happens after a start.
+AT_ONCE = duration_pb2.Duration()
 
 # Ignores SIGTERM (and so do its children: an ignored signal stays ignored across fork and exec),
 # with one child in its process group and one that left it for a session of its own.
@@ -106,7 +108,9 @@ def test_killed_agent_is_restarted_with_backoff(box: Sandbox, stub: AgentService
 def test_exit_code_is_recorded_and_backoff_grows(box: Sandbox, stub: AgentServiceStub) -> None:
     stub.CreateAgent(
         pb.CreateAgentRequest(
-            agent_id="exit3", spec=pb.AgentSpec(name="exit3", command=["sh", "-c", "sleep 0.3; exit 3"])
+            # No start window: this is about the exits of agents that did start.
+            agent_id="exit3",
+            spec=pb.AgentSpec(name="exit3", command=["sh", "-c", "sleep 0.3; exit 3"], start_seconds=AT_ONCE),
         )
     )
     reader = subscribed_events(stub, ["exit3"])
@@ -136,9 +140,14 @@ def test_exit_code_is_recorded_and_backoff_grows(box: Sandbox, stub: AgentServic
 
 
 def test_crash_loop_ends_in_error_and_a_start_resets_it(box: Sandbox, stub: AgentServiceStub) -> None:
-    create(stub, "looper", ["sh", "-c", "exit 1"], start=True)
+    with pytest.raises(grpc.RpcError) as failed:
+        create(stub, "looper", ["sh", "-c", "exit 1"], start=True)
+    # The start answers with the outcome of the start window, not with "started".
+    assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+    assert "agent looper failed to start: exited with code 1 after" in (failed.value.details() or "")
     try:
         s = wait_state(stub, "looper", ERROR, timeout=15)
+        assert "failed to start: exited with code 1" in s.state_reason
         assert "crash loop" in s.state_reason
         assert f"gave up after {MAX_RESTARTS} restarts" in s.state_reason
         assert s.restart_count == MAX_RESTARTS
@@ -149,8 +158,11 @@ def test_crash_loop_ends_in_error_and_a_start_resets_it(box: Sandbox, stub: Agen
         assert status(stub, "looper").restart_count == MAX_RESTARTS
         # An operator's start is a fresh start.
         stub.UpdateAgent(pb.UpdateAgentRequest(agent_id="looper", spec=pb.AgentSpec(command=sleeper())))
+        began = time.monotonic()
         started = stub.StartAgent(pb.StartAgentRequest(agent_id="looper"), timeout=10)
+        # Answered once it stayed up for its start window (the default 1 s), as RUNNING.
         assert started.changed and started.status.state == RUNNING
+        assert time.monotonic() - began >= 0.9
         assert started.status.restart_count == 0
         box.daemon.no_zombie_children()
     finally:
@@ -175,7 +187,14 @@ def test_restart_policies(
     restarted: bool,
 ) -> None:
     agent_id = f"policy-{policy}-{code}"
-    first = create(stub, agent_id, ["sh", "-c", f"sleep 0.2; exit {code}"], start=True, restart_policy=policy)
+    first = create(
+        stub,
+        agent_id,
+        ["sh", "-c", f"sleep 0.2; exit {code}"],
+        start=True,
+        restart_policy=policy,
+        start_seconds=AT_ONCE,  # the policies for agents that did start
+    )
     try:
         if restarted:
             s = wait_for(
@@ -333,7 +352,7 @@ def test_graceful_restart_of_opmasd_honours_desired_state(
     box.start()
     stub = box.stub
     for agent_id in ("run-a", "run-b"):
-        s = status(stub, agent_id)
+        s = wait_state(stub, agent_id, RUNNING)  # started again, through a start window
         assert (s.state, s.desired_state) == (RUNNING, pb.DESIRED_STATE_RUNNING)
         assert s.pid not in (0, pids[agent_id])
         assert box.agent_pids(agent_id) == [s.pid]
@@ -348,7 +367,7 @@ def test_graceful_restart_of_opmasd_honours_desired_state(
     _stop(stub, "run-b")
     box.restart()
     assert status(box.stub, "run-b").state == STOPPED
-    assert status(box.stub, "run-a").state == RUNNING
+    assert status(box.stub, "run-a").state == RUNNING  # re-adopted: no new start window
     assert len(box.processes()) == 1
 
 
@@ -371,8 +390,8 @@ def test_agent_that_died_while_opmasd_was_down_is_restarted_not_adopted(
         assert proc_stat(old) is not None
 
     box.start()
-    s = status(box.stub, "lost")
-    assert s.state == RUNNING and s.pid not in (0, old)
+    s = wait_state(box.stub, "lost", RUNNING)
+    assert s.pid not in (0, old)
     assert s.restart_count == 0, "not a crash seen by opmasd: a fresh start"
     assert box.agent_pids("lost") == [s.pid]
     reasons = [
@@ -398,8 +417,7 @@ def test_pid_reused_by_another_process_is_not_adopted_nor_killed(
     try:
         box.sql("UPDATE agents SET pid = ? WHERE agent_id = 'reused'", [decoy.pid])
         box.start()
-        s = status(box.stub, "reused")
-        assert s.state == RUNNING
+        s = wait_state(box.stub, "reused", RUNNING)
         assert s.pid not in (0, old, decoy.pid)
         assert decoy.poll() is None, "opmasd killed a process that was not its agent"
         assert box.agent_pids("reused") == [s.pid]

@@ -18,8 +18,10 @@ import psutil
 import pytest
 
 from opmasd.core.errors import LaunchError
+from opmasd.core.logs import LogStream
 from opmasd.core.model import ExitInfo, ProcessHandle, ResourceLimits
 from opmasd.runtime.base import LaunchRequest
+from opmasd.runtime.logfiles import parse_entry
 from opmasd.runtime.process import ProcessRuntime
 
 REPO = Path(__file__).resolve().parents[2]
@@ -95,7 +97,11 @@ class Harness:
         return handle
 
     def log(self, agent_id: str) -> str:
-        return (self.log_dir / f"{agent_id}.log").read_text()
+        """The texts of the live log's lines (as the agent wrote them, without time and stream)."""
+        path = self.log_dir / f"{agent_id}.log"
+        if not path.exists():
+            return ""
+        return "".join(parse_entry(raw).text + "\n" for raw in path.read_bytes().splitlines())
 
     async def close(self) -> None:
         for agent_id in self.agents:
@@ -170,7 +176,7 @@ async def test_launch_failures_name_the_culprit(harness: Harness, tmp_path: Path
         await harness.launch("a", str(not_executable))
     with pytest.raises(LaunchError, match="missing-dir"):
         await harness.launch("a", "sleep", "1", working_directory=str(tmp_path / "missing-dir"))
-    assert "failed to start" in harness.log("a")
+    await eventually(lambda: "failed to start" in harness.log("a"))  # the log relay writes it
     assert harness.exits.reports == []
 
 
@@ -184,6 +190,7 @@ async def test_leftovers_in_the_group_die_with_the_leader(harness: Harness) -> N
     spawn_grandchild = "import subprocess; print(subprocess.Popen(['sleep', '60']).pid)"
     handle = await harness.launch("a", PY, "-c", spawn_grandchild)
     await harness.exits.wait("a")
+    await eventually(lambda: len(harness.log("a").splitlines()) > 1)  # the log relay writes it
     grandchild = int(harness.log("a").splitlines()[1])
     await eventually(lambda: gone(grandchild))
     assert gone(handle.pid)
@@ -347,48 +354,56 @@ async def test_agent_and_its_output_survive_the_daemon(harness: Harness, pids: l
         daemon.wait()
         assert daemon.stdout is not None
         daemon.stdout.close()
-    log_file = harness.log_dir / "agent.log"
-    size = log_file.stat().st_size
-    await eventually(lambda: log_file.stat().st_size > size + 100)  # still writing, no pipe broke
+    # Written by the log relay, which outlives the daemon: still writing, no pipe broke.
+    await eventually(lambda: "tick 10" in harness.log("agent"))
 
     assert harness.runtime.adopt("agent", ProcessHandle(pid, start_time))
     harness.agents.add("agent")
     await harness.runtime.terminate("agent", 2)
     assert harness.exits.count("agent") == 1
     assert gone(pid)
-    text = log_file.read_text()
+    text = "\n".join(entry.text for entry in await harness.runtime.tail_logs("agent", 1000))
     assert f"--- opmasd: started pid {pid} at " in text
     assert "tick 10" in text
+    last = text.splitlines()[-1]  # the exit note, after the agent's last line
+    assert last.startswith(f"--- opmasd: pid {pid} ") and "adopted" in last
 
 
 # --- logs ------------------------------------------------------------------------------------
 
 
 async def test_tail_logs_returns_the_last_lines(harness: Harness) -> None:
-    await harness.launch("a", PY, "-c", "for i in range(50): print('line', i)")
+    handle = await harness.launch("a", PY, "-c", "for i in range(50): print('line', i)")
     await harness.exits.wait("a")
+    # Right after the exit: tail waits for the relay to store what the agent wrote.
     tail = await harness.runtime.tail_logs("a", 6)
-    assert tail[:5] == [f"line {i}" for i in range(45, 50)]
-    assert tail[5].startswith("--- opmasd: pid ") and "exited with code 0" in tail[5]
+    assert [e.text for e in tail[:5]] == [f"line {i}" for i in range(45, 50)]
+    assert {e.stream for e in tail[:5]} == {LogStream.STDOUT}
+    assert tail[5].text.startswith(f"--- opmasd: pid {handle.pid} ") and "exited with code 0" in tail[5].text
+    assert tail[5].stream is LogStream.OPMASD and tail[5].time is not None
+    head = await harness.runtime.tail_logs("a", 100)
+    assert head[0].text.startswith(f"--- opmasd: started pid {handle.pid} ") and len(head) == 52
     assert await harness.runtime.tail_logs("unknown", 5) == []
 
 
-async def test_rotation_caps_the_log_of_a_running_agent(tmp_path: Path, pids: list[int]) -> None:
+async def test_the_relay_caps_the_log_of_a_running_agent(tmp_path: Path, pids: list[int]) -> None:
     harness = Harness(tmp_path / "logs", pids, log_max_bytes=2000, log_backups=2)
     try:
-        chatty = "import time\nwhile True: print('x' * 99, flush=True); time.sleep(0.005)"
+        chatty = "import time\nwhile True: print('x' * 99, flush=True); time.sleep(0.002)"
         await harness.launch("a", PY, "-c", chatty)
         log_file = harness.log_dir / "a.log"
-        for _ in range(5):
-            await eventually(lambda: log_file.stat().st_size > 2000)
-            await harness.runtime.rotate_logs()
-            assert log_file.stat().st_size < 2000
-        await eventually(lambda: log_file.stat().st_size > 500)
-        # O_APPEND: after the truncate the agent wrote at the new end, not at its old offset.
-        assert b"\0" not in log_file.read_bytes()
-        assert sorted(p.name for p in harness.log_dir.iterdir()) == ["a.log", "a.log.1", "a.log.2"]
+        await eventually(lambda: (harness.log_dir / "a.log.2").exists())
+        for _ in range(50):  # rotated when written: never over the cap, no rotate_logs needed
+            assert log_file.stat().st_size <= 2000
+            await asyncio.sleep(0.005)
+        assert sorted(p.name for p in harness.log_dir.iterdir() if not p.name.startswith(".")) == [
+            "a.log",
+            "a.log.1",
+            "a.log.2",
+        ]
         tail = await harness.runtime.tail_logs("a", 1000)
-        assert len(tail) > log_file.read_text().count("\n")  # continued into .1
+        assert len(tail) > len(harness.log("a").splitlines())  # continued into the backups
+        assert all(e.text == "x" * 99 for e in tail[1:] if e.stream is LogStream.STDOUT)
     finally:
         await harness.close()
 
@@ -398,7 +413,7 @@ async def test_follow_logs_yields_new_lines_and_stops(harness: Harness) -> None:
     await eventually(lambda: "tick 3" in harness.log("a"))
     follower = harness.runtime.follow_logs("a")
     lines = [await asyncio.wait_for(anext(follower), 3) for _ in range(5)]
-    numbers = [int(line.split()[1]) for line in lines]
+    numbers = [int(line.text.split()[1]) for line in lines]
     assert numbers[0] >= 3 and numbers == list(range(numbers[0], numbers[0] + 5))
     await follower.aclose()  # type: ignore[attr-defined]
 

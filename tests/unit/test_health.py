@@ -15,7 +15,8 @@ from opmasd.testing.fake_bus import FakeBus
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
 
-SLEEP = {"name": "nagent", "command": ("sleep", "1000")}
+# No start window: these tests are about heartbeats after the start (test_state_rules has it).
+SLEEP = {"name": "nagent", "command": ("sleep", "1000"), "start_seconds": 0.0}
 
 
 @pytest.fixture

@@ -86,3 +86,82 @@ def test_heartbeat_times_reach_the_store_in_one_batch_on_our_clock() -> None:
     assert writes.heartbeat_flushes == 1
     stored = {rec.agent_id: rec.last_heartbeat for rec in store.load_agents()}
     assert stored == dict.fromkeys(("a1", "a2", "a3"), clock.now())
+
+
+def agent_with_interval(registry: AgentRegistry, clock: FakeClock, interval: float) -> AgentRecord:
+    rec = running_agent(registry, clock)
+    rec.spec = AgentSpec(name="a1", command=("sleep", "1"), heartbeat_interval=interval)
+    return rec
+
+
+def silent_for(judge: HeartbeatJudge, clock: FakeClock, seconds: float) -> list[str]:
+    clock.advance(seconds)
+    return [rec.agent_id for rec in judge.mark_silent_inactive()]
+
+
+def test_each_agent_is_judged_on_three_of_its_own_intervals() -> None:
+    judge, registry, _, clock, _ = judge_parts()
+    agent_with_interval(registry, clock, 1.0)
+    judge.mark_silent_inactive()
+    clock.advance(0.5)
+    beat(judge, clock)
+    assert silent_for(judge, clock, 3.0) == []  # exactly three intervals: not yet
+    assert silent_for(judge, clock, 0.1) == ["a1"]  # not the global 90 s
+
+
+def test_a_long_interval_is_not_cut_short_by_the_global_timeout() -> None:
+    judge, registry, _, clock, _ = judge_parts()
+    agent_with_interval(registry, clock, 200.0)
+    judge.mark_silent_inactive()
+    clock.advance(1)
+    beat(judge, clock)
+    assert silent_for(judge, clock, TIMEOUT + 10) == []
+    assert silent_for(judge, clock, 600 - TIMEOUT - 10) == []
+    assert silent_for(judge, clock, 1) == ["a1"]
+
+
+def test_an_agent_without_an_interval_gets_the_global_timeout() -> None:
+    judge, registry, _, clock, _ = judge_parts()
+    agent_with_interval(registry, clock, 0.0)
+    judge.mark_silent_inactive()
+    clock.advance(1)
+    beat(judge, clock)
+    assert silent_for(judge, clock, TIMEOUT) == []
+    assert silent_for(judge, clock, 1) == ["a1"]
+
+
+def test_a_wall_clock_step_marks_nobody_inactive() -> None:
+    judge, registry, _, clock, _ = judge_parts()
+    agent_with_interval(registry, clock, 1.0)
+    judge.mark_silent_inactive()
+    clock.advance(0.5)
+    beat(judge, clock)
+    clock.step_wall(3600)  # NTP, or an operator's date -s
+    assert silent_for(judge, clock, 1.0) == []
+    clock.step_wall(-7200)
+    beat(judge, clock)
+    assert silent_for(judge, clock, 1.0) == []
+
+
+def test_after_a_bus_outage_each_agent_gets_its_own_deadline_again() -> None:
+    judge, registry, _, clock, _ = judge_parts()
+    agent_with_interval(registry, clock, 1.0)
+    judge.mark_silent_inactive()
+    clock.advance(0.5)
+    beat(judge, clock)
+    clock.advance(10)
+    assert judge.mark_silent_inactive(bus_connected=False) == []
+    assert judge.mark_silent_inactive(bus_connected=True) == []  # back: silence so far not counted
+    assert silent_for(judge, clock, 3.0) == []
+    assert silent_for(judge, clock, 0.1) == ["a1"]
+
+
+def test_a_new_process_is_not_judged_by_its_predecessors_heartbeat() -> None:
+    judge, registry, _, clock, _ = judge_parts()
+    rec = agent_with_interval(registry, clock, 1.0)
+    judge.mark_silent_inactive()
+    clock.advance(0.5)
+    beat(judge, clock)
+    clock.advance(0.1)
+    rec.pid, rec.started_monotonic, rec.heard_monotonic = 4343, clock.monotonic(), None  # restarted
+    assert silent_for(judge, clock, 60) == []  # a plain program that never heartbeats

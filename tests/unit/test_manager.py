@@ -39,7 +39,8 @@ async def wait_state(manager: AgentManager, agent_id: str, state: AgentState, ti
     await asyncio.wait_for(poll(), timeout)
 
 
-SLEEP = {"name": "sleeper", "command": ("sleep", "1000")}
+# No start window: these tests are about what happens after a start (test_state_rules has it).
+SLEEP = {"name": "sleeper", "command": ("sleep", "1000"), "start_seconds": 0.0}
 
 
 async def test_register_start_stop_records_every_transition(parts) -> None:

@@ -32,7 +32,8 @@ from opmasd.testing.fake_bus import FakeBus
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
 
-SLEEP = {"name": "sleeper", "command": ("sleep", "1000")}
+# No start window: these tests are about what happens after a start (test_state_rules has it).
+SLEEP = {"name": "sleeper", "command": ("sleep", "1000"), "start_seconds": 0.0}
 RUNNING = AgentState.RUNNING
 Samples = dict[tuple[str, tuple[tuple[str, str], ...]], float]
 

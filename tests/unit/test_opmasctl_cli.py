@@ -273,17 +273,25 @@ def test_logs_prints_lines(service: FakeAgentService, capsys: pytest.CaptureFixt
         request: agents_pb2.GetAgentLogsRequest, context: grpc.ServicerContext
     ) -> Iterator[agents_pb2.LogLine]:
         yield agents_pb2.LogLine(agent_id="a1", line="first")
-        yield agents_pb2.LogLine(agent_id="a1", line="second\n")
+        yield agents_pb2.LogLine(agent_id="a1", line="second\n", stream=agents_pb2.LOG_STREAM_STDOUT)
+        oops = agents_pb2.LogLine(agent_id="a1", line="oops", stream=agents_pb2.LOG_STREAM_STDERR)
+        oops.time.FromJsonString("2026-12-02T00:55:01.123Z")
+        yield oops
 
     service.handlers["GetAgentLogs"] = logs
     assert cli(service, "agents", "logs", "a1", "--tail", "5") == 0
-    assert capsys.readouterr().out == "first\nsecond\n"
+    assert capsys.readouterr().out == "first\nsecond\n[err] oops\n"
     (request,) = service.sent("GetAgentLogs")
     assert (request.tail_lines, request.follow) == (5, False)
 
+    assert cli(service, "agents", "logs", "a1", "--timestamps") == 0
+    stamped = capsys.readouterr().out.splitlines()
+    assert stamped == ["- first", "- second", "2026-12-02T00:55:01.123Z [err] oops"]
+
     assert cli(service, "-o", "json", "agents", "logs", "a1") == 0
-    lines = capsys.readouterr().out.splitlines()
-    assert [json.loads(line)["line"] for line in lines] == ["first", "second\n"]
+    lines = [json.loads(line) for line in capsys.readouterr().out.splitlines()]
+    assert [line["line"] for line in lines] == ["first", "second\n", "oops"]
+    assert lines[2]["stream"] == "LOG_STREAM_STDERR" and lines[2]["time"] == "2026-12-02T00:55:01.123Z"
 
 
 def test_logs_follow_ctrl_c_cancels_quietly(

@@ -14,6 +14,7 @@ discovery of the other packages.
     restart_policy: on-failure    # never | on-failure | always
     stop_timeout: 10s
     heartbeat_interval: 30s
+    start_seconds: 1s             # up this long (or its first heartbeat) = started; 0: at once
     resources: {memory_max: 256M, cpu_quota: 50, tasks_max: 64, open_files_max: 1024}
     runtime: process              # process | systemd
     autostart: true
@@ -53,6 +54,7 @@ KNOWN_KEYS = {
     "restart_policy",
     "stop_timeout",
     "heartbeat_interval",
+    "start_seconds",
     "resources",
     "runtime",
     "autostart",
@@ -273,7 +275,8 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
         environment=tuple(sorted(environment.items())),
         restart_policy=policy,
         stop_timeout=_seconds(data, "stop_timeout", defaults.stop_timeout if defaults else 10.0),
-        heartbeat_interval=_seconds(data, "heartbeat_interval", 30.0),
+        heartbeat_interval=_seconds(data, "heartbeat_interval", 0.0),
+        start_seconds=_seconds(data, "start_seconds", 1.0),
         resources=resources,
         runtime=runtime,
         autostart=_flag(data, "autostart"),
