@@ -297,9 +297,10 @@ class Supervisor:
             promotion.cancel()
         _forget_process(rec)
         rec.last_exit = exit_info
-        if failed_start:
-            lasted = "" if ran_for is None else f" after {ran_for:.3g}s"
-            self._settle_start(agent_id, f"{exit_info.reason}{lasted}, within its start window")
+        # An operator's start still waiting learns why it never got to running (a stop, the
+        # daemon's shutdown, or an exit within the window); after a promotion none is waiting.
+        lasted = "" if ran_for is None else f" after {ran_for:.3g}s"
+        self._settle_start(agent_id, f"{exit_info.reason}{lasted}, within its start window")
         if rec.state is AgentState.STOPPING or rec.desired is DesiredState.STOPPED or self._shutting_down:
             self._registry.transition(rec, AgentState.STOPPED, f"stopped: {exit_info.reason}")
             for waiter in self._stopped_waiters.pop(agent_id, []):

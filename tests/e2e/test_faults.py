@@ -80,7 +80,7 @@ def test_start_answers_with_the_outcome_of_the_start_window(make_sandbox: Callab
     assert create(stub, "quick", sleeper(), start=True, start_seconds=AT_ONCE).status.state == RUNNING
 
 
-def test_kill_9_during_bursts_of_creates_leaves_no_process_unmanaged_or_twice(
+def test_kill_9_during_bursts_of_creates_and_restarts_leaves_no_process_unmanaged_or_twice(
     make_sandbox: Callable[..., Sandbox],
 ) -> None:
     box = make_sandbox()
@@ -98,6 +98,12 @@ def test_kill_9_during_bursts_of_creates_leaves_no_process_unmanaged_or_twice(
                 timeout=10,
             )
             for agent_id in ids
+        ]
+        # And restarts of the agents of the trial before, each a stop and a new launch.
+        calls += [
+            box.stub.RestartAgent.future(pb.RestartAgentRequest(agent_id=f"t{trial - 1}-{n}"), timeout=10)
+            for n in range(0, 20, 2)
+            if trial
         ]
         time.sleep(rng.uniform(0.0, 0.25))  # somewhere in the middle of the burst
         box.daemon.kill()
