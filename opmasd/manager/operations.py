@@ -252,7 +252,7 @@ class AgentManager:
             rec = self._local_agent(agent_id)
             result = await self._supervisor.start(rec, "started by operator")
         await self._writes.wait_flush_attempt(agent_id)
-        return result
+        return await self._supervisor.settled(result)
 
     @finishes
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
@@ -270,7 +270,7 @@ class AgentManager:
             rec = self._local_agent(agent_id)
             result = await self._supervisor.restart(rec, "restarted by operator")
         await self._writes.wait_flush_attempt(agent_id)
-        return result
+        return await self._supervisor.settled(result)
 
     async def send_command(
         self, agent_id: str, command: str, params: Mapping[str, Any], timeout: float | None = None
@@ -354,13 +354,14 @@ class AgentManager:
             )
             self._registry.save(rec)
             log.info("agent registered", agent_id=agent_id, source=source.value)
-            if start:
-                await self._supervisor.start(rec, "started at registration")
+            started = await self._supervisor.start(rec, "started at registration") if start else None
         try:
             await self._writes.wait_flush_attempt(agent_id)
         except StoreRejected:
             await self._unregister(rec, existing)
             raise
+        if started is not None:
+            await self._supervisor.settled(started)
         return rec
 
     async def _unregister(self, rec: AgentRecord, existing: AgentRecord | None) -> None:

@@ -103,12 +103,19 @@ class Supervisor:
         if not await self._launch(rec, reason):
             outcome.cancel()
             raise FailedPrecondition(f"agent {rec.agent_id} failed to start: {rec.state_reason}")
-        pid = rec.pid
-        # The answer waits for the start window: "started" means it stayed up (or heartbeated).
-        failure = await outcome
+        result = OperationResult(rec, True, f"agent {rec.agent_id} started (pid {rec.pid})", pending=outcome)
+        return await self.settled(result) if outcome.done() else result
+
+    async def settled(self, result: OperationResult) -> OperationResult:
+        """The start's outcome once its start window is over: "started" means it stayed up (or
+        heartbeated); FailedPrecondition says why not. Await it without holding the agent's
+        lock, so that a stop or a delete meanwhile is not held up by the window."""
+        if result.pending is None:
+            return result
+        failure = await result.pending
         if failure is not None:
-            raise FailedPrecondition(f"agent {rec.agent_id} failed to start: {failure}")
-        return OperationResult(rec, True, f"agent {rec.agent_id} started (pid {pid})")
+            raise FailedPrecondition(f"agent {result.record.agent_id} failed to start: {failure}")
+        return OperationResult(result.record, result.changed, result.message)
 
     async def stop(self, rec: AgentRecord, reason: str, timeout: float | None = None) -> OperationResult:
         was_desired = rec.desired
@@ -128,7 +135,8 @@ class Supervisor:
         if rec.pid is not None:
             await self._terminate(rec, reason, None)
         result = await self.start(rec, reason)
-        return OperationResult(rec, True, f"agent {rec.agent_id} restarted (pid {result.record.pid})")
+        message = f"agent {rec.agent_id} restarted (pid {result.record.pid})"
+        return OperationResult(rec, True, message, pending=result.pending)
 
     async def restart_inactive(self, agent_id: str) -> None:
         """restart_on_inactive: restart an agent that stopped heartbeating, if it still has not."""
@@ -300,7 +308,10 @@ class Supervisor:
         # An operator's start still waiting learns why it never got to running (a stop, the
         # daemon's shutdown, or an exit within the window); after a promotion none is waiting.
         lasted = "" if ran_for is None else f" after {ran_for:.3g}s"
-        self._settle_start(agent_id, f"{exit_info.reason}{lasted}, within its start window")
+        if rec.state is AgentState.STOPPING:
+            self._settle_start(agent_id, f"stopped within its start window ({exit_info.reason}{lasted})")
+        else:
+            self._settle_start(agent_id, f"{exit_info.reason}{lasted}, within its start window")
         if rec.state is AgentState.STOPPING or rec.desired is DesiredState.STOPPED or self._shutting_down:
             self._registry.transition(rec, AgentState.STOPPED, f"stopped: {exit_info.reason}")
             for waiter in self._stopped_waiters.pop(agent_id, []):

@@ -26,6 +26,8 @@ MAX_PATH_LENGTH = 4096
 MAX_SPEC_BYTES = 128 * 1024
 # A start window longer than an hour is a typo, not a plan.
 MAX_START_SECONDS = 3600.0
+# A stop timeout or heartbeat interval past a day would overflow clients' deadlines.
+MAX_INTERVAL_SECONDS = 86400.0
 # type and version are labels (the type is a column of its own); a description is prose.
 MAX_LABEL_LENGTH = 64
 MAX_DESCRIPTION_LENGTH = 1024
@@ -136,10 +138,15 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
         elif "\0" in value:
             bad("environment", f"the value of {key} must not contain NUL characters")
 
-    if spec.stop_timeout < 0:
-        bad("stop_timeout", f"must not be negative, got {spec.stop_timeout:g}s")
-    if spec.heartbeat_interval < 0:
-        bad("heartbeat_interval", f"must not be negative, got {spec.heartbeat_interval:g}s")
+    durations: tuple[tuple[str, float], ...] = (
+        ("stop_timeout", spec.stop_timeout),
+        ("heartbeat_interval", spec.heartbeat_interval),
+    )
+    for name, seconds in durations:
+        if seconds < 0:
+            bad(name, f"must not be negative, got {seconds:g}s")
+        elif seconds > MAX_INTERVAL_SECONDS:
+            bad(name, f"must be at most {MAX_INTERVAL_SECONDS:g}s (a day), got {seconds:g}s")
     if not 0 <= spec.start_seconds <= MAX_START_SECONDS:
         bad("start_seconds", f"must be between 0 and {MAX_START_SECONDS:g}s, got {spec.start_seconds:g}s")
     res = spec.resources

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from dataclasses import dataclass, field
 
 from opmasd.core.model import AgentRecord, AgentState
@@ -29,6 +30,9 @@ class OperationResult:
     record: AgentRecord
     changed: bool
     message: str
+    # A start whose process is still in its start window: resolves to None once it counts as
+    # started, or to why it did not (Supervisor.settled waits for it, outside the agent's lock).
+    pending: asyncio.Future[str | None] | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)

@@ -271,7 +271,9 @@ async def test_discovery_registers_reports_errors_and_respects_deletion(tmp_path
     try:
         report = manager.last_discovery
         assert [a.agent_id for a in report.agents] == ["good"] and report.agents[0].new
-        assert manager.get_agent("good").state is AgentState.RUNNING
+        # Autostarted, not waited for: discovery goes on while the start window runs (1 s).
+        assert manager.get_agent("good").state is AgentState.STARTING
+        await wait_state(manager, "good", AgentState.RUNNING)
         errors = {e.path.parent.name: e.message for e in report.errors}
         assert set(errors) == {"broken", "noentry"}
         assert "invalid YAML" in errors["broken"] and "entrypoint" in errors["noentry"]

@@ -272,3 +272,16 @@ async def test_a_first_heartbeat_ends_the_window_early() -> None:
         assert [t.state for t in rig.store.transitions("a")].count(AgentState.RUNNING) == 1
     finally:
         await rig.manager.stop(stop_agents=False)
+
+
+async def test_a_stop_within_the_window_is_not_held_up_by_it() -> None:
+    rig = Rig()
+    task = await windowed(rig)
+    try:
+        stopped = await asyncio.wait_for(rig.manager.stop_agent("a"), 1)  # no clock advance needed
+        assert stopped.record.state is AgentState.STOPPED
+        with pytest.raises(FailedPrecondition, match="stopped within its start window"):
+            await task
+        await asyncio.wait_for(rig.manager.delete_agent("a"), 1)
+    finally:
+        await rig.manager.stop(stop_agents=False)
