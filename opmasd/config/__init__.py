@@ -10,7 +10,6 @@ from opmasd.config.loading import ConfigError, load_config
 from opmasd.config.paths import DefaultPaths, default_agent_dirs, default_paths
 from opmasd.config.schema import (
     AgentsConfig,
-    AuthConfig,
     Config,
     DatabaseConfig,
     GrpcConfig,
@@ -23,7 +22,6 @@ from opmasd.config.schema import (
 
 __all__ = [
     "AgentsConfig",
-    "AuthConfig",
     "Config",
     "ConfigError",
     "DatabaseConfig",

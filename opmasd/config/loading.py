@@ -20,7 +20,6 @@ from opmasd.config.paths import default_agent_dirs, default_log_dir, default_pat
 from opmasd.config.schema import (
     SCHEMA,
     AgentsConfig,
-    AuthConfig,
     Config,
     DatabaseConfig,
     GrpcConfig,
@@ -212,7 +211,6 @@ def _build(
         nats=NatsConfig(**values["nats"]),
         grpc=GrpcConfig(**grpc),
         rest=RestConfig(**values["rest"]),
-        auth=AuthConfig(**values["auth"]),
         agents=AgentsConfig(**agents),
         source=path,
     )

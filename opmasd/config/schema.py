@@ -86,12 +86,6 @@ class RestConfig:
 
 
 @dataclass(frozen=True)
-class AuthConfig:
-    enabled: bool = False
-    tokens_file: Path | None = None
-
-
-@dataclass(frozen=True)
 class AgentsConfig:
     dirs: tuple[Path, ...]
     autostart: bool = False
@@ -115,7 +109,6 @@ class Config:
     nats: NatsConfig
     grpc: GrpcConfig
     rest: RestConfig
-    auth: AuthConfig
     agents: AgentsConfig
     source: Path | None = None  # the file it came from, None when built from defaults only
 
@@ -182,6 +175,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "socket_mode": Key(parse_mode),
         "max_body_bytes": Key(parse_size),
     },
+    # Parsed and checked, then refused by loading.load_config when it asks for authentication
+    # (not built yet); no Config field holds it, since nothing may act on it.
     "auth": {
         "enabled": Key(parse_bool),
         "tokens_file": Key(parse_optional_path, paths=True),

@@ -70,7 +70,6 @@ def test_defaults_without_any_file_as_user() -> None:
     assert g.socket == Path("/run/user/1000/opmas/opmasd.sock")
     assert (g.socket_mode, g.address, g.grace_period) == (0o660, "127.0.0.1:50051", 5)
     assert (cfg.rest.address, cfg.rest.enabled) == ("127.0.0.1:8000", True)
-    assert (cfg.auth.enabled, cfg.auth.tokens_file) == (False, None)
     a = cfg.agents
     assert a.dirs == default_agent_dirs()
     assert (a.autostart, a.stop_timeout, a.restart_policy) == (False, 10, RestartPolicy.ON_FAILURE)
@@ -205,7 +204,6 @@ def test_full_file(tmp_path: Path) -> None:
         0,
     )
     assert (cfg.rest.address, cfg.rest.enabled) == ("0.0.0.0:8080", False)
-    assert (cfg.auth.enabled, cfg.auth.tokens_file) == (False, None)
     a = cfg.agents
     assert a.dirs == (Path("/opt/agents"), tmp_path.resolve() / "more")
     assert (a.autostart, a.stop_timeout, a.restart_policy) == (True, 30, RestartPolicy.ALWAYS)
@@ -217,7 +215,6 @@ def test_empty_file_and_empty_sections_mean_defaults(tmp_path: Path) -> None:
     assert load_config(write(tmp_path, "# nothing\n"), USER_ENV, euid=1000).agents.max_restarts == 5
     cfg = load_config(write(tmp_path, "auth:\nnats:\n  url:\n"), USER_ENV, euid=1000)
     assert cfg.nats.url == ""
-    assert cfg.auth.enabled is False
 
 
 def test_disabling_listeners(tmp_path: Path) -> None:
