@@ -19,6 +19,12 @@ from opmasctl.parsing import (
 
 RESTART_POLICIES = enum_choices(agents_pb2.RestartPolicy.items(), "RESTART_POLICY_")
 RUNTIMES = enum_choices(agents_pb2.RuntimeKind.items(), "RUNTIME_KIND_")
+# The spec's Duration fields, each a --field-name SECONDS flag.
+DURATION_FIELDS: dict[str, str] = {
+    "stop_timeout": "grace period between SIGTERM and SIGKILL",
+    "heartbeat_interval": "how often the agent heartbeats; 3 missed make it inactive",
+    "start_seconds": "how long a new process must stay up to count as started (0: at once; default 1s)",
+}
 
 
 class SpecError(ValueError):
@@ -53,22 +59,14 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None
             "--clear-env", dest="spec_clear_env", action="store_true", help="remove every variable"
         )
     group.add_argument("--restart-policy", dest="spec_restart_policy", choices=sorted(RESTART_POLICIES))
-    group.add_argument(
-        "--stop-timeout", dest="spec_stop_timeout", type=argtype(parse_duration), metavar="SECONDS"
-    )
-    group.add_argument(
-        "--heartbeat-interval",
-        dest="spec_heartbeat_interval",
-        type=argtype(parse_duration),
-        metavar="SECONDS",
-    )
-    group.add_argument(
-        "--start-seconds",
-        dest="spec_start_seconds",
-        type=argtype(parse_duration),
-        metavar="SECONDS",
-        help="how long a new process must stay up to count as started (0: at once; default 1s)",
-    )
+    for field, help_text in DURATION_FIELDS.items():
+        group.add_argument(
+            f"--{field.replace('_', '-')}",
+            dest=f"spec_{field}",
+            type=argtype(parse_duration),
+            metavar="SECONDS",
+            help=help_text,
+        )
     group.add_argument("--runtime", dest="spec_runtime", choices=sorted(RUNTIMES))
     group.add_argument(
         "--autostart",
@@ -142,15 +140,10 @@ def build_spec(
     if given("spec_restart_policy"):
         spec.restart_policy = RESTART_POLICIES[args.spec_restart_policy]
         paths.append("restart_policy")
-    if given("spec_stop_timeout"):
-        spec.stop_timeout.CopyFrom(args.spec_stop_timeout)
-        paths.append("stop_timeout")
-    if given("spec_heartbeat_interval"):
-        spec.heartbeat_interval.CopyFrom(args.spec_heartbeat_interval)
-        paths.append("heartbeat_interval")
-    if given("spec_start_seconds"):
-        spec.start_seconds.CopyFrom(args.spec_start_seconds)
-        paths.append("start_seconds")
+    for field in DURATION_FIELDS:
+        if given(f"spec_{field}"):
+            getattr(spec, field).CopyFrom(getattr(args, f"spec_{field}"))
+            paths.append(field)
     for flag, field in (
         ("spec_memory_max", "memory_max_bytes"),
         ("spec_cpu_quota", "cpu_quota_percent"),
