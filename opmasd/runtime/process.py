@@ -35,7 +35,7 @@ from opmasd.runtime.cgroups import AgentCgroups, joining_command
 from opmasd.runtime.logfiles import AgentLogs
 from opmasd.runtime.logrelay_link import RelayLink
 from opmasd.runtime.proctable import ProcessTable
-from opmasd.runtime.programs import check_program
+from opmasd.runtime.programs import check_program, not_executable, not_found
 from opmasd.runtime.watched import WatchedProcess, reap, same_process, start_time_of
 
 log = structlog.get_logger(__name__)
@@ -357,9 +357,9 @@ def _now_iso() -> str:
 
 def _launch_failure(program: str, exc: Exception) -> str:
     if isinstance(exc, FileNotFoundError):
-        return f"program {program!r} not found (or its script interpreter is missing)"
+        return not_found(program)
     if isinstance(exc, PermissionError):
-        return f"program {program!r} is not executable (permission denied)"
+        return not_executable(program)
     if isinstance(exc, OSError):
         return f"cannot start program {program!r}: {exc.strerror or exc}"
     return f"cannot start program {program!r}: {exc}"

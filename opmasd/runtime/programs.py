@@ -22,21 +22,27 @@ def check_program(command: tuple[str, ...], cwd: str | None, environment: Mappin
     if "/" in program:
         path = program if os.path.isabs(program) or cwd is None else os.path.join(cwd, program)
         if not os.path.exists(path):
-            raise LaunchError(_not_found(program))
+            raise LaunchError(not_found(program))
     else:
         found = shutil.which(program, mode=os.F_OK, path=environment.get("PATH", os.defpath))
         if found is None:
-            raise LaunchError(_not_found(program))
+            raise LaunchError(not_found(program))
         path = found
     if os.path.isdir(path) or not os.access(path, os.X_OK):
-        raise LaunchError(f"program {program!r} is not executable (permission denied)")
+        raise LaunchError(not_executable(program))
     interpreter = _interpreter(path)
     if interpreter is not None and not os.path.exists(interpreter):
         raise LaunchError(f"program {program!r}: its script interpreter {interpreter!r} is missing")
 
 
-def _not_found(program: str) -> str:
+def not_found(program: str) -> str:
+    """What a failed exec with ENOENT says, here or from a spawn in the daemon."""
     return f"program {program!r} not found (or its script interpreter is missing)"
+
+
+def not_executable(program: str) -> str:
+    """What a failed exec with EACCES says."""
+    return f"program {program!r} is not executable (permission denied)"
 
 
 def _interpreter(path: str) -> str | None:

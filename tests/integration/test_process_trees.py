@@ -12,6 +12,7 @@ import asyncio
 import contextlib
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -23,6 +24,7 @@ from pathlib import Path
 import psutil
 import pytest
 
+from opmasd.core.errors import LaunchError
 from opmasd.core.model import ExitInfo, ProcessHandle
 from opmasd.runtime import procstat
 from opmasd.runtime.base import LaunchRequest
@@ -305,3 +307,23 @@ def test_process_identity_is_the_boot_relative_start_time() -> None:
     finally:
         proc.kill()
         proc.wait()
+
+
+async def test_launch_failures_are_told_before_the_spawn_as_without_cgroups(
+    runtime: tuple[ProcessRuntime, Exits], cgroups: AgentCgroups, tmp_path: Path
+) -> None:
+    rt, exits = runtime
+    plain = tmp_path / "plain.txt"
+    plain.write_text("not a program\n")
+    script = tmp_path / "script"
+    script.write_text("#!/no/such/interpreter\n")
+    script.chmod(0o755)
+    cases = {
+        "no-such-program-xyz": "program 'no-such-program-xyz' not found",
+        str(plain): "is not executable (permission denied)",
+        str(script): "its script interpreter '/no/such/interpreter' is missing",
+    }
+    for program, message in cases.items():
+        with pytest.raises(LaunchError, match=re.escape(message)):
+            await rt.launch(LaunchRequest("bad", (program,), "", dict(os.environ)))
+    assert exits.reports == [] and cgroups.members("bad") == []
