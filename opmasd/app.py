@@ -305,7 +305,7 @@ class Daemon:
         else:
             fixed = [
                 name
-                for name in ("database", "grpc", "rest", "nats", "auth")
+                for name in ("database", "grpc", "rest", "nats")
                 if getattr(new, name) != getattr(self.config, name)
             ]
             for key in ("state_dir", "runtime_dir", "log_dir", "node"):
