@@ -34,6 +34,7 @@ from opmasd.bus.embedded import EmbeddedNatsServer
 from opmasd.bus.manager_service import ManagerService
 from opmasd.bus.subjects import Subjects
 from opmasd.config import Config, ConfigError, load_config
+from opmasd.core.serial_thread import SerialThread
 from opmasd.core.tasks import TaskOwner
 from opmasd.core.urls import redacted
 from opmasd.instance_lock import InstanceLock
@@ -42,7 +43,8 @@ from opmasd.manager import AgentManager, HealthSettings, ManagerSettings, Restar
 from opmasd.runtime.cgroups import AgentCgroups
 from opmasd.runtime.fdlimit import raise_open_files_limit
 from opmasd.runtime.process import ProcessRuntime
-from opmasd.store.sql import SqlStore
+from opmasd.store.base import AgentStore
+from opmasd.store.opening import open_store
 from opmasd.systemd.notify import Notifier
 
 log = structlog.get_logger(__name__)
@@ -66,6 +68,7 @@ def manager_settings(config: Config) -> ManagerSettings:
         discovery_interval=config.service.discovery_interval,
         cleanup_interval=config.service.cleanup_interval,
         health=HealthSettings(heartbeat_timeout=config.nats.heartbeat_timeout),
+        commit_timeout=config.database.commit_timeout,
     )
 
 
@@ -80,7 +83,7 @@ class Daemon:
         self._reload_requested = asyncio.Event()
         self._tasks = TaskOwner("daemon")
         self._lock = InstanceLock(config.service.state_dir / "opmasd.lock")
-        self._store: SqlStore | None = None
+        self._store: AgentStore | None = None
         self._runtime: ProcessRuntime | None = None
         self._embedded_nats: EmbeddedNatsServer | None = None
         self._bus: NatsBus | None = None
@@ -107,7 +110,20 @@ class Daemon:
             directory.mkdir(parents=True, exist_ok=True)
         self._lock.acquire()
         self.notifier.status("opening the store")
-        self._store = SqlStore.open(config.database.url, pool_size=config.database.pool_size)
+        # Off the loop: opening may wait out a connect timeout (PostgreSQL unreachable).
+        opening = SerialThread("opmasd-store-open")
+        try:
+            self._store = await opening.run(
+                lambda: open_store(
+                    config.database.url,
+                    node=config.service.node,
+                    state_dir=config.service.state_dir,
+                    pool_size=config.database.pool_size,
+                ),
+                "open the store",
+            )
+        finally:
+            opening.close()
         self._runtime = ProcessRuntime(
             config.service.log_dir / "agents",
             log_max_bytes=config.agents.log_max_bytes,
@@ -273,10 +289,22 @@ class Daemon:
         if self._embedded_nats is not None:
             await self._unless_forced(self._embedded_nats.stop(), "embedded NATS server")
         if self._store is not None:
-            self._store.close()
+            await self._close_store(self._store)
         log.info("opmasd stopped")
         self.notifier.close()
         self._lock.release()
+
+    @staticmethod
+    async def _close_store(store: AgentStore) -> None:
+        """Close the store on a thread of its own, within a bound: a call stuck on a frozen
+        database holds the store's lock, and must not hold up the exit."""
+        closing = SerialThread("opmasd-store-close")
+        try:
+            await asyncio.wait_for(closing.run(store.close, "close the store"), timeout=2.0)
+        except TimeoutError:
+            log.error("the store did not close within 2s (a call is stuck on the database); leaving it")
+        finally:
+            closing.close()
 
     async def _unless_forced(self, step: Coroutine[Any, Any, Any], what: str) -> bool:
         """Run a shutdown step; a second exit request (now or during it) cuts it short.

@@ -55,6 +55,8 @@ class ServiceConfig:
 class DatabaseConfig:
     url: str  # always concrete once loaded: the default is the SQLite file in state_dir
     pool_size: int = 5
+    # How long an operator's change waits for its commit before it is undone (UNAVAILABLE).
+    commit_timeout: float = 5.0
 
 
 @dataclass(frozen=True)
@@ -153,6 +155,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
     "database": {
         "url": Key(parse_url(DATABASE_SCHEMES)),
         "pool_size": Key(parse_int(minimum=1)),
+        "commit_timeout": Key(_POSITIVE),
     },
     "nats": {
         "url": Key(parse_url(NATS_SCHEMES)),

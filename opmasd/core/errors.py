@@ -84,6 +84,12 @@ class StoreRejected(StoreError):
     lost connection, trying the same write again cannot succeed."""
 
 
+class StoreDegraded(StoreError):
+    """Written where this node keeps its own state, not yet where the fleet shares it (the
+    shared database is unreachable): the store keeps it and writes it there when it is back,
+    so the caller must not write it again."""
+
+
 class BusError(BackendError):
     """A message bus operation failed."""
 

@@ -26,13 +26,15 @@ from opmasd.core.errors import (
     FailedPrecondition,
     InvalidArgument,
     NotFound,
+    StoreError,
     StoreRejected,
     Unavailable,
 )
 from opmasd.core.ids import agent_id_from_name, check_agent_id
 from opmasd.core.messages import CommandReply, MetricsReport
-from opmasd.core.model import AgentRecord, AgentSource, AgentSpec, AgentState, ProcessUsage
+from opmasd.core.model import AgentRecord, AgentSource, AgentSpec, AgentState, DesiredState, ProcessUsage
 from opmasd.core.tasks import TaskOwner
+from opmasd.manager.commits import Commits
 from opmasd.manager.discovery import PackageDiscovery
 from opmasd.manager.events import EventHub, Subscription
 from opmasd.manager.heartbeats import HeartbeatJudge
@@ -74,8 +76,9 @@ class AgentManager:
         self._settings = settings
         self._bus = bus
         self._hub = EventHub()
-        self._writes = WriteBehind(store)
+        self._writes = WriteBehind(store, clock, settings.commit_timeout)
         self._registry = AgentRegistry(self._writes, self._hub, clock)
+        self._commits = Commits(self._registry, self._writes)
         self._tasks = TaskOwner("manager")
         self._jobs = PeriodicJobs(self._tasks)
         # Variables every agent gets from the daemon (NATS_URL, ...).
@@ -118,7 +121,8 @@ class AgentManager:
 
     async def start(self, discover: bool = True) -> None:
         """Load the store, re-adopt or restart agents as desired, scan for packages, start jobs."""
-        self._registry.load(self._store.load_agents())
+        self._writes.start()
+        self._registry.load(await self._writes.call(self._store.load_agents, "load agents"))
         for rec in list(self._registry.live()):
             if rec.node != self.settings.node:
                 continue  # another host's agent, in a shared database: that host runs it
@@ -129,11 +133,11 @@ class AgentManager:
         for report in await self._runtime.reap_unmanaged():
             log.warning("stopped an unmanaged process left by an earlier opmasd", detail=report)
         if discover:
-            await self.discover()
+            await self._discover_in_background()
         settings = self.settings
         self._jobs.every(settings.monitoring_interval, self._monitor, "monitor")
         if discover and settings.discovery_interval > 0:
-            self._jobs.every(settings.discovery_interval, self.discover, "discovery")
+            self._jobs.every(settings.discovery_interval, self._discover_in_background, "discovery")
         self._jobs.every(settings.cleanup_interval, self._cleanup, "cleanup")
         if self._bus is not None:
             timeout = settings.health.heartbeat_timeout
@@ -145,17 +149,23 @@ class AgentManager:
     async def stop(self, stop_agents: bool) -> None:
         await self._supervisor.shutdown(stop_agents)
         await self._tasks.close()
-        self._writes.close()
+        await self._writes.close(self.settings.commit_timeout)
         self._hub.close()
 
     # -- periodic jobs --------------------------------------------------------------------------
 
     async def _monitor(self) -> None:
-        self._writes.flush()
         await self._runtime.rotate_logs()
 
     async def _flush_heartbeats(self) -> None:
-        self._writes.flush_heartbeats()
+        await self._writes.flush_heartbeats()
+
+    async def _discover_in_background(self) -> None:
+        """Discovery nobody asked for (start-up, the interval): a store outage is a warning."""
+        try:
+            await self.discover()
+        except Unavailable as exc:
+            log.warning("discovery ran; its changes wait for the store", error=exc.message)
 
     async def _check_heartbeats(self) -> None:
         connected = self._bus.is_connected if self._bus is not None else False
@@ -166,7 +176,8 @@ class AgentManager:
                 )
 
     async def _cleanup(self) -> None:
-        removed = self._store.prune_transitions(self.settings.transitions_kept_per_agent)
+        keep = self.settings.transitions_kept_per_agent
+        removed = await self._writes.call(lambda: self._store.prune_transitions(keep), "prune transitions")
         if removed:
             log.info("old transitions pruned", removed=removed)
 
@@ -250,8 +261,9 @@ class AgentManager:
     async def start_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
+            await self._commits.desired(rec, DesiredState.RUNNING)
             result = await self._supervisor.start(rec, "started by operator")
-        await self._writes.wait_flush_attempt(agent_id)
+        await self._commits.observed(agent_id)
         return await self._supervisor.settled(result)
 
     @finishes
@@ -260,16 +272,18 @@ class AgentManager:
             raise InvalidArgument.single("timeout", f"must not be negative, got {timeout:g}s")
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
+            await self._commits.desired(rec, DesiredState.STOPPED)
             result = await self._supervisor.stop(rec, "stopped by operator", timeout)
-        await self._writes.wait_flush_attempt(agent_id)
+        await self._commits.observed(agent_id)
         return result
 
     @finishes
     async def restart_agent(self, agent_id: str) -> OperationResult:
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
+            await self._commits.desired(rec, DesiredState.RUNNING)
             result = await self._supervisor.restart(rec, "restarted by operator")
-        await self._writes.wait_flush_attempt(agent_id)
+        await self._commits.observed(agent_id)
         return await self._supervisor.settled(result)
 
     async def send_command(
@@ -353,24 +367,18 @@ class AgentManager:
                 state_reason="registered" if source is AgentSource.REGISTERED else "discovered",
             )
             self._registry.save(rec)
+
+            def unregister() -> None:  # back to what the store holds: nothing, or the tombstone
+                self._registry.restore(agent_id, existing)
+                self._writes.forget(agent_id)
+
+            await self._commits.change(rec, unregister)
             log.info("agent registered", agent_id=agent_id, source=source.value)
             started = await self._supervisor.start(rec, "started at registration") if start else None
-        try:
-            await self._writes.wait_flush_attempt(agent_id)
-        except StoreRejected:
-            await self._unregister(rec, existing)
-            raise
         if started is not None:
+            await self._commits.observed(agent_id)
             await self._supervisor.settled(started)
         return rec
-
-    async def _unregister(self, rec: AgentRecord, existing: AgentRecord | None) -> None:
-        """Undo a registration the store refused: memory goes back to what the store holds."""
-        async with self._supervisor.lock(rec.agent_id):
-            if rec.pid is not None:
-                await self._supervisor.stop(rec, "the store refused the registration")
-            self._registry.restore(rec.agent_id, existing)
-        log.error("agent registration undone: the store refused it", agent_id=rec.agent_id)
 
     @finishes
     async def update_agent(self, agent_id: str, fields: Mapping[str, Any]) -> AgentRecord:
@@ -382,14 +390,13 @@ class AgentManager:
             check_spec(spec)
             previous, rec.spec = rec.spec, spec
             self._registry.save(rec)
-            log.info("agent updated", agent_id=agent_id, fields=sorted(fields))
-        try:
-            await self._writes.wait_flush_attempt(agent_id)
-        except StoreRejected:
-            async with self._supervisor.lock(agent_id):
+
+            def undo() -> None:
                 rec.spec = previous  # what the store still holds
                 self._registry.save(rec)
-            raise
+
+            await self._commits.change(rec, undo)
+            log.info("agent updated", agent_id=agent_id, fields=sorted(fields))
         return rec
 
     @finishes
@@ -403,18 +410,34 @@ class AgentManager:
             if rec.deleted:
                 return OperationResult(rec, False, f"agent {agent_id} was already deleted")
             self._local_agent(agent_id)
+            # Stopped for good first (committed), then the tombstone: a failure between the two
+            # leaves a stopped agent, never a deleted one still running.
+            await self._commits.desired(rec, DesiredState.STOPPED)
             await self._supervisor.stop(rec, "deleted by operator")
             # The row stays as a tombstone, so discovery does not bring a deleted agent back.
             rec.deleted = True
             self._registry.save(rec)
+
+            def undo() -> None:
+                rec.deleted = False
+                self._registry.save(rec)
+
+            await self._commits.change(rec, undo)
             self._metrics.forget(agent_id)
             self._writes.forget_heartbeat(agent_id)
             log.info("agent deleted", agent_id=agent_id)
-        await self._writes.wait_flush_attempt(agent_id)
         return OperationResult(rec, True, f"agent {agent_id} deleted")
 
     async def discover(self) -> DiscoveryReport:
-        """Scan the agents directories; register new packages, refresh changed manifests."""
+        """Scan the agents directories; register new packages, refresh changed manifests.
+
+        UNAVAILABLE when what it found could not be committed: it is kept and retried (a
+        discovered package is the file system's truth, not an operator's change to undo)."""
         report = await self._discovery.discover()
-        await self._writes.wait_flush_attempt()
+        try:
+            await self._writes.flushed()
+        except StoreRejected as exc:
+            log.error("the store refused a discovered agent", error=str(exc))
+        except StoreError as exc:
+            raise Unavailable(f"discovery's changes are not yet committed (kept, retried): {exc}") from exc
         return report

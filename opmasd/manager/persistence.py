@@ -1,15 +1,24 @@
-"""Write-behind persistence: every store write the manager makes, queued and committed in batches.
+"""Persistence: every store write the manager makes, coalesced per agent, committed off the loop.
 
-Two kinds of write reach the store, both from here:
-- agent rows and their transitions, queued as they happen and written in one transaction at
-  the next turn of the event loop, so a burst of changes (200 agents stopped at once) costs one
-  commit, not 400; operations that answer an operator wait for that commit (`wait_flush_attempt`);
+Two kinds of write reach the store, both from here, and every store call runs on one thread of
+its own (core.serial_thread), so a slow, frozen or absent database never stalls the event loop:
+
+- agent rows and their transitions. Each agent has at most one pending entry: its newest row
+  (a full snapshot of the record) and the transitions not yet written, so the queue is bounded
+  by the number of agents (and `MAX_PENDING_TRANSITIONS` each). A background flusher writes
+  everything pending in one transaction per attempt; a burst (200 agents stopped at once)
+  costs one commit, not 400.
 - heartbeat times, the hottest input opmasd has, kept as a dict of last-seen times and written
   once per heartbeat flush interval (`flush_heartbeats`), never one write per heartbeat.
 
-A write that fails is logged, kept, and retried by the next flush, so a database outage never
-stops supervision and loses no transition once the database is back. While the store fails,
-`wait_flush_attempt` does not wait (see its docstring): the store issue changes that.
+**Acknowledged means committed.** An operator's change (registration, update, desired state,
+deletion) is made in memory, then `commit(agent_id)` waits until the row carrying it is
+committed, or raises: StoreRejected when the database refuses its values, StoreError when the
+store failed or did not answer within `commit_timeout`. A failed commit's row is *not* retried:
+its caller puts the record back as it was (manager.operations) and saves that, so memory and the
+database agree on what was acknowledged. Observations (state changes, PIDs, exits) are retried
+until they are written, with a backoff while the store fails; an operator's commit asks for an
+attempt at once.
 
 Every store call is timed and every failure counted, and what is still pending is known, for
 the manager's stats (manager.stats) and the daemon's readiness (`failing`).
@@ -18,36 +27,56 @@ the manager's stats (manager.stats) and the daemon's readiness (`failing`).
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import time
+from collections.abc import Callable
 from datetime import datetime
+from typing import TypeVar
 
 import structlog
 
-from opmasd.core.errors import StoreError, StoreRejected
+from opmasd.core.clock import SYSTEM_CLOCK, Clock
+from opmasd.core.errors import StoreDegraded, StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
+from opmasd.core.serial_thread import SerialThread
 from opmasd.manager.stats import DurationHistogram
+from opmasd.manager.write_batches import Entry, Outcome, write_entries
 from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
 
+T = TypeVar("T")
+
+# Transitions kept per agent while the store is down; older ones are dropped (and counted):
+# the agent's row, which is what re-adoption needs, is always kept.
+MAX_PENDING_TRANSITIONS = 1000
+RETRY_INITIAL = 0.25
+RETRY_MAX = 5.0
+
 
 class WriteBehind:
-    def __init__(self, store: AgentStore) -> None:
+    def __init__(self, store: AgentStore, clock: Clock = SYSTEM_CLOCK, commit_timeout: float = 5.0) -> None:
         self._store = store
-        # Writes not yet in the store, in order: (snapshot, transition or None for a plain save).
-        self._queue: list[tuple[AgentRecord, Transition | None]] = []
-        self._flush_scheduled = False
-        # Whether the last attempt failed: the queue then waits for the next flush() (retry).
+        self._clock = clock
+        self.commit_timeout = commit_timeout
+        self._thread = SerialThread("opmasd-store")
+        self._pending: dict[str, Entry] = {}
+        self._in_flight: dict[str, Entry] = {}
+        # Waiters for the next attempt as a whole (discovery), and the attempt lock.
+        self._attempt_waiters: list[asyncio.Future[None]] = []
+        self._attempt = asyncio.Lock()
+        self._wake = asyncio.Event()
+        self._urgent = asyncio.Event()
+        self._flusher: asyncio.Task[None] | None = None
         self._failing = False
-        self._flush_waiters: list[asyncio.Future[None]] = []
-        # Flushes so far; per agent, the first flush that could have taken its latest write; and
-        # the agents whose change a flush dropped: (flush number, why).
-        self._generation = 0
-        self._queued_at: dict[str, int] = {}
-        self._rejected: dict[str, tuple[int, StoreRejected]] = {}
+        self._retry_delay = RETRY_INITIAL
+        # Agents whose last change the database refused, and why (told to their next waiter).
+        self._rejected: dict[str, StoreRejected] = {}
         self._heartbeats: dict[str, datetime] = {}
         self._heartbeats_failing = False
+        self._heartbeat_flush: asyncio.Task[None] | None = None
         self.heartbeat_flushes = 0
+        self.dropped_transitions = 0
         # For the metrics: how long each store call took (failed ones too), and how many failed.
         self.row_flush_times = DurationHistogram()
         self.heartbeat_flush_times = DurationHistogram()
@@ -55,8 +84,12 @@ class WriteBehind:
 
     @property
     def pending(self) -> int:
-        """Agent rows and transitions queued, not yet committed."""
-        return len(self._queue)
+        """Agent rows and transitions not yet committed (queued or being written)."""
+        return sum(
+            (entry.snapshot is not None) + len(entry.transitions)
+            for entries in (self._pending, self._in_flight)
+            for entry in entries.values()
+        )
 
     @property
     def pending_heartbeats(self) -> int:
@@ -68,100 +101,212 @@ class WriteBehind:
         """Whether the last store write of either kind failed (and waits for a retry)."""
         return self._failing or self._heartbeats_failing
 
+    async def call(self, call: Callable[[], T], what: str) -> T:
+        """Any other store call (loading, pruning, closing), on the store's thread, in order."""
+        return await self._thread.run(call, what)
+
     # -- agent rows and transitions -------------------------------------------------------------
 
     def write(self, snapshot: AgentRecord, transition: Transition | None) -> None:
-        """Queue the agent's row (and the transition that produced it) for the next flush."""
-        self._queue.append((snapshot, transition))
-        self._queued_at[snapshot.agent_id] = self._generation + 1
-        if self._flush_scheduled or self._failing:
-            return
-        try:
-            loop = asyncio.get_running_loop()
-        except RuntimeError:  # no event loop (start-up, tests): write at once
-            self.flush()
-            return
-        self._flush_scheduled = True
-        loop.call_soon(self.flush)
+        """Queue the agent's row (and the transition that produced it) for the next attempt."""
+        entry = self._pending.get(snapshot.agent_id)
+        if entry is None:
+            entry = self._pending[snapshot.agent_id] = Entry(snapshot)
+        else:
+            entry.snapshot = snapshot
+        if transition is not None:
+            entry.transitions.append(transition)
+            if len(entry.transitions) > MAX_PENDING_TRANSITIONS:
+                del entry.transitions[0]
+                self.dropped_transitions += 1
+                if self.dropped_transitions % 1000 == 1:
+                    log.warning(
+                        "store down: oldest unwritten transitions dropped",
+                        agent_id=snapshot.agent_id,
+                        dropped=self.dropped_transitions,
+                    )
+        self._rejected.pop(snapshot.agent_id, None)
+        self._wake.set()
+        if self._flusher is None:
+            with contextlib.suppress(RuntimeError):  # no loop yet: start() comes with it
+                asyncio.get_running_loop()
+                self.start()
 
-    def flush(self) -> None:
-        """Write everything queued in one transaction; on failure keep it for the next call.
+    def forget(self, agent_id: str) -> None:
+        """Drop what is queued for an agent that is no more (a registration undone)."""
+        entry = self._pending.pop(agent_id, None)
+        for waiter in entry.waiters if entry else ():
+            if not waiter.done():
+                waiter.set_result(None)
+
+    async def commit(self, agent_id: str) -> None:
+        """Wait until the agent's newest row is committed; an operator's change hangs on it.
+
+        StoreRejected: the database refused its values. StoreError: the store failed, or did
+        not answer within commit_timeout; the row is then not retried (see the module's doc).
+        """
+        await self._wait_for(agent_id, commit=True)
+
+    async def flushed(self, agent_id: str = "") -> None:
+        """Wait for the attempt that writes what is queued now (for agent_id, or everything);
+        its error if it failed. What failed stays queued and is retried."""
+        await self._wait_for(agent_id, commit=False)
+
+    async def _wait_for(self, agent_id: str, commit: bool) -> None:
+        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
+        if agent_id:
+            entry = self._pending.get(agent_id) or self._in_flight.get(agent_id)
+            if entry is None:
+                rejected = self._rejected.pop(agent_id, None)
+                if rejected is not None:
+                    raise rejected
+                return
+            entry.waiters.append(waiter)
+            entry.commit = entry.commit or commit
+        elif self._pending or self._in_flight:
+            self._attempt_waiters.append(waiter)
+        else:
+            return
+        # A waiter that timed out is settled later by its attempt: nobody reads that outcome.
+        waiter.add_done_callback(_retrieve)
+        self.start()
+        self._urgent.set()
+        self._wake.set()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.commit_timeout)
+        except TimeoutError:
+            if agent_id and self._pending.get(agent_id) is not None:
+                # Not yet handed to the database: the caller's restored row replaces it there.
+                self._pending[agent_id].commit = False
+            stuck = f" (stuck in: {self._thread.current})" if self._thread.current else ""
+            raise StoreError(
+                f"the database did not confirm the write within {self.commit_timeout:g}s{stuck}"
+            ) from None
+
+    def start(self) -> None:
+        """Start the background flusher (needs the running loop; RuntimeError without one)."""
+        if self._flusher is None:
+            self._flusher = asyncio.create_task(self._flush_forever(), name="store-flusher")
+
+    async def _flush_forever(self) -> None:
+        while True:
+            await self._wake.wait()
+            self._wake.clear()
+            try:
+                if await self.flush():
+                    self._retry_delay = RETRY_INITIAL
+                    continue
+            except Exception:  # a bug, not the database: logged, and the flusher lives on
+                log.exception("store flush failed unexpectedly; will retry")
+            # Back off while the store fails, unless an operator's commit wants an attempt now.
+            self._urgent.clear()
+            urgent = asyncio.ensure_future(self._urgent.wait())
+            pause = asyncio.ensure_future(self._clock.sleep(self._retry_delay))
+            try:
+                await asyncio.wait({urgent, pause}, return_when=asyncio.FIRST_COMPLETED)
+            finally:
+                urgent.cancel()
+                pause.cancel()
+            self._retry_delay = min(self._retry_delay * 2, RETRY_MAX)
+            self._wake.set()
+
+    async def flush(self) -> bool:
+        """One attempt at writing everything pending, in one transaction; whether it succeeded.
 
         A batch the database refuses for its values (StoreRejected: a constraint, a value too
         long) is written again agent by agent, so that only the agents whose rows are refused
         are dropped, with their callers told why, and nothing behind them is held up.
         """
-        self._flush_scheduled = False
-        self._generation += 1
-        if self._queue:
-            batch = self._queue
+        async with self._attempt:
+            attempt_waiters, self._attempt_waiters = self._attempt_waiters, []
+            batch, self._pending = self._pending, {}
+            self._in_flight = batch
+            error: StoreError | None = None
             started = time.perf_counter()
-            try:
-                self._write(batch)
-            except StoreRejected:
-                self._queue = []
-                self._isolate(batch)
-            except StoreError as exc:
+            cancelled = False
+            if batch:
+                job = self._thread.submit(lambda: write_entries(self._store, batch), "write agents")
+                # The write is under way on the thread and cannot be taken back: whoever cancels
+                # this attempt waits for its outcome, so that nothing is lost or written twice.
+                while not job.done():
+                    try:
+                        await asyncio.shield(job)
+                    except asyncio.CancelledError:
+                        cancelled = True
+                outcome: dict[str, Outcome]
+                if job.cancelled():  # only by hand: the outcome is unknown, so it is retried
+                    interrupted = StoreError("the write was interrupted")
+                    outcome = dict.fromkeys(batch, Outcome(interrupted, interrupted))
+                else:
+                    outcome = job.result()
+                error = self._settle(batch, outcome)
+            elif self._failing:
+                error = await self._sync()
+            self._in_flight = {}
+            self.row_flush_times.observe(time.perf_counter() - started)
+            for waiter in attempt_waiters:
+                _settle_waiter(waiter, error)
+            if cancelled:
+                raise asyncio.CancelledError
+            return error is None
+
+    async def _sync(self) -> StoreError | None:
+        """Nothing queued, but the last attempt failed: whether the store is whole again (a
+        node copy writes what it kept to the shared database)."""
+        try:
+            await self._thread.run(self._store.sync, "sync the store")
+        except StoreError as exc:
+            return exc
+        log.info("store writes caught up")
+        self._failing = False
+        return None
+
+    def _settle(self, batch: dict[str, Entry], outcome: dict[str, Outcome]) -> StoreError | None:
+        """Tell each agent's waiters; put back what failed for a retry. The first failure."""
+        first: StoreError | None = None
+        retry: dict[str, Entry] = {}
+        for agent_id, entry in batch.items():
+            result = outcome[agent_id]
+            # An operator's change is told its commit's outcome, anyone else the observations'.
+            error = result.committed if entry.commit else result.observed
+            refused = next(
+                (e for e in (result.committed, result.observed) if isinstance(e, StoreRejected)), None
+            )
+            if refused is not None:
                 self.failures += 1
-                if not self._failing:
-                    log.error("store write failed; will retry", pending=len(batch), error=str(exc))
-                self._failing = True
-            else:
-                self._queue = []  # all of it: nothing can queue while this runs
-                if self._failing:
-                    log.info("store writes caught up", written=len(batch))
-                self._failing = False
-            finally:
-                self.row_flush_times.observe(time.perf_counter() - started)
-        waiters, self._flush_waiters = self._flush_waiters, []
-        for waiter in waiters:
-            if not waiter.done():
-                waiter.set_result(None)
-
-    def _write(self, batch: list[tuple[AgentRecord, Transition | None]]) -> None:
-        # Only the newest row of each agent matters; transitions all go, in order.
-        latest = {snapshot.agent_id: snapshot for snapshot, _ in batch}
-        transitions = [t for _, t in batch if t is not None]
-        self._store.write_batch(list(latest.values()), transitions)
-
-    def _isolate(self, batch: list[tuple[AgentRecord, Transition | None]]) -> None:
-        """Write each agent's part of a refused batch on its own; drop the refused parts."""
-        by_agent: dict[str, list[tuple[AgentRecord, Transition | None]]] = {}
-        for entry in batch:
-            by_agent.setdefault(entry[0].agent_id, []).append(entry)
-        for position, (agent_id, entries) in enumerate(by_agent.items()):
-            try:
-                self._write(entries)
-            except StoreRejected as exc:
-                self.failures += 1
-                self._rejected[agent_id] = (self._generation, exc)
-                log.error("store refused an agent's row; change dropped", agent_id=agent_id, error=str(exc))
-            except StoreError as exc:
-                # The database went away meanwhile: the rest waits for the next flush, in order.
-                self.failures += 1
-                self._failing = True
-                rest = [e for entries_left in list(by_agent.values())[position:] for e in entries_left]
-                self._queue = rest + self._queue
-                log.error("store write failed; will retry", pending=len(rest), error=str(exc))
-                return
-
-    async def wait_flush_attempt(self, agent_id: str = "") -> None:
-        """Wait for the flush attempt that covers what is queued now (at once when nothing is).
-
-        Raises StoreRejected when that flush dropped agent_id's change because the database
-        refused it. A failed flush releases its waiters too, and while the store is failing
-        this returns at once: the change is kept and retried, and the failure is logged, so an
-        operator's request is not held hostage by a database outage — but it is then not yet
-        committed (the store issue changes that).
-        """
-        if self._queue and not self._failing:
-            waiter = asyncio.get_running_loop().create_future()
-            self._flush_waiters.append(waiter)
-            await waiter
-        rejected = self._rejected.get(agent_id) if agent_id else None
-        if rejected is not None and rejected[0] >= self._queued_at.get(agent_id, 0):
-            del self._rejected[agent_id]
-            raise rejected[1]
+                log.error(
+                    "store refused an agent's row; change dropped", agent_id=agent_id, error=str(refused)
+                )
+                if not entry.waiters:
+                    self._rejected[agent_id] = refused
+            observed = result.observed
+            if observed is not None and not isinstance(observed, StoreRejected | StoreDegraded):
+                first = first or observed
+                # An operator's change that failed is not retried: its caller restores the row.
+                kept = Entry(None if entry.commit else entry.snapshot, entry.transitions)
+                if kept.snapshot is not None or kept.transitions:
+                    retry[agent_id] = kept
+            elif isinstance(observed, StoreDegraded):
+                first = first or observed  # kept by the store itself, not here
+            if result.committed is not None and not isinstance(result.committed, StoreRejected):
+                first = first or result.committed
+            for waiter in entry.waiters:
+                _settle_waiter(waiter, error)
+        if first is not None:
+            self.failures += 1
+            for agent_id, newer in self._pending.items():
+                if agent_id in retry:
+                    retry[agent_id].absorb(newer)
+                else:
+                    retry[agent_id] = newer
+            self._pending = retry
+            if not self._failing:
+                log.error("store write failed; will retry", pending=len(retry), error=str(first))
+            self._failing = True
+        elif self._failing:
+            log.info("store writes caught up", written=len(batch))
+            self._failing = False
+        return first
 
     # -- heartbeat times ------------------------------------------------------------------------
 
@@ -172,14 +317,16 @@ class WriteBehind:
     def forget_heartbeat(self, agent_id: str) -> None:
         self._heartbeats.pop(agent_id, None)
 
-    def flush_heartbeats(self) -> None:
-        """Write the last-seen times gathered since the previous flush, in one transaction."""
-        if not self._heartbeats:
+    async def flush_heartbeats(self) -> None:
+        """Write the last-seen times gathered since the previous flush, in one transaction.
+        One at a time: while the store is stuck, later flushes are skipped, not queued."""
+        if not self._heartbeats or self._heartbeat_flush is not None:
             return
         batch, self._heartbeats = self._heartbeats, {}
         started = time.perf_counter()
+        self._heartbeat_flush = asyncio.current_task()
         try:
-            self._store.save_heartbeats(batch)
+            await self._thread.run(lambda: self._store.save_heartbeats(batch), "save heartbeats")
             self.heartbeat_flushes += 1
             self._heartbeats_failing = False
         except StoreError as exc:
@@ -189,9 +336,42 @@ class WriteBehind:
             log.warning("heartbeat flush failed; will retry", agents=len(batch), error=str(exc))
             self._heartbeats = {**batch, **self._heartbeats}
         finally:
+            self._heartbeat_flush = None
             self.heartbeat_flush_times.observe(time.perf_counter() - started)
 
-    def close(self) -> None:
-        """The last flush of both kinds (daemon shutdown)."""
-        self.flush_heartbeats()
-        self.flush()
+    async def close(self, timeout: float) -> None:
+        """The last flush of both kinds (daemon shutdown), within timeout. What could not be
+        written is logged, never dropped silently. The store itself is its opener's to close."""
+        last = asyncio.ensure_future(self._last_flush())
+        # Not wait_for: it would wait for the cancelled flush, which waits for the database.
+        done, _ = await asyncio.wait({last}, timeout=timeout)
+        if not done:
+            log.error("the store did not answer the last flush in time", timeout=timeout)
+        if self.pending or self._heartbeats:
+            log.error(
+                "changes not written at shutdown: the store is unavailable",
+                rows_and_transitions=self.pending,
+                heartbeats=len(self._heartbeats),
+            )
+        self._thread.close()
+
+    async def _last_flush(self) -> None:
+        if self._flusher is not None:
+            self._flusher.cancel()  # an attempt under way finishes first (see flush)
+            await asyncio.gather(self._flusher, return_exceptions=True)
+        await self.flush_heartbeats()
+        await self.flush()
+
+
+def _settle_waiter(waiter: asyncio.Future[None], error: StoreError | None) -> None:
+    if waiter.done():
+        return
+    if error is None:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(error)
+
+
+def _retrieve(waiter: asyncio.Future[None]) -> None:
+    if not waiter.cancelled():
+        waiter.exception()

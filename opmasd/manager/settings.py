@@ -26,3 +26,5 @@ class ManagerSettings:
     health: HealthSettings = HealthSettings()
     # How often batched heartbeat times are written to the store.
     heartbeat_flush_interval: float = 1.0
+    # How long an operator's change waits for its commit before it is undone (UNAVAILABLE).
+    commit_timeout: float = 5.0

@@ -18,18 +18,21 @@ class AgentStore(Protocol):
     def load_agents(self) -> list[AgentRecord]:
         """Every agent row, deleted ones (tombstones, deleted=True) included."""
 
-    def save_agent(self, record: AgentRecord) -> None:
-        """Insert or replace the agent's row (spec, desired and observed state)."""
-
-    def record_transition(self, record: AgentRecord, transition: Transition) -> None:
-        """In one transaction: save the agent's row and append the transition."""
-
     def write_batch(self, records: Sequence[AgentRecord], transitions: Sequence[Transition]) -> None:
         """In one transaction: save every record's row, then append the transitions in order.
 
         The manager queues its writes and hands them over a batch at a time, so a burst (200
         agents stopped at once) costs one transaction, not 400.
         """
+
+    def commit_rows(self, records: Sequence[AgentRecord]) -> None:
+        """In one transaction: save operators' changes (full rows), where they must be before
+        they are acknowledged (with a node copy: the shared database first). StoreError when
+        they cannot be; then nothing was written."""
+
+    def sync(self) -> None:
+        """Write what only this node's copy holds to the shared database (nothing to do for a
+        single database). StoreDegraded while the shared database is unreachable."""
 
     def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
         """In one transaction: set each agent's last heartbeat time (agents absent are skipped).

@@ -41,6 +41,10 @@ SCHEMES = ("sqlite", *_POSTGRES_SCHEMES)
 _SCHEMA_NAME = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 
 
+def is_postgres_url(url: str) -> bool:
+    return "://" in url and urlsplit(url).scheme.lower() in _POSTGRES_SCHEMES
+
+
 def database_from_url(url: str, *, pool_size: int = 5) -> peewee.Database:
     """An unconnected peewee database for `url`; ValueError for a URL we do not accept."""
     if pool_size < 1:

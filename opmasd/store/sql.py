@@ -14,6 +14,9 @@ from __future__ import annotations
 
 import contextlib
 import functools
+import os
+import re
+import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -60,6 +63,11 @@ _REJECTIONS = (
     ValueError,
 )
 
+# How much longer than its statement_timeout a PostgreSQL call may take before its connection
+# is cut (see SqlStore._deadline); connecting is bounded by connect_timeout.
+CALL_DEADLINE_MARGIN = 2.0
+_STATEMENT_TIMEOUT = re.compile(r"statement_timeout=(\d+)(ms|s)?\b")
+
 # The lock every call holds; see the module docstring.
 _CALL_LOCK = threading.RLock()
 
@@ -71,6 +79,7 @@ class SqlStore:
         self._db = database
         self._url = redacted(url)
         self._postgres = isinstance(database, peewee.PostgresqlDatabase)
+        self._call_deadline = _call_deadline(database)
         self._closed = False
         self.schema_version = 0
 
@@ -135,6 +144,12 @@ class SqlStore:
         # Not idempotent (transitions are appended): retried only if it never began.
         what = f"write {len(records)} agents and {len(transitions)} transitions"
         self._call(what, work, write=True, idempotent=False)
+
+    def commit_rows(self, records: Sequence[AgentRecord]) -> None:
+        self.write_batch(records, ())
+
+    def sync(self) -> None:
+        """One database: nothing is kept elsewhere."""
 
     def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
         if not last_seen:
@@ -241,7 +256,7 @@ class SqlStore:
             for attempt in (1, 2):
                 began = False
                 try:
-                    with self._connection():
+                    with self._connection(), self._deadline(what):
                         if not write:
                             began = True
                             return work()
@@ -264,6 +279,25 @@ class SqlStore:
                     raise self._failure(what, exc) from exc
             raise AssertionError("unreachable: the second attempt returns or raises")
 
+    @contextlib.contextmanager
+    def _deadline(self, what: str) -> Iterator[None]:
+        """Bound a PostgreSQL call: past CALL_DEADLINE its connection is cut, so the call fails
+        (and the connection is replaced). statement_timeout is the server's own bound, and a
+        frozen server (SIGSTOP, a hung host whose kernel still answers TCP keepalives) never
+        applies it: the client would wait forever on a socket that stays open."""
+        if not self._postgres:
+            yield
+            return
+        cut = _ConnectionCutter(self._db.connection(), what, self._url, self._call_deadline)  # type: ignore[no-untyped-call]
+        timer = threading.Timer(self._call_deadline, cut)
+        timer.daemon = True
+        timer.start()
+        try:
+            yield
+        finally:
+            cut.disarm()
+            timer.cancel()
+
     def _discard_idle_connections(self) -> None:
         # The pool's other idle connections went down with the same server.
         if isinstance(self._db, PooledPostgresqlDatabase):
@@ -278,6 +312,54 @@ class SqlStore:
         log.error("store.failed", url=self._url, operation=what, error=message, exc_type=type(exc).__name__)
         kind = StoreRejected if isinstance(exc, _REJECTIONS) else StoreError
         return kind(f"{what} failed ({self._url}): {message}")
+
+
+def _call_deadline(database: peewee.Database) -> float:
+    """The statement_timeout the connections ask for (database.py sets 10 s unless the URL says
+    otherwise), plus a margin; 0 (none) keeps the default."""
+    options = str(getattr(database, "connect_params", {}).get("options", ""))
+    found = _STATEMENT_TIMEOUT.findall(options)
+    seconds = 10.0
+    if found:
+        value, unit = found[-1]  # the last one given is the one PostgreSQL applies
+        seconds = float(value) if unit == "s" else float(value) / 1000
+    return (seconds or 10.0) + CALL_DEADLINE_MARGIN
+
+
+class _ConnectionCutter:
+    """Shuts down a connection's socket from the timer's thread, unless disarmed first."""
+
+    def __init__(self, connection: object, what: str, url: str, deadline: float) -> None:
+        self._connection = connection
+        self._what = what
+        self._url = url
+        self._deadline = deadline
+        self._lock = threading.Lock()
+        self._armed = True
+
+    def disarm(self) -> None:
+        with self._lock:
+            self._armed = False
+
+    def __call__(self) -> None:
+        with self._lock:
+            if not self._armed:
+                return
+            try:
+                fd = self._connection.fileno()  # type: ignore[attr-defined]
+                # A duplicate of the descriptor: shutting it down ends the connection for the
+                # thread blocked on it, and closing the duplicate leaves the original to psycopg2.
+                with socket.socket(fileno=os.dup(fd)) as sock:
+                    sock.shutdown(socket.SHUT_RDWR)
+            except (OSError, psycopg2.Error) as exc:
+                log.warning("could not cut a database call past its deadline", error=str(exc))
+                return
+        log.error(
+            "database call past its deadline: connection cut",
+            url=self._url,
+            operation=self._what,
+            deadline=self._deadline,
+        )
 
 
 def _agent(row: AgentRow) -> AgentRecord:

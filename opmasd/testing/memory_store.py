@@ -56,6 +56,12 @@ class MemoryStore:
         for transition in transitions:
             self._transitions.setdefault(transition.agent_id, []).append(copy.deepcopy(transition))
 
+    def commit_rows(self, records: Sequence[AgentRecord]) -> None:
+        self.write_batch(records, ())
+
+    def sync(self) -> None:
+        self._check("sync")
+
     def save_heartbeats(self, last_seen: Mapping[str, datetime]) -> None:
         self._check(f"save heartbeats of {len(last_seen)} agents")
         for agent_id, seen in last_seen.items():

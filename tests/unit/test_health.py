@@ -56,7 +56,7 @@ async def test_lost_heartbeat_goes_inactive_and_back(parts) -> None:  # type: ig
     bus.heartbeat("nagent")
     assert manager.get_agent("nagent").state is AgentState.RUNNING
     assert manager.get_agent("nagent").state_reason == "heartbeat received again"
-    await asyncio.sleep(0)  # the store is written at the next turn of the loop
+    await manager._writes.flushed()
     states = [t.state for t in store.transitions("nagent")]
     assert states[:2] == [AgentState.RUNNING, AgentState.INACTIVE]
 

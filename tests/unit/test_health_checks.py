@@ -14,7 +14,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from opmasd.api.grpc_server import SERVICE_NAME, GrpcListeners, GrpcServer
 from opmasd.api.health import DaemonHealth
 from opmasd.core.clock import utcnow
-from opmasd.core.errors import StoreError
+from opmasd.core.errors import StoreError, Unavailable
 from opmasd.manager import AgentManager, ManagerSettings
 from opmasd.testing.fake_bus import FakeBus
 from opmasd.testing.fake_runtime import FakeRuntime
@@ -67,14 +67,16 @@ async def test_each_check_that_fails_says_why(parts) -> None:  # type: ignore[no
     bus.connected, server.serving = True, False
     assert health.ready() == (False, {"store": "ok", "bus": "ok", "grpc": "the gRPC server is not serving"})
     server.serving = True
-    store.failure = StoreError("database is down")
     await manager.create_agent({"name": "sleeper", "command": ("sleep", "1")})
+    store.failure = StoreError("database is down")
+    with pytest.raises(Unavailable):
+        await manager.update_agent("sleeper", {"description": "changed"})
     ready, checks = health.ready()
     assert not ready and checks["bus"] == checks["grpc"] == "ok"
-    assert checks["store"].startswith("store writes are failing (1 rows")
+    assert checks["store"].startswith("store writes are failing (1 rows")  # the row, undone
     assert health.alive()  # a broken dependency is not a reason to restart the daemon
     store.failure = None
-    manager._writes.flush()  # the monitor's retry
+    await manager._writes.flushed()  # the flusher's retry
     assert health.ready()[0]
 
 
@@ -83,10 +85,10 @@ async def test_a_failed_heartbeat_flush_makes_the_store_check_fail_until_one_suc
     health = DaemonHealth(manager, lambda: bus.is_connected, FakeServer())
     store.failure = StoreError("database is down")
     manager._writes.note_heartbeat("a1", utcnow())
-    manager._writes.flush_heartbeats()
+    await manager._writes.flush_heartbeats()
     assert health.ready()[1]["store"] != "ok"
     store.failure = None
-    manager._writes.flush_heartbeats()
+    await manager._writes.flush_heartbeats()
     assert health.ready()[1]["store"] == "ok"
 
 

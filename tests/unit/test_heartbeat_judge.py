@@ -34,8 +34,8 @@ def beat(judge: HeartbeatJudge, clock: FakeClock, agent_id: str = "a1") -> None:
     judge.on_heartbeat(Heartbeat(agent_id, "running", clock.now(), {}))
 
 
-def test_silence_longer_than_the_timeout_marks_inactive_and_a_heartbeat_brings_it_back() -> None:
-    judge, registry, _, clock, store = judge_parts()
+async def test_silence_longer_than_the_timeout_marks_inactive_and_a_heartbeat_brings_it_back() -> None:
+    judge, registry, writes, clock, store = judge_parts()
     rec = running_agent(registry, clock)
     assert judge.mark_silent_inactive() == []  # the first connected check opens the grace
     clock.advance(1)
@@ -47,6 +47,7 @@ def test_silence_longer_than_the_timeout_marks_inactive_and_a_heartbeat_brings_i
     assert rec.state is AgentState.INACTIVE and rec.state_reason.startswith("no heartbeat for 91s")
     beat(judge, clock)
     assert rec.state is AgentState.RUNNING and rec.state_reason == "heartbeat received again"
+    assert await writes.flush()
     assert [t.state for t in store.transitions("a1")][:2] == [AgentState.RUNNING, AgentState.INACTIVE]
 
 
@@ -74,7 +75,7 @@ def test_an_agent_that_never_heartbeated_is_never_judged() -> None:
     assert judge.mark_silent_inactive() == [] and rec.state is AgentState.RUNNING
 
 
-def test_heartbeat_times_reach_the_store_in_one_batch_on_our_clock() -> None:
+async def test_heartbeat_times_reach_the_store_in_one_batch_on_our_clock() -> None:
     judge, registry, writes, clock, store = judge_parts()
     for agent_id in ("a1", "a2", "a3"):
         running_agent(registry, clock, agent_id)
@@ -82,7 +83,8 @@ def test_heartbeat_times_reach_the_store_in_one_batch_on_our_clock() -> None:
         clock.advance(0.01)
         for agent_id in ("a1", "a2", "a3"):
             beat(judge, clock, agent_id)
-    writes.flush_heartbeats()
+    assert await writes.flush()  # the agents' rows
+    await writes.flush_heartbeats()
     assert writes.heartbeat_flushes == 1
     stored = {rec.agent_id: rec.last_heartbeat for rec in store.load_agents()}
     assert stored == dict.fromkeys(("a1", "a2", "a3"), clock.now())

@@ -7,7 +7,14 @@ from pathlib import Path
 
 import pytest
 
-from opmasd.core.errors import AlreadyExists, FailedPrecondition, InvalidArgument, NotFound, StoreError
+from opmasd.core.errors import (
+    AlreadyExists,
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    StoreError,
+    Unavailable,
+)
 from opmasd.core.model import AgentState, DesiredState, RestartPolicy
 from opmasd.manager import AgentFilter, AgentManager, ManagerSettings, RestartSettings
 from opmasd.testing.fake_runtime import FakeRuntime
@@ -328,18 +335,39 @@ async def test_a_burst_of_changes_is_one_store_transaction() -> None:
         await manager.stop(stop_agents=False)
 
 
-async def test_store_outage_keeps_supervising_and_catches_up() -> None:
-    store = MemoryStore()
-    manager = AgentManager(store, FakeRuntime(), settings())
+async def test_store_outage_refuses_operator_changes_and_keeps_supervising() -> None:
+    store, runtime = MemoryStore(), FakeRuntime()
+    manager = AgentManager(store, runtime, settings())
     await manager.start(discover=False)
     try:
         await manager.create_agent(SLEEP)
+        await manager.create_agent({**SLEEP, "name": "other"}, start=True)
+        launches = len(runtime.launches)
         store.failure = StoreError("database is down")
-        result = await manager.start_agent("sleeper")  # answered, though not yet stored
-        assert result.record.state is AgentState.RUNNING
+        # Acknowledged means committed: the change is refused, and not made in memory either.
+        with pytest.raises(Unavailable, match="database is down"):
+            await manager.start_agent("sleeper")
+        rec = manager.get_agent("sleeper")
+        assert (rec.desired, rec.state, rec.pid) == (DesiredState.STOPPED, AgentState.STOPPED, None)
+        assert len(runtime.launches) == launches
+        with pytest.raises(Unavailable):
+            await manager.create_agent({**SLEEP, "name": "newcomer"})
+        assert [r.agent_id for r in manager.list_agents()] == ["other", "sleeper"]
+        # Supervision goes on: a crash is restarted, and what it changed is kept for the store.
+        first = manager.get_agent("other").pid
+        runtime.crash("other", exit_code=1)
+        await wait_state(manager, "other", AgentState.RUNNING)
+        assert manager.get_agent("other").pid != first
         store.failure = None
-        manager._writes.flush()  # what the monitor loop does every monitoring_interval
-        assert [t.state for t in store.transitions("sleeper")] == [AgentState.RUNNING, AgentState.STARTING]
+        await manager._writes.flushed()  # an attempt now, as the flusher's retry would make
+        assert [t.state for t in store.transitions("other")][:3] == [
+            AgentState.RUNNING,
+            AgentState.STARTING,
+            AgentState.BACKOFF,
+        ]
+        stored = {r.agent_id: r for r in store.load_agents()}
+        assert stored["other"].pid == manager.get_agent("other").pid
+        assert stored["sleeper"].desired is DesiredState.STOPPED and "newcomer" not in stored
     finally:
         await manager.stop(stop_agents=False)
 

@@ -26,8 +26,8 @@ async def test_a_refused_row_is_dropped_alone_and_its_waiter_told_why() -> None:
     for agent_id in ("good-1", "bad", "good-2"):
         rec = record(agent_id)
         writes.write(rec, Transition(agent_id, AgentState.STOPPED, AgentState.STARTING, "x"))
-    waiting_bad = asyncio.ensure_future(writes.wait_flush_attempt("bad"))
-    waiting_good = asyncio.ensure_future(writes.wait_flush_attempt("good-1"))
+    waiting_bad = asyncio.ensure_future(writes.flushed("bad"))
+    waiting_good = asyncio.ensure_future(writes.flushed("good-1"))
     async with asyncio.timeout(2):  # never hangs
         with pytest.raises(StoreRejected, match="bad"):
             await waiting_bad
@@ -38,7 +38,7 @@ async def test_a_refused_row_is_dropped_alone_and_its_waiter_told_why() -> None:
     # What comes after is written at once, not held behind the refused row.
     writes.write(record("later"), None)
     async with asyncio.timeout(2):
-        await writes.wait_flush_attempt("later")
+        await writes.flushed("later")
     assert "later" in {r.agent_id for r in store.load_agents()}
 
 
@@ -53,7 +53,7 @@ async def test_a_registration_the_store_refuses_is_an_error_and_leaves_nothing_b
             await manager.create_agent({"name": "refused", "command": ("sleep", "100")}, start=True)
         with pytest.raises(NotFound):
             manager.get_agent("refused")
-        assert runtime.processes == {}  # started, then stopped again when the store said no
+        assert runtime.launches == []  # refused before anything ran
         ok = await manager.create_agent({"name": "fine", "command": ("sleep", "100")})
         assert ok.agent_id == "fine" and "fine" in {r.agent_id for r in store.load_agents()}
     finally:

@@ -139,33 +139,34 @@ async def test_process_metrics_are_on_the_daemons_own_registry(parts) -> None:  
 
 
 async def test_store_outage_shows_as_failing_with_pending_writes_then_catches_up() -> None:
-    # No bus and no monitor pass: every flush here is the test's own.
-    store = MemoryStore()
-    manager = AgentManager(store, FakeRuntime(), ManagerSettings(node="n1", monitoring_interval=60))
+    # No bus and no monitor pass: every heartbeat flush here is the test's own.
+    store, runtime = MemoryStore(), FakeRuntime()
+    manager = AgentManager(store, runtime, ManagerSettings(node="n1", monitoring_interval=60))
     metrics = DaemonMetrics(manager, lambda: True)
     await manager.start(discover=False)
     try:
         await manager.create_agent(SLEEP, start=True)
         seen = manager.get_agent("sleeper").updated_at
         manager._writes.note_heartbeat("sleeper", seen)
-        manager._writes.flush_heartbeats()
+        await manager._writes.flush_heartbeats()
         row_flushes = value(scrape(metrics), "opmas_store_flush_duration_seconds_count", kind="rows")
         store.failure = StoreError("database is down")
-        await manager.stop_agent("sleeper")
-        await asyncio.sleep(0)
+        runtime.crash("sleeper", exit_code=0)  # observed while the store is down: kept for later
+        with pytest.raises(StoreError, match="database is down"):
+            await manager._writes.flushed("sleeper")
         manager._writes.note_heartbeat("sleeper", seen)
-        manager._writes.flush_heartbeats()
+        await manager._writes.flush_heartbeats()
 
         samples = scrape(metrics)
         assert value(samples, "opmas_store_failing") == 1
-        assert value(samples, "opmas_store_pending_writes", kind="rows") >= 2  # stopping, stopped
+        assert value(samples, "opmas_store_pending_writes", kind="rows") == 2  # the row, a transition
         assert value(samples, "opmas_store_pending_writes", kind="heartbeats") == 1
         assert value(samples, "opmas_store_write_failures_total") == 2  # a row flush, a heartbeat flush
         assert value(samples, "opmas_store_flush_duration_seconds_count", kind="rows") == row_flushes + 1
 
         store.failure = None
-        manager._writes.flush()
-        manager._writes.flush_heartbeats()
+        await manager._writes.flushed()
+        await manager._writes.flush_heartbeats()
         samples = scrape(metrics)
         assert value(samples, "opmas_store_failing") == 0
         assert value(samples, "opmas_store_pending_writes", kind="rows") == 0
@@ -175,6 +176,7 @@ async def test_store_outage_shows_as_failing_with_pending_writes_then_catches_up
         assert value(samples, "opmas_store_flush_duration_seconds_sum", kind="rows") > 0
         inf = value(samples, "opmas_store_flush_duration_seconds_bucket", kind="rows", le="+Inf")
         assert inf == row_flushes + 2
+        assert store.load_agents()[0].state is AgentState.STOPPED
     finally:
         await manager.stop(stop_agents=False)
 

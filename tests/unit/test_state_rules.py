@@ -37,9 +37,14 @@ class Rig:
         return self.manager.get_agent(agent_id)
 
     async def settle(self) -> None:
-        """Let every task that can run, run (the fake clock wakes sleepers synchronously)."""
-        for _ in range(50):
-            await asyncio.sleep(0)
+        """Let every task that can run, run (the fake clock wakes sleepers synchronously), and
+        the store's thread write what they queued (a few real milliseconds at most)."""
+        for _ in range(200):
+            for _ in range(50):
+                await asyncio.sleep(0)
+            if self.manager._writes.pending == 0:
+                return
+            await asyncio.sleep(0.001)
 
     async def crash(self, exit_code: int = 1, agent_id: str = "a") -> float | None:
         """Crash the agent's process; the backoff delay chosen (None: no restart planned)."""

@@ -1,0 +1,68 @@
+"""Acknowledged means committed: an operator's change is committed before it is acted on or
+answered, and undone in memory when it cannot be.
+
+Operations (manager.operations) make a change in memory, save it, and hand it here. The row
+carrying it must be committed within the store's commit timeout; if it is not, `undo` puts
+memory back as the store holds it and the caller learns why: INVALID_ARGUMENT for values the
+database refuses, UNAVAILABLE when the database is unavailable. What is not acknowledged is
+not kept, so the daemon never runs on a change that a restart would forget.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import structlog
+
+from opmasd.core.errors import StoreError, StoreRejected, Unavailable
+from opmasd.core.model import AgentRecord, DesiredState
+from opmasd.manager.persistence import WriteBehind
+from opmasd.manager.registry import AgentRegistry
+
+log = structlog.get_logger(__name__)
+
+
+class Commits:
+    def __init__(self, registry: AgentRegistry, writes: WriteBehind) -> None:
+        self._registry = registry
+        self._writes = writes
+
+    async def change(self, rec: AgentRecord, undo: Callable[[], None]) -> None:
+        """Wait until the change just saved for rec is committed; `undo` it if it cannot be."""
+        try:
+            await self._writes.commit(rec.agent_id)
+        except StoreError as exc:
+            undo()
+            log.error("operator's change not committed; undone", agent_id=rec.agent_id, error=str(exc))
+            if isinstance(exc, StoreRejected):
+                raise
+            raise Unavailable(
+                f"agent {rec.agent_id}: the change was not made, the database is unavailable: {exc}"
+            ) from exc
+
+    async def desired(self, rec: AgentRecord, desired: DesiredState) -> None:
+        """Commit the operator's desired state before acting on it."""
+        previous = rec.desired
+        if previous is desired:
+            return
+        rec.desired = desired
+        self._registry.save(rec)
+
+        def undo() -> None:
+            rec.desired = previous
+            self._registry.save(rec)
+
+        await self.change(rec, undo)
+
+    async def observed(self, agent_id: str) -> None:
+        """Wait for the attempt that writes what an operation observed (PID, state). Its
+        failure is not the operator's: the change asked for is committed, and observations
+        are retried until written (and found again by re-adoption after a crash)."""
+        try:
+            await self._writes.flushed(agent_id)
+        except StoreRejected:
+            raise
+        except StoreError as exc:
+            log.warning(
+                "agent's observed state not yet written; will retry", agent_id=agent_id, error=str(exc)
+            )
