@@ -86,7 +86,9 @@ async def test_a_frozen_database_times_the_commit_out_and_never_blocks_the_loop(
             await asyncio.sleep(0.01)
 
     running = asyncio.create_task(ticker())
-    with pytest.raises(StoreError, match=r"did not confirm the write within 0\.3s \(stuck in: write agents\)"):
+    with pytest.raises(
+        StoreError, match=r"did not confirm the write within 0\.3s \(stuck in: write agents\)"
+    ):
         await writes.commit("a")
     assert ticks >= 10  # the loop went on while the store's thread was stuck
     running.cancel()
