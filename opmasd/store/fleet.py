@@ -191,7 +191,7 @@ class FleetStore:
         """The PostgreSQL store; StoreError while it is unreachable (tried again after a delay)."""
         wait = self._retry_at - time.monotonic()
         if wait > 0:
-            raise StoreError(f"PostgreSQL is unreachable ({self._last_error}); next try in {wait:.1f}s")
+            raise _NotYet(f"PostgreSQL is unreachable ({self._last_error}); next try in {wait:.1f}s")
         if self._shared is None:
             try:
                 self._shared = SqlStore.open(self._url, pool_size=self._pool_size)
@@ -232,7 +232,7 @@ class FleetStore:
         return mine
 
     def _failed(self, exc: StoreError) -> None:
-        if isinstance(exc, StoreRejected):
+        if isinstance(exc, StoreRejected | _NotYet):
             return
         self._last_error = str(exc)
         self._retry_at = time.monotonic() + self._retry_delay
@@ -243,6 +243,10 @@ class FleetStore:
             log.info("PostgreSQL answers again", url=redacted(self._url))
         self._retry_delay = RETRY_INITIAL
         self._retry_at = 0.0
+
+
+class _NotYet(StoreError):
+    """PostgreSQL failed a moment ago: not tried again before its retry delay is over."""
 
 
 def _merge(
