@@ -50,6 +50,9 @@ T = TypeVar("T")
 # Transitions kept per agent while the store is down; older ones are dropped (and counted):
 # the agent's row, which is what re-adoption needs, is always kept.
 MAX_PENDING_TRANSITIONS = 1000
+# How long an operator's commit already handed to the database may still wait for its outcome
+# past commit_timeout: above any bound the store itself puts on a call.
+OUTCOME_WAIT = 60.0
 RETRY_INITIAL = 0.25
 RETRY_MAX = 5.0
 
@@ -174,14 +177,25 @@ class WriteBehind:
         self._wake.set()
         try:
             await asyncio.wait_for(asyncio.shield(waiter), self.commit_timeout)
+            return
         except TimeoutError:
-            if agent_id and self._pending.get(agent_id) is not None:
-                # Not yet handed to the database: the caller's restored row replaces it there.
-                self._pending[agent_id].commit = False
-            stuck = f" (stuck in: {self._thread.current})" if self._thread.current else ""
-            raise StoreError(
-                f"the database did not confirm the write within {self.commit_timeout:g}s{stuck}"
-            ) from None
+            pass
+        stuck = f" (stuck in: {self._thread.current})" if self._thread.current else ""
+        if agent_id and self._pending.get(agent_id) is not None:
+            # Not yet handed to the database: the caller's restored row replaces it there.
+            self._pending[agent_id].commit = False
+        elif agent_id and commit:
+            # Being written now: its outcome decides. An undo could not take back a write that
+            # lands after it, so wait for the store's own bound on the call (the database's
+            # statement timeout, a connection cut past it) rather than guess.
+            try:
+                await asyncio.wait_for(asyncio.shield(waiter), OUTCOME_WAIT)
+                return
+            except TimeoutError:
+                log.error("a commit's outcome is unknown: the store call never ended", agent_id=agent_id)
+        raise StoreError(
+            f"the database did not confirm the write within {self.commit_timeout:g}s{stuck}"
+        ) from None
 
     def start(self) -> None:
         """Start the background flusher (needs the running loop; RuntimeError without one)."""

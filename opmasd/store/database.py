@@ -132,7 +132,7 @@ def _postgres_database(url: str, pool_size: int) -> peewee.PostgresqlDatabase:
     if "statement_timeout" not in params.get("options", ""):
         params["options"] = f"{params.get('options', '')} -c statement_timeout=10000".strip()
     # playhouse.pool has no type annotations.
-    database: peewee.PostgresqlDatabase = PooledPostgresqlDatabase(  # type: ignore[no-untyped-call]
+    database: peewee.PostgresqlDatabase = _Pool(  # type: ignore[no-untyped-call]
         dbname,
         max_connections=pool_size,
         # Recycle idle connections before firewalls and proxies silently cut them.
@@ -141,3 +141,16 @@ def _postgres_database(url: str, pool_size: int) -> peewee.PostgresqlDatabase:
         **params,
     )
     return database
+
+
+class _Pool(PooledPostgresqlDatabase):
+    """playhouse's pool, without its health check at checkout.
+
+    That check is a `SELECT 1` round trip on every checkout, outside any call's deadline: on a
+    frozen server it blocks forever (SqlStore cuts calls only once they hold a connection), and
+    it costs a round trip per call anyway. A connection the server dropped fails on its first
+    use instead, and SqlStore replaces it and retries the call once.
+    """
+
+    def _is_closed(self, conn: Any) -> bool:
+        return bool(conn.closed)

@@ -73,6 +73,8 @@ class FleetStore:
         self._unsent: dict[str, AgentRecord] = {}
         self._unsent_transitions: deque[Transition] = deque(maxlen=MAX_UNSENT_TRANSITIONS)
         self._mine: set[str] = set()
+        # Whether PostgreSQL may lack transitions the copy has from before this start.
+        self._history_behind = False
         self._retry_at = 0.0
         self._retry_delay = RETRY_INITIAL
         self._last_error = ""
@@ -111,14 +113,16 @@ class FleetStore:
             self._failed(exc)
             log.warning("agents loaded from this node's copy: PostgreSQL is unreachable", agents=len(copied))
             self._unsent.update({rec.agent_id: rec for rec in copied})
+            self._history_behind = True
             return copied
         merged, changed = _merge(shared, copied, self._node)
         self._mine = {rec.agent_id for rec in merged if rec.node == self._node}
         self._copy.write_batch([rec for rec in merged if rec.node == self._node], ())
+        self._history_behind = True
         if changed:
             log.info("PostgreSQL brought up to date from this node's copy", agents=len(changed))
             self._unsent.update({rec.agent_id: rec for rec in changed})
-            self._send_unsent_quietly()
+        self._send_unsent_quietly()
         return merged
 
     def commit_rows(self, records: Sequence[AgentRecord]) -> None:
@@ -126,7 +130,11 @@ class FleetStore:
         the copy. StoreError, with nothing written, when PostgreSQL cannot take it."""
         if not records:
             return
-        self._connected().commit_rows(records)
+        try:
+            self._connected().commit_rows(records)
+        except StoreError as exc:
+            self._failed(exc)
+            raise
         self._recovered()
         for rec in records:
             # Newer than any unsent row of the same agent: that one must not overwrite it.
@@ -202,11 +210,18 @@ class FleetStore:
         return self._shared
 
     def _send_unsent(self) -> None:
-        if not self._unsent and not self._unsent_transitions:
+        if not self._unsent and not self._unsent_transitions and not self._history_behind:
             return
         rows, transitions = list(self._unsent.values()), list(self._unsent_transitions)
         try:
-            self._connected().write_batch(rows, transitions)
+            shared = self._connected()
+            if self._history_behind:
+                # The transitions an earlier opmasd observed but never sent (it stopped while
+                # PostgreSQL was away): the copy has them all; they go before the newer ones.
+                newest = shared.newest_transition_times()
+                others = [t for t in transitions if t.agent_id not in self._mine]  # not in the copy
+                transitions = [*self._copy.transitions_after(newest, self._mine), *others]
+            shared.write_batch(rows, transitions)
         except StoreRejected as exc:
             # The API checks every value against both databases' limits: this should not be.
             log.error("PostgreSQL refused rows this node's copy took; they stay in the copy", error=str(exc))
@@ -218,6 +233,7 @@ class FleetStore:
             raise StoreDegraded(f"written to this node's copy only: {exc}") from exc
         self._unsent.clear()
         self._unsent_transitions.clear()
+        self._history_behind = False
         self._recovered()
 
     def _send_unsent_quietly(self) -> None:

@@ -19,7 +19,7 @@ import re
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable, Iterator, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -176,6 +176,37 @@ class SqlStore:
 
         return self._call(f"load transitions of {agent_id}", work, write=False)
 
+    def newest_transition_times(self) -> dict[str, datetime]:
+        """Per agent, the time of its newest transition (for FleetStore's catch-up)."""
+
+        def work() -> dict[str, datetime]:
+            newest = peewee.fn.MAX(TransitionRow.at).alias("newest")
+            query = TransitionRow.select(TransitionRow.agent, newest).group_by(TransitionRow.agent)
+            field = TransitionRow.at
+            return {row.agent_id: field.python_value(getattr(row, "newest")) for row in query}  # noqa: B009
+
+        return self._call("read the newest transition times", work, write=False)
+
+    def transitions_after(self, newest: Mapping[str, datetime], agents: Collection[str]) -> list[Transition]:
+        """The transitions of these agents later than their time in `newest` (all of an agent
+        absent from it), oldest first: what another database lacks of this one's history."""
+        if not agents:
+            return []
+
+        def work() -> list[Transition]:
+            known = [a for a in agents if a in newest]
+            unknown = [a for a in agents if a not in newest]
+            condition = TransitionRow.agent.in_(unknown) if unknown else None
+            if known:
+                recent = TransitionRow.agent.in_(known) & (TransitionRow.at > min(newest[a] for a in known))
+                condition = recent if condition is None else condition | recent
+            assert condition is not None
+            query = TransitionRow.select().where(condition).order_by(TransitionRow.id)
+            found = [transition_from_row(row) for row in query]
+            return [t for t in found if t.agent_id not in newest or t.at > newest[t.agent_id]]
+
+        return self._call("read transitions to catch up", work, write=False)
+
     def prune_transitions(self, keep_per_agent: int) -> int:
         if keep_per_agent < 0:
             raise ValueError(f"keep_per_agent must not be negative, not {keep_per_agent}")
@@ -255,8 +286,9 @@ class SqlStore:
                 database_proxy.initialize(self._db)
             for attempt in (1, 2):
                 began = False
+                cut: list[_ConnectionCutter] = []
                 try:
-                    with self._connection(), self._deadline(what):
+                    with self._connection(), self._deadline(what, cut):
                         if not write:
                             began = True
                             return work()
@@ -264,9 +296,12 @@ class SqlStore:
                             began = True
                             return work()
                 except (peewee.OperationalError, peewee.InterfaceError) as exc:
-                    # A dropped PostgreSQL connection fails on its first use. Retry once on a
-                    # fresh one, unless the failed call may have committed and must not repeat.
-                    if attempt == 1 and self._postgres and (idempotent or not began):
+                    # A pooled connection the server dropped fails on its first use: retry
+                    # once on a fresh one, unless the failed call may have committed and must
+                    # not repeat. Not when no connection could be made, nor after a cut past the
+                    # deadline: then the server is away or hung, not the connection stale.
+                    stale = bool(cut) and not cut[0].fired
+                    if attempt == 1 and self._postgres and (idempotent or not began) and stale:
                         log.warning("store.reconnect", url=self._url, operation=what, error=str(exc))
                         self._discard_idle_connections()
                         continue
@@ -280,7 +315,7 @@ class SqlStore:
             raise AssertionError("unreachable: the second attempt returns or raises")
 
     @contextlib.contextmanager
-    def _deadline(self, what: str) -> Iterator[None]:
+    def _deadline(self, what: str, cut: list[_ConnectionCutter]) -> Iterator[None]:
         """Bound a PostgreSQL call: past CALL_DEADLINE its connection is cut, so the call fails
         (and the connection is replaced). statement_timeout is the server's own bound, and a
         frozen server (SIGSTOP, a hung host whose kernel still answers TCP keepalives) never
@@ -288,14 +323,15 @@ class SqlStore:
         if not self._postgres:
             yield
             return
-        cut = _ConnectionCutter(self._db.connection(), what, self._url, self._call_deadline)  # type: ignore[no-untyped-call]
-        timer = threading.Timer(self._call_deadline, cut)
+        cutter = _ConnectionCutter(self._db.connection(), what, self._url, self._call_deadline)  # type: ignore[no-untyped-call]
+        cut.append(cutter)
+        timer = threading.Timer(self._call_deadline, cutter)
         timer.daemon = True
         timer.start()
         try:
             yield
         finally:
-            cut.disarm()
+            cutter.disarm()
             timer.cancel()
 
     def _discard_idle_connections(self) -> None:
@@ -336,6 +372,7 @@ class _ConnectionCutter:
         self._deadline = deadline
         self._lock = threading.Lock()
         self._armed = True
+        self.fired = False
 
     def disarm(self) -> None:
         with self._lock:
@@ -351,6 +388,7 @@ class _ConnectionCutter:
                 # thread blocked on it, and closing the duplicate leaves the original to psycopg2.
                 with socket.socket(fileno=os.dup(fd)) as sock:
                     sock.shutdown(socket.SHUT_RDWR)
+                self.fired = True
             except (OSError, psycopg2.Error) as exc:
                 log.warning("could not cut a database call past its deadline", error=str(exc))
                 return

@@ -144,6 +144,7 @@ service:
 database:
   url: postgresql://opmas:pw@db/opmas
   pool_size: 20
+  commit_timeout: 2500ms
 nats:
   url: nats://a:4222,nats://b:4222
   user: opmas
@@ -188,6 +189,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert s.stop_agents_on_shutdown is False
     assert cfg.database.url == "postgresql://opmas:pw@db/opmas"
     assert cfg.database.pool_size == 20
+    assert cfg.database.commit_timeout == 2.5
     n = cfg.nats
     assert (n.url, n.user, n.password, n.tls_verify) == (
         "nats://a:4222,nats://b:4222",
@@ -271,6 +273,7 @@ def test_the_example_message(tmp_path: Path) -> None:
         ("database", "url", "/var/db.sqlite", "must be a URL"),
         ("database", "pool_size", "0", "must be an integer >= 1"),
         ("database", "pool_size", "2.5", "must be an integer >= 1"),
+        ("database", "commit_timeout", "0", "must be a duration > 0"),
         ("nats", "url", "http://x:4222", "must be a URL with a scheme in nats"),
         ("nats", "tls_verify", "2", "must be a boolean"),
         ("nats", "subject_prefix", "agent.*", "must be NATS subject tokens"),
