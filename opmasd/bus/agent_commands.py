@@ -16,7 +16,7 @@ from nats.aio.client import Client
 from opmasd.bus import codec
 from opmasd.bus.burst import BurstLog
 from opmasd.bus.subjects import Subjects
-from opmasd.core.errors import BusTimeout, BusUnavailable
+from opmasd.core.errors import BusRejected, BusTimeout, BusUnavailable
 from opmasd.core.messages import ERROR, CommandReply
 
 
@@ -51,7 +51,9 @@ class AgentCommands:
         ) as exc:
             raise BusUnavailable(f"NATS connection lost: {exc}") from None
         except nats.errors.MaxPayloadError:
-            raise ValueError(f"command of {len(payload)} bytes exceeds the server's max_payload") from None
+            raise BusRejected(
+                f"the command is {len(payload)} bytes, more than the NATS server takes"
+            ) from None
         finally:
             self.requests_sent += 1
         try:

@@ -27,6 +27,9 @@ from opmasd.core.messages import (
 
 MAX_MESSAGE_BYTES = 256 * 1024
 MAX_ID_LENGTH = 255
+# Objects and arrays nested deeper than this are refused: what the API turns them into (a
+# protobuf Struct) cannot hold more than 100 levels, and no message of §5 needs a tenth of it.
+MAX_DEPTH = 32
 
 # RFC 3339 date-time (section 5.6): the offset is mandatory; 't'/'z' may be lower case.
 _RFC3339 = re.compile(
@@ -84,7 +87,10 @@ def parse_timestamp(value: object, name: str = "timestamp") -> datetime:
         parsed = datetime.fromisoformat(value.upper().replace("Z", "+00:00"))
     except ValueError as exc:
         raise MalformedMessage(f"{name}: {value[:64]!r} is not a valid time ({exc})") from None
-    return parsed.astimezone(UTC)
+    try:
+        return parsed.astimezone(UTC)
+    except OverflowError:  # 0001-01-01T00:00:00+14:00 is before the first representable UTC time
+        raise MalformedMessage(f"{name}: {value[:64]!r} is out of range") from None
 
 
 # -- decoding helpers ---------------------------------------------------------------------------
@@ -140,7 +146,23 @@ def load_object(data: bytes, limit: int = MAX_MESSAGE_BYTES) -> dict[str, Any]:
         raise MalformedMessage(f"not JSON: {detail}") from None
     if not isinstance(value, dict):
         raise MalformedMessage(f"not a JSON object: got {_kind(value)}")
+    if _depth(value) > MAX_DEPTH:
+        raise MalformedMessage(f"nested deeper than {MAX_DEPTH} levels")
     return value
+
+
+def _depth(value: object) -> int:
+    """How deeply objects and arrays nest in value (without recursion: the value may be deep)."""
+    deepest = 0
+    stack: list[tuple[object, int]] = [(value, 1)]
+    while stack:
+        item, level = stack.pop()
+        children = item.values() if isinstance(item, dict) else item if isinstance(item, list) else None
+        if children is None:
+            continue
+        deepest = max(deepest, level)
+        stack.extend((child, level + 1) for child in children)
+    return deepest
 
 
 def _string(obj: Mapping[str, Any], name: str, *, required: bool, max_length: int = 0) -> str:

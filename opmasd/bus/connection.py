@@ -34,7 +34,7 @@ from opmasd.bus.registration import Registration, Teardown
 from opmasd.bus.serving import RequestHandler, RequestRunner
 from opmasd.bus.subjects import Subjects
 from opmasd.bus.urls import check_url, tls_context, uses_tls
-from opmasd.core.errors import BusUnavailable
+from opmasd.core.errors import BusRejected, BusUnavailable
 from opmasd.core.messages import CommandReply
 from opmasd.core.tasks import TaskOwner
 from opmasd.core.urls import split_servers, without_credentials
@@ -267,7 +267,7 @@ class NatsBus:
         except (nats.errors.ConnectionClosedError, nats.errors.OutboundBufferLimitError) as exc:
             raise BusUnavailable(f"NATS connection lost: {exc}") from None
         except nats.errors.MaxPayloadError:
-            raise ValueError(f"{len(payload)} bytes exceed the server's max_payload") from None
+            raise BusRejected(f"{len(payload)} bytes are more than the NATS server takes") from None
         self._messages_out += 1
 
     async def serve(self, subject: str, handler: RequestHandler, queue: str | None = None) -> Registration:

@@ -21,7 +21,7 @@ from opmasd.bus.burst import BurstLog
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.micro import ServiceDescription, ServiceEndpoint
 from opmasd.bus.registration import Registration
-from opmasd.core.errors import BusUnavailable, FieldViolation
+from opmasd.core.errors import BusRejected, BusUnavailable, FieldViolation
 from opmasd.core.messages import ERROR, ManagerReply, ManagerRequest
 
 log = structlog.get_logger(__name__)
@@ -137,6 +137,6 @@ class ManagerService:
     async def _broadcast(self, response: bytes) -> None:
         try:
             await self._bus.publish(self._subjects.manager_response, response)
-        except (BusUnavailable, ValueError) as exc:
+        except (BusUnavailable, BusRejected) as exc:
             # The requester still gets its reply when the connection is back; listeners miss it.
             log.debug("manager response not broadcast", error=str(exc))

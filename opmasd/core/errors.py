@@ -94,6 +94,10 @@ class BusError(BackendError):
     """A message bus operation failed."""
 
 
+class BusRejected(BusError):
+    """The bus refused the message itself (larger than the server's max_payload)."""
+
+
 class BusTimeout(BusError):
     """Nobody answered a request within its timeout."""
 

@@ -1,7 +1,9 @@
-"""YAML read strictly: safe_load, except that a key given twice is an error, not a silent overwrite.
+"""YAML read strictly: safe_load, except that a key given twice is an error, not a silent
+overwrite, and aliases (`*name`) are refused.
 
 The configuration and agent manifests are both read through this, so the same file mistakes
-are caught in both.
+are caught in both. Aliases go because a few of them nest into billions of values ("billion
+laughs": a 1 KiB manifest took gigabytes and held the daemon), and neither file needs them.
 """
 
 from __future__ import annotations
@@ -14,6 +16,14 @@ import yaml
 class _StrictLoader(yaml.SafeLoader):
     """safe_load, except that a key given twice is an error: PyYAML would keep the last one
     and silently drop the first, which hides exactly the mistakes a config check is there for."""
+
+    def compose_node(self, parent: yaml.Node | None, index: int) -> yaml.Node | None:
+        if self.check_event(yaml.events.AliasEvent):
+            event = self.peek_event()  # type: ignore[no-untyped-call]
+            raise yaml.composer.ComposerError(
+                None, None, "YAML aliases (*name) are not accepted", event.start_mark
+            )
+        return super().compose_node(parent, index)
 
 
 def _construct_mapping(loader: _StrictLoader, node: yaml.MappingNode) -> dict[Any, Any]:

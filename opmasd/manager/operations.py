@@ -20,6 +20,7 @@ from opmasd.bus.base import AgentBus
 from opmasd.core.clock import SYSTEM_CLOCK, Clock
 from opmasd.core.errors import (
     AlreadyExists,
+    BusRejected,
     BusTimeout,
     BusUnavailable,
     DeadlineExceeded,
@@ -310,6 +311,8 @@ class AgentManager:
             ) from None
         except BusUnavailable as exc:
             raise Unavailable(f"cannot reach agent {agent_id}: NATS is unavailable ({exc})") from None
+        except BusRejected as exc:
+            raise InvalidArgument.single("params", str(exc)) from None
 
     def spec_defaults(self, name: str = "") -> AgentSpec:
         return AgentSpec(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import sys
 from pathlib import Path
 
@@ -51,6 +52,37 @@ def test_a_key_given_twice_is_refused_not_overwritten(tmp_path: Path) -> None:
     (package / "agent.yaml").write_text(manifest)
     with pytest.raises(ManifestError, match="duplicate key 'stop_timeout'"):
         load_manifest(package)
+
+
+def test_yaml_aliases_are_refused_before_they_expand(tmp_path: Path) -> None:
+    # "Billion laughs": nine levels of nine aliases is 9**9 strings once expanded.
+    levels = ['  - &l0 ["lol","lol","lol","lol","lol","lol","lol","lol","lol"]']
+    levels += [f"  - &l{i} [{','.join([f'*l{i - 1}'] * 9)}]" for i in range(1, 9)]
+    package = tmp_path / "laughs"
+    package.mkdir()
+    (package / "agent.yaml").write_text(
+        "name: laughs\nentrypoint: [/bin/true]\nautostart:\n" + "\n".join(levels)
+    )
+    with pytest.raises(ManifestError, match=r"YAML aliases \(\*name\) are not accepted"):
+        load_manifest(package)
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("environment: {A: [1, 2]}", "environment: values must be strings, numbers or booleans"),
+        ("id: [a, b]", "id: must be a string"),
+        ("autostart: [x, y]", "autostart: must be true or false, got list"),
+        (f"stop_timeout: {'9' * 5000}x", "got '" + "9" * 30),
+    ],
+)
+def test_bad_values_are_refused_without_echoing_them_whole(tmp_path: Path, line: str, message: str) -> None:
+    package = tmp_path / "bad"
+    package.mkdir()
+    (package / "agent.yaml").write_text(f"name: bad\nentrypoint: /bin/true\n{line}\n")
+    with pytest.raises(ManifestError, match=re.escape(message)) as raised:
+        load_manifest(package)
+    assert len(str(raised.value)) < 400
 
 
 def test_a_cpu_quota_that_is_not_a_number_is_refused(tmp_path: Path) -> None:

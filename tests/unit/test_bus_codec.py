@@ -85,6 +85,22 @@ def test_malformed_heartbeats_say_what_is_wrong(payload: bytes, reason: str) -> 
     assert reason in err.value.reason
 
 
+@pytest.mark.parametrize("timestamp", ["0001-01-01T00:00:00+14:00", "9999-12-31T23:59:59-12:00"])
+def test_times_beyond_what_utc_can_hold_are_malformed(timestamp: str) -> None:
+    payload = json.dumps({"agent_id": "a", "status": "running", "timestamp": timestamp}).encode()
+    with pytest.raises(codec.MalformedMessage, match="is out of range"):
+        codec.decode_heartbeat(payload)
+
+
+def test_nesting_is_bounded() -> None:
+    deep: object = 1
+    for _ in range(codec.MAX_DEPTH):  # the envelope is one level more
+        deep = {"a": deep}
+    with pytest.raises(codec.MalformedMessage, match="nested deeper than 32 levels"):
+        codec.decode_metrics(json.dumps({"agent_id": "a", "metrics": deep}).encode())
+    codec.decode_metrics(json.dumps({"agent_id": "a", "metrics": deep["a"]}).encode())  # type: ignore[index]
+
+
 def test_size_is_checked_before_parsing() -> None:
     big = b'{"agent_id": "a", "status": "ok", "pad": "' + b"x" * codec.MAX_MESSAGE_BYTES + b'"}'
     with pytest.raises(

@@ -166,7 +166,9 @@ def load_manifest(path: Path, defaults: AgentSpec | None = None) -> Manifest:
     violations = spec_violations(spec, prefix="")
     if violations:
         raise ManifestError(path, "; ".join(f"{v.field}: {v.description}" for v in violations))
-    agent_id = str(data.get("id") or "")
+    agent_id = data.get("id") or ""
+    if not isinstance(agent_id, str):
+        raise ManifestError(path, "id: must be a string")
     if not agent_id:
         agent_id = agent_id_from_name(spec.name)
     try:
@@ -200,7 +202,7 @@ def _seconds(data: dict[str, Any], key: str, default: float) -> float:
 def _flag(data: dict[str, Any], key: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false, got {str(value)[:32]!r}")
+        raise ValueError(f"{key}: must be true or false, got {type(value).__name__}")
     return value
 
 
@@ -232,6 +234,8 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
     env_raw = data.get("environment") or {}
     if not isinstance(env_raw, dict):
         raise ValueError("environment: must be a mapping of NAME: value")
+    if any(isinstance(v, list | dict) for v in env_raw.values()):
+        raise ValueError("environment: values must be strings, numbers or booleans")
     environment = {str(k): "" if v is None else str(v) for k, v in env_raw.items()}
     for key, value in extra_env.items():
         environment[key] = f"{environment[key]}:{value}" if key in environment else value
