@@ -165,7 +165,10 @@ class WriteBehind:
                     raise rejected
                 return
             entry.waiters.append(waiter)
-            entry.commit = entry.commit or commit
+            if entry is self._pending.get(agent_id):
+                # Only a row not yet handed over can become a commit: one being written was
+                # sent as an observation, and its waiter hears that outcome.
+                entry.commit = entry.commit or commit
         elif self._pending or self._in_flight:
             self._attempt_waiters.append(waiter)
         else:

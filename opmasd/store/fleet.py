@@ -78,7 +78,6 @@ class FleetStore:
         self._retry_at = 0.0
         self._retry_delay = RETRY_INITIAL
         self._last_error = ""
-        self.schema_version = copy.schema_version
 
     @classmethod
     def open(cls, url: str, node: str, copy_path: Path, *, pool_size: int = 5) -> FleetStore:
@@ -96,11 +95,6 @@ class FleetStore:
                 error=str(exc),
             )
         return store
-
-    @property
-    def degraded(self) -> bool:
-        """Whether PostgreSQL lacks something the node's copy has."""
-        return bool(self._unsent or self._unsent_transitions) or self._shared is None
 
     # -- the AgentStore protocol --------------------------------------------------------------
 
@@ -218,9 +212,15 @@ class FleetStore:
             if self._history_behind:
                 # The transitions an earlier opmasd observed but never sent (it stopped while
                 # PostgreSQL was away): the copy has them all; they go before the newer ones.
-                newest = shared.newest_transition_times()
+                theirs = shared.newest_transition_times()
+                ours = self._copy.newest_transition_times()
+                behind = {
+                    agent_id: theirs.get(agent_id)
+                    for agent_id, newest in ours.items()
+                    if agent_id in self._mine and (agent_id not in theirs or newest > theirs[agent_id])
+                }
                 others = [t for t in transitions if t.agent_id not in self._mine]  # not in the copy
-                transitions = [*self._copy.transitions_after(newest, self._mine), *others]
+                transitions = [*self._copy.transitions_after(behind), *others]
             shared.write_batch(rows, transitions)
         except StoreRejected as exc:
             # The API checks every value against both databases' limits: this should not be.

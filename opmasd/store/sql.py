@@ -19,7 +19,7 @@ import re
 import socket
 import sqlite3
 import threading
-from collections.abc import Callable, Collection, Iterator, Mapping, Sequence
+from collections.abc import Callable, Iterator, Mapping, Sequence
 from datetime import datetime
 from typing import TypeVar
 
@@ -187,23 +187,19 @@ class SqlStore:
 
         return self._call("read the newest transition times", work, write=False)
 
-    def transitions_after(self, newest: Mapping[str, datetime], agents: Collection[str]) -> list[Transition]:
-        """The transitions of these agents later than their time in `newest` (all of an agent
-        absent from it), oldest first: what another database lacks of this one's history."""
-        if not agents:
-            return []
+    def transitions_after(self, since: Mapping[str, datetime | None]) -> list[Transition]:
+        """Per agent, its transitions later than the given time (all, for None), oldest first:
+        what another database lacks of this one's history (FleetStore's catch-up)."""
 
         def work() -> list[Transition]:
-            known = [a for a in agents if a in newest]
-            unknown = [a for a in agents if a not in newest]
-            condition = TransitionRow.agent.in_(unknown) if unknown else None
-            if known:
-                recent = TransitionRow.agent.in_(known) & (TransitionRow.at > min(newest[a] for a in known))
-                condition = recent if condition is None else condition | recent
-            assert condition is not None
-            query = TransitionRow.select().where(condition).order_by(TransitionRow.id)
-            found = [transition_from_row(row) for row in query]
-            return [t for t in found if t.agent_id not in newest or t.at > newest[t.agent_id]]
+            found: list[Transition] = []
+            for agent_id, after in since.items():
+                condition = TransitionRow.agent == agent_id
+                if after is not None:
+                    condition &= TransitionRow.at > after
+                query = TransitionRow.select().where(condition).order_by(TransitionRow.id)
+                found += [transition_from_row(row) for row in query]
+            return found
 
         return self._call("read transitions to catch up", work, write=False)
 
