@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 
 from opmas.v1 import agents_pb2 as pb
+from opmasd.manager.packages.manifest import KNOWN_KEYS
 
 from .test_bad_input import _field, _varint
 
@@ -353,24 +354,7 @@ def page_tokens(named: tuple[str, ...]) -> st.SearchStrategy[str]:
 # -- hostile manifests --------------------------------------------------------------------------
 
 # The keys of agent.yaml (README "How agents run"); resources.* and environment take mappings.
-MANIFEST_KEYS = (
-    "id",
-    "name",
-    "type",
-    "version",
-    "description",
-    "entrypoint",
-    "working_directory",
-    "environment",
-    "restart_policy",
-    "stop_timeout",
-    "heartbeat_interval",
-    "start_seconds",
-    "resources",
-    "runtime",
-    "autostart",
-    "restart_on_inactive",
-)
+MANIFEST_KEYS = tuple(sorted(KNOWN_KEYS))
 
 
 def alias_bomb_manifest(key: str, levels: int = 9) -> str:
