@@ -18,27 +18,31 @@ from opmasd.core.errors import StoreError, StoreRejected, Unavailable
 from opmasd.core.model import AgentRecord, DesiredState
 from opmasd.manager.persistence import WriteBehind
 from opmasd.manager.registry import AgentRegistry
+from opmasd.manager.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
 
 
 class Commits:
-    def __init__(self, registry: AgentRegistry, writes: WriteBehind) -> None:
+    def __init__(self, registry: AgentRegistry, writes: WriteBehind, supervisor: Supervisor) -> None:
         self._registry = registry
         self._writes = writes
+        self._supervisor = supervisor
 
     async def change(self, rec: AgentRecord, undo: Callable[[], None]) -> None:
-        """Wait until the change just saved for rec is committed; `undo` it if it cannot be."""
-        try:
-            await self._writes.commit(rec.agent_id)
-        except StoreError as exc:
-            undo()
-            log.error("operator's change not committed; undone", agent_id=rec.agent_id, error=str(exc))
-            if isinstance(exc, StoreRejected):
-                raise
-            raise Unavailable(
-                f"agent {rec.agent_id}: the change was not made, the database is unavailable: {exc}"
-            ) from exc
+        """Wait until the change just saved for rec is committed; `undo` it if it cannot be.
+        An exit meanwhile is handled once the outcome is known (Supervisor.committing)."""
+        with self._supervisor.committing(rec.agent_id):
+            try:
+                await self._writes.commit(rec.agent_id)
+            except StoreError as exc:
+                undo()
+                log.error("operator's change not committed; undone", agent_id=rec.agent_id, error=str(exc))
+                if isinstance(exc, StoreRejected):
+                    raise
+                raise Unavailable(
+                    f"agent {rec.agent_id}: the change was not made, the database is unavailable: {exc}"
+                ) from exc
 
     async def desired(self, rec: AgentRecord, desired: DesiredState) -> None:
         """Commit the operator's desired state before acting on it."""

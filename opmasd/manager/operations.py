@@ -79,7 +79,6 @@ class AgentManager:
         self._hub = EventHub()
         self._writes = WriteBehind(store, clock, settings.commit_timeout)
         self._registry = AgentRegistry(self._writes, self._hub, clock)
-        self._commits = Commits(self._registry, self._writes)
         self._tasks = TaskOwner("manager")
         self._jobs = PeriodicJobs(self._tasks)
         # Variables every agent gets from the daemon (NATS_URL, ...).
@@ -98,6 +97,7 @@ class AgentManager:
             clock,
         )
         self._heartbeats.on_starting_heartbeat = self._supervisor.started_by_heartbeat
+        self._commits = Commits(self._registry, self._writes, self._supervisor)
         self._discovery = PackageDiscovery(
             self._registry, self._supervisor, lambda: self._settings, self.spec_defaults
         )
@@ -373,7 +373,10 @@ class AgentManager:
 
             def unregister() -> None:  # back to what the store holds: nothing, or the tombstone
                 self._registry.restore(agent_id, existing)
-                self._writes.forget(agent_id)
+                if existing is None:
+                    self._writes.forget(agent_id, rec.created_at)
+                else:
+                    self._writes.write(existing.copy(), None)
 
             await self._commits.change(rec, unregister)
             log.info("agent registered", agent_id=agent_id, source=source.value)

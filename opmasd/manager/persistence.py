@@ -65,6 +65,8 @@ class WriteBehind:
         self._thread = SerialThread("opmasd-store")
         self._pending: dict[str, Entry] = {}
         self._in_flight: dict[str, Entry] = {}
+        # Rows of registrations undone, to remove (agent id → its created_at).
+        self._removals: dict[str, datetime] = {}
         # Waiters for the next attempt as a whole (discovery), and the attempt lock.
         self._attempt_waiters: list[asyncio.Future[None]] = []
         self._attempt = asyncio.Lock()
@@ -135,12 +137,15 @@ class WriteBehind:
                 asyncio.get_running_loop()
                 self.start()
 
-    def forget(self, agent_id: str) -> None:
-        """Drop what is queued for an agent that is no more (a registration undone)."""
+    def forget(self, agent_id: str, created_at: datetime) -> None:
+        """A registration undone: drop what is queued for it, and remove its row should the
+        write whose outcome was unknown have landed after all (only the row created then)."""
         entry = self._pending.pop(agent_id, None)
         for waiter in entry.waiters if entry else ():
             if not waiter.done():
                 waiter.set_result(None)
+        self._removals[agent_id] = created_at
+        self._wake.set()
 
     async def commit(self, agent_id: str) -> None:
         """Wait until the agent's newest row is committed; an operator's change hangs on it.
@@ -236,6 +241,8 @@ class WriteBehind:
         """
         async with self._attempt:
             attempt_waiters, self._attempt_waiters = self._attempt_waiters, []
+            if self._removals:
+                await self._remove()
             batch, self._pending = self._pending, {}
             self._in_flight = batch
             error: StoreError | None = None
@@ -266,6 +273,22 @@ class WriteBehind:
             if cancelled:
                 raise asyncio.CancelledError
             return error is None
+
+    async def _remove(self) -> None:
+        """Remove the rows of registrations undone, before anything else is written (a new
+        registration of the same id comes later in the queue); kept for a retry on failure."""
+        removals, self._removals = self._removals, {}
+        try:
+            await self._thread.run(lambda: self._store.remove_rows(removals), "remove agents")
+        except asyncio.CancelledError:  # removing twice is harmless: keep them for the last flush
+            self._removals = {**removals, **self._removals}
+            raise
+        except StoreDegraded:
+            pass  # done in the node's copy; the store does the rest when it can
+        except StoreError as exc:
+            log.warning("rows of undone registrations not removed yet; will retry", error=str(exc))
+            self._removals = {**removals, **self._removals}
+            self._failing = True
 
     async def _sync(self) -> StoreError | None:
         """Nothing queued, but the last attempt failed: whether the store is whole again (a

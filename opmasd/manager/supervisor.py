@@ -11,7 +11,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import AsyncIterator, Callable, Mapping
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from dataclasses import dataclass, field
 from datetime import timedelta
 
@@ -59,6 +59,10 @@ class Supervisor:
         self._restart_timers: dict[str, asyncio.Task[None]] = {}
         # An exit that arrived while its launch was still being recorded.
         self._early_exits: dict[str, tuple[ProcessHandle, ExitInfo]] = {}
+        # Agents whose operator's change waits for its commit, and exits that arrived meanwhile
+        # (see committing).
+        self._committing: set[str] = set()
+        self._deferred_exits: dict[str, tuple[ProcessHandle, ExitInfo]] = {}
         self._stopped_waiters: dict[str, list[asyncio.Future[None]]] = {}
         # A launch in its start window (spec.start_seconds): the timer that promotes it, and
         # operators' starts waiting for the outcome (None: started; text: why it failed).
@@ -86,6 +90,22 @@ class Supervisor:
             entry.users -= 1
             if entry.users == 0:
                 del self._locks[agent_id]
+
+    @contextlib.contextmanager
+    def committing(self, agent_id: str) -> Iterator[None]:
+        """While an operator's change to the agent (its desired state, its spec) waits for its
+        commit, an exit of its process is held back, and handled after: on the change if it was
+        committed, on the record as it was if the change was undone. Decided meanwhile, the exit
+        would act on a change that may never be made (a stop refused, yet its agent not
+        restarted). The caller holds the agent's lock, so nothing else acts on it meanwhile."""
+        self._committing.add(agent_id)
+        try:
+            yield
+        finally:
+            self._committing.discard(agent_id)
+            deferred = self._deferred_exits.pop(agent_id, None)
+            if deferred is not None:
+                self._on_exit(agent_id, *deferred)
 
     # -- operations; callers hold lock(agent_id) --------------------------------------------
 
@@ -290,6 +310,9 @@ class Supervisor:
             timer.cancel()
 
     def _on_exit(self, agent_id: str, handle: ProcessHandle, exit_info: ExitInfo) -> None:
+        if agent_id in self._committing:
+            self._deferred_exits[agent_id] = (handle, exit_info)
+            return
         rec = self._registry.get(agent_id)
         if rec is None or rec.pid != handle.pid:
             if rec is not None and rec.state is AgentState.STARTING and rec.pid is None:

@@ -30,6 +30,11 @@ class AgentStore(Protocol):
         they are acknowledged (with a node copy: the shared database first). StoreError when
         they cannot be; then nothing was written."""
 
+    def remove_rows(self, created: Mapping[str, datetime]) -> None:
+        """Delete the rows of registrations undone: each agent's row only if it was created at
+        the given time (a write whose outcome was unknown may have landed), with its
+        transitions."""
+
     def sync(self) -> None:
         """Write what only this node's copy holds to the shared database (nothing to do for a
         single database). StoreDegraded while the shared database is unreachable."""

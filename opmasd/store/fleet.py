@@ -6,10 +6,10 @@ PIDs to re-adopt). So every write of this node's agents lands in a SQLite copy i
 directory as well, and the copy is what a node falls back on.
 
 How the two relate, and which wins:
-- **What operators decide** (registration, spec, desired state, deletion) is committed in
-  PostgreSQL *first* (`commit_rows`), then copied; it is acknowledged only once PostgreSQL has
-  it, so while PostgreSQL is away operators' changes are refused (UNAVAILABLE), never kept on
-  one node only. At start, PostgreSQL's intent wins over the copy's.
+- **What operators decide** (registration, spec, desired state, deletion) is committed in the
+  copy and then in PostgreSQL (`commit_rows`), and acknowledged only once both have it; while
+  PostgreSQL is away operators' changes are refused (UNAVAILABLE, the copy put back), never
+  kept on one node only. At start, PostgreSQL's intent wins over the copy's.
 - **What the node observes** (state, PID, exits, restarts, heartbeats) is written to the copy
   first (`write_batch`), then to PostgreSQL. While PostgreSQL is away it stays in the copy and
   in a bounded list of unsent rows, and is written to PostgreSQL when it is back (`sync`). At
@@ -18,8 +18,8 @@ How the two relate, and which wins:
 - Started while PostgreSQL is down, a node runs from its copy alone; everything it loaded is
   written to PostgreSQL once it is reachable.
 
-Connection attempts while PostgreSQL is away back off (1 s doubling to 30 s), so writes to
-the copy are not held up by a connect timeout at every flush.
+Connection attempts while PostgreSQL is away back off (1 s doubling to 5 s), so writes to the
+copy are not held up by a connect timeout at every flush.
 """
 
 from __future__ import annotations
@@ -57,7 +57,8 @@ OBSERVED = (
 # Transitions kept for PostgreSQL while it is away (the copy keeps them all).
 MAX_UNSENT_TRANSITIONS = 100_000
 RETRY_INITIAL = 1.0
-RETRY_MAX = 30.0
+# Short: operators' changes are refused while PostgreSQL is not tried again.
+RETRY_MAX = 5.0
 
 
 class FleetStore:
@@ -72,6 +73,7 @@ class FleetStore:
         # Rows and transitions PostgreSQL does not have yet (newest row per agent).
         self._unsent: dict[str, AgentRecord] = {}
         self._unsent_transitions: deque[Transition] = deque(maxlen=MAX_UNSENT_TRANSITIONS)
+        self._unsent_removals: dict[str, datetime] = {}
         self._mine: set[str] = set()
         # Whether PostgreSQL may lack transitions the copy has from before this start.
         self._history_behind = False
@@ -120,25 +122,34 @@ class FleetStore:
         return merged
 
     def commit_rows(self, records: Sequence[AgentRecord]) -> None:
-        """PostgreSQL first (an operator's change is acknowledged only once it is there), then
-        the copy. StoreError, with nothing written, when PostgreSQL cannot take it."""
+        """The copy, then PostgreSQL: an operator's change is acknowledged only once both have
+        it (a node that starts from its copy must never run on less than it acknowledged).
+        StoreError when either cannot take it; the copy is then put back as it was."""
         if not records:
             return
+        mine = [rec for rec in records if rec.node == self._node]
+        before = self._copy.rows_of([rec.agent_id for rec in mine])
+        self._copy.commit_rows(mine)
         try:
             self._connected().commit_rows(records)
         except StoreError as exc:
             self._failed(exc)
+            self._put_back(before, mine)
             raise
+        self._note_mine(mine)
         self._recovered()
         for rec in records:
             # Newer than any unsent row of the same agent: that one must not overwrite it.
             self._unsent.pop(rec.agent_id, None)
-        mine = self._note_mine(records)
+
+    def _put_back(self, before: Mapping[str, AgentRecord], written: Sequence[AgentRecord]) -> None:
+        """Undo a commit in the copy that PostgreSQL refused: rows as they were, new ones gone."""
         try:
-            self._copy.commit_rows(mine)
+            self._copy.commit_rows(list(before.values()))
+            self._copy.remove_rows({r.agent_id: r.created_at for r in written if r.agent_id not in before})
         except StoreError as exc:
-            # Committed where it counts; the copy catches up with the agent's next write.
-            log.error("this node's copy missed a committed change", error=str(exc))
+            # The manager's undo writes the rows it restores through write_batch as well.
+            log.error("this node's copy could not be put back after a refused commit", error=str(exc))
 
     def write_batch(self, records: Sequence[AgentRecord], transitions: Sequence[Transition]) -> None:
         """The copy first (StoreError if it fails: then nothing was written), then PostgreSQL;
@@ -147,6 +158,15 @@ class FleetStore:
         self._copy.write_batch(mine, [t for t in transitions if t.agent_id in self._mine])
         self._unsent.update({rec.agent_id: rec for rec in records})
         self._unsent_transitions.extend(transitions)
+        self._send_unsent()
+
+    def remove_rows(self, created: Mapping[str, datetime]) -> None:
+        """From the copy, then PostgreSQL; StoreDegraded when only the copy did it (the rest is
+        done when PostgreSQL is back)."""
+        self._copy.remove_rows(created)
+        self._unsent_removals.update(created)
+        for agent_id in created:
+            self._unsent.pop(agent_id, None)
         self._send_unsent()
 
     def sync(self) -> None:
@@ -204,11 +224,14 @@ class FleetStore:
         return self._shared
 
     def _send_unsent(self) -> None:
-        if not self._unsent and not self._unsent_transitions and not self._history_behind:
+        if not (self._unsent or self._unsent_transitions or self._unsent_removals or self._history_behind):
             return
         rows, transitions = list(self._unsent.values()), list(self._unsent_transitions)
         try:
             shared = self._connected()
+            if self._unsent_removals:
+                shared.remove_rows(self._unsent_removals)
+                self._unsent_removals.clear()
             if self._history_behind:
                 # The transitions an earlier opmasd observed but never sent (it stopped while
                 # PostgreSQL was away): the copy has them all; they go before the newer ones.

@@ -176,6 +176,30 @@ class SqlStore:
 
         return self._call(f"load transitions of {agent_id}", work, write=False)
 
+    def rows_of(self, agent_ids: Sequence[str]) -> dict[str, AgentRecord]:
+        """The rows of these agents that exist (for FleetStore to put its copy back)."""
+        if not agent_ids:
+            return {}
+
+        def work() -> dict[str, AgentRecord]:
+            query = AgentRow.select().where(AgentRow.agent_id.in_(list(agent_ids)))
+            return {row.agent_id: _agent(row) for row in query}
+
+        return self._call(f"load {len(agent_ids)} agents", work, write=False)
+
+    def remove_rows(self, created: Mapping[str, datetime]) -> None:
+        if not created:
+            return
+
+        def work() -> None:
+            for agent_id, at in created.items():
+                row = AgentRow.get_or_none((AgentRow.agent_id == agent_id) & (AgentRow.created_at == at))
+                if row is not None:
+                    TransitionRow.delete().where(TransitionRow.agent == agent_id).execute()
+                    row.delete_instance()
+
+        self._call(f"remove {len(created)} agents", work, write=True)
+
     def newest_transition_times(self) -> dict[str, datetime]:
         """Per agent, the time of its newest transition (for FleetStore's catch-up)."""
 
@@ -337,10 +361,16 @@ class SqlStore:
 
     def _failure(self, what: str, exc: Exception) -> StoreError:
         message = str(exc).strip() or type(exc).__name__
-        # A rollback failing on a dead connection hides the error that killed it: keep both.
-        first = exc.__context__
-        if isinstance(first, peewee.PeeweeException) and str(first).strip() not in ("", message):
-            message = f"{message}, after: {str(first).strip()}"
+        # A rollback failing (on a dead connection, a full disk) hides the error that caused
+        # it: keep the earlier ones too ("cannot rollback ..., after: database or disk is full").
+        earlier: BaseException | None = exc.__context__ or exc.__cause__
+        for _ in range(3):
+            if earlier is None:
+                break
+            text = str(earlier).strip()
+            if text and text not in message:
+                message = f"{message}, after: {text}"
+            earlier = earlier.__context__ or earlier.__cause__
         log.error("store.failed", url=self._url, operation=what, error=message, exc_type=type(exc).__name__)
         kind = StoreRejected if isinstance(exc, _REJECTIONS) else StoreError
         return kind(f"{what} failed ({self._url}): {message}")

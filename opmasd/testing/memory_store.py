@@ -59,6 +59,13 @@ class MemoryStore:
     def commit_rows(self, records: Sequence[AgentRecord]) -> None:
         self.write_batch(records, ())
 
+    def remove_rows(self, created: Mapping[str, datetime]) -> None:
+        self._check(f"remove {len(created)} agents")
+        for agent_id, at in created.items():
+            if agent_id in self._agents and self._agents[agent_id].created_at == at:
+                del self._agents[agent_id]
+                self._transitions.pop(agent_id, None)
+
     def sync(self) -> None:
         self._check("sync")
 

@@ -4,6 +4,8 @@ calls on a frozen server. The daemon-level outage tests are in tests/e2e/test_st
 from __future__ import annotations
 
 import dataclasses
+import sqlite3
+import threading
 import time
 from pathlib import Path
 
@@ -99,14 +101,57 @@ def test_a_call_on_a_frozen_postgres_is_cut_at_its_deadline(private_pg: PrivateC
     store = SqlStore.open(quick(private_pg))
     store.write_batch([record("a")], [])
     private_pg.freeze()
+    outcome: list[BaseException | None] = []
+
+    def write() -> None:
+        try:
+            store.write_batch([record("a", pid=1)], [])
+            outcome.append(None)
+        except BaseException as exc:  # handed to the test below
+            outcome.append(exc)
+
+    # On a thread: should the cut not happen, the test fails (and thaws) instead of hanging.
+    writer = threading.Thread(target=write, daemon=True)
     try:
         started = time.monotonic()
-        with pytest.raises(StoreError):
-            store.write_batch([record("a", pid=1)], [])
+        writer.start()
+        writer.join(15)
         took = time.monotonic() - started
+        assert not writer.is_alive(), "the call on a frozen server was never cut"
+        assert isinstance(outcome[0], StoreError), outcome
         assert 2.5 < took < 6, took  # statement_timeout 1 s + the 2 s margin, not forever
     finally:
         private_pg.thaw()
+        writer.join(15)
     store.write_batch([record("a", pid=2)], [])  # a fresh connection once it answers again
     assert store.load_agents()[0].pid == 2
     store.close()
+
+
+def test_an_operators_change_is_in_both_or_in_neither(private_pg: PrivateCluster, tmp_path: Path) -> None:
+    store = FleetStore.open(quick(private_pg), NODE, tmp_path / "copy.db")
+    store.commit_rows([record("a", desired=DesiredState.RUNNING)])
+    # PostgreSQL refuses: the copy is put back (the changed row as it was, the new one gone).
+    private_pg.stop()
+    with pytest.raises(StoreError):
+        store.commit_rows([record("a", desired=DesiredState.STOPPED), record("b")])
+    copy = SqlStore.open(f"sqlite:///{tmp_path / 'copy.db'}")
+    assert [(r.agent_id, r.desired) for r in copy.load_agents()] == [("a", DesiredState.RUNNING)]
+    private_pg.start()
+    # The copy refuses (another process holds its write lock): PostgreSQL never sees the change,
+    # so a node that starts from its copy never runs on less than it acknowledged.
+    locker = sqlite3.connect(tmp_path / "copy.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        with pytest.raises(StoreError, match="locked"):
+            store.commit_rows([record("a", desired=DesiredState.STOPPED)])
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    shared = SqlStore.open(private_pg.url)
+    try:
+        assert [(r.agent_id, r.desired) for r in shared.load_agents()] == [("a", DesiredState.RUNNING)]
+    finally:
+        shared.close()
+        copy.close()
+        store.close()

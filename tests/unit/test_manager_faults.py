@@ -4,11 +4,13 @@ nothing behind it waiting), and requests for ids that do not exist leave nothing
 from __future__ import annotations
 
 import asyncio
+import threading
+from collections.abc import Sequence
 
 import pytest
 
-from opmasd.core.errors import InvalidArgument, NotFound, StoreRejected
-from opmasd.core.model import AgentRecord, AgentSpec, AgentState, Transition
+from opmasd.core.errors import InvalidArgument, NotFound, StoreError, StoreRejected, Unavailable
+from opmasd.core.model import AgentRecord, AgentSpec, AgentState, DesiredState, RestartPolicy, Transition
 from opmasd.manager import AgentManager, ManagerSettings
 from opmasd.manager.persistence import WriteBehind
 from opmasd.testing.fake_runtime import FakeRuntime
@@ -122,5 +124,86 @@ async def test_specs_have_bounded_sizes(fields: dict[str, object], field: str) -
         assert raised.value.violations[0].field == field, raised.value.violations
         with pytest.raises(NotFound):
             manager.get_agent("big")
+    finally:
+        await manager.stop(stop_agents=False)
+
+
+class StallingStore(MemoryStore):
+    """A store whose commits can be held mid-call, then fail: a database that stops answering."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stall = False
+        self.entered = threading.Event()
+        self.release = threading.Event()
+
+    def commit_rows(self, records: Sequence[AgentRecord]) -> None:
+        if self.stall:
+            self.entered.set()
+            self.release.wait(10)
+            raise StoreError("the database went away")
+        super().commit_rows(records)
+
+
+@pytest.mark.parametrize(
+    ("change", "fields"),
+    [("stop", {}), ("update", {"restart_policy": RestartPolicy.NEVER})],
+)
+async def test_an_exit_during_a_refused_change_is_judged_on_what_was_committed(
+    change: str, fields: dict[str, object]
+) -> None:
+    store, runtime = StallingStore(), FakeRuntime()
+    manager = AgentManager(store, runtime, ManagerSettings(node="n1"))
+    await manager.start(discover=False)
+    try:
+        spec = {"name": "a", "command": ("sleep", "100"), "restart_policy": RestartPolicy.ALWAYS}
+        await manager.create_agent(spec, start=True)
+        first = manager.get_agent("a").pid
+        store.stall = True
+        call = manager.stop_agent("a") if change == "stop" else manager.update_agent("a", fields)
+        pending = asyncio.ensure_future(call)
+        await asyncio.to_thread(store.entered.wait, 5)
+        runtime.crash("a", exit_code=0)  # while the change waits for its commit
+        store.release.set()
+        with pytest.raises(Unavailable):
+            await pending
+        # The change was refused: the exit is judged on the policy and desired state committed
+        # (always, running), so the agent is restarted, not left stopped.
+        async with asyncio.timeout(5):
+            while manager.get_agent("a").pid in (None, first):
+                await asyncio.sleep(0.01)
+        rec = manager.get_agent("a")
+        assert rec.desired is DesiredState.RUNNING and rec.spec.restart_policy is RestartPolicy.ALWAYS
+    finally:
+        store.stall = False
+        await manager.stop(stop_agents=False)
+
+
+class LostReplyStore(MemoryStore):
+    """Commits land, but the caller hears a failure: a connection cut after COMMIT was sent."""
+
+    lose_replies = False
+
+    def commit_rows(self, records: Sequence[AgentRecord]) -> None:
+        super().commit_rows(records)
+        if self.lose_replies:
+            raise StoreError("server closed the connection unexpectedly")
+
+
+async def test_a_registration_whose_commit_reply_was_lost_is_removed_again() -> None:
+    store = LostReplyStore()
+    manager = AgentManager(store, FakeRuntime(), ManagerSettings(node="n1"))
+    await manager.start(discover=False)
+    try:
+        await manager.create_agent({"name": "kept", "command": ("sleep", "100")})
+        store.lose_replies = True
+        with pytest.raises(Unavailable):
+            await manager.create_agent({"name": "ghost", "command": ("sleep", "100")})
+        store.lose_replies = False
+        with pytest.raises(NotFound):
+            manager.get_agent("ghost")
+        # The write landed after all; the undo takes it out, so no restart finds a phantom.
+        await manager.create_agent({"name": "later", "command": ("sleep", "100")})
+        assert {r.agent_id for r in store.load_agents()} == {"kept", "later"}
     finally:
         await manager.stop(stop_agents=False)
