@@ -83,13 +83,17 @@ async def test_each_check_that_fails_says_why(parts) -> None:  # type: ignore[no
 async def test_a_failed_heartbeat_flush_makes_the_store_check_fail_until_one_succeeds(parts) -> None:  # type: ignore[no-untyped-def]
     manager, store, bus = parts
     health = DaemonHealth(manager, lambda: bus.is_connected, FakeServer())
+    await manager.create_agent({"name": "a1", "command": ("sleep", "1")})
     store.failure = StoreError("database is down")
-    manager._writes.note_heartbeat("a1", utcnow())
+    seen = utcnow()
+    manager._writes.note_heartbeat("a1", seen)
     await manager._writes.flush_heartbeats()
     assert health.ready()[1]["store"] != "ok"
     store.failure = None
     await manager._writes.flush_heartbeats()
     assert health.ready()[1]["store"] == "ok"
+    # Kept through the failure, and written by the next flush.
+    assert store.load_agents()[0].last_heartbeat == seen
 
 
 async def test_the_grpc_status_is_set_when_readiness_changes_and_only_then(parts) -> None:  # type: ignore[no-untyped-def]
