@@ -41,7 +41,9 @@ class Commits:
                 if isinstance(exc, StoreRejected):
                     raise
                 raise Unavailable(
-                    f"agent {rec.agent_id}: the change was not made, the database is unavailable: {exc}"
+                    # "undone", not "not made": a write whose reply was lost may have landed, and
+                    # is then taken back (a registration's row removed, the old row written).
+                    f"agent {rec.agent_id}: the change is undone, the database is unavailable: {exc}"
                 ) from exc
 
     async def desired(self, rec: AgentRecord, desired: DesiredState) -> None:
