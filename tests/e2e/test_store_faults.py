@@ -9,6 +9,7 @@ acknowledged is lost, no agent runs twice and nothing runs unmanaged.
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from collections.abc import Callable
 from typing import Any
@@ -222,3 +223,34 @@ def test_opmasd_starts_with_postgres_unreachable_from_scratch(
         what="a registration once PostgreSQL is reachable",
     )
     assert "late" in rows(private_pg) and "early" not in rows(private_pg)
+
+
+def test_sqlite_locked_by_another_process_refuses_changes_and_keeps_serving(
+    make_sandbox: Callable[..., Sandbox],
+) -> None:
+    """The default store, held by someone else: honest UNAVAILABLE, nothing changed, reads and
+    supervision go on, and changes are taken again once it is free."""
+    box = make_sandbox(env={"OPMAS_DATABASE_COMMIT_TIMEOUT": "1s"})
+    box.start()
+    stub = box.stub
+    create(stub, "runner", sleeper(), start=True)
+    first = status(stub, "runner").pid
+    locker = sqlite3.connect(box.state_dir / "opmas.db", isolation_level=None)
+    locker.execute("BEGIN EXCLUSIVE")
+    try:
+        took, error = timed(
+            lambda: call_error(lambda: stub.StopAgent(pb.StopAgentRequest(agent_id="runner")))
+        )
+        assert error.code is grpc.StatusCode.UNAVAILABLE and "locked" in error.message, error
+        assert took < 8, took  # the commit timeout, or SQLite's own 5 s busy timeout
+        runner = status(stub, "runner")
+        assert (runner.state, runner.pid) == (pb.AGENT_STATE_RUNNING, first)
+        reads_answer_at_once(box, "runner")
+        kill_pid(first)
+        wait_state(stub, "runner", pb.AGENT_STATE_RUNNING, check=lambda s: s.pid not in (0, first))
+    finally:
+        locker.execute("ROLLBACK")
+        locker.close()
+    stub.StopAgent(pb.StopAgentRequest(agent_id="runner"), timeout=15)
+    box.restart("kill")
+    assert status(box.stub, "runner").state == pb.AGENT_STATE_STOPPED  # committed, kept
