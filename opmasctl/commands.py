@@ -19,7 +19,7 @@ from opmas.v1 import agents_pb2, agents_pb2_grpc
 from opmasctl import views
 from opmasctl.output import dump, dump_item, message_to_dict, plain_numbers, write
 from opmasctl.parsing import enum_choices, parse_params, parse_seconds
-from opmasctl.spec import SpecError, build_spec
+from opmasctl.spec import SpecError, build_spec, environment_patch
 
 STATES = enum_choices(agents_pb2.AgentState.items(), "AGENT_STATE_")
 PAGE_SIZE = 500
@@ -187,6 +187,17 @@ def agents_update(ctx: Context, args: argparse.Namespace) -> int:
     spec, paths = _spec(ctx, args)
     if not paths:
         raise UsageError("nothing to update: give at least one spec flag")
+    patch = environment_patch(args)
+    if patch is not None:
+        # --env and --unset-env edit the environment the agent has (as kubectl set env does):
+        # the whole map goes back, with these variables set and those removed.
+        sets, unsets = patch
+        current = ctx.stub.GetAgent(agents_pb2.GetAgentRequest(agent_id=args.agent_id), timeout=ctx.timeout)
+        merged = {**current.spec.environment, **sets}
+        for key in unsets:
+            merged.pop(key, None)
+        spec.environment.clear()
+        spec.environment.update(merged)
     request = agents_pb2.UpdateAgentRequest(
         agent_id=args.agent_id, spec=spec, update_mask=field_mask_pb2.FieldMask(paths=paths)
     )

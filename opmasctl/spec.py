@@ -52,9 +52,23 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None
         dest="spec_env",
         action="append",
         metavar="KEY=VALUE",
-        help="environment variable (repeatable)" + ("; replaces the whole environment" if update else ""),
+        help="environment variable (repeatable)"
+        + ("; adds or overrides it, the others are kept (as kubectl set env)" if update else ""),
     )
     if update:
+        group.add_argument(
+            "--unset-env",
+            dest="spec_unset_env",
+            action="append",
+            metavar="KEY",
+            help="remove this environment variable (repeatable)",
+        )
+        group.add_argument(
+            "--replace-env",
+            dest="spec_replace_env",
+            action="store_true",
+            help="the --env given become the whole environment (alone: remove every variable)",
+        )
         group.add_argument(
             "--clear-env", dest="spec_clear_env", action="store_true", help="remove every variable"
         )
@@ -129,13 +143,16 @@ def build_spec(
         paths.append("working_directory")
     if getattr(args, "spec_clear_env", False) and given("spec_env"):
         raise SpecError("--clear-env and --env cannot be combined")
+    replacing = getattr(args, "spec_replace_env", False) or getattr(args, "spec_clear_env", False)
+    if replacing and given("spec_unset_env"):
+        raise SpecError("--unset-env has nothing to remove from an environment that is replaced")
     if given("spec_env"):
         try:
             spec.environment.update(parse_env(args.spec_env))
         except ValueError as err:
             raise SpecError(str(err)) from None
         paths.append("environment")
-    elif getattr(args, "spec_clear_env", False):
+    elif replacing or given("spec_unset_env"):
         paths.append("environment")
     if given("spec_restart_policy"):
         spec.restart_policy = RESTART_POLICIES[args.spec_restart_policy]
@@ -167,6 +184,18 @@ def build_spec(
         spec.restart_on_inactive = args.spec_restart_on_inactive
         paths.append("restart_on_inactive")
     return spec, paths
+
+
+def environment_patch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]] | None:
+    """For `update`: the variables to set and to remove when the environment is edited rather
+    than replaced (None: it is replaced, or not touched). The caller merges them into the
+    agent's current environment."""
+    sets = getattr(args, "spec_env", None) or []
+    unsets = getattr(args, "spec_unset_env", None) or []
+    replacing = getattr(args, "spec_replace_env", False) or getattr(args, "spec_clear_env", False)
+    if replacing or not (sets or unsets):
+        return None
+    return parse_env(sets), list(unsets)
 
 
 def _command(flag: str | None, after_dashes: list[str]) -> list[str] | None:

@@ -210,6 +210,22 @@ def test_register_start_stop_restart_update_delete(box: Sandbox) -> None:
     assert updated["spec"]["description"] == "from the cli"
     assert updated["spec"]["environment"] == {"COLOUR": "red"}
     assert updated["spec"]["type"] == "cli"  # not named, not changed
+    # --env adds or overrides one variable and keeps the others; --unset-env removes one;
+    # --replace-env makes the given ones the whole environment (kubectl set env's semantics).
+    ok(box, "agents", "update", "cli-flags", "--env", "SHAPE=round")
+    assert as_json(box, "agents", "get", "cli-flags")["spec"]["environment"] == {
+        "COLOUR": "red",
+        "SHAPE": "round",
+    }
+    ok(box, "agents", "update", "cli-flags", "--unset-env", "COLOUR", "--env", "SIZE=9")
+    assert as_json(box, "agents", "get", "cli-flags")["spec"]["environment"] == {
+        "SHAPE": "round",
+        "SIZE": "9",
+    }
+    ok(box, "agents", "update", "cli-flags", "--replace-env", "--env", "ONLY=1")
+    assert as_json(box, "agents", "get", "cli-flags")["spec"]["environment"] == {"ONLY": "1"}
+    ok(box, "agents", "update", "cli-flags", "--replace-env")
+    assert as_json(box, "agents", "get", "cli-flags")["spec"].get("environment", {}) == {}
 
     out = ok(box, "agents", "stop", "cli-flags", "--timeout", "1")
     assert "cli-flags stopped" in out

@@ -17,7 +17,7 @@ from opmasctl import output, views
 from opmasctl.cli import build_parser
 from opmasctl.connection import parse_server, probe, resolve_endpoint
 from opmasctl.parsing import parse_duration, parse_env, parse_params, parse_seconds, parse_size
-from opmasctl.spec import SpecError, build_spec
+from opmasctl.spec import SpecError, build_spec, environment_patch
 
 # --- endpoint resolution ------------------------------------------------------------------------
 
@@ -185,6 +185,22 @@ def test_update_no_flags_gives_empty_mask() -> None:
 def test_update_clear_env() -> None:
     spec, paths = build_spec(_parse("agents", "update", "a1", "--clear-env"), [])
     assert paths == ["environment"] and not spec.environment
+
+
+def test_update_edits_the_environment_unless_told_to_replace_it() -> None:
+    args = _parse("agents", "update", "a1", "--env", "A=1", "--unset-env", "B", "--unset-env", "C")
+    spec, paths = build_spec(args, [])
+    assert paths == ["environment"] and environment_patch(args) == ({"A": "1"}, ["B", "C"])
+    args = _parse("agents", "update", "a1", "--unset-env", "B")
+    assert build_spec(args, [])[1] == ["environment"] and environment_patch(args) == ({}, ["B"])
+    args = _parse("agents", "update", "a1", "--replace-env", "--env", "A=1")
+    spec, paths = build_spec(args, [])
+    assert dict(spec.environment) == {"A": "1"} and environment_patch(args) is None
+    args = _parse("agents", "update", "a1", "--replace-env")
+    assert build_spec(args, [])[1] == ["environment"] and environment_patch(args) is None
+    assert environment_patch(_parse("agents", "update", "a1", "--description", "x")) is None
+    with pytest.raises(SpecError, match="nothing to remove"):
+        build_spec(_parse("agents", "update", "a1", "--replace-env", "--unset-env", "B"), [])
 
 
 def test_spec_rejects_command_twice_and_bad_env() -> None:
