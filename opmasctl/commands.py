@@ -231,13 +231,15 @@ class _Stream(Protocol[M_co]):
 
 
 def _follow(stream: _Stream[M], render: Callable[[M], str]) -> int:
-    """Writes each streamed message as it arrives; Ctrl-C cancels the call and ends quietly."""
+    """Writes each streamed message as it arrives. Ctrl-C cancels the call and exits 130; the
+    daemon going away is an error (UNAVAILABLE), reported by the caller, never a quiet end."""
     try:
         for item in stream:
             write(render(item))
     except KeyboardInterrupt:
         # Tells the server at once instead of leaving it streaming to a dead reader.
         stream.cancel()
+        return 130
     return 0
 
 
@@ -266,8 +268,12 @@ def agents_logs(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def agents_watch(ctx: Context, args: argparse.Namespace) -> int:
-    stream = ctx.stub.WatchEvents(agents_pb2.WatchEventsRequest(agent_ids=args.agent_ids))
-    return _follow(stream, _stream_render(ctx, views.event_line))
+    """The current state of what is watched first, then its changes. An id that is no agent
+    fails at once (NOT_FOUND), as kubectl does, instead of a stream that never says anything."""
+    for agent_id in args.agent_ids:
+        ctx.stub.GetAgentStatus(agents_pb2.GetAgentStatusRequest(agent_id=agent_id), timeout=ctx.timeout)
+    request = agents_pb2.WatchEventsRequest(agent_ids=args.agent_ids, initial_states=True)
+    return _follow(ctx.stub.WatchEvents(request), _stream_render(ctx, views.event_line))
 
 
 def agents_discover(ctx: Context, args: argparse.Namespace) -> int:

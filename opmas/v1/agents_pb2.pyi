@@ -1132,6 +1132,12 @@ class WatchEventsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
     AGENT_IDS_FIELD_NUMBER: _builtins.int
+    INITIAL_STATES_FIELD_NUMBER: _builtins.int
+    initial_states: _builtins.bool
+    """First the current state of each watched agent that exists, as an event from
+    AGENT_STATE_UNSPECIFIED with the agent's status (time: when it entered that state), then
+    the changes. Taken after the subscription is in place, so no change falls between the two.
+    """
     @_builtins.property
     def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Only these agents; all when empty.
@@ -1143,10 +1149,11 @@ class WatchEventsRequest(_message.Message):
         self,
         *,
         agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        initial_states: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ids", b"agent_ids"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ids", b"agent_ids", "initial_states", b"initial_states"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

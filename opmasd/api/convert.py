@@ -271,6 +271,17 @@ def event_to_pb(event: AgentEvent) -> pb.AgentEvent:
     )
 
 
+def current_event_to_pb(rec: AgentRecord) -> pb.AgentEvent:
+    """An agent's state now, as an event from no state (WatchEvents' initial_states)."""
+    return pb.AgentEvent(
+        agent_id=rec.agent_id,
+        state=_STATE_TO_PB[rec.state],
+        reason=rec.state_reason,
+        time=timestamp(rec.state_changed_at),
+        status=status_to_pb(rec),
+    )
+
+
 # Deeper than this, a value is not a command parameter but an attack on the recursion limit.
 MAX_PARAMS_DEPTH = 16
 

@@ -20,7 +20,7 @@ from opmasd.api import convert, paging
 from opmasd.api.errors import is_known, to_grpc_status
 from opmasd.api.grpc_handlers import Undecodable
 from opmasd.api.wire_cache import AgentWireCache
-from opmasd.core.errors import InvalidArgument
+from opmasd.core.errors import InvalidArgument, Unavailable
 from opmasd.core.ids import check_agent_id
 from opmasd.manager import AgentFilter, AgentManager, OperationResult
 
@@ -78,8 +78,9 @@ def streaming(
 
 
 async def _until(stop: asyncio.Event, source: AsyncIterator[Resp]) -> AsyncIterator[Resp]:
-    """Items of source until it ends or the daemon begins shutting down (which ends the stream
-    at once instead of holding server.stop() for its whole grace period)."""
+    """Items of source until it ends or the daemon begins shutting down, which ends the stream
+    at once (instead of holding server.stop() for its whole grace period) with UNAVAILABLE, so
+    that a client following it learns the daemon went away rather than seeing a clean end."""
     stop_wait = asyncio.ensure_future(stop.wait())
     iterator = source.__aiter__()
     next_item: asyncio.Future[Resp] | None = None
@@ -90,7 +91,7 @@ async def _until(stop: asyncio.Event, source: AsyncIterator[Resp]) -> AsyncItera
             if next_item not in done:
                 next_item.cancel()
                 await asyncio.gather(next_item, return_exceptions=True)
-                return
+                raise Unavailable("opmasd is shutting down")
             try:
                 yield next_item.result()
             except StopAsyncIteration:
@@ -211,6 +212,12 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     @streaming
     async def WatchEvents(self, request: pb.WatchEventsRequest, context: Any) -> AsyncIterator[pb.AgentEvent]:
         subscription = self._manager.watch(list(request.agent_ids))
+        if request.initial_states:
+            # In the same step as the subscription: no change can fall between the two.
+            wanted = set(request.agent_ids)
+            now = [rec for rec in self._manager.list_agents() if not wanted or rec.agent_id in wanted]
+            for rec in now:
+                yield convert.current_event_to_pb(rec)
         async for event in _until(self._stopping, subscription.__aiter__()):
             yield convert.event_to_pb(event)
 

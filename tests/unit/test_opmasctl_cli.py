@@ -294,7 +294,7 @@ def test_logs_prints_lines(service: FakeAgentService, capsys: pytest.CaptureFixt
     assert lines[2]["stream"] == "LOG_STREAM_STDERR" and lines[2]["time"] == "2026-12-02T00:55:01.123Z"
 
 
-def test_logs_follow_ctrl_c_cancels_quietly(
+def test_logs_follow_ctrl_c_cancels_and_exits_130(
     service: FakeAgentService, capsys: pytest.CaptureFixture[str]
 ) -> None:
     def logs(
@@ -310,7 +310,7 @@ def test_logs_follow_ctrl_c_cancels_quietly(
             time.sleep(0.05)
 
     service.handlers["GetAgentLogs"] = logs
-    assert cli(service, "agents", "logs", "a1", "-f") == 0
+    assert cli(service, "agents", "logs", "a1", "-f") == 130  # the usual 128 + SIGINT
     captured = capsys.readouterr()
     assert captured.out == "one\ntwo\n"
     assert captured.err == ""

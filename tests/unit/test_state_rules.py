@@ -39,10 +39,14 @@ class Rig:
     async def settle(self) -> None:
         """Let every task that can run, run (the fake clock wakes sleepers synchronously), and
         the store's thread write what they queued (a few real milliseconds at most)."""
-        for _ in range(200):
+        idle_rounds = 0
+        for _ in range(400):
             for _ in range(50):
                 await asyncio.sleep(0)
-            if self.manager._writes.pending == 0:
+            # Twice in a row: a write the thread just finished still wakes its waiter, which
+            # may queue the next one (a commit, then the launch it allowed).
+            idle_rounds = idle_rounds + 1 if self.manager._writes.pending == 0 else 0
+            if idle_rounds == 2:
                 return
             await asyncio.sleep(0.001)
 
