@@ -28,8 +28,9 @@ _BYTES_PER = {"": 1, "k": 1 << 10, "m": 1 << 20, "g": 1 << 30, "t": 1 << 40}
 _SIZE = re.compile(r"([0-9]+(?:\.[0-9]*)?)\s*([kmgt]?)(?:i?b)?")
 
 
-def _shown(value: object) -> str:
-    """A value for an error message: its start only (it may be a file's content, or huge)."""
+def shown(value: object) -> str:
+    """A value for an error message: a scalar's start only (it may be a file's content, or
+    huge), a container by its type."""
     text = (
         repr(value) if isinstance(value, str | int | float | bool) or value is None else type(value).__name__
     )
@@ -38,7 +39,7 @@ def _shown(value: object) -> str:
 
 def _invalid_duration(value: object) -> ValueError:
     return ValueError(
-        f"invalid duration {_shown(value)}: expected seconds or a value such as 500ms, 10s, 5m, 1h"
+        f"invalid duration {shown(value)}: expected seconds or a value such as 500ms, 10s, 5m, 1h"
     )
 
 
@@ -95,7 +96,7 @@ def parse_bytes(value: object) -> int:
             exact = Fraction(match.group(1)) * _BYTES_PER[match.group(2)]
             if exact.denominator == 1:
                 return exact.numerator
-    raise ValueError(f"invalid size {_shown(value)}: expected bytes or a value such as 512K, 512M, 1G")
+    raise ValueError(f"invalid size {shown(value)}: expected bytes or a value such as 512K, 512M, 1G")
 
 
 def parse_duration(*, positive: bool) -> Callable[[object], float]:
@@ -109,7 +110,7 @@ def parse_duration(*, positive: bool) -> Callable[[object], float]:
         except ValueError:
             seconds = None
         if seconds is None or seconds < 0 or (positive and seconds == 0):
-            raise ValueError(f"must be {expectation}, got {_shown(value)}")
+            raise ValueError(f"must be {expectation}, got {shown(value)}")
         return seconds
 
     return parse
@@ -123,7 +124,7 @@ def parse_size(value: object) -> int:
         size = None
     if size is None or size < 1:
         raise ValueError(
-            f'must be a size in bytes > 0 (a number, or like "512K", "10MiB", "1G"), got {_shown(value)}'
+            f'must be a size in bytes > 0 (a number, or like "512K", "10MiB", "1G"), got {shown(value)}'
         )
     return size
 
@@ -138,5 +139,5 @@ def parse_percent(value: object) -> float:
         if _NUMBER.fullmatch(text):
             number = float(text)
     if number is None or not math.isfinite(number) or number < 0:
-        raise ValueError(f"invalid percentage {_shown(value)}: expected a number >= 0 such as 50 or 150%")
+        raise ValueError(f"invalid percentage {shown(value)}: expected a number >= 0 such as 50 or 150%")
     return number

@@ -12,9 +12,9 @@ import asyncio
 import dataclasses
 import os
 import signal
-from collections.abc import Coroutine
+from collections.abc import Callable, Coroutine
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 import structlog
 
@@ -48,6 +48,8 @@ from opmasd.store.opening import open_store
 from opmasd.systemd.notify import Notifier
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 def manager_settings(config: Config) -> ManagerSettings:
@@ -111,19 +113,15 @@ class Daemon:
         self._lock.acquire()
         self.notifier.status("opening the store")
         # Off the loop: opening may wait out a connect timeout (PostgreSQL unreachable).
-        opening = SerialThread("opmasd-store-open")
-        try:
-            self._store = await opening.run(
-                lambda: open_store(
-                    config.database.url,
-                    node=config.service.node,
-                    state_dir=config.service.state_dir,
-                    pool_size=config.database.pool_size,
-                ),
-                "open the store",
-            )
-        finally:
-            opening.close()
+        self._store = await _off_the_loop(
+            lambda: open_store(
+                config.database.url,
+                node=config.service.node,
+                state_dir=config.service.state_dir,
+                pool_size=config.database.pool_size,
+            ),
+            "open the store",
+        )
         self._runtime = ProcessRuntime(
             config.service.log_dir / "agents",
             log_max_bytes=config.agents.log_max_bytes,
@@ -289,22 +287,14 @@ class Daemon:
         if self._embedded_nats is not None:
             await self._unless_forced(self._embedded_nats.stop(), "embedded NATS server")
         if self._store is not None:
-            await self._close_store(self._store)
+            # Bounded: a call stuck on a frozen database holds the store's lock.
+            try:
+                await _off_the_loop(self._store.close, "close the store", timeout=2.0)
+            except TimeoutError:
+                log.error("the store did not close within 2s (a call is stuck on the database); leaving it")
         log.info("opmasd stopped")
         self.notifier.close()
         self._lock.release()
-
-    @staticmethod
-    async def _close_store(store: AgentStore) -> None:
-        """Close the store on a thread of its own, within a bound: a call stuck on a frozen
-        database holds the store's lock, and must not hold up the exit."""
-        closing = SerialThread("opmasd-store-close")
-        try:
-            await asyncio.wait_for(closing.run(store.close, "close the store"), timeout=2.0)
-        except TimeoutError:
-            log.error("the store did not close within 2s (a call is stuck on the database); leaving it")
-        finally:
-            closing.close()
 
     async def _unless_forced(self, step: Coroutine[Any, Any, Any], what: str) -> bool:
         """Run a shutdown step; a second exit request (now or during it) cuts it short.
@@ -395,3 +385,12 @@ class Daemon:
                 self.notifier.status(status)
                 last_status = status
             await asyncio.sleep(period)
+
+
+async def _off_the_loop(call: Callable[[], T], what: str, timeout: float | None = None) -> T:
+    """call on a daemon thread of its own (one stuck on a database never holds up the exit)."""
+    thread = SerialThread(f"opmasd-{what.replace(' ', '-')}")
+    try:
+        return await asyncio.wait_for(thread.run(call, what), timeout)
+    finally:
+        thread.close()

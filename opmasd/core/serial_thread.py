@@ -23,7 +23,8 @@ log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
 
-_Job = tuple[Callable[[], Any], asyncio.Future[Any], asyncio.AbstractEventLoop]
+# A call, what it does (for logs), its future and the loop that awaits it.
+_Job = tuple[Callable[[], Any], str, asyncio.Future[Any], asyncio.AbstractEventLoop]
 
 
 class SerialThread:
@@ -53,7 +54,7 @@ class SerialThread:
             self._thread.start()
         loop = asyncio.get_running_loop()
         future: asyncio.Future[T] = loop.create_future()
-        self._jobs.put((_named(call, what), future, loop))
+        self._jobs.put((call, what, future, loop))
         return future
 
     def close(self) -> None:
@@ -68,8 +69,8 @@ class SerialThread:
             job = self._jobs.get()
             if job is None:
                 return
-            call, future, loop = job
-            self.current = getattr(call, "what", "")
+            call, what, future, loop = job
+            self.current = what
             try:
                 result = call()
             except BaseException as exc:  # handed to the awaiting task, which decides
@@ -78,14 +79,6 @@ class SerialThread:
                 _deliver(loop, future, result, None)
             finally:
                 self.current = ""
-
-
-def _named(call: Callable[[], T], what: str) -> Callable[[], T]:
-    def run() -> T:
-        return call()
-
-    run.what = what  # type: ignore[attr-defined]
-    return run
 
 
 def _deliver(
@@ -104,5 +97,6 @@ def _deliver(
     try:
         loop.call_soon_threadsafe(settle)
     except RuntimeError:
-        # The loop is closed (the daemon is exiting): nobody is left to tell.
-        log.warning("worker thread call finished after its event loop closed", error=repr(error))
+        # The loop is closed (the daemon is exiting): nobody is left to tell but the log.
+        if error is not None:
+            log.warning("a call failed after its event loop closed", error=repr(error))

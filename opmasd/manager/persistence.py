@@ -79,7 +79,7 @@ class WriteBehind:
         self._rejected: dict[str, StoreRejected] = {}
         self._heartbeats: dict[str, datetime] = {}
         self._heartbeats_failing = False
-        self._heartbeat_flush: asyncio.Task[None] | None = None
+        self._heartbeat_flushing = False
         self.heartbeat_flushes = 0
         self.dropped_transitions = 0
         # For the metrics: how long each store call took (failed ones too), and how many failed.
@@ -319,17 +319,16 @@ class WriteBehind:
                 )
                 if not entry.waiters:
                     self._rejected[agent_id] = refused
+            for failed in (result.observed, result.committed):
+                if failed is not None and not isinstance(failed, StoreRejected):
+                    first = first or failed
             observed = result.observed
+            # Retried unless refused, or kept by the store itself (StoreDegraded). An operator's
+            # change that failed is not retried: its caller restores the row.
             if observed is not None and not isinstance(observed, StoreRejected | StoreDegraded):
-                first = first or observed
-                # An operator's change that failed is not retried: its caller restores the row.
                 kept = Entry(None if entry.commit else entry.snapshot, entry.transitions)
                 if kept.snapshot is not None or kept.transitions:
                     retry[agent_id] = kept
-            elif isinstance(observed, StoreDegraded):
-                first = first or observed  # kept by the store itself, not here
-            if result.committed is not None and not isinstance(result.committed, StoreRejected):
-                first = first or result.committed
             for waiter in entry.waiters:
                 _settle_waiter(waiter, error)
         if first is not None:
@@ -360,11 +359,11 @@ class WriteBehind:
     async def flush_heartbeats(self) -> None:
         """Write the last-seen times gathered since the previous flush, in one transaction.
         One at a time: while the store is stuck, later flushes are skipped, not queued."""
-        if not self._heartbeats or self._heartbeat_flush is not None:
+        if not self._heartbeats or self._heartbeat_flushing:
             return
         batch, self._heartbeats = self._heartbeats, {}
         started = time.perf_counter()
-        self._heartbeat_flush = asyncio.current_task()
+        self._heartbeat_flushing = True
         try:
             await self._thread.run(lambda: self._store.save_heartbeats(batch), "save heartbeats")
             self.heartbeat_flushes += 1
@@ -376,7 +375,7 @@ class WriteBehind:
             log.warning("heartbeat flush failed; will retry", agents=len(batch), error=str(exc))
             self._heartbeats = {**batch, **self._heartbeats}
         finally:
-            self._heartbeat_flush = None
+            self._heartbeat_flushing = False
             self.heartbeat_flush_times.observe(time.perf_counter() - started)
 
     async def close(self, timeout: float) -> None:

@@ -250,6 +250,7 @@ class FleetStore:
             log.error("PostgreSQL refused rows this node's copy took; they stay in the copy", error=str(exc))
             self._unsent.clear()
             self._unsent_transitions.clear()
+            self._history_behind = False
             return
         except StoreError as exc:
             self._failed(exc)

@@ -30,6 +30,7 @@ from google.protobuf.message import Message
 from hypothesis import strategies as st
 
 from opmas.v1 import agents_pb2 as pb
+from opmasd.api.convert import SPEC_MASK_PATHS
 from opmasd.manager.packages.manifest import KNOWN_KEYS
 
 from .test_bad_input import _field, _varint
@@ -316,25 +317,8 @@ def specs(draw: st.DrawFn) -> pb.AgentSpec:
     return spec
 
 
-MASK_PATHS = (
-    "name",
-    "type",
-    "version",
-    "description",
-    "command",
-    "working_directory",
-    "environment",
-    "restart_policy",
-    "stop_timeout",
-    "heartbeat_interval",
-    "start_seconds",
-    "resources",
-    "resources.memory_max_bytes",
-    "resources.open_files_max",
-    "runtime",
-    "autostart",
-    "restart_on_inactive",
-)
+# Every path an update_mask may name (the servicer's own list), mixed below with junk.
+MASK_PATHS = tuple(sorted(SPEC_MASK_PATHS))
 masks = st.builds(
     lambda paths: field_mask_pb2.FieldMask(paths=paths),
     st.lists(mix(st.sampled_from(MASK_PATHS), texts), max_size=4),

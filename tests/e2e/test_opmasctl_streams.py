@@ -75,7 +75,8 @@ def test_watch_shows_the_current_state_then_changes_and_ctrl_c_is_130(
     output = Lines(watcher)
     try:
         first = output.read(1)[0]
-        assert "watched" in first and "running" in first, first  # what it is now, at once
+        # What it is now, at once: from no state to running, with why it is running.
+        assert "watched" in first and "→ running" in first and "started" in first, first
         box.stub.StopAgent(pb.StopAgentRequest(agent_id="watched"), timeout=15)
         box.stub.StartAgent(pb.StartAgentRequest(agent_id="other"), timeout=15)
         changes = output.read(2)

@@ -8,6 +8,7 @@ import pytest
 
 import opmasd
 from opmas.units import parse_duration, parse_size
+from opmasd.app import manager_settings
 from opmasd.config import (
     Config,
     ConfigError,
@@ -190,6 +191,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert cfg.database.url == "postgresql://opmas:pw@db/opmas"
     assert cfg.database.pool_size == 20
     assert cfg.database.commit_timeout == 2.5
+    assert manager_settings(cfg).commit_timeout == 2.5  # and the manager is given it
     n = cfg.nats
     assert (n.url, n.user, n.password, n.tls_verify) == (
         "nats://a:4222,nats://b:4222",

@@ -34,7 +34,7 @@ from typing import Any
 
 import yaml
 
-from opmas.units import parse_duration, parse_percent, parse_size
+from opmas.units import parse_duration, parse_percent, parse_size, shown
 from opmasd.core.errors import InvalidArgument
 from opmasd.core.ids import agent_id_from_name, check_agent_id
 from opmasd.core.model import AgentSpec, ResourceLimits, RestartPolicy, RuntimeKind
@@ -202,7 +202,7 @@ def _seconds(data: dict[str, Any], key: str, default: float) -> float:
 def _flag(data: dict[str, Any], key: str) -> bool:
     value = data.get(key, False)
     if not isinstance(value, bool):
-        raise ValueError(f"{key}: must be true or false, got {type(value).__name__}")
+        raise ValueError(f"{key}: must be true or false, got {shown(value)}")
     return value
 
 
