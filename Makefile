@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install lint typecheck proto bench clean
+.PHONY: run test install lint typecheck proto man bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -37,6 +37,10 @@ typecheck: install
 
 proto: install
 	$(BIN)/python scripts/gen_proto.py
+
+# The man pages opmasctl(1) and opmasd(8), from the parsers (packaging installs them; not committed).
+man: install
+	$(BIN)/python scripts/gen_man.py build/man
 
 # The benchmark (not part of `make test`): supervisor, circus and py-spy go into their own venv,
 # built by the same Python as .venv (the circus client is loaded from it).

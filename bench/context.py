@@ -27,7 +27,7 @@ SYSTEMS: dict[str, type[Driver]] = {
 class Sizes:
     spawn: tuple[int, ...]
     fleets: tuple[int, ...]  # fleets kept up for the control-latency, list and footprint scenarios
-    stop_all: int
+    stop_all: tuple[int, ...]
     calls_per_round: int  # status calls per system per round (≥ 1000 in all)
     list_calls_per_round: int
     kills: int  # crash → restarted, per system
@@ -43,7 +43,7 @@ class Sizes:
             return Sizes(
                 spawn=(100, 500, 1000),
                 fleets=(10, 1000),
-                stop_all=500,
+                stop_all=(200, 500),
                 calls_per_round=max(1000, -(-2000 // rounds)),
                 list_calls_per_round=50,
                 kills=max(50, rounds * 10),
@@ -56,7 +56,7 @@ class Sizes:
         return Sizes(
             spawn=(100, 500),
             fleets=(10, 1000),
-            stop_all=200,
+            stop_all=(200, 500),
             calls_per_round=max(200, -(-1000 // rounds)),
             list_calls_per_round=10,
             kills=max(20, rounds * 4),

@@ -1,8 +1,8 @@
 """Where a local opmasd keeps its runtime files and gRPC socket, read from the environment.
 
 One rule for both sides: the daemon binds its socket here when its configuration names neither
-a socket nor a service.runtime_dir, and opmasctl looks here first. A daemon configured
-elsewhere is reached with --server (or $OPMAS_SERVER): the client cannot read its config.
+a socket nor a service.runtime_dir, and opmasctl looks here when that configuration names no
+other place (opmasctl/connection.py has the whole order; --server or $OPMAS_SERVER overrides it).
 """
 
 from __future__ import annotations

@@ -1,3 +1,4 @@
+# PYTHON_ARGCOMPLETE_OK
 """Entry point of the `opmasctl` console script and of `python -m opmasctl`."""
 
 from __future__ import annotations

@@ -7,6 +7,7 @@ import os
 import sys
 from collections.abc import Callable, Sequence
 
+import argcomplete
 import grpc
 
 # googleapis-common-protos ships no type information; unused-ignore keeps this line valid once
@@ -14,20 +15,57 @@ import grpc
 from google.rpc import error_details_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_status import rpc_status
 
-from opmasctl import __version__, commands
+from opmasctl import __version__, commands, completion, top
 from opmasctl.commands import STATES, Context, UsageError
-from opmasctl.connection import Connection, resolve_endpoint
+from opmasctl.connection import Connection, NoDaemon, find_daemon
+from opmasctl.daemon_config import ConfigProblem
 from opmasctl.output import FORMATS
 from opmasctl.parsing import argtype, parse_duration
 from opmasctl.spec import add_spec_arguments
+from opmasctl.tables import TableStyle
 
 Handler = Callable[[Context, argparse.Namespace], int]
 
 # Commands that take the agent's command line after a bare `--`.
 _TAKES_REST = {"register", "update"}
+# Commands whose output names no agents: -o name means nothing there.
+_NAMELESS = {"logs", "command"}
+
+# Exit statuses (README "Exit status"; the epilog of --help). _EXIT_BY_CODE is the one place a
+# gRPC status becomes one; every code not in it is 1.
+EXIT_OK = 0
+EXIT_ERROR = 1
+EXIT_USAGE = 2
+EXIT_NOT_FOUND = 3
+EXIT_UNAVAILABLE = 4
+EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
+_EXIT_BY_CODE = {
+    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
+    # The daemon cannot be reached, or cannot serve now (shutting down, its store or NATS away):
+    # worth trying again later. DEADLINE_EXCEEDED is not: the request may have been carried out.
+    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+}
+EPILOG = """exit status:
+  0    done
+  1    the daemon refused or failed the request (any other gRPC error, DEADLINE_EXCEEDED
+       included: the request may have been carried out), or an agent answered its
+       command with an error
+  2    usage: flags or arguments that make no sense
+  3    not found: no such agent (NOT_FOUND)
+  4    unavailable: no daemon answers, or it cannot serve now (UNAVAILABLE); try again later
+  130  interrupted (Ctrl-C)
+
+finding the daemon: --server, else $OPMAS_SERVER; else the first that answers of the sockets
+and address in the daemon's configuration ($OPMAS_CONFIG, else /etc/opmas/opmasd.yaml), its
+default socket, /run/opmas/opmasd.sock and 127.0.0.1:50051."""
 
 
-def _global_options(parser: argparse.ArgumentParser, *, suppress: bool, timeout: bool = True) -> None:
+def exit_status(code: grpc.StatusCode) -> int:
+    """The exit status of a command that ended with this gRPC status."""
+    return _EXIT_BY_CODE.get(code, EXIT_ERROR)
+
+
+def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
     """The global flags. On the subcommand parsers they default to SUPPRESS, so that a flag
     given after the subcommand overrides the top-level one and an absent one leaves it alone."""
 
@@ -38,39 +76,55 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool, timeout:
         "--server",
         default=default(None),
         metavar="ADDR",
-        help="unix socket path (/path/opmasd.sock, unix:///path) or host:port; "
-        "default $OPMAS_SERVER, else the local daemon's socket, else 127.0.0.1:50051",
+        help="where opmasd listens: a socket path, unix:///path, host:port, dns:///host:port, "
+        "http://host:port or https://host:port (TLS); default $OPMAS_SERVER, else the local "
+        "daemon (see below)",
     )
-    parser.add_argument("-o", "--output", choices=FORMATS, default=default("table"), help="output format")
-    if timeout:
-        parser.add_argument(
-            "--timeout",
-            dest="call_timeout",
-            type=argtype(commands.positive_seconds),
-            default=default(30.0),
-            metavar="SECONDS",
-            help="deadline of each call (default 30; 0: none); not applied to --follow and watch",
-        )
+    parser.add_argument(
+        "-o",
+        "--output",
+        choices=FORMATS,
+        default=default("table"),
+        help="table (default), wide (more columns), json or yaml (as the REST API writes them), "
+        "name (agent ids, one a line)",
+    )
+    parser.add_argument(
+        "--no-headers",
+        action="store_true",
+        default=default(False),
+        help="tables without their header line",
+    )
+    parser.add_argument(
+        "--timeout",
+        dest="call_timeout",
+        type=argtype(commands.positive_seconds),
+        default=default(30.0),
+        metavar="SECONDS",
+        help="deadline of each call (default 30; 0: none); not applied to --follow and watch",
+    )
 
 
 def build_parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="opmasctl", description="Manage the agents of opmasd.")
+    parser = argparse.ArgumentParser(
+        prog="opmasctl",
+        description="Manage the agents of opmasd.",
+        epilog=EPILOG,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
     _global_options(parser, suppress=False)
     parser.add_argument("--version", action="version", version=f"opmasctl {__version__}")
     common = argparse.ArgumentParser(add_help=False)
     _global_options(common, suppress=True)
-    # stop and command have a --timeout of their own (sent to the server); the call deadline is
-    # then only settable before the subcommand.
-    common_no_timeout = argparse.ArgumentParser(add_help=False)
-    _global_options(common_no_timeout, suppress=True, timeout=False)
 
     groups = parser.add_subparsers(dest="group", metavar="COMMAND", required=True)
     agents = groups.add_parser("agents", help="manage agents", parents=[common])
+    help_ = "a live full-screen view of the agents (keys: s sort, S start, x stop, R restart, l logs, q quit)"
+    live = groups.add_parser("top", help=help_, description=help_, parents=[common])
+    live.set_defaults(handler=top.top, parser=live, command_name="top")
     sub = agents.add_subparsers(dest="command_name", metavar="SUBCOMMAND", required=True)
 
-    def add(name: str, handler: Handler, help_: str, *, own_timeout: bool = False) -> argparse.ArgumentParser:
-        parent = common_no_timeout if own_timeout else common
-        command = sub.add_parser(name, help=help_, description=help_, parents=[parent])
+    def add(name: str, handler: Handler, help_: str) -> argparse.ArgumentParser:
+        command = sub.add_parser(name, help=help_, description=help_, parents=[common])
         command.set_defaults(handler=handler, parser=command)
         return command
 
@@ -88,14 +142,13 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("start", commands.agents_start, "start an agent")
     p.add_argument("agent_id", metavar="ID")
 
-    p = add("stop", commands.agents_stop, "stop an agent", own_timeout=True)
+    p = add("stop", commands.agents_stop, "stop an agent")
     p.add_argument("agent_id", metavar="ID")
     p.add_argument(
-        "--timeout",
-        dest="stop_timeout",
+        "--grace",
         type=argtype(parse_duration),
         metavar="SECONDS",
-        help="grace period before SIGKILL, instead of the agent's stop_timeout",
+        help="how long after SIGTERM before SIGKILL, instead of the agent's stop_timeout",
     )
 
     p = add("restart", commands.agents_restart, "restart an agent")
@@ -127,7 +180,10 @@ def build_parser() -> argparse.ArgumentParser:
         "-t", "--timestamps", action="store_true", help="begin each line with when it was stored (UTC)"
     )
     p.add_argument(
-        "--tail", type=_non_negative_int, default=0, metavar="N", help="last N lines (default 100)"
+        "--tail",
+        type=_non_negative_int,
+        metavar="N",
+        help="the last N lines (0: none, only new ones with -f; default 100, or all with --since)",
     )
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C ends)")
 
@@ -136,7 +192,7 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("metrics", commands.agents_metrics, "show an agent's resource use and reported metrics")
     p.add_argument("agent_id", metavar="ID")
 
-    p = add("command", commands.agents_command, "send a custom command to an agent", own_timeout=True)
+    p = add("command", commands.agents_command, "send a custom command to an agent")
     p.add_argument("agent_id", metavar="ID")
     p.add_argument("command", metavar="NAME")
     p.add_argument(
@@ -147,16 +203,25 @@ def build_parser() -> argparse.ArgumentParser:
         help="parameter (repeatable); VALUE is read as JSON when it parses, else as a string",
     )
     p.add_argument(
-        "--timeout",
-        dest="command_timeout",
+        "--reply-timeout",
         type=argtype(parse_duration),
         metavar="SECONDS",
-        help="how long the daemon waits for the agent's reply",
+        help="how long the daemon waits for the agent's reply (default: the daemon's)",
     )
 
     p = add("watch", commands.agents_watch, "print agent state changes as they happen (Ctrl-C ends)")
     p.add_argument("agent_ids", metavar="ID", nargs="*")
-    return parser
+
+    p = groups.add_parser(
+        "completion",
+        help="print the shell code that completes opmasctl",
+        description=completion.DESCRIPTION,
+        formatter_class=argparse.RawDescriptionHelpFormatter,
+    )
+    p.add_argument("shell", choices=completion.SHELLS, metavar="SHELL", help="bash, zsh or fish")
+    p.set_defaults(handler=completion.print_script, parser=p, command_name="completion")
+    # Every agent-id positional above completes to the ids the daemon has.
+    return completion.attach_completers(parser)
 
 
 def _non_negative_int(text: str) -> int:
@@ -207,23 +272,33 @@ def _violations(err: grpc.RpcError) -> list[str]:
     return lines
 
 
-def report_rpc_error(err: grpc.RpcError, connection: Connection) -> None:
+def report_rpc_error(err: grpc.RpcError, connection: Connection) -> int:
+    """Tells on stderr what went wrong, and returns the exit status for it."""
+    unreachable = connection.unreachable(err)
+    if unreachable is not None:
+        sys.stderr.write(unreachable.report())
+        return EXIT_UNAVAILABLE
     code = err.code() if isinstance(err, grpc.Call) else grpc.StatusCode.UNKNOWN
     details = (err.details() if isinstance(err, grpc.Call) else None) or str(err)
-    if connection.is_connect_failure(err):
-        print(f"error: cannot reach opmasd at {connection.endpoint.display}: {details}", file=sys.stderr)
-        return
     print(f"error: {code.name.lower()}: {details}", file=sys.stderr)
     for line in _violations(err):
         print(line, file=sys.stderr)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
-        print("  (--timeout SECONDS before the command waits longer; 0 waits forever)", file=sys.stderr)
+        print("  (--timeout SECONDS waits longer; 0 waits forever)", file=sys.stderr)
+    return exit_status(code)
+
+
+def _warn_config(problem: ConfigProblem) -> None:
+    print(f"opmasctl: warning: ignoring {problem}", file=sys.stderr)
 
 
 def run(argv: Sequence[str] | None = None) -> int:
     """Runs one opmasctl invocation and returns its exit status; never raises for user errors."""
     head, rest = _split_rest(list(sys.argv[1:] if argv is None else argv))
     parser = build_parser()
+    # Under the shell's TAB (_ARGCOMPLETE set) this prints the completions and exits; otherwise
+    # it returns at once.
+    argcomplete.autocomplete(parser, always_complete_options=False)
     try:
         args = parser.parse_args(head)
     except SystemExit as exit_:
@@ -232,29 +307,35 @@ def run(argv: Sequence[str] | None = None) -> int:
     command_parser: argparse.ArgumentParser = args.parser
     if rest and args.command_name not in _TAKES_REST:
         return _usage_error(command_parser, "unexpected arguments after --: " + " ".join(rest))
+    if args.output == "name" and args.command_name in _NAMELESS:
+        return _usage_error(command_parser, f"-o name: {args.command_name} prints no agents")
     try:
-        endpoint = resolve_endpoint(args.server)
+        search = find_daemon(args.server)
     except ValueError as err:
-        return _usage_error(command_parser, f"--server: {err}")
+        source = "--server" if args.server else "$OPMAS_SERVER"
+        return _usage_error(command_parser, f"{source}: {err}")
 
-    with Connection(endpoint) as connection:
+    with Connection(search, on_problem=_warn_config) as connection:
         ctx = Context(
-            stub=connection.stub,
+            connection=connection,
             fmt=args.output,
             timeout=args.call_timeout or None,
             rest=rest,
+            style=TableStyle.detect(headers=not args.no_headers, wide=args.output == "wide"),
         )
         try:
             handler: Handler = args.handler
             return handler(ctx, args)
         except UsageError as err:
             return _usage_error(command_parser, str(err))
+        except NoDaemon as err:
+            sys.stderr.write(err.report())
+            return EXIT_UNAVAILABLE
         except grpc.RpcError as err:
-            report_rpc_error(err, connection)
-            return 1
+            return report_rpc_error(err, connection)
         except KeyboardInterrupt:
-            # Ctrl-C during a unary call: the user gave up waiting; the usual 128+SIGINT.
-            return 130
+            # Ctrl-C during a unary call: the user gave up waiting.
+            return EXIT_INTERRUPTED
         except BrokenPipeError:
             # The reader went away (`opmasctl agents logs x | head`): stop quietly.
             _silence_stdout()
@@ -264,7 +345,7 @@ def run(argv: Sequence[str] | None = None) -> int:
 def _usage_error(parser: argparse.ArgumentParser, message: str) -> int:
     parser.print_usage(sys.stderr)
     print(f"{parser.prog}: error: {message}", file=sys.stderr)
-    return 2
+    return EXIT_USAGE
 
 
 def _silence_stdout() -> None:

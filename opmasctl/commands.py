@@ -9,17 +9,19 @@ import argparse
 import json
 import os
 import sys
-from collections.abc import Callable, Iterator
-from dataclasses import dataclass
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from google.protobuf import field_mask_pb2, message
+from google.protobuf import field_mask_pb2, json_format, message
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
 from opmasctl import views
-from opmasctl.output import dump, dump_item, message_to_dict, plain_numbers, write
+from opmasctl.connection import Connection
+from opmasctl.output import HUMAN_FORMATS, dump, dump_item, message_to_dict, plain_numbers, write
 from opmasctl.parsing import enum_choices, parse_params, parse_seconds
 from opmasctl.spec import SpecError, build_spec, environment_patch
+from opmasctl.tables import TableStyle
 
 STATES = enum_choices(agents_pb2.AgentState.items(), "AGENT_STATE_")
 PAGE_SIZE = 500
@@ -34,15 +36,34 @@ class UsageError(Exception):
 
 @dataclass
 class Context:
-    stub: agents_pb2_grpc.AgentServiceStub
+    # The daemon, looked for at the first call (`stub`), not before.
+    connection: Connection
+    # -o: table, wide, json, yaml or name.
     fmt: str
     # Deadline of one unary call in seconds; None waits forever.
     timeout: float | None
     # Arguments after a bare `--` (register/update take them as the agent's command).
     rest: list[str]
+    # How tables are drawn: headers, -o wide's columns, the terminal's width, colour.
+    style: TableStyle = field(default_factory=TableStyle)
 
-    def emit(self, msg: message.Message, human: str) -> None:
-        write(human if self.fmt == "table" else dump(message_to_dict(msg), self.fmt))
+    @property
+    def stub(self) -> agents_pb2_grpc.AgentServiceStub:
+        return self.connection.stub
+
+    @property
+    def human(self) -> bool:
+        return self.fmt in HUMAN_FORMATS
+
+    def emit(self, msg: message.Message, human: str, ids: Sequence[str] = ()) -> None:
+        """The result of a command: `human` for table/wide, the message's JSON or YAML (as the
+        REST API writes it), or for -o name the ids of the agents it concerns, one a line."""
+        if self.fmt == "name":
+            write("".join(f"{agent_id}\n" for agent_id in ids))
+        elif self.human:
+            write(human)
+        else:
+            write(dump(message_to_dict(msg), self.fmt))
 
     def longer(self, extra: float | None) -> float | None:
         """The call deadline stretched by a server-side wait the request itself asks for."""
@@ -73,18 +94,25 @@ def _list_all(
         request.page_token = token
 
 
+def _emit_agents(ctx: Context, agents: list[agents_pb2.Agent]) -> None:
+    """A list of agents: the table, or the ListAgentsResponse the API would give for all of
+    them in one page (the pages merged: no nextPageToken, totalSize counts them)."""
+    if ctx.human and not agents:
+        # On stderr, as kubectl's "No resources found": stdout holds only the table, here none.
+        print("no agents", file=sys.stderr)
+        return
+    merged = agents_pb2.ListAgentsResponse(agents=agents, total_size=len(agents))
+    ctx.emit(merged, views.agents_table(agents, ctx.style), [agent.agent_id for agent in agents])
+
+
 def agents_list(ctx: Context, args: argparse.Namespace) -> int:
-    agents = _list_all(ctx, args.state, args.type or "", args.node or "")
-    if ctx.fmt == "table":
-        write(views.agents_table(agents))
-    else:
-        write(dump([message_to_dict(agent) for agent in agents], ctx.fmt))
+    _emit_agents(ctx, _list_all(ctx, args.state, args.type or "", args.node or ""))
     return 0
 
 
 def agents_get(ctx: Context, args: argparse.Namespace) -> int:
     agent = ctx.stub.GetAgent(agents_pb2.GetAgentRequest(agent_id=args.agent_id), timeout=ctx.timeout)
-    ctx.emit(agent, views.agent_view(agent))
+    ctx.emit(agent, views.agent_view(agent), [agent.agent_id])
     return 0
 
 
@@ -93,13 +121,10 @@ def agents_status(ctx: Context, args: argparse.Namespace) -> int:
         status = ctx.stub.GetAgentStatus(
             agents_pb2.GetAgentStatusRequest(agent_id=args.agent_id), timeout=ctx.timeout
         )
-        ctx.emit(status, views.status_view(status))
+        ctx.emit(status, views.status_view(status), [status.agent_id or args.agent_id])
         return 0
-    agents = _list_all(ctx)
-    if ctx.fmt == "table":
-        write(views.agents_table(agents))
-    else:
-        write(dump([message_to_dict(agent.status) for agent in agents], ctx.fmt))
+    # Every agent's status: the API's list, as `agents list` gives it (-o json: ListAgentsResponse).
+    _emit_agents(ctx, _list_all(ctx))
     return 0
 
 
@@ -117,7 +142,7 @@ def _report(ctx: Context, response: _OperationResponse, requested_id: str, done:
     (else `unchanged`); both are formats with {id} and {pid}."""
     names = {"id": response.status.agent_id or requested_id, "pid": _pid(response.status)}
     line = done.format(**names) if response.changed else (response.message or unchanged.format(**names))
-    ctx.emit(response, line + "\n")
+    ctx.emit(response, line + "\n", [names["id"]])
     return 0
 
 
@@ -139,9 +164,10 @@ def _stop_wait(ctx: Context, agent_id: str) -> float | None:
 
 def agents_stop(ctx: Context, args: argparse.Namespace) -> int:
     request = agents_pb2.StopAgentRequest(agent_id=args.agent_id)
-    if args.stop_timeout is not None:
-        request.timeout.CopyFrom(args.stop_timeout)
-        extra: float | None = args.stop_timeout.ToNanoseconds() / 1e9
+    if args.grace is not None:
+        # --grace: SIGTERM, this long, then SIGKILL (instead of the agent's stop_timeout).
+        request.timeout.CopyFrom(args.grace)
+        extra: float | None = args.grace.ToNanoseconds() / 1e9
     else:
         extra = _stop_wait(ctx, args.agent_id)
     response = ctx.stub.StopAgent(request, timeout=ctx.longer(extra))
@@ -179,7 +205,7 @@ def agents_register(ctx: Context, args: argparse.Namespace) -> int:
     line = f"agent {agent.agent_id} registered"
     if args.start:
         line += f" and started{_pid(agent.status)}"
-    ctx.emit(agent, line + "\n")
+    ctx.emit(agent, line + "\n", [agent.agent_id])
     return 0
 
 
@@ -205,7 +231,7 @@ def agents_update(ctx: Context, args: argparse.Namespace) -> int:
     line = f"agent {agent.agent_id or args.agent_id} updated ({', '.join(paths)})"
     if agent.status.pid:
         line += "; it runs with the previous spec until restarted"
-    ctx.emit(agent, line + "\n")
+    ctx.emit(agent, line + "\n", [agent.agent_id or args.agent_id])
     return 0
 
 
@@ -218,7 +244,7 @@ def agents_delete(ctx: Context, args: argparse.Namespace) -> int:
         line = f"agent {agent_id} deleted"
     else:
         line = response.message or f"agent {agent_id} was already deleted"
-    ctx.emit(response, line + "\n")
+    ctx.emit(response, line + "\n", [agent_id])
     return 0
 
 
@@ -243,8 +269,13 @@ def _follow(stream: _Stream[M], render: Callable[[M], str]) -> int:
     return 0
 
 
-def _stream_render(ctx: Context, human: Callable[[M], str]) -> Callable[[M], str]:
-    if ctx.fmt == "table":
+def _stream_render(
+    ctx: Context, human: Callable[[M], str], name: Callable[[M], str] | None = None
+) -> Callable[[M], str]:
+    """Each streamed message as its own line (NDJSON) or YAML document, -o name's id, or human."""
+    if ctx.fmt == "name" and name is not None:
+        return lambda msg: name(msg) + "\n"
+    if ctx.human:
         return human
     return lambda msg: dump_item(message_to_dict(msg), ctx.fmt)
 
@@ -261,7 +292,9 @@ def _log_line(line: agents_pb2.LogLine, timestamps: bool = False) -> str:
 
 
 def agents_logs(ctx: Context, args: argparse.Namespace) -> int:
-    request = agents_pb2.GetAgentLogsRequest(agent_id=args.agent_id, tail_lines=args.tail, follow=args.follow)
+    request = agents_pb2.GetAgentLogsRequest(agent_id=args.agent_id, follow=args.follow)
+    if args.tail is not None:
+        request.tail_lines = args.tail
     stream = ctx.stub.GetAgentLogs(request, timeout=None if args.follow else ctx.timeout)
     timestamps = bool(args.timestamps)
     return _follow(stream, _stream_render(ctx, lambda line: _log_line(line, timestamps)))
@@ -273,12 +306,15 @@ def agents_watch(ctx: Context, args: argparse.Namespace) -> int:
     for agent_id in args.agent_ids:
         ctx.stub.GetAgentStatus(agents_pb2.GetAgentStatusRequest(agent_id=agent_id), timeout=ctx.timeout)
     request = agents_pb2.WatchEventsRequest(agent_ids=args.agent_ids, initial_states=True)
-    return _follow(ctx.stub.WatchEvents(request), _stream_render(ctx, views.event_line))
+    render = _stream_render(ctx, views.event_line, lambda event: event.agent_id)
+    return _follow(ctx.stub.WatchEvents(request), render)
 
 
 def agents_discover(ctx: Context, args: argparse.Namespace) -> int:
     response = ctx.stub.DiscoverAgents(agents_pb2.DiscoverAgentsRequest(), timeout=ctx.timeout)
-    ctx.emit(response, views.discover_view(response))
+    ctx.emit(
+        response, views.discover_view(response, ctx.style), [found.agent_id for found in response.agents]
+    )
     return 0
 
 
@@ -286,7 +322,7 @@ def agents_metrics(ctx: Context, args: argparse.Namespace) -> int:
     metrics = ctx.stub.GetAgentMetrics(
         agents_pb2.GetAgentMetricsRequest(agent_id=args.agent_id), timeout=ctx.timeout
     )
-    ctx.emit(metrics, views.metrics_view(metrics))
+    ctx.emit(metrics, views.metrics_view(metrics), [metrics.agent_id or args.agent_id])
     return 0
 
 
@@ -305,12 +341,13 @@ def agents_command(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError(str(err)) from None
     request = agents_pb2.SendCommandRequest(agent_id=args.agent_id, command=args.command, params=params)
     extra = None
-    if args.command_timeout is not None:
-        request.timeout.CopyFrom(args.command_timeout)
-        extra = args.command_timeout.ToNanoseconds() / 1e9
+    if args.reply_timeout is not None:
+        # How long the daemon waits for the agent's answer; the call's deadline covers it too.
+        request.timeout.CopyFrom(args.reply_timeout)
+        extra = args.reply_timeout.ToNanoseconds() / 1e9
     response = ctx.stub.SendCommand(request, timeout=ctx.longer(extra))
     failed = response.status == "error" or bool(response.error)
-    if ctx.fmt != "table":
+    if not ctx.human:
         write(dump(message_to_dict(response), ctx.fmt))
     elif failed:
         print(
@@ -318,7 +355,7 @@ def agents_command(ctx: Context, args: argparse.Namespace) -> int:
             file=sys.stderr,
         )
     else:
-        result = message_to_dict(response.result) if response.HasField("result") else None
+        result = json_format.MessageToDict(response.result) if response.HasField("result") else None
         write(_result_text(result) or f"{response.status or 'ok'}\n")
     return 1 if failed else 0
 

@@ -1,128 +1,231 @@
-"""Where opmasd listens, and the gRPC channel to it."""
+"""Finding opmasd, and the gRPC channel to it.
+
+--server, else $OPMAS_SERVER: that address and only it. Otherwise the places a local daemon may
+listen, in this order: what its configuration names (daemon_config: $OPMAS_CONFIG, else
+/etc/opmas/opmasd.yaml), the default socket of a daemon run by this user (opmas.local), the
+shipped unit's /run/opmas/opmasd.sock, then 127.0.0.1:50051. The first that takes a connection
+is used; when none does, NoDaemon tells each place tried and why it failed.
+"""
 
 from __future__ import annotations
 
 import os
-import socket
-from collections.abc import Mapping
+import ssl
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from types import TracebackType
 
 import grpc
 
-from opmas.local import DEFAULT_TCP_ADDRESS, default_socket_path
+from opmas.local import DEFAULT_TCP_ADDRESS, SOCKET_NAME, SYSTEM_RUNTIME_DIR, default_socket_path
 from opmas.v1 import agents_pb2_grpc
+from opmasctl.daemon_config import ConfigProblem, read_daemon_config
+from opmasctl.endpoints import Endpoint, can_probe, parse_server, probe, tcp_endpoint, unix_endpoint
+
+__all__ = [
+    "Candidate",
+    "Connection",
+    "Endpoint",
+    "NoDaemon",
+    "Search",
+    "find_daemon",
+    "parse_server",
+    "probe",
+    "resolve_endpoint",
+]
+
+# After the configuration and the user's default socket: the shipped unit's socket, the default
+# TCP listener.
+FALLBACKS: tuple[tuple[Endpoint, str], ...] = (
+    (unix_endpoint(str(SYSTEM_RUNTIME_DIR / SOCKET_NAME)), "the system daemon's socket"),
+    (tcp_endpoint(DEFAULT_TCP_ADDRESS), "the default address"),
+)
+# grpc core's words for a connection that failed or broke (not a server's answer).
+_TRANSPORT_WORDS = (
+    "failed to connect to all addresses",
+    "errors resolving",
+    "DNS resolution failed",
+    "Socket closed",
+    "Connection reset",
+)
+# How to get a daemon to talk to, for the message that none answered.
+START_HINT = (
+    "start it: `make run` in a checkout, or `systemctl start opmasd`; "
+    "or point --server (or $OPMAS_SERVER) at a running one"
+)
 
 
 @dataclass(frozen=True)
-class Endpoint:
-    """A resolved server address: `target` is what grpc dials, `display` what error messages show."""
+class Candidate:
+    """A place opmasd may listen, and why opmasctl looks there."""
 
-    target: str
-    display: str
-    is_unix: bool
+    endpoint: Endpoint
+    origin: str
 
 
-def parse_server(server: str) -> Endpoint:
-    """An explicit --server / OPMAS_SERVER value: a unix socket path or URI, or host:port."""
-    value = server.strip()
-    if not value:
-        raise ValueError("the server address is empty")
-    if value.startswith("unix://"):
-        path = value[len("unix://") :]
-        if not path.startswith("/"):
-            raise ValueError(f"{server!r}: unix:// needs an absolute path (unix:///path/to/opmasd.sock)")
-        return _unix(path)
-    if value.startswith("unix:"):
-        return _unix(os.path.abspath(value[len("unix:") :]))
-    if value.startswith(("unix-abstract:", "dns:", "ipv4:", "ipv6:")):
-        # Already a grpc target URI: hand it over untouched.
-        return Endpoint(target=value, display=value, is_unix=value.startswith("unix-abstract:"))
-    if "/" in value or value.endswith(".sock"):
-        return _unix(os.path.abspath(os.path.expanduser(value)))
-    if ":" not in value:
-        raise ValueError(f"{server!r} is neither a socket path nor host:port")
-    return Endpoint(target=value, display=value, is_unix=False)
+@dataclass(frozen=True)
+class Search:
+    candidates: tuple[Candidate, ...]
+    # Named by --server or $OPMAS_SERVER: dialled as it is, never probed first.
+    explicit: bool
+    problem: ConfigProblem | None = None
+
+
+class NoDaemon(Exception):
+    """No place tried took a connection; `attempts` are (place, why) in the order tried."""
+
+    def __init__(self, attempts: list[tuple[Candidate, str]], problem: ConfigProblem | None = None) -> None:
+        super().__init__("cannot reach opmasd")
+        self.attempts = attempts
+        self.problem = problem
+
+    def report(self) -> str:
+        """The lines for stderr: where it looked, why each failed, how to start a daemon."""
+        if len(self.attempts) == 1:
+            candidate, reason = self.attempts[0]
+            lines = [f"error: cannot reach opmasd at {candidate.endpoint.display}: {reason}"]
+        else:
+            lines = ["error: cannot reach opmasd; tried, in order:"]
+            lines += [
+                f"  {candidate.endpoint.display} ({candidate.origin}): {reason}"
+                for candidate, reason in self.attempts
+            ]
+        if self.problem is not None:
+            lines.append(f"  (not used: {self.problem})")
+        lines.append(f"  {START_HINT}")
+        return "\n".join(lines) + "\n"
+
+
+def find_daemon(server: str | None, env: Mapping[str, str] | None = None, euid: int | None = None) -> Search:
+    """Where to look for opmasd. ValueError: --server or $OPMAS_SERVER is not an address."""
+    env = os.environ if env is None else env
+    if server:
+        return Search((Candidate(parse_server(server), "--server"),), explicit=True)
+    if env.get("OPMAS_SERVER"):
+        return Search((Candidate(parse_server(env["OPMAS_SERVER"]), "$OPMAS_SERVER"),), explicit=True)
+    config = read_daemon_config(env)
+    candidates = [Candidate(listener.endpoint, listener.origin) for listener in config.listeners]
+    # Where a daemon run by this user in this environment binds (opmas.local, the daemon's rule).
+    candidates.append(Candidate(unix_endpoint(str(default_socket_path(env, euid))), "the default socket"))
+    candidates += [Candidate(endpoint, origin) for endpoint, origin in FALLBACKS]
+    unique = {candidate.endpoint.target: candidate for candidate in reversed(candidates)}
+    ordered = tuple(c for c in candidates if unique[c.endpoint.target] is c)
+    return Search(ordered, explicit=False, problem=config.problem)
+
+
+def choose(search: Search) -> Candidate:
+    """The first place that takes a connection (an explicit one without trying). NoDaemon: none."""
+    if search.explicit:
+        return search.candidates[0]
+    failures: list[tuple[Candidate, str]] = []
+    for candidate in search.candidates:
+        reason = probe(candidate.endpoint)
+        if reason is None:
+            return candidate
+        failures.append((candidate, reason))
+    raise NoDaemon(failures, search.problem)
 
 
 def resolve_endpoint(
-    server: str | None,
-    env: Mapping[str, str] | None = None,
-    euid: int | None = None,
+    server: str | None, env: Mapping[str, str] | None = None, euid: int | None = None
 ) -> Endpoint:
-    """--server, else $OPMAS_SERVER, else the daemon's default socket if it exists, else TCP."""
-    env = os.environ if env is None else env
-    if server:
-        return parse_server(server)
-    if env.get("OPMAS_SERVER"):
-        return parse_server(env["OPMAS_SERVER"])
-    # Where a daemon run by this user in this environment binds (opmas.local, the daemon's rule).
-    path = str(default_socket_path(env, euid))
-    # os.path.exists, not Path.exists: a directory this user may not search must mean
-    # "not there", not a PermissionError.
-    if os.path.exists(path):
-        return _unix(path)
-    return Endpoint(target=DEFAULT_TCP_ADDRESS, display=DEFAULT_TCP_ADDRESS, is_unix=False)
-
-
-def _unix(path: str) -> Endpoint:
-    return Endpoint(target=f"unix:{path}", display=path, is_unix=True)
-
-
-def probe(endpoint: Endpoint, timeout: float = 2.0) -> bool | None:
-    """Whether a plain socket connect to the endpoint succeeds; None when it cannot be tried
-    (a grpc target URI such as dns:///...)."""
+    """The endpoint to dial, for callers that handle an unreachable daemon themselves: the
+    first place that answers, else the last one tried."""
+    search = find_daemon(server, env, euid)
     try:
-        if endpoint.is_unix:
-            name = endpoint.target.split(":", 1)[1]
-            if endpoint.target.startswith("unix-abstract:"):
-                name = "\0" + name
-            with socket.socket(socket.AF_UNIX, socket.SOCK_STREAM) as sock:
-                sock.settimeout(timeout)
-                sock.connect(name)
-            return True
-        host, sep, port = endpoint.target.rpartition(":")
-        if not sep or not port.isdigit() or "/" in host:
-            return None
-        with socket.create_connection((host.strip("[]"), int(port)), timeout=timeout):
-            return True
-    except OSError:
-        return False
+        return choose(search).endpoint
+    except NoDaemon:
+        return search.candidates[-1].endpoint
+
+
+def _system_roots() -> bytes | None:
+    """The system's CA certificates (as ssl finds them, $SSL_CERT_FILE included); None lets
+    grpc use the roots it ships."""
+    paths = ssl.get_default_verify_paths()
+    for path in (paths.cafile, paths.openssl_cafile):
+        if path and os.path.isfile(path):
+            try:
+                with open(path, "rb") as file:
+                    return file.read()
+            except OSError:
+                continue
+    return None
+
+
+def open_channel(endpoint: Endpoint) -> grpc.Channel:
+    # A fleet-wide list can outgrow the 4 MiB default.
+    options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
+    if endpoint.secure:
+        credentials = grpc.ssl_channel_credentials(root_certificates=_system_roots())
+        return grpc.secure_channel(endpoint.target, credentials, options=options)
+    return grpc.insecure_channel(endpoint.target, options=options)
 
 
 class Connection:
-    """A channel plus the AgentService stub."""
+    """The AgentService stub on a channel to the daemon, opened at first use: a command refused
+    for its arguments never looks for a daemon."""
 
-    def __init__(self, endpoint: Endpoint) -> None:
-        self.endpoint = endpoint
-        self.channel = grpc.insecure_channel(
-            endpoint.target,
-            options=[
-                # A fleet-wide list can outgrow the 4 MiB default.
-                ("grpc.max_receive_message_length", 64 * 1024 * 1024),
-            ],
-        )
-        self.stub = agents_pb2_grpc.AgentServiceStub(self.channel)
+    def __init__(
+        self, where: Endpoint | Search, on_problem: Callable[[ConfigProblem], None] | None = None
+    ) -> None:
+        if isinstance(where, Endpoint):
+            where = Search((Candidate(where, "--server"),), explicit=True)
+        self.search = where
+        self._on_problem = on_problem
+        self._chosen: Candidate | None = None
+        self._channel: grpc.Channel | None = None
+        self._stub: agents_pb2_grpc.AgentServiceStub | None = None
 
-    def is_connect_failure(self, err: grpc.RpcError) -> bool:
-        """Whether an error means the daemon could not be reached, rather than an answer from it.
+    @property
+    def chosen(self) -> Candidate:
+        """The place dialled; NoDaemon when the search finds none."""
+        if self._chosen is None:
+            problem = self.search.problem
+            if problem is not None and problem.loud and self._on_problem is not None:
+                self._on_problem(problem)
+            self._chosen = choose(self.search)
+        return self._chosen
 
-        grpc gives both the same code (UNAVAILABLE) and no reliable mark of who said it; a
-        server's own message may well read "failed to connect to NATS". So, on this error path
-        only, try a plain connect. (Watching the channel's connectivity instead needs grpc's
-        polling thread, which raises into stderr when the channel closes under it.)
+    @property
+    def endpoint(self) -> Endpoint:
+        return self.chosen.endpoint
+
+    @property
+    def stub(self) -> agents_pb2_grpc.AgentServiceStub:
+        if self._stub is None:
+            self._channel = open_channel(self.endpoint)
+            self._stub = agents_pb2_grpc.AgentServiceStub(self._channel)
+        return self._stub
+
+    def unreachable(self, err: grpc.RpcError) -> NoDaemon | None:
+        """The daemon could not be reached (rather than answered with an error), and why.
+
+        grpc gives both the same code (UNAVAILABLE, or DEADLINE_EXCEEDED while connecting) and
+        no mark of who said it. So an error counts as "not reached" only when its words are
+        grpc's own for a failed or lost connection (a server's message such as "opmasd is
+        shutting down" or "failed to connect to NATS" is its answer, reported as such), and a
+        plain connect, tried on this error path only, fails too. (Watching the channel's
+        connectivity instead needs grpc's polling thread, which raises into stderr when the
+        channel closes under it.)
         """
-        if not isinstance(err, grpc.Call) or err.code() != grpc.StatusCode.UNAVAILABLE:
-            return False
-        reachable = probe(self.endpoint)
-        if reachable is None:
-            # grpc core's own wording for "no connection"; only used when no probe is possible.
-            details = err.details() or ""
-            return details.startswith(("failed to connect to all addresses", "errors resolving", "DNS"))
-        return not reachable
+        if self._chosen is None or not isinstance(err, grpc.Call):
+            return None
+        code, details = err.code(), err.details() or ""
+        if code == grpc.StatusCode.UNAVAILABLE:
+            if details and not any(words in details for words in _TRANSPORT_WORDS):
+                return None
+        elif code != grpc.StatusCode.DEADLINE_EXCEEDED:
+            return None
+        endpoint = self._chosen.endpoint
+        if can_probe(endpoint):
+            reason = probe(endpoint)
+        else:
+            reason = details if code == grpc.StatusCode.UNAVAILABLE else None
+        return NoDaemon([(self._chosen, reason)]) if reason is not None else None
 
     def close(self) -> None:
-        self.channel.close()
+        if self._channel is not None:
+            self._channel.close()
 
     def __enter__(self) -> Connection:
         return self

@@ -1,4 +1,4 @@
-"""Generic rendering: tables, key/value views, JSON and YAML, human durations and sizes."""
+"""Generic rendering: key/value views, JSON and YAML, human durations and sizes (tables: tables.py)."""
 
 from __future__ import annotations
 
@@ -9,20 +9,21 @@ from datetime import UTC, datetime
 from typing import Any
 
 import yaml
-from google.protobuf import duration_pb2, json_format, message, timestamp_pb2
+from google.protobuf import duration_pb2, message, timestamp_pb2
 
-FORMATS = ("table", "json", "yaml")
+from opmas.jsonmap import message_json
+
+# table and wide are for people (wide: more columns); json and yaml are the REST API's
+# documents; name is one agent id a line, for the next command.
+FORMATS = ("table", "wide", "json", "yaml", "name")
+HUMAN_FORMATS = ("table", "wide")
 EMPTY = "-"
 
 
 def message_to_dict(msg: message.Message) -> Any:
-    """The proto3 JSON mapping with the .proto field names and every field present, so scripts
-    see the same keys whether or not a value happens to be its default."""
-    return json_format.MessageToDict(
-        msg,
-        preserving_proto_field_name=True,
-        always_print_fields_with_no_presence=True,
-    )
+    """The message as the REST API writes it (opmas.jsonmap): lowerCamelCase names, enum names,
+    every field present, so `-o json` and curl give a script the same document."""
+    return message_json(msg)
 
 
 def plain_numbers(value: Any) -> Any:
@@ -56,19 +57,6 @@ def write(text: str) -> None:
     # Flushed at once: streamed logs and events must show up while the command still runs.
     sys.stdout.write(text)
     sys.stdout.flush()
-
-
-def table(headers: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    """Columns padded to their widest cell, two spaces apart; the last column is not padded."""
-    widths = [len(h) for h in headers]
-    for row in rows:
-        for index, cell in enumerate(row):
-            widths[index] = max(widths[index], len(cell))
-    lines = []
-    for row in [list(headers), *rows]:
-        cells = [cell.ljust(widths[i]) for i, cell in enumerate(row[:-1])]
-        lines.append("  ".join([*cells, row[-1]]).rstrip())
-    return "\n".join(lines) + "\n"
 
 
 def key_values(pairs: Sequence[tuple[str, str]]) -> str:

@@ -60,6 +60,11 @@ def parse_env(pairs: Iterable[str]) -> dict[str, str]:
     return env
 
 
+def parse_labels(pairs: Iterable[str]) -> dict[str, str]:
+    """--label KEY=VALUE pairs; their grammar is the daemon's to check (it names the bad one)."""
+    return dict(split_pair(pair, "--label") for pair in pairs)
+
+
 def parse_params(pairs: Iterable[str]) -> struct_pb2.Struct:
     """--param k=v pairs into a Struct: a value that parses as JSON is taken as JSON (42, true,
     [1,2], {"a":1}), anything else as a plain string, so `--param host=r1` needs no quoting."""

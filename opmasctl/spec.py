@@ -14,6 +14,7 @@ from opmasctl.parsing import (
     enum_choices,
     parse_duration,
     parse_env,
+    parse_labels,
     parse_size,
 )
 
@@ -71,6 +72,28 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None
         )
         group.add_argument(
             "--clear-env", dest="spec_clear_env", action="store_true", help="remove every variable"
+        )
+    group.add_argument(
+        "--label",
+        dest="spec_label",
+        action="append",
+        metavar="KEY=VALUE",
+        help="label, for selectors such as -l KEY=VALUE (repeatable)"
+        + ("; adds or overrides it, the others are kept" if update else ""),
+    )
+    if update:
+        group.add_argument(
+            "--unset-label",
+            dest="spec_unset_label",
+            action="append",
+            metavar="KEY",
+            help="remove this label (repeatable)",
+        )
+        group.add_argument(
+            "--replace-labels",
+            dest="spec_replace_labels",
+            action="store_true",
+            help="the --label given become all the labels (alone: remove every label)",
         )
     group.add_argument("--restart-policy", dest="spec_restart_policy", choices=sorted(RESTART_POLICIES))
     for field, help_text in DURATION_FIELDS.items():
@@ -154,6 +177,17 @@ def build_spec(
         paths.append("environment")
     elif replacing or given("spec_unset_env"):
         paths.append("environment")
+    replacing_labels = getattr(args, "spec_replace_labels", False)
+    if replacing_labels and given("spec_unset_label"):
+        raise SpecError("--unset-label has nothing to remove from labels that are replaced")
+    if given("spec_label"):
+        try:
+            spec.labels.update(parse_labels(args.spec_label))
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+        paths.append("labels")
+    elif replacing_labels or given("spec_unset_label"):
+        paths.append("labels")
     if given("spec_restart_policy"):
         spec.restart_policy = RESTART_POLICIES[args.spec_restart_policy]
         paths.append("restart_policy")
@@ -196,6 +230,16 @@ def environment_patch(args: argparse.Namespace) -> tuple[dict[str, str], list[st
     if replacing or not (sets or unsets):
         return None
     return parse_env(sets), list(unsets)
+
+
+def labels_patch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]] | None:
+    """For `update`: the labels to set and to remove when they are edited rather than replaced
+    (None: replaced, or not touched); merged by the caller into the agent's current labels."""
+    sets = getattr(args, "spec_label", None) or []
+    unsets = getattr(args, "spec_unset_label", None) or []
+    if getattr(args, "spec_replace_labels", False) or not (sets or unsets):
+        return None
+    return parse_labels(sets), list(unsets)
 
 
 def _command(flag: str | None, after_dashes: list[str]) -> list[str] | None:

@@ -5,10 +5,10 @@ from __future__ import annotations
 import json
 import shlex
 import signal
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from datetime import UTC, datetime
 
-from google.protobuf import message, struct_pb2
+from google.protobuf import json_format, message, struct_pb2
 
 from opmas.v1 import agents_pb2
 from opmasctl.output import (
@@ -19,13 +19,11 @@ from opmasctl.output import (
     human_bytes,
     human_duration,
     key_values,
-    message_to_dict,
     plain_numbers,
-    table,
     timestamp_text,
 )
+from opmasctl.tables import CYAN, GREEN, PLAIN, RED, YELLOW, TableStyle, render
 
-AGENT_HEADERS = ("ID", "NAME", "TYPE", "STATE", "DESIRED", "PID", "UPTIME", "RESTARTS", "LAST EXIT")
 _LIVE_STATES = {
     agents_pb2.AGENT_STATE_STARTING,
     agents_pb2.AGENT_STATE_RUNNING,
@@ -102,25 +100,68 @@ def last_exit_long(status: agents_pb2.AgentStatus) -> str:
     return text
 
 
-def agent_row(agent: agents_pb2.Agent) -> list[str]:
-    status = agent.status
-    return [
-        agent.agent_id,
-        _text(agent.spec.name),
-        _text(agent.spec.type),
-        state_text(status.state),
-        desired_text(status.desired_state),
-        _number(status.pid),
-        uptime_text(status),
-        str(status.restart_count),
-        last_exit_short(status),
-    ]
+def heartbeat_age(status: agents_pb2.AgentStatus, now: datetime | None = None) -> str:
+    """How long ago the last heartbeat came, e.g. 12s; - when none came."""
+    if not status.HasField("last_heartbeat_time"):
+        return EMPTY
+    now = now or datetime.now(UTC)
+    seconds = (now - status.last_heartbeat_time.ToDatetime(tzinfo=UTC)).total_seconds()
+    return human_duration(max(int(seconds), 0))
 
 
-def agents_table(agents: Sequence[agents_pb2.Agent]) -> str:
+Column = tuple[str, Callable[[agents_pb2.Agent], str]]
+# Free text, cut first (or alone) to fit a terminal; the id and status columns stay whole.
+ELASTIC = frozenset({"NAME", "TYPE", "LAST EXIT", "NODE", "COMMAND"})
+# The agent table. NAME is left to -o wide: it is the id unless set apart on purpose, so in the
+# default table it mostly repeated the ID column.
+AGENT_COLUMNS: tuple[Column, ...] = (
+    ("ID", lambda agent: agent.agent_id),
+    ("TYPE", lambda agent: _text(agent.spec.type)),
+    ("STATE", lambda agent: state_text(agent.status.state)),
+    ("DESIRED", lambda agent: desired_text(agent.status.desired_state)),
+    ("PID", lambda agent: _number(agent.status.pid)),
+    ("UPTIME", lambda agent: uptime_text(agent.status)),
+    ("RESTARTS", lambda agent: str(agent.status.restart_count)),
+    ("LAST EXIT", lambda agent: last_exit_short(agent.status)),
+)
+# -o wide: NAME after ID, then these after the default columns.
+NAME_COLUMN: Column = ("NAME", lambda agent: _text(agent.spec.name))
+WIDE_COLUMNS: tuple[Column, ...] = (
+    ("NODE", lambda agent: _text(agent.status.node or agent.node)),
+    ("RUNTIME", lambda agent: runtime_text(agent.status.runtime or agent.spec.runtime)),
+    ("LAST HEARTBEAT", lambda agent: heartbeat_age(agent.status)),
+    ("COMMAND", lambda agent: shlex.join(agent.spec.command) if agent.spec.command else EMPTY),
+)
+STATE_COLOURS = {
+    "running": GREEN,
+    "starting": CYAN,
+    "stopping": CYAN,
+    "backoff": YELLOW,
+    "inactive": YELLOW,
+    "error": RED,
+}
+
+
+def agent_columns(wide: bool = False) -> tuple[Column, ...]:
+    if not wide:
+        return AGENT_COLUMNS
+    return (AGENT_COLUMNS[0], NAME_COLUMN, *AGENT_COLUMNS[1:], *WIDE_COLUMNS)
+
+
+def agent_row(agent: agents_pb2.Agent, wide: bool = False) -> list[str]:
+    return [cell(agent) for _, cell in agent_columns(wide)]
+
+
+def agents_table(agents: Sequence[agents_pb2.Agent], style: TableStyle = PLAIN) -> str:
+    """The table of agents; empty when there are none (the caller says so on stderr)."""
     if not agents:
-        return "no agents\n"
-    return table(AGENT_HEADERS, [agent_row(agent) for agent in agents])
+        return ""
+    columns = agent_columns(style.wide)
+    headers = [header for header, _ in columns]
+    state = headers.index("STATE")
+    rows = [[cell(agent) for _, cell in columns] for agent in agents]
+    elastic = [index for index, header in enumerate(headers) if header in ELASTIC]
+    return render(headers, rows, style, colours={state: STATE_COLOURS}, elastic=elastic)
 
 
 def _time(msg: message.Message, field: str) -> str:
@@ -199,7 +240,7 @@ def status_view(status: agents_pb2.AgentStatus) -> str:
 
 
 def _struct_lines(struct: struct_pb2.Struct) -> str:
-    data = plain_numbers(message_to_dict(struct))
+    data = plain_numbers(json_format.MessageToDict(struct))
     return "\n".join(f"{key}={json.dumps(data[key])}" for key in sorted(data)) or EMPTY
 
 
@@ -219,21 +260,23 @@ def metrics_view(metrics: agents_pb2.AgentMetrics) -> str:
     )
 
 
-def discover_view(response: agents_pb2.DiscoverAgentsResponse) -> str:
+def discover_view(response: agents_pb2.DiscoverAgentsResponse, style: TableStyle = PLAIN) -> str:
     if response.agents:
-        text = table(
+        text = render(
             ("ID", "NAME", "NEW", "MANIFEST"),
             [
                 [found.agent_id, _text(found.name), "yes" if found.new else "no", _text(found.manifest_path)]
                 for found in response.agents
             ],
+            style,
         )
     else:
         text = "no agents found\n"
     if response.errors:
-        text += "\n" + table(
+        text += "\n" + render(
             ("MANIFEST", "ERROR"),
             [[error.manifest_path, error.message] for error in response.errors],
+            style,
         )
     return text
 

@@ -15,7 +15,8 @@ from opmasd.config import ConfigError, load_config
 from opmasd.logging import configure_logging
 
 
-def parse_args(argv: list[str] | None) -> argparse.Namespace:
+def build_parser() -> argparse.ArgumentParser:
+    """The daemon's command line (also the source of its man page, scripts/gen_man.py)."""
     parser = argparse.ArgumentParser(prog="opmasd", description="OPMAS agent manager daemon")
     parser.add_argument(
         "--config",
@@ -25,7 +26,11 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     )
     parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
     parser.add_argument("--version", action="version", version=f"opmasd {__version__}")
-    return parser.parse_args(argv)
+    return parser
+
+
+def parse_args(argv: list[str] | None) -> argparse.Namespace:
+    return build_parser().parse_args(argv)
 
 
 def main(argv: list[str] | None = None) -> None:

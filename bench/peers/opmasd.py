@@ -186,12 +186,11 @@ class OpmasdDriver(Driver):
     def request_stop_all(self) -> None:
         assert self.fleet is not None
         self._stopped_by_api = True
-        calls = [
-            self.stub.StopAgent.future(pb.StopAgentRequest(agent_id=name), timeout=300)
-            for name in self.fleet.names()
-        ]
-        for call in calls:
-            call.result()
+        # The bulk operation: one request, answered when every agent's processes are gone.
+        reply = self.stub.StopAgents(pb.StopAgentsRequest(all=True), timeout=300)
+        failed = [r for r in reply.results if r.code != 0]
+        if failed or len(reply.results) < self.fleet.n:
+            raise RuntimeError(f"StopAgents: {len(reply.results)} results, failed: {failed[:3]}")
 
     def start_stop(self, name: str) -> float:
         self.stub.StartAgent(pb.StartAgentRequest(agent_id=name), timeout=30)

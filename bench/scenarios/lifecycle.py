@@ -52,11 +52,15 @@ def spawn(ctx: Context) -> None:
 
 def stop_all(ctx: Context) -> None:
     """5. Stop all N agents (each with a child) through the API; until every process is gone."""
-    n = ctx.sizes.stop_all
+    for n in ctx.sizes.stop_all:
+        _stop_all(ctx, n)
+
+
+def _stop_all(ctx: Context, n: int) -> None:
     ctx.rec.note(
         "5.stop_all",
-        f"N={n} agents, each `sh -c 'sleep & exec sleep'` (2 processes); opmasd: N concurrent StopAgent "
-        "calls, supervisord: stopAllProcesses(wait), circus: stop (all watchers, waiting); every process "
+        f"N={n} agents, each `sh -c 'sleep & exec sleep'` (2 processes); opmasd: one StopAgents(all) "
+        "call, supervisord: stopAllProcesses(wait), circus: stop (all watchers, waiting); every process "
         "is watched through a pidfd: 'all gone' is the last exit, 'per process' each one's exit after the "
         "request; processes alive 5 s after the API reported all stopped count as left",
     )

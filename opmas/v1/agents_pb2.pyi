@@ -14,6 +14,7 @@ from google.protobuf import struct_pb2 as _struct_pb2
 from google.protobuf import timestamp_pb2 as _timestamp_pb2
 from google.protobuf.internal import containers as _containers
 from google.protobuf.internal import enum_type_wrapper as _enum_type_wrapper
+from google.rpc import code_pb2 as _code_pb2
 import builtins as _builtins
 import sys
 import typing as _typing
@@ -263,6 +264,26 @@ class AgentSpec(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class LabelsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     NAME_FIELD_NUMBER: _builtins.int
     TYPE_FIELD_NUMBER: _builtins.int
     VERSION_FIELD_NUMBER: _builtins.int
@@ -278,6 +299,7 @@ class AgentSpec(_message.Message):
     AUTOSTART_FIELD_NUMBER: _builtins.int
     RESTART_ON_INACTIVE_FIELD_NUMBER: _builtins.int
     START_SECONDS_FIELD_NUMBER: _builtins.int
+    LABELS_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name, 1-128 characters without control characters. Required. When no
     agent_id is given, the id is derived from it (lower-cased, other characters as '-').
@@ -337,6 +359,14 @@ class AgentSpec(_message.Message):
         and 3600s; 0: running at once. Unset: 1s.
         """
 
+    @_builtins.property
+    def labels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Labels that group agents, for label selectors (ListAgents, StartAgents, ...). At most 64.
+        Kubernetes' grammar: a key is an optional DNS-subdomain prefix and '/', then a name of
+        1-63 characters of letters, digits, '-', '_' and '.', beginning and ending with a letter or
+        digit; a value is empty or follows the same rule as a name.
+        """
+
     def __init__(
         self,
         *,
@@ -355,10 +385,11 @@ class AgentSpec(_message.Message):
         autostart: _builtins.bool = ...,
         restart_on_inactive: _builtins.bool = ...,
         start_seconds: _duration_pb2.Duration | None = ...,
+        labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "resources", b"resources", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autostart", b"autostart", "command", b"command", "description", b"description", "environment", b"environment", "heartbeat_interval", b"heartbeat_interval", "name", b"name", "resources", b"resources", "restart_on_inactive", b"restart_on_inactive", "restart_policy", b"restart_policy", "runtime", b"runtime", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout", "type", b"type", "version", b"version", "working_directory", b"working_directory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autostart", b"autostart", "command", b"command", "description", b"description", "environment", b"environment", "heartbeat_interval", b"heartbeat_interval", "labels", b"labels", "name", b"name", "resources", b"resources", "restart_on_inactive", b"restart_on_inactive", "restart_policy", b"restart_policy", "runtime", b"runtime", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout", "type", b"type", "version", b"version", "working_directory", b"working_directory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -559,6 +590,7 @@ class ListAgentsRequest(_message.Message):
     NODE_FIELD_NUMBER: _builtins.int
     PAGE_SIZE_FIELD_NUMBER: _builtins.int
     PAGE_TOKEN_FIELD_NUMBER: _builtins.int
+    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
     state: Global___AgentState.ValueType
     """Only agents in this state; AGENT_STATE_UNSPECIFIED: any."""
     type: _builtins.str
@@ -571,6 +603,12 @@ class ListAgentsRequest(_message.Message):
     """The next_page_token of the previous page; empty for the first page. INVALID_ARGUMENT when
     it is not a token this server issued.
     """
+    label_selector: _builtins.str
+    """Only agents whose labels match this selector (Kubernetes' syntax): comma-separated
+    requirements that must all hold, each one of key=value (or key==value), key!=value,
+    key in (v1,v2), key notin (v1,v2), key (the label is present) and !key (it is absent).
+    key!=value and notin also match an agent without the label. At most 4096 characters.
+    """
     def __init__(
         self,
         *,
@@ -579,10 +617,11 @@ class ListAgentsRequest(_message.Message):
         node: _builtins.str = ...,
         page_size: _builtins.int = ...,
         page_token: _builtins.str = ...,
+        label_selector: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["node", b"node", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "type", b"type"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["label_selector", b"label_selector", "node", b"node", "page_size", b"page_size", "page_token", b"page_token", "state", b"state", "type", b"type"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1062,26 +1101,35 @@ class GetAgentLogsRequest(_message.Message):
     AGENT_ID_FIELD_NUMBER: _builtins.int
     TAIL_LINES_FIELD_NUMBER: _builtins.int
     FOLLOW_FIELD_NUMBER: _builtins.int
+    SINCE_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent's id."""
     tail_lines: _builtins.int
-    """Lines from the end of the log; 0 means the default (100).
-    At most 100000 (larger values are capped); not negative.
+    """How many lines from the end of the log: 0 means none (with follow: only new lines).
+    Unset: 100, or with since every line since then. At most 100000 (larger values are
+    capped); not negative.
     """
     follow: _builtins.bool
     """After the tail, keep the stream open and send new lines as the agent writes them."""
+    @_builtins.property
+    def since(self) -> _timestamp_pb2.Timestamp:
+        """Only lines stored at or after this time (lines whose time was not recorded are left out)."""
+
     def __init__(
         self,
         *,
         agent_id: _builtins.str = ...,
-        tail_lines: _builtins.int = ...,
+        tail_lines: _builtins.int | None = ...,
         follow: _builtins.bool = ...,
+        since: _timestamp_pb2.Timestamp | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_tail_lines", b"_tail_lines", "since", b"since", "tail_lines", b"tail_lines"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "follow", b"follow", "tail_lines", b"tail_lines"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_tail_lines", b"_tail_lines", "agent_id", b"agent_id", "follow", b"follow", "since", b"since", "tail_lines", b"tail_lines"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__tail_lines: _TypeAlias = _typing.Literal["tail_lines"]  # noqa: Y015
+    _WhichOneofArgType__tail_lines: _TypeAlias = _typing.Literal["_tail_lines", b"_tail_lines"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__tail_lines) -> _WhichOneofReturnType__tail_lines | None: ...
 
 Global___GetAgentLogsRequest: _TypeAlias = GetAgentLogsRequest  # noqa: Y015
 
@@ -1204,6 +1252,222 @@ class AgentEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentEvent: _TypeAlias = AgentEvent  # noqa: Y015
+
+@_typing.final
+class StartAgentsRequest(_message.Message):
+    """Start several agents: set exactly one of agent_ids, label_selector and all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_IDS_FIELD_NUMBER: _builtins.int
+    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    label_selector: _builtins.str
+    """The agents of this node whose labels match (ListAgentsRequest.label_selector's syntax).
+    A selector that matches no agent is not an error: the results are empty.
+    """
+    all: _builtins.bool
+    """Every agent of this node."""
+    @_builtins.property
+    def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """These agents (each must follow the agent-id grammar; at most 10000)."""
+
+    def __init__(
+        self,
+        *,
+        agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        label_selector: _builtins.str = ...,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ids", b"agent_ids", "all", b"all", "label_selector", b"label_selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartAgentsRequest: _TypeAlias = StartAgentsRequest  # noqa: Y015
+
+@_typing.final
+class StopAgentsRequest(_message.Message):
+    """Stop several agents: set exactly one of agent_ids, label_selector and all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_IDS_FIELD_NUMBER: _builtins.int
+    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    TIMEOUT_FIELD_NUMBER: _builtins.int
+    label_selector: _builtins.str
+    """As in StartAgentsRequest."""
+    all: _builtins.bool
+    """As in StartAgentsRequest."""
+    @_builtins.property
+    def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in StartAgentsRequest."""
+
+    @_builtins.property
+    def timeout(self) -> _duration_pb2.Duration:
+        """The wait after SIGTERM before SIGKILL for every agent, instead of each one's stop_timeout."""
+
+    def __init__(
+        self,
+        *,
+        agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        label_selector: _builtins.str = ...,
+        all: _builtins.bool = ...,
+        timeout: _duration_pb2.Duration | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["timeout", b"timeout"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ids", b"agent_ids", "all", b"all", "label_selector", b"label_selector", "timeout", b"timeout"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopAgentsRequest: _TypeAlias = StopAgentsRequest  # noqa: Y015
+
+@_typing.final
+class RestartAgentsRequest(_message.Message):
+    """Restart several agents: set exactly one of agent_ids, label_selector and all."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_IDS_FIELD_NUMBER: _builtins.int
+    LABEL_SELECTOR_FIELD_NUMBER: _builtins.int
+    ALL_FIELD_NUMBER: _builtins.int
+    label_selector: _builtins.str
+    """As in StartAgentsRequest."""
+    all: _builtins.bool
+    """As in StartAgentsRequest."""
+    @_builtins.property
+    def agent_ids(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """As in StartAgentsRequest."""
+
+    def __init__(
+        self,
+        *,
+        agent_ids: _abc.Iterable[_builtins.str] | None = ...,
+        label_selector: _builtins.str = ...,
+        all: _builtins.bool = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_ids", b"agent_ids", "all", b"all", "label_selector", b"label_selector"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartAgentsRequest: _TypeAlias = RestartAgentsRequest  # noqa: Y015
+
+@_typing.final
+class AgentOperationResult(_message.Message):
+    """What a bulk operation did to one agent."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_ID_FIELD_NUMBER: _builtins.int
+    CODE_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    MESSAGE_FIELD_NUMBER: _builtins.int
+    STATUS_FIELD_NUMBER: _builtins.int
+    agent_id: _builtins.str
+    """The agent."""
+    code: _code_pb2.Code.ValueType
+    """OK when the operation succeeded (changed or not); else why it failed, with message."""
+    changed: _builtins.bool
+    """Whether the operation changed anything (false when the agent already was as asked)."""
+    message: _builtins.str
+    """What happened, for people: the single-agent operation's message or its error."""
+    @_builtins.property
+    def status(self) -> Global___AgentStatus:
+        """The agent's status afterwards; unset when the agent does not exist."""
+
+    def __init__(
+        self,
+        *,
+        agent_id: _builtins.str = ...,
+        code: _code_pb2.Code.ValueType = ...,
+        changed: _builtins.bool = ...,
+        message: _builtins.str = ...,
+        status: Global___AgentStatus | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "changed", b"changed", "code", b"code", "message", b"message", "status", b"status"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AgentOperationResult: _TypeAlias = AgentOperationResult  # noqa: Y015
+
+@_typing.final
+class StartAgentsResponse(_message.Message):
+    """The outcome of StartAgents, per agent, in agent_id order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentOperationResult]:
+        """One result per selected agent."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AgentOperationResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StartAgentsResponse: _TypeAlias = StartAgentsResponse  # noqa: Y015
+
+@_typing.final
+class StopAgentsResponse(_message.Message):
+    """The outcome of StopAgents, per agent, in agent_id order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentOperationResult]:
+        """One result per selected agent."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AgentOperationResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StopAgentsResponse: _TypeAlias = StopAgentsResponse  # noqa: Y015
+
+@_typing.final
+class RestartAgentsResponse(_message.Message):
+    """The outcome of RestartAgents, per agent, in agent_id order."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RESULTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def results(self) -> _containers.RepeatedCompositeFieldContainer[Global___AgentOperationResult]:
+        """One result per selected agent."""
+
+    def __init__(
+        self,
+        *,
+        results: _abc.Iterable[Global___AgentOperationResult] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["results", b"results"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RestartAgentsResponse: _TypeAlias = RestartAgentsResponse  # noqa: Y015
 
 @_typing.final
 class DiscoverAgentsRequest(_message.Message):

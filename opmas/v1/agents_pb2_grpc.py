@@ -82,6 +82,21 @@ class AgentServiceStub:
                 request_serializer=opmas_dot_v1_dot_agents__pb2.RestartAgentRequest.SerializeToString,
                 response_deserializer=opmas_dot_v1_dot_agents__pb2.RestartAgentResponse.FromString,
                 _registered_method=True)
+        self.StartAgents = channel.unary_unary(
+                '/opmas.v1.AgentService/StartAgents',
+                request_serializer=opmas_dot_v1_dot_agents__pb2.StartAgentsRequest.SerializeToString,
+                response_deserializer=opmas_dot_v1_dot_agents__pb2.StartAgentsResponse.FromString,
+                _registered_method=True)
+        self.StopAgents = channel.unary_unary(
+                '/opmas.v1.AgentService/StopAgents',
+                request_serializer=opmas_dot_v1_dot_agents__pb2.StopAgentsRequest.SerializeToString,
+                response_deserializer=opmas_dot_v1_dot_agents__pb2.StopAgentsResponse.FromString,
+                _registered_method=True)
+        self.RestartAgents = channel.unary_unary(
+                '/opmas.v1.AgentService/RestartAgents',
+                request_serializer=opmas_dot_v1_dot_agents__pb2.RestartAgentsRequest.SerializeToString,
+                response_deserializer=opmas_dot_v1_dot_agents__pb2.RestartAgentsResponse.FromString,
+                _registered_method=True)
         self.GetAgentStatus = channel.unary_unary(
                 '/opmas.v1.AgentService/GetAgentStatus',
                 request_serializer=opmas_dot_v1_dot_agents__pb2.GetAgentStatusRequest.SerializeToString,
@@ -126,7 +141,7 @@ class AgentServiceServicer:
     """
 
     def ListAgents(self, request, context):
-        """Lists agents, optionally filtered by state, type and node, a page at a time.
+        """Lists agents, optionally filtered by state, type, node and labels, a page at a time.
 
         Agents come in agent_id order; deleted agents are not listed. An empty filter field
         matches every agent.
@@ -198,6 +213,33 @@ class AgentServiceServicer:
 
     def RestartAgent(self, request, context):
         """Stops the agent (when it runs) and starts it again, with its current spec.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StartAgents(self, request, context):
+        """Starts several agents at once: the ones named, the ones a label selector matches, or all.
+
+        Each agent is started as StartAgent starts it, all of them concurrently; the call returns
+        when every one has an outcome, reported per agent (an unknown id is a result with
+        NOT_FOUND, not a failed call). INVALID_ARGUMENT when the request selects in no way, or in
+        more than one, or the selector does not parse.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StopAgents(self, request, context):
+        """Stops several agents at once, as StopAgent does, concurrently; returns when all of them
+        have stopped (their processes are gone) or failed to, with the outcome per agent.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def RestartAgents(self, request, context):
+        """Restarts several agents at once, as RestartAgent does, concurrently.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -303,6 +345,21 @@ def add_AgentServiceServicer_to_server(servicer, server):
                     servicer.RestartAgent,
                     request_deserializer=opmas_dot_v1_dot_agents__pb2.RestartAgentRequest.FromString,
                     response_serializer=opmas_dot_v1_dot_agents__pb2.RestartAgentResponse.SerializeToString,
+            ),
+            'StartAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.StartAgents,
+                    request_deserializer=opmas_dot_v1_dot_agents__pb2.StartAgentsRequest.FromString,
+                    response_serializer=opmas_dot_v1_dot_agents__pb2.StartAgentsResponse.SerializeToString,
+            ),
+            'StopAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.StopAgents,
+                    request_deserializer=opmas_dot_v1_dot_agents__pb2.StopAgentsRequest.FromString,
+                    response_serializer=opmas_dot_v1_dot_agents__pb2.StopAgentsResponse.SerializeToString,
+            ),
+            'RestartAgents': grpc.unary_unary_rpc_method_handler(
+                    servicer.RestartAgents,
+                    request_deserializer=opmas_dot_v1_dot_agents__pb2.RestartAgentsRequest.FromString,
+                    response_serializer=opmas_dot_v1_dot_agents__pb2.RestartAgentsResponse.SerializeToString,
             ),
             'GetAgentStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetAgentStatus,
@@ -559,6 +616,87 @@ class AgentService:
             '/opmas.v1.AgentService/RestartAgent',
             opmas_dot_v1_dot_agents__pb2.RestartAgentRequest.SerializeToString,
             opmas_dot_v1_dot_agents__pb2.RestartAgentResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StartAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opmas.v1.AgentService/StartAgents',
+            opmas_dot_v1_dot_agents__pb2.StartAgentsRequest.SerializeToString,
+            opmas_dot_v1_dot_agents__pb2.StartAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StopAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opmas.v1.AgentService/StopAgents',
+            opmas_dot_v1_dot_agents__pb2.StopAgentsRequest.SerializeToString,
+            opmas_dot_v1_dot_agents__pb2.StopAgentsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RestartAgents(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/opmas.v1.AgentService/RestartAgents',
+            opmas_dot_v1_dot_agents__pb2.RestartAgentsRequest.SerializeToString,
+            opmas_dot_v1_dot_agents__pb2.RestartAgentsResponse.FromString,
             options,
             channel_credentials,
             insecure,

@@ -44,7 +44,7 @@ class AgentServiceStub:
     @_typing.overload
     def __new__(cls, channel: _aio.Channel) -> AgentServiceAsyncStub: ...
     ListAgents: _grpc.UnaryUnaryMultiCallable[_agents_pb2.ListAgentsRequest, _agents_pb2.ListAgentsResponse]
-    """Lists agents, optionally filtered by state, type and node, a page at a time.
+    """Lists agents, optionally filtered by state, type, node and labels, a page at a time.
 
     Agents come in agent_id order; deleted agents are not listed. An empty filter field
     matches every agent.
@@ -87,6 +87,20 @@ class AgentServiceStub:
     """
     RestartAgent: _grpc.UnaryUnaryMultiCallable[_agents_pb2.RestartAgentRequest, _agents_pb2.RestartAgentResponse]
     """Stops the agent (when it runs) and starts it again, with its current spec."""
+    StartAgents: _grpc.UnaryUnaryMultiCallable[_agents_pb2.StartAgentsRequest, _agents_pb2.StartAgentsResponse]
+    """Starts several agents at once: the ones named, the ones a label selector matches, or all.
+
+    Each agent is started as StartAgent starts it, all of them concurrently; the call returns
+    when every one has an outcome, reported per agent (an unknown id is a result with
+    NOT_FOUND, not a failed call). INVALID_ARGUMENT when the request selects in no way, or in
+    more than one, or the selector does not parse.
+    """
+    StopAgents: _grpc.UnaryUnaryMultiCallable[_agents_pb2.StopAgentsRequest, _agents_pb2.StopAgentsResponse]
+    """Stops several agents at once, as StopAgent does, concurrently; returns when all of them
+    have stopped (their processes are gone) or failed to, with the outcome per agent.
+    """
+    RestartAgents: _grpc.UnaryUnaryMultiCallable[_agents_pb2.RestartAgentsRequest, _agents_pb2.RestartAgentsResponse]
+    """Restarts several agents at once, as RestartAgent does, concurrently."""
     GetAgentStatus: _grpc.UnaryUnaryMultiCallable[_agents_pb2.GetAgentStatusRequest, _agents_pb2.AgentStatus]
     """Returns the agent's status alone: state, process, restarts, last exit and heartbeat."""
     GetAgentMetrics: _grpc.UnaryUnaryMultiCallable[_agents_pb2.GetAgentMetricsRequest, _agents_pb2.AgentMetrics]
@@ -134,7 +148,7 @@ class AgentServiceAsyncStub(AgentServiceStub):
 
     def __init__(self, channel: _aio.Channel) -> None: ...
     ListAgents: _aio.UnaryUnaryMultiCallable[_agents_pb2.ListAgentsRequest, _agents_pb2.ListAgentsResponse]  # type: ignore[assignment]
-    """Lists agents, optionally filtered by state, type and node, a page at a time.
+    """Lists agents, optionally filtered by state, type, node and labels, a page at a time.
 
     Agents come in agent_id order; deleted agents are not listed. An empty filter field
     matches every agent.
@@ -177,6 +191,20 @@ class AgentServiceAsyncStub(AgentServiceStub):
     """
     RestartAgent: _aio.UnaryUnaryMultiCallable[_agents_pb2.RestartAgentRequest, _agents_pb2.RestartAgentResponse]  # type: ignore[assignment]
     """Stops the agent (when it runs) and starts it again, with its current spec."""
+    StartAgents: _aio.UnaryUnaryMultiCallable[_agents_pb2.StartAgentsRequest, _agents_pb2.StartAgentsResponse]  # type: ignore[assignment]
+    """Starts several agents at once: the ones named, the ones a label selector matches, or all.
+
+    Each agent is started as StartAgent starts it, all of them concurrently; the call returns
+    when every one has an outcome, reported per agent (an unknown id is a result with
+    NOT_FOUND, not a failed call). INVALID_ARGUMENT when the request selects in no way, or in
+    more than one, or the selector does not parse.
+    """
+    StopAgents: _aio.UnaryUnaryMultiCallable[_agents_pb2.StopAgentsRequest, _agents_pb2.StopAgentsResponse]  # type: ignore[assignment]
+    """Stops several agents at once, as StopAgent does, concurrently; returns when all of them
+    have stopped (their processes are gone) or failed to, with the outcome per agent.
+    """
+    RestartAgents: _aio.UnaryUnaryMultiCallable[_agents_pb2.RestartAgentsRequest, _agents_pb2.RestartAgentsResponse]  # type: ignore[assignment]
+    """Restarts several agents at once, as RestartAgent does, concurrently."""
     GetAgentStatus: _aio.UnaryUnaryMultiCallable[_agents_pb2.GetAgentStatusRequest, _agents_pb2.AgentStatus]  # type: ignore[assignment]
     """Returns the agent's status alone: state, process, restarts, last exit and heartbeat."""
     GetAgentMetrics: _aio.UnaryUnaryMultiCallable[_agents_pb2.GetAgentMetricsRequest, _agents_pb2.AgentMetrics]  # type: ignore[assignment]
@@ -227,7 +255,7 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agents_pb2.ListAgentsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.ListAgentsResponse, _abc.Awaitable[_agents_pb2.ListAgentsResponse]]:
-        """Lists agents, optionally filtered by state, type and node, a page at a time.
+        """Lists agents, optionally filtered by state, type, node and labels, a page at a time.
 
         Agents come in agent_id order; deleted agents are not listed. An empty filter field
         matches every agent.
@@ -312,6 +340,38 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agents_pb2.RestartAgentResponse, _abc.Awaitable[_agents_pb2.RestartAgentResponse]]:
         """Stops the agent (when it runs) and starts it again, with its current spec."""
+
+    @_abc_1.abstractmethod
+    def StartAgents(
+        self,
+        request: _agents_pb2.StartAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agents_pb2.StartAgentsResponse, _abc.Awaitable[_agents_pb2.StartAgentsResponse]]:
+        """Starts several agents at once: the ones named, the ones a label selector matches, or all.
+
+        Each agent is started as StartAgent starts it, all of them concurrently; the call returns
+        when every one has an outcome, reported per agent (an unknown id is a result with
+        NOT_FOUND, not a failed call). INVALID_ARGUMENT when the request selects in no way, or in
+        more than one, or the selector does not parse.
+        """
+
+    @_abc_1.abstractmethod
+    def StopAgents(
+        self,
+        request: _agents_pb2.StopAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agents_pb2.StopAgentsResponse, _abc.Awaitable[_agents_pb2.StopAgentsResponse]]:
+        """Stops several agents at once, as StopAgent does, concurrently; returns when all of them
+        have stopped (their processes are gone) or failed to, with the outcome per agent.
+        """
+
+    @_abc_1.abstractmethod
+    def RestartAgents(
+        self,
+        request: _agents_pb2.RestartAgentsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agents_pb2.RestartAgentsResponse, _abc.Awaitable[_agents_pb2.RestartAgentsResponse]]:
+        """Restarts several agents at once, as RestartAgent does, concurrently."""
 
     @_abc_1.abstractmethod
     def GetAgentStatus(

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from datetime import datetime
+from datetime import UTC, datetime
 from typing import Any, TypeVar
 
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
@@ -16,6 +16,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from opmas.v1 import agents_pb2 as pb
 from opmasd.core.clock import SYSTEM_CLOCK
 from opmasd.core.errors import FieldViolation, InvalidArgument
+from opmasd.core.labels import Selector, SelectorError, parse_selector
 from opmasd.core.logs import LogEntry, LogStream
 from opmasd.core.messages import MetricsReport
 from opmasd.core.model import (
@@ -77,6 +78,7 @@ SPEC_MASK_PATHS = frozenset(
         *_SCALAR_FIELDS,
         "command",
         "environment",
+        "labels",
         "restart_policy",
         "stop_timeout",
         "heartbeat_interval",
@@ -100,6 +102,15 @@ def duration(seconds: float) -> duration_pb2.Duration:
     return d
 
 
+def when(ts: timestamp_pb2.Timestamp, field: str = "since") -> datetime:
+    """A request's Timestamp as an aware UTC datetime; one out of datetime's range is a field
+    error (protobuf allows years 1-9999, but not every nanos/seconds pair converts)."""
+    try:
+        return ts.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError) as exc:
+        raise InvalidArgument.single(field, f"is not a valid timestamp: {exc}") from None
+
+
 def seconds(d: duration_pb2.Duration) -> float:
     return d.seconds + d.nanos / 1e9
 
@@ -114,6 +125,14 @@ def _from_pb(table: Mapping[Any, E], value: int, field: str, expected: str) -> E
         return table[value]
     except KeyError:
         raise InvalidArgument.single(field, f"{value} {expected}") from None
+
+
+def label_selector(text: str) -> Selector:
+    """A request's label_selector; INVALID_ARGUMENT naming what does not parse."""
+    try:
+        return parse_selector(text)
+    except SelectorError as exc:
+        raise InvalidArgument.single("label_selector", str(exc)) from None
 
 
 def state_from_pb(value: int, field: str = "state") -> AgentState | None:
@@ -164,6 +183,8 @@ def spec_fields(spec: pb.AgentSpec, mask: list[str] | None = None) -> dict[str, 
         out["command"] = tuple(spec.command)
     if named("environment", len(spec.environment) > 0):
         out["environment"] = dict(spec.environment)
+    if named("labels", len(spec.labels) > 0):
+        out["labels"] = dict(spec.labels)
     if named("restart_policy", spec.restart_policy != pb.RESTART_POLICY_UNSPECIFIED):
         out["restart_policy"] = _policy_from_pb(spec.restart_policy)
     if named("runtime", spec.runtime != pb.RUNTIME_KIND_UNSPECIFIED):
@@ -196,6 +217,7 @@ def spec_to_pb(spec: AgentSpec) -> pb.AgentSpec:
         command=list(spec.command),
         working_directory=spec.working_directory,
         environment=spec.env,
+        labels=spec.label_map,
         restart_policy=_POLICY_TO_PB[spec.restart_policy],
         stop_timeout=duration(spec.stop_timeout),
         heartbeat_interval=duration(spec.heartbeat_interval) if spec.heartbeat_interval else None,

@@ -17,12 +17,12 @@ import structlog
 from opmas.v1 import agents_pb2 as pb
 from opmas.v1 import agents_pb2_grpc
 from opmasd.api import convert, paging
-from opmasd.api.errors import is_known, to_grpc_status
+from opmasd.api.errors import code_of, is_known, to_grpc_status
 from opmasd.api.grpc_handlers import Undecodable
 from opmasd.api.wire_cache import AgentWireCache
 from opmasd.core.errors import InvalidArgument, Unavailable
 from opmasd.core.ids import check_agent_id
-from opmasd.manager import AgentFilter, AgentManager, OperationResult
+from opmasd.manager import AgentFilter, AgentManager, BulkOutcome, OperationResult, Selection
 
 log = structlog.get_logger(__name__)
 
@@ -108,6 +108,12 @@ async def _until(stop: asyncio.Event, source: AsyncIterator[Resp]) -> AsyncItera
             await aclose()
 
 
+def _selection(request: pb.StartAgentsRequest | pb.StopAgentsRequest | pb.RestartAgentsRequest) -> Selection:
+    return Selection(
+        agent_ids=tuple(request.agent_ids), label_selector=request.label_selector, all=request.all
+    )
+
+
 def _operation(result: OperationResult, response_type: Any) -> Any:
     return response_type(
         status=convert.status_to_pb(result.record), changed=result.changed, message=result.message
@@ -126,7 +132,12 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
             raise InvalidArgument.single("page_size", f"must not be negative, got {request.page_size}")
         page_size = min(request.page_size or DEFAULT_PAGE_SIZE, MAX_PAGE_SIZE)
         records = self._manager.list_agents(
-            AgentFilter(state=convert.state_from_pb(request.state), type=request.type, node=request.node)
+            AgentFilter(
+                state=convert.state_from_pb(request.state),
+                type=request.type,
+                node=request.node,
+                labels=convert.label_selector(request.label_selector),
+            )
         )
         total = len(records)
         if request.page_token:
@@ -190,6 +201,40 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         return _operation(result, pb.RestartAgentResponse)  # type: ignore[no-any-return]
 
     @unary
+    async def StartAgents(self, request: pb.StartAgentsRequest, context: Any) -> pb.StartAgentsResponse:
+        outcomes = await self._manager.start_agents(_selection(request))
+        return pb.StartAgentsResponse(results=self._results(outcomes))
+
+    @unary
+    async def StopAgents(self, request: pb.StopAgentsRequest, context: Any) -> pb.StopAgentsResponse:
+        timeout = convert.seconds(request.timeout) if request.HasField("timeout") else None
+        outcomes = await self._manager.stop_agents(_selection(request), timeout)
+        return pb.StopAgentsResponse(results=self._results(outcomes))
+
+    @unary
+    async def RestartAgents(self, request: pb.RestartAgentsRequest, context: Any) -> pb.RestartAgentsResponse:
+        outcomes = await self._manager.restart_agents(_selection(request))
+        return pb.RestartAgentsResponse(results=self._results(outcomes))
+
+    def _results(self, outcomes: list[BulkOutcome]) -> list[pb.AgentOperationResult]:
+        results = []
+        for outcome in outcomes:
+            result = pb.AgentOperationResult(agent_id=outcome.agent_id)
+            if outcome.result is not None:
+                result.changed = outcome.result.changed
+                result.message = outcome.result.message
+                result.status.CopyFrom(convert.status_to_pb(outcome.result.record))
+            else:
+                error = outcome.error or RuntimeError("no outcome")
+                result.code = code_of(error)
+                result.message = str(error) if is_known(error) else "internal error (see opmasd's log)"
+                rec = self._manager.find_agent(outcome.agent_id)
+                if rec is not None:
+                    result.status.CopyFrom(convert.status_to_pb(rec))
+            results.append(result)
+        return results
+
+    @unary
     async def GetAgentStatus(self, request: pb.GetAgentStatusRequest, context: Any) -> pb.AgentStatus:
         return convert.status_to_pb(self._manager.get_agent(request.agent_id))
 
@@ -203,7 +248,9 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
     async def GetAgentLogs(self, request: pb.GetAgentLogsRequest, context: Any) -> AsyncIterator[pb.LogLine]:
         agent_id = request.agent_id
         follow = self._manager.follow_logs(agent_id) if request.follow else None
-        for entry in await self._manager.tail_logs(agent_id, request.tail_lines):
+        lines = request.tail_lines if request.HasField("tail_lines") else None
+        since = convert.when(request.since) if request.HasField("since") else None
+        for entry in await self._manager.tail_logs(agent_id, lines, since):
             yield convert.log_line_to_pb(agent_id, entry)
         if follow is not None:
             async for entry in _until(self._stopping, follow):

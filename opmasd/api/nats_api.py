@@ -26,6 +26,7 @@ from opmasd.api.nats_convert import (
     require_agent_id,
 )
 from opmasd.core import errors
+from opmasd.core.labels import SelectorError, parse_selector
 from opmasd.core.messages import ERROR, SUCCESS, CommandReply, ManagerReply, ManagerRequest
 from opmasd.core.model import AgentState
 from opmasd.manager import AgentFilter, AgentManager
@@ -112,8 +113,14 @@ class NatsManagerApi:
         except ValueError:
             known = ", ".join(s.value for s in AgentState)
             raise BadRequest.single("params.state", f"{state_name[:32]!r} is not one of {known}") from None
+        try:
+            labels = parse_selector(param_str(params, "label_selector"))
+        except SelectorError as exc:
+            raise BadRequest.single("params.label_selector", str(exc)) from None
         records = self._manager.list_agents(
-            AgentFilter(state=state, type=param_str(params, "type"), node=param_str(params, "node"))
+            AgentFilter(
+                state=state, type=param_str(params, "type"), node=param_str(params, "node"), labels=labels
+            )
         )
         return {"agents": [agent_to_json(rec) for rec in records], "total": len(records)}
 

@@ -90,6 +90,7 @@ def agent_to_json(rec: AgentRecord, *, with_spec: bool = False) -> dict[str, Any
         "source": rec.source.value,
         "manifest_path": rec.manifest_path,
         "runtime": rec.spec.runtime.value,
+        "labels": rec.spec.label_map,
     }
     if with_spec:
         out["spec"] = rec.spec.to_dict()

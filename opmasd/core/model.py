@@ -9,7 +9,7 @@ from these at their own edges, one place each.
 from __future__ import annotations
 
 import enum
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from datetime import datetime
 from typing import Any
 
@@ -81,10 +81,16 @@ class AgentSpec:
     runtime: RuntimeKind = RuntimeKind.PROCESS
     autostart: bool = False
     restart_on_inactive: bool = False
+    # Key/value pairs that group agents for selectors (core.labels), sorted by key.
+    labels: tuple[tuple[str, str], ...] = ()
 
     @property
     def env(self) -> dict[str, str]:
         return dict(self.environment)
+
+    @property
+    def label_map(self) -> dict[str, str]:
+        return dict(self.labels)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, for the store."""
@@ -109,6 +115,7 @@ class AgentSpec:
             "runtime": self.runtime.value,
             "autostart": self.autostart,
             "restart_on_inactive": self.restart_on_inactive,
+            "labels": dict(self.labels),
         }
 
     @classmethod
@@ -139,6 +146,7 @@ class AgentSpec:
             runtime=RuntimeKind(data.get("runtime", default.runtime.value)),
             autostart=bool(data.get("autostart", default.autostart)),
             restart_on_inactive=bool(data.get("restart_on_inactive", default.restart_on_inactive)),
+            labels=tuple(sorted((data.get("labels") or {}).items())),
         )
 
 
@@ -236,7 +244,12 @@ class AgentRecord:
     heard_monotonic: float | None = None
 
     def copy(self) -> AgentRecord:
-        return replace(self)
+        # A shallow copy of the fields (all immutable values): dataclasses.replace re-runs
+        # __init__ through keyword arguments, several times slower, and a snapshot is taken at
+        # every change of every agent.
+        clone = object.__new__(AgentRecord)
+        clone.__dict__.update(self.__dict__)
+        return clone
 
     def uptime(self, monotonic_now: float) -> float | None:
         """Seconds its process has been running at `monotonic_now`; None without a process."""

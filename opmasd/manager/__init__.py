@@ -4,6 +4,7 @@ What the layers above (api, app) use is exported here; the modules behind it are
 manager's own business.
 """
 
+from opmasd.manager.bulk import BulkOutcome, Selection
 from opmasd.manager.events import AgentEvent, Subscription
 from opmasd.manager.heartbeats import HealthSettings
 from opmasd.manager.operations import AgentManager
@@ -16,6 +17,7 @@ __all__ = [
     "AgentEvent",
     "AgentFilter",
     "AgentManager",
+    "BulkOutcome",
     "DiscoveredAgent",
     "DiscoveryReport",
     "Durations",
@@ -24,5 +26,6 @@ __all__ = [
     "ManagerStats",
     "OperationResult",
     "RestartSettings",
+    "Selection",
     "Subscription",
 ]

@@ -10,6 +10,7 @@ not kept, so the daemon never runs on a change that a restart would forget.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Callable
 
 import structlog
@@ -40,11 +41,7 @@ class Commits:
                 log.error("operator's change not committed; undone", agent_id=rec.agent_id, error=str(exc))
                 if isinstance(exc, StoreRejected):
                     raise
-                raise Unavailable(
-                    # "undone", not "not made": a write whose reply was lost may have landed, and
-                    # is then taken back (a registration's row removed, the old row written).
-                    f"agent {rec.agent_id}: the change is undone, the database is unavailable: {exc}"
-                ) from exc
+                raise self._unavailable(rec, exc) from exc
 
     async def desired(self, rec: AgentRecord, desired: DesiredState) -> None:
         """Commit the operator's desired state before acting on it."""
@@ -60,10 +57,40 @@ class Commits:
 
         await self.change(rec, undo)
 
-    async def observed(self, agent_id: str) -> None:
-        """Wait for the attempt that writes what an operation observed (PID, state). Its
-        failure is not the operator's: the change asked for is committed, and observations
-        are retried until written (and found again by re-adoption after a crash)."""
+    async def desired_many(self, recs: list[AgentRecord], desired: DesiredState) -> dict[str, Exception]:
+        """desired() for many agents in one commit (a bulk operation). Each agent whose change
+        was not committed is undone and named with its error; the others are committed."""
+        previous = {rec.agent_id: rec.desired for rec in recs}
+        changed = [rec for rec in recs if rec.desired is not desired]
+        for rec in changed:
+            rec.desired = desired
+            self._registry.save(rec)
+        errors: dict[str, Exception] = {}
+        # Exits meanwhile wait for the outcome, as in change(): undone before they are handled.
+        with contextlib.ExitStack() as held:
+            for rec in changed:
+                held.enter_context(self._supervisor.committing(rec.agent_id))
+            failed = await self._writes.commit_many([rec.agent_id for rec in changed])
+            for rec in changed:
+                exc = failed.get(rec.agent_id)
+                if exc is None:
+                    continue
+                rec.desired = previous[rec.agent_id]
+                self._registry.save(rec)
+                log.error("operator's change not committed; undone", agent_id=rec.agent_id, error=str(exc))
+                errors[rec.agent_id] = exc if isinstance(exc, StoreRejected) else self._unavailable(rec, exc)
+        return errors
+
+    @staticmethod
+    def _unavailable(rec: AgentRecord, exc: StoreError) -> Unavailable:
+        # "undone", not "not made": a write whose reply was lost may have landed, and is then
+        # taken back (a registration's row removed, the old row written).
+        return Unavailable(f"agent {rec.agent_id}: the change is undone, the database is unavailable: {exc}")
+
+    async def observed(self, agent_id: str = "") -> None:
+        """Wait for the attempt that writes what an operation observed (PID, state), of the
+        agent or of all. Its failure is not the operator's: the change asked for is committed,
+        and observations are retried until written (and found again by re-adoption)."""
         try:
             await self._writes.flushed(agent_id)
         except StoreRejected:

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import asyncio
 from collections.abc import AsyncIterator, Mapping, Sequence
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -20,10 +21,6 @@ from opmasd.bus.base import AgentBus
 from opmasd.core.clock import SYSTEM_CLOCK, Clock
 from opmasd.core.errors import (
     AlreadyExists,
-    BusRejected,
-    BusTimeout,
-    BusUnavailable,
-    DeadlineExceeded,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -35,11 +32,14 @@ from opmasd.core.ids import agent_id_from_name, check_agent_id
 from opmasd.core.messages import CommandReply, MetricsReport
 from opmasd.core.model import AgentRecord, AgentSource, AgentSpec, AgentState, DesiredState, ProcessUsage
 from opmasd.core.tasks import TaskOwner
+from opmasd.manager.agent_commands import deliver_command
+from opmasd.manager.bulk import BulkOutcome, BulkRunner, Selection
 from opmasd.manager.commits import Commits
 from opmasd.manager.discovery import PackageDiscovery
 from opmasd.manager.events import EventHub, Subscription
 from opmasd.manager.heartbeats import HeartbeatJudge
 from opmasd.manager.jobs import PeriodicJobs
+from opmasd.manager.log_tail import read_tail
 from opmasd.manager.metrics_cache import MetricsCache
 from opmasd.manager.owned import finishes
 from opmasd.manager.packages.manifest import ManifestError, load_manifest
@@ -47,7 +47,7 @@ from opmasd.manager.persistence import WriteBehind
 from opmasd.manager.registry import AgentRegistry
 from opmasd.manager.settings import ManagerSettings
 from opmasd.manager.spec_update import apply_fields
-from opmasd.manager.stats import ManagerStats
+from opmasd.manager.stats import ManagerStats, count_by_state
 from opmasd.manager.supervisor import Supervisor
 from opmasd.manager.validation import check_spec
 from opmasd.manager.values import ALL_AGENTS, AgentFilter, DiscoveryReport, OperationResult
@@ -55,11 +55,6 @@ from opmasd.runtime.base import LogEntry, Runtime
 from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
-
-DEFAULT_TAIL_LINES = 100
-MAX_TAIL_LINES = 100_000
-DEFAULT_COMMAND_TIMEOUT = 5.0
-MAX_COMMAND_TIMEOUT = 300.0
 
 
 class AgentManager:
@@ -98,6 +93,7 @@ class AgentManager:
         )
         self._heartbeats.on_starting_heartbeat = self._supervisor.started_by_heartbeat
         self._commits = Commits(self._registry, self._writes, self._supervisor)
+        self._bulk = BulkRunner(self._supervisor, self._commits, self._local_agent, self._local_agents)
         self._discovery = PackageDiscovery(
             self._registry, self._supervisor, lambda: self._settings, self.spec_defaults
         )
@@ -136,7 +132,7 @@ class AgentManager:
         if discover:
             await self._discover_in_background()
         settings = self.settings
-        self._jobs.every(settings.monitoring_interval, self._monitor, "monitor")
+        self._jobs.every(settings.monitoring_interval, self._runtime.rotate_logs, "monitor")
         if discover and settings.discovery_interval > 0:
             self._jobs.every(settings.discovery_interval, self._discover_in_background, "discovery")
         self._jobs.every(settings.cleanup_interval, self._cleanup, "cleanup")
@@ -145,7 +141,9 @@ class AgentManager:
             # Agents' own deadlines may be short (three times a 1 s interval): look at least every second.
             check_every = min(max(timeout / 4, 0.05), settings.monitoring_interval, 1.0)
             self._jobs.every(check_every, self._check_heartbeats, "heartbeat-check")
-            self._jobs.every(settings.heartbeat_flush_interval, self._flush_heartbeats, "heartbeat-flush")
+            self._jobs.every(
+                settings.heartbeat_flush_interval, self._writes.flush_heartbeats, "heartbeat-flush"
+            )
 
     async def stop(self, stop_agents: bool) -> None:
         await self._supervisor.shutdown(stop_agents)
@@ -154,12 +152,6 @@ class AgentManager:
         self._hub.close()
 
     # -- periodic jobs --------------------------------------------------------------------------
-
-    async def _monitor(self) -> None:
-        await self._runtime.rotate_logs()
-
-    async def _flush_heartbeats(self) -> None:
-        await self._writes.flush_heartbeats()
 
     async def _discover_in_background(self) -> None:
         """Discovery nobody asked for (start-up, the interval): a store outage is a warning."""
@@ -191,6 +183,13 @@ class AgentManager:
             raise NotFound("agent", agent_id)
         return rec
 
+    def find_agent(self, agent_id: str) -> AgentRecord | None:
+        """The live agent of that id, or None (a deleted one is None too)."""
+        return self._registry.get(agent_id)
+
+    def _local_agents(self) -> list[AgentRecord]:
+        return [rec for rec in self._registry.live() if rec.node == self.settings.node]
+
     def _local_agent(self, agent_id: str) -> AgentRecord:
         """The agent, when this node runs it: only its own node can start or stop it."""
         rec = self.get_agent(agent_id)
@@ -205,16 +204,12 @@ class AgentManager:
 
     def counts(self) -> tuple[int, int]:
         """(agents, of which running), for sd_notify STATUS."""
-        agents = list(self._registry.live())
-        return len(agents), sum(1 for rec in agents if rec.state is AgentState.RUNNING)
+        by_state, _ = count_by_state(self._registry.live())
+        return sum(by_state.values()), by_state[AgentState.RUNNING]
 
     def stats(self) -> ManagerStats:
         """The manager's numbers now (one pass over the agents), for metrics and readiness."""
-        by_state = dict.fromkeys(AgentState, 0)
-        restarts_by_state = dict.fromkeys(AgentState, 0)
-        for rec in self._registry.live():
-            by_state[rec.state] += 1
-            restarts_by_state[rec.state] += rec.restart_count
+        by_state, restarts_by_state = count_by_state(self._registry.live())
         writes, judge = self._writes, self._heartbeats
         return ManagerStats(
             agents_by_state=by_state,
@@ -241,11 +236,11 @@ class AgentManager:
         self.get_agent(agent_id)
         return self._metrics.last(agent_id)
 
-    async def tail_logs(self, agent_id: str, lines: int) -> list[LogEntry]:
+    async def tail_logs(
+        self, agent_id: str, lines: int | None = None, since: datetime | None = None
+    ) -> list[LogEntry]:
         self.get_agent(agent_id)
-        if lines < 0:
-            raise InvalidArgument.single("tail_lines", f"must not be negative, got {lines}")
-        return await self._runtime.tail_logs(agent_id, min(lines or DEFAULT_TAIL_LINES, MAX_TAIL_LINES))
+        return await read_tail(self._runtime, agent_id, lines, since)
 
     def follow_logs(self, agent_id: str) -> AsyncIterator[LogEntry]:
         self.get_agent(agent_id)
@@ -269,8 +264,7 @@ class AgentManager:
 
     @finishes
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
-        if timeout is not None and timeout < 0:
-            raise InvalidArgument.single("timeout", f"must not be negative, got {timeout:g}s")
+        _check_grace(timeout)
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             await self._commits.desired(rec, DesiredState.STOPPED)
@@ -291,28 +285,29 @@ class AgentManager:
         self, agent_id: str, command: str, params: Mapping[str, Any], timeout: float | None = None
     ) -> CommandReply:
         """Deliver a custom command to the agent over NATS and return its reply."""
-        if not command.strip():
-            raise InvalidArgument.single("command", "must not be empty")
-        if timeout is not None and not 0 < timeout <= MAX_COMMAND_TIMEOUT:
-            raise InvalidArgument.single(
-                "timeout", f"must be in (0, {MAX_COMMAND_TIMEOUT:g}] seconds, got {timeout:g}"
-            )
-        timeout = timeout or DEFAULT_COMMAND_TIMEOUT
-        rec = self.get_agent(agent_id)
-        if self._bus is None:
-            raise Unavailable("commands need NATS, and this opmasd runs without it")
-        if rec.pid is None:
-            raise FailedPrecondition(f"agent {agent_id} is not running (state {rec.state.value})")
-        try:
-            return await self._bus.command_agent(agent_id, command, params, timeout)
-        except BusTimeout:
-            raise DeadlineExceeded(
-                f"agent {agent_id} did not answer {command!r} within {timeout:g}s"
-            ) from None
-        except BusUnavailable as exc:
-            raise Unavailable(f"cannot reach agent {agent_id}: NATS is unavailable ({exc})") from None
-        except BusRejected as exc:
-            raise InvalidArgument.single("params", str(exc)) from None
+        return await deliver_command(self._bus, self.get_agent, agent_id, command, params, timeout)
+
+    @finishes
+    async def start_agents(self, selection: Selection) -> list[BulkOutcome]:
+        start = self._supervisor.start
+        return await self._bulk.run(
+            selection, DesiredState.RUNNING, lambda rec: start(rec, "started by operator")
+        )
+
+    @finishes
+    async def stop_agents(self, selection: Selection, timeout: float | None = None) -> list[BulkOutcome]:
+        _check_grace(timeout)
+        stop = self._supervisor.stop
+        return await self._bulk.run(
+            selection, DesiredState.STOPPED, lambda r: stop(r, "stopped by operator", timeout)
+        )
+
+    @finishes
+    async def restart_agents(self, selection: Selection) -> list[BulkOutcome]:
+        again = self._supervisor.restart
+        return await self._bulk.run(
+            selection, DesiredState.RUNNING, lambda rec: again(rec, "restarted by operator")
+        )
 
     def spec_defaults(self, name: str = "") -> AgentSpec:
         return AgentSpec(
@@ -447,3 +442,8 @@ class AgentManager:
         except StoreError as exc:
             raise Unavailable(f"discovery's changes are not yet committed (kept, retried): {exc}") from exc
         return report
+
+
+def _check_grace(timeout: float | None) -> None:
+    if timeout is not None and timeout < 0:
+        raise InvalidArgument.single("timeout", f"must not be negative, got {timeout:g}s")

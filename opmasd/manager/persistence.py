@@ -40,7 +40,7 @@ from opmasd.core.errors import StoreDegraded, StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
 from opmasd.core.serial_thread import SerialThread
 from opmasd.manager.stats import DurationHistogram
-from opmasd.manager.write_batches import Entry, Outcome, write_entries
+from opmasd.manager.write_batches import Entry, Outcome, retrieve, settle_waiter, write_entries
 from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
@@ -153,57 +153,98 @@ class WriteBehind:
         StoreRejected: the database refused its values. StoreError: the store failed, or did
         not answer within commit_timeout; the row is then not retried (see the module's doc).
         """
-        await self._wait_for(agent_id, commit=True)
+        error = (await self.commit_many([agent_id])).get(agent_id)
+        if error is not None:
+            raise error
+
+    async def commit_many(self, agent_ids: list[str]) -> dict[str, StoreError]:
+        """commit() for several agents at once, in one attempt and one wait (a bulk operation):
+        the error of each agent whose row was not committed."""
+        return await self._wait_for_rows(agent_ids, commit=True)
 
     async def flushed(self, agent_id: str = "") -> None:
         """Wait for the attempt that writes what is queued now (for agent_id, or everything);
         its error if it failed. What failed stays queued and is retried."""
-        await self._wait_for(agent_id, commit=False)
-
-    async def _wait_for(self, agent_id: str, commit: bool) -> None:
-        waiter: asyncio.Future[None] = asyncio.get_running_loop().create_future()
         if agent_id:
+            error = (await self._wait_for_rows([agent_id], commit=False)).get(agent_id)
+            if error is not None:
+                raise error
+            return
+        if not (self._pending or self._in_flight):
+            return
+        waiter = self._waiter(asyncio.get_running_loop())
+        self._attempt_waiters.append(waiter)
+        self._ask_for_attempt()
+        try:
+            await asyncio.wait_for(asyncio.shield(waiter), self.commit_timeout)
+        except TimeoutError:
+            raise self._no_answer() from None
+
+    @staticmethod
+    def _waiter(loop: asyncio.AbstractEventLoop) -> asyncio.Future[None]:
+        waiter: asyncio.Future[None] = loop.create_future()
+        # A waiter that timed out is settled later by its attempt: nobody reads that outcome.
+        waiter.add_done_callback(retrieve)
+        return waiter
+
+    def _ask_for_attempt(self) -> None:
+        self.start()
+        self._urgent.set()
+        self._wake.set()
+
+    def _no_answer(self) -> StoreError:
+        stuck = f" (stuck in: {self._thread.current})" if self._thread.current else ""
+        return StoreError(f"the database did not confirm the write within {self.commit_timeout:g}s{stuck}")
+
+    async def _wait_for_rows(self, agent_ids: list[str], commit: bool) -> dict[str, StoreError]:
+        """Wait for the attempt writing each agent's queued row; the errors, by agent."""
+        errors: dict[str, StoreError] = {}
+        waiters: dict[str, asyncio.Future[None]] = {}
+        loop = asyncio.get_running_loop()
+        for agent_id in agent_ids:
             entry = self._pending.get(agent_id) or self._in_flight.get(agent_id)
             if entry is None:
                 rejected = self._rejected.pop(agent_id, None)
                 if rejected is not None:
-                    raise rejected
-                return
+                    errors[agent_id] = rejected
+                continue
+            waiter = self._waiter(loop)
             entry.waiters.append(waiter)
             if entry is self._pending.get(agent_id):
                 # Only a row not yet handed over can become a commit: one being written was
                 # sent as an observation, and its waiter hears that outcome.
                 entry.commit = entry.commit or commit
-        elif self._pending or self._in_flight:
-            self._attempt_waiters.append(waiter)
-        else:
-            return
-        # A waiter that timed out is settled later by its attempt: nobody reads that outcome.
-        waiter.add_done_callback(_retrieve)
-        self.start()
-        self._urgent.set()
-        self._wake.set()
-        try:
-            await asyncio.wait_for(asyncio.shield(waiter), self.commit_timeout)
-            return
-        except TimeoutError:
-            pass
-        stuck = f" (stuck in: {self._thread.current})" if self._thread.current else ""
-        if agent_id and self._pending.get(agent_id) is not None:
-            # Not yet handed to the database: the caller's restored row replaces it there.
-            self._pending[agent_id].commit = False
-        elif agent_id and commit:
+            waiters[agent_id] = waiter
+        if not waiters:
+            return errors
+        self._ask_for_attempt()
+        # asyncio.wait neither cancels the waiters on its timeout nor when this caller is.
+        await asyncio.wait(waiters.values(), timeout=self.commit_timeout)
+        in_flight: dict[str, asyncio.Future[None]] = {}
+        for agent_id, waiter in waiters.items():
+            if waiter.done():
+                if waiter.exception() is not None:
+                    errors[agent_id] = waiter.exception()  # type: ignore[assignment]  # StoreErrors
+            elif self._pending.get(agent_id) is not None:
+                # Not yet handed to the database: the caller's restored row replaces it there.
+                self._pending[agent_id].commit = False
+                errors[agent_id] = self._no_answer()
+            elif commit:
+                in_flight[agent_id] = waiter
+            else:
+                errors[agent_id] = self._no_answer()
+        if in_flight:
             # Being written now: its outcome decides. An undo could not take back a write that
             # lands after it, so wait for the store's own bound on the call (the database's
             # statement timeout, a connection cut past it) rather than guess.
-            try:
-                await asyncio.wait_for(asyncio.shield(waiter), OUTCOME_WAIT)
-                return
-            except TimeoutError:
-                log.error("a commit's outcome is unknown: the store call never ended", agent_id=agent_id)
-        raise StoreError(
-            f"the database did not confirm the write within {self.commit_timeout:g}s{stuck}"
-        ) from None
+            await asyncio.wait(in_flight.values(), timeout=OUTCOME_WAIT)
+            for agent_id, waiter in in_flight.items():
+                if not waiter.done():
+                    log.error("a commit's outcome is unknown: the store call never ended", agent_id=agent_id)
+                    errors[agent_id] = self._no_answer()
+                elif waiter.exception() is not None:
+                    errors[agent_id] = waiter.exception()  # type: ignore[assignment]
+        return errors
 
     def start(self) -> None:
         """Start the background flusher (needs the running loop; RuntimeError without one)."""
@@ -269,7 +310,7 @@ class WriteBehind:
             self._in_flight = {}
             self.row_flush_times.observe(time.perf_counter() - started)
             for waiter in attempt_waiters:
-                _settle_waiter(waiter, error)
+                settle_waiter(waiter, error)
             if cancelled:
                 raise asyncio.CancelledError
             return error is None
@@ -330,7 +371,7 @@ class WriteBehind:
                 if kept.snapshot is not None or kept.transitions:
                     retry[agent_id] = kept
             for waiter in entry.waiters:
-                _settle_waiter(waiter, error)
+                settle_waiter(waiter, error)
         if first is not None:
             self.failures += 1
             for agent_id, newer in self._pending.items():
@@ -400,17 +441,3 @@ class WriteBehind:
             await asyncio.gather(self._flusher, return_exceptions=True)
         await self.flush_heartbeats()
         await self.flush()
-
-
-def _settle_waiter(waiter: asyncio.Future[None], error: StoreError | None) -> None:
-    if waiter.done():
-        return
-    if error is None:
-        waiter.set_result(None)
-    else:
-        waiter.set_exception(error)
-
-
-def _retrieve(waiter: asyncio.Future[None]) -> None:
-    if not waiter.cancelled():
-        waiter.exception()

@@ -19,7 +19,7 @@ def apply_fields(base: AgentSpec, fields: Mapping[str, Any]) -> AgentSpec:
             raise InvalidArgument.single(f"update_mask.{key}", "is not a field of the agent spec")
         if key == "resources":
             changes[key] = dataclasses.replace(base.resources, **dict(value))
-        elif key == "environment":
+        elif key in ("environment", "labels"):
             changes[key] = tuple(sorted(dict(value).items()))
         elif key == "command":
             changes[key] = tuple(value)

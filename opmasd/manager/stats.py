@@ -9,10 +9,10 @@ scrape time. Nothing here knows of any metrics library.
 from __future__ import annotations
 
 from bisect import bisect_left
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
 
-from opmasd.core.model import AgentState
+from opmasd.core.model import AgentRecord, AgentState
 
 # Upper bounds (seconds) of the flush-time buckets: a SQLite commit takes well under a
 # millisecond to a few; a PostgreSQL one across a network, tens; a struggling store, seconds.
@@ -90,3 +90,13 @@ class ManagerStats:
     store_failures: int
     row_flushes: Durations
     heartbeat_flushes: Durations
+
+
+def count_by_state(records: Iterable[AgentRecord]) -> tuple[dict[AgentState, int], dict[AgentState, int]]:
+    """How many agents are in each state, and the sum of their restart counts (one pass)."""
+    by_state = dict.fromkeys(AgentState, 0)
+    restarts_by_state = dict.fromkeys(AgentState, 0)
+    for rec in records:
+        by_state[rec.state] += 1
+        restarts_by_state[rec.state] += rec.restart_count
+    return by_state, restarts_by_state

@@ -13,6 +13,7 @@ import shutil
 from pathlib import Path
 
 from opmasd.core.errors import FieldViolation, InvalidArgument
+from opmasd.core.labels import label_errors
 from opmasd.core.model import AgentSpec
 
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
@@ -137,6 +138,9 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
             bad("environment", f"{key!r} is not a valid environment variable name")
         elif "\0" in value:
             bad("environment", f"the value of {key} must not contain NUL characters")
+
+    for problem in label_errors(spec.label_map):
+        bad("labels", problem)
 
     durations: tuple[tuple[str, float], ...] = (
         ("stop_timeout", spec.stop_timeout),

@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 from dataclasses import dataclass, field
 
+from opmasd.core.labels import Selector
 from opmasd.core.model import AgentRecord, AgentState
 from opmasd.manager.packages.manifest import ManifestError
 
@@ -14,12 +15,14 @@ class AgentFilter:
     state: AgentState | None = None
     type: str = ""
     node: str = ""
+    labels: Selector = Selector()
 
     def matches(self, rec: AgentRecord) -> bool:
         return (
             (self.state is None or rec.state is self.state)
             and (not self.type or rec.spec.type == self.type)
             and (not self.node or rec.node == self.node)
+            and (not self.labels or self.labels.matches(rec.spec.label_map))
         )
 
 

@@ -110,3 +110,19 @@ def _apply(
         except StoreError as exc:
             outcome[agent_id] = failed = exc
     return outcome
+
+
+def settle_waiter(waiter: asyncio.Future[None], error: StoreError | None) -> None:
+    """Tell a waiter its attempt's outcome (once: a waiter may be settled already)."""
+    if waiter.done():
+        return
+    if error is None:
+        waiter.set_result(None)
+    else:
+        waiter.set_exception(error)
+
+
+def retrieve(waiter: asyncio.Future[None]) -> None:
+    """A done-callback: a waiter whose caller left is settled later, its error read by nobody."""
+    if not waiter.cancelled():
+        waiter.exception()

@@ -25,7 +25,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from typing import Any, TypeVar
 
-from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2
+from google.protobuf import duration_pb2, field_mask_pb2, struct_pb2, timestamp_pb2
 from google.protobuf.message import Message
 from hypothesis import strategies as st
 
@@ -67,6 +67,13 @@ def edge_ints(low: int, high: int, edges: tuple[int, ...]) -> st.SearchStrategy[
 int32s = edge_ints(-(2**31), 2**31 - 1, INT32_EDGES)
 uint32s = edge_ints(0, 2**32 - 1, UINT32_EDGES)
 uint64s = edge_ints(0, 2**64 - 1, UINT64_EDGES)
+int64s = edge_ints(-(2**63), 2**63 - 1, INT64_EDGES)
+# Timestamps around now, and any seconds/nanos pair at all (most out of the range allowed).
+timestamps = st.builds(
+    lambda seconds, nanos: timestamp_pb2.Timestamp(seconds=seconds, nanos=nanos),
+    st.one_of(st.integers(1_700_000_000, 1_900_000_000), int64s),
+    st.one_of(st.integers(0, 999_999_999), edge_ints(-(2**31), 2**31 - 1, NANOS_EDGES)),
+)
 # An open enum takes any int32: the known values, and everything else.
 enum_values = st.one_of(st.integers(0, 8), int32s)
 doubles = st.floats(allow_nan=True, allow_infinity=True)
@@ -310,11 +317,41 @@ def specs(draw: st.DrawFn) -> pb.AgentSpec:
             getattr(spec, name).CopyFrom(draw(durations(5)))
     if maybe():
         spec.resources.CopyFrom(draw(resources))
+    if maybe():
+        spec.labels.update(draw(labels))
     spec.autostart = draw(st.booleans())
     spec.restart_on_inactive = draw(st.booleans())
     # Always set: unset means a 1 s start window, which only slows the run.
     spec.start_seconds.CopyFrom(draw(durations(0.05)))
     return spec
+
+
+label_keys = st.from_regex(r"([a-z0-9]{1,8}\.)?[a-z0-9/._-]{1,12}", fullmatch=True)
+labels = st.dictionaries(mix(label_keys, texts), mix(words, texts), max_size=4)
+# Selectors that can only match agents labelled fuzz (a mutable fuzz agent, never one the other
+# checks rely on): a negated requirement (!k, k!=v, notin) would also match every unlabelled
+# agent, so wild text with '!' or "notin" is left out.
+selectors = mix(
+    st.sampled_from(["fuzz=yes", "fuzz in (yes,no)", "fuzz", "fuzz=yes,fuzz"]),
+    texts.filter(lambda text: "!" not in text and "notin" not in text),
+)
+
+
+def bulk(message: type[Message], ids: st.SearchStrategy[str], **extra: Any) -> st.SearchStrategy[Message]:
+    """A bulk request selecting in one way, none, or several; `all` only with another way (it
+    would stop the agents the other checks rely on), where it is refused."""
+    named = st.lists(ids, max_size=4)
+    return weighted(
+        (2, _with(message, agent_ids=named, **extra)),
+        (2, _with(message, label_selector=selectors, **extra)),
+        (
+            1,
+            _with(
+                message, agent_ids=named.filter(bool), label_selector=selectors, all=st.booleans(), **extra
+            ),
+        ),
+        (1, _with(message, **extra)),
+    )
 
 
 # Every path an update_mask may name (the servicer's own list), mixed below with junk.
@@ -398,6 +435,7 @@ def generated_requests(t: Targets) -> dict[str, st.SearchStrategy[Message]]:
             node=mix(st.just(""), texts),
             page_size=mix(st.integers(0, 3), int32s),
             page_token=page_tokens(t.mutable),
+            label_selector=mix(st.sampled_from(["", "fuzz=yes", "!fuzz", "fuzz notin (a)"]), texts),
         ),
         "CreateAgent": weighted(
             (3, _with(pb.CreateAgentRequest, agent_id=creating, spec=specs(), start=st.booleans())),
@@ -420,13 +458,17 @@ def generated_requests(t: Targets) -> dict[str, st.SearchStrategy[Message]]:
         "StartAgent": _with(pb.StartAgentRequest, agent_id=mutating),
         "StopAgent": _with(pb.StopAgentRequest, agent_id=mutating, timeout=_optional(durations(2))),
         "RestartAgent": _with(pb.RestartAgentRequest, agent_id=mutating),
+        "StartAgents": bulk(pb.StartAgentsRequest, mutating),
+        "StopAgents": bulk(pb.StopAgentsRequest, mutating, timeout=_optional(durations(2))),
+        "RestartAgents": bulk(pb.RestartAgentsRequest, mutating),
         "GetAgentStatus": _with(pb.GetAgentStatusRequest, agent_id=reading),
         "GetAgentMetrics": _with(pb.GetAgentMetricsRequest, agent_id=reading),
         "GetAgentLogs": _with(
             pb.GetAgentLogsRequest,
             agent_id=reading,
-            tail_lines=mix(st.integers(0, 5), int32s),
+            tail_lines=_optional(mix(st.integers(0, 5), int32s)),
             follow=st.booleans(),
+            since=_optional(timestamps),
         ),
         "WatchEvents": _with(
             pb.WatchEventsRequest,
@@ -484,6 +526,11 @@ def seed_requests(t: Targets) -> dict[str, st.SearchStrategy[Message]]:
         "StartAgent": _with(pb.StartAgentRequest, agent_id=known),
         "StopAgent": _with(pb.StopAgentRequest, agent_id=known, timeout=_optional(durations(1))),
         "RestartAgent": _with(pb.RestartAgentRequest, agent_id=known),
+        "StartAgents": _with(pb.StartAgentsRequest, agent_ids=st.lists(known, min_size=1, max_size=3)),
+        "StopAgents": _with(
+            pb.StopAgentsRequest, label_selector=st.just("fuzz=yes"), timeout=_optional(durations(1))
+        ),
+        "RestartAgents": _with(pb.RestartAgentsRequest, agent_ids=st.lists(known, min_size=1, max_size=3)),
         "GetAgentStatus": _with(pb.GetAgentStatusRequest, agent_id=readable),
         "GetAgentMetrics": _with(pb.GetAgentMetricsRequest, agent_id=readable),
         "GetAgentLogs": _with(

@@ -96,6 +96,7 @@ REJECTED = frozenset(
         grpc.StatusCode.UNAUTHENTICATED,
     }
 )
+BULK = frozenset({"StartAgents", "StopAgents", "RestartAgents"})
 REJECTED_NAMES = frozenset(code.name for code in REJECTED)
 FORBIDDEN = frozenset({grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN})
 
@@ -443,6 +444,11 @@ class World:
                 assert created in after, f"CreateAgent answered {created}, which is not listed"
                 return diff - {created}
             return diff - new if len(new) == 1 else diff
+        if method in BULK and outcome.code == grpc.StatusCode.OK:
+            # A bulk call may change exactly the agents it reports a result for.
+            reply = request_class(method).__name__.replace("Request", "Response")
+            results = getattr(pb, reply).FromString(outcome.replies[0]).results
+            return diff - {result.agent_id for result in results}
         return diff - {getattr(request, "agent_id", "")}
 
     def check_manager(self, subject: str, payload: bytes) -> None:

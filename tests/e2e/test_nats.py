@@ -17,6 +17,7 @@ the subject prefix or flood the daemon get their own.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
@@ -396,7 +397,7 @@ def test_metrics_merge_process_and_reported(box: Sandbox, stub: AgentServiceStub
 def test_manager_subjects_round_trip_every_command(
     box: Sandbox, stub: AgentServiceStub, client: NatsClient
 ) -> None:
-    create(stub, "mgr-sleeper", sleeper())
+    create(stub, "mgr-sleeper", sleeper(), labels={"tier": "mgr"})
     create(stub, "mgr-doomed", sleeper())
     broadcast = client.subscribe("agent.manager.response")
 
@@ -417,6 +418,14 @@ def test_manager_subjects_round_trip_every_command(
         assert listed["result"]["total"] == len(ids)
         only_stopped = manager("list", params={"state": "stopped"})["result"]["agents"]
         assert {a["state"] for a in only_stopped} == {"stopped"}
+        labelled = manager("list", params={"label_selector": "tier=mgr"})["result"]["agents"]
+        assert [(a["agent_id"], a["labels"]) for a in labelled] == [("mgr-sleeper", {"tier": "mgr"})]
+        bad = client.request(
+            "agent.manager.command",
+            {"command": "list", "agent_id": "", "params": {"label_selector": "tier in ("}},
+            timeout=20,
+        )
+        assert bad["status"] == "error" and "label_selector" in json.dumps(bad), bad
 
         got = manager("get", "mgr-sleeper")
         assert got["result"]["agent_id"] == "mgr-sleeper" and got["result"]["spec"]["command"][0] == "/bin/sh"

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import selectors
+import shlex
 import signal
 import subprocess
 import time
@@ -81,9 +82,9 @@ def test_list_in_every_format(box: Sandbox) -> None:
         pid = status(box.stub, "cli-list").pid
         table = ok(box, "agents", "list")
         header, *rows = table.splitlines()
+        # NAME only in -o wide: by default it is the id again.
         assert header.split() == [
             "ID",
-            "NAME",
             "TYPE",
             "STATE",
             "DESIRED",
@@ -94,22 +95,42 @@ def test_list_in_every_format(box: Sandbox) -> None:
             "EXIT",
         ]
         row = next(r.split() for r in rows if r.startswith("cli-list "))
-        assert row[:6] == ["cli-list", "cli-list", "cli-test", "running", "running", str(pid)]
+        assert row[:5] == ["cli-list", "cli-test", "running", "running", str(pid)]
         assert any(r.startswith("pkg-found ") and " stopped " in r for r in rows)
+        assert "\x1b[" not in table  # piped: no colour
 
+        wide_header, *wide_rows = ok(box, "agents", "list", "-o", "wide", "--type", "cli-test").splitlines()
+        assert wide_header.split()[:2] == ["ID", "NAME"] and "LAST HEARTBEAT" in wide_header
+        wide_row = next(r for r in wide_rows if r.startswith("cli-list "))
+        assert wide_row.split()[1] == "cli-list" and wide_row.endswith(shlex.join(sleeper()))
+        assert wide_row[wide_header.index("RUNTIME") :].startswith("process ")
+        no_headers = ok(box, "agents", "list", "--no-headers", "--type", "cli-test").splitlines()
+        assert sorted(line.split()[0] for line in no_headers) == ["cli-list", "pkg-found"]
+        names = ok(box, "agents", "list", "-o", "name", "--type", "cli-test").splitlines()
+        assert sorted(names) == ["cli-list", "pkg-found"]
+
+        # -o json is the REST API's ListAgentsResponse, every page in one.
         listed = as_json(box, "agents", "list", "--type", "cli-test")
-        assert sorted(a["agent_id"] for a in listed) == ["cli-list", "pkg-found"]
-        by_id = {a["agent_id"]: a for a in listed}
+        assert sorted(listed) == ["agents", "nextPageToken", "totalSize"]
+        assert listed["totalSize"] == 2 and listed["nextPageToken"] == ""
+        assert sorted(a["agentId"] for a in listed["agents"]) == ["cli-list", "pkg-found"]
+        by_id = {a["agentId"]: a for a in listed["agents"]}
         assert by_id["cli-list"]["status"]["pid"] == pid
         assert by_id["cli-list"]["status"]["state"] == "AGENT_STATE_RUNNING"
-        assert by_id["cli-list"]["status"]["desired_state"] == "DESIRED_STATE_RUNNING"
+        assert by_id["cli-list"]["status"]["desiredState"] == "DESIRED_STATE_RUNNING"
         assert by_id["pkg-found"]["source"] == "AGENT_SOURCE_DISCOVERED"
 
         in_yaml = as_yaml(box, "agents", "list", "--type", "cli-test")
-        assert [(a["agent_id"], a["spec"]) for a in in_yaml] == [(a["agent_id"], a["spec"]) for a in listed]
+        assert [(a["agentId"], a["spec"]) for a in in_yaml["agents"]] == [
+            (a["agentId"], a["spec"]) for a in listed["agents"]
+        ]
         running = as_json(box, "agents", "list", "--state", "running", "--type", "cli-test")
-        assert [a["agent_id"] for a in running] == ["cli-list"]
-        assert as_json(box, "agents", "list", "--node", "elsewhere") == []
+        assert [a["agentId"] for a in running["agents"]] == ["cli-list"]
+        assert as_json(box, "agents", "list", "--node", "elsewhere") == {
+            "agents": [],
+            "nextPageToken": "",
+            "totalSize": 0,
+        }
     finally:
         box.stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="cli-list"), timeout=10)
 
@@ -135,16 +156,18 @@ def test_get_and_status(box: Sandbox) -> None:
         assert "Uptime" in fields and "Last exit" in fields
 
         one = as_json(box, "agents", "status", "cli-get")
-        assert one["pid"] == pid and one["restart_count"] == 0
-        assert one["desired_state"] == "DESIRED_STATE_RUNNING"
+        assert one["pid"] == pid and one["restartCount"] == 0
+        assert one["desiredState"] == "DESIRED_STATE_RUNNING"
         assert "uptime" in one
 
+        # Every agent's status: the API's list, as `agents list` gives it.
         everyone = as_json(box, "agents", "status")
-        assert "cli-get" in {s["agent_id"] for s in everyone}
+        assert "cli-get" in {a["agentId"] for a in everyone["agents"]}
+        assert {a["status"]["agentId"] for a in everyone["agents"]} >= {"cli-get"}
         assert "ID" in ok(box, "agents", "status").splitlines()[0]
 
         metrics = as_json(box, "agents", "metrics", "cli-get")
-        assert int(metrics["rss_bytes"]) > 0
+        assert int(metrics["rssBytes"]) > 0
     finally:
         box.stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="cli-get"), timeout=10)
 
@@ -156,8 +179,8 @@ def test_status_shows_restarts_and_last_exit(box: Sandbox) -> None:
         os.kill(pid, signal.SIGKILL)
         wait_state(box.stub, "cli-crash", pb.AGENT_STATE_RUNNING, check=lambda s: s.pid not in (0, pid))
         one = as_json(box, "agents", "status", "cli-crash")
-        assert one["restart_count"] == 1
-        assert one["last_exit"]["signal"] == signal.SIGKILL
+        assert one["restartCount"] == 1
+        assert one["lastExit"]["signal"] == signal.SIGKILL
         row = next(r for r in ok(box, "agents", "list").splitlines() if r.startswith("cli-crash "))
         assert " 1 " in row and "SIGKILL" in row, row
     finally:
@@ -189,8 +212,8 @@ def test_register_start_stop_restart_update_delete(box: Sandbox) -> None:
     agent = as_json(box, "agents", "get", "cli-flags")
     assert agent["spec"]["command"] == sleeper()
     assert agent["spec"]["environment"] == {"COLOUR": "blue"}
-    assert agent["spec"]["restart_policy"] == "RESTART_POLICY_ALWAYS"
-    assert agent["spec"]["stop_timeout"] == "2s"
+    assert agent["spec"]["restartPolicy"] == "RESTART_POLICY_ALWAYS"
+    assert agent["spec"]["stopTimeout"] == "2s"
 
     out = ok(box, "agents", "start", "cli-flags")
     pid = status(box.stub, "cli-flags").pid
@@ -227,7 +250,7 @@ def test_register_start_stop_restart_update_delete(box: Sandbox) -> None:
     ok(box, "agents", "update", "cli-flags", "--replace-env")
     assert as_json(box, "agents", "get", "cli-flags")["spec"].get("environment", {}) == {}
 
-    out = ok(box, "agents", "stop", "cli-flags", "--timeout", "1")
+    out = ok(box, "agents", "stop", "cli-flags", "--grace", "1")
     assert "cli-flags stopped" in out
     assert not pid_alive(new_pid)
     assert "already stopped" in ok(box, "agents", "stop", "cli-flags")
@@ -263,14 +286,14 @@ def test_register_from_a_manifest_and_with_command_flag(box: Sandbox) -> None:
     assert result.returncode == 0, result.stderr
     assert "registered and started" in result.stdout
     agent = as_json(box, "agents", "get", "cli-manifest")
-    assert agent["manifest_path"] == str(package / "agent.yaml")
+    assert agent["manifestPath"] == str(package / "agent.yaml")
     assert agent["spec"]["version"] == "4.5.6"
     assert agent["status"]["state"] == "AGENT_STATE_RUNNING"
 
     registered = as_json(
         box, "agents", "register", "--name", "Cli Command", "--command", "sleep 1000", "--id", "cli-cmd"
     )
-    assert registered["agent_id"] == "cli-cmd"
+    assert registered["agentId"] == "cli-cmd"
     assert registered["spec"]["command"] == ["sleep", "1000"]
     for agent_id in ("cli-manifest", "cli-cmd"):
         ok(box, "agents", "delete", agent_id)
@@ -286,7 +309,7 @@ def test_logs_tail_and_follow(box: Sandbox) -> None:
         tail = ok(box, "agents", "logs", "cli-logs", "--tail", "2").splitlines()
         assert len(tail) == 2 and all(line.startswith("tick ") for line in tail), tail
         as_lines = as_json(box, "agents", "logs", "cli-logs", "--tail", "1")  # NDJSON: one object
-        assert as_lines["agent_id"] == "cli-logs" and as_lines["line"].startswith("tick ")
+        assert as_lines["agentId"] == "cli-logs" and as_lines["line"].startswith("tick ")
 
         follower = spawn(
             [*OPMASCTL, "--server", str(box.socket), "agents", "logs", "cli-logs", "--tail", "1", "--follow"],
@@ -336,8 +359,8 @@ def test_discover(box: Sandbox) -> None:
     assert "pkg-found" in text
     assert "pkg-broken" in text and "invalid YAML" in text
     report = as_json(box, "agents", "discover")
-    assert "pkg-found" in {a["agent_id"] for a in report["agents"]}
-    assert [e["manifest_path"] for e in report["errors"]] == [
+    assert "pkg-found" in {a["agentId"] for a in report["agents"]}
+    assert [e["manifestPath"] for e in report["errors"]] == [
         str(box.agents_dir / "pkg-broken" / "agent.yaml")
     ]
     assert as_yaml(box, "agents", "discover") == report
@@ -355,7 +378,7 @@ def test_errors_print_the_servers_message_and_exit_non_zero(box: Sandbox) -> Non
         ("agents", "delete", "no-such-agent"),
     ):
         result = fails(box, *args)
-        assert result.returncode == 1
+        assert result.returncode == 3  # not found
         assert "not_found" in result.stderr and "'no-such-agent'" in result.stderr, result.stderr
         assert result.stdout == ""
 
@@ -368,7 +391,7 @@ def test_errors_print_the_servers_message_and_exit_non_zero(box: Sandbox) -> Non
     assert "spec.command" in result.stderr and "/no/such/program" in result.stderr
 
     result = fails(box, "agents", "get", "x", server=str(box.root / "nobody.sock"))
-    assert result.returncode == 1
+    assert result.returncode == 4  # unavailable
     assert "cannot reach opmasd" in result.stderr
 
     usage = fails(box, "agents", "register", "--name", "no-command")
@@ -381,16 +404,18 @@ def test_errors_print_the_servers_message_and_exit_non_zero(box: Sandbox) -> Non
 def test_tcp_server_gives_the_same_answers(box: Sandbox) -> None:
     over_unix = as_json(box, "agents", "list")
     over_tcp = as_json(box, "agents", "list", server=box.address)
-    strip: Callable[[list[dict[str, Any]]], list[str]] = lambda agents: [a["agent_id"] for a in agents]  # noqa: E731
+    strip: Callable[[dict[str, Any]], list[str]] = lambda listed: [a["agentId"] for a in listed["agents"]]  # noqa: E731
     assert strip(over_tcp) == strip(over_unix)
-    assert as_json(box, "agents", "get", "pkg-found", server=box.address)["agent_id"] == "pkg-found"
-    assert as_json(box, "agents", "list", server=f"unix://{box.socket}") == as_json(box, "agents", "list")
+    assert as_json(box, "agents", "get", "pkg-found", server=box.address)["agentId"] == "pkg-found"
+    # http:// names the same host:port (plaintext); dns:/// is grpc's own target syntax.
+    for server in (f"http://{box.address}", f"dns:///{box.address}", f"unix://{box.socket}"):
+        assert strip(as_json(box, "agents", "list", server=server)) == strip(over_unix), server
     # OPMAS_SERVER, when no --server is given.
     result = box.opmasctl(
         "agents", "get", "pkg-found", "-o", "json", server=None, env={"OPMAS_SERVER": box.address}
     )
     assert result.returncode == 0, result.stderr
-    assert json.loads(result.stdout)["agent_id"] == "pkg-found"
+    assert json.loads(result.stdout)["agentId"] == "pkg-found"
 
 
 def test_default_socket_through_runtime_directory(make_sandbox: Callable[..., Sandbox]) -> None:
@@ -403,4 +428,20 @@ def test_default_socket_through_runtime_directory(make_sandbox: Callable[..., Sa
         "agents", "list", "-o", "json", server=None, env={"RUNTIME_DIRECTORY": str(box.runtime_dir)}
     )
     assert result.returncode == 0, result.stderr
-    assert [a["agent_id"] for a in json.loads(result.stdout)] == ["via-default"]
+    assert [a["agentId"] for a in json.loads(result.stdout)["agents"]] == ["via-default"]
+
+
+def test_found_through_the_daemons_configuration(make_sandbox: Callable[..., Sandbox]) -> None:
+    """No --server, no $OPMAS_SERVER: opmasctl reads the daemon's configuration ($OPMAS_CONFIG)
+    for its socket, a relative path taken from the file's folder as the daemon takes it."""
+    box = make_sandbox()
+    box.config_file.write_text("grpc:\n  socket: run/opmasd.sock\n")  # = box.socket
+    box.start()
+    create(box.stub, "via-config", sleeper())
+    found = box.opmasctl(
+        "agents", "list", "-o", "name", server=None, env={"OPMAS_CONFIG": str(box.config_file)}
+    )
+    assert (found.returncode, found.stdout) == (0, "via-config\n"), found.stderr
+    # Without it this daemon is not among the places tried (they are this machine's defaults).
+    elsewhere = box.opmasctl("agents", "list", "-o", "name", server=None)
+    assert elsewhere.stdout != "via-config\n"

@@ -79,6 +79,7 @@ def test_enum_query_parameter(doc: dict[str, Any]) -> None:
         "node",
         "page_size",
         "page_token",
+        "label_selector",
     }
 
 
@@ -130,7 +131,7 @@ def test_comments_become_descriptions(doc: dict[str, Any]) -> None:
     logs = doc["paths"]["/api/v1/agents/{agent_id}/logs"]["get"]
     assert logs["summary"].startswith("The last tail_lines lines of the agent's output")
     assert "newline-delimited JSON" in logs["description"]
-    assert _parameter(logs, "tail_lines")["description"].startswith("Lines from the end of the log")
+    assert _parameter(logs, "tail_lines")["description"].startswith("How many lines from the end of the log")
     spec = doc["components"]["schemas"]["opmas.v1.AgentSpec"]
     assert spec["description"].startswith("What an agent is and how to run it")
     assert "before SIGKILL" in spec["properties"]["stopTimeout"]["description"]

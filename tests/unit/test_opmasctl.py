@@ -1,4 +1,6 @@
-"""opmasctl's pure parts: endpoint resolution, flag parsing, spec/update_mask building, rendering."""
+"""opmasctl's pure parts: the default socket, flag parsing, spec/update_mask building, rendering.
+
+Finding the daemon (--server, the configuration, the order of places): test_opmasctl_server.py."""
 
 from __future__ import annotations
 
@@ -11,15 +13,14 @@ import pytest
 import yaml
 from google.protobuf import duration_pb2, timestamp_pb2
 
-from opmas.local import DEFAULT_TCP_ADDRESS, default_socket_path
+from opmas.local import default_socket_path
 from opmas.v1 import agents_pb2
-from opmasctl import output, views
+from opmasctl import output, tables, views
 from opmasctl.cli import build_parser
-from opmasctl.connection import parse_server, probe, resolve_endpoint
 from opmasctl.parsing import parse_duration, parse_env, parse_params, parse_seconds, parse_size
 from opmasctl.spec import SpecError, build_spec, environment_patch
 
-# --- endpoint resolution ------------------------------------------------------------------------
+# --- the default socket ------------------------------------------------------------------------
 
 
 def test_default_socket_prefers_runtime_directory() -> None:
@@ -36,52 +37,6 @@ def test_default_socket_user_uses_xdg_then_tmp() -> None:
         Path("/run/user/1000/opmas/opmasd.sock")
     )
     assert default_socket_path({}, 1000) == Path("/tmp/opmas-1000/opmasd.sock")
-
-
-@pytest.mark.parametrize(
-    ("server", "target", "display"),
-    [
-        ("/run/opmas/opmasd.sock", "unix:/run/opmas/opmasd.sock", "/run/opmas/opmasd.sock"),
-        ("unix:///run/x.sock", "unix:/run/x.sock", "/run/x.sock"),
-        ("unix:/run/x.sock", "unix:/run/x.sock", "/run/x.sock"),
-        ("localhost:50051", "localhost:50051", "localhost:50051"),
-        ("10.0.0.5:7000", "10.0.0.5:7000", "10.0.0.5:7000"),
-        ("[::1]:50051", "[::1]:50051", "[::1]:50051"),
-    ],
-)
-def test_parse_server(server: str, target: str, display: str) -> None:
-    endpoint = parse_server(server)
-    assert (endpoint.target, endpoint.display) == (target, display)
-
-
-def test_parse_server_relative_socket_made_absolute(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
-    monkeypatch.chdir(tmp_path)
-    assert parse_server("./d.sock").target == f"unix:{tmp_path}/d.sock"
-
-
-@pytest.mark.parametrize("server", ["", "justahost", "unix://relative/x.sock"])
-def test_parse_server_rejects(server: str) -> None:
-    with pytest.raises(ValueError):
-        parse_server(server)
-
-
-def test_probe_needs_a_socket_address() -> None:
-    assert probe(parse_server("dns:///opmasd.example:50051")) is None
-
-
-def test_resolve_flag_beats_env() -> None:
-    env = {"OPMAS_SERVER": "envhost:1"}
-    assert resolve_endpoint("flaghost:2", env, 1000).target == "flaghost:2"
-    assert resolve_endpoint(None, env, 1000).target == "envhost:1"
-
-
-def test_resolve_default_socket_only_when_it_exists(tmp_path: Path) -> None:
-    env = {"RUNTIME_DIRECTORY": str(tmp_path)}
-    assert resolve_endpoint(None, env, 1000).target == DEFAULT_TCP_ADDRESS
-    (tmp_path / "opmasd.sock").touch()
-    endpoint = resolve_endpoint(None, env, 1000)
-    assert endpoint.target == f"unix:{tmp_path}/opmasd.sock"
-    assert endpoint.is_unix
 
 
 # --- flag values ----------------------------------------------------------------------------------
@@ -277,41 +232,104 @@ def test_human_duration() -> None:
     assert output.human_duration(0.5) == "0.5s"
 
 
-def test_agent_table() -> None:
-    stopped = agents_pb2.Agent(
+def _stopped() -> agents_pb2.Agent:
+    return agents_pb2.Agent(
         agent_id="x",
         status=agents_pb2.AgentStatus(
             state=agents_pb2.AGENT_STATE_STOPPED, last_exit=agents_pb2.ExitInfo(exit_code=3)
         ),
     )
-    lines = views.agents_table([sample_agent(), stopped]).splitlines()
-    assert lines[0].split() == [
-        "ID",
-        "NAME",
-        "TYPE",
-        "STATE",
-        "DESIRED",
-        "PID",
-        "UPTIME",
-        "RESTARTS",
-        "LAST",
-        "EXIT",
-    ]
-    assert lines[1].split() == [
-        "sysmon",
-        "sysmon",
-        "monitor",
-        "running",
-        "running",
-        "1234",
-        "1h2m3s",
-        "2",
-        "SIGKILL",
-    ]
-    assert lines[2].split() == ["x", "-", "-", "stopped", "-", "-", "-", "0", "exit", "3"]
+
+
+def test_agent_table() -> None:
+    lines = views.agents_table([sample_agent(), _stopped()]).splitlines()
+    # No NAME: it is the id unless set apart, so it mostly repeated ID (-o wide shows it).
+    assert lines[0].split() == ["ID", "TYPE", "STATE", "DESIRED", "PID", "UPTIME", "RESTARTS", "LAST", "EXIT"]
+    assert lines[1].split() == ["sysmon", "monitor", "running", "running", "1234", "1h2m3s", "2", "SIGKILL"]
+    assert lines[2].split() == ["x", "-", "stopped", "-", "-", "-", "0", "exit", "3"]
     # Columns line up: every row's STATE starts where the header's does.
     column = lines[0].index("STATE")
     assert all(line[column:].startswith(("STATE", "running", "stopped")) for line in lines)
+    assert views.agents_table([]) == ""
+
+
+def test_agent_table_wide_adds_name_node_runtime_heartbeat_command() -> None:
+    agent = sample_agent()
+    agent.node = "node-a"
+    agent.status.last_heartbeat_time.FromDatetime(datetime.now(UTC))
+    header, row = views.agents_table([agent], tables.TableStyle(wide=True)).splitlines()
+    assert header.split()[0:2] == ["ID", "NAME"]
+    for name in ("NODE", "RUNTIME", "LAST HEARTBEAT", "COMMAND"):
+        assert name in header
+    assert row.split()[:2] == ["sysmon", "sysmon"]
+    assert row[header.index("NODE") :].startswith("node-a ")
+    assert row[header.index("RUNTIME") :].startswith("process ")
+    assert row[header.index("LAST HEARTBEAT") :].split()[0] in ("0s", "1s")
+    assert row.endswith("python -m sysmon --level 'a b'")
+
+
+def test_no_headers() -> None:
+    lines = views.agents_table([sample_agent(), _stopped()], tables.TableStyle(headers=False)).splitlines()
+    assert [line.split()[0] for line in lines] == ["sysmon", "x"]
+
+
+def test_table_fits_the_terminal_and_never_cuts_the_id() -> None:
+    agent = sample_agent()
+    agent.agent_id = "an-agent-with-a-rather-long-identifier"
+    agent.spec.command[:] = ["python", "-m", "a.very.long.module.name", "--with", "many", "arguments"] * 3
+    style = tables.TableStyle(wide=True, width=150)
+    header, row = views.agents_table([agent], style).splitlines()
+    assert len(header) <= 150 and len(row) <= 150
+    assert row.startswith("an-agent-with-a-rather-long-identifier ")
+    assert row.endswith("…")
+    # Only the free-text columns are cut: the status columns stay readable.
+    assert " running " in row and " 1h2m3s " in row and " SIGKILL" in row
+    # Piped (no width), nothing is cut.
+    piped = views.agents_table([agent], tables.TableStyle(wide=True)).splitlines()[1]
+    assert "…" not in piped and piped.endswith("arguments")
+    # Narrower than the id column: the id stays whole, the rest gives way.
+    assert views.agents_table([agent], tables.TableStyle(width=20)).splitlines()[1].startswith(agent.agent_id)
+
+
+def test_fit_shrinks_the_widest_elastic_columns_first() -> None:
+    assert tables.fit([10, 30, 8], 40, elastic=[1, 2]) == [10, 18, 8]
+    assert tables.fit([10, 30, 30], 50, elastic=[1, 2]) == [10, 18, 18]
+    assert tables.fit([10, 30, 30], 50, elastic=[2]) == [10, 30, 6]  # the others stay whole
+    assert tables.fit([50, 30], 40, elastic=[1]) == [50, tables.MIN_WIDTH]  # overflows, id whole
+    assert tables.cut("abcdef", 4) == "abc…" and tables.cut("abc", 4) == "abc"
+
+
+def test_state_in_colour_only_when_asked() -> None:
+    coloured = views.agents_table([sample_agent(), _stopped()], tables.TableStyle(colour=True))
+    header, running, stopped = coloured.splitlines()
+    assert "\x1b[32mrunning\x1b[0m" in running  # the STATE cell; DESIRED is left plain
+    assert running.count("\x1b[") == 2
+    assert "\x1b[" not in header and "\x1b[" not in stopped
+    # Escape codes take no room: the columns after STATE still line up.
+    plain = views.agents_table([sample_agent(), _stopped()]).splitlines()
+    assert running.replace("\x1b[32m", "").replace("\x1b[0m", "") == plain[1]
+    assert "\x1b[" not in views.agents_table([sample_agent()])
+
+
+@pytest.mark.parametrize(
+    ("tty", "env", "colour"),
+    [
+        (True, {"TERM": "xterm"}, True),
+        (True, {"TERM": "xterm", "NO_COLOR": "1"}, False),
+        (True, {"TERM": "xterm", "NO_COLOR": ""}, True),  # no-color.org: set and not empty
+        (True, {"TERM": "dumb"}, False),
+        (False, {"TERM": "xterm"}, False),
+    ],
+)
+def test_style_detect(tty: bool, env: dict[str, str], colour: bool, monkeypatch: pytest.MonkeyPatch) -> None:
+    class Stream:
+        def isatty(self) -> bool:
+            return tty
+
+    monkeypatch.setenv("COLUMNS", "77")
+    style = tables.TableStyle.detect(stream=Stream(), env=env)  # type: ignore[arg-type]
+    assert style.colour is colour
+    assert style.width == (77 if tty else None)
 
 
 def test_agent_view_key_values() -> None:
@@ -331,12 +349,16 @@ def test_agent_view_key_values() -> None:
 def test_json_and_yaml_rendering() -> None:
     data = output.message_to_dict(sample_agent())
     as_json = json.loads(output.dump(data, "json"))
-    assert as_json["agent_id"] == "sysmon"
+    # The REST API's mapping: lowerCamelCase, enum names, Durations as strings.
+    assert as_json["agentId"] == "sysmon"
     assert as_json["status"]["state"] == "AGENT_STATE_RUNNING"
-    assert as_json["spec"]["stop_timeout"] == "10s"
-    # Fields without presence are printed even at their default value.
-    assert as_json["spec"]["restart_on_inactive"] is False
+    assert as_json["spec"]["stopTimeout"] == "10s"
+    assert as_json["spec"]["resources"]["memoryMaxBytes"] == str(512 * 1024**2)  # uint64: a string
+    # Fields without presence are printed even at their default value; unset messages as null.
+    assert as_json["spec"]["restartOnInactive"] is False
     assert as_json["node"] == ""
+    assert as_json["createTime"] is None and as_json["status"]["lastHeartbeatTime"] is None
+    assert "agent_id" not in as_json
     assert yaml.safe_load(output.dump(data, "yaml")) == as_json
     line = output.dump_item(data, "json")
     assert line.count("\n") == 1 and json.loads(line) == as_json

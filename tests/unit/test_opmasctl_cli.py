@@ -123,9 +123,9 @@ def test_list_follows_pages(service: FakeAgentService, capsys: pytest.CaptureFix
     service.handlers["ListAgents"] = lambda request, context: pages[request.page_token]
     assert cli(service, "agents", "list", "--state", "running", "--type", "monitor") == 0
     out = capsys.readouterr().out.splitlines()
-    assert out[0].split()[:4] == ["ID", "NAME", "TYPE", "STATE"]
-    assert out[1].split()[:6] == ["a1", "a1", "monitor", "running", "-", "11"]
-    assert out[2].split()[:4] == ["a2", "a2", "monitor", "stopped"]
+    assert out[0].split()[:3] == ["ID", "TYPE", "STATE"]
+    assert out[1].split()[:5] == ["a1", "monitor", "running", "-", "11"]
+    assert out[2].split()[:3] == ["a2", "monitor", "stopped"]
     sent = service.sent("ListAgents")
     assert [r.page_token for r in sent] == ["", "p2"]
     assert all(
@@ -134,12 +134,49 @@ def test_list_follows_pages(service: FakeAgentService, capsys: pytest.CaptureFix
 
 
 def test_list_json_after_subcommand(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
-    service.handlers["ListAgents"] = lambda r, c: agents_pb2.ListAgentsResponse(agents=[_agent("a1")])
+    pages = {
+        "": agents_pb2.ListAgentsResponse(agents=[_agent("a1")], next_page_token="p2", total_size=2),
+        "p2": agents_pb2.ListAgentsResponse(agents=[_agent("a2")], total_size=2),
+    }
+    service.handlers["ListAgents"] = lambda request, context: pages[request.page_token]
     # Global flags work after the subcommand too.
     assert run(["agents", "list", "-o", "json", "--server", service.socket]) == 0  # type: ignore[attr-defined]
     data = json.loads(capsys.readouterr().out)
-    assert [a["agent_id"] for a in data] == ["a1"]
-    assert data[0]["status"]["state"] == "AGENT_STATE_RUNNING"
+    # The API's ListAgentsResponse with every page in it.
+    assert sorted(data) == ["agents", "nextPageToken", "totalSize"]
+    assert [a["agentId"] for a in data["agents"]] == ["a1", "a2"]
+    assert (data["nextPageToken"], data["totalSize"]) == ("", 2)
+    assert data["agents"][0]["status"]["state"] == "AGENT_STATE_RUNNING"
+
+
+def test_output_name(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
+    service.handlers["ListAgents"] = lambda r, c: agents_pb2.ListAgentsResponse(
+        agents=[_agent("a1"), _agent("a2")]
+    )
+    service.handlers["StopAgent"] = lambda r, c: agents_pb2.StopAgentResponse(
+        status=agents_pb2.AgentStatus(agent_id=r.agent_id), changed=True
+    )
+    for argv, out in (
+        (["agents", "list"], "a1\na2\n"),
+        (["agents", "status"], "a1\na2\n"),
+        (["agents", "get", "a1"], "a1\n"),
+        (["agents", "status", "a1"], "a1\n"),
+        (["agents", "stop", "a2"], "a2\n"),
+        (["agents", "delete", "a2"], "a2\n"),
+        (["agents", "update", "a2", "--type", "t"], "a2\n"),
+        (["agents", "register", "--name", "x", "--command", "p"], "new\n"),
+    ):
+        assert cli(service, "-o", "name", *argv) == 0, argv
+        assert capsys.readouterr().out == out, argv
+    assert cli(service, "-o", "name", "agents", "logs", "a1") == 2
+    assert "-o name: logs prints no agents" in capsys.readouterr().err
+
+
+def test_no_agents_is_said_on_stderr(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
+    assert cli(service, "agents", "list") == 0
+    assert capsys.readouterr() == ("", "no agents\n")
+    assert cli(service, "agents", "list", "-o", "json") == 0
+    assert json.loads(capsys.readouterr().out) == {"agents": [], "nextPageToken": "", "totalSize": 0}
 
 
 def test_start_changed_and_not(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
@@ -160,14 +197,22 @@ def test_start_changed_and_not(service: FakeAgentService, capsys: pytest.Capture
     assert [r.agent_id for r in service.sent("StartAgent")] == ["sysmon"] * 3
 
 
-def test_stop_sends_timeout(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
-    service.handlers["StopAgent"] = lambda r, c: agents_pb2.StopAgentResponse(
-        status=agents_pb2.AgentStatus(agent_id="sysmon"), changed=True
-    )
-    assert cli(service, "agents", "stop", "sysmon", "--timeout", "5") == 0
+def test_stop_sends_grace(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
+    seen: list[float | None] = []
+
+    def stop(request: agents_pb2.StopAgentRequest, context: grpc.ServicerContext) -> Any:
+        seen.append(context.time_remaining())
+        return agents_pb2.StopAgentResponse(status=agents_pb2.AgentStatus(agent_id="sysmon"), changed=True)
+
+    service.handlers["StopAgent"] = stop
+    assert cli(service, "agents", "stop", "sysmon", "--grace", "5") == 0
     assert capsys.readouterr().out == "agent sysmon stopped\n"
     (request,) = service.sent("StopAgent")
     assert request.timeout == duration_pb2.Duration(seconds=5)
+    # --timeout after stop is the call's deadline, as everywhere; it is stretched by the grace.
+    assert cli(service, "agents", "stop", "sysmon", "--grace", "5", "--timeout", "2") == 0
+    assert service.sent("StopAgent")[1].timeout == duration_pb2.Duration(seconds=5)
+    assert seen[1] is not None and 5 < seen[1] < 7.5
 
 
 def test_register_from_flags(service: FakeAgentService, capsys: pytest.CaptureFixture[str]) -> None:
@@ -353,6 +398,11 @@ def test_command_params_and_result(service: FakeAgentService, capsys: pytest.Cap
     (request,) = service.sent("SendCommand")
     assert request.command == "scan"
     assert dict(request.params) == {"depth": 3, "host": "r1"}
+    assert not request.HasField("timeout")
+    # --reply-timeout is the daemon's wait for the agent; --timeout stays the call's deadline.
+    assert cli(service, "agents", "command", "a1", "scan", "--reply-timeout", "7", "--timeout", "3") == 0
+    assert service.sent("SendCommand")[1].timeout == duration_pb2.Duration(seconds=7)
+    capsys.readouterr()
 
     service.handlers["SendCommand"] = lambda r, c: agents_pb2.SendCommandResponse(
         status="error", error="no such scan"
@@ -413,7 +463,7 @@ def test_plain_error(service: FakeAgentService, capsys: pytest.CaptureFixture[st
         context.abort(grpc.StatusCode.NOT_FOUND, "agent nope not found")
 
     service.handlers["GetAgent"] = missing
-    assert cli(service, "agents", "get", "nope") == 1
+    assert cli(service, "agents", "get", "nope") == 3  # NOT_FOUND
     assert capsys.readouterr().err == "error: not_found: agent nope not found\n"
 
 
@@ -424,26 +474,38 @@ def test_server_unavailable_is_not_a_connect_failure(
         context.abort(grpc.StatusCode.UNAVAILABLE, "failed to connect to NATS")
 
     service.handlers["SendCommand"] = down
-    assert cli(service, "agents", "command", "a1", "ping") == 1
+    assert cli(service, "agents", "command", "a1", "ping") == 4  # UNAVAILABLE: try again later
     assert capsys.readouterr().err == "error: unavailable: failed to connect to NATS\n"
 
 
 def test_unreachable_socket(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     socket = tmp_path / "absent.sock"
-    assert run(["--server", str(socket), "--timeout", "5", "agents", "list"]) == 1
+    assert run(["--server", str(socket), "--timeout", "5", "agents", "list"]) == 4
     captured = capsys.readouterr()
     assert captured.out == ""
-    assert captured.err.startswith(f"error: cannot reach opmasd at {socket}: ")
-    assert "Traceback" not in captured.err
+    assert captured.err.splitlines() == [
+        f"error: cannot reach opmasd at {socket}: no such socket",
+        "  start it: `make run` in a checkout, or `systemctl start opmasd`; "
+        "or point --server (or $OPMAS_SERVER) at a running one",
+    ]
 
 
 def test_unreachable_env_tcp(capsys: pytest.CaptureFixture[str], monkeypatch: pytest.MonkeyPatch) -> None:
     # Port 1 on loopback: nothing listens there, the connection is refused at once.
     monkeypatch.setenv("OPMAS_SERVER", "127.0.0.1:1")
-    assert run(["agents", "status"]) == 1
-    assert capsys.readouterr().err.startswith("error: cannot reach opmasd at 127.0.0.1:1: ")
+    assert run(["agents", "status"]) == 4
+    assert capsys.readouterr().err.startswith(
+        "error: cannot reach opmasd at 127.0.0.1:1: connection refused\n"
+    )
 
 
 def test_version(capsys: pytest.CaptureFixture[str]) -> None:
     assert run(["--version"]) == 0
     assert capsys.readouterr().out.startswith("opmasctl ")
+
+
+def test_help_lists_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> None:
+    assert run(["--help"]) == 0
+    epilog = capsys.readouterr().out.split("exit status:", 1)[1]
+    codes = [line.split()[0] for line in epilog.splitlines() if line[:5].strip().isdigit()]
+    assert codes == ["0", "1", "2", "3", "4", "130"]

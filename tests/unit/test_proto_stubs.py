@@ -73,6 +73,9 @@ EXPECTED_HTTP = {
     "WatchEvents": ("get", "/api/v1/events", ""),
     "DiscoverAgents": ("post", "/api/v1/agents:discover", "*"),
     "SendCommand": ("post", "/api/v1/agents/{agent_id}/command", "*"),
+    "StartAgents": ("post", "/api/v1/agents:start", "*"),
+    "StopAgents": ("post", "/api/v1/agents:stop", "*"),
+    "RestartAgents": ("post", "/api/v1/agents:restart", "*"),
 }
 
 

@@ -19,6 +19,7 @@ discovery of the other packages.
     runtime: process              # process | systemd
     autostart: true
     restart_on_inactive: false
+    labels: {env: prod, role: probe}  # for selectors: opmasctl agents stop -l role=probe
 """
 
 from __future__ import annotations
@@ -59,6 +60,7 @@ KNOWN_KEYS = {
     "runtime",
     "autostart",
     "restart_on_inactive",
+    "labels",
 }
 MAX_MANIFEST_BYTES = 1024 * 1024
 _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,39}")
@@ -206,6 +208,24 @@ def _flag(data: dict[str, Any], key: str) -> bool:
     return value
 
 
+def _labels(value: Any) -> tuple[tuple[str, str], ...]:
+    """labels: a mapping of key: value; numbers and booleans are taken as their YAML text
+    (true → "true"), their grammar is checked with the rest of the spec."""
+    if value is None:
+        return ()
+    if not isinstance(value, dict):
+        raise ValueError(f"labels: must be a mapping of key: value, got {shown(value)}")
+    labels: dict[str, str] = {}
+    for key, item in value.items():
+        if not isinstance(key, str) or isinstance(item, list | dict):
+            raise ValueError("labels: keys must be strings and values strings, numbers or booleans")
+        if isinstance(item, bool):
+            labels[key] = "true" if item else "false"
+        else:
+            labels[key] = "" if item is None else str(item)
+    return tuple(sorted(labels.items()))
+
+
 def _entrypoint(value: Any, package_dir: Path) -> tuple[tuple[str, ...], dict[str, str]]:
     """The argv of an entrypoint, and environment it needs (PYTHONPATH for modules)."""
     if isinstance(value, dict):
@@ -270,6 +290,7 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
         raise ValueError(f"resources: {exc}") from None
 
     return AgentSpec(
+        labels=_labels(data.get("labels")),
         name=name,
         command=command,
         type=_text(data, "type", "generic"),

@@ -1,0 +1,191 @@
+"""Where the local opmasd listens according to its configuration: grpc.socket and grpc.address.
+
+The file is the daemon's own ($OPMAS_CONFIG, else /etc/opmas/opmasd.yaml when it exists), read
+with the daemon's environment overrides of those keys (OPMAS_GRPC_SOCKET, OPMAS_GRPC_ADDRESS,
+OPMAS_SERVICE_RUNTIME_DIR) and its rules for them (opmasd/config): a relative path is relative
+to the file, `grpc.socket: none` and `grpc.address: ""` turn a listener off, a socket left unnamed
+is `<service.runtime_dir>/opmasd.sock`. Only these keys are read; the daemon judges the rest.
+A file that cannot be used is a problem to report, never fatal: opmasctl then looks elsewhere.
+"""
+
+from __future__ import annotations
+
+import os
+import stat
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from opmas.local import SOCKET_NAME
+from opmasctl.endpoints import Endpoint, check_host_port, tcp_endpoint, unix_endpoint
+
+DEFAULT_CONFIG_PATH = Path("/etc/opmas/opmasd.yaml")
+# The daemon's configuration is a few KiB; anything near this is not one.
+MAX_CONFIG_BYTES = 1 << 20
+# Listening on every address means: reachable on loopback.
+_ANY_HOST = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
+
+
+@dataclass(frozen=True)
+class Listener:
+    """An address the configuration names, and which setting named it (for messages)."""
+
+    endpoint: Endpoint
+    origin: str
+
+
+@dataclass(frozen=True)
+class ConfigProblem:
+    path: str
+    reason: str
+    # Worth a warning on every run (a broken file, an $OPMAS_CONFIG that is not there), rather
+    # than only a line of the report when no daemon answers (a file this user may not read).
+    loud: bool
+
+    def __str__(self) -> str:
+        return f"{self.path}: {self.reason}"
+
+
+@dataclass(frozen=True)
+class DaemonConfig:
+    listeners: list[Listener] = field(default_factory=list)
+    problem: ConfigProblem | None = None
+
+
+class _Unusable(Exception):
+    def __init__(self, reason: str, *, loud: bool = True) -> None:
+        super().__init__(reason)
+        self.reason = reason
+        self.loud = loud
+
+
+def config_file(env: Mapping[str, str], default: Path = DEFAULT_CONFIG_PATH) -> tuple[Path, bool] | None:
+    """The daemon's configuration file and whether it was named ($OPMAS_CONFIG), or None."""
+    if env.get("OPMAS_CONFIG"):
+        return Path(env["OPMAS_CONFIG"]).expanduser(), True
+    # os.path.exists: a folder this user may not search means "not there", not an error.
+    return (default, False) if os.path.exists(default) else None
+
+
+def read_daemon_config(env: Mapping[str, str], default: Path = DEFAULT_CONFIG_PATH) -> DaemonConfig:
+    """The gRPC listeners the configuration (file and environment) names, in the daemon's order:
+    the socket, then the TCP address."""
+    found = config_file(env, default)
+    values: dict[str, Any] = {}
+    problem: ConfigProblem | None = None
+    where = "the environment"
+    base = Path.cwd()
+    if found is not None:
+        path, named = found
+        where = str(path)
+        base = Path(os.path.abspath(path)).parent
+        try:
+            values = _read(path)
+        except _Unusable as err:
+            problem = ConfigProblem(where, err.reason, loud=named or err.loud)
+    settings = _Settings(values, env, where, base)
+    listeners: list[Listener] = []
+    for read in (settings.socket, settings.address):
+        try:
+            listener = read()
+        except _Unusable as err:
+            problem = problem or ConfigProblem(where, err.reason, loud=True)
+            continue
+        if listener is not None:
+            listeners.append(listener)
+    return DaemonConfig(listeners, problem)
+
+
+def _read(path: Path) -> dict[str, Any]:
+    try:
+        # O_NONBLOCK: a FIFO in its place must not hang opmasctl; only a regular file is read.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
+    except FileNotFoundError:
+        raise _Unusable("no such file") from None
+    except OSError as err:
+        raise _Unusable(f"cannot read it: {(err.strerror or str(err)).lower()}", loud=False) from None
+    with os.fdopen(fd, "rb") as file:
+        if not stat.S_ISREG(os.fstat(fd).st_mode):
+            raise _Unusable("not a regular file")
+        data = file.read(MAX_CONFIG_BYTES + 1)
+    if len(data) > MAX_CONFIG_BYTES:
+        raise _Unusable(f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a configuration")
+    try:
+        # Only three scalars are read below; aliases cannot make that walk large.
+        document = yaml.safe_load(data.decode("utf-8"))
+    except UnicodeDecodeError:
+        raise _Unusable("not UTF-8 text") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f"line {mark.line + 1}: " if mark is not None else ""
+        raise _Unusable(f"invalid YAML: {where}{getattr(err, 'problem', None) or err}") from None
+    if document is None:
+        return {}
+    if not isinstance(document, dict):
+        raise _Unusable("not a mapping of sections")
+    return document
+
+
+class _Settings:
+    """The few settings read, environment first (as the daemon does), then the file."""
+
+    def __init__(self, values: dict[str, Any], env: Mapping[str, str], where: str, base: Path) -> None:
+        self._values = values
+        self._env = env
+        self._where = where
+        self._base = base
+
+    def _get(self, section: str, key: str) -> tuple[str, str, Path] | None:
+        """(value, where it came from, base for a relative path), or None when not given."""
+        variable = f"OPMAS_{section.upper()}_{key.upper()}"
+        if variable in self._env:
+            return self._env[variable], f"${variable}", Path.cwd()
+        body = self._values.get(section)
+        if body is None:
+            return None
+        if not isinstance(body, dict):
+            raise _Unusable(f"{section}: not a mapping of keys")
+        value = body.get(key)
+        if value is None:
+            return None  # written with no value: the default, as for the daemon
+        if not isinstance(value, str):
+            raise _Unusable(f"{section}.{key}: not a string")
+        return value, f"{section}.{key} in {self._where}", self._base
+
+    def _path(self, text: str, base: Path) -> str:
+        path = Path(text).expanduser()
+        return os.path.abspath(path if path.is_absolute() else base / path)
+
+    def socket(self) -> Listener | None:
+        given = self._get("grpc", "socket")
+        if given is not None and given[0].strip():
+            text, origin, base = given
+            if text.strip().lower() == "none":
+                return None
+            return Listener(unix_endpoint(self._path(text.strip(), base)), origin)
+        runtime = self._get("service", "runtime_dir")
+        if runtime is None or not runtime[0].strip():
+            return None  # the daemon's default socket, which the caller tries anyway
+        text, origin, base = runtime
+        return Listener(unix_endpoint(os.path.join(self._path(text.strip(), base), SOCKET_NAME)), origin)
+
+    def address(self) -> Listener | None:
+        given = self._get("grpc", "address")
+        if given is None:
+            return None  # the daemon's default address, which the caller tries anyway
+        text, origin, _ = given
+        text = text.strip()
+        if not text:
+            return None
+        host, sep, port = text.rpartition(":")
+        if not sep:
+            raise _Unusable(f"{origin}: not host:port: {text!r}")
+        dial = f"{_ANY_HOST.get(host, host)}:{port}"
+        try:
+            check_host_port(dial)
+        except ValueError as err:
+            raise _Unusable(f"{origin}: {err}") from None
+        return Listener(tcp_endpoint(dial), origin)
