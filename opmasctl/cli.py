@@ -15,10 +15,17 @@ import grpc
 from google.rpc import error_details_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_status import rpc_status
 
-from opmasctl import __version__, commands, completion, top
+from opmasctl import __version__, bulk, commands, completion, logs, top
+from opmasctl.bulk import add_selection_arguments
 from opmasctl.commands import STATES, Context, UsageError
 from opmasctl.connection import Connection, NoDaemon, find_daemon
 from opmasctl.daemon_config import ConfigProblem
+from opmasctl.exits import (
+    EXIT_INTERRUPTED,
+    EXIT_UNAVAILABLE,
+    EXIT_USAGE,
+    exit_status,
+)
 from opmasctl.output import FORMATS
 from opmasctl.parsing import argtype, parse_duration
 from opmasctl.spec import add_spec_arguments
@@ -31,20 +38,6 @@ _TAKES_REST = {"register", "update"}
 # Commands whose output names no agents: -o name means nothing there.
 _NAMELESS = {"logs", "command"}
 
-# Exit statuses (README "Exit status"; the epilog of --help). _EXIT_BY_CODE is the one place a
-# gRPC status becomes one; every code not in it is 1.
-EXIT_OK = 0
-EXIT_ERROR = 1
-EXIT_USAGE = 2
-EXIT_NOT_FOUND = 3
-EXIT_UNAVAILABLE = 4
-EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
-_EXIT_BY_CODE = {
-    grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
-    # The daemon cannot be reached, or cannot serve now (shutting down, its store or NATS away):
-    # worth trying again later. DEADLINE_EXCEEDED is not: the request may have been carried out.
-    grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
-}
 EPILOG = """exit status:
   0    done
   1    the daemon refused or failed the request (any other gRPC error, DEADLINE_EXCEEDED
@@ -58,11 +51,6 @@ EPILOG = """exit status:
 finding the daemon: --server, else $OPMAS_SERVER; else the first that answers of the sockets
 and address in the daemon's configuration ($OPMAS_CONFIG, else /etc/opmas/opmasd.yaml), its
 default socket, /run/opmas/opmasd.sock and 127.0.0.1:50051."""
-
-
-def exit_status(code: grpc.StatusCode) -> int:
-    """The exit status of a command that ended with this gRPC status."""
-    return _EXIT_BY_CODE.get(code, EXIT_ERROR)
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -132,18 +120,20 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--state", choices=sorted(STATES))
     p.add_argument("--type")
     p.add_argument("--node")
+    _selector_argument(p, "only the agents whose labels match")
 
     p = add("get", commands.agents_get, "show an agent's spec and status")
     p.add_argument("agent_id", metavar="ID")
 
     p = add("status", commands.agents_status, "show one agent's status, or all agents")
     p.add_argument("agent_id", metavar="ID", nargs="?")
+    _selector_argument(p, "only the agents whose labels match")
 
-    p = add("start", commands.agents_start, "start an agent")
-    p.add_argument("agent_id", metavar="ID")
+    p = add("start", bulk.agents_start, "start agents: by id, --all or -l SELECTOR")
+    add_selection_arguments(p, "start")
 
-    p = add("stop", commands.agents_stop, "stop an agent")
-    p.add_argument("agent_id", metavar="ID")
+    p = add("stop", bulk.agents_stop, "stop agents: by id, --all or -l SELECTOR")
+    add_selection_arguments(p, "stop")
     p.add_argument(
         "--grace",
         type=argtype(parse_duration),
@@ -151,8 +141,8 @@ def build_parser() -> argparse.ArgumentParser:
         help="how long after SIGTERM before SIGKILL, instead of the agent's stop_timeout",
     )
 
-    p = add("restart", commands.agents_restart, "restart an agent")
-    p.add_argument("agent_id", metavar="ID")
+    p = add("restart", bulk.agents_restart, "restart agents: by id, --all or -l SELECTOR")
+    add_selection_arguments(p, "restart")
 
     p = add(
         "register",
@@ -171,11 +161,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("agent_id", metavar="ID")
     add_spec_arguments(p, update=True)
 
-    p = add("delete", commands.agents_delete, "stop and remove an agent")
-    p.add_argument("agent_id", metavar="ID")
+    p = add("delete", bulk.agents_delete, "stop and remove agents: by id, --all or -l SELECTOR")
+    add_selection_arguments(p, "delete")
 
-    p = add("logs", commands.agents_logs, "print an agent's output (stderr lines marked [err])")
-    p.add_argument("agent_id", metavar="ID")
+    p = add(
+        "logs",
+        logs.agents_logs,
+        "print agents' output (stderr lines marked [err]; several agents' lines begin with [ID])",
+    )
+    p.add_argument("agent_ids", metavar="ID", nargs="*")
+    _selector_argument(p, "the agents whose labels match")
+    p.add_argument(
+        "--since",
+        metavar="WHEN",
+        help="only lines since then: a duration back from now (10m, 2h) or an RFC 3339 time",
+    )
     p.add_argument(
         "-t", "--timestamps", action="store_true", help="begin each line with when it was stored (UTC)"
     )
@@ -222,6 +222,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.set_defaults(handler=completion.print_script, parser=p, command_name="completion")
     # Every agent-id positional above completes to the ids the daemon has.
     return completion.attach_completers(parser)
+
+
+def _selector_argument(parser: argparse.ArgumentParser, help_: str) -> None:
+    parser.add_argument(
+        "-l", "--selector", metavar="SELECTOR", help=f"{help_} (kubectl's syntax: env=prod,role!=probe)"
+    )
 
 
 def _non_negative_int(text: str) -> int:

@@ -20,7 +20,7 @@ from opmasctl import views
 from opmasctl.connection import Connection
 from opmasctl.output import HUMAN_FORMATS, dump, dump_item, message_to_dict, plain_numbers, write
 from opmasctl.parsing import enum_choices, parse_params, parse_seconds
-from opmasctl.spec import SpecError, build_spec, environment_patch
+from opmasctl.spec import SpecError, build_spec, environment_patch, labels_patch
 from opmasctl.tables import TableStyle
 
 STATES = enum_choices(agents_pb2.AgentState.items(), "AGENT_STATE_")
@@ -65,6 +65,14 @@ class Context:
         else:
             write(dump(message_to_dict(msg), self.fmt))
 
+    def emit_item(self, msg: message.Message, human: str, ids: Sequence[str] = ()) -> None:
+        """One of several results: as emit, but JSON as one line (NDJSON) and YAML as one
+        document of a stream, so that the output of all of them still parses."""
+        if self.fmt in ("json", "yaml"):
+            write(dump_item(message_to_dict(msg), self.fmt))
+        else:
+            self.emit(msg, human, ids)
+
     def longer(self, extra: float | None) -> float | None:
         """The call deadline stretched by a server-side wait the request itself asks for."""
         if self.timeout is None or extra is None or extra <= 0:
@@ -72,14 +80,16 @@ class Context:
         return self.timeout + extra
 
 
-def _list_all(
-    ctx: Context, state: str | None = None, type_: str = "", node: str = ""
+def list_agents(
+    ctx: Context, state: str | None = None, type_: str = "", node: str = "", selector: str = ""
 ) -> list[agents_pb2.Agent]:
+    """Every agent the filter matches, all pages of ListAgents."""
     request = agents_pb2.ListAgentsRequest(
         state=STATES[state] if state else agents_pb2.AGENT_STATE_UNSPECIFIED,
         type=type_,
         node=node,
         page_size=PAGE_SIZE,
+        label_selector=selector,
     )
     agents: list[agents_pb2.Agent] = []
     seen_tokens: set[str] = set()
@@ -106,7 +116,7 @@ def _emit_agents(ctx: Context, agents: list[agents_pb2.Agent]) -> None:
 
 
 def agents_list(ctx: Context, args: argparse.Namespace) -> int:
-    _emit_agents(ctx, _list_all(ctx, args.state, args.type or "", args.node or ""))
+    _emit_agents(ctx, list_agents(ctx, args.state, args.type or "", args.node or "", args.selector or ""))
     return 0
 
 
@@ -117,6 +127,8 @@ def agents_get(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def agents_status(ctx: Context, args: argparse.Namespace) -> int:
+    if args.agent_id and args.selector is not None:
+        raise UsageError("give an agent id or -l SELECTOR, not both")
     if args.agent_id:
         status = ctx.stub.GetAgentStatus(
             agents_pb2.GetAgentStatusRequest(agent_id=args.agent_id), timeout=ctx.timeout
@@ -124,11 +136,11 @@ def agents_status(ctx: Context, args: argparse.Namespace) -> int:
         ctx.emit(status, views.status_view(status), [status.agent_id or args.agent_id])
         return 0
     # Every agent's status: the API's list, as `agents list` gives it (-o json: ListAgentsResponse).
-    _emit_agents(ctx, _list_all(ctx))
+    _emit_agents(ctx, list_agents(ctx, selector=args.selector or ""))
     return 0
 
 
-def _pid(status: agents_pb2.AgentStatus) -> str:
+def pid_text(status: agents_pb2.AgentStatus) -> str:
     return f" (pid {status.pid})" if status.pid else ""
 
 
@@ -140,7 +152,7 @@ _OperationResponse = (
 def _report(ctx: Context, response: _OperationResponse, requested_id: str, done: str, unchanged: str) -> int:
     """Print what start/stop/restart did: `done` or, when nothing changed, the server's message
     (else `unchanged`); both are formats with {id} and {pid}."""
-    names = {"id": response.status.agent_id or requested_id, "pid": _pid(response.status)}
+    names = {"id": response.status.agent_id or requested_id, "pid": pid_text(response.status)}
     line = done.format(**names) if response.changed else (response.message or unchanged.format(**names))
     ctx.emit(response, line + "\n", [names["id"]])
     return 0
@@ -204,7 +216,7 @@ def agents_register(ctx: Context, args: argparse.Namespace) -> int:
     agent = ctx.stub.CreateAgent(request, timeout=ctx.timeout)
     line = f"agent {agent.agent_id} registered"
     if args.start:
-        line += f" and started{_pid(agent.status)}"
+        line += f" and started{pid_text(agent.status)}"
     ctx.emit(agent, line + "\n", [agent.agent_id])
     return 0
 
@@ -213,17 +225,21 @@ def agents_update(ctx: Context, args: argparse.Namespace) -> int:
     spec, paths = _spec(ctx, args)
     if not paths:
         raise UsageError("nothing to update: give at least one spec flag")
-    patch = environment_patch(args)
-    if patch is not None:
-        # --env and --unset-env edit the environment the agent has (as kubectl set env does):
-        # the whole map goes back, with these variables set and those removed.
-        sets, unsets = patch
+    # --env/--unset-env and --label/--unset-label edit the map the agent has (as kubectl set env
+    # and kubectl label do): the whole map goes back, with these keys set and those removed.
+    patches = [
+        (patch, field)
+        for patch, field in ((environment_patch(args), "environment"), (labels_patch(args), "labels"))
+        if patch is not None
+    ]
+    if patches:
         current = ctx.stub.GetAgent(agents_pb2.GetAgentRequest(agent_id=args.agent_id), timeout=ctx.timeout)
-        merged = {**current.spec.environment, **sets}
-        for key in unsets:
-            merged.pop(key, None)
-        spec.environment.clear()
-        spec.environment.update(merged)
+        for (sets, unsets), field in patches:
+            merged = {**getattr(current.spec, field), **sets}
+            for key in unsets:
+                merged.pop(key, None)
+            getattr(spec, field).clear()
+            getattr(spec, field).update(merged)
     request = agents_pb2.UpdateAgentRequest(
         agent_id=args.agent_id, spec=spec, update_mask=field_mask_pb2.FieldMask(paths=paths)
     )
@@ -248,7 +264,7 @@ def agents_delete(ctx: Context, args: argparse.Namespace) -> int:
     return 0
 
 
-class _Stream(Protocol[M_co]):
+class Stream(Protocol[M_co]):
     """A server-streaming call: iterable, and cancellable (grpc's _CallIterator is type-check only)."""
 
     def __iter__(self) -> Iterator[M_co]: ...
@@ -256,7 +272,7 @@ class _Stream(Protocol[M_co]):
     def cancel(self) -> bool: ...
 
 
-def _follow(stream: _Stream[M], render: Callable[[M], str]) -> int:
+def follow(stream: Stream[M], render: Callable[[M], str]) -> int:
     """Writes each streamed message as it arrives. Ctrl-C cancels the call and exits 130; the
     daemon going away is an error (UNAVAILABLE), reported by the caller, never a quiet end."""
     try:
@@ -269,7 +285,7 @@ def _follow(stream: _Stream[M], render: Callable[[M], str]) -> int:
     return 0
 
 
-def _stream_render(
+def stream_render(
     ctx: Context, human: Callable[[M], str], name: Callable[[M], str] | None = None
 ) -> Callable[[M], str]:
     """Each streamed message as its own line (NDJSON) or YAML document, -o name's id, or human."""
@@ -280,34 +296,14 @@ def _stream_render(
     return lambda msg: dump_item(message_to_dict(msg), ctx.fmt)
 
 
-def _log_line(line: agents_pb2.LogLine, timestamps: bool = False) -> str:
-    """The text as the agent wrote it; a line of its stderr begins with `[err] `."""
-    text = line.line.removesuffix("\n") + "\n"
-    if line.stream == agents_pb2.LOG_STREAM_STDERR:
-        text = "[err] " + text
-    if timestamps:
-        when = line.time.ToJsonString() if line.HasField("time") else "-"
-        text = f"{when} {text}"
-    return text
-
-
-def agents_logs(ctx: Context, args: argparse.Namespace) -> int:
-    request = agents_pb2.GetAgentLogsRequest(agent_id=args.agent_id, follow=args.follow)
-    if args.tail is not None:
-        request.tail_lines = args.tail
-    stream = ctx.stub.GetAgentLogs(request, timeout=None if args.follow else ctx.timeout)
-    timestamps = bool(args.timestamps)
-    return _follow(stream, _stream_render(ctx, lambda line: _log_line(line, timestamps)))
-
-
 def agents_watch(ctx: Context, args: argparse.Namespace) -> int:
     """The current state of what is watched first, then its changes. An id that is no agent
     fails at once (NOT_FOUND), as kubectl does, instead of a stream that never says anything."""
     for agent_id in args.agent_ids:
         ctx.stub.GetAgentStatus(agents_pb2.GetAgentStatusRequest(agent_id=agent_id), timeout=ctx.timeout)
     request = agents_pb2.WatchEventsRequest(agent_ids=args.agent_ids, initial_states=True)
-    render = _stream_render(ctx, views.event_line, lambda event: event.agent_id)
-    return _follow(ctx.stub.WatchEvents(request), render)
+    render = stream_render(ctx, views.event_line, lambda event: event.agent_id)
+    return follow(ctx.stub.WatchEvents(request), render)
 
 
 def agents_discover(ctx: Context, args: argparse.Namespace) -> int:

@@ -33,7 +33,7 @@ def top(ctx: Context, args: argparse.Namespace) -> int:
         return USAGE
     listed_at = time.monotonic()
     # gRPC errors here propagate to cli.run, which reports them before any screen is drawn.
-    agents = commands._list_all(ctx)
+    agents = commands.list_agents(ctx)
 
     # textual loads only for this command: the others start no slower for it.
     from opmasctl.top_app import TopApp

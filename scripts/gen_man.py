@@ -84,7 +84,8 @@ OPMASCTL_SECTIONS = (
                 _tp(
                     ".B OPMAS_SERVER",
                     r"The daemon's address when \fB\-\-server\fR is not given: a unix socket path "
-                    r"(\fI/path/opmasd.sock\fR, \fIunix:///path\fR) or \fIhost\fR:\fIport\fR.",
+                    r"(\fI/path/opmasd.sock\fR, \fIunix:///path\fR, \fIunix:path\fR), "
+                    r"\fIhost\fR:\fIport\fR, \fIdns:///host:port\fR or \fIhttp(s)://host:port\fR.",
                 ),
                 _tp(
                     ".B XDG_RUNTIME_DIR",
@@ -93,7 +94,9 @@ OPMASCTL_SECTIONS = (
                 ),
                 _tp(
                     ".B OPMAS_CONFIG",
-                    r"Read by \fBopmasd\fR(8), not by opmasctl: the daemon's configuration file.",
+                    r"The daemon's configuration file (default \fI/etc/opmas/opmasd.yaml\fR): "
+                    r"without \fB\-\-server\fR, opmasctl tries the socket and address it names "
+                    "first, then the default socket, /run/opmas/opmasd.sock and 127.0.0.1:50051.",
                 ),
                 _tp(
                     ".B NO_COLOR",
@@ -110,7 +113,7 @@ OPMASCTL_SECTIONS = (
                 _tp(
                     ".I /run/opmas/opmasd.sock",
                     r"The daemon's socket when it runs as root (\fIgrpc.socket\fR in its "
-                    "configuration); tried first when no server is named, then 127.0.0.1:50051.",
+                    "configuration); tried when no server is named (see OPMAS_CONFIG).",
                 ),
                 _tp(
                     ".I /etc/opmas/opmasd.yaml",

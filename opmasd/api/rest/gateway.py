@@ -25,9 +25,10 @@ from google.protobuf import message_factory
 from google.protobuf.message import Message
 from google.rpc import code_pb2, status_pb2
 
+from opmas.jsonmap import message_json
 from opmasd.api.errors import bad_request_status, http_status
 from opmasd.api.rest.rules import Route
-from opmasd.api.rest.transcode import BadRequest, build_request, message_json, response_json
+from opmasd.api.rest.transcode import BadRequest, build_request, response_json
 
 log = structlog.get_logger(__name__)
 

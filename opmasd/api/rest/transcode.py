@@ -20,6 +20,7 @@ from google.protobuf import json_format
 from google.protobuf.descriptor import Descriptor, FieldDescriptor
 from google.protobuf.message import Message
 
+from opmas.jsonmap import message_json
 from opmasd.api.rest.rules import Route
 
 # Well-known types whose JSON form is a string (or a scalar), so a query value can set them.
@@ -288,36 +289,3 @@ def response_json(route: Route, response: Message) -> Any:
         field = response.DESCRIPTOR.fields_by_name[route.response_body]
         return document.get(field.json_name)
     return document
-
-
-def message_json(message: Message) -> dict[str, Any]:
-    """MessageToDict with every field present: grpc-gateway (protojson EmitUnpopulated) also
-    writes an unset message field, as null, where json_format leaves it out."""
-    document = json_format.MessageToDict(message, always_print_fields_with_no_presence=True)
-    _fill_unset(message.DESCRIPTOR, document)
-    return document
-
-
-def _fill_unset(descriptor: Any, document: dict[str, Any]) -> None:
-    for field in descriptor.fields:
-        if field.containing_oneof is not None or field.message_type is None:
-            continue
-        if field.message_type.full_name.startswith("google.protobuf."):
-            if field.json_name not in document and not field.is_repeated:
-                document[field.json_name] = None
-            continue
-        value = document.get(field.json_name)
-        if field.message_type.GetOptions().map_entry:
-            entry_value = field.message_type.fields_by_name["value"]
-            if isinstance(value, dict) and entry_value.message_type is not None:
-                for item in value.values():
-                    if isinstance(item, dict):
-                        _fill_unset(entry_value.message_type, item)
-        elif field.is_repeated:
-            for item in value or ():
-                if isinstance(item, dict):
-                    _fill_unset(field.message_type, item)
-        elif value is None:
-            document[field.json_name] = None
-        elif isinstance(value, dict):
-            _fill_unset(field.message_type, value)
