@@ -39,4 +39,5 @@ def check_agent_id(agent_id: str, field: str = "agent_id") -> None:
 def agent_id_from_name(name: str) -> str:
     """The id an agent gets when none is given: its name, lower-cased, other characters as '-'."""
     slug = re.sub(r"[^a-z0-9_-]+", "-", name.strip().lower()).strip("-_")
-    return slug[:MAX_AGENT_ID_LENGTH]
+    # Cut to the length allowed, then again of what the cut may leave at its end ("long-name-").
+    return slug[:MAX_AGENT_ID_LENGTH].rstrip("-_")

@@ -290,11 +290,20 @@ class ProcessRuntime:
         done when the cgroup is empty (the exit is reported only then)."""
         agent_id, pid = watched.agent_id, watched.handle.pid
         watched.grace_until = asyncio.get_running_loop().time() + max(timeout, 0.0)
+        # The group first, then a yield: in a burst of stops (a bulk stop, a shutdown) every
+        # agent's group has its SIGTERM before any of the rest is done, so all the processes
+        # end together instead of one after another's bookkeeping. The cgroup holds the tree
+        # meanwhile: what left the group is found there afterwards, and signalled then.
+        group_signalled = watched.signal_group(signal.SIGTERM)
+        await asyncio.sleep(0)
         family = trees.family(agent_id, pid)
         log.info(
             "terminating agent process", agent_id=agent_id, pid=pid, timeout=timeout, tree=len(family) + 1
         )
-        watched.signal_tree(signal.SIGTERM, family)
+        if group_signalled:
+            signals.signal_escaped(pid, signal.SIGTERM, family)
+        else:
+            watched.signal_tree(signal.SIGTERM, family)
         if not await _wait(watched.gone, timeout):
             log.warning("agent still alive after SIGTERM; killing its cgroup", agent_id=agent_id, pid=pid)
             trees.cgroups.kill(agent_id)

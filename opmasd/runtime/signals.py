@@ -39,6 +39,20 @@ def signal_tree(
             log.warning("cannot signal descendant", pid=proc.pid, signal=sig.name, error=str(exc))
 
 
+def signal_escaped(pgid: int, sig: signal.Signals, family: list[psutil.Process]) -> None:
+    """After the group itself was signalled: the members of the family that left it (each
+    process once: a member still in the group has the signal already)."""
+    for proc in family:
+        if _group_of(proc.pid) == pgid:
+            continue
+        try:
+            proc.send_signal(sig)
+        except psutil.NoSuchProcess:
+            pass
+        except psutil.AccessDenied as exc:
+            log.warning("cannot signal descendant", pid=proc.pid, signal=sig.name, error=str(exc))
+
+
 def kill_group(pgid: int) -> None:
     signal_group(pgid, signal.SIGKILL)
 

@@ -48,6 +48,14 @@ class WatchedProcess:
     def __post_init__(self) -> None:
         self.usage = UsageSampler(self.agent_id, self.handle.pid)
 
+    def signal_group(self, sig: signal.Signals) -> bool:
+        """Signal the leader's process group while the leader is ours and alive (its group id
+        cannot name a stranger's group then); whether it was signalled."""
+        if self.leader_gone or self.gone.is_set():
+            return False
+        signals.signal_group(self.handle.pid, sig)
+        return True
+
     def signal_tree(self, sig: signal.Signals, family: list[psutil.Process]) -> None:
         # Once the leader is gone its pidfd is closed (and, without cgroups, its group swept):
         # its group ID may be free for reuse, so only the descendants are signalled.

@@ -182,9 +182,12 @@ async def test_sigkill_after_the_timeout_reaches_the_whole_tree(
 ) -> None:
     rt, exits = runtime
     pidfile = tmp_path / "grandchild"
+    # The leader ignores TERM before the grandchild says it is there (the pidfile the test waits
+    # for), or a loaded machine could deliver the SIGTERM before the leader's trap was set.
     stubborn = (
-        '(setsid sh -c \'trap "" TERM; echo $$ > "$0"; while :; do sleep 1; done\' {pidfile} &);'
-        " trap '' TERM; while :; do sleep 1; done"
+        "trap '' TERM;"
+        ' (setsid sh -c \'trap "" TERM; echo $$ > "$0"; while :; do sleep 1; done\' {pidfile} &);'
+        " while :; do sleep 1; done"
     )
     handle = await launch(rt, "a", stubborn.format(pidfile=pidfile))
     await eventually(read_pid(pidfile))
