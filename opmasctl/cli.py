@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     add_selection_arguments(p, "stop")
     p.add_argument(
         "--grace",
-        type=argtype(parse_duration),
+        type=argtype(commands.grace),
         metavar="SECONDS",
         help="how long after SIGTERM before SIGKILL, instead of the agent's stop_timeout",
     )
@@ -235,8 +235,8 @@ def _non_negative_int(text: str) -> int:
         value = int(text)
     except ValueError:
         raise argparse.ArgumentTypeError(f"invalid number {text!r}") from None
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must not be negative")
+    if not 0 <= value < 2**31:
+        raise argparse.ArgumentTypeError(f"invalid number {text!r}: must be between 0 and {2**31 - 1}")
     return value
 
 

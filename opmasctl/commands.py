@@ -13,13 +13,13 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
-from google.protobuf import field_mask_pb2, json_format, message
+from google.protobuf import duration_pb2, field_mask_pb2, json_format, message
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
 from opmasctl import views
 from opmasctl.connection import Connection
 from opmasctl.output import HUMAN_FORMATS, dump, dump_item, message_to_dict, plain_numbers, write
-from opmasctl.parsing import enum_choices, parse_params, parse_seconds
+from opmasctl.parsing import enum_choices, parse_duration, parse_params, parse_seconds
 from opmasctl.spec import SpecError, build_spec, environment_patch, labels_patch
 from opmasctl.tables import TableStyle
 
@@ -356,9 +356,23 @@ def agents_command(ctx: Context, args: argparse.Namespace) -> int:
     return 1 if failed else 0
 
 
+# A call deadline past this is refused rather than overflowing gRPC's own (a week).
+MAX_CALL_TIMEOUT = 7 * 86400.0
+# The daemon's bound on a stop's grace (and on a spec's stop_timeout): a day.
+MAX_GRACE = 86400.0
+
+
 def positive_seconds(text: str) -> float:
     """A --timeout value for the whole call: 0 means no deadline; negative is refused."""
     seconds = parse_seconds(text)
-    if seconds < 0:
-        raise ValueError(f"invalid timeout {text!r}: must not be negative")
+    if not 0 <= seconds <= MAX_CALL_TIMEOUT:
+        raise ValueError(f"invalid timeout {text!r}: must be between 0 and {MAX_CALL_TIMEOUT:g} seconds")
     return seconds
+
+
+def grace(text: str) -> duration_pb2.Duration:
+    """--grace: the wait between SIGTERM and SIGKILL, up to the daemon's bound (a day)."""
+    seconds = parse_seconds(text)
+    if not 0 <= seconds <= MAX_GRACE:
+        raise ValueError(f"invalid grace {text!r}: must be between 0 and {MAX_GRACE:g} seconds (a day)")
+    return parse_duration(text)

@@ -19,11 +19,10 @@ import grpc
 
 from opmas.local import DEFAULT_TCP_ADDRESS, SOCKET_NAME, SYSTEM_RUNTIME_DIR, default_socket_path
 from opmas.v1 import agents_pb2_grpc
-from opmasctl.daemon_config import ConfigProblem, read_daemon_config
+from opmasctl.daemon_config import ConfigProblem, Listener, read_daemon_config
 from opmasctl.endpoints import Endpoint, can_probe, parse_server, probe, tcp_endpoint, unix_endpoint
 
 __all__ = [
-    "Candidate",
     "Connection",
     "Endpoint",
     "NoDaemon",
@@ -56,16 +55,8 @@ START_HINT = (
 
 
 @dataclass(frozen=True)
-class Candidate:
-    """A place opmasd may listen, and why opmasctl looks there."""
-
-    endpoint: Endpoint
-    origin: str
-
-
-@dataclass(frozen=True)
 class Search:
-    candidates: tuple[Candidate, ...]
+    candidates: tuple[Listener, ...]
     # Named by --server or $OPMAS_SERVER: dialled as it is, never probed first.
     explicit: bool
     problem: ConfigProblem | None = None
@@ -74,7 +65,7 @@ class Search:
 class NoDaemon(Exception):
     """No place tried took a connection; `attempts` are (place, why) in the order tried."""
 
-    def __init__(self, attempts: list[tuple[Candidate, str]], problem: ConfigProblem | None = None) -> None:
+    def __init__(self, attempts: list[tuple[Listener, str]], problem: ConfigProblem | None = None) -> None:
         super().__init__("cannot reach opmasd")
         self.attempts = attempts
         self.problem = problem
@@ -100,24 +91,24 @@ def find_daemon(server: str | None, env: Mapping[str, str] | None = None, euid: 
     """Where to look for opmasd. ValueError: --server or $OPMAS_SERVER is not an address."""
     env = os.environ if env is None else env
     if server:
-        return Search((Candidate(parse_server(server), "--server"),), explicit=True)
+        return Search((Listener(parse_server(server), "--server"),), explicit=True)
     if env.get("OPMAS_SERVER"):
-        return Search((Candidate(parse_server(env["OPMAS_SERVER"]), "$OPMAS_SERVER"),), explicit=True)
+        return Search((Listener(parse_server(env["OPMAS_SERVER"]), "$OPMAS_SERVER"),), explicit=True)
     config = read_daemon_config(env)
-    candidates = [Candidate(listener.endpoint, listener.origin) for listener in config.listeners]
+    candidates = list(config.listeners)
     # Where a daemon run by this user in this environment binds (opmas.local, the daemon's rule).
-    candidates.append(Candidate(unix_endpoint(str(default_socket_path(env, euid))), "the default socket"))
-    candidates += [Candidate(endpoint, origin) for endpoint, origin in FALLBACKS]
+    candidates.append(Listener(unix_endpoint(str(default_socket_path(env, euid))), "the default socket"))
+    candidates += [Listener(endpoint, origin) for endpoint, origin in FALLBACKS]
     unique = {candidate.endpoint.target: candidate for candidate in reversed(candidates)}
     ordered = tuple(c for c in candidates if unique[c.endpoint.target] is c)
     return Search(ordered, explicit=False, problem=config.problem)
 
 
-def choose(search: Search) -> Candidate:
+def choose(search: Search) -> Listener:
     """The first place that takes a connection (an explicit one without trying). NoDaemon: none."""
     if search.explicit:
         return search.candidates[0]
-    failures: list[tuple[Candidate, str]] = []
+    failures: list[tuple[Listener, str]] = []
     for candidate in search.candidates:
         reason = probe(candidate.endpoint)
         if reason is None:
@@ -169,15 +160,15 @@ class Connection:
         self, where: Endpoint | Search, on_problem: Callable[[ConfigProblem], None] | None = None
     ) -> None:
         if isinstance(where, Endpoint):
-            where = Search((Candidate(where, "--server"),), explicit=True)
+            where = Search((Listener(where, "--server"),), explicit=True)
         self.search = where
         self._on_problem = on_problem
-        self._chosen: Candidate | None = None
+        self._chosen: Listener | None = None
         self._channel: grpc.Channel | None = None
         self._stub: agents_pb2_grpc.AgentServiceStub | None = None
 
     @property
-    def chosen(self) -> Candidate:
+    def chosen(self) -> Listener:
         """The place dialled; NoDaemon when the search finds none."""
         if self._chosen is None:
             problem = self.search.problem

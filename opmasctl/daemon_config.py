@@ -31,7 +31,8 @@ _ANY_HOST = {"0.0.0.0": "127.0.0.1", "[::]": "[::1]", "": "127.0.0.1"}
 
 @dataclass(frozen=True)
 class Listener:
-    """An address the configuration names, and which setting named it (for messages)."""
+    """A place opmasd may listen (named by its configuration, --server, or a default), and
+    what named it, for messages."""
 
     endpoint: Endpoint
     origin: str
@@ -107,9 +108,11 @@ def _read(path: Path) -> dict[str, Any]:
         raise _Unusable("no such file") from None
     except OSError as err:
         raise _Unusable(f"cannot read it: {(err.strerror or str(err)).lower()}", loud=False) from None
+    # Checked before fdopen, which refuses a directory with an error of its own.
+    if not stat.S_ISREG(os.fstat(fd).st_mode):
+        os.close(fd)
+        raise _Unusable("not a regular file")
     with os.fdopen(fd, "rb") as file:
-        if not stat.S_ISREG(os.fstat(fd).st_mode):
-            raise _Unusable("not a regular file")
         data = file.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
         raise _Unusable(f"larger than {MAX_CONFIG_BYTES // 1024} KiB: not a configuration")

@@ -51,18 +51,31 @@ def parse_server(server: str) -> Endpoint:
             path = url["rest"]
             if not path.startswith("/"):
                 raise ValueError(f"{server!r}: unix:// needs an absolute path (unix:///path/to/opmasd.sock)")
-            return unix_endpoint(path)
+            return _socket(path)
         if scheme in _HTTP_PORTS:
             return _http(server, scheme, url["rest"])
         if scheme != "dns":
             raise ValueError(f"{server!r}: unsupported scheme {scheme}://; give {ACCEPTED}")
     if value.startswith("unix:"):
-        return unix_endpoint(os.path.abspath(os.path.expanduser(value[len("unix:") :])))
+        return _socket(os.path.abspath(os.path.expanduser(value[len("unix:") :])))
     if value.startswith(_GRPC_SCHEMES):
         return Endpoint(target=value, display=value, is_unix=value.startswith("unix-abstract:"))
     if "/" in value or value.endswith(".sock"):
-        return unix_endpoint(os.path.abspath(os.path.expanduser(value)))
+        return _socket(os.path.abspath(os.path.expanduser(value)))
     return tcp_endpoint(check_host_port(value, server))
+
+
+# sun_path holds 108 bytes with its terminating NUL: a longer path names no socket at all.
+MAX_SOCKET_PATH_BYTES = 107
+
+
+def _socket(path: str) -> Endpoint:
+    if len(os.fsencode(path)) > MAX_SOCKET_PATH_BYTES:
+        raise ValueError(
+            f"the socket path is {len(os.fsencode(path))} bytes long; a unix socket path has at most "
+            f"{MAX_SOCKET_PATH_BYTES} (use a shorter path or a symlink to its folder)"
+        )
+    return unix_endpoint(path)
 
 
 def _http(server: str, scheme: str, rest: str) -> Endpoint:

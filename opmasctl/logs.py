@@ -33,11 +33,15 @@ def parse_since(text: str, now: datetime | None = None) -> timestamp_pb2.Timesta
         seconds = parse_seconds(text)
     except ValueError:
         try:
-            stamp.FromJsonString(text.strip())
+            # fromisoformat checks the offset's range too (protobuf's own parser does not).
+            when = datetime.fromisoformat(text.strip())
         except ValueError:
             raise ValueError(
                 f"invalid --since {text!r}: give a duration (10m, 2h) or a time (2026-01-31T12:00:00Z)"
             ) from None
+        if when.tzinfo is None:
+            raise ValueError(f"invalid --since {text!r}: a time needs its offset (Z, +01:00)") from None
+        stamp.FromDatetime(when.astimezone(UTC).replace(tzinfo=None))
         return stamp
     if seconds < 0:
         raise ValueError(f"invalid --since {text!r}: must not be negative")

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import shlex
+from collections.abc import Container
 
 from opmas.units import parse_percent
 from opmas.v1 import agents_pb2
@@ -174,6 +175,7 @@ def build_spec(
             spec.environment.update(parse_env(args.spec_env))
         except ValueError as err:
             raise SpecError(str(err)) from None
+        _set_and_unset(spec.environment, getattr(args, "spec_unset_env", None), "env")
         paths.append("environment")
     elif replacing or given("spec_unset_env"):
         paths.append("environment")
@@ -185,6 +187,7 @@ def build_spec(
             spec.labels.update(parse_labels(args.spec_label))
         except ValueError as err:
             raise SpecError(str(err)) from None
+        _set_and_unset(spec.labels, getattr(args, "spec_unset_label", None), "label")
         paths.append("labels")
     elif replacing_labels or given("spec_unset_label"):
         paths.append("labels")
@@ -230,6 +233,12 @@ def environment_patch(args: argparse.Namespace) -> tuple[dict[str, str], list[st
     if replacing or not (sets or unsets):
         return None
     return parse_env(sets), list(unsets)
+
+
+def _set_and_unset(sets: Container[str], unsets: list[str] | None, what: str) -> None:
+    both = sorted(key for key in unsets or () if key in sets)
+    if both:
+        raise SpecError(f"--{what} and --unset-{what} both name {', '.join(both)}: say which")
 
 
 def labels_patch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]] | None:

@@ -259,6 +259,9 @@ def render(page: Page) -> str:
     if page.intro:
         # The hand-written DESCRIPTION says it all; the parser's one line is the NAME already.
         parser.description = None
+    # The --help epilog (exit statuses, finding the daemon) is in EXIT STATUS, ENVIRONMENT and
+    # FILES here, as roff; argparse-manpage would repeat it run together under COMMENTS.
+    parser.epilog = None
     manpage = Manpage(
         parser,
         {

@@ -742,7 +742,7 @@ class UpdateAgentRequest(_message.Message):
         A named field is set even to its zero value. Valid paths: name, type, version,
         description, command, working_directory, environment, restart_policy, stop_timeout,
         heartbeat_interval, start_seconds, resources, resources.<field>, runtime, autostart,
-        restart_on_inactive.
+        restart_on_inactive, labels. A map (environment, labels) is replaced as a whole.
         In JSON a comma-separated string of lowerCamelCase paths: "stopTimeout,environment".
         """
 

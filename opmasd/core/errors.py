@@ -38,10 +38,20 @@ class FieldViolation:
     description: str
 
 
+# The most violations one error lists (see InvalidArgument).
+MAX_VIOLATIONS = 10
+
+
 class InvalidArgument(OpmasError):
     """A request was malformed; violations name each bad field."""
 
     def __init__(self, violations: list[FieldViolation], message: str | None = None) -> None:
+        if len(violations) > MAX_VIOLATIONS:
+            # Every violation rides in the reply's status (gRPC trailers, whose limit a client
+            # sets at 16 KiB by default): ten bad ids say what is wrong as well as ten thousand.
+            rest = len(violations) - MAX_VIOLATIONS
+            more = FieldViolation(violations[MAX_VIOLATIONS].field, f"and {rest} more problem(s), not listed")
+            violations = [*violations[:MAX_VIOLATIONS], more]
         if message is None:
             message = "; ".join(f"{v.field}: {v.description}" for v in violations) or "invalid argument"
         super().__init__(message)

@@ -49,7 +49,7 @@ from opmasd.manager.settings import ManagerSettings
 from opmasd.manager.spec_update import apply_fields
 from opmasd.manager.stats import ManagerStats, count_by_state
 from opmasd.manager.supervisor import Supervisor
-from opmasd.manager.validation import check_spec
+from opmasd.manager.validation import check_grace, check_spec
 from opmasd.manager.values import ALL_AGENTS, AgentFilter, DiscoveryReport, OperationResult
 from opmasd.runtime.base import LogEntry, Runtime
 from opmasd.store.base import AgentStore
@@ -264,7 +264,7 @@ class AgentManager:
 
     @finishes
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
-        _check_grace(timeout)
+        check_grace(timeout)
         async with self._supervisor.lock(agent_id):
             rec = self._local_agent(agent_id)
             await self._commits.desired(rec, DesiredState.STOPPED)
@@ -296,7 +296,7 @@ class AgentManager:
 
     @finishes
     async def stop_agents(self, selection: Selection, timeout: float | None = None) -> list[BulkOutcome]:
-        _check_grace(timeout)
+        check_grace(timeout)
         stop = self._supervisor.stop
         return await self._bulk.run(
             selection, DesiredState.STOPPED, lambda r: stop(r, "stopped by operator", timeout)
@@ -442,8 +442,3 @@ class AgentManager:
         except StoreError as exc:
             raise Unavailable(f"discovery's changes are not yet committed (kept, retried): {exc}") from exc
         return report
-
-
-def _check_grace(timeout: float | None) -> None:
-    if timeout is not None and timeout < 0:
-        raise InvalidArgument.single("timeout", f"must not be negative, got {timeout:g}s")

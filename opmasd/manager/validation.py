@@ -169,3 +169,12 @@ def check_spec(spec: AgentSpec, prefix: str = "spec.") -> None:
     violations = spec_violations(spec, prefix)
     if violations:
         raise InvalidArgument(violations)
+
+
+def check_grace(timeout: float | None) -> None:
+    """A stop's own wait before SIGKILL: bounded as a spec's stop_timeout is (the agent's lock
+    is held that long, and everything else on the agent waits for it)."""
+    if timeout is not None and not 0 <= timeout <= MAX_INTERVAL_SECONDS:
+        raise InvalidArgument.single(
+            "timeout", f"must be between 0 and {MAX_INTERVAL_SECONDS:g}s (a day), got {timeout:g}s"
+        )

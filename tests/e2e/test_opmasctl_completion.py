@@ -159,7 +159,7 @@ def test_zsh_completes_the_live_agent_ids(box: Sandbox) -> None:
     words = shell(box, ["zsh", "-f", "-c", ZSH, "zsh", f"opmasctl --server {sock} agents restart alp"])
     assert [w.split(":")[0] for w in words] == ["alpha", "alpine"]
     words = shell(box, ["zsh", "-f", "-c", ZSH, "zsh", "opmasctl agents sto"])
-    assert words == ["stop:stop an agent"]
+    assert words == ["stop:stop agents: by id, --all or -l SELECTOR"]
 
 
 def test_fish_completes_the_live_agent_ids(box: Sandbox) -> None:

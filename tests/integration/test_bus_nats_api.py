@@ -159,7 +159,9 @@ async def test_domain_errors_come_back_with_codes(
         await ask(client, {"command": "stop", "agent_id": "sleeper", "params": {"timeout": -1}}),
         "INVALID_ARGUMENT",
     )
-    assert negative["violations"] == [{"field": "timeout", "description": "must not be negative, got -1s"}]
+    assert negative["violations"] == [
+        {"field": "timeout", "description": "must be between 0 and 86400s (a day), got -1s"}
+    ]
 
 
 async def test_an_agent_of_another_node_is_a_failed_precondition(

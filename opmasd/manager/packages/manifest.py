@@ -209,21 +209,19 @@ def _flag(data: dict[str, Any], key: str) -> bool:
 
 
 def _labels(value: Any) -> tuple[tuple[str, str], ...]:
-    """labels: a mapping of key: value; numbers and booleans are taken as their YAML text
-    (true → "true"), their grammar is checked with the rest of the spec."""
+    """labels: a mapping of key: "value", strings only, as Kubernetes takes them: YAML reads
+    0x1F as 31 and yes as true, which a label must not silently become (their grammar is
+    checked with the rest of the spec)."""
     if value is None:
         return ()
     if not isinstance(value, dict):
         raise ValueError(f"labels: must be a mapping of key: value, got {shown(value)}")
-    labels: dict[str, str] = {}
     for key, item in value.items():
-        if not isinstance(key, str) or isinstance(item, list | dict):
-            raise ValueError("labels: keys must be strings and values strings, numbers or booleans")
-        if isinstance(item, bool):
-            labels[key] = "true" if item else "false"
-        else:
-            labels[key] = "" if item is None else str(item)
-    return tuple(sorted(labels.items()))
+        if not isinstance(key, str):
+            raise ValueError(f"labels: the key {shown(key)} is not a string; quote it")
+        if not isinstance(item, str):
+            raise ValueError(f"labels: the value of {shown(key)} is {shown(item)}, not a string; quote it")
+    return tuple(sorted(value.items()))
 
 
 def _entrypoint(value: Any, package_dir: Path) -> tuple[tuple[str, ...], dict[str, str]]:
