@@ -9,8 +9,10 @@ from these at their own edges, one place each.
 from __future__ import annotations
 
 import enum
+import json
 from dataclasses import dataclass, field
 from datetime import datetime
+from functools import cached_property
 from typing import Any
 
 from opmasd.core.clock import utcnow
@@ -91,6 +93,12 @@ class AgentSpec:
     @property
     def label_map(self) -> dict[str, str]:
         return dict(self.labels)
+
+    @cached_property
+    def json_text(self) -> str:
+        """to_dict as JSON with sorted keys (the same spec, the same text), made once per spec:
+        every row written of an agent carries it, and a spec changes far less often."""
+        return json.dumps(self.to_dict(), sort_keys=True)
 
     def to_dict(self) -> dict[str, Any]:
         """A JSON-able form, for the store."""

@@ -141,8 +141,8 @@ def agent_to_row(record: AgentRecord) -> dict[str, Any]:
         "node": record.node,
         "source": record.source.value,
         "manifest_path": record.manifest_path,
-        # sort_keys: the same spec always gives the same text, so a diff of rows means a change.
-        "spec": json.dumps(record.spec.to_dict(), sort_keys=True),
+        # Sorted keys (AgentSpec.json_text): the same spec, the same text, so a diff of rows means a change.
+        "spec": record.spec.json_text,
         "desired": record.desired.value,
         "state": record.state.value,
         "state_reason": record.state_reason,
