@@ -225,8 +225,8 @@ class Fleet:
 
     def reconcile(self, agents: Sequence[agents_pb2.Agent], requested_at: float) -> None:
         """A whole listing, asked for at `requested_at` (monotonic): every agent in it is put, and
-        a row it lacks is dropped (deleted: WatchEvents tells no deletion) unless news of it
-        came after the listing was asked for (an agent registered meanwhile)."""
+        a row it lacks is dropped (deleted while the stream was down) unless news of it came
+        after the listing was asked for (an agent registered meanwhile)."""
         listed = {agent.agent_id for agent in agents}
         for agent in agents:
             row = self.rows.get(agent.agent_id)
@@ -243,7 +243,10 @@ class Fleet:
         """A state change from WatchEvents; False when the agent is not known here (yet)."""
         row = self.rows.get(event.agent_id)
         if row is None:
-            return False
+            return event.deleted  # nothing to forget: not unknown either
+        if event.deleted:
+            del self.rows[event.agent_id]
+            return True
         row.set_status(event.status, time.monotonic() if now is None else now)
         return True
 

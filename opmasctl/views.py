@@ -283,7 +283,7 @@ def discover_view(response: agents_pb2.DiscoverAgentsResponse, style: TableStyle
 
 def event_line(event: agents_pb2.AgentEvent) -> str:
     when = clock_text(event.time) if event.HasField("time") else EMPTY
-    change = f"{state_text(event.previous_state)} → {state_text(event.state)}"
+    change = "deleted" if event.deleted else f"{state_text(event.previous_state)} → {state_text(event.state)}"
     parts = [when, event.agent_id, change]
     if event.reason:
         parts.append(event.reason)

@@ -1219,6 +1219,7 @@ class AgentEvent(_message.Message):
     REASON_FIELD_NUMBER: _builtins.int
     TIME_FIELD_NUMBER: _builtins.int
     STATUS_FIELD_NUMBER: _builtins.int
+    DELETED_FIELD_NUMBER: _builtins.int
     agent_id: _builtins.str
     """The agent that changed."""
     previous_state: Global___AgentState.ValueType
@@ -1227,6 +1228,8 @@ class AgentEvent(_message.Message):
     """Its state after the change."""
     reason: _builtins.str
     """Why it changed (the new status's state_reason)."""
+    deleted: _builtins.bool
+    """The agent was deleted: its last event (state and status are as it was left, stopped)."""
     @_builtins.property
     def time(self) -> _timestamp_pb2.Timestamp:
         """When it changed."""
@@ -1244,10 +1247,11 @@ class AgentEvent(_message.Message):
         reason: _builtins.str = ...,
         time: _timestamp_pb2.Timestamp | None = ...,
         status: Global___AgentStatus | None = ...,
+        deleted: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["status", b"status", "time", b"time"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "previous_state", b"previous_state", "reason", b"reason", "state", b"state", "status", b"status", "time", b"time"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent_id", b"agent_id", "deleted", b"deleted", "previous_state", b"previous_state", "reason", b"reason", "state", b"state", "status", b"status", "time", b"time"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -271,10 +271,11 @@ class AgentServiceServicer:
         raise NotImplementedError('Method not implemented!')
 
     def WatchEvents(self, request, context):
-        """State changes of all agents (or of the ones named), as they happen.
+        """State changes of all agents (or of the ones named), as they happen, and their deletion
+        (an event with deleted set).
 
-        Only changes after the call begins are sent, not the current states (ListAgents gives
-        those). The stream stays open until the client cancels it or the daemon shuts down. Over
+        With initial_states, the current state of each agent comes first; without, only changes
+        after the call begins. The stream stays open until the client cancels it or the daemon shuts down. Over
         REST: newline-delimited JSON, one {"result": AgentEvent} per change.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)

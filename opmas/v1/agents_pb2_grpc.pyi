@@ -113,10 +113,11 @@ class AgentServiceStub:
     {"result": LogLine} per line.
     """
     WatchEvents: _grpc.UnaryStreamMultiCallable[_agents_pb2.WatchEventsRequest, _agents_pb2.AgentEvent]
-    """State changes of all agents (or of the ones named), as they happen.
+    """State changes of all agents (or of the ones named), as they happen, and their deletion
+    (an event with deleted set).
 
-    Only changes after the call begins are sent, not the current states (ListAgents gives
-    those). The stream stays open until the client cancels it or the daemon shuts down. Over
+    With initial_states, the current state of each agent comes first; without, only changes
+    after the call begins. The stream stays open until the client cancels it or the daemon shuts down. Over
     REST: newline-delimited JSON, one {"result": AgentEvent} per change.
     """
     DiscoverAgents: _grpc.UnaryUnaryMultiCallable[_agents_pb2.DiscoverAgentsRequest, _agents_pb2.DiscoverAgentsResponse]
@@ -217,10 +218,11 @@ class AgentServiceAsyncStub(AgentServiceStub):
     {"result": LogLine} per line.
     """
     WatchEvents: _aio.UnaryStreamMultiCallable[_agents_pb2.WatchEventsRequest, _agents_pb2.AgentEvent]  # type: ignore[assignment]
-    """State changes of all agents (or of the ones named), as they happen.
+    """State changes of all agents (or of the ones named), as they happen, and their deletion
+    (an event with deleted set).
 
-    Only changes after the call begins are sent, not the current states (ListAgents gives
-    those). The stream stays open until the client cancels it or the daemon shuts down. Over
+    With initial_states, the current state of each agent comes first; without, only changes
+    after the call begins. The stream stays open until the client cancels it or the daemon shuts down. Over
     REST: newline-delimited JSON, one {"result": AgentEvent} per change.
     """
     DiscoverAgents: _aio.UnaryUnaryMultiCallable[_agents_pb2.DiscoverAgentsRequest, _agents_pb2.DiscoverAgentsResponse]  # type: ignore[assignment]
@@ -408,10 +410,11 @@ class AgentServiceServicer(metaclass=_abc_1.ABCMeta):
         request: _agents_pb2.WatchEventsRequest,
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agents_pb2.AgentEvent], _abc.AsyncIterator[_agents_pb2.AgentEvent]]:
-        """State changes of all agents (or of the ones named), as they happen.
+        """State changes of all agents (or of the ones named), as they happen, and their deletion
+        (an event with deleted set).
 
-        Only changes after the call begins are sent, not the current states (ListAgents gives
-        those). The stream stays open until the client cancels it or the daemon shuts down. Over
+        With initial_states, the current state of each agent comes first; without, only changes
+        after the call begins. The stream stays open until the client cancels it or the daemon shuts down. Over
         REST: newline-delimited JSON, one {"result": AgentEvent} per change.
         """
 

@@ -290,6 +290,7 @@ def event_to_pb(event: AgentEvent) -> pb.AgentEvent:
         reason=t.reason,
         time=timestamp(t.at),
         status=status_to_pb(event.record),
+        deleted=event.deleted,
     )
 
 

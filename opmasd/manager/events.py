@@ -22,6 +22,8 @@ class AgentEvent:
     transition: Transition
     # A snapshot of the agent right after the transition.
     record: AgentRecord
+    # The agent was deleted (the transition is then to the state it was left in).
+    deleted: bool = False
 
 
 class Subscription:

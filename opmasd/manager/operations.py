@@ -424,6 +424,7 @@ class AgentManager:
                 self._registry.save(rec)
 
             await self._commits.change(rec, undo)
+            self._registry.announce_deletion(rec, "deleted by operator")
             self._metrics.forget(agent_id)
             self._writes.forget_heartbeat(agent_id)
             log.info("agent deleted", agent_id=agent_id)

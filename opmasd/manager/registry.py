@@ -53,6 +53,12 @@ class AgentRegistry:
         self._records[rec.agent_id] = rec
         self._writes.write(rec.copy(), None)
 
+    def announce_deletion(self, rec: AgentRecord, reason: str) -> None:
+        """Tell watchers the agent is gone: its last event (nothing is stored: the row is the
+        tombstone already written)."""
+        event = Transition(rec.agent_id, rec.state, rec.state, reason, self._clock.now())
+        self._hub.publish(AgentEvent(event, rec.copy(), deleted=True))
+
     def transition(self, rec: AgentRecord, state: AgentState, reason: str) -> Transition:
         """Move rec to state, store the change with its reason, and announce it."""
         now = self._clock.now()

@@ -434,6 +434,11 @@ def test_watch_events_sees_the_lifecycle(box: Sandbox, stub: AgentServiceStub) -
         assert not [e for e in reader.snapshot() if e.agent_id == "unwatched"], (
             "a filtered-out agent's events"
         )
+        assert not any(e.deleted for e in events)
+        stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="watched"), timeout=10)
+        wait_for(lambda: len(states()) == 5, what="the deletion's event")
+        last = [e for e in reader.snapshot() if e.agent_id == "watched"][-1]
+        assert last.deleted and last.state == STOPPED and "deleted by operator" in last.reason
     finally:
         reader.cancel()
         _delete(stub, "watched", "unwatched")

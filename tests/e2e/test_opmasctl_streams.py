@@ -82,6 +82,9 @@ def test_watch_shows_the_current_state_then_changes_and_ctrl_c_is_130(
         changes = output.read(2)
         assert all("watched" in line for line in changes), changes  # only what it watches
         assert "running → stopping" in changes[0] and "stopping → stopped" in changes[1], changes
+        box.stub.DeleteAgent(pb.DeleteAgentRequest(agent_id="watched"), timeout=15)
+        (gone,) = output.read(1)
+        assert "watched  deleted  deleted by operator" in gone, gone
     finally:
         watcher.send_signal(signal.SIGINT)
     code, err = ended(watcher)

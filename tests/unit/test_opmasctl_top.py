@@ -155,6 +155,15 @@ def test_events_of_unknown_agents_are_left_to_the_caller() -> None:
     fleet = Fleet()
     assert not fleet.apply_event(pb.AgentEvent(agent_id="x", status=status("x")))
     assert "x" not in fleet
+    # A deletion of an agent not shown needs nothing fetched.
+    assert fleet.apply_event(pb.AgentEvent(agent_id="x", deleted=True))
+
+
+def test_a_deletion_event_removes_the_row_at_once() -> None:
+    fleet = Fleet()
+    fleet.reconcile([agent("a", pid=1), agent("b", pid=2)], requested_at=10)
+    assert fleet.apply_event(pb.AgentEvent(agent_id="b", deleted=True, status=status("b", STOPPED)))
+    assert set(fleet.rows) == {"a"}
 
 
 def test_a_sample_belongs_to_its_process() -> None:
