@@ -128,3 +128,9 @@ def test_a_manifest_label_that_yaml_reads_as_no_string_is_refused(box: Sandbox) 
     )
     assert bad.code == grpc.StatusCode.INVALID_ARGUMENT
     assert "labels: the value of 'tier' is 31, not a string; quote it" in bad.message
+
+
+def test_tls_to_a_plaintext_port_is_one_error_line_not_grpc_core_logs(box: Sandbox) -> None:
+    result = box.opmasctl("--timeout", "5", "agents", "list", server=f"https://{box.address}")
+    assert result.returncode == 4, (result.returncode, result.stderr)
+    assert result.stderr.count("\n") == 1 and result.stderr.startswith("error: "), result.stderr
