@@ -28,7 +28,12 @@ _DONE = {"start": "started", "stop": "stopped", "restart": "restarted"}
 
 def add_selection_arguments(parser: argparse.ArgumentParser, verb: str) -> None:
     parser.add_argument("agent_ids", metavar="ID", nargs="*", help=f"the agents to {verb}")
-    parser.add_argument("--all", action="store_true", help=f"{verb} every agent of this node")
+    everyone = (
+        "every agent listed (one of another node fails: only its node deletes it)"
+        if verb == "delete"
+        else "every agent of the daemon's node"
+    )
+    parser.add_argument("--all", action="store_true", help=f"{verb} {everyone}")
     parser.add_argument(
         "-l",
         "--selector",
@@ -51,7 +56,7 @@ def _selection(args: argparse.Namespace) -> dict[str, Any]:
     return {"agent_ids": args.agent_ids, "label_selector": args.selector or "", "all": args.all}
 
 
-def _stop_wait(ctx: Context, args: argparse.Namespace) -> float | None:
+def _longest_stop(ctx: Context, args: argparse.Namespace) -> float | None:
     """How long stopping the selected agents may take on the daemon: the longest stop_timeout
     among them (they stop at once). The call's deadline must outlast it."""
     if ctx.timeout is None:
@@ -76,10 +81,10 @@ def run_bulk(ctx: Context, args: argparse.Namespace, verb: str) -> int:
         stop = agents_pb2.StopAgentsRequest(**_selection(args))
         if args.grace is not None:
             stop.timeout.CopyFrom(args.grace)
-        response = ctx.stub.StopAgents(stop, timeout=ctx.longer(_stop_wait(ctx, args)))
+        response = ctx.stub.StopAgents(stop, timeout=ctx.longer(_longest_stop(ctx, args)))
     else:
         restart = agents_pb2.RestartAgentsRequest(**_selection(args))
-        response = ctx.stub.RestartAgents(restart, timeout=ctx.longer(_stop_wait(ctx, args)))
+        response = ctx.stub.RestartAgents(restart, timeout=ctx.longer(_longest_stop(ctx, args)))
     results: list[agents_pb2.AgentOperationResult] = list(response.results)
     done = [r for r in results if r.code == 0]
     failed = [r for r in results if r.code != 0]

@@ -13,6 +13,7 @@ from collections.abc import Callable, Iterator, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Protocol, TypeVar
 
+import grpc
 from google.protobuf import duration_pb2, field_mask_pb2, json_format, message
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
@@ -252,8 +253,15 @@ def agents_update(ctx: Context, args: argparse.Namespace) -> int:
 
 
 def agents_delete(ctx: Context, args: argparse.Namespace) -> int:
+    try:
+        extra = _stop_wait(ctx, args.agent_id)
+    except grpc.RpcError as err:
+        # Deleted already (or never there): the delete itself says which, as it always did.
+        if not (isinstance(err, grpc.Call) and err.code() == grpc.StatusCode.NOT_FOUND):
+            raise
+        extra = None
     response = ctx.stub.DeleteAgent(
-        agents_pb2.DeleteAgentRequest(agent_id=args.agent_id), timeout=ctx.timeout
+        agents_pb2.DeleteAgentRequest(agent_id=args.agent_id), timeout=ctx.longer(extra)
     )
     agent_id = response.agent_id or args.agent_id
     if response.deleted:

@@ -100,8 +100,10 @@ def agents_logs(ctx: Context, args: argparse.Namespace) -> int:
     # print them merged by time; a line whose time was not recorded keeps its place.
     lines: list[tuple[int, int, agents_pb2.LogLine]] = []
     for request in requests:
+        when = 0  # a line without a time takes the one before it in its own log
         for index, line in enumerate(ctx.stub.GetAgentLogs(request, timeout=ctx.timeout)):
-            lines.append((line.time.ToNanoseconds() if line.HasField("time") else 0, index, line))
+            when = line.time.ToNanoseconds() if line.HasField("time") else when
+            lines.append((when, index, line))
     for _, _, line in sorted(lines, key=lambda item: (item[0], item[1])):
         write(render(line))
     return EXIT_OK

@@ -1311,7 +1311,9 @@ class StopAgentsRequest(_message.Message):
 
     @_builtins.property
     def timeout(self) -> _duration_pb2.Duration:
-        """The wait after SIGTERM before SIGKILL for every agent, instead of each one's stop_timeout."""
+        """The wait after SIGTERM before SIGKILL for every agent, instead of each one's stop_timeout.
+        Between 0 and 86400s (a day), as stop_timeout.
+        """
 
     def __init__(
         self,

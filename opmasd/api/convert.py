@@ -16,7 +16,7 @@ from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 from opmas.v1 import agents_pb2 as pb
 from opmasd.core.clock import SYSTEM_CLOCK
 from opmasd.core.errors import FieldViolation, InvalidArgument
-from opmasd.core.labels import Selector, SelectorError, parse_selector
+from opmasd.core.labels import Selector, selector_field
 from opmasd.core.logs import LogEntry, LogStream
 from opmasd.core.messages import MetricsReport
 from opmasd.core.model import (
@@ -129,10 +129,7 @@ def _from_pb(table: Mapping[Any, E], value: int, field: str, expected: str) -> E
 
 def label_selector(text: str) -> Selector:
     """A request's label_selector; INVALID_ARGUMENT naming what does not parse."""
-    try:
-        return parse_selector(text)
-    except SelectorError as exc:
-        raise InvalidArgument.single("label_selector", str(exc)) from None
+    return selector_field(text)
 
 
 def state_from_pb(value: int, field: str = "state") -> AgentState | None:

@@ -15,6 +15,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Literal
 
+from opmasd.core.errors import InvalidArgument
+
 MAX_LABELS = 64
 MAX_NAME_LENGTH = 63
 MAX_PREFIX_LENGTH = 253
@@ -186,3 +188,11 @@ def parse_selector(text: str) -> Selector:
     if not text.strip():
         return Selector()
     return Selector(tuple(_requirement(part) for part in _split(text)))
+
+
+def selector_field(text: str, field: str = "label_selector") -> Selector:
+    """parse_selector for a request's field: InvalidArgument naming the field and what is wrong."""
+    try:
+        return parse_selector(text)
+    except SelectorError as exc:
+        raise InvalidArgument.single(field, str(exc)) from None

@@ -4,8 +4,8 @@ A bulk start, stop or restart gives each agent what StartAgent/StopAgent/Restart
 (its lock, its desired state committed before anything is done, its events), but commits all
 the desired states in one write and waits for what they observed once: stopping 500 agents is
 one commit, then 500 stops under way together, not 500 requests. One slow agent costs the
-others nothing. The outcome is reported per agent: an agent that failed is a result, not a
-failed request.
+others nothing but their common commit. The outcome is reported per agent: an agent that
+failed is a result, not a failed request.
 """
 
 from __future__ import annotations
@@ -19,7 +19,7 @@ import structlog
 
 from opmasd.core.errors import FieldViolation, InvalidArgument, OpmasError
 from opmasd.core.ids import check_agent_id
-from opmasd.core.labels import SelectorError, parse_selector
+from opmasd.core.labels import selector_field
 from opmasd.core.model import AgentRecord, DesiredState
 from opmasd.manager.commits import Commits
 from opmasd.manager.supervisor import Supervisor
@@ -48,9 +48,12 @@ class BulkOutcome:
     error: Exception | None = None
 
 
-def selected_ids(selection: Selection, local: Iterable[AgentRecord]) -> list[str]:
-    """The agent ids the selection names, in id order. Named ids are taken as given (an unknown
-    one fails on its own); a selector or `all` picks among `local`, this node's live agents."""
+def selected_ids(
+    selection: Selection, local: Iterable[AgentRecord]
+) -> tuple[list[str], Callable[[AgentRecord], bool] | None]:
+    """The agent ids the selection names, in id order, and for a selector or `all` the test an
+    agent must still pass once its lock is held (None for named ids, which are taken as given:
+    an unknown one fails on its own). A selector or `all` picks among `local`, this node's."""
     ways = [
         name
         for name, given in (
@@ -79,19 +82,21 @@ def selected_ids(selection: Selection, local: Iterable[AgentRecord]) -> list[str
                 violations.extend(exc.violations)
         if violations:
             raise InvalidArgument(violations)
-        return sorted(set(selection.agent_ids))
+        return sorted(set(selection.agent_ids)), None
     if selection.all:
-        return sorted(rec.agent_id for rec in local)
-    try:
-        selector = parse_selector(selection.label_selector)
-    except SelectorError as exc:
-        raise InvalidArgument.single("label_selector", str(exc)) from None
-    return sorted(rec.agent_id for rec in local if selector.matches(rec.spec.label_map))
+        return sorted(rec.agent_id for rec in local), lambda rec: True
+    selector = selector_field(selection.label_selector)
+
+    def matches(rec: AgentRecord) -> bool:
+        return selector.matches(rec.spec.label_map)
+
+    return sorted(rec.agent_id for rec in local if matches(rec)), matches
 
 
 class BulkRunner:
     """Runs one operation on many agents: their locks taken in id order (two bulk operations
-    cannot deadlock), one commit of every desired state, each agent's operation at once, one
+    cannot deadlock), one commit of every desired state, each agent's operation at once (each
+    lock let go when that agent's operation ends, so a slow agent holds up only itself), one
     wait for what they observed, then the start windows, outside the locks."""
 
     def __init__(
@@ -112,27 +117,43 @@ class BulkRunner:
         desired: DesiredState,
         act: Callable[[AgentRecord], Awaitable[OperationResult]],
     ) -> list[BulkOutcome]:
-        agent_ids = selected_ids(selection, self._local_agents())
+        agent_ids, still_selected = selected_ids(selection, self._local_agents())
         outcomes: dict[str, BulkOutcome] = {}
-        async with contextlib.AsyncExitStack() as locks:
-            for agent_id in agent_ids:
-                await locks.enter_async_context(self._supervisor.lock(agent_id))
+        locks = _Locks(self._supervisor)
+        try:
+            await locks.take(agent_ids)
             recs: list[AgentRecord] = []
             for agent_id in agent_ids:
                 try:
-                    recs.append(self._local_agent(agent_id))
+                    rec = self._local_agent(agent_id)
                 except OpmasError as exc:
-                    outcomes[agent_id] = BulkOutcome(agent_id, error=exc)
+                    if still_selected is None:  # named: its error is its outcome
+                        outcomes[agent_id] = BulkOutcome(agent_id, error=exc)
+                    continue  # else deleted since it was selected: no longer selected
+                if still_selected is None or still_selected(rec):  # relabelled meanwhile?
+                    recs.append(rec)
             failed = await self._commits.desired_many(recs, desired)
             outcomes.update((agent_id, BulkOutcome(agent_id, error=exc)) for agent_id, exc in failed.items())
             acting = [rec for rec in recs if rec.agent_id not in failed]
-            for outcome in await asyncio.gather(*(_outcome(rec.agent_id, act(rec)) for rec in acting)):
+            await locks.release_all_but({rec.agent_id for rec in acting})
+
+            async def one(rec: AgentRecord) -> BulkOutcome:
+                try:
+                    return await _outcome(rec.agent_id, act(rec))
+                finally:
+                    await locks.release(rec.agent_id)
+
+            for outcome in await asyncio.gather(*(one(rec) for rec in acting)):
                 outcomes[outcome.agent_id] = outcome
-        await self._commits.observed()
+        finally:
+            await locks.release_all_but(set())
+        done = [agent_id for agent_id, outcome in outcomes.items() if outcome.result is not None]
+        for agent_id, refused in (await self._commits.observed_many(done)).items():
+            outcomes[agent_id] = BulkOutcome(agent_id, error=refused)
         settling = [o for o in outcomes.values() if o.result is not None and o.result.pending is not None]
         for outcome in await asyncio.gather(*(self._settled(o) for o in settling)):
             outcomes[outcome.agent_id] = outcome
-        return [outcomes[agent_id] for agent_id in agent_ids]
+        return [outcomes[agent_id] for agent_id in agent_ids if agent_id in outcomes]
 
     async def _settled(self, outcome: BulkOutcome) -> BulkOutcome:
         assert outcome.result is not None
@@ -149,3 +170,26 @@ async def _outcome(agent_id: str, operation: Awaitable[OperationResult]) -> Bulk
     except Exception as exc:
         log.exception("bulk operation failed unexpectedly for one agent", agent_id=agent_id)
         return BulkOutcome(agent_id, error=exc)
+
+
+class _Locks:
+    """The agents' locks a bulk operation holds, each let go on its own."""
+
+    def __init__(self, supervisor: Supervisor) -> None:
+        self._supervisor = supervisor
+        self._held: dict[str, contextlib.AbstractAsyncContextManager[None]] = {}
+
+    async def take(self, agent_ids: list[str]) -> None:
+        for agent_id in agent_ids:  # in id order: see BulkRunner
+            lock = self._supervisor.lock(agent_id)
+            await lock.__aenter__()
+            self._held[agent_id] = lock
+
+    async def release(self, agent_id: str) -> None:
+        lock = self._held.pop(agent_id, None)
+        if lock is not None:
+            await lock.__aexit__(None, None, None)
+
+    async def release_all_but(self, kept: set[str]) -> None:
+        for agent_id in [held for held in self._held if held not in kept]:
+            await self.release(agent_id)

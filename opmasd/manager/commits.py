@@ -87,15 +87,23 @@ class Commits:
         # taken back (a registration's row removed, the old row written).
         return Unavailable(f"agent {rec.agent_id}: the change is undone, the database is unavailable: {exc}")
 
-    async def observed(self, agent_id: str = "") -> None:
-        """Wait for the attempt that writes what an operation observed (PID, state), of the
-        agent or of all. Its failure is not the operator's: the change asked for is committed,
-        and observations are retried until written (and found again by re-adoption)."""
-        try:
-            await self._writes.flushed(agent_id)
-        except StoreRejected:
-            raise
-        except StoreError as exc:
-            log.warning(
-                "agent's observed state not yet written; will retry", agent_id=agent_id, error=str(exc)
-            )
+    async def observed(self, agent_id: str) -> None:
+        """Wait for the attempt that writes what an operation observed (PID, state). Its
+        failure is not the operator's: the change asked for is committed, and observations
+        are retried until written (and found again by re-adoption after a crash)."""
+        refused = (await self.observed_many([agent_id])).get(agent_id)
+        if refused is not None:
+            raise refused
+
+    async def observed_many(self, agent_ids: list[str]) -> dict[str, StoreRejected]:
+        """observed() for the agents of a bulk operation, in one wait: those whose row the
+        database refused (their operation's outcome), the others logged and retried."""
+        refused: dict[str, StoreRejected] = {}
+        for agent_id, exc in (await self._writes.flushed_many(agent_ids)).items():
+            if isinstance(exc, StoreRejected):
+                refused[agent_id] = exc
+            else:
+                log.warning(
+                    "agent's observed state not yet written; will retry", agent_id=agent_id, error=str(exc)
+                )
+        return refused

@@ -162,11 +162,16 @@ class WriteBehind:
         the error of each agent whose row was not committed."""
         return await self._wait_for_rows(agent_ids, commit=True)
 
+    async def flushed_many(self, agent_ids: list[str]) -> dict[str, StoreError]:
+        """Wait for the attempt that writes what is queued now for these agents; the error of
+        each whose write failed. What failed stays queued and is retried."""
+        return await self._wait_for_rows(agent_ids, commit=False)
+
     async def flushed(self, agent_id: str = "") -> None:
         """Wait for the attempt that writes what is queued now (for agent_id, or everything);
         its error if it failed. What failed stays queued and is retried."""
         if agent_id:
-            error = (await self._wait_for_rows([agent_id], commit=False)).get(agent_id)
+            error = (await self.flushed_many([agent_id])).get(agent_id)
             if error is not None:
                 raise error
             return
@@ -200,6 +205,7 @@ class WriteBehind:
         """Wait for the attempt writing each agent's queued row; the errors, by agent."""
         errors: dict[str, StoreError] = {}
         waiters: dict[str, asyncio.Future[None]] = {}
+        entries: dict[str, Entry] = {}
         loop = asyncio.get_running_loop()
         for agent_id in agent_ids:
             entry = self._pending.get(agent_id) or self._in_flight.get(agent_id)
@@ -210,6 +216,7 @@ class WriteBehind:
                 continue
             waiter = self._waiter(loop)
             entry.waiters.append(waiter)
+            entries[agent_id] = entry
             if entry is self._pending.get(agent_id):
                 # Only a row not yet handed over can become a commit: one being written was
                 # sent as an observation, and its waiter hears that outcome.
@@ -225,9 +232,9 @@ class WriteBehind:
             if waiter.done():
                 if waiter.exception() is not None:
                     errors[agent_id] = waiter.exception()  # type: ignore[assignment]  # StoreErrors
-            elif self._pending.get(agent_id) is not None:
+            elif self._pending.get(agent_id) is entries[agent_id]:
                 # Not yet handed to the database: the caller's restored row replaces it there.
-                self._pending[agent_id].commit = False
+                entries[agent_id].commit = False
                 errors[agent_id] = self._no_answer()
             elif commit:
                 in_flight[agent_id] = waiter

@@ -293,12 +293,18 @@ class ProcessRuntime:
         # The group first, then a yield: in a burst of stops (a bulk stop, a shutdown) every
         # agent's group has its SIGTERM before any of the rest is done, so all the processes
         # end together instead of one after another's bookkeeping. The cgroup holds the tree
-        # meanwhile: what left the group is found there afterwards, and signalled then.
+        # meanwhile: what left the group is found there afterwards, and signalled then. (One
+        # forked into the group during the yield misses this SIGTERM; the cgroup's kill at the
+        # deadline still reaches it.)
         group_signalled = watched.signal_group(signal.SIGTERM)
         await asyncio.sleep(0)
         family = trees.family(agent_id, pid)
         log.info(
-            "terminating agent process", agent_id=agent_id, pid=pid, timeout=timeout, tree=len(family) + 1
+            "terminating agent process (SIGTERM sent)",
+            agent_id=agent_id,
+            pid=pid,
+            timeout=timeout,
+            tree=len(family) + 1,
         )
         if group_signalled:
             signals.signal_escaped(pid, signal.SIGTERM, family)

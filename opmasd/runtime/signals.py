@@ -28,29 +28,27 @@ def signal_tree(
     """
     if leader_pidfd is not None:
         signal_group(pgid, sig)
+        signal_escaped(pgid, sig, family)
+        return
     for proc in family:
-        if leader_pidfd is not None and _group_of(proc.pid) == pgid:
-            continue  # killpg reached it
-        try:
-            proc.send_signal(sig)  # psutil checks the PID still names the same process
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.AccessDenied as exc:
-            log.warning("cannot signal descendant", pid=proc.pid, signal=sig.name, error=str(exc))
+        _signal(proc, sig)
 
 
 def signal_escaped(pgid: int, sig: signal.Signals, family: list[psutil.Process]) -> None:
     """After the group itself was signalled: the members of the family that left it (each
     process once: a member still in the group has the signal already)."""
     for proc in family:
-        if _group_of(proc.pid) == pgid:
-            continue
-        try:
-            proc.send_signal(sig)
-        except psutil.NoSuchProcess:
-            pass
-        except psutil.AccessDenied as exc:
-            log.warning("cannot signal descendant", pid=proc.pid, signal=sig.name, error=str(exc))
+        if _group_of(proc.pid) != pgid:
+            _signal(proc, sig)
+
+
+def _signal(proc: psutil.Process, sig: signal.Signals) -> None:
+    try:
+        proc.send_signal(sig)  # psutil checks the PID still names the same process
+    except psutil.NoSuchProcess:
+        pass
+    except psutil.AccessDenied as exc:
+        log.warning("cannot signal descendant", pid=proc.pid, signal=sig.name, error=str(exc))
 
 
 def kill_group(pgid: int) -> None:

@@ -221,3 +221,52 @@ async def test_a_failed_start_is_that_agents_outcome(fleet_and_store) -> None:
         "web-1",
         "web-2",
     }
+
+
+def _gate(runtime: FakeRuntime, slow: str) -> asyncio.Event:
+    """Hold the termination of agent `slow` until the returned event is set."""
+    release = asyncio.Event()
+    real_terminate = runtime.terminate
+
+    async def terminate(agent_id: str, timeout: float) -> None:
+        if agent_id == slow:
+            await release.wait()
+        await real_terminate(agent_id, timeout)
+
+    runtime.terminate = terminate  # type: ignore[method-assign]
+    return release
+
+
+async def test_a_slow_agent_in_a_bulk_stop_holds_up_only_itself(fleet) -> None:
+    manager, runtime = fleet
+    release = _gate(runtime, "web-2")
+    bulk = asyncio.ensure_future(manager.stop_agents(Selection(label_selector="env=prod")))
+
+    async def web_1_stopped() -> None:
+        while manager.get_agent("web-1").state is not AgentState.STOPPED:
+            await asyncio.sleep(0.001)
+
+    await asyncio.wait_for(web_1_stopped(), 2)
+    # web-1's stop is over: its lock is free although web-2 still stops.
+    restarted = await asyncio.wait_for(manager.start_agent("web-1"), 2)
+    assert restarted.changed and not bulk.done()
+    release.set()
+    outcomes = await asyncio.wait_for(bulk, 2)
+    assert [o.error for o in outcomes] == [None, None]
+
+
+async def test_an_agent_relabelled_while_the_bulk_waits_for_its_lock_is_left_alone(fleet) -> None:
+    manager, runtime = fleet
+    release = _gate(runtime, "probe")
+    holding = asyncio.ensure_future(manager.stop_agent("probe"))  # holds probe's lock
+    await asyncio.sleep(0.01)
+    await manager.update_agent("web-1", {"labels": {"role": "probe"}})
+    # Selects probe, web-1 (sorted) ... and waits for probe's lock.
+    bulk = asyncio.ensure_future(manager.stop_agents(Selection(label_selector="role in (probe,web)")))
+    await asyncio.sleep(0.01)
+    await manager.update_agent("web-2", {"labels": {"role": "gone"}})  # after it was selected
+    release.set()
+    await holding
+    outcomes = await asyncio.wait_for(bulk, 2)
+    assert [o.agent_id for o in outcomes] == ["probe", "web-1"]
+    assert manager.get_agent("web-2").state is AgentState.RUNNING
