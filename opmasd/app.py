@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import gc
 import os
 import signal
 from collections.abc import Callable, Coroutine
@@ -161,6 +162,11 @@ class Daemon:
         await self._health.start()
         if config.rest.enabled and (config.rest.address or config.rest.socket):
             self._http = await self._start_http()
+        # What start-up made (modules, descriptors, the agents' records) lives as long as the
+        # daemon: out of the collector's way, so that its full collections stop rescanning it
+        # (they showed as pauses of tens of ms in the middle of a 500-agent stop).
+        gc.collect()
+        gc.freeze()
         self.notifier.ready(self._status_line())
         log.info(
             "opmasd ready",
