@@ -173,7 +173,7 @@ def configure_logging(
 
     # One writer for every logger: loggers are bound at each call (not cached, see below), and
     # WriteLoggerFactory makes a writer per bind, which looks up its file's lock each time, a
-    # cost paid even by a call the level filters out (a third of stopping 500 agents' CPU).
+    # cost paid even by a call the level filters out (a fifth of the manager's CPU stopping 500 agents).
     writer = structlog.WriteLogger(file=stream)
     structlog.configure(
         processors=processors,
