@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import argparse
 import sys
+from collections.abc import Callable
 from typing import Any
 
 import grpc
@@ -22,6 +23,8 @@ from opmas.v1 import agents_pb2
 from opmasctl import commands
 from opmasctl.commands import Context, UsageError, list_agents, pid_text
 from opmasctl.exits import EXIT_OK, exit_status, exit_status_of
+
+Handler = Callable[[Context, argparse.Namespace], int]
 
 _DONE = {"start": "started", "stop": "stopped", "restart": "restarted"}
 
@@ -141,30 +144,19 @@ def delete_many(ctx: Context, args: argparse.Namespace) -> int:
     return first_failure if first_failure is not None else EXIT_OK
 
 
-def _single(args: argparse.Namespace) -> argparse.Namespace:
-    args.agent_id = args.agent_ids[0]
-    return args
+def one_or_many(single: Handler, many: Handler) -> Handler:
+    """The command for exactly one id (the single-agent call, as before), else the bulk one."""
+
+    def handler(ctx: Context, args: argparse.Namespace) -> int:
+        if is_bulk(args):
+            return many(ctx, args)
+        args.agent_id = args.agent_ids[0]
+        return single(ctx, args)
+
+    return handler
 
 
-def agents_start(ctx: Context, args: argparse.Namespace) -> int:
-    if is_bulk(args):
-        return run_bulk(ctx, args, "start")
-    return commands.agents_start(ctx, _single(args))
-
-
-def agents_stop(ctx: Context, args: argparse.Namespace) -> int:
-    if is_bulk(args):
-        return run_bulk(ctx, args, "stop")
-    return commands.agents_stop(ctx, _single(args))
-
-
-def agents_restart(ctx: Context, args: argparse.Namespace) -> int:
-    if is_bulk(args):
-        return run_bulk(ctx, args, "restart")
-    return commands.agents_restart(ctx, _single(args))
-
-
-def agents_delete(ctx: Context, args: argparse.Namespace) -> int:
-    if is_bulk(args):
-        return delete_many(ctx, args)
-    return commands.agents_delete(ctx, _single(args))
+agents_start = one_or_many(commands.agents_start, lambda ctx, args: run_bulk(ctx, args, "start"))
+agents_stop = one_or_many(commands.agents_stop, lambda ctx, args: run_bulk(ctx, args, "stop"))
+agents_restart = one_or_many(commands.agents_restart, lambda ctx, args: run_bulk(ctx, args, "restart"))
+agents_delete = one_or_many(commands.agents_delete, delete_many)

@@ -21,7 +21,7 @@ from opmasctl import views
 from opmasctl.connection import Connection
 from opmasctl.output import HUMAN_FORMATS, dump, dump_item, message_to_dict, plain_numbers, write
 from opmasctl.parsing import enum_choices, parse_duration, parse_params, parse_seconds
-from opmasctl.spec import SpecError, build_spec, environment_patch, labels_patch
+from opmasctl.spec import SpecError, build_spec, map_patches
 from opmasctl.tables import TableStyle
 
 STATES = enum_choices(agents_pb2.AgentState.items(), "AGENT_STATE_")
@@ -228,14 +228,10 @@ def agents_update(ctx: Context, args: argparse.Namespace) -> int:
         raise UsageError("nothing to update: give at least one spec flag")
     # --env/--unset-env and --label/--unset-label edit the map the agent has (as kubectl set env
     # and kubectl label do): the whole map goes back, with these keys set and those removed.
-    patches = [
-        (patch, field)
-        for patch, field in ((environment_patch(args), "environment"), (labels_patch(args), "labels"))
-        if patch is not None
-    ]
+    patches = map_patches(args)
     if patches:
         current = ctx.stub.GetAgent(agents_pb2.GetAgentRequest(agent_id=args.agent_id), timeout=ctx.timeout)
-        for (sets, unsets), field in patches:
+        for field, sets, unsets in patches:
             merged = {**getattr(current.spec, field), **sets}
             for key in unsets:
                 merged.pop(key, None)

@@ -12,7 +12,7 @@ import queue
 import sys
 import threading
 from collections.abc import Callable
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 
 import grpc
 from google.protobuf import timestamp_pb2
@@ -28,10 +28,11 @@ Render = Callable[[agents_pb2.LogLine], str]
 
 def parse_since(text: str, now: datetime | None = None) -> timestamp_pb2.Timestamp:
     """--since: a duration back from now (90s, 10m, 2h) or an RFC 3339 time."""
-    stamp = timestamp_pb2.Timestamp()
+    seconds: float | None
     try:
         seconds = parse_seconds(text)
     except ValueError:
+        seconds = None
         try:
             # fromisoformat checks the offset's range too (protobuf's own parser does not).
             when = datetime.fromisoformat(text.strip())
@@ -41,12 +42,17 @@ def parse_since(text: str, now: datetime | None = None) -> timestamp_pb2.Timesta
             ) from None
         if when.tzinfo is None:
             raise ValueError(f"invalid --since {text!r}: a time needs its offset (Z, +01:00)") from None
+    else:
+        if seconds < 0:
+            raise ValueError(f"invalid --since {text!r}: must not be negative")
+        when = now or datetime.now(UTC)
+    stamp = timestamp_pb2.Timestamp()
+    try:
+        if seconds is not None:
+            when -= timedelta(seconds=seconds)
         stamp.FromDatetime(when.astimezone(UTC).replace(tzinfo=None))
-        return stamp
-    if seconds < 0:
-        raise ValueError(f"invalid --since {text!r}: must not be negative")
-    stamp.FromDatetime((now or datetime.now(UTC)).astimezone(UTC).replace(tzinfo=None))
-    stamp.FromNanoseconds(stamp.ToNanoseconds() - round(seconds * 1e9))
+    except (ValueError, OverflowError):  # before year 1 once in UTC, or outside Timestamp's range
+        raise ValueError(f"invalid --since {text!r}: the time is out of range") from None
     return stamp
 
 

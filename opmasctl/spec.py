@@ -6,7 +6,8 @@ from __future__ import annotations
 
 import argparse
 import shlex
-from collections.abc import Container
+from collections.abc import Callable, Iterable
+from dataclasses import dataclass
 
 from opmas.units import parse_percent
 from opmas.v1 import agents_pb2
@@ -33,6 +34,74 @@ class SpecError(ValueError):
     """Spec flags that cannot be combined; reported as a usage error."""
 
 
+@dataclass(frozen=True)
+class MapFlags:
+    """A map field of the spec and its flags: --FLAG K=V to set a key, and for `update`
+    --unset-FLAG K to remove one and --REPLACE to make the given keys the whole map."""
+
+    flag: str  # env, label
+    field: str  # environment, labels
+    replace: str  # replace-env, replace-labels
+    parse: Callable[[Iterable[str]], dict[str, str]]
+    help: str
+
+    def sets(self, args: argparse.Namespace) -> list[str]:
+        return list(getattr(args, f"spec_{self.flag}", None) or [])
+
+    def unsets(self, args: argparse.Namespace) -> list[str]:
+        return list(getattr(args, f"spec_unset_{self.flag}", None) or [])
+
+    def replacing(self, args: argparse.Namespace) -> bool:
+        replace = bool(getattr(args, "spec_" + self.replace.replace("-", "_"), False))
+        # --clear-env, the older spelling of --replace-env alone.
+        return replace or (self.flag == "env" and bool(getattr(args, "spec_clear_env", False)))
+
+    def named(self, args: argparse.Namespace, spec: agents_pb2.AgentSpec) -> bool:
+        """Put the keys given into spec; whether the field is named at all (for the mask)."""
+        sets, unsets = self.sets(args), self.unsets(args)
+        if self.replacing(args) and unsets:
+            raise SpecError(f"--unset-{self.flag} has nothing to remove: the whole {self.field} is replaced")
+        try:
+            given = self.parse(sets)
+        except ValueError as err:
+            raise SpecError(str(err)) from None
+        both = sorted(key for key in unsets if key in given)
+        if both:
+            raise SpecError(f"--{self.flag} and --unset-{self.flag} both name {', '.join(both)}: say which")
+        getattr(spec, self.field).update(given)
+        return bool(sets or unsets or self.replacing(args))
+
+
+MAPS = (
+    MapFlags("env", "environment", "replace-env", parse_env, "environment variable"),
+    MapFlags("label", "labels", "replace-labels", parse_labels, "label, for selectors such as -l KEY=VALUE"),
+)
+
+
+def _add_map_flags(group: argparse._ArgumentGroup, kind: MapFlags, update: bool) -> None:
+    group.add_argument(
+        f"--{kind.flag}",
+        dest=f"spec_{kind.flag}",
+        action="append",
+        metavar="KEY=VALUE",
+        help=f"{kind.help} (repeatable)" + ("; adds or overrides it, the others are kept" if update else ""),
+    )
+    if update:
+        group.add_argument(
+            f"--unset-{kind.flag}",
+            dest=f"spec_unset_{kind.flag}",
+            action="append",
+            metavar="KEY",
+            help=f"remove KEY from the {kind.field} (repeatable)",
+        )
+        group.add_argument(
+            f"--{kind.replace}",
+            dest="spec_" + kind.replace.replace("-", "_"),
+            action="store_true",
+            help=f"the --{kind.flag} given become the whole {kind.field} (alone: remove every key)",
+        )
+
+
 def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None:
     # Every default is None so that "not given" is distinguishable from "given as empty/false":
     # update sends exactly the given fields in its update_mask.
@@ -49,52 +118,11 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None
         "or give them after --",
     )
     group.add_argument("--workdir", dest="spec_workdir", metavar="DIR", help="working directory")
-    group.add_argument(
-        "--env",
-        dest="spec_env",
-        action="append",
-        metavar="KEY=VALUE",
-        help="environment variable (repeatable)"
-        + ("; adds or overrides it, the others are kept (as kubectl set env)" if update else ""),
-    )
+    for kind in MAPS:
+        _add_map_flags(group, kind, update)
     if update:
-        group.add_argument(
-            "--unset-env",
-            dest="spec_unset_env",
-            action="append",
-            metavar="KEY",
-            help="remove this environment variable (repeatable)",
-        )
-        group.add_argument(
-            "--replace-env",
-            dest="spec_replace_env",
-            action="store_true",
-            help="the --env given become the whole environment (alone: remove every variable)",
-        )
         group.add_argument(
             "--clear-env", dest="spec_clear_env", action="store_true", help="remove every variable"
-        )
-    group.add_argument(
-        "--label",
-        dest="spec_label",
-        action="append",
-        metavar="KEY=VALUE",
-        help="label, for selectors such as -l KEY=VALUE (repeatable)"
-        + ("; adds or overrides it, the others are kept" if update else ""),
-    )
-    if update:
-        group.add_argument(
-            "--unset-label",
-            dest="spec_unset_label",
-            action="append",
-            metavar="KEY",
-            help="remove this label (repeatable)",
-        )
-        group.add_argument(
-            "--replace-labels",
-            dest="spec_replace_labels",
-            action="store_true",
-            help="the --label given become all the labels (alone: remove every label)",
         )
     group.add_argument("--restart-policy", dest="spec_restart_policy", choices=sorted(RESTART_POLICIES))
     for field, help_text in DURATION_FIELDS.items():
@@ -167,30 +195,9 @@ def build_spec(
         paths.append("working_directory")
     if getattr(args, "spec_clear_env", False) and given("spec_env"):
         raise SpecError("--clear-env and --env cannot be combined")
-    replacing = getattr(args, "spec_replace_env", False) or getattr(args, "spec_clear_env", False)
-    if replacing and given("spec_unset_env"):
-        raise SpecError("--unset-env has nothing to remove from an environment that is replaced")
-    if given("spec_env"):
-        try:
-            spec.environment.update(parse_env(args.spec_env))
-        except ValueError as err:
-            raise SpecError(str(err)) from None
-        _set_and_unset(spec.environment, getattr(args, "spec_unset_env", None), "env")
-        paths.append("environment")
-    elif replacing or given("spec_unset_env"):
-        paths.append("environment")
-    replacing_labels = getattr(args, "spec_replace_labels", False)
-    if replacing_labels and given("spec_unset_label"):
-        raise SpecError("--unset-label has nothing to remove from labels that are replaced")
-    if given("spec_label"):
-        try:
-            spec.labels.update(parse_labels(args.spec_label))
-        except ValueError as err:
-            raise SpecError(str(err)) from None
-        _set_and_unset(spec.labels, getattr(args, "spec_unset_label", None), "label")
-        paths.append("labels")
-    elif replacing_labels or given("spec_unset_label"):
-        paths.append("labels")
+    for kind in MAPS:
+        if kind.named(args, spec):
+            paths.append(kind.field)
     if given("spec_restart_policy"):
         spec.restart_policy = RESTART_POLICIES[args.spec_restart_policy]
         paths.append("restart_policy")
@@ -223,32 +230,21 @@ def build_spec(
     return spec, paths
 
 
+def map_patches(args: argparse.Namespace) -> list[tuple[str, dict[str, str], list[str]]]:
+    """For `update`: each map (environment, labels) edited rather than replaced, as (field, keys
+    to set, keys to remove); the caller merges them into the agent's current map."""
+    patches = []
+    for kind in MAPS:
+        sets, unsets = kind.sets(args), kind.unsets(args)
+        if not kind.replacing(args) and (sets or unsets):
+            patches.append((kind.field, kind.parse(sets), unsets))
+    return patches
+
+
 def environment_patch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]] | None:
-    """For `update`: the variables to set and to remove when the environment is edited rather
-    than replaced (None: it is replaced, or not touched). The caller merges them into the
-    agent's current environment."""
-    sets = getattr(args, "spec_env", None) or []
-    unsets = getattr(args, "spec_unset_env", None) or []
-    replacing = getattr(args, "spec_replace_env", False) or getattr(args, "spec_clear_env", False)
-    if replacing or not (sets or unsets):
-        return None
-    return parse_env(sets), list(unsets)
-
-
-def _set_and_unset(sets: Container[str], unsets: list[str] | None, what: str) -> None:
-    both = sorted(key for key in unsets or () if key in sets)
-    if both:
-        raise SpecError(f"--{what} and --unset-{what} both name {', '.join(both)}: say which")
-
-
-def labels_patch(args: argparse.Namespace) -> tuple[dict[str, str], list[str]] | None:
-    """For `update`: the labels to set and to remove when they are edited rather than replaced
-    (None: replaced, or not touched); merged by the caller into the agent's current labels."""
-    sets = getattr(args, "spec_label", None) or []
-    unsets = getattr(args, "spec_unset_label", None) or []
-    if getattr(args, "spec_replace_labels", False) or not (sets or unsets):
-        return None
-    return parse_labels(sets), list(unsets)
+    """map_patches' environment part (None: replaced, or not touched)."""
+    found = [(sets, unsets) for field, sets, unsets in map_patches(args) if field == "environment"]
+    return found[0] if found else None
 
 
 def _command(flag: str | None, after_dashes: list[str]) -> list[str] | None:

@@ -107,6 +107,8 @@ def test_opmasctl_socket_path_too_long_for_af_unix(box: Sandbox, tmp_path: Path)
         (("--timeout", "99999999999999999", "agents", "list"), "invalid timeout"),
         (("agents", "logs", "x", "--since", "2026-12-07T11:00:00+99:00"), "invalid --since"),
         (("agents", "logs", "x", "--since", "2026-12-07T11:00:00"), "needs its offset"),
+        (("agents", "logs", "x", "--since", "99999999999d"), "out of range"),
+        (("agents", "logs", "x", "--since", "0001-01-01T00:00:00+14:00"), "out of range"),
         (("agents", "update", "x", "--label", "a=1", "--unset-label", "a"), "both name a"),
         (("agents", "update", "x", "--env", "A=1", "--unset-env", "A"), "both name A"),
     ],
