@@ -95,7 +95,8 @@ def selected_ids(
 
 class BulkRunner:
     """Runs one operation on many agents: their locks taken in id order (two bulk operations
-    cannot deadlock), one commit of every desired state, each agent's operation at once (each
+    cannot deadlock), one commit of every desired state, a sweep of what must come first (a
+    stop's SIGTERMs), each agent's operation at once (each
     lock let go when that agent's operation ends, so a slow agent holds up only itself), one
     wait for what they observed, then the start windows, outside the locks."""
 
@@ -116,7 +117,10 @@ class BulkRunner:
         selection: Selection,
         desired: DesiredState,
         act: Callable[[AgentRecord], Awaitable[OperationResult]],
+        first: Callable[[AgentRecord], None] | None = None,
     ) -> list[BulkOutcome]:
+        """`act` on every selected agent, once its desired state is committed; `first` (if
+        given) on all of them in one sweep before any act begins (a stop's SIGTERMs)."""
         agent_ids, still_selected = selected_ids(selection, self._local_agents())
         outcomes: dict[str, BulkOutcome] = {}
         locks = _Locks(self._supervisor)
@@ -136,6 +140,9 @@ class BulkRunner:
             outcomes.update((agent_id, BulkOutcome(agent_id, error=exc)) for agent_id, exc in failed.items())
             acting = [rec for rec in recs if rec.agent_id not in failed]
             await locks.release_all_but({rec.agent_id for rec in acting})
+            if first is not None:
+                for rec in acting:
+                    first(rec)
 
             async def one(rec: AgentRecord) -> BulkOutcome:
                 try:

@@ -10,6 +10,7 @@ judging and the metrics cache, and the periodic jobs that drive them.
 from __future__ import annotations
 
 import asyncio
+import functools
 from collections.abc import AsyncIterator, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
@@ -297,17 +298,13 @@ class AgentManager:
     @finishes
     async def stop_agents(self, selection: Selection, timeout: float | None = None) -> list[BulkOutcome]:
         check_grace(timeout)
-        stop = self._supervisor.stop
-        return await self._bulk.run(
-            selection, DesiredState.STOPPED, lambda r: stop(r, "stopped by operator", timeout)
-        )
+        stop = functools.partial(self._supervisor.stop, reason="stopped by operator", timeout=timeout)
+        return await self._bulk.run(selection, DesiredState.STOPPED, stop, self._supervisor.begin_stop)
 
     @finishes
     async def restart_agents(self, selection: Selection) -> list[BulkOutcome]:
-        again = self._supervisor.restart
-        return await self._bulk.run(
-            selection, DesiredState.RUNNING, lambda rec: again(rec, "restarted by operator")
-        )
+        again = functools.partial(self._supervisor.restart, reason="restarted by operator")
+        return await self._bulk.run(selection, DesiredState.RUNNING, again, self._supervisor.begin_stop)
 
     def spec_defaults(self, name: str = "") -> AgentSpec:
         return AgentSpec(

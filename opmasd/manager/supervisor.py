@@ -151,6 +151,13 @@ class Supervisor:
             self._registry.save(rec)
         return OperationResult(rec, False, f"agent {rec.agent_id} is already stopped")
 
+    def begin_stop(self, rec: AgentRecord) -> None:
+        """The SIGTERM of a stop or restart that follows at once, sent now: a bulk operation
+        sends every agent's in one sweep (Runtime.begin_terminate). Its desired state is
+        committed already."""
+        if rec.pid is not None:
+            self._runtime.begin_terminate(rec.agent_id)
+
     async def restart(self, rec: AgentRecord, reason: str) -> OperationResult:
         if rec.pid is not None:
             await self._terminate(rec, reason, None)

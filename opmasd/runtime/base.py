@@ -44,6 +44,12 @@ class Runtime(Protocol):
         exit handler. A no-op when the agent has no process.
         """
 
+    def begin_terminate(self, agent_id: str) -> None:
+        """The first signal of a terminate that follows, sent now (a bulk stop sends every
+        agent's SIGTERM in one sweep, before any agent's bookkeeping, so that the processes
+        end together). The terminate that follows does not send it again. A backend that
+        cannot send it safely apart from terminate does nothing here."""
+
     def adopt(self, agent_id: str, handle: ProcessHandle | None) -> ProcessHandle | None:
         """Watch the agent's process that an earlier daemon started: the one `handle` names
         or, when none was recorded, the one the runtime can find by itself (its cgroup, its

@@ -260,6 +260,13 @@ class ProcessRuntime:
 
     # --- stopping ---------------------------------------------------------------------------
 
+    def begin_terminate(self, agent_id: str) -> None:
+        # Only with the agent's cgroup: without it, terminate must find the descendants before
+        # the first signal (see there), a /proc sweep that has no place in a sweep of signals.
+        watched = self._watched.get(agent_id)
+        if watched is not None and self._trees is not None and not watched.term_sent:
+            watched.term_sent = watched.signal_group(signal.SIGTERM)
+
     async def terminate(self, agent_id: str, timeout: float) -> None:
         watched = self._watched.get(agent_id)
         if watched is None:
@@ -290,13 +297,13 @@ class ProcessRuntime:
         done when the cgroup is empty (the exit is reported only then)."""
         agent_id, pid = watched.agent_id, watched.handle.pid
         watched.grace_until = asyncio.get_running_loop().time() + max(timeout, 0.0)
-        # The group first, then a yield: in a burst of stops (a bulk stop, a shutdown) every
-        # agent's group has its SIGTERM before any of the rest is done, so all the processes
-        # end together instead of one after another's bookkeeping. The cgroup holds the tree
-        # meanwhile: what left the group is found there afterwards, and signalled then. (One
-        # forked into the group during the yield misses this SIGTERM; the cgroup's kill at the
-        # deadline still reaches it.)
-        group_signalled = watched.signal_group(signal.SIGTERM)
+        # The group first (unless begin_terminate sent it), then a yield: in a burst of stops (a
+        # shutdown) every agent's group has its SIGTERM before any of the rest is done, so all
+        # the processes end together instead of one after another's bookkeeping. The cgroup
+        # holds the tree meanwhile: what left the group is found there afterwards, and
+        # signalled then. (One forked into the group during the yield misses this SIGTERM; the
+        # cgroup's kill at the deadline still reaches it.)
+        group_signalled = watched.term_sent or watched.signal_group(signal.SIGTERM)
         await asyncio.sleep(0)
         family = trees.family(agent_id, pid)
         log.info(

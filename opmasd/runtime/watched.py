@@ -42,6 +42,8 @@ class WatchedProcess:
     grace_until: float | None = None
     # The leader has ended and its pidfd is closed; the rest of the tree may live on a moment.
     leader_gone: bool = False
+    # The group has had its SIGTERM already (ProcessRuntime.begin_terminate).
+    term_sent: bool = False
     # Lives as long as the watch: a new process of the same agent starts with a fresh sampler.
     usage: UsageSampler = field(init=False)
 

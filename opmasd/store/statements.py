@@ -7,7 +7,8 @@ only on the database's parameter placeholder), the parameters once per row.
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+import functools
+from collections.abc import Callable, Mapping
 from typing import Any
 
 import peewee
@@ -41,6 +42,13 @@ def insert_fields(model: type[peewee.Model]) -> list[peewee.Field]:
     return [f for f in model._meta.sorted_fields if not isinstance(f, peewee.AutoField)]
 
 
+@functools.cache
+def _converters(model: type[peewee.Model]) -> tuple[tuple[str, Callable[[Any], Any]], ...]:
+    """Each inserted column's field name and db_value, in column order (looked up once per
+    model: finding them again for every row was half the cost of a 500-row commit)."""
+    return tuple((field.name, field.db_value) for field in insert_fields(model))
+
+
 def row_params(model: type[peewee.Model], row: Mapping[str, Any]) -> list[Any]:
     """A row's values in column order, as the database takes them (the fields' db_value)."""
-    return [field.db_value(row[field.name]) for field in insert_fields(model)]  # type: ignore[no-untyped-call]
+    return [db_value(row[name]) for name, db_value in _converters(model)]

@@ -39,6 +39,8 @@ class FakeRuntime:
         self.fail_launch: dict[str, str] = {}
         self.ignore_sigterm: set[str] = set()
         self.terminations: list[tuple[str, float]] = []
+        # begin_terminate calls: a bulk stop sends them all before any terminate.
+        self.terminations_begun: list[str] = []
         # A plain string is a line of the agent's stdout.
         self.logs: dict[str, list[str | LogEntry]] = {}
         self.log_rotations = 0
@@ -61,6 +63,10 @@ class FakeRuntime:
         proc = self.processes.pop(agent_id)
         assert self._handler is not None
         self._handler(agent_id, proc.handle, ExitInfo(exit_code, signal))
+
+    def begin_terminate(self, agent_id: str) -> None:
+        if agent_id in self.processes:
+            self.terminations_begun.append(agent_id)
 
     async def terminate(self, agent_id: str, timeout: float) -> None:
         self.terminations.append((agent_id, timeout))

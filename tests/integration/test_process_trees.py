@@ -158,14 +158,18 @@ SIGNAL_COUNTER = textwrap.dedent(
 )
 
 
+@pytest.mark.parametrize("begun", [False, True], ids=["terminate", "begin_terminate-then-terminate"])
 async def test_each_process_of_the_tree_gets_exactly_one_sigterm_and_finishes_its_teardown(
-    runtime: tuple[ProcessRuntime, Exits], tmp_path: Path
+    runtime: tuple[ProcessRuntime, Exits], tmp_path: Path, begun: bool
 ) -> None:
     rt, exits = runtime
     out = tmp_path / "signals"
     argv = (PY, "-c", SIGNAL_COUNTER, str(out), "leader", SIGNAL_COUNTER)
     await rt.launch(LaunchRequest("a", argv, "", dict(os.environ)))
     await eventually(lambda: out.exists() and out.read_text().count(" up") == 3)
+    if begun:  # a bulk stop's sweep: the group's SIGTERM now, the rest of the stop after
+        rt.begin_terminate("a")
+        await eventually(lambda: "leader TERM" in out.read_text())
     await asyncio.wait_for(rt.terminate("a", 5), 8)
     lines = out.read_text().splitlines()
     assert sorted(line for line in lines if line.endswith("TERM")) == [

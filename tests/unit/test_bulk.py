@@ -147,6 +147,25 @@ async def test_the_agents_are_stopped_concurrently(fleet) -> None:
     assert sorted(entered) == ["plain", "probe", "web-1", "web-2"] and len(outcomes) == 4
 
 
+@pytest.mark.parametrize("operation", ["stop_agents", "restart_agents"])
+async def test_every_sigterm_goes_out_in_one_sweep_before_any_agent_is_waited_for(fleet, operation) -> None:
+    """So that the processes end together, not one after another's bookkeeping."""
+    manager, runtime = fleet
+    begun_at_first_terminate: list[list[str]] = []
+    real_terminate = runtime.terminate
+
+    async def terminate(agent_id: str, timeout: float) -> None:
+        begun_at_first_terminate.append(list(runtime.terminations_begun))
+        await real_terminate(agent_id, timeout)
+
+    runtime.terminate = terminate  # type: ignore[method-assign]
+    await manager.stop_agent("probe")  # one at a time: no sweep
+    assert runtime.terminations_begun == []
+    outcomes = await getattr(manager, operation)(Selection(all=True))
+    assert all(o.error is None for o in outcomes)
+    assert begun_at_first_terminate[1] == ["plain", "web-1", "web-2"]  # not probe: no process
+
+
 async def test_a_bulk_stop_finishes_when_its_caller_leaves(fleet) -> None:
     manager, runtime = fleet
     release = asyncio.Event()
@@ -194,6 +213,7 @@ async def test_nothing_is_stopped_when_the_desired_states_cannot_be_committed(fl
     assert [o.agent_id for o in outcomes] == ["web-1", "web-2"]
     assert all(isinstance(o.error, Unavailable) and "undone" in str(o.error) for o in outcomes)
     assert set(runtime.processes) == {"plain", "probe", "web-1", "web-2"}
+    assert runtime.terminations_begun == [], "signalled before its stop was committed"
     assert manager.get_agent("web-1").desired is DesiredState.RUNNING
     store.failure = None
     assert [o.error for o in await manager.stop_agents(Selection(label_selector="env=prod"))] == [None, None]
@@ -206,6 +226,7 @@ async def test_a_refused_row_fails_its_agent_alone(fleet_and_store) -> None:
     outcomes = {o.agent_id: o for o in await manager.stop_agents(Selection(all=True))}
     assert isinstance(outcomes["web-2"].error, StoreRejected)
     assert "web-2" in runtime.processes and manager.get_agent("web-2").desired is DesiredState.RUNNING
+    assert "web-2" not in runtime.terminations_begun
     assert [a for a, o in outcomes.items() if o.error is None] == ["plain", "probe", "web-1"]
     assert set(runtime.processes) == {"web-2"}
 
