@@ -15,12 +15,14 @@ import grpc
 from google.rpc import error_details_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_status import rpc_status
 
-from opmasctl import __version__, bulk, commands, completion, logs, top
+from opmasctl import __version__, bulk, commands, completion, credentials, logs, tokens, top
 from opmasctl.bulk import add_selection_arguments
 from opmasctl.commands import STATES, Context, UsageError
 from opmasctl.connection import Connection, NoDaemon, find_daemon
+from opmasctl.credentials import CredentialError
 from opmasctl.daemon_config import ConfigProblem
 from opmasctl.exits import (
+    EXIT_DENIED,
     EXIT_INTERRUPTED,
     EXIT_UNAVAILABLE,
     EXIT_USAGE,
@@ -37,6 +39,8 @@ Handler = Callable[[Context, argparse.Namespace], int]
 _TAKES_REST = {"register", "update"}
 # Commands whose output names no agents: -o name means nothing there.
 _NAMELESS = {"logs", "command"}
+# Top-level commands that never talk to the daemon: no token or user file is looked at.
+_OFFLINE = {"completion"}
 
 EPILOG = """exit status:
   0    done
@@ -46,11 +50,19 @@ EPILOG = """exit status:
   2    usage: flags or arguments that make no sense
   3    not found: no such agent (NOT_FOUND)
   4    unavailable: no daemon answers, or it cannot serve now (UNAVAILABLE); try again later
+  5    not allowed: no token, or one the daemon does not accept (UNAUTHENTICATED), or the
+       token's role does not allow the request (PERMISSION_DENIED)
   130  interrupted (Ctrl-C)
 
-finding the daemon: --server, else $OPMAS_SERVER; else the first that answers of the sockets
-and address in the daemon's configuration ($OPMAS_CONFIG, else /etc/opmas/opmasd.yaml), its
-default socket, /run/opmas/opmasd.sock and 127.0.0.1:50051."""
+finding the daemon: --server, else $OPMAS_SERVER, else `server:` in the user's file (below);
+else the first that answers of the sockets and address in the daemon's configuration
+($OPMAS_CONFIG, else /etc/opmas/opmasd.yaml), its default socket, /run/opmas/opmasd.sock and
+127.0.0.1:50051.
+
+the token (needed over TCP, not on the daemon's unix socket): --token, else $OPMAS_TOKEN, else
+`token:` in $XDG_CONFIG_HOME/opmas/opmasctl.yaml (default ~/.config/opmas/opmasctl.yaml; keys
+server and token only; it must be yours and, with a token in it, mode 600). It is sent on
+every call as `authorization: Bearer <token>`; `opmasctl tokens create` makes one."""
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -65,8 +77,16 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         default=default(None),
         metavar="ADDR",
         help="where opmasd listens: a socket path, unix:///path, host:port, dns:///host:port, "
-        "http://host:port or https://host:port (TLS); default $OPMAS_SERVER, else the local "
-        "daemon (see below)",
+        "http://host:port or https://host:port (TLS); default $OPMAS_SERVER, else `server:` in "
+        f"{credentials.DEFAULT_DISPLAY}, else the local daemon (see below)",
+    )
+    parser.add_argument(
+        "--token",
+        default=default(None),
+        metavar="TOKEN",
+        help="the API token a daemon asks for over TCP; default $OPMAS_TOKEN, else `token:` in "
+        f"{credentials.DEFAULT_DISPLAY}. A token given here is visible to other users in `ps`: "
+        "prefer $OPMAS_TOKEN or the file",
     )
     parser.add_argument(
         "-o",
@@ -74,7 +94,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         choices=FORMATS,
         default=default("table"),
         help="table (default), wide (more columns), json or yaml (as the REST API writes them), "
-        "name (agent ids, one a line)",
+        "name (agent or token ids, one a line)",
     )
     parser.add_argument(
         "--no-headers",
@@ -212,6 +232,8 @@ def build_parser() -> argparse.ArgumentParser:
     p = add("watch", commands.agents_watch, "print agent state changes as they happen (Ctrl-C ends)")
     p.add_argument("agent_ids", metavar="ID", nargs="*")
 
+    tokens.add_commands(groups, common)
+
     p = groups.add_parser(
         "completion",
         help="print the shell code that completes opmasctl",
@@ -278,7 +300,7 @@ def _violations(err: grpc.RpcError) -> list[str]:
     return lines
 
 
-def report_rpc_error(err: grpc.RpcError, connection: Connection) -> int:
+def report_rpc_error(err: grpc.RpcError, connection: Connection, config_path: str | None = None) -> int:
     """Tells on stderr what went wrong, and returns the exit status for it."""
     unreachable = connection.unreachable(err)
     if unreachable is not None:
@@ -291,6 +313,9 @@ def report_rpc_error(err: grpc.RpcError, connection: Connection) -> int:
         print(line, file=sys.stderr)
     if code == grpc.StatusCode.DEADLINE_EXCEEDED:
         print("  (--timeout SECONDS waits longer; 0 waits forever)", file=sys.stderr)
+    if exit_status(code) == EXIT_DENIED:
+        path = config_path or credentials.DEFAULT_DISPLAY
+        print(f"  {credentials.denied_hint(code.name, connection.token, path)}", file=sys.stderr)
     return exit_status(code)
 
 
@@ -315,13 +340,24 @@ def run(argv: Sequence[str] | None = None) -> int:
         return _usage_error(command_parser, "unexpected arguments after --: " + " ".join(rest))
     if args.output == "name" and args.command_name in _NAMELESS:
         return _usage_error(command_parser, f"-o name: {args.command_name} prints no agents")
+    offline = args.group in _OFFLINE
     try:
-        search = find_daemon(args.server)
+        found = None if offline else credentials.resolve(args.token, args.server)
+    except CredentialError as err:
+        return _usage_error(command_parser, str(err))
+    user_server = found.server if found is not None else None
+    try:
+        search = find_daemon(args.server, user_server=user_server)
     except ValueError as err:
-        source = "--server" if args.server else "$OPMAS_SERVER"
+        if args.server or user_server is None:
+            source = "--server" if args.server else "$OPMAS_SERVER"
+        else:
+            source = user_server[1]
         return _usage_error(command_parser, f"{source}: {err}")
 
-    with Connection(search, on_problem=_warn_config) as connection:
+    token = found.token if found is not None else None
+    config_path = str(found.path) if found is not None else None
+    with Connection(search, on_problem=_warn_config, token=token) as connection:
         ctx = Context(
             connection=connection,
             fmt=args.output,
@@ -338,7 +374,7 @@ def run(argv: Sequence[str] | None = None) -> int:
             sys.stderr.write(err.report())
             return EXIT_UNAVAILABLE
         except grpc.RpcError as err:
-            return report_rpc_error(err, connection)
+            return report_rpc_error(err, connection, config_path)
         except KeyboardInterrupt:
             # Ctrl-C during a unary call: the user gave up waiting.
             return EXIT_INTERRUPTED

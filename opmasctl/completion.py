@@ -22,6 +22,7 @@ from argcomplete.io import debug
 from argcomplete.shell_integration import shellcode
 
 from opmas.v1 import agents_pb2
+from opmasctl import credentials
 from opmasctl.commands import Context
 from opmasctl.connection import Connection, resolve_endpoint
 
@@ -61,19 +62,26 @@ def agent_ids(
     """An argcomplete completer: the ids of the daemon's agents that start with the prefix.
 
     The daemon is the one a `--server` typed earlier on the line names, else the usual
-    (OPMAS_SERVER, the local socket, TCP). Ids already given to a repeatable positional (watch)
-    are left out. A daemon that cannot be asked gives no completions and no output: a TAB
-    must not print errors over the command line (`_ARC_DEBUG=1` shows why).
+    (OPMAS_SERVER, `server:` in the user's file, the local socket, TCP), asked with the token
+    opmasctl would send (--token typed earlier, OPMAS_TOKEN, the file). Ids already given to a
+    repeatable positional (watch) are left out. A daemon that cannot be asked gives no
+    completions and no output: a TAB must not print errors over the command line
+    (`_ARC_DEBUG=1` shows why).
     """
+    server = getattr(parsed_args, "server", None)
     try:
-        endpoint = resolve_endpoint(getattr(parsed_args, "server", None))
+        found = credentials.resolve(getattr(parsed_args, "token", None), server)
+        endpoint = resolve_endpoint(server, user_server=found.server)
+    except credentials.CredentialError as err:
+        debug(f"opmasctl: {err}")
+        return []
     except ValueError as err:
         debug(f"opmasctl: --server: {err}")
         return []
     given = getattr(parsed_args, action.dest, None)
     taken = set(given) if isinstance(given, list) else set()
     try:
-        with Connection(endpoint) as connection:
+        with Connection(endpoint, token=found.token) as connection:
             return [
                 agent_id
                 for agent_id in _all_ids(connection)

@@ -4,21 +4,27 @@
 listen, in this order: what its configuration names (daemon_config: $OPMAS_CONFIG, else
 /etc/opmas/opmasd.yaml), the default socket of a daemon run by this user (opmas.local), the
 shipped unit's /run/opmas/opmasd.sock, then 127.0.0.1:50051. The first that takes a connection
-is used; when none does, NoDaemon tells each place tried and why it failed.
+is used; when none does, NoDaemon tells each place tried and why it failed. A `server:` in the
+user's file (credentials) comes after --server and $OPMAS_SERVER, before that search.
+
+When a token is known (credentials: --token, $OPMAS_TOKEN, the user's file), every call on the
+channel, streams included, presents it as the metadata `authorization: Bearer <token>`.
 """
 
 from __future__ import annotations
 
 import os
 import ssl
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
+from typing import Any, NamedTuple
 
 import grpc
 
 from opmas.local import DEFAULT_TCP_ADDRESS, SOCKET_NAME, SYSTEM_RUNTIME_DIR, default_socket_path
-from opmas.v1 import agents_pb2_grpc
+from opmas.v1 import agents_pb2_grpc, tokens_pb2_grpc
+from opmasctl.credentials import Token
 from opmasctl.daemon_config import ConfigProblem, Listener, read_daemon_config
 from opmasctl.endpoints import Endpoint, can_probe, parse_server, probe, tcp_endpoint, unix_endpoint
 
@@ -87,13 +93,22 @@ class NoDaemon(Exception):
         return "\n".join(lines) + "\n"
 
 
-def find_daemon(server: str | None, env: Mapping[str, str] | None = None, euid: int | None = None) -> Search:
-    """Where to look for opmasd. ValueError: --server or $OPMAS_SERVER is not an address."""
+def find_daemon(
+    server: str | None,
+    env: Mapping[str, str] | None = None,
+    euid: int | None = None,
+    user_server: tuple[str, str] | None = None,
+) -> Search:
+    """Where to look for opmasd. ValueError: --server, $OPMAS_SERVER or `user_server` (the
+    user's file's address and its origin) is not an address."""
     env = os.environ if env is None else env
     if server:
         return Search((Listener(parse_server(server), "--server"),), explicit=True)
     if env.get("OPMAS_SERVER"):
         return Search((Listener(parse_server(env["OPMAS_SERVER"]), "$OPMAS_SERVER"),), explicit=True)
+    if user_server is not None:
+        address, origin = user_server
+        return Search((Listener(parse_server(address), origin),), explicit=True)
     config = read_daemon_config(env)
     candidates = list(config.listeners)
     # Where a daemon run by this user in this environment binds (opmas.local, the daemon's rule).
@@ -118,11 +133,14 @@ def choose(search: Search) -> Listener:
 
 
 def resolve_endpoint(
-    server: str | None, env: Mapping[str, str] | None = None, euid: int | None = None
+    server: str | None,
+    env: Mapping[str, str] | None = None,
+    euid: int | None = None,
+    user_server: tuple[str, str] | None = None,
 ) -> Endpoint:
     """The endpoint to dial, for callers that handle an unreachable daemon themselves: the
     first place that answers, else the last one tried."""
-    search = find_daemon(server, env, euid)
+    search = find_daemon(server, env, euid, user_server)
     try:
         return choose(search).endpoint
     except NoDaemon:
@@ -143,29 +161,89 @@ def _system_roots() -> bytes | None:
     return None
 
 
-def open_channel(endpoint: Endpoint) -> grpc.Channel:
+class _CallDetails(NamedTuple):
+    method: str
+    timeout: float | None
+    metadata: Any
+    credentials: grpc.CallCredentials | None
+    wait_for_ready: bool | None
+    compression: grpc.Compression | None
+
+
+class BearerToken(
+    grpc.UnaryUnaryClientInterceptor,
+    grpc.UnaryStreamClientInterceptor,
+    grpc.StreamUnaryClientInterceptor,
+    grpc.StreamStreamClientInterceptor,
+):
+    """Adds `authorization: Bearer <token>` to the metadata of every call on the channel.
+
+    Call credentials would do it too, but grpc sends those only over TLS or a local channel,
+    and a daemon's TCP listener is often plaintext on loopback.
+    """
+
+    def __init__(self, token: Token) -> None:
+        self._metadata = token.metadata()
+
+    def _details(self, details: grpc.ClientCallDetails) -> Any:
+        metadata = [*(details.metadata or ()), self._metadata]
+        return _CallDetails(
+            details.method,
+            details.timeout,
+            metadata,
+            details.credentials,
+            getattr(details, "wait_for_ready", None),
+            getattr(details, "compression", None),
+        )
+
+    def intercept_unary_unary(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_unary_stream(self, continuation: Any, client_call_details: Any, request: Any) -> Any:
+        return continuation(self._details(client_call_details), request)
+
+    def intercept_stream_unary(
+        self, continuation: Any, client_call_details: Any, request_iterator: Iterator[Any]
+    ) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+    def intercept_stream_stream(
+        self, continuation: Any, client_call_details: Any, request_iterator: Iterator[Any]
+    ) -> Any:
+        return continuation(self._details(client_call_details), request_iterator)
+
+
+def open_channel(endpoint: Endpoint, token: Token | None = None) -> grpc.Channel:
     # A fleet-wide list can outgrow the 4 MiB default.
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
     if endpoint.secure:
         credentials = grpc.ssl_channel_credentials(root_certificates=_system_roots())
-        return grpc.secure_channel(endpoint.target, credentials, options=options)
-    return grpc.insecure_channel(endpoint.target, options=options)
+        channel = grpc.secure_channel(endpoint.target, credentials, options=options)
+    else:
+        channel = grpc.insecure_channel(endpoint.target, options=options)
+    return channel if token is None else grpc.intercept_channel(channel, BearerToken(token))
 
 
 class Connection:
-    """The AgentService stub on a channel to the daemon, opened at first use: a command refused
-    for its arguments never looks for a daemon."""
+    """The AgentService and TokenService stubs on a channel to the daemon, opened at first use:
+    a command refused for its arguments never looks for a daemon. With a token, every call on
+    the channel presents it."""
 
     def __init__(
-        self, where: Endpoint | Search, on_problem: Callable[[ConfigProblem], None] | None = None
+        self,
+        where: Endpoint | Search,
+        on_problem: Callable[[ConfigProblem], None] | None = None,
+        token: Token | None = None,
     ) -> None:
         if isinstance(where, Endpoint):
             where = Search((Listener(where, "--server"),), explicit=True)
         self.search = where
+        self.token = token
         self._on_problem = on_problem
         self._chosen: Listener | None = None
         self._channel: grpc.Channel | None = None
         self._stub: agents_pb2_grpc.AgentServiceStub | None = None
+        self._tokens: tokens_pb2_grpc.TokenServiceStub | None = None
 
     @property
     def chosen(self) -> Listener:
@@ -182,11 +260,22 @@ class Connection:
         return self.chosen.endpoint
 
     @property
+    def channel(self) -> grpc.Channel:
+        if self._channel is None:
+            self._channel = open_channel(self.endpoint, self.token)
+        return self._channel
+
+    @property
     def stub(self) -> agents_pb2_grpc.AgentServiceStub:
         if self._stub is None:
-            self._channel = open_channel(self.endpoint)
-            self._stub = agents_pb2_grpc.AgentServiceStub(self._channel)
+            self._stub = agents_pb2_grpc.AgentServiceStub(self.channel)
         return self._stub
+
+    @property
+    def tokens(self) -> tokens_pb2_grpc.TokenServiceStub:
+        if self._tokens is None:
+            self._tokens = tokens_pb2_grpc.TokenServiceStub(self.channel)
+        return self._tokens
 
     def unreachable(self, err: grpc.RpcError) -> NoDaemon | None:
         """The daemon could not be reached (rather than answered with an error), and why.

@@ -11,12 +11,17 @@ EXIT_ERROR = 1
 EXIT_USAGE = 2
 EXIT_NOT_FOUND = 3
 EXIT_UNAVAILABLE = 4
+# The daemon did not let this caller do it: no token or one it does not accept over TCP
+# (UNAUTHENTICATED), or a token whose role is too low (PERMISSION_DENIED).
+EXIT_DENIED = 5
 EXIT_INTERRUPTED = 130  # 128 + SIGINT, as shells report it
 _EXIT_BY_CODE = {
     grpc.StatusCode.NOT_FOUND: EXIT_NOT_FOUND,
     # The daemon cannot be reached, or cannot serve now (shutting down, its store or NATS away):
     # worth trying again later. DEADLINE_EXCEEDED is not: the request may have been carried out.
     grpc.StatusCode.UNAVAILABLE: EXIT_UNAVAILABLE,
+    grpc.StatusCode.UNAUTHENTICATED: EXIT_DENIED,
+    grpc.StatusCode.PERMISSION_DENIED: EXIT_DENIED,
 }
 
 

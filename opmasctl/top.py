@@ -39,7 +39,8 @@ def top(ctx: Context, args: argparse.Namespace) -> int:
     from opmasctl.top_app import TopApp
     from opmasctl.top_feed import Link
 
-    app = TopApp(Link(ctx.connection.endpoint, ctx.timeout), agents, listed_at)
+    link = Link(ctx.connection.endpoint, ctx.timeout, ctx.connection.token)
+    app = TopApp(link, agents, listed_at)
     try:
         app.run()
     finally:

@@ -18,6 +18,7 @@ import grpc
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
 from opmasctl.connection import Connection, Endpoint
+from opmasctl.credentials import Token
 
 # How often a lost daemon is tried again, and how often the table is sampled and listed.
 RETRY_SECONDS = 1.0
@@ -56,12 +57,14 @@ def describe(err: grpc.RpcError) -> str:
 class Link:
     """The channel top talks to opmasd over, and the calls in flight on it (thread-safe)."""
 
-    def __init__(self, endpoint: Endpoint, timeout: float | None) -> None:
+    def __init__(self, endpoint: Endpoint, timeout: float | None, token: Token | None = None) -> None:
         self.endpoint = endpoint
+        # Presented on every call, on this channel and on each one that replaces it.
+        self.token = token
         # --timeout: the deadline of a call a key asks for (0 on the command line: none).
         self.timeout = timeout
         self._lock = threading.Lock()
-        self._connection = Connection(endpoint)
+        self._connection = Connection(endpoint, token=token)
         self._calls: set[_Cancellable] = set()
         self._closed = False
 
@@ -111,7 +114,7 @@ class Link:
 
     def reconnect(self) -> None:
         """A fresh channel for the calls to come (those in flight on the old one fail)."""
-        fresh = Connection(self.endpoint)
+        fresh = Connection(self.endpoint, token=self.token)
         with self._lock:
             if self._closed:
                 fresh.close()

@@ -20,8 +20,10 @@ from typing import Any, TypeVar
 import structlog
 
 import opmasd
-from opmas.v1 import agents_pb2
-from opmasd.api.grpc_server import GrpcListeners, GrpcServer
+from opmasd import directories
+from opmasd.api.auth import SERVICES, Gate
+from opmasd.api.auth_interceptor import AuthInterceptor
+from opmasd.api.grpc_server import GrpcListeners, GrpcServer, socket_gid
 from opmasd.api.health import DaemonHealth
 from opmasd.api.metrics import DaemonMetrics
 from opmasd.api.nats_api import NatsManagerApi
@@ -109,8 +111,13 @@ class Daemon:
 
     async def startup(self) -> None:
         config = self.config
-        for directory in (config.service.state_dir, config.service.runtime_dir, config.service.log_dir):
-            directory.mkdir(parents=True, exist_ok=True)
+        service = config.service
+        directories.tighten_umask()
+        directories.prepare(
+            (service.state_dir, service.runtime_dir, service.log_dir),
+            service.runtime_dir,
+            socket_gid(config.auth.socket_group),
+        )
         self._lock.acquire()
         self.notifier.status("opening the store")
         # Off the loop: opening may wait out a connect timeout (PostgreSQL unreachable).
@@ -141,7 +148,8 @@ class Daemon:
         self.notifier.status("recovering agents")
         await self.manager.start()
         # The NATS manager API: the bus serves the subjects, the api's dispatch table answers.
-        dispatch = NatsManagerApi(self.manager, command_subject=self._bus.subjects.manager_command)
+        gate = Gate(self.manager.tokens.verify, tokens_required=config.auth.enabled)
+        dispatch = NatsManagerApi(self.manager, self._bus.subjects.manager_command, gate)
         self._manager_service = ManagerService(
             self._bus, dispatch.handle, node=self.manager.settings.node, version=opmasd.__version__
         )
@@ -154,14 +162,16 @@ class Daemon:
                 socket_path=config.grpc.socket,
                 socket_mode=config.grpc.socket_mode,
                 address=config.grpc.address or "",
+                socket_gid=socket_gid(config.auth.socket_group),
             ),
-            interceptors=[self._metrics.interceptor],
+            # Metrics first: they count the calls the gate refuses too.
+            interceptors=[self._metrics.interceptor, AuthInterceptor(gate)],
         )
         await self._grpc.start()
         self._health = DaemonHealth(self.manager, lambda: bus.is_connected, self._grpc)
         await self._health.start()
         if config.rest.enabled and (config.rest.address or config.rest.socket):
-            self._http = await self._start_http()
+            self._http = await self._start_http(gate)
         # What start-up made (modules, descriptors, the agents' records) lives as long as the
         # daemon: out of the collector's way, so that its full collections stop rescanning it
         # (they showed as pauses of tens of ms in the middle of a 500-agent stop).
@@ -176,7 +186,7 @@ class Daemon:
         )
         self._tasks.spawn(self._heartbeat_systemd(), "sd-notify")
 
-    async def _start_http(self) -> HttpServer:
+    async def _start_http(self, gate: Gate) -> HttpServer:
         """REST (from the proto's http rules), the OpenAPI document, /metrics, /healthz, /readyz.
 
         The gateway calls the gRPC servicer in-process through the server's own interceptors
@@ -184,7 +194,7 @@ class Daemon:
         """
         config = self.config
         assert self._grpc is not None
-        routes = routes_of([agents_pb2.DESCRIPTOR.services_by_name["AgentService"]])
+        routes = routes_of(list(SERVICES))
         gateway = RestGateway(routes, self._grpc.local_channel(), config.rest.max_body_bytes)
         assert self._metrics is not None and self._health is not None
         endpoints = Endpoints(
@@ -202,8 +212,10 @@ class Daemon:
                 address=config.rest.address or "",
                 socket_path=config.rest.socket,
                 socket_mode=config.rest.socket_mode,
+                socket_gid=socket_gid(config.auth.socket_group),
             ),
             grace=config.grpc.grace_period,
+            gate=gate,
         )
         await server.start()
         return server

@@ -70,6 +70,11 @@ OPMASCTL_SECTIONS = (
                 _tp(".B 3", "Not found: no agent has the given id."),
                 _tp(".B 4", "Unavailable: opmasd cannot be reached, or is shutting down."),
                 _tp(
+                    ".B 5",
+                    "Not allowed: no token, one the daemon does not accept (mistyped, expired, "
+                    "revoked), or one whose role is too low.",
+                ),
+                _tp(
                     ".B 130",
                     r"Interrupted (Ctrl\-C), as when \fBagents watch\fR or \fBagents logs \-\-follow\fR "
                     "is ended.",
@@ -86,6 +91,16 @@ OPMASCTL_SECTIONS = (
                     r"The daemon's address when \fB\-\-server\fR is not given: a unix socket path "
                     r"(\fI/path/opmasd.sock\fR, \fIunix:///path\fR, \fIunix:path\fR), "
                     r"\fIhost\fR:\fIport\fR, \fIdns:///host:port\fR or \fIhttp(s)://host:port\fR.",
+                ),
+                _tp(
+                    ".B OPMAS_TOKEN",
+                    r"The API token sent to a daemon reached over TCP (after \fB\-\-token\fR, which "
+                    "other users can see in ps; before the user's file). The local socket needs none.",
+                ),
+                _tp(
+                    ".B XDG_CONFIG_HOME",
+                    r"Where the user's file is: \fI$XDG_CONFIG_HOME/opmas/opmasctl.yaml\fR "
+                    r"(default \fI~/.config/opmas/opmasctl.yaml\fR).",
                 ),
                 _tp(
                     ".B XDG_RUNTIME_DIR",
@@ -110,6 +125,12 @@ OPMASCTL_SECTIONS = (
         "FILES",
         "\n".join(
             (
+                _tp(
+                    ".I ~/.config/opmas/opmasctl.yaml",
+                    r"This user's \fIserver:\fR and \fItoken:\fR (used after the options and the "
+                    "environment); refused unless owned by this user and not readable or writable "
+                    "by others (chmod 600).",
+                ),
                 _tp(
                     ".I /run/opmas/opmasd.sock",
                     r"The daemon's socket when it runs as root (\fIgrpc.socket\fR in its "

@@ -1,5 +1,6 @@
 """Fixtures for every test directory (unit, integration, e2e).
 
+- Every test: XDG_CONFIG_HOME in a temporary folder and no OPMAS_TOKEN (opmasctl reads both).
 - `private_pg`: a started PrivateCluster (tests/pgcluster.py), a PostgreSQL server of the test's
   own that it may stop, freeze, thaw, SIGKILL and start again -- never the machine's shared one.
   Closed (thawed, stopped, removed) after the test, whatever its outcome.
@@ -36,3 +37,13 @@ def private_pg(request: pytest.FixtureRequest) -> Iterator[PrivateCluster]:
 def _short(name: str) -> str:
     """A directory-name prefix from the test's name (the unix socket path must stay < 108 bytes)."""
     return "".join(c if c.isalnum() else "-" for c in name)[:24]
+
+
+@pytest.fixture(autouse=True)
+def _no_users_opmasctl_file(
+    tmp_path_factory: pytest.TempPathFactory, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """opmasctl reads the user's ~/.config/opmas/opmasctl.yaml (server, token): never the real
+    one of whoever runs the tests, in-process or in the processes the tests start."""
+    monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path_factory.mktemp("xdg-config")))
+    monkeypatch.delenv("OPMAS_TOKEN", raising=False)

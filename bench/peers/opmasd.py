@@ -62,6 +62,7 @@ class OpmasdDriver(Driver):
         self._tcp_stub: agents_pb2_grpc.AgentServiceStub | None = None
         self._http: http.client.HTTPConnection | None = None
         self._stopped_by_api = False
+        self._token = ""
         self.api_spawn_seconds: float | None = None
 
     def env(self) -> dict[str, str]:
@@ -200,11 +201,26 @@ class OpmasdDriver(Driver):
 
     # -- the same status call over gRPC/TCP and over REST ------------------------------------------
 
+    def token(self) -> str:
+        """A viewer token for the TCP and REST calls (made once, over the socket; kept in the
+        database across the daemon's restarts): what a remote client of opmasd presents."""
+        if not self._token:
+            from opmas.v1 import auth_pb2, tokens_pb2, tokens_pb2_grpc
+
+            self.stub  # noqa: B018  (opens the socket's channel at first use)
+            tokens = tokens_pb2_grpc.TokenServiceStub(self._channel)
+            request = tokens_pb2.CreateTokenRequest(role=auth_pb2.ROLE_VIEWER, description="bench")
+            self._token = tokens.CreateToken(request, timeout=10).secret
+        return self._token
+
     def status_tcp(self, name: str) -> str:
         if self._tcp_stub is None:
             self._tcp_channel = grpc.insecure_channel(self.grpc_address)
             self._tcp_stub = agents_pb2_grpc.AgentServiceStub(self._tcp_channel)
-        reply = self._tcp_stub.GetAgentStatus(pb.GetAgentStatusRequest(agent_id=name), timeout=10)
+        metadata = (("authorization", f"Bearer {self.token()}"),)
+        reply = self._tcp_stub.GetAgentStatus(
+            pb.GetAgentStatusRequest(agent_id=name), timeout=10, metadata=metadata
+        )
         return pb.AgentState.Name(reply.state)
 
     def status_rest(self, name: str) -> str:
@@ -212,7 +228,9 @@ class OpmasdDriver(Driver):
         if self._http is None:
             host, port = self.rest_address.rsplit(":", 1)
             self._http = http.client.HTTPConnection(host, int(port), timeout=10)
-        self._http.request("GET", f"/api/v1/agents/{name}/status")
+        self._http.request(
+            "GET", f"/api/v1/agents/{name}/status", headers={"Authorization": f"Bearer {self.token()}"}
+        )
         response = self._http.getresponse()
         body = response.read()
         if response.status != 200:

@@ -22,6 +22,8 @@ _CODES: list[tuple[type[Exception], int]] = [
     (errors.Unavailable, code_pb2.UNAVAILABLE),
     (errors.DeadlineExceeded, code_pb2.DEADLINE_EXCEEDED),
     (errors.Unimplemented, code_pb2.UNIMPLEMENTED),
+    (errors.Unauthenticated, code_pb2.UNAUTHENTICATED),
+    (errors.PermissionDenied, code_pb2.PERMISSION_DENIED),
     # The database refused the values (first: it is a StoreError too); the message says why.
     (StoreRejected, code_pb2.INVALID_ARGUMENT),
     (StoreError, code_pb2.UNAVAILABLE),

@@ -1,8 +1,10 @@
-"""The gRPC server: AgentService, health checking and reflection, on a unix socket and TCP.
+"""The gRPC server: AgentService, TokenService, health checking and reflection, on a unix
+socket and TCP.
 
 The unix socket's owner, group and mode are the local authorization (a unix-socket peer
-carries no credentials grpc can check), so the socket is created with a restrictive umask and
-then given the configured mode.
+carries no credentials grpc can check; api.auth makes whoever connects there an admin), so the
+socket is created with a restrictive umask and then given the configured group and mode. TCP
+callers present API tokens (api.auth_interceptor, given as one of the interceptors).
 
 Health: the overall status ("") is SERVING from start to shutdown (the process answers);
 AgentService's own status is what `set_serving` last said, which api.health keeps in step with
@@ -13,6 +15,7 @@ the daemon's readiness. Interceptors given to the constructor see every call, RE
 from __future__ import annotations
 
 import asyncio
+import grp
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -23,15 +26,18 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from opmas.v1 import agents_pb2
+from opmas.v1 import agents_pb2, tokens_pb2
 from opmasd.api.grpc_handlers import add_service
 from opmasd.api.grpc_servicer import AgentService
 from opmasd.api.local_calls import LocalChannel, LocalServer
+from opmasd.api.token_servicer import TokenService
 from opmasd.manager import AgentManager
 
 log = structlog.get_logger(__name__)
 
-SERVICE_NAME = agents_pb2.DESCRIPTOR.services_by_name["AgentService"].full_name
+AGENT_SERVICE = agents_pb2.DESCRIPTOR.services_by_name["AgentService"]
+TOKEN_SERVICE = tokens_pb2.DESCRIPTOR.services_by_name["TokenService"]
+SERVICE_NAME = AGENT_SERVICE.full_name
 
 
 class ListenError(Exception):
@@ -44,6 +50,8 @@ class GrpcListeners:
     socket_mode: int = 0o660
     # host:port; port 0 picks a free port (see GrpcServer.tcp_port).
     address: str = ""
+    # The socket's group (its members are the local admins); None: the daemon's own.
+    socket_gid: int | None = None
 
 
 class GrpcServer:
@@ -60,16 +68,19 @@ class GrpcServer:
             interceptors=list(interceptors),
             options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
         )
-        servicer = AgentService(manager, self.stopping)
-        service = agents_pb2.DESCRIPTOR.services_by_name["AgentService"]
-        add_service(self._server, service, servicer)
-        # The same servicer behind the same interceptors, for in-process callers (REST).
+        # The same servicers behind the same interceptors for in-process callers (REST).
         self._local = LocalServer(interceptors)
-        add_service(self._local, service, servicer)
+        for service, servicer in (
+            (AGENT_SERVICE, AgentService(manager, self.stopping)),
+            (TOKEN_SERVICE, TokenService(manager.tokens)),
+        ):
+            add_service(self._server, service, servicer)
+            add_service(self._local, service, servicer)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, health.SERVICE_NAME, reflection.SERVICE_NAME), self._server
+            (SERVICE_NAME, TOKEN_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            self._server,
         )
         self.tcp_port: int | None = None
 
@@ -90,7 +101,7 @@ class GrpcServer:
                 raise ListenError(f"cannot listen on {listeners.address}: address in use or invalid")
         await self._server.start()
         if listeners.socket_path is not None:
-            os.chmod(listeners.socket_path, listeners.socket_mode)
+            give_socket(listeners.socket_path, listeners.socket_mode, listeners.socket_gid)
         self._started = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
@@ -151,3 +162,35 @@ def _socket_answers(path: Path) -> bool:
         except OSError:
             return False
         return True
+
+
+def give_socket(path: Path, mode: int, gid: int | None) -> None:
+    """Set a listening socket's mode and group: who may connect is who may administer."""
+    if gid is not None:
+        try:
+            os.chown(path, -1, gid)
+        except OSError as exc:
+            raise ListenError(f"cannot give {path} to group id {gid}: {exc.strerror or exc}") from exc
+    os.chmod(path, mode)
+
+
+DEFAULT_SOCKET_GROUP = "opmas"
+
+
+def socket_gid(configured: str | None) -> int | None:
+    """The id of the sockets' group; None for the daemon's own. A configured group is taken as
+    it is (giving the socket to it fails at start if the daemon may not); the default "opmas"
+    only where it exists and the daemon may give it its sockets (root, or one of its members)."""
+    if configured == "":
+        return None
+    name = configured or DEFAULT_SOCKET_GROUP
+    try:
+        gid = grp.getgrnam(name).gr_gid
+    except KeyError:
+        if configured:
+            raise ListenError(f"there is no group {name!r} on this host (auth.socket_group)") from None
+        return None
+    if configured or os.geteuid() == 0 or gid == os.getegid() or gid in os.getgroups():
+        return gid
+    log.info("the sockets keep the daemon's own group: it is not in the group", group=name)
+    return None

@@ -22,6 +22,8 @@ import structlog
 log = structlog.get_logger(__name__)
 
 Metadata = Sequence[tuple[str, str | bytes]]
+# The peer of a call whose caller named none: not "unix:", so it holds no local admin rights.
+NO_PEER = "local:rest-gateway"
 
 
 class _CallDetails(NamedTuple):
@@ -36,8 +38,9 @@ class _Aborted(Exception):
 class LocalContext:
     """The part of grpc.aio.ServicerContext that servicers and interceptors use."""
 
-    def __init__(self, metadata: Metadata, timeout: float | None) -> None:
+    def __init__(self, metadata: Metadata, timeout: float | None, peer: str = NO_PEER) -> None:
         self._metadata = tuple(metadata)
+        self._peer = peer
         self._deadline = None if timeout is None else time.monotonic() + timeout
         self._code: grpc.StatusCode | None = None
         self._details = ""
@@ -79,7 +82,7 @@ class LocalContext:
         return None if self._deadline is None else max(0.0, self._deadline - time.monotonic())
 
     def peer(self) -> str:
-        return "local:rest-gateway"
+        return self._peer
 
     def cancelled(self) -> bool:
         return self._cancelled
@@ -161,11 +164,13 @@ class LocalChannel:
     def unary_unary(self, method: str, **_: Any) -> Callable[..., Awaitable[Any]]:
         server = self._server
 
-        async def call(request: Any, metadata: Metadata = (), timeout: float | None = None) -> Any:
+        async def call(
+            request: Any, metadata: Metadata = (), timeout: float | None = None, peer: str = NO_PEER
+        ) -> Any:
             handler = await server.resolve(method, metadata)
             if handler is None or handler.unary_unary is None:
                 raise _unimplemented(method)
-            context = LocalContext(metadata, timeout)
+            context = LocalContext(metadata, timeout, peer)
             try:
                 response = await asyncio.wait_for(handler.unary_unary(request, context), timeout)
             except Exception as exc:
@@ -179,8 +184,10 @@ class LocalChannel:
     def unary_stream(self, method: str, **_: Any) -> Callable[..., LocalStream]:
         server = self._server
 
-        def call(request: Any, metadata: Metadata = (), timeout: float | None = None) -> LocalStream:
-            return LocalStream(server, method, request, metadata, timeout)
+        def call(
+            request: Any, metadata: Metadata = (), timeout: float | None = None, peer: str = NO_PEER
+        ) -> LocalStream:
+            return LocalStream(server, method, request, metadata, timeout, peer)
 
         return call
 
@@ -192,9 +199,16 @@ class LocalStream:
     """A server-streaming call: iterate it for the messages; cancel() ends it."""
 
     def __init__(
-        self, server: LocalServer, method: str, request: Any, metadata: Metadata, timeout: float | None
+        self,
+        server: LocalServer,
+        method: str,
+        request: Any,
+        metadata: Metadata,
+        timeout: float | None,
+        peer: str = NO_PEER,
     ) -> None:
         self._server = server
+        self._peer = peer
         self._method = method
         self._request = request
         self._metadata = metadata
@@ -208,7 +222,7 @@ class LocalStream:
         handler = await self._server.resolve(self._method, self._metadata)
         if handler is None or handler.unary_stream is None:
             raise _unimplemented(self._method)
-        context = LocalContext(self._metadata, self._timeout)
+        context = LocalContext(self._metadata, self._timeout, self._peer)
         generator = handler.unary_stream(self._request, context)
         self._generator = generator
         deadline = None if self._timeout is None else time.monotonic() + self._timeout

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from opmasd.api.auth import CURRENT_CALLER, Gate
 from opmasd.api.errors import code_name, is_known
 from opmasd.api.nats_convert import (
     BadRequest,
@@ -38,11 +39,32 @@ AGENT_ERROR = "AGENT_ERROR"
 
 Command = Callable[[str, Mapping[str, Any]], Awaitable[Any]]
 
+# The RPC each command is, for the role it requires (api.auth: declared once, in the proto).
+NATS_RPCS = {
+    name: f"/opmas.v1.AgentService/{rpc}"
+    for name, rpc in {
+        "status": "GetAgentStatus",
+        "list": "ListAgents",
+        "get": "GetAgent",
+        "start": "StartAgent",
+        "stop": "StopAgent",
+        "restart": "RestartAgent",
+        "discover": "DiscoverAgents",
+        "delete": "DeleteAgent",
+        "command": "SendCommand",
+    }.items()
+}
+# A NATS request's peer: the server does not tell who sent it (never "unix:", never an admin
+# without a token).
+NATS_PEER = "nats:"
+
 
 class NatsManagerApi:
-    def __init__(self, manager: AgentManager, command_subject: str) -> None:
-        """command_subject: where state-changing commands go, named when a query sends one."""
+    def __init__(self, manager: AgentManager, command_subject: str, gate: Gate) -> None:
+        """command_subject: where state-changing commands go, named when a query sends one.
+        gate: who may run which command (each runs as the RPC of NATS_RPCS and needs its role)."""
         self._manager = manager
+        self._gate = gate
         self._command_subject = command_subject
         self._commands: dict[str, Command] = {
             "status": self._status,
@@ -71,7 +93,13 @@ class NatsManagerApi:
                     f"{name!r} changes state; send it to {self._command_subject}, "
                     f"this subject takes only {', '.join(sorted(self._queries))}",
                 )
-            result = await command(agent_id, request.params)
+            caller = self._gate.caller(request.authorization, NATS_PEER, "nats")
+            self._gate.check(caller, NATS_RPCS[name])
+            reset = CURRENT_CALLER.set(caller)
+            try:
+                result = await command(agent_id, request.params)
+            finally:
+                CURRENT_CALLER.reset(reset)
         except Exception as exc:
             return self._error_reply(name, agent_id, exc)
         return ManagerReply(SUCCESS, name, agent_id, result)

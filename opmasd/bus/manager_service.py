@@ -76,13 +76,13 @@ class ManagerService:
     def malformed_counts(self) -> dict[str, int]:
         return self._malformed.counts()
 
-    async def handle_command(self, data: bytes) -> bytes:
-        return await self._handle(self._subjects.manager_command, data, read_only=False)
+    async def handle_command(self, data: bytes, authorization: str = "") -> bytes:
+        return await self._handle(self._subjects.manager_command, data, authorization, read_only=False)
 
-    async def handle_query(self, data: bytes) -> bytes:
-        return await self._handle(self._subjects.manager_query, data, read_only=True)
+    async def handle_query(self, data: bytes, authorization: str = "") -> bytes:
+        return await self._handle(self._subjects.manager_query, data, authorization, read_only=True)
 
-    async def _handle(self, subject: str, data: bytes, *, read_only: bool) -> bytes:
+    async def _handle(self, subject: str, data: bytes, authorization: str, *, read_only: bool) -> bytes:
         try:
             message = codec.decode_command(data, limit=MAX_REQUEST_BYTES)
         except codec.MalformedMessage as exc:
@@ -95,7 +95,7 @@ class ManagerService:
                     violations=(FieldViolation("request", exc.reason),),
                 )
             )
-        request = ManagerRequest(message.command, message.agent_id, message.params, read_only)
+        request = ManagerRequest(message.command, message.agent_id, message.params, read_only, authorization)
         response = await self._answer(subject, request)
         if len(response) > self._bus.max_payload:
             response = codec.encode_manager_reply(

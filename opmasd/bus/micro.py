@@ -9,7 +9,7 @@ therefore not meaningful; the STATS `data` of each endpoint carries the runner's
 
 from __future__ import annotations
 
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Awaitable, Callable, Mapping, Sequence
 from dataclasses import dataclass
 from typing import Any
 
@@ -20,18 +20,24 @@ from nats.micro.request import Request
 from nats.micro.service import EndpointStats, Service
 
 from opmasd.bus.registration import Registration, Teardown
-from opmasd.bus.serving import RequestHandler, RequestRunner
+from opmasd.bus.serving import RequestRunner
 
 log = structlog.get_logger(__name__)
 
 DEFAULT_QUEUE = "opmasd"
 
 
+# Takes a request's payload and its "Authorization" header ("" when it has none).
+EndpointHandler = Callable[[bytes, str], Awaitable[bytes | None]]
+# A longer header is not a credential of ours: it is cut here, before anything reads it.
+MAX_AUTHORIZATION = 1024
+
+
 @dataclass(frozen=True)
 class ServiceEndpoint:
     name: str  # [A-Za-z0-9_-]+, shown by `nats micro info`
     subject: str
-    handler: RequestHandler
+    handler: EndpointHandler
     # Several opmasd nodes on one NATS share the manager subjects: one of them answers.
     queue: str = DEFAULT_QUEUE
 
@@ -102,6 +108,18 @@ def _micro_handler(runner: RequestRunner, endpoint: ServiceEndpoint) -> Any:
         # Never raises: micro would answer an exception with a 500 header reply, or raise
         # into nats-py when there is no reply subject.
         reply = request.respond if request._msg.reply else None
-        await runner.dispatch(endpoint.subject, request.data, endpoint.handler, reply)
+        authorization = _authorization(request.headers)
+
+        async def handler(data: bytes) -> bytes | None:
+            return await endpoint.handler(data, authorization)
+
+        await runner.dispatch(endpoint.subject, request.data, handler, reply)
 
     return handle
+
+
+def _authorization(headers: Mapping[str, str] | None) -> str:
+    for key, value in (headers or {}).items():
+        if key.lower() == "authorization":
+            return value[:MAX_AUTHORIZATION]
+    return ""

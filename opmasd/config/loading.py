@@ -7,19 +7,23 @@ key and the reason, instead of surfacing later as an odd failure deep in some su
 from __future__ import annotations
 
 import difflib
+import grp
+import ipaddress
 import os
 import socket
 from collections.abc import Mapping
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import yaml
 
 from opmas.local import SOCKET_NAME
+from opmasd.config.parsers import split_address
 from opmasd.config.paths import default_agent_dirs, default_log_dir, default_paths
 from opmasd.config.schema import (
     SCHEMA,
     AgentsConfig,
+    AuthConfig,
     Config,
     DatabaseConfig,
     GrpcConfig,
@@ -182,15 +186,7 @@ def _build(
             source, label, "REST (rest.enabled) needs a gRPC listener: grpc.socket or grpc.address"
         )
 
-    # Authentication is not built yet: a setting that asks for it must not be accepted and
-    # ignored (the API would stay open while the operator believes it closed).
-    auth = values["auth"]
-    for key, asks in (("enabled", auth.get("enabled") is True), ("tokens_file", auth.get("tokens_file"))):
-        if asks:
-            source, label = origins[("auth", key)]
-            raise ConfigError(
-                source, label, "authentication is not available yet: remove auth.enabled / auth.tokens_file"
-            )
+    _check_auth(values, origins)
 
     agents = values["agents"]
     agents.setdefault("dirs", default_agent_dirs())
@@ -212,5 +208,60 @@ def _build(
         grpc=GrpcConfig(**grpc),
         rest=RestConfig(**values["rest"]),
         agents=AgentsConfig(**agents),
+        auth=AuthConfig(**values["auth"]),
         source=path,
     )
+
+
+def _check_auth(values: dict[str, dict[str, Any]], origins: dict[tuple[str, str], tuple[str, str]]) -> None:
+    """Refuse what would leave the control plane open without saying so in a key named unsafe."""
+    auth = values["auth"]
+
+    def refuse(section: str, key: str, why: str) -> NoReturn:
+        source, label = origins.get((section, key), ("configuration", f"{section}.{key}"))
+        raise ConfigError(source, label, why)
+
+    if "tokens_file" in auth:
+        refuse(
+            "auth", "tokens_file", "tokens are kept in the database: make them with `opmasctl tokens create`"
+        )
+    if auth.get("enabled") is False and not auth.get("unsafe_allow_unauthenticated"):
+        refuse(
+            "auth",
+            "enabled",
+            "with auth off, anyone who can connect to TCP gRPC, REST or NATS (every local user, on "
+            "127.0.0.1) may register and run commands as this daemon's user; set "
+            "auth.unsafe_allow_unauthenticated: true to accept that",
+        )
+    auth.pop("tokens_file", None)
+    if not auth.get("unsafe_allow_plaintext_remote"):
+        for section, default in (("grpc", GrpcConfig.address), ("rest", RestConfig.address)):
+            if section == "rest" and values["rest"].get("enabled") is False:
+                continue
+            address = values[section].get("address", default)
+            if address and not is_loopback(split_address(address)[0]):
+                refuse(
+                    section,
+                    "address",
+                    f"{address} is not a loopback address, and TLS is not available yet: tokens and "
+                    "everything else would cross the network in clear; listen on 127.0.0.1 or [::1] "
+                    "(reach it through an SSH tunnel or a TLS proxy), or set "
+                    "auth.unsafe_allow_plaintext_remote: true to accept that",
+                )
+    group = auth.get("socket_group")
+    if group and ("auth", "socket_group") in origins:
+        try:
+            grp.getgrnam(group)
+        except KeyError:
+            refuse("auth", "socket_group", f"there is no group {group!r} on this host")
+
+
+def is_loopback(host: str) -> bool:
+    """A host that only this machine can reach: localhost, 127.0.0.0/8 or ::1 (a name other than
+    localhost may resolve anywhere, so it is not)."""
+    if host.strip("[]").lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False

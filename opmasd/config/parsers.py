@@ -199,3 +199,11 @@ def parse_url(schemes: tuple[str, ...]) -> Callable[[object], str]:
         return text
 
     return parse
+
+
+def parse_group(value: object) -> str:
+    """A group name ("" for the daemon's own group); whether it exists is checked at load."""
+    text = parse_str(value).strip()
+    if text and not re.fullmatch(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?", text):
+        raise _reject("a group name (letters, digits, '_', '-', '.')", value)
+    return text

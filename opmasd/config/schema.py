@@ -18,6 +18,7 @@ from opmasd.config.parsers import (
     parse_address,
     parse_bool,
     parse_choice,
+    parse_group,
     parse_int,
     parse_mode,
     parse_nats_subject_prefix,
@@ -88,6 +89,23 @@ class RestConfig:
 
 
 @dataclass(frozen=True)
+class AuthConfig:
+    # TCP gRPC, REST over TCP and the NATS manager subjects take only callers with an API token
+    # (the unix sockets take anyone their mode and group let in, as an admin).
+    enabled: bool = True
+    # Required to turn `enabled` off: every caller that can connect is then an admin.
+    unsafe_allow_unauthenticated: bool = False
+    # Required to listen on a non-loopback TCP address: there is no TLS yet, so tokens and
+    # everything else would cross the network in clear.
+    unsafe_allow_plaintext_remote: bool = False
+    # The group of the unix sockets (mode grpc.socket_mode / rest.socket_mode): its members
+    # are the local admins. None (not set): "opmas" where that group exists and the daemon may
+    # give it its sockets, else the daemon's own group; "": the daemon's own group; a name: that
+    # group, which must exist (checked at load) and be the daemon's to give (checked at start).
+    socket_group: str | None = None
+
+
+@dataclass(frozen=True)
 class AgentsConfig:
     dirs: tuple[Path, ...]
     autostart: bool = False
@@ -112,6 +130,7 @@ class Config:
     grpc: GrpcConfig
     rest: RestConfig
     agents: AgentsConfig
+    auth: AuthConfig = AuthConfig()
     source: Path | None = None  # the file it came from, None when built from defaults only
 
 
@@ -178,10 +197,12 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "socket_mode": Key(parse_mode),
         "max_body_bytes": Key(parse_size),
     },
-    # Parsed and checked, then refused by loading.load_config when it asks for authentication
-    # (not built yet); no Config field holds it, since nothing may act on it.
     "auth": {
         "enabled": Key(parse_bool),
+        "unsafe_allow_unauthenticated": Key(parse_bool),
+        "unsafe_allow_plaintext_remote": Key(parse_bool),
+        "socket_group": Key(parse_group),
+        # Refused by loading.load_config: tokens live in the database (opmasctl tokens create).
         "tokens_file": Key(parse_optional_path, paths=True),
     },
     "agents": {

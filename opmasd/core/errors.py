@@ -118,3 +118,11 @@ class BusUnavailable(BusError):
 
 class LaunchError(BackendError):
     """The agent's program could not be started; the message says why."""
+
+
+class Unauthenticated(OpmasError):
+    """No valid credentials: none given, malformed, unknown, expired or revoked."""
+
+
+class PermissionDenied(OpmasError):
+    """Valid credentials whose role does not allow the operation."""

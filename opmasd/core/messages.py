@@ -58,6 +58,8 @@ class ManagerRequest:
     params: Mapping[str, Any] = field(default_factory=dict)
     # It came on the query subject, which takes only the commands that change nothing.
     read_only: bool = False
+    # Its "Authorization" header ("Bearer <token>"; "" when it had none).
+    authorization: str = field(default="", repr=False)
 
 
 @dataclass(frozen=True)

@@ -11,6 +11,7 @@ from opmasd.manager.operations import AgentManager
 from opmasd.manager.restart import RestartSettings
 from opmasd.manager.settings import ManagerSettings
 from opmasd.manager.stats import Durations, ManagerStats
+from opmasd.manager.tokens import TokenKeeper
 from opmasd.manager.values import AgentFilter, DiscoveredAgent, DiscoveryReport, OperationResult
 
 __all__ = [
@@ -28,4 +29,5 @@ __all__ = [
     "RestartSettings",
     "Selection",
     "Subscription",
+    "TokenKeeper",
 ]

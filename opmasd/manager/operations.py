@@ -50,6 +50,7 @@ from opmasd.manager.settings import ManagerSettings
 from opmasd.manager.spec_update import apply_fields
 from opmasd.manager.stats import ManagerStats, count_by_state
 from opmasd.manager.supervisor import Supervisor
+from opmasd.manager.tokens import TokenKeeper
 from opmasd.manager.validation import check_grace, check_spec
 from opmasd.manager.values import ALL_AGENTS, AgentFilter, DiscoveryReport, OperationResult
 from opmasd.runtime.base import LogEntry, Runtime
@@ -75,6 +76,7 @@ class AgentManager:
         self._hub = EventHub()
         self._writes = WriteBehind(store, clock, settings.commit_timeout)
         self._registry = AgentRegistry(self._writes, self._hub, clock)
+        self.tokens = TokenKeeper(store, self._writes, clock)
         self._tasks = TaskOwner("manager")
         self._jobs = PeriodicJobs(self._tasks)
         # Variables every agent gets from the daemon (NATS_URL, ...).
@@ -121,6 +123,7 @@ class AgentManager:
         """Load the store, re-adopt or restart agents as desired, scan for packages, start jobs."""
         self._writes.start()
         self._registry.load(await self._writes.call(self._store.load_agents, "load agents"))
+        await self.tokens.refresh()  # not load(): a node whose shared database is away starts too
         for rec in list(self._registry.live()):
             if rec.node != self.settings.node:
                 continue  # another host's agent, in a shared database: that host runs it
@@ -137,6 +140,7 @@ class AgentManager:
         if discover and settings.discovery_interval > 0:
             self._jobs.every(settings.discovery_interval, self._discover_in_background, "discovery")
         self._jobs.every(settings.cleanup_interval, self._cleanup, "cleanup")
+        self._jobs.every(settings.monitoring_interval, self.tokens.refresh, "token-refresh")
         if self._bus is not None:
             timeout = settings.health.heartbeat_timeout
             # Agents' own deadlines may be short (three times a 1 s interval): look at least every second.

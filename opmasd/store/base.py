@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from opmasd.core.auth import ApiToken
 from opmasd.core.model import AgentRecord, Transition
 
 
@@ -51,5 +52,14 @@ class AgentStore(Protocol):
 
     def prune_transitions(self, keep_per_agent: int) -> int:
         """Drop all but the newest `keep_per_agent` transitions of each agent; returns how many went."""
+
+    def load_tokens(self) -> list[ApiToken]:
+        """Every API token, revoked and expired ones included. Tokens are fleet-wide: with a
+        shared database they are read there, and StoreError while it is unreachable."""
+
+    def save_token(self, token: ApiToken) -> None:
+        """In one transaction: insert the token's row, or replace the row of its token_id.
+        StoreError when it cannot be written (with a shared database: there); StoreRejected
+        for values the database refuses."""
 
     def close(self) -> None: ...

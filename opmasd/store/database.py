@@ -16,6 +16,7 @@ setting the connection's search_path, which is how the tests isolate themselves.
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 from typing import Any
@@ -74,6 +75,7 @@ def _sqlite_database(url: str) -> peewee.SqliteDatabase:
             raise ValueError(f"bad SQLite URL {url!r}: no file name")
         try:
             file.parent.mkdir(parents=True, exist_ok=True)
+            _private(file)
         except OSError as exc:
             log.error("store.open_failed", url=url, error=str(exc))
             raise StoreError(f"cannot create the directory of the database {url}: {exc}") from exc
@@ -154,3 +156,17 @@ class _Pool(PooledPostgresqlDatabase):
 
     def _is_closed(self, conn: Any) -> bool:
         return bool(conn.closed)
+
+
+def _private(file: Path) -> None:
+    """The database file readable by its owner only (agents' specs and environments are in it),
+    made so before SQLite opens it: its -wal and -shm files take the database's mode."""
+    fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    try:
+        if os.fstat(fd).st_uid == os.geteuid():
+            os.fchmod(fd, 0o600)
+    finally:
+        os.close(fd)
+    for companion in (file.with_name(file.name + "-wal"), file.with_name(file.name + "-shm")):
+        if companion.exists() and companion.stat().st_uid == os.geteuid():
+            os.chmod(companion, 0o600)

@@ -17,6 +17,8 @@ How the two relate, and which wins:
   the copy always has them first.
 - Started while PostgreSQL is down, a node runs from its copy alone; everything it loaded is
   written to PostgreSQL once it is reachable.
+- **API tokens** are the fleet's: they live in PostgreSQL alone (never in the copy), so they
+  are created, revoked and read only while it answers.
 
 Connection attempts while PostgreSQL is away back off (1 s doubling to 5 s), so writes to the
 copy are not held up by a connect timeout at every flush.
@@ -33,6 +35,7 @@ from pathlib import Path
 
 import structlog
 
+from opmasd.core.auth import ApiToken
 from opmasd.core.errors import StoreDegraded, StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
 from opmasd.core.urls import redacted
@@ -195,6 +198,26 @@ class FleetStore:
         except StoreError as exc:
             self._failed(exc)
             return removed
+
+    def load_tokens(self) -> list[ApiToken]:
+        """From PostgreSQL only (tokens are the fleet's, not kept in the copy): StoreError while
+        it is unreachable."""
+        try:
+            tokens = self._connected().load_tokens()
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._recovered()
+        return tokens
+
+    def save_token(self, token: ApiToken) -> None:
+        """To PostgreSQL only: StoreError while it is unreachable (nothing is kept to send later)."""
+        try:
+            self._connected().save_token(token)
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._recovered()
 
     def close(self) -> None:
         if self._unsent or self._unsent_transitions:

@@ -87,7 +87,30 @@ def _v1_create_tables(db: peewee.Database) -> None:
     db.create_tables([Agent, AgentTransition], safe=False)
 
 
-MIGRATIONS: tuple[Migration, ...] = (Migration(1, "create agents and agent_transitions", _v1_create_tables),)
+def _v2_create_api_tokens(db: peewee.Database) -> None:
+    """Version 2: api_tokens, the bearer tokens of remote callers (only a hash of each secret)."""
+
+    class ApiToken(peewee.Model):
+        token_id = peewee.CharField(max_length=16, primary_key=True)
+        role = peewee.IntegerField()
+        description = peewee.CharField(max_length=256)
+        secret_hash = peewee.CharField(max_length=64)
+        created_at = peewee.DateTimeField()
+        created_by = peewee.CharField(max_length=128)
+        expires_at = peewee.DateTimeField(null=True)
+        revoked_at = peewee.DateTimeField(null=True)
+
+        class Meta:
+            database = db
+            table_name = "api_tokens"
+
+    db.create_tables([ApiToken], safe=False)
+
+
+MIGRATIONS: tuple[Migration, ...] = (
+    Migration(1, "create agents and agent_transitions", _v1_create_tables),
+    Migration(2, "create api_tokens", _v2_create_api_tokens),
+)
 LATEST_VERSION = MIGRATIONS[-1].version
 
 

@@ -18,6 +18,7 @@ from typing import Any
 
 import peewee
 
+from opmasd.core.auth import ApiToken, Role
 from opmasd.core.model import (
     AgentRecord,
     AgentSource,
@@ -122,6 +123,22 @@ class TransitionRow(BaseRow):
         indexes = ((("agent", "id"), False),)
 
 
+class ApiTokenRow(BaseRow):
+    """One API token: its role and who made it, with only a hash of its secret."""
+
+    token_id = peewee.CharField(max_length=16, primary_key=True)
+    role = peewee.IntegerField()
+    description = peewee.CharField(max_length=256)
+    secret_hash = peewee.CharField(max_length=64)
+    created_at = UtcDateTimeField()
+    created_by = peewee.CharField(max_length=128)
+    expires_at = UtcDateTimeField(null=True)
+    revoked_at = UtcDateTimeField(null=True)
+
+    class Meta:
+        table_name = "api_tokens"
+
+
 class SchemaVersion(BaseRow):
     """One row per applied migration; the schema's version is the highest."""
 
@@ -210,4 +227,31 @@ def transition_from_row(row: TransitionRow) -> Transition:
         state=AgentState(row.state),
         reason=row.reason,
         at=row.at,
+    )
+
+
+def token_to_row(token: ApiToken) -> dict[str, Any]:
+    return {
+        "token_id": token.token_id,
+        "role": int(token.role),
+        "description": token.description,
+        "secret_hash": token.secret_hash,
+        "created_at": token.created_at,
+        "created_by": token.created_by,
+        "expires_at": token.expires_at,
+        "revoked_at": token.revoked_at,
+    }
+
+
+def token_from_row(row: ApiTokenRow) -> ApiToken:
+    """ValueError for a role this code does not know."""
+    return ApiToken(
+        token_id=row.token_id,
+        role=Role(row.role),
+        description=row.description,
+        secret_hash=row.secret_hash,
+        created_at=row.created_at,
+        created_by=row.created_by,
+        expires_at=row.expires_at,
+        revoked_at=row.revoked_at,
     )

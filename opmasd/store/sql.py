@@ -28,10 +28,11 @@ import psycopg2  # type: ignore[import-untyped]
 import structlog
 from playhouse.pool import PooledPostgresqlDatabase
 
+from opmasd.core.auth import ApiToken
 from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
 from opmasd.core.urls import redacted
-from opmasd.store import migrations
+from opmasd.store import migrations, token_rows
 from opmasd.store.database import database_from_url
 from opmasd.store.models import (
     AgentRow,
@@ -160,6 +161,12 @@ class SqlStore:
                 AgentRow.update(last_heartbeat=seen).where(AgentRow.agent_id == agent_id).execute()
 
         self._call(f"save heartbeats of {len(last_seen)} agents", work, write=True)
+
+    def load_tokens(self) -> list[ApiToken]:
+        return self._call("load API tokens", token_rows.load_all, write=False)
+
+    def save_token(self, token: ApiToken) -> None:
+        self._call(f"save API token {token.token_id}", lambda: token_rows.save(token), write=True)
 
     def transitions(self, agent_id: str, limit: int = 100) -> list[Transition]:
         if limit < 0:

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
+from opmasd.core.auth import ApiToken
 from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
 
@@ -21,6 +22,8 @@ class MemoryStore:
         self._agents: dict[str, AgentRecord] = {}
         # Per agent, oldest first: append order is the order of events, as in SqlStore.
         self._transitions: dict[str, list[Transition]] = {}
+        # API tokens by token_id (frozen values: nothing to copy).
+        self.tokens: dict[str, ApiToken] = {}
         self._closed = False
         # Set by a test to make every call raise it: a database that went away.
         self.failure: StoreError | None = None
@@ -92,6 +95,14 @@ class MemoryStore:
             dropped += excess
             self._transitions[agent_id] = kept[excess:]
         return dropped
+
+    def load_tokens(self) -> list[ApiToken]:
+        self._check("load API tokens")
+        return [self.tokens[token_id] for token_id in sorted(self.tokens)]
+
+    def save_token(self, token: ApiToken) -> None:
+        self._check(f"save API token {token.token_id}")
+        self.tokens[token.token_id] = token
 
     def close(self) -> None:
         self._closed = True

@@ -6,6 +6,12 @@ PostgreSQL schema. Daemons are started on it one after another (a restart is a n
 the same sandbox). Every process of a sandbox carries E2E_SANDBOX=<id> in its environment
 (opmasd passes its environment on to agents, and agents to their children), which is how the
 teardown finds anything left behind, whatever became of its parent.
+
+Credentials: the unix socket needs none (a caller there is an admin). TCP gRPC, REST on TCP and
+the NATS manager subjects do: Sandbox.admin_token() makes one admin token per sandbox over the
+socket (kept: it lives in the database across restarts), and Daemon.tcp_stub(), the NATS clients
+of Sandbox.nats(), rest_client.rest_of() and opmasctl runs against a TCP address present it.
+Each has a way to call without it (tcp_stub(token=None), anonymous=True, token=False).
 """
 
 from __future__ import annotations
@@ -38,7 +44,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_status import rpc_status
 
 from opmas.v1 import agents_pb2 as pb
-from opmas.v1 import agents_pb2_grpc
+from opmas.v1 import agents_pb2_grpc, auth_pb2, tokens_pb2, tokens_pb2_grpc
 
 from .nats_client import NatsClient
 
@@ -224,6 +230,49 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+# -- credentials --------------------------------------------------------------------------------
+
+
+def bearer(token: str) -> list[tuple[str, str]]:
+    """The gRPC metadata that presents an API token."""
+    return [("authorization", f"Bearer {token}")]
+
+
+class _Details(grpc.ClientCallDetails):
+    def __init__(self, base: grpc.ClientCallDetails, metadata: Any) -> None:
+        self.method = base.method
+        self.timeout = base.timeout
+        self.metadata = metadata
+        self.credentials = base.credentials
+        self.wait_for_ready = getattr(base, "wait_for_ready", None)
+        self.compression = getattr(base, "compression", None)
+
+
+class BearerToken(grpc.UnaryUnaryClientInterceptor, grpc.UnaryStreamClientInterceptor):
+    """Presents a token on every call of a channel, as opmasctl does (what a call's own
+    metadata says about authorization wins)."""
+
+    def __init__(self, token: str) -> None:
+        self._token = token
+
+    def _details(self, details: grpc.ClientCallDetails) -> grpc.ClientCallDetails:
+        metadata = tuple(details.metadata or ())
+        if not any(key == "authorization" for key, _ in metadata):
+            metadata += tuple(bearer(self._token))
+        return _Details(details, metadata)
+
+    def intercept_unary_unary(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+    def intercept_unary_stream(self, continuation: Any, details: grpc.ClientCallDetails, request: Any) -> Any:
+        return continuation(self._details(details), request)
+
+
+def is_local_target(server: str) -> bool:
+    """A server argument of opmasctl that names a unix socket (needs no token)."""
+    return server.startswith(("/", "unix:", ".")) or server.endswith(".sock")
+
+
 # -- gRPC errors --------------------------------------------------------------------------------
 
 
@@ -380,8 +429,22 @@ class Daemon:
             self._stub = agents_pb2_grpc.AgentServiceStub(self.channel())
         return self._stub
 
-    def tcp_stub(self) -> agents_pb2_grpc.AgentServiceStub:
-        return agents_pb2_grpc.AgentServiceStub(self.channel(self.sandbox.address))
+    def tcp_channel(self, token: str | None = "") -> grpc.Channel:
+        """A channel to the TCP address presenting `token` on every call: "" (the default) the
+        sandbox's admin token, None no credentials at all."""
+        channel = self.channel(self.sandbox.address)
+        if token is None:
+            return channel
+        return grpc.intercept_channel(channel, BearerToken(token or self.sandbox.admin_token()))
+
+    def tcp_stub(self, token: str | None = "") -> agents_pb2_grpc.AgentServiceStub:
+        """AgentService over TCP, as an admin unless told otherwise (see tcp_channel)."""
+        return agents_pb2_grpc.AgentServiceStub(self.tcp_channel(token))
+
+    @property
+    def tokens(self) -> tokens_pb2_grpc.TokenServiceStub:
+        """TokenService over the unix socket (where every caller is an admin)."""
+        return tokens_pb2_grpc.TokenServiceStub(self.channel())
 
     def stderr_text(self) -> str:
         try:
@@ -483,6 +546,7 @@ class Sandbox:
         self.port = free_port()
         self.address = f"127.0.0.1:{self.port}"
         self.env_overrides = dict(env or {})
+        self._admin_token = ""  # made once: tokens are kept in the database across restarts
         self.daemons: list[Daemon] = []
         self._nats_clients: list[NatsClient] = []
         self.final_report = ""
@@ -526,6 +590,25 @@ class Sandbox:
         with contextlib.closing(sqlite3.connect(self.state_dir / "opmas.db")) as conn, conn:
             return conn.execute(statement, tuple(params)).fetchall()
 
+    # -- credentials ------------------------------------------------------------------------
+
+    def create_token(
+        self, role: auth_pb2.Role.ValueType, description: str = "e2e", expires_at: Any = None
+    ) -> tokens_pb2.CreateTokenResponse:
+        """A new API token, made over the running daemon's unix socket."""
+        request = tokens_pb2.CreateTokenRequest(role=role, description=description)
+        if expires_at is not None:
+            request.expires_at.CopyFrom(expires_at)
+        reply: tokens_pb2.CreateTokenResponse = self.daemon.tokens.CreateToken(request, timeout=10)
+        return reply
+
+    def admin_token(self) -> str:
+        """This sandbox's admin token (the whole "opmas_<id>_<secret>"), made on first use over
+        the unix socket and kept: a restarted daemon finds it in the database."""
+        if not self._admin_token:
+            self._admin_token = self.create_token(auth_pb2.ROLE_ADMIN, "e2e admin").secret
+        return self._admin_token
+
     # -- NATS -------------------------------------------------------------------------------
 
     def embedded_nats_port(self) -> int:
@@ -554,7 +637,9 @@ class Sandbox:
 
     def nats(self, url: str = "") -> NatsClient:
         """A NATS client on url (default: the embedded server), closed with the sandbox."""
-        client = NatsClient(url or self.embedded_nats_url(), name=f"e2e-{self.name}"[:60])
+        client = NatsClient(
+            url or self.embedded_nats_url(), name=f"e2e-{self.name}"[:60], token=self.admin_token
+        )
         self._nats_clients.append(client)
         return client
 
@@ -604,6 +689,11 @@ class Sandbox:
     @property
     def stub(self) -> agents_pb2_grpc.AgentServiceStub:
         return self.daemon.stub
+
+    @property
+    def running(self) -> bool:
+        """A daemon of this sandbox is running now."""
+        return bool(self.daemons) and self.daemons[-1].running
 
     def start(self, env: dict[str, str] | None = None, drop: Sequence[str] = ()) -> Daemon:
         """A new opmasd on this sandbox, ready (health SERVING) when this returns."""
@@ -664,14 +754,21 @@ class Sandbox:
         server: str | None = "",
         env: dict[str, str] | None = None,
         timeout: float = 30.0,
+        token: bool | None = None,
     ) -> subprocess.CompletedProcess[str]:
-        """Run opmasctl to completion. server "" means this sandbox's socket; None: no --server."""
+        """Run opmasctl to completion. server "" means this sandbox's socket; None: no --server.
+
+        token: give it the sandbox's admin token as $OPMAS_TOKEN; None (the default) does when
+        it goes to a TCP address (--server, or $OPMAS_SERVER in env) and a daemon is running."""
         argv = [*OPMASCTL]
         if server is not None:
             argv += ["--server", server or str(self.socket)]
+        if token is None:
+            target = server if server is not None else (env or {}).get("OPMAS_SERVER", "")
+            token = bool(target) and not is_local_target(target) and self.running
         popen = spawn(
             [*argv, *args],
-            env=self.client_env(env),
+            env=self.client_env(env, token=token),
             stdin=subprocess.DEVNULL,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
@@ -687,13 +784,17 @@ class Sandbox:
             ) from None
         return subprocess.CompletedProcess(popen.args, popen.returncode, out, err)
 
-    def client_env(self, extra: dict[str, str] | None = None) -> dict[str, str]:
+    def client_env(self, extra: dict[str, str] | None = None, token: bool = False) -> dict[str, str]:
+        """A client's environment: ours without OPMAS_*; with token, the sandbox's admin token
+        as $OPMAS_TOKEN (for opmasctl runs that go over TCP)."""
         env = {
             k: v
             for k, v in os.environ.items()
             if not k.startswith("OPMAS_") and k not in ("RUNTIME_DIRECTORY", "XDG_RUNTIME_DIR")
         }
         env[MARKER] = self.id
+        if token:
+            env["OPMAS_TOKEN"] = self.admin_token()
         env.update(extra or {})
         return env
 

@@ -6,12 +6,15 @@ import asyncio
 import contextlib
 import json
 import threading
-from collections.abc import Coroutine, Sequence
+from collections.abc import Callable, Coroutine, Sequence
 from typing import Any, TypeVar
 
 from nats.aio.client import Client as NatsConnection
 
 T = TypeVar("T")
+
+# The subjects of the manager's API (after the installation's prefix): they take an API token.
+MANAGER_SUBJECTS = (".manager.command", ".manager.query")
 
 
 class NatsClient:
@@ -21,10 +24,17 @@ class NatsClient:
     It reconnects forever (an outage test stops and restarts the server under it). Payloads
     that are dicts go out as JSON; replies and collected messages come back decoded when they
     are JSON, as bytes when not.
+
+    token: what gives the API token that requests and publishes to the manager subjects
+    (`<prefix>.manager.command` / `.query`) present as their "Authorization" header, asked for
+    on the first such message (None: they go without credentials, as does any message sent
+    with anonymous=True).
     """
 
-    def __init__(self, url: str, name: str = "e2e-test") -> None:
+    def __init__(self, url: str, name: str = "e2e-test", token: Callable[[], str] | None = None) -> None:
         self.url = url
+        self._token_source = token
+        self._token = ""
         self._loop = asyncio.new_event_loop()
         self._thread = threading.Thread(target=self._loop.run_forever, name=f"nats:{url}", daemon=True)
         self._thread.start()
@@ -66,20 +76,43 @@ class NatsClient:
     def connected(self) -> bool:
         return bool(self._nc.is_connected)
 
-    def request(self, subject: str, payload: bytes | dict[str, Any] | str, timeout: float = 5.0) -> Any:
-        """One request; the reply decoded. nats.errors.TimeoutError / NoRespondersError on none."""
-        msg = self._run(self._nc.request(subject, self._encode(payload), timeout=timeout), timeout + 5)
+    def headers(self, subject: str, anonymous: bool = False) -> dict[str, str] | None:
+        """The headers a message on subject carries: Authorization to the manager subjects."""
+        if anonymous or self._token_source is None or not subject.endswith(MANAGER_SUBJECTS):
+            return None
+        if not self._token:
+            self._token = self._token_source()
+        return {"Authorization": f"Bearer {self._token}"}
+
+    def request(
+        self,
+        subject: str,
+        payload: bytes | dict[str, Any] | str,
+        timeout: float = 5.0,
+        headers: dict[str, str] | None = None,
+        anonymous: bool = False,
+    ) -> Any:
+        """One request; the reply decoded. nats.errors.TimeoutError / NoRespondersError on none.
+        headers: sent instead of the client's own (see headers())."""
+        sent = headers if headers is not None else self.headers(subject, anonymous)
+        msg = self._run(
+            self._nc.request(subject, self._encode(payload), timeout=timeout, headers=sent), timeout + 5
+        )
         return self.decode(msg.data)
 
-    def publish(self, subject: str, payload: bytes | dict[str, Any] | str, reply: str = "") -> None:
-        self._run(self._nc.publish(subject, self._encode(payload), reply=reply))
+    def publish(
+        self, subject: str, payload: bytes | dict[str, Any] | str, reply: str = "", anonymous: bool = False
+    ) -> None:
+        headers = self.headers(subject, anonymous)
+        self._run(self._nc.publish(subject, self._encode(payload), reply=reply, headers=headers))
 
     def publish_many(self, messages: Sequence[tuple[str, bytes, str]]) -> None:
         """(subject, payload, reply) messages as fast as the client writes them, then a flush."""
+        headers = {subject: self.headers(subject) for subject, _, _ in messages}
 
         async def send() -> None:
             for subject, payload, reply in messages:
-                await self._nc.publish(subject, payload, reply=reply)
+                await self._nc.publish(subject, payload, reply=reply, headers=headers[subject])
             await self._nc.flush(10)
 
         self._run(send(), 60)

@@ -36,13 +36,26 @@ class UnixHTTPConnection(http.client.HTTPConnection):
 
 
 class Rest:
-    """Requests to one opmasd's HTTP listener, on one kept-alive connection."""
+    """Requests to one opmasd's HTTP listener, on one kept-alive connection.
 
-    def __init__(self, address: str = "", socket_path: str = "", timeout: float = 15.0) -> None:
+    token: an API token every request presents ("Authorization: Bearer <token>") unless it
+    says otherwise (anonymous=True, or an Authorization header of its own); "" for none.
+    """
+
+    def __init__(
+        self, address: str = "", socket_path: str = "", timeout: float = 15.0, token: str = ""
+    ) -> None:
         self.address = address
         self.socket_path = socket_path
         self.timeout = timeout
+        self.token = token
         self._conn: http.client.HTTPConnection | None = None
+
+    def with_token(self, headers: dict[str, str], anonymous: bool = False) -> dict[str, str]:
+        """headers, and the client's Authorization unless anonymous or they have their own."""
+        if self.token and not anonymous and not any(k.lower() == "authorization" for k in headers):
+            return {"Authorization": f"Bearer {self.token}", **headers}
+        return headers
 
     def connection(self) -> http.client.HTTPConnection:
         if self.socket_path:
@@ -57,13 +70,15 @@ class Rest:
         body: Any = None,
         raw: bytes | None = None,
         headers: dict[str, str] | None = None,
+        anonymous: bool = False,
     ) -> Reply:
+        """One request; anonymous: without the client's token."""
         if self._conn is None:
             self._conn = self.connection()
         data = raw if raw is not None else (json.dumps(body).encode() if body is not None else None)
         sent = {"Content-Type": "application/json"} if data is not None else {}
         sent.update(headers or {})
-        self._conn.request(method, path, body=data, headers=sent)
+        self._conn.request(method, path, body=data, headers=self.with_token(sent, anonymous))
         response = self._conn.getresponse()
         reply = Reply(response.status, {k.lower(): v for k, v in response.getheaders()}, response.read())
         if response.will_close:
@@ -77,10 +92,12 @@ class Rest:
     def post(self, path: str, body: Any = None, **kw: Any) -> Reply:
         return self.request("POST", path, body=body if body is not None else {}, **kw)
 
-    def stream(self, path: str) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
+    def stream(
+        self, path: str, anonymous: bool = False
+    ) -> tuple[http.client.HTTPConnection, http.client.HTTPResponse]:
         """A GET whose NDJSON body the test reads line by line (response.readline())."""
         conn = self.connection()
-        conn.request("GET", path)
+        conn.request("GET", path, headers=self.with_token({}, anonymous))
         return conn, conn.getresponse()
 
     def close(self) -> None:
@@ -107,3 +124,11 @@ def rest_sandbox(name: str) -> Iterator[Sandbox]:
         box.start()
         box.rest_port = port  # type: ignore[attr-defined]
         yield box
+
+
+def rest_of(box: Sandbox, port: int | None = None, anonymous: bool = False) -> Rest:
+    """A client of the sandbox's REST listener on TCP (its rest_port, or port), presenting the
+    sandbox's admin token unless anonymous."""
+    if port is None:
+        port = int(box.rest_port)  # type: ignore[attr-defined]
+    return Rest(f"127.0.0.1:{port}", token="" if anonymous else box.admin_token())

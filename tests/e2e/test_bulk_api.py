@@ -13,7 +13,7 @@ from google.rpc import code_pb2
 from opmas.v1 import agents_pb2 as pb
 
 from .harness import Sandbox, call_error, pid_alive, python_agent, sleeper, wait_for
-from .rest_client import Rest, rest_sandbox
+from .rest_client import Rest, rest_of, rest_sandbox
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -37,7 +37,7 @@ def box() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def rest(box: Sandbox) -> Iterator[Rest]:
-    client = Rest(f"127.0.0.1:{box.rest_port}")  # type: ignore[attr-defined]
+    client = rest_of(box)
     yield client
     client.close()
 

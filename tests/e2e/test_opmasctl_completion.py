@@ -140,7 +140,7 @@ def test_bash_completes_commands_flags_and_choices_without_a_daemon(box: Sandbox
     assert bash(box, "opmasctl agents st") == ["start", "status", "stop"]
     assert bash(box, "opmasctl ") == commands()
     assert "completion" in commands()
-    assert bash(box, "opmasctl agents logs --t") == ["--tail", "--timeout", "--timestamps"]
+    assert bash(box, "opmasctl agents logs --t") == ["--tail", "--timeout", "--timestamps", "--token"]
     assert bash(box, "opmasctl -o y") == ["yaml"]
     assert bash(box, "opmasctl completion ") == ["bash", "fish", "zsh"]
     # No daemon there: no ids, and (the script run to its end) no error.

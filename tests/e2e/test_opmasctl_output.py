@@ -17,7 +17,7 @@ import pytest
 import yaml
 
 from .harness import OPMASCTL, Sandbox, create, sleeper, spawn, status, wait_state
-from .rest_client import Rest, rest_sandbox
+from .rest_client import Rest, rest_of, rest_sandbox
 
 pytestmark = pytest.mark.timeout(60)
 
@@ -32,7 +32,7 @@ def box() -> Iterator[Sandbox]:
 
 @pytest.fixture(scope="module")
 def rest(box: Sandbox) -> Iterator[Rest]:
-    client = Rest(f"127.0.0.1:{box.rest_port}")  # type: ignore[attr-defined]
+    client = rest_of(box)
     yield client
     client.close()
 

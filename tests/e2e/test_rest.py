@@ -16,7 +16,7 @@ from pathlib import Path
 import pytest
 
 from .harness import Sandbox, free_port, python_agent, sleeper, wait_for
-from .rest_client import Rest, rest_env, rest_sandbox
+from .rest_client import Rest, rest_env, rest_of, rest_sandbox
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -38,7 +38,7 @@ def box() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def rest(box: Sandbox) -> Iterator[Rest]:
-    client = Rest(f"127.0.0.1:{box.rest_port}")  # type: ignore[attr-defined]
+    client = rest_of(box)
     yield client
     client.close()
 
@@ -101,6 +101,7 @@ def test_the_agent_lifecycle_over_rest(rest: Rest) -> None:
     logs = rest.get("/api/v1/agents/rest-life/logs?tailLines=10")
     lines = [json.loads(line) for line in logs.body.splitlines()]
     assert logs.headers["content-type"].startswith("application/x-ndjson")
+    assert all("result" in item for item in lines), lines[-1]  # a finished read ends without an error
     assert any("hello from rest-life" in item["result"]["line"] for item in lines), lines
 
     deleted = rest.request("DELETE", "/api/v1/agents/rest-life")
@@ -236,7 +237,7 @@ def test_shutdown_ends_open_streams_promptly(make_sandbox) -> None:  # type: ign
     port = free_port()
     box = make_sandbox("rest-shutdown", env=rest_env(port, OPMAS_GRPC_GRACE_PERIOD="10"))
     box.start()
-    rest = Rest(f"127.0.0.1:{port}")
+    rest = rest_of(box, port)
     register(rest, "rest-quiet", sleeper())
     conn, response = rest.stream("/api/v1/events")
     assert response.status == 200
@@ -280,6 +281,12 @@ def test_a_taken_rest_port_stops_the_start_with_a_clear_message(make_sandbox) ->
 # -- hostile or careless clients (found by attacking the gateway from outside) ------------------
 
 
+def authorized(box: Sandbox, head: bytes) -> bytes:
+    """A request head with the sandbox's admin token added after its first line."""
+    first, _, rest = head.partition(b"\r\n")
+    return b"%s\r\nAuthorization: Bearer %s\r\n%s" % (first, box.admin_token().encode(), rest)
+
+
 def raw_request(port: int, head: bytes, parts: list[bytes], pause: float = 0.0) -> bytes:
     """Send a request's head, then its body in parts (pausing between them); the whole reply."""
     import socket
@@ -312,7 +319,7 @@ def test_a_body_in_many_pieces_is_read_whole_and_chunked_bodies_keep_the_limit(b
         b"POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
         b"Connection: close\r\nContent-Length: %d\r\n\r\n" % len(body)
     )
-    reply = raw_request(port, head, [body[:20], body[20:]], pause=0.3)
+    reply = raw_request(port, authorized(box, head), [body[:20], body[20:]], pause=0.3)
     assert reply.startswith(b"HTTP/1.1 200"), reply[:300]
     chunked_head = (
         b"POST /api/v1/agents HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
@@ -320,9 +327,9 @@ def test_a_body_in_many_pieces_is_read_whole_and_chunked_bodies_keep_the_limit(b
     )
     filler = b" " * 60_000
     chunks = [b"%x\r\n%s\r\n" % (len(filler), filler) for _ in range(2)] + [b"0\r\n\r\n"]
-    reply = raw_request(port, chunked_head, chunks)
+    reply = raw_request(port, authorized(box, chunked_head), chunks)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
-    rest = Rest(f"127.0.0.1:{port}")
+    rest = rest_of(box)
     assert rest.get("/api/v1/agents/rest-split").status == 200
     rest.request("DELETE", "/api/v1/agents/rest-split")
 
@@ -363,7 +370,9 @@ def test_a_bad_grpc_timeout_is_refused_and_a_good_one_ends_a_stream(rest: Rest) 
     conn = rest.connection()
     began = time.monotonic()
     conn.request(
-        "GET", "/api/v1/agents/rest-deadline/logs?follow=true&tailLines=1", headers={"Grpc-Timeout": "1S"}
+        "GET",
+        "/api/v1/agents/rest-deadline/logs?follow=true&tailLines=1",
+        headers=rest.with_token({"Grpc-Timeout": "1S"}),
     )
     lines = [json.loads(line) for line in conn.getresponse().read().splitlines()]
     assert time.monotonic() - began < 5

@@ -30,10 +30,11 @@ from openapi_spec_validator import validate as validate_openapi
 from prometheus_client.parser import text_string_to_metric_families
 
 from opmas.v1 import agents_pb2 as pb
+from opmasd.api.auth import SERVICES
 from opmasd.api.rest.rules import routes_of
 
 from .harness import Sandbox, call_error, sleeper, wait_for
-from .rest_client import Reply, Rest, rest_sandbox
+from .rest_client import Reply, Rest, rest_of, rest_sandbox
 
 pytestmark = pytest.mark.timeout(90)
 
@@ -55,14 +56,14 @@ def box() -> Iterator[Sandbox]:
 
 @pytest.fixture
 def rest(box: Sandbox) -> Iterator[Rest]:
-    client = Rest(f"127.0.0.1:{box.rest_port}")  # type: ignore[attr-defined]
+    client = rest_of(box)
     yield client
     client.close()
 
 
 @pytest.fixture(scope="module")
 def document(box: Sandbox) -> dict[str, Any]:
-    client = Rest(f"127.0.0.1:{box.rest_port}")  # type: ignore[attr-defined]
+    client = rest_of(box)
     reply = client.get(OPENAPI)
     client.close()
     assert reply.status == 200, reply.body
@@ -96,8 +97,8 @@ def test_the_document_is_valid_openapi(document: dict[str, Any]) -> None:
 
 
 def test_every_gateway_route_is_documented(document: dict[str, Any]) -> None:
-    routes = routes_of([pb.DESCRIPTOR.services_by_name["AgentService"]])
-    assert len(routes) >= 14
+    routes = routes_of(SERVICES)  # every service the daemon serves: agents and tokens
+    assert len(routes) >= 17
     served = set()
     for route in routes:
         path, verb = openapi_path(route.template.source), route.http_method.lower()
@@ -327,14 +328,15 @@ def test_metrics_agents_nats_and_process(box: Sandbox, rest: Rest) -> None:
 
 
 def test_health_and_readiness(rest: Rest) -> None:
-    alive = rest.get("/healthz")
+    """Probes need no credentials; /metrics and the document are a viewer's (test_auth.py)."""
+    alive = rest.get("/healthz", anonymous=True)
     assert alive.status == 200 and alive.headers["content-type"].startswith(JSON_MEDIA)
     assert alive.json() == {"status": "alive"}
-    ready = rest.get("/readyz")
+    ready = rest.get("/readyz", anonymous=True)
     assert ready.status == 200, ready.body
     assert ready.json() == {"status": "ready", "checks": {"store": "ok", "bus": "ok", "grpc": "ok"}}
     for path in ("/healthz", "/readyz", "/metrics", OPENAPI):
-        wrong = rest.post(path)
+        wrong = rest.post(path, anonymous=path not in ("/metrics", OPENAPI))
         assert wrong.status == 405, (path, wrong.body)
         assert "GET" in [m.strip() for m in wrong.headers["allow"].split(",")], wrong.headers
         assert wrong.json()["code"] == 12, wrong.body
@@ -420,6 +422,8 @@ def test_schemathesis_finds_nothing(box: Sandbox, tmp_path: Path) -> None:
         "--generation-database",
         "none",
         "--no-color",
+        "--header",
+        f"Authorization: Bearer {box.admin_token()}",
     ]
     # A fixed seed by default, so that a run is reproducible; OPMAS_SCHEMATHESIS_SEED=random explores.
     seed = os.environ.get("OPMAS_SCHEMATHESIS_SEED", "3")
@@ -443,6 +447,6 @@ def test_schemathesis_finds_nothing(box: Sandbox, tmp_path: Path) -> None:
     print(report)  # shown by pytest when the test fails
     assert run.returncode == 0, f"schemathesis exited {run.returncode}: its report is in the captured stdout"
     assert box.daemon.running
-    after = Rest(base.removeprefix("http://"))
+    after = rest_of(box)
     assert after.get("/readyz").status == 200
     after.close()

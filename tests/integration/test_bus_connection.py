@@ -273,7 +273,10 @@ async def test_close_while_never_connected_returns_promptly() -> None:
 
 
 async def test_micro_discovery_answers_ping_info_stats(bus: NatsBus, agent: Client) -> None:
-    async def handler(data: bytes) -> bytes:
+    seen: list[str] = []
+
+    async def handler(data: bytes, authorization: str) -> bytes:
+        seen.append(authorization)
         return b"ok"
 
     service = await bus.add_service(
@@ -281,6 +284,9 @@ async def test_micro_discovery_answers_ping_info_stats(bus: NatsBus, agent: Clie
         [ServiceEndpoint("work", "t.work", handler)],
     )
     assert (await agent.request("t.work", b"", timeout=2)).data == b"ok"
+    # The request's Authorization header reaches the handler (bounded), any case of its name.
+    await agent.request("t.work", b"", timeout=2, headers={"authorization": "Bearer x" * 1000})
+    assert seen == ["", ("Bearer x" * 1000)[:1024]]
     ping = json.loads((await agent.request("$SRV.PING.testsvc", b"", timeout=2)).data)
     assert (ping["name"], ping["version"], ping["metadata"]) == ("testsvc", "1.2.3", {"node": "n1"})
     info = json.loads((await agent.request("$SRV.INFO.testsvc", b"", timeout=2)).data)
@@ -288,8 +294,8 @@ async def test_micro_discovery_answers_ping_info_stats(bus: NatsBus, agent: Clie
         ("work", "t.work", "opmasd")
     ]
     stats = json.loads((await agent.request("$SRV.STATS.testsvc", b"", timeout=2)).data)
-    assert stats["endpoints"][0]["num_requests"] == 1
-    assert stats["endpoints"][0]["data"]["handled"] == 1
+    assert stats["endpoints"][0]["num_requests"] == 2
+    assert stats["endpoints"][0]["data"]["handled"] == 2
     await service.stop()
     with pytest.raises(nats.errors.NoRespondersError):
         await agent.request("$SRV.PING.testsvc", b"", timeout=1)
@@ -336,8 +342,11 @@ async def test_close_with_the_server_gone_returns_promptly(server: EmbeddedNatsS
     async def handler(data: bytes) -> bytes:
         return data
 
+    async def endpoint(data: bytes, authorization: str) -> bytes:
+        return data
+
     await bus.serve("t.a", handler)
-    await bus.add_service(ServiceDescription("gone", "1.0.0"), [ServiceEndpoint("b", "t.b", handler)])
+    await bus.add_service(ServiceDescription("gone", "1.0.0"), [ServiceEndpoint("b", "t.b", endpoint)])
     await server.stop()
     started = time.monotonic()
     await bus.close()

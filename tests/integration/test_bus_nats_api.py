@@ -6,6 +6,7 @@ import asyncio
 import json
 from collections.abc import AsyncIterator
 from dataclasses import dataclass
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -16,6 +17,7 @@ from nats.aio.msg import Msg
 from structlog.testing import capture_logs
 
 import opmasd
+from opmasd.api.auth import Gate
 from opmasd.api.nats_api import NatsManagerApi
 from opmasd.bus import codec
 from opmasd.bus.connection import NatsBus
@@ -23,12 +25,22 @@ from opmasd.bus.embedded import EmbeddedNatsServer
 from opmasd.bus.manager_service import ManagerService
 from opmasd.bus.registration import server_has_seen
 from opmasd.bus.subjects import Subjects
+from opmasd.core.auth import ApiToken, Role
 from opmasd.core.model import AgentRecord, AgentSpec
 from opmasd.manager import AgentManager, ManagerSettings
 from opmasd.testing.fake_runtime import FakeRuntime
 from opmasd.testing.memory_store import MemoryStore
 
 SLEEP = {"name": "sleeper", "type": "collector", "command": ("sleep", "100")}
+
+
+def _token(role: Role) -> ApiToken:
+    return ApiToken(f"{role.value:016x}", role, "test", "", datetime.now(UTC), "test")
+
+
+# What the tests present (the keeper's own verify is tested in tests/unit/test_tokens.py).
+TOKENS = {f"{role.label}-token": _token(role) for role in Role}
+ADMIN = {"Authorization": "Bearer admin-token"}
 
 
 @dataclass
@@ -54,7 +66,7 @@ def new_manager(store: MemoryStore | None = None, bus: NatsBus | None = None) ->
 
 def manager_service(manager: AgentManager, bus: NatsBus) -> ManagerService:
     # As the daemon wires it: the bus serves the subjects, the api's dispatch table answers.
-    api = NatsManagerApi(manager, command_subject=bus.subjects.manager_command)
+    api = NatsManagerApi(manager, bus.subjects.manager_command, Gate(TOKENS.get))
     return ManagerService(bus, api.handle, node=manager.settings.node, version=opmasd.__version__)
 
 
@@ -89,9 +101,11 @@ async def client(server: EmbeddedNatsServer) -> AsyncIterator[Client]:
     await nc.close()
 
 
-async def ask(nc: Client, body: Any, subject: str = "t.manager.command") -> dict[str, Any]:
+async def ask(
+    nc: Client, body: Any, subject: str = "t.manager.command", headers: dict[str, str] | None = ADMIN
+) -> dict[str, Any]:
     payload = body if isinstance(body, bytes) else json.dumps(body).encode()
-    msg = await nc.request(subject, payload, timeout=5)
+    msg = await nc.request(subject, payload, timeout=5, headers=headers)
     reply: dict[str, Any] = json.loads(msg.data)
     assert reply["timestamp"].endswith("Z")
     return reply
@@ -244,7 +258,7 @@ async def test_responses_are_published_for_listeners(node: Node, client: Client)
     await server_has_seen(client)
     # Fire and forget: no reply subject, the command still runs and its response is heard.
     await client.publish(
-        "t.manager.command", json.dumps({"command": "start", "agent_id": "sleeper"}).encode()
+        "t.manager.command", json.dumps({"command": "start", "agent_id": "sleeper"}).encode(), headers=ADMIN
     )
     response = await asyncio.wait_for(heard.get(), 5)
     assert response["command"] == "start" and response["status"] == "success"
@@ -378,3 +392,21 @@ async def test_api_started_before_nats_is_up_serves_once_it_is(tmp_path: Path) -
         await bus.close()
         await server.stop()
         await manager.stop(stop_agents=False)
+
+
+async def test_requests_need_a_token_with_the_commands_role(node: Node, client: Client) -> None:
+    """Who may run what is the gRPC API's rule (api.auth): list is a viewer's, stop an operator's,
+    delete an admin's; without a valid token nothing runs."""
+    await node.manager.create_agent(SLEEP)
+    for headers in (None, {"Authorization": "Bearer wrong"}, {"Authorization": "admin-token"}):
+        reply = failed(await ask(client, {"command": "list"}, headers=headers), "UNAUTHENTICATED")
+        assert "authorization: Bearer" in reply["error"]
+    viewer = {"Authorization": "Bearer viewer-token"}
+    assert ok(await ask(client, {"command": "list"}, "t.manager.query", headers=viewer))
+    stop = {"command": "stop", "agent_id": "sleeper"}
+    reply = failed(await ask(client, stop, headers=viewer), "PERMISSION_DENIED")
+    assert "operator" in reply["error"]
+    ok(await ask(client, stop, headers={"Authorization": "Bearer operator-token"}))
+    delete = {"command": "delete", "agent_id": "sleeper"}
+    failed(await ask(client, delete, headers={"Authorization": "Bearer operator-token"}), "PERMISSION_DENIED")
+    ok(await ask(client, delete, headers={"authorization": "bearer admin-token"}))

@@ -23,6 +23,7 @@ import peewee
 import psycopg2  # type: ignore[import-untyped]
 import pytest
 
+from opmasd.core.auth import ApiToken, Role
 from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import (
     AgentRecord,
@@ -36,11 +37,11 @@ from opmasd.core.model import (
     RuntimeKind,
     Transition,
 )
-from opmasd.store import models
+from opmasd.store import migrations, models
 from opmasd.store.base import AgentStore
 from opmasd.store.database import database_from_url
 from opmasd.store.migrations import LATEST_VERSION
-from opmasd.store.models import AgentRow, SchemaVersion, TransitionRow
+from opmasd.store.models import AgentRow, ApiTokenRow, SchemaVersion, TransitionRow
 from opmasd.store.sql import SqlStore
 from opmasd.testing.memory_store import MemoryStore
 
@@ -210,6 +211,23 @@ def transition(agent_id: str, n: int) -> Transition:
     )
 
 
+def api_token(token_id: str = "0123456789abcdef", **fields: Any) -> ApiToken:
+    """A token with every field set; datetimes not in UTC."""
+    t0 = datetime(2025, 3, 30, 1, 59, 58, 123456, tzinfo=IST)
+    values: dict[str, Any] = {
+        "token_id": token_id,
+        "role": Role.OPERATOR,
+        "description": "ci deploys — ünïcode",
+        "secret_hash": "ab" * 32,
+        "created_at": t0,
+        "created_by": "token:fedcba9876543210",
+        "expires_at": t0 + timedelta(days=30),
+        "revoked_at": t0 + timedelta(days=1),
+    }
+    values.update(fields)
+    return ApiToken(**values)
+
+
 # -- the contract: MemoryStore, SQLite, PostgreSQL ----------------------------------------------
 
 
@@ -371,7 +389,95 @@ def test_a_closed_store_refuses_calls(store: AgentStore) -> None:
         store.save_agent(minimal_record())
 
 
+def test_tokens_round_trip(store: AgentStore) -> None:
+    assert store.load_tokens() == []
+    full = api_token("0123456789abcdef")
+    bare = api_token("fedcba9876543210", role=Role.VIEWER, description="", expires_at=None, revoked_at=None)
+    store.save_token(full)
+    store.save_token(bare)
+    assert store.load_tokens() == [full, bare]
+    assert store.load_tokens()[0].role is Role.OPERATOR
+
+
+def test_saving_a_token_again_replaces_its_row(store: AgentStore) -> None:
+    token = api_token(revoked_at=None)
+    store.save_token(token)
+    store.save_token(api_token("aaaaaaaaaaaaaaaa"))
+    revoked = dataclasses.replace(token, revoked_at=datetime(2026, 1, 1, tzinfo=UTC))
+    store.save_token(revoked)
+    assert {t.token_id: t for t in store.load_tokens()}[token.token_id] == revoked
+    assert len(store.load_tokens()) == 2
+
+
 # -- SQL only: SQLite and PostgreSQL ------------------------------------------------------------
+
+
+def test_only_the_secret_hash_is_in_the_token_table(
+    backend: Backend, open_store: Callable[[str], SqlStore]
+) -> None:
+    store = open_store(backend.url)
+    store.save_token(api_token(revoked_at=None))
+    [loaded] = store.load_tokens()
+    assert (
+        loaded.created_at.tzinfo is UTC and loaded.expires_at is not None and loaded.expires_at.tzinfo is UTC
+    )
+    assert backend.raw("SELECT token_id, role, secret_hash, revoked_at FROM api_tokens", ()) == [
+        ("0123456789abcdef", 2, "ab" * 32, None)
+    ]
+
+
+def test_a_token_row_the_database_refuses_is_a_store_rejection(
+    backend: Backend, open_store: Callable[[str], SqlStore]
+) -> None:
+    store = open_store(backend.url)
+    with pytest.raises(StoreRejected):
+        store.save_token(api_token(description=None))  # NOT NULL
+    if backend.name == "postgres":  # SQLite enforces neither a varchar's length nor refuses NUL
+        with pytest.raises(StoreRejected):
+            store.save_token(api_token(description="d" * 257))
+        with pytest.raises(StoreRejected):
+            store.save_token(api_token(description="a\x00b"))
+    assert store.load_tokens() == []
+
+
+def test_a_token_row_of_an_unknown_role_is_left_out(
+    backend: Backend, open_store: Callable[[str], SqlStore]
+) -> None:
+    store = open_store(backend.url)
+    store.save_token(api_token("0123456789abcdef"))
+    store.save_token(api_token("1111111111111111"))
+    backend.raw("UPDATE api_tokens SET role = 9 WHERE token_id = '1111111111111111'", ())
+    assert [t.token_id for t in store.load_tokens()] == ["0123456789abcdef"]
+
+
+def test_a_version_1_database_gains_the_token_table_and_keeps_its_agents(
+    backend: Backend, open_store: Callable[[str], SqlStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patched:
+        patched.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:1])
+        patched.setattr(migrations, "LATEST_VERSION", 1)
+        old = open_store(backend.url)
+        assert old.schema_version == 1
+        old.record_transition(full_record(), transition("agent-full", 0))
+        old.close()
+    assert "api_tokens" not in _tables(backend)
+    store = open_store(backend.url)
+    assert store.schema_version == LATEST_VERSION == 2
+    assert "api_tokens" in _tables(backend)
+    assert store.load_agents() == [full_record()]
+    assert store.transitions("agent-full") == [transition("agent-full", 0)]
+    assert store.load_tokens() == []
+    store.save_token(api_token())
+    assert store.load_tokens() == [api_token()]
+
+
+def _tables(backend: Backend) -> set[str]:
+    if backend.name == "sqlite":
+        return {name for (name,) in backend.raw("SELECT name FROM sqlite_master WHERE type = 'table'", ())}
+    return {
+        name
+        for (name,) in backend.raw("SELECT tablename FROM pg_tables WHERE schemaname = current_schema()", ())
+    }
 
 
 def test_datetimes_come_back_in_utc(backend: Backend, open_store: Callable[[str], SqlStore]) -> None:
@@ -396,7 +502,7 @@ def test_migrations_build_what_the_models_describe(
 ) -> None:
     # Migrations are frozen copies; this catches a model changed without a migration.
     open_store(backend.url)
-    for model in (AgentRow, TransitionRow, SchemaVersion):
+    for model in (AgentRow, TransitionRow, ApiTokenRow, SchemaVersion):
         expected = {f.column_name: bool(f.null) for f in model._meta.sorted_fields}
         assert backend.columns(model._meta.table_name) == expected, model.__name__
 

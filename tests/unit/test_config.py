@@ -163,6 +163,8 @@ rest:
   enabled: false
 auth:
   enabled: false
+  unsafe_allow_unauthenticated: yes
+  socket_group: ""
 agents:
   dirs: [/opt/agents, more]
   autostart: yes
@@ -208,6 +210,11 @@ def test_full_file(tmp_path: Path) -> None:
         0,
     )
     assert (cfg.rest.address, cfg.rest.enabled) == ("0.0.0.0:8080", False)
+    assert (cfg.auth.enabled, cfg.auth.unsafe_allow_unauthenticated, cfg.auth.socket_group) == (
+        False,
+        True,
+        "",
+    )
     a = cfg.agents
     assert a.dirs == (Path("/opt/agents"), tmp_path.resolve() / "more")
     assert (a.autostart, a.stop_timeout, a.restart_policy) == (True, 30, RestartPolicy.ALWAYS)
@@ -371,6 +378,7 @@ def test_env_overrides_of_each_type(tmp_path: Path) -> None:
     env = {
         **USER_ENV,
         "OPMAS_GRPC_ADDRESS": "0.0.0.0:50051",  # address, over the file
+        "OPMAS_AUTH_UNSAFE_ALLOW_PLAINTEXT_REMOTE": "yes",  # (which that address needs)
         "OPMAS_AGENTS_MAX_RESTARTS": "7",  # int, over the file
         "OPMAS_AGENTS_DIRS": "/a:/b,/c",  # path list
         "OPMAS_AGENTS_AUTOSTART": "on",  # bool
@@ -409,20 +417,50 @@ def test_env_relative_path_is_relative_to_cwd(tmp_path: Path, monkeypatch: pytes
     assert cfg.agents.dirs == (tmp_path / "pkgs",)
 
 
+def test_safe_defaults(tmp_path: Path) -> None:
+    auth = load_config(write(tmp_path, ""), USER_ENV, euid=1000).auth
+    assert (auth.enabled, auth.unsafe_allow_unauthenticated, auth.unsafe_allow_plaintext_remote) == (
+        True,
+        False,
+        False,
+    )
+    assert auth.socket_group is None  # "opmas" where it exists (api.grpc_server.socket_gid)
+
+
 @pytest.mark.parametrize(
-    ("text", "env", "named"),
+    ("text", "env", "named", "says"),
     [
-        ("auth:\n  enabled: true\n", {}, "auth.enabled"),
-        ("auth:\n  tokens_file: /etc/opmas/tokens\n", {}, "auth.tokens_file"),
-        ("", {"OPMAS_AUTH_ENABLED": "yes"}, "OPMAS_AUTH_ENABLED"),
+        ("auth:\n  tokens_file: /etc/opmas/tokens\n", {}, "auth.tokens_file", "kept in the database"),
+        ("auth:\n  enabled: false\n", {}, "auth.enabled", "unsafe_allow_unauthenticated"),
+        ("", {"OPMAS_AUTH_ENABLED": "no"}, "OPMAS_AUTH_ENABLED", "unsafe_allow_unauthenticated"),
+        ("grpc:\n  address: 0.0.0.0:50051\n", {}, "grpc.address", "unsafe_allow_plaintext_remote"),
+        ("rest:\n  address: 192.168.1.5:8000\n", {}, "rest.address", "not a loopback address"),
+        ("", {"OPMAS_REST_ADDRESS": "[::]:8000"}, "OPMAS_REST_ADDRESS", "not a loopback address"),
+        ("grpc:\n  address: myhost.example:50051\n", {}, "grpc.address", "not a loopback address"),
+        ("auth:\n  socket_group: no-such-group-here\n", {}, "auth.socket_group", "no group"),
     ],
 )
-def test_authentication_settings_are_refused_until_authentication_exists(
-    tmp_path: Path, text: str, env: dict[str, str], named: str
+def test_settings_that_would_open_the_control_plane_are_refused(
+    tmp_path: Path, text: str, env: dict[str, str], named: str, says: str
 ) -> None:
-    with pytest.raises(ConfigError, match="authentication is not available yet") as raised:
+    with pytest.raises(ConfigError, match=says) as raised:
         load_config(write(tmp_path, text), {**USER_ENV, **env}, euid=1000)
     assert raised.value.key == named
+
+
+@pytest.mark.parametrize(
+    "text",
+    [
+        "grpc:\n  address: 127.0.0.2:50051\nrest:\n  address: localhost:8000\n",
+        "grpc:\n  address: '[::1]:50051'\n",
+        "rest:\n  address: 0.0.0.0:8000\n  enabled: false\n",  # no listener: nothing to refuse
+        "grpc:\n  address: 0.0.0.0:50051\nauth:\n  unsafe_allow_plaintext_remote: true\n",
+        "auth:\n  enabled: false\n  unsafe_allow_unauthenticated: true\n",
+        "auth:\n  socket_group: root\n",
+    ],
+)
+def test_safe_or_explicitly_unsafe_settings_are_accepted(tmp_path: Path, text: str) -> None:
+    load_config(write(tmp_path, text), USER_ENV, euid=1000)
 
 
 def test_env_bad_value_names_the_variable() -> None:

@@ -508,4 +508,4 @@ def test_help_lists_the_exit_statuses(capsys: pytest.CaptureFixture[str]) -> Non
     assert run(["--help"]) == 0
     epilog = capsys.readouterr().out.split("exit status:", 1)[1]
     codes = [line.split()[0] for line in epilog.splitlines() if line[:5].strip().isdigit()]
-    assert codes == ["0", "1", "2", "3", "4", "130"]
+    assert codes == ["0", "1", "2", "3", "4", "5", "130"]

@@ -14,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import json
 import re
+import socket
 from collections.abc import Mapping
 from dataclasses import dataclass
 from typing import Any, Protocol
@@ -27,6 +28,7 @@ from google.rpc import code_pb2, status_pb2
 
 from opmas.jsonmap import message_json
 from opmasd.api.errors import bad_request_status, http_status
+from opmasd.api.local_calls import LocalChannel
 from opmasd.api.rest.rules import Route
 from opmasd.api.rest.transcode import BadRequest, build_request, response_json
 
@@ -82,6 +84,9 @@ class RestGateway:
     def __init__(self, routes: list[Route], channel: Channel, max_body_bytes: int) -> None:
         self._routes = routes
         self._channel = channel
+        # The in-process channel takes each call's HTTP peer (the gate decides on it); a real
+        # grpc channel has a peer of its own.
+        self._peer_aware = isinstance(channel, LocalChannel)
         self._max_body = max_body_bytes
         self._methods = {
             id(route): _Method(
@@ -139,9 +144,10 @@ class RestGateway:
                     "Grpc-Timeout", f"{timeout_header[:32]!r} is not a gRPC timeout (e.g. 5S, 200m)"
                 )
             )
+        peer = rest_peer(request)
         if route.server_streaming:
-            return await self._stream(request, method, message, metadata, timeout)
-        return await self._unary(method, message, metadata, timeout)
+            return await self._stream(request, method, message, metadata, timeout, peer)
+        return await self._unary(method, message, metadata, timeout, peer)
 
     async def _body(self, request: web.Request, route: Route) -> bytes | web.Response | None:
         if not route.body:
@@ -174,8 +180,16 @@ class RestGateway:
             )
         return data
 
+    def _peer(self, peer: str) -> dict[str, str]:
+        return {"peer": peer} if self._peer_aware else {}
+
     async def _unary(
-        self, method: _Method, message: Message, metadata: list[tuple[str, str]], timeout: float | None
+        self,
+        method: _Method,
+        message: Message,
+        metadata: list[tuple[str, str]],
+        timeout: float | None,
+        peer: str,
     ) -> web.Response:
         call = self._channel.unary_unary(
             method.route.grpc_path,
@@ -184,7 +198,7 @@ class RestGateway:
         )
         # Shielded: a client that disconnects (the handler is cancelled) stops waiting, but the
         # operation it asked for runs to its end.
-        task = asyncio.ensure_future(call(message, metadata=metadata, timeout=timeout))
+        task = asyncio.ensure_future(call(message, metadata=metadata, timeout=timeout, **self._peer(peer)))
         try:
             response = await asyncio.shield(task)
         except grpc.aio.AioRpcError as exc:
@@ -199,6 +213,7 @@ class RestGateway:
         message: Message,
         metadata: list[tuple[str, str]],
         timeout: float | None,
+        peer: str,
     ) -> web.StreamResponse:
         if self._closing:
             return error_response(_STOPPING)
@@ -206,7 +221,7 @@ class RestGateway:
             method.route.grpc_path,
             request_serializer=_serialize,
             response_deserializer=method.response_class.FromString,
-        )(message, metadata=metadata)  # the deadline is ours, below: one clock, one error line
+        )(message, metadata=metadata, **self._peer(peer))  # the deadline is ours, below
         task = asyncio.current_task()
         assert task is not None
         self._streams.add(task)
@@ -297,6 +312,19 @@ def _too_large(length: int | None, limit: int) -> web.Response:
     return routing_error(
         413, code_pb2.RESOURCE_EXHAUSTED, f"the request body{size} exceeds the limit of {limit} bytes"
     )
+
+
+def rest_peer(request: web.Request) -> str:
+    """The request's peer as gRPC writes one: "unix:" for the REST unix socket (its mode and
+    group are its access control), else "ipv4:ADDR" / "ipv6:[ADDR]" (the TCP peer itself, never
+    a forwarded-for header)."""
+    transport = request.transport
+    sock = transport.get_extra_info("socket") if transport is not None else None
+    if sock is not None and sock.family == socket.AF_UNIX:
+        return "unix:"
+    peername = transport.get_extra_info("peername") if transport is not None else None
+    host = str(peername[0]) if isinstance(peername, tuple) and peername else "unknown"
+    return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}"
 
 
 def _metadata(request: web.Request) -> list[tuple[str, str]]:

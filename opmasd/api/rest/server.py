@@ -21,11 +21,18 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.rpc import code_pb2
 
-from opmasd.api.rest.gateway import JSON, RestGateway, routing_error
+from opmasd.api.auth import Gate
+from opmasd.api.errors import to_status_pb
+from opmasd.api.grpc_server import ListenError, give_socket
+from opmasd.api.rest.gateway import JSON, RestGateway, error_response, rest_peer, routing_error
+from opmasd.core.auth import Role
+from opmasd.core.errors import OpmasError
 
 log = structlog.get_logger(__name__)
 
 OPENAPI_PATH = "/api/v1/openapi.json"
+# Answered to anyone: whether the daemon lives and is ready, for probes and load balancers.
+OPEN_PATHS = frozenset({"/healthz", "/readyz"})
 # Seconds an idle keep-alive connection (or one still sending its request head) is kept.
 IDLE_TIMEOUT = 15.0
 # Open HTTP connections at most; past it a new one is closed at once, so that clients cannot
@@ -43,6 +50,7 @@ class HttpListeners:
     address: str = ""
     socket_path: Path | None = None
     socket_mode: int = 0o660
+    socket_gid: int | None = None  # None: the daemon's own group
 
 
 @dataclass(frozen=True)
@@ -77,8 +85,11 @@ class HttpServer:
         listeners: HttpListeners,
         grace: float = 5.0,
         max_connections: int = MAX_CONNECTIONS,
+        gate: Gate | None = None,
     ) -> None:
+        """gate: who may ask for what (api.auth); None only in tests of the transcoding alone."""
         self._gateway = gateway
+        self._gate = gate
         self._max_connections = max_connections
         self._grace = grace
         self._endpoints = endpoints
@@ -122,7 +133,7 @@ class HttpServer:
                 tcp = [a for a in runner.addresses if isinstance(a, tuple)]
                 self.port = int(tcp[0][1]) if tcp else int(port)
             if listeners.socket_path is not None:
-                await self._start_unix(runner, listeners.socket_path, listeners.socket_mode)
+                await self._start_unix(runner, listeners)
         except OSError as exc:
             await runner.cleanup()
             self._runner = None
@@ -136,14 +147,19 @@ class HttpServer:
             routes=len(self._gateway.routes),
         )
 
-    async def _start_unix(self, runner: web.AppRunner, path: Path, mode: int) -> None:
+    async def _start_unix(self, runner: web.AppRunner, listeners: HttpListeners) -> None:
+        path = listeners.socket_path
+        assert path is not None
         _clear_socket_path(path)
         old_umask = os.umask(0o177)
         try:
             await web.UnixSite(runner, str(path)).start()
         finally:
             os.umask(old_umask)
-        os.chmod(path, mode)
+        try:
+            give_socket(path, listeners.socket_mode, listeners.socket_gid)
+        except ListenError as exc:
+            raise HttpListenError(str(exc)) from exc
 
     async def stop(self) -> None:
         """Stop listening, end open streams now, give unary calls up to the grace period."""
@@ -157,6 +173,12 @@ class HttpServer:
     # -- dispatch ------------------------------------------------------------------------------
 
     async def _dispatch(self, request: web.Request) -> web.StreamResponse:
+        if self._gate is not None and request.path not in OPEN_PATHS:
+            # Before the body is read: a caller without credentials costs a header lookup. The
+            # role of an API call is then checked with the call (api.auth_interceptor).
+            refused = self._refused(request, self._gate)
+            if refused is not None:
+                return refused
         fixed = self._fixed.get(request.path)
         if fixed is None:
             return await self._gateway.handle(request)
@@ -168,6 +190,17 @@ class HttpServer:
                 headers={"Allow": "GET, HEAD"},
             )
         return await fixed(request)
+
+    def _refused(self, request: web.Request, gate: Gate) -> web.Response | None:
+        caller = gate.caller(request.headers.get("Authorization", ""), rest_peer(request), "rest")
+        try:
+            if caller.role is None or request.path in self._fixed:  # the document and metrics
+                gate.require(caller, Role.VIEWER, request.path)
+        except OpmasError as exc:
+            log.info("request refused", path=request.path[:200], peer=caller.peer, reason=exc.message)
+            headers = {"WWW-Authenticate": 'Bearer realm="opmasd"'} if caller.role is None else None
+            return error_response(to_status_pb(exc), headers)
+        return None
 
     async def _serve_openapi(self, request: web.Request) -> web.StreamResponse:
         if self._openapi is None:
