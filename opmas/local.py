@@ -3,11 +3,16 @@
 One rule for both sides: the daemon binds its socket here when its configuration names neither
 a socket nor a service.runtime_dir, and opmasctl looks here when that configuration names no
 other place (opmasctl/connection.py has the whole order; --server or $OPMAS_SERVER overrides it).
+
+A user with no $XDG_RUNTIME_DIR falls back to /tmp/opmas-<uid>, a name anybody may take first in
+/tmp: the daemon refuses one that is not its user's own (opmasd.directories), and
+fallback_runtime_dir_problem says why a client should not trust one either.
 """
 
 from __future__ import annotations
 
 import os
+import stat
 from collections.abc import Mapping
 from pathlib import Path
 
@@ -17,6 +22,8 @@ __all__ = [
     "SYSTEM_RUNTIME_DIR",
     "default_runtime_dir",
     "default_socket_path",
+    "fallback_runtime_dir",
+    "fallback_runtime_dir_problem",
     "systemd_directory",
     "xdg_directory",
 ]
@@ -51,7 +58,32 @@ def default_runtime_dir(env: Mapping[str, str], euid: int | None = None) -> Path
         return SYSTEM_RUNTIME_DIR
     xdg_runtime = xdg_directory(env, "XDG_RUNTIME_DIR")
     # The effective uid, as the daemon creating the directory sees itself.
-    return xdg_runtime / "opmas" if xdg_runtime else Path(f"/tmp/opmas-{euid}")
+    return xdg_runtime / "opmas" if xdg_runtime else fallback_runtime_dir(euid)
+
+
+def fallback_runtime_dir(euid: int) -> Path:
+    """The runtime directory of a user with no $XDG_RUNTIME_DIR (nor systemd's)."""
+    return Path(f"/tmp/opmas-{euid}")
+
+
+def fallback_runtime_dir_problem(path: Path, euid: int) -> str | None:
+    """Why the user `euid` must not trust `path` (fallback_runtime_dir, where any user may
+    have made it first): not a directory (a symlink counts as not), another user's, or one
+    others may write. None when it is missing (the daemon makes it, atomically, when it starts)
+    or the user's own and not writable by group or others (0700, or 0750 as the daemon makes it
+    so that a socket group may reach it)."""
+    try:
+        info = os.lstat(path)
+    except FileNotFoundError:
+        return None
+    mode = stat.S_IMODE(info.st_mode)
+    if stat.S_ISLNK(info.st_mode) or not stat.S_ISDIR(info.st_mode):
+        return f"{path} is not a directory (a symlink, or a file): remove it"
+    if info.st_uid != euid:
+        return f"{path} is owned by uid {info.st_uid}, not uid {euid}: remove it, or set XDG_RUNTIME_DIR"
+    if mode & (stat.S_IWGRP | stat.S_IWOTH):
+        return f"{path} has mode {mode:04o}: others may write it: chmod go-w {path}, or remove it"
+    return None
 
 
 def default_socket_path(env: Mapping[str, str], euid: int | None = None) -> Path:

@@ -15,7 +15,7 @@ import grpc
 from google.rpc import error_details_pb2  # type: ignore[import-untyped, unused-ignore]
 from grpc_status import rpc_status
 
-from opmasctl import __version__, bulk, commands, completion, credentials, logs, tokens, top
+from opmasctl import __version__, audit, bulk, commands, completion, credentials, logs, tokens, top
 from opmasctl.bulk import add_selection_arguments
 from opmasctl.commands import STATES, Context, UsageError
 from opmasctl.connection import Connection, NoDaemon, find_daemon
@@ -62,7 +62,9 @@ else the first that answers of the sockets and address in the daemon's configura
 the token (needed over TCP, not on the daemon's unix socket): --token, else $OPMAS_TOKEN, else
 `token:` in $XDG_CONFIG_HOME/opmas/opmasctl.yaml (default ~/.config/opmas/opmasctl.yaml; keys
 server and token only; it must be yours and, with a token in it, mode 600). It is sent on
-every call as `authorization: Bearer <token>`; `opmasctl tokens create` makes one."""
+every call as `authorization: Bearer <token>`, but only to a server named by --server,
+$OPMAS_SERVER or `server:` in that file, over TCP: never to one found by searching, nor to a
+unix socket. `opmasctl tokens create` makes one."""
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -84,7 +86,8 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         "--token",
         default=default(None),
         metavar="TOKEN",
-        help="the API token a daemon asks for over TCP; default $OPMAS_TOKEN, else `token:` in "
+        help="the API token a daemon asks for over TCP, sent only to a server named by --server, "
+        "$OPMAS_SERVER or `server:` (see below); default $OPMAS_TOKEN, else `token:` in "
         f"{credentials.DEFAULT_DISPLAY}. A token given here is visible to other users in `ps`: "
         "prefer $OPMAS_TOKEN or the file",
     )
@@ -94,7 +97,7 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         choices=FORMATS,
         default=default("table"),
         help="table (default), wide (more columns), json or yaml (as the REST API writes them), "
-        "name (agent or token ids, one a line)",
+        "name (agent, token or audit record ids, one a line)",
     )
     parser.add_argument(
         "--no-headers",
@@ -233,6 +236,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("agent_ids", metavar="ID", nargs="*")
 
     tokens.add_commands(groups, common)
+    audit.add_command(groups, common)
 
     p = groups.add_parser(
         "completion",
@@ -242,7 +246,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("shell", choices=completion.SHELLS, metavar="SHELL", help="bash, zsh or fish")
     p.set_defaults(handler=completion.print_script, parser=p, command_name="completion")
-    # Every agent-id positional above completes to the ids the daemon has.
+    # Every agent-id positional above, and audit --agent, completes to the ids the daemon has.
     return completion.attach_completers(parser)
 
 
@@ -315,7 +319,8 @@ def report_rpc_error(err: grpc.RpcError, connection: Connection, config_path: st
         print("  (--timeout SECONDS waits longer; 0 waits forever)", file=sys.stderr)
     if exit_status(code) == EXIT_DENIED:
         path = config_path or credentials.DEFAULT_DISPLAY
-        print(f"  {credentials.denied_hint(code.name, connection.token, path)}", file=sys.stderr)
+        hint = credentials.denied_hint(code.name, connection.token, path, connection.withheld)
+        print(f"  {hint}", file=sys.stderr)
     return exit_status(code)
 
 

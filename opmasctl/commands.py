@@ -16,7 +16,7 @@ from typing import Any, Protocol, TypeVar
 import grpc
 from google.protobuf import duration_pb2, field_mask_pb2, json_format, message
 
-from opmas.v1 import agents_pb2, agents_pb2_grpc, tokens_pb2_grpc
+from opmas.v1 import agents_pb2, agents_pb2_grpc, audit_pb2_grpc, tokens_pb2_grpc
 from opmasctl import views
 from opmasctl.connection import Connection
 from opmasctl.output import HUMAN_FORMATS, dump, dump_item, message_to_dict, plain_numbers, write
@@ -55,6 +55,10 @@ class Context:
     @property
     def tokens(self) -> tokens_pb2_grpc.TokenServiceStub:
         return self.connection.tokens
+
+    @property
+    def audit(self) -> audit_pb2_grpc.AuditServiceStub:
+        return self.connection.audit
 
     @property
     def human(self) -> bool:

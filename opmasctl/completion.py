@@ -24,7 +24,7 @@ from argcomplete.shell_integration import shellcode
 from opmas.v1 import agents_pb2
 from opmasctl import credentials
 from opmasctl.commands import Context
-from opmasctl.connection import Connection, resolve_endpoint
+from opmasctl.connection import Connection, NoDaemon, find_daemon
 
 PROG = "opmasctl"
 SHELLS = ("bash", "zsh", "fish")
@@ -32,6 +32,8 @@ SHELLS = ("bash", "zsh", "fish")
 LIST_DEADLINE = 2.0
 # The positionals that name agents, by dest (`agents stop ID`, `agents watch [ID ...]`).
 AGENT_ID_DESTS = frozenset({"agent_id", "agent_ids"})
+# The options that name one agent, by dest (`audit --agent ID`); not `register --id`, a new id.
+AGENT_ID_OPTION_DESTS = frozenset({"agent"})
 DESCRIPTION = """\
 Print the shell code that completes opmasctl's commands, flags and agent ids:
 
@@ -63,15 +65,15 @@ def agent_ids(
 
     The daemon is the one a `--server` typed earlier on the line names, else the usual
     (OPMAS_SERVER, `server:` in the user's file, the local socket, TCP), asked with the token
-    opmasctl would send (--token typed earlier, OPMAS_TOKEN, the file). Ids already given to a
-    repeatable positional (watch) are left out. A daemon that cannot be asked gives no
-    completions and no output: a TAB must not print errors over the command line
-    (`_ARC_DEBUG=1` shows why).
+    opmasctl would send (--token typed earlier, OPMAS_TOKEN, the file), to whom it would send it
+    (a server named, over TCP). Ids already given to a repeatable positional (watch) are left
+    out. A daemon that cannot be asked gives no completions and no output: a TAB must not print
+    errors over the command line (`_ARC_DEBUG=1` shows why).
     """
     server = getattr(parsed_args, "server", None)
     try:
         found = credentials.resolve(getattr(parsed_args, "token", None), server)
-        endpoint = resolve_endpoint(server, user_server=found.server)
+        search = find_daemon(server, user_server=found.server)
     except credentials.CredentialError as err:
         debug(f"opmasctl: {err}")
         return []
@@ -80,17 +82,21 @@ def agent_ids(
         return []
     given = getattr(parsed_args, action.dest, None)
     taken = set(given) if isinstance(given, list) else set()
-    try:
-        with Connection(endpoint, token=found.token) as connection:
+    # The search (and so the rule for the token) is the one every command follows.
+    with Connection(search, token=found.token) as connection:
+        try:
             return [
                 agent_id
                 for agent_id in _all_ids(connection)
                 if agent_id.startswith(prefix) and agent_id not in taken
             ]
-    except grpc.RpcError as err:
-        code = err.code() if isinstance(err, grpc.Call) else None
-        debug(f"opmasctl: cannot list agents at {endpoint.display}: {code}")
-        return []
+        except NoDaemon as err:
+            debug(f"opmasctl: {err.report().strip()}")
+            return []
+        except grpc.RpcError as err:
+            code = err.code() if isinstance(err, grpc.Call) else None
+            debug(f"opmasctl: cannot list agents at {connection.endpoint.display}: {code}")
+            return []
 
 
 def _all_ids(connection: Connection) -> Iterator[str]:
@@ -111,12 +117,13 @@ def _all_ids(connection: Connection) -> Iterator[str]:
 
 
 def attach_completers(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
-    """Gives every agent-id positional, in every subcommand, the live `agent_ids` completer."""
+    """Gives every agent-id positional and option, in every subcommand, the live `agent_ids`
+    completer."""
     for action in parser._actions:
         if isinstance(action, argparse._SubParsersAction):
             for command in action.choices.values():
                 attach_completers(command)
-        elif not action.option_strings and action.dest in AGENT_ID_DESTS:
+        elif action.dest in (AGENT_ID_OPTION_DESTS if action.option_strings else AGENT_ID_DESTS):
             # argcomplete's protocol: a `completer` attribute on the action.
             action.completer = agent_ids  # type: ignore[attr-defined]
     return parser

@@ -7,8 +7,12 @@ shipped unit's /run/opmas/opmasd.sock, then 127.0.0.1:50051. The first that take
 is used; when none does, NoDaemon tells each place tried and why it failed. A `server:` in the
 user's file (credentials) comes after --server and $OPMAS_SERVER, before that search.
 
-When a token is known (credentials: --token, $OPMAS_TOKEN, the user's file), every call on the
-channel, streams included, presents it as the metadata `authorization: Bearer <token>`.
+When a token is known (credentials: --token, $OPMAS_TOKEN, the user's file) and the daemon was
+named (--server, $OPMAS_SERVER, `server:` in the user's file) at a TCP address, every call on the
+channel, streams included, presents it as the metadata `authorization: Bearer <token>`. It is
+never sent to a place the search found (any local user may listen on 127.0.0.1:50051 while the
+daemon is away, or on a socket path a configuration names), nor to a unix socket, where the
+daemon asks for none: see withheld().
 """
 
 from __future__ import annotations
@@ -23,8 +27,8 @@ from typing import Any, NamedTuple
 import grpc
 
 from opmas.local import DEFAULT_TCP_ADDRESS, SOCKET_NAME, SYSTEM_RUNTIME_DIR, default_socket_path
-from opmas.v1 import agents_pb2_grpc, tokens_pb2_grpc
-from opmasctl.credentials import Token
+from opmas.v1 import agents_pb2_grpc, audit_pb2_grpc, tokens_pb2_grpc
+from opmasctl.credentials import Token, Withheld
 from opmasctl.daemon_config import ConfigProblem, Listener, read_daemon_config
 from opmasctl.endpoints import Endpoint, can_probe, parse_server, probe, tcp_endpoint, unix_endpoint
 
@@ -37,6 +41,7 @@ __all__ = [
     "parse_server",
     "probe",
     "resolve_endpoint",
+    "withheld",
 ]
 
 # After the configuration and the user's default socket: the shipped unit's socket, the default
@@ -109,7 +114,7 @@ def find_daemon(
     if user_server is not None:
         address, origin = user_server
         return Search((Listener(parse_server(address), origin),), explicit=True)
-    config = read_daemon_config(env)
+    config = read_daemon_config(env, euid=euid)
     candidates = list(config.listeners)
     # Where a daemon run by this user in this environment binds (opmas.local, the daemon's rule).
     candidates.append(Listener(unix_endpoint(str(default_socket_path(env, euid))), "the default socket"))
@@ -145,6 +150,18 @@ def resolve_endpoint(
         return choose(search).endpoint
     except NoDaemon:
         return search.candidates[-1].endpoint
+
+
+def withheld(named: bool, endpoint: Endpoint) -> Withheld | None:
+    """Why a token must not go to `endpoint` (named: by --server, $OPMAS_SERVER or the user's
+    file, rather than found by the search); None: it may. A unix socket (a path, unix:,
+    unix-abstract:) never gets one: the daemon asks for none there, and a socket in the place of
+    its own would keep it."""
+    if endpoint.is_unix:
+        return "unix"
+    if not named:
+        return "unnamed"
+    return None
 
 
 def _system_roots() -> bytes | None:
@@ -225,9 +242,10 @@ def open_channel(endpoint: Endpoint, token: Token | None = None) -> grpc.Channel
 
 
 class Connection:
-    """The AgentService and TokenService stubs on a channel to the daemon, opened at first use:
-    a command refused for its arguments never looks for a daemon. With a token, every call on
-    the channel presents it."""
+    """The AgentService, TokenService and AuditService stubs on a channel to the daemon, opened at
+    first use: a command refused for its arguments never looks for a daemon. With a token, every
+    call on the channel presents it, unless the place dialled must not get it (withheld). An
+    Endpoint given instead of a Search counts as named, like --server."""
 
     def __init__(
         self,
@@ -244,6 +262,7 @@ class Connection:
         self._channel: grpc.Channel | None = None
         self._stub: agents_pb2_grpc.AgentServiceStub | None = None
         self._tokens: tokens_pb2_grpc.TokenServiceStub | None = None
+        self._audit: audit_pb2_grpc.AuditServiceStub | None = None
 
     @property
     def chosen(self) -> Listener:
@@ -260,9 +279,21 @@ class Connection:
         return self.chosen.endpoint
 
     @property
+    def withheld(self) -> Withheld | None:
+        """Why the token known is not sent to the place dialled; None: it is, or there is none."""
+        if self.token is None:
+            return None
+        return withheld(self.search.explicit, self.endpoint)
+
+    @property
+    def sent_token(self) -> Token | None:
+        """The token the calls present: the one known, unless it is withheld."""
+        return self.token if self.withheld is None else None
+
+    @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = open_channel(self.endpoint, self.token)
+            self._channel = open_channel(self.endpoint, self.sent_token)
         return self._channel
 
     @property
@@ -276,6 +307,12 @@ class Connection:
         if self._tokens is None:
             self._tokens = tokens_pb2_grpc.TokenServiceStub(self.channel)
         return self._tokens
+
+    @property
+    def audit(self) -> audit_pb2_grpc.AuditServiceStub:
+        if self._audit is None:
+            self._audit = audit_pb2_grpc.AuditServiceStub(self.channel)
+        return self._audit
 
     def unreachable(self, err: grpc.RpcError) -> NoDaemon | None:
         """The daemon could not be reached (rather than answered with an error), and why.

@@ -7,6 +7,10 @@ none. The token is `--token`, else $OPMAS_TOKEN, else `token:` in the user's fil
 them is still wanted, and refused (never used in part) when it is not the user's own, when
 others may write it (its `server:` decides where a token goes), when others may read the token
 in it, or when it has a key opmasctl does not know. No message here ever shows a token.
+
+The token goes only to a server named by --server, $OPMAS_SERVER or that `server:`, and only over
+TCP (connection.withheld): never to a place opmasctl found by searching (whoever listens on
+127.0.0.1:50051 while the daemon is away would get it), nor to a unix socket.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ import stat
 from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
@@ -32,6 +36,11 @@ MAX_USER_CONFIG_BYTES = 64 * 1024
 _TOKEN_CHARS = re.compile(r"^[\x21-\x7e]+$")
 # Quoted text in a YAML parser's message may be a piece of the file (a tag, an alias).
 _QUOTED = re.compile(r"'[^'\n]{3,}'")
+
+
+# Why a known token was not sent: the daemon was found by searching, not named ("unnamed"), or it
+# is reached over a unix socket ("unix").
+Withheld = Literal["unnamed", "unix"]
 
 
 class CredentialError(Exception):
@@ -118,9 +127,21 @@ def resolve(
     return Credentials(token, server, path)
 
 
-def denied_hint(code: str, token: Token | None, path: Path | str) -> str:
+def denied_hint(code: str, token: Token | None, path: Path | str, withheld: Withheld | None = None) -> str:
     """The line after an UNAUTHENTICATED or PERMISSION_DENIED answer (`code`: the status's name):
-    how to present a token, or which token was not good enough."""
+    how to present a token, which token was not good enough, or why the token known was not
+    sent (`withheld`)."""
+    if token is not None and withheld is not None:
+        if withheld == "unix":
+            why = "not sent: a token goes only over TCP, never to a unix socket"
+        else:
+            why = (
+                "not sent, as no server was named: a token goes only to a daemon named by "
+                f"--server host:port, $OPMAS_SERVER or `server:` in {path}"
+            )
+        if code == "PERMISSION_DENIED":
+            return f"the caller's role does not allow this (the token from {token.source} was {why})"
+        return f"this daemon needs a token over TCP; the token from {token.source} was {why}"
     if code == "PERMISSION_DENIED":
         if token is None:
             return (

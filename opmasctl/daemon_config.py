@@ -6,6 +6,10 @@ OPMAS_SERVICE_RUNTIME_DIR) and its rules for them (opmasd/config): a relative pa
 to the file, `grpc.socket: none` and `grpc.address: ""` turn a listener off, a socket left unnamed
 is `<service.runtime_dir>/opmasd.sock`. Only these keys are read; the daemon judges the rest.
 A file that cannot be used is a problem to report, never fatal: opmasctl then looks elsewhere.
+
+Nor is a file that another user (not root) owns and that group or others may write used: whoever
+may change it could point opmasctl at a daemon of their own, which would answer with what it
+likes. (A token never goes to a place read here: connection.withheld.)
 """
 
 from __future__ import annotations
@@ -71,9 +75,12 @@ def config_file(env: Mapping[str, str], default: Path = DEFAULT_CONFIG_PATH) -> 
     return (default, False) if os.path.exists(default) else None
 
 
-def read_daemon_config(env: Mapping[str, str], default: Path = DEFAULT_CONFIG_PATH) -> DaemonConfig:
+def read_daemon_config(
+    env: Mapping[str, str], default: Path = DEFAULT_CONFIG_PATH, euid: int | None = None
+) -> DaemonConfig:
     """The gRPC listeners the configuration (file and environment) names, in the daemon's order:
-    the socket, then the TCP address."""
+    the socket, then the TCP address. `euid`: this user (default: the effective uid), who may
+    own a file others may write."""
     found = config_file(env, default)
     values: dict[str, Any] = {}
     problem: ConfigProblem | None = None
@@ -84,7 +91,7 @@ def read_daemon_config(env: Mapping[str, str], default: Path = DEFAULT_CONFIG_PA
         where = str(path)
         base = Path(os.path.abspath(path)).parent
         try:
-            values = _read(path)
+            values = _read(path, os.geteuid() if euid is None else euid)
         except _Unusable as err:
             problem = ConfigProblem(where, err.reason, loud=named or err.loud)
     settings = _Settings(values, env, where, base)
@@ -100,7 +107,7 @@ def read_daemon_config(env: Mapping[str, str], default: Path = DEFAULT_CONFIG_PA
     return DaemonConfig(listeners, problem)
 
 
-def _read(path: Path) -> dict[str, Any]:
+def _read(path: Path, euid: int) -> dict[str, Any]:
     try:
         # O_NONBLOCK: a FIFO in its place must not hang opmasctl; only a regular file is read.
         fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK | os.O_CLOEXEC)
@@ -109,9 +116,14 @@ def _read(path: Path) -> dict[str, Any]:
     except OSError as err:
         raise _Unusable(f"cannot read it: {(err.strerror or str(err)).lower()}", loud=False) from None
     # Checked before fdopen, which refuses a directory with an error of its own.
-    if not stat.S_ISREG(os.fstat(fd).st_mode):
+    info = os.fstat(fd)
+    if not stat.S_ISREG(info.st_mode):
         os.close(fd)
         raise _Unusable("not a regular file")
+    untrusted = _untrusted(info, euid)
+    if untrusted is not None:
+        os.close(fd)
+        raise _Unusable(untrusted)
     with os.fdopen(fd, "rb") as file:
         data = file.read(MAX_CONFIG_BYTES + 1)
     if len(data) > MAX_CONFIG_BYTES:
@@ -130,6 +142,19 @@ def _read(path: Path) -> dict[str, Any]:
     if not isinstance(document, dict):
         raise _Unusable("not a mapping of sections")
     return document
+
+
+def _untrusted(info: os.stat_result, euid: int) -> str | None:
+    """Why a file is not to be believed: another user's (not root's) that group or others may
+    write. None: root's or this user's (0644 and 0640 are the usual), or only its owner writes it."""
+    mode = stat.S_IMODE(info.st_mode)
+    if not mode & 0o022 or info.st_uid in (0, euid):
+        return None
+    writers = {0o020: "its group", 0o002: "all users", 0o022: "its group and all users"}[mode & 0o022]
+    return (
+        f"owned by uid {info.st_uid} (neither root nor you, uid {euid}) and writable by {writers} "
+        f"(mode {mode:04o}): whoever may change it could point opmasctl at a daemon of their own"
+    )
 
 
 class _Settings:

@@ -123,3 +123,17 @@ def timestamp_text(ts: timestamp_pb2.Timestamp, now: datetime | None = None) -> 
 
 def clock_text(ts: timestamp_pb2.Timestamp) -> str:
     return ts.ToDatetime(tzinfo=UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def span_text(seconds: float) -> str:
+    """A rough span as a table shows an age: 45s, 12m, 5h, 30d."""
+    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
+        if seconds >= 2 * size:
+            return f"{round(seconds / size)}{unit}"
+    return f"{int(seconds)}s"
+
+
+def relative_text(ts: timestamp_pb2.Timestamp, now: datetime) -> str:
+    """A time as a table shows it: 3d ago, or in 27d (-o wide shows clock_text instead)."""
+    delta = (ts.ToDatetime(tzinfo=UTC) - now).total_seconds()
+    return f"in {span_text(delta)}" if delta > 0 else f"{span_text(-delta)} ago"

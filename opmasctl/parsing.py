@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import re
 from collections.abc import Callable, Iterable
 from typing import Any, TypeVar
 
@@ -16,6 +17,10 @@ from google.protobuf import duration_pb2, struct_pb2
 from opmas import units
 
 _UINT64_MAX = 2**64 - 1
+# The daemon's agent-id grammar (opmasd/core/ids.py; opmasctl imports only the opmas package):
+# 1-63 of [a-z0-9_-] from a letter or digit, the manager's own subject tokens reserved.
+_AGENT_ID = re.compile(r"^[a-z0-9][a-z0-9_-]{0,62}$")
+_RESERVED_AGENT_IDS = frozenset({"manager", "status", "metrics", "node", "events"})
 
 T = TypeVar("T")
 E = TypeVar("E", bound=int)
@@ -40,6 +45,20 @@ def parse_size(text: str) -> int:
     if size > _UINT64_MAX:  # the API's byte counts are uint64
         raise ValueError(f"invalid size {text!r}: too large")
     return size
+
+
+def parse_agent_id(text: str) -> str:
+    """An agent id as the daemon's grammar has it (a token id fits it too); ValueError otherwise."""
+    if not text:
+        raise ValueError("an agent id must not be empty")
+    if not _AGENT_ID.match(text):
+        raise ValueError(
+            f"invalid agent id {text[:80]!r}: use 1-63 characters of a-z, 0-9, '-', '_', "
+            "starting with a letter or digit"
+        )
+    if text in _RESERVED_AGENT_IDS:
+        raise ValueError(f"invalid agent id {text!r}: reserved for opmasd's own NATS subjects")
+    return text
 
 
 def split_pair(text: str, what: str) -> tuple[str, str]:

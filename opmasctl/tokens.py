@@ -20,7 +20,14 @@ from google.protobuf import timestamp_pb2
 from opmas.v1 import auth_pb2, tokens_pb2
 from opmasctl.commands import Context, UsageError
 from opmasctl.exits import EXIT_OK, exit_status
-from opmasctl.output import EMPTY, clock_text, enum_text, key_values, timestamp_text
+from opmasctl.output import (
+    EMPTY,
+    clock_text,
+    enum_text,
+    key_values,
+    relative_text,
+    timestamp_text,
+)
 from opmasctl.parsing import argtype, enum_choices, parse_seconds
 from opmasctl.tables import GREEN, RED, YELLOW, TableStyle, render
 
@@ -123,14 +130,6 @@ def state_text(token: tokens_pb2.ApiToken, now: datetime) -> str:
     return "active"
 
 
-def _short(seconds: float) -> str:
-    """A rough span as a table shows an age: 45s, 12m, 5h, 30d."""
-    for unit, size in (("d", 86400), ("h", 3600), ("m", 60)):
-        if seconds >= 2 * size:
-            return f"{round(seconds / size)}{unit}"
-    return f"{int(seconds)}s"
-
-
 def _time(
     token: tokens_pb2.ApiToken, field: _TimeField, now: datetime, wide: bool, unset: str = EMPTY
 ) -> str:
@@ -138,10 +137,7 @@ def _time(
     if not token.HasField(field):
         return unset
     stamp: timestamp_pb2.Timestamp = getattr(token, field)
-    if wide:
-        return clock_text(stamp)
-    delta = (stamp.ToDatetime(tzinfo=UTC) - now).total_seconds()
-    return f"in {_short(delta)}" if delta > 0 else f"{_short(-delta)} ago"
+    return clock_text(stamp) if wide else relative_text(stamp, now)
 
 
 def tokens_table(

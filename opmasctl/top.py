@@ -39,7 +39,8 @@ def top(ctx: Context, args: argparse.Namespace) -> int:
     from opmasctl.top_app import TopApp
     from opmasctl.top_feed import Link
 
-    link = Link(ctx.connection.endpoint, ctx.timeout, ctx.connection.token)
+    # The token the first calls presented, if any: Link's channels send it as given.
+    link = Link(ctx.connection.endpoint, ctx.timeout, ctx.connection.sent_token)
     app = TopApp(link, agents, listed_at)
     try:
         app.run()

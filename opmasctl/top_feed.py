@@ -59,7 +59,8 @@ class Link:
 
     def __init__(self, endpoint: Endpoint, timeout: float | None, token: Token | None = None) -> None:
         self.endpoint = endpoint
-        # Presented on every call, on this channel and on each one that replaces it.
+        # Presented on every call, on this channel and on each one that replaces it: the token
+        # the command's first connection sent (None when it withheld one), never to a unix socket.
         self.token = token
         # --timeout: the deadline of a call a key asks for (0 on the command line: none).
         self.timeout = timeout

@@ -49,12 +49,13 @@ def main(argv: list[str] | None = None) -> None:
     from opmasd.api.rest.server import HttpListenError
     from opmasd.app import Daemon
     from opmasd.core.errors import StoreError
+    from opmasd.directories import UnsafePathError
     from opmasd.instance_lock import AlreadyRunning
 
     log = structlog.get_logger("opmasd")
     try:
         asyncio.run(Daemon(config, args.config).serve())
-    except (AlreadyRunning, ListenError, HttpListenError, StoreError, ConfigError) as exc:
+    except (AlreadyRunning, ListenError, HttpListenError, StoreError, ConfigError, UnsafePathError) as exc:
         log.error("opmasd could not start", error=str(exc))
         raise SystemExit(1) from None
     except (OSError, ValueError) as exc:

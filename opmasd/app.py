@@ -21,6 +21,7 @@ import structlog
 
 import opmasd
 from opmasd import directories
+from opmasd.api.audit_records import Auditor
 from opmasd.api.auth import SERVICES, Gate
 from opmasd.api.auth_interceptor import AuthInterceptor
 from opmasd.api.grpc_server import GrpcListeners, GrpcServer, socket_gid
@@ -149,7 +150,8 @@ class Daemon:
         await self.manager.start()
         # The NATS manager API: the bus serves the subjects, the api's dispatch table answers.
         gate = Gate(self.manager.tokens.verify, tokens_required=config.auth.enabled)
-        dispatch = NatsManagerApi(self.manager, self._bus.subjects.manager_command, gate)
+        auditor = Auditor(self.manager.audit, gate.roles)
+        dispatch = NatsManagerApi(self.manager, self._bus.subjects.manager_command, gate, auditor)
         self._manager_service = ManagerService(
             self._bus, dispatch.handle, node=self.manager.settings.node, version=opmasd.__version__
         )
@@ -165,13 +167,13 @@ class Daemon:
                 socket_gid=socket_gid(config.auth.socket_group),
             ),
             # Metrics first: they count the calls the gate refuses too.
-            interceptors=[self._metrics.interceptor, AuthInterceptor(gate)],
+            interceptors=[self._metrics.interceptor, AuthInterceptor(gate, auditor)],
         )
         await self._grpc.start()
         self._health = DaemonHealth(self.manager, lambda: bus.is_connected, self._grpc)
         await self._health.start()
         if config.rest.enabled and (config.rest.address or config.rest.socket):
-            self._http = await self._start_http(gate)
+            self._http = await self._start_http(gate, auditor)
         # What start-up made (modules, descriptors, the agents' records) lives as long as the
         # daemon: out of the collector's way, so that its full collections stop rescanning it
         # (they showed as pauses of tens of ms in the middle of a 500-agent stop).
@@ -186,7 +188,7 @@ class Daemon:
         )
         self._tasks.spawn(self._heartbeat_systemd(), "sd-notify")
 
-    async def _start_http(self, gate: Gate) -> HttpServer:
+    async def _start_http(self, gate: Gate, auditor: Auditor) -> HttpServer:
         """REST (from the proto's http rules), the OpenAPI document, /metrics, /healthz, /readyz.
 
         The gateway calls the gRPC servicer in-process through the server's own interceptors
@@ -216,6 +218,7 @@ class Daemon:
             ),
             grace=config.grpc.grace_period,
             gate=gate,
+            auditor=auditor,
         )
         await server.start()
         return server

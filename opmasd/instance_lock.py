@@ -1,7 +1,8 @@
 """One opmasd per state directory: a second one would adopt and restart the first one's agents.
 
 An flock on `<state_dir>/opmasd.lock`, held for the daemon's life; the kernel drops it when the
-process dies however it dies, so a SIGKILLed daemon leaves no stale lock behind.
+process dies however it dies, so a SIGKILLed daemon leaves no stale lock behind. A symlink (or
+anything but a regular file) where the lock file goes is refused (UnsafePathError).
 """
 
 from __future__ import annotations
@@ -9,6 +10,8 @@ from __future__ import annotations
 import fcntl
 import os
 from pathlib import Path
+
+from opmasd.directories import open_private
 
 
 class AlreadyRunning(Exception):
@@ -22,7 +25,8 @@ class InstanceLock:
 
     def acquire(self) -> None:
         self.path.parent.mkdir(parents=True, exist_ok=True)
-        fd = os.open(self.path, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o644)
+        # Never through a symlink: one planted here would have opmasd write its pid over its target.
+        fd = open_private(self.path, os.O_RDWR | os.O_CREAT, 0o644)
         try:
             fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
         except BlockingIOError:

@@ -95,7 +95,10 @@ OPMASCTL_SECTIONS = (
                 _tp(
                     ".B OPMAS_TOKEN",
                     r"The API token sent to a daemon reached over TCP (after \fB\-\-token\fR, which "
-                    "other users can see in ps; before the user's file). The local socket needs none.",
+                    "other users can see in ps; before the user's file). It is sent only to a server "
+                    r"named by \fB\-\-server\fR, \fBOPMAS_SERVER\fR or the user's file's "
+                    r"\fIserver:\fR, over TCP: never to one found by searching, nor to a unix socket "
+                    "(the local socket needs none).",
                 ),
                 _tp(
                     ".B XDG_CONFIG_HOME",

@@ -16,7 +16,7 @@ from collections.abc import Callable, Iterable
 
 from google.protobuf.descriptor import ServiceDescriptor
 
-from opmas.v1 import agents_pb2, auth_pb2, tokens_pb2
+from opmas.v1 import agents_pb2, audit_pb2, auth_pb2, tokens_pb2
 from opmasd.core.auth import ApiToken, Caller, Role
 from opmasd.core.errors import PermissionDenied, Unauthenticated
 
@@ -24,6 +24,7 @@ from opmasd.core.errors import PermissionDenied, Unauthenticated
 SERVICES: tuple[ServiceDescriptor, ...] = (
     agents_pb2.DESCRIPTOR.services_by_name["AgentService"],
     tokens_pb2.DESCRIPTOR.services_by_name["TokenService"],
+    audit_pb2.DESCRIPTOR.services_by_name["AuditService"],
 )
 # Services anyone may call: health checking, and reflection (it tells only the public schema).
 OPEN_SERVICES = frozenset(

@@ -6,17 +6,19 @@ handlers in-process, with the HTTP peer as the call's peer).
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import TYPE_CHECKING, Any
 
 import grpc
 import structlog
 
+from opmasd.api.audit_records import Auditor, parameters_of
 from opmasd.api.auth import CURRENT_CALLER, Gate
-from opmasd.api.errors import to_grpc_status
+from opmasd.api.errors import code_name, to_grpc_status
 from opmasd.api.local_calls import LocalContext
 from opmasd.core.auth import Caller
-from opmasd.core.errors import OpmasError
+from opmasd.core.errors import OpmasError, Unauthenticated
 
 log = structlog.get_logger(__name__)
 
@@ -27,8 +29,11 @@ if TYPE_CHECKING:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, gate: Gate) -> None:
+    def __init__(self, gate: Gate, auditor: Auditor | None = None) -> None:
+        """auditor: where calls that change something, and refusals, are recorded (None: not
+        recorded; tests of the gate alone)."""
         self._gate = gate
+        self._auditor = auditor
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -38,7 +43,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or self._gate.is_open(method):
             return handler
         authorization = _authorization(handler_call_details.invocation_metadata)
-        gate = self._gate
+        gate, auditor = self._gate, self._auditor
 
         async def admitted(context: Context) -> Caller | None:
             """The caller, or None once the call is aborted."""
@@ -47,28 +52,46 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             try:
                 gate.check(caller, method)
             except OpmasError as exc:
-                log.info(
-                    "call refused",
-                    method=method,
-                    caller=caller.identity,
-                    peer=caller.peer,
-                    entry_point=entry_point,
-                    reason=exc.message,
-                )
+                # Not logged one by one (a flood would fill the log): the trail folds a burst
+                # of refusals into one record and one log line.
+                if auditor is not None:
+                    auditor.refused(caller, method, code_name(exc), exc.message)
                 await context.abort_with_status(to_grpc_status(exc))
                 return None
             return caller
+
+        async def still_admitted(caller: Caller, context: Context) -> bool:
+            """Before each message of a stream: its token may have been revoked, or have
+            expired, since the stream began (verify reads memory only: it costs a hash)."""
+            now = gate.caller(authorization, caller.peer, caller.entry_point)
+            if now.role == caller.role:
+                return True
+            exc = Unauthenticated("the stream's token was revoked or has expired")
+            await context.abort_with_status(to_grpc_status(exc))
+            return False
 
         if handler.unary_unary is not None:
             inner: Callable[[Any, Context], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]  # grpc.aio handlers are coroutines
 
             async def unary(request: Any, context: Context) -> Any:
                 caller = await admitted(context)
+                assert caller is not None  # abort_with_status raised otherwise
                 reset = CURRENT_CALLER.set(caller)
+                result, message = "OK", ""
                 try:
                     return await inner(request, context)
+                except asyncio.CancelledError:
+                    result, message = "CANCELLED", "the caller left before the answer"
+                    raise
+                except BaseException:
+                    code = context.code()
+                    result = code.name if isinstance(code, grpc.StatusCode) else "UNKNOWN"
+                    message = context.details() or ""
+                    raise
                 finally:
                     CURRENT_CALLER.reset(reset)
+                    if auditor is not None and auditor.audited(method):
+                        _audit(auditor, caller, method, request, result, message)
 
             return grpc.unary_unary_rpc_method_handler(
                 unary,
@@ -80,6 +103,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
 
             async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
                 caller = await admitted(context)
+                assert caller is not None  # abort_with_status raised otherwise
                 messages = inner_stream(request, context)
                 try:
                     while True:
@@ -91,6 +115,8 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         try:
                             message = await anext(messages)
                         except StopAsyncIteration:
+                            return
+                        if not await still_admitted(caller, context):
                             return
                         yield message
                 finally:
@@ -111,3 +137,13 @@ def _authorization(metadata: Any) -> str:
         if key == "authorization":
             return value if isinstance(value, str) else value.decode("latin-1")
     return ""
+
+
+def _audit(auditor: Auditor, caller: Caller, method: str, request: Any, result: str, message: str) -> None:
+    """Record the call; a failure to record is logged, never the call's failure (it is answered)."""
+    try:
+        auditor.answered(caller, method, parameters_of(request), result, message)
+    except Exception:
+        log.exception(
+            "a call could not be recorded in the audit trail", method=method, caller=caller.identity
+        )

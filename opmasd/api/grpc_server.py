@@ -26,7 +26,8 @@ import structlog
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from opmas.v1 import agents_pb2, tokens_pb2
+from opmas.v1 import agents_pb2, audit_pb2, tokens_pb2
+from opmasd.api.audit_servicer import AuditService
 from opmasd.api.grpc_handlers import add_service
 from opmasd.api.grpc_servicer import AgentService
 from opmasd.api.local_calls import LocalChannel, LocalServer
@@ -37,6 +38,7 @@ log = structlog.get_logger(__name__)
 
 AGENT_SERVICE = agents_pb2.DESCRIPTOR.services_by_name["AgentService"]
 TOKEN_SERVICE = tokens_pb2.DESCRIPTOR.services_by_name["TokenService"]
+AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"]
 SERVICE_NAME = AGENT_SERVICE.full_name
 
 
@@ -73,13 +75,20 @@ class GrpcServer:
         for service, servicer in (
             (AGENT_SERVICE, AgentService(manager, self.stopping)),
             (TOKEN_SERVICE, TokenService(manager.tokens)),
+            (AUDIT_SERVICE, AuditService(manager.audit)),
         ):
             add_service(self._server, service, servicer)
             add_service(self._local, service, servicer)
         self.health = health.aio.HealthServicer()
         health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
         reflection.enable_server_reflection(
-            (SERVICE_NAME, TOKEN_SERVICE.full_name, health.SERVICE_NAME, reflection.SERVICE_NAME),
+            (
+                SERVICE_NAME,
+                TOKEN_SERVICE.full_name,
+                AUDIT_SERVICE.full_name,
+                health.SERVICE_NAME,
+                reflection.SERVICE_NAME,
+            ),
             self._server,
         )
         self.tcp_port: int | None = None

@@ -14,6 +14,7 @@ from typing import Any
 
 import structlog
 
+from opmasd.api.audit_records import REFUSALS, Auditor
 from opmasd.api.auth import CURRENT_CALLER, Gate
 from opmasd.api.errors import code_name, is_known
 from opmasd.api.nats_convert import (
@@ -27,6 +28,7 @@ from opmasd.api.nats_convert import (
     require_agent_id,
 )
 from opmasd.core import errors
+from opmasd.core.auth import Caller
 from opmasd.core.labels import SelectorError, parse_selector
 from opmasd.core.messages import ERROR, SUCCESS, CommandReply, ManagerReply, ManagerRequest
 from opmasd.core.model import AgentState
@@ -60,11 +62,15 @@ NATS_PEER = "nats:"
 
 
 class NatsManagerApi:
-    def __init__(self, manager: AgentManager, command_subject: str, gate: Gate) -> None:
+    def __init__(
+        self, manager: AgentManager, command_subject: str, gate: Gate, auditor: Auditor | None = None
+    ) -> None:
         """command_subject: where state-changing commands go, named when a query sends one.
-        gate: who may run which command (each runs as the RPC of NATS_RPCS and needs its role)."""
+        gate: who may run which command (each runs as the RPC of NATS_RPCS and needs its role).
+        auditor: where the commands that change something, and refusals, are recorded."""
         self._manager = manager
         self._gate = gate
+        self._auditor = auditor
         self._command_subject = command_subject
         self._commands: dict[str, Command] = {
             "status": self._status,
@@ -82,6 +88,7 @@ class NatsManagerApi:
     async def handle(self, request: ManagerRequest) -> ManagerReply:
         """The manager's answer to one request; never raises (a failure is an error reply)."""
         name, agent_id = request.command, request.agent_id
+        caller: Caller | None = None
         try:
             command = self._commands.get(name)
             if command is None:
@@ -95,14 +102,23 @@ class NatsManagerApi:
                 )
             caller = self._gate.caller(request.authorization, NATS_PEER, "nats")
             self._gate.check(caller, NATS_RPCS[name])
-            reset = CURRENT_CALLER.set(caller)
-            try:
-                result = await command(agent_id, request.params)
-            finally:
-                CURRENT_CALLER.reset(reset)
         except Exception as exc:
-            return self._error_reply(name, agent_id, exc)
-        return ManagerReply(SUCCESS, name, agent_id, result)
+            reply = self._error_reply(name, agent_id, exc)
+            if self._auditor is not None and caller is not None and reply.code in REFUSALS:
+                self._auditor.refused(caller, NATS_RPCS[name], reply.code, reply.error)
+            return reply
+        reset = CURRENT_CALLER.set(caller)
+        try:
+            reply = ManagerReply(SUCCESS, name, agent_id, await command(agent_id, request.params))
+        except Exception as exc:
+            reply = self._error_reply(name, agent_id, exc)
+        finally:
+            CURRENT_CALLER.reset(reset)
+        if self._auditor is not None:
+            parameters = {"agent_id": agent_id, **request.params} if agent_id else dict(request.params)
+            result = "OK" if reply.status == SUCCESS else reply.code
+            self._auditor.answered(caller, NATS_RPCS[name], parameters, result, reply.error)
+        return reply
 
     def _error_reply(self, name: str, agent_id: str, exc: Exception) -> ManagerReply:
         if isinstance(exc, CommandFailed):

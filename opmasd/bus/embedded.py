@@ -15,11 +15,13 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import errno
 import json
 import os
 import shutil
 import signal
 import socket
+import stat
 import sys
 import time
 from pathlib import Path
@@ -149,7 +151,9 @@ class EmbeddedNatsServer:
 
     async def _launch(self, port: int, timeout: float) -> None:
         binary = find_binary()
+        _refuse_unsafe(self.store_dir)
         self._ports_dir.mkdir(exist_ok=True)
+        _refuse_unsafe(self._ports_dir, self._pid_path)
         for stale in self._ports_dir.glob("*.ports"):
             stale.unlink(missing_ok=True)
         args = [
@@ -166,7 +170,7 @@ class EmbeddedNatsServer:
             "--log_size_limit", str(10 * 1024 * 1024),
         ]  # fmt: skip
         # stdout/stderr also go to the log: errors before the log opens (bad flag, port in use).
-        with self.log_path.open("ab") as out:
+        with os.fdopen(_open_own(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as out:
             proc = await asyncio.create_subprocess_exec(
                 *args,
                 stdin=asyncio.subprocess.DEVNULL,
@@ -180,7 +184,8 @@ class EmbeddedNatsServer:
         except BaseException:
             await self._terminate()
             raise
-        self._port_path.write_text(f"{self._port}\n")
+        with os.fdopen(_open_own(self._port_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as remembered:
+            remembered.write(f"{self._port}\n")
 
     async def _wait_ready(self, proc: asyncio.subprocess.Process, timeout: float) -> int:
         """The port, once the server wrote its ports file and accepts a TCP connection."""
@@ -304,3 +309,45 @@ def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
         if time.monotonic() >= deadline:
             return False
         time.sleep(0.02)
+
+
+# -- opmasd's own files here (opmasd may be root): never through a link, nor in a directory
+# -- another user could swap.
+
+
+def _open_own(path: Path, flags: int) -> int:
+    """os.open one of opmasd's files without following a symlink; OSError naming it for one."""
+    try:
+        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+    except OSError as exc:
+        if exc.errno == errno.ELOOP:
+            raise OSError(
+                f"refusing to follow a symlink: {path}; remove it (opmasd keeps its own file there)"
+            ) from None
+        raise
+
+
+def _refuse_unsafe(*paths: Path) -> None:
+    """OSError for a symlink among `paths` (nats-server follows one where it writes its pid),
+    or a directory among them another user owns; group and others' write taken off one of
+    opmasd's own (an earlier version, run with a looser umask, may have left it so)."""
+    for path in paths:
+        try:
+            info = os.lstat(path)
+        except FileNotFoundError:
+            continue
+        if stat.S_ISLNK(info.st_mode):
+            raise OSError(
+                f"refusing to follow a symlink: {path}; remove it (opmasd keeps its own file there)"
+            )
+        mode = stat.S_IMODE(info.st_mode)
+        safe = info.st_uid in (os.geteuid(), 0) and not mode & 0o022
+        if not stat.S_ISDIR(info.st_mode) or safe:
+            continue
+        if info.st_uid == os.geteuid():
+            os.chmod(path, mode & ~0o022)
+        else:
+            raise OSError(
+                f"refusing to use {path}: owned by uid {info.st_uid}, mode {mode:04o}; others could "
+                "swap what opmasd keeps there: make it opmasd's user's and chmod go-w, or remove it"
+            )

@@ -4,6 +4,7 @@ What the layers above (api, app) use is exported here; the modules behind it are
 manager's own business.
 """
 
+from opmasd.manager.audit import AuditTrail
 from opmasd.manager.bulk import BulkOutcome, Selection
 from opmasd.manager.events import AgentEvent, Subscription
 from opmasd.manager.heartbeats import HealthSettings
@@ -18,6 +19,7 @@ __all__ = [
     "AgentEvent",
     "AgentFilter",
     "AgentManager",
+    "AuditTrail",
     "BulkOutcome",
     "DiscoveredAgent",
     "DiscoveryReport",

@@ -34,6 +34,7 @@ from opmasd.core.messages import CommandReply, MetricsReport
 from opmasd.core.model import AgentRecord, AgentSource, AgentSpec, AgentState, DesiredState, ProcessUsage
 from opmasd.core.tasks import TaskOwner
 from opmasd.manager.agent_commands import deliver_command
+from opmasd.manager.audit import FLUSH_INTERVAL, AuditTrail
 from opmasd.manager.bulk import BulkOutcome, BulkRunner, Selection
 from opmasd.manager.commits import Commits
 from opmasd.manager.discovery import PackageDiscovery
@@ -77,6 +78,7 @@ class AgentManager:
         self._writes = WriteBehind(store, clock, settings.commit_timeout)
         self._registry = AgentRegistry(self._writes, self._hub, clock)
         self.tokens = TokenKeeper(store, self._writes, clock)
+        self.audit = AuditTrail(store, self._writes, settings.node, clock)
         self._tasks = TaskOwner("manager")
         self._jobs = PeriodicJobs(self._tasks)
         # Variables every agent gets from the daemon (NATS_URL, ...).
@@ -87,12 +89,7 @@ class AgentManager:
             bus.set_handlers(self._heartbeats.on_heartbeat, self._metrics.on_metrics)
             self._agent_environment.setdefault("NATS_URL", bus.agent_url)
         self._supervisor = Supervisor(
-            self._registry,
-            runtime,
-            settings.restart,
-            self._tasks,
-            lambda: self._agent_environment,
-            clock,
+            self._registry, runtime, settings.restart, self._tasks, lambda: self._agent_environment, clock
         )
         self._heartbeats.on_starting_heartbeat = self._supervisor.started_by_heartbeat
         self._commits = Commits(self._registry, self._writes, self._supervisor)
@@ -141,6 +138,7 @@ class AgentManager:
             self._jobs.every(settings.discovery_interval, self._discover_in_background, "discovery")
         self._jobs.every(settings.cleanup_interval, self._cleanup, "cleanup")
         self._jobs.every(settings.monitoring_interval, self.tokens.refresh, "token-refresh")
+        self._jobs.every(FLUSH_INTERVAL, self.audit.flush, "audit-flush")
         if self._bus is not None:
             timeout = settings.health.heartbeat_timeout
             # Agents' own deadlines may be short (three times a 1 s interval): look at least every second.
@@ -153,6 +151,7 @@ class AgentManager:
     async def stop(self, stop_agents: bool) -> None:
         await self._supervisor.shutdown(stop_agents)
         await self._tasks.close()
+        await self.audit.close(self.settings.commit_timeout)  # before the store's thread closes
         await self._writes.close(self.settings.commit_timeout)
         self._hub.close()
 
@@ -174,6 +173,7 @@ class AgentManager:
                 )
 
     async def _cleanup(self) -> None:
+        await self.audit.prune()  # never raises: a store failure is a warning
         keep = self.settings.transitions_kept_per_agent
         removed = await self._writes.call(lambda: self._store.prune_transitions(keep), "prune transitions")
         if removed:

@@ -11,6 +11,7 @@ from collections.abc import Mapping, Sequence
 from datetime import datetime
 from typing import Protocol
 
+from opmasd.core.audit import AuditFilter, AuditRecord
 from opmasd.core.auth import ApiToken
 from opmasd.core.model import AgentRecord, Transition
 
@@ -61,5 +62,18 @@ class AgentStore(Protocol):
         """In one transaction: insert the token's row, or replace the row of its token_id.
         StoreError when it cannot be written (with a shared database: there); StoreRejected
         for values the database refuses."""
+
+    def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        """In one transaction: append the audit records, in order (each gets the next id; the
+        records' own ids are ignored). Text longer than its column is cut, parameters are kept
+        as JSON of at most MAX_PARAMETERS_BYTES. The audit trail is fleet-wide: with a shared
+        database it is written there alone, and StoreError while it is unreachable."""
+
+    def audit_records(self, query: AuditFilter) -> list[AuditRecord]:
+        """The records that match every field set in the query, newest (highest id) first, at
+        most query.limit of them (the caller bounds it). Read where append_audit writes."""
+
+    def prune_audit(self, keep: int) -> int:
+        """Delete all but the newest `keep` audit records; returns how many were deleted."""
 
     def close(self) -> None: ...

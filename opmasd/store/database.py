@@ -16,8 +16,11 @@ setting the connection's search_path, which is how the tests isolate themselves.
 
 from __future__ import annotations
 
+import errno
 import os
+import pwd
 import re
+import stat
 from pathlib import Path
 from typing import Any
 from urllib.parse import parse_qsl, unquote, urlsplit
@@ -160,13 +163,45 @@ class _Pool(PooledPostgresqlDatabase):
 
 def _private(file: Path) -> None:
     """The database file readable by its owner only (agents' specs and environments are in it),
-    made so before SQLite opens it: its -wal and -shm files take the database's mode."""
-    fd = os.open(file, os.O_RDWR | os.O_CREAT | os.O_CLOEXEC, 0o600)
+    made so before SQLite opens it: its -wal and -shm files take the database's mode.
+
+    Nobody else may swap it (opmasd is often root): its directory must be owned by opmasd's
+    user or root and not writable by others, and neither the file nor its -wal and -shm may be
+    a symlink (SQLite itself refuses a symlinked -wal or -shm, with no better word than "unable
+    to open database file"). StoreError naming the path when one is."""
+    directory = os.stat(file.parent)
+    if directory.st_uid not in (os.geteuid(), 0) or directory.st_mode & (stat.S_IWGRP | stat.S_IWOTH):
+        raise StoreError(
+            f"refusing to keep the database in {file.parent}: owned by {_user(directory.st_uid)}, "
+            f"mode {stat.S_IMODE(directory.st_mode):04o}; others could swap the file: make the "
+            "directory opmasd's user's (or root's) and not writable by others, or choose another"
+        )
+    for path in (file, file.with_name(file.name + "-wal"), file.with_name(file.name + "-shm")):
+        try:
+            # Never through a symlink; O_NONBLOCK: a FIFO in its place must not hang the start.
+            flags = os.O_RDWR | os.O_CREAT if path == file else os.O_RDONLY
+            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+        except FileNotFoundError:
+            continue  # no -wal or -shm (yet)
+        except OSError as exc:
+            if exc.errno != errno.ELOOP:
+                raise
+            raise StoreError(
+                f"refusing to follow a symlink: {path}; the database's files are opmasd's own: "
+                "remove the link, or choose another database.url"
+            ) from None
+        try:
+            info = os.fstat(fd)
+            if not stat.S_ISREG(info.st_mode):
+                raise StoreError(f"refusing to use {path} for the database: not a regular file")
+            if info.st_uid == os.geteuid():
+                os.fchmod(fd, 0o600)
+        finally:
+            os.close(fd)
+
+
+def _user(uid: int) -> str:
     try:
-        if os.fstat(fd).st_uid == os.geteuid():
-            os.fchmod(fd, 0o600)
-    finally:
-        os.close(fd)
-    for companion in (file.with_name(file.name + "-wal"), file.with_name(file.name + "-shm")):
-        if companion.exists() and companion.stat().st_uid == os.geteuid():
-            os.chmod(companion, 0o600)
+        return f"{pwd.getpwuid(uid).pw_name} (uid {uid})"
+    except KeyError:
+        return f"uid {uid}"

@@ -19,6 +19,8 @@ How the two relate, and which wins:
   written to PostgreSQL once it is reachable.
 - **API tokens** are the fleet's: they live in PostgreSQL alone (never in the copy), so they
   are created, revoked and read only while it answers.
+- **The audit trail** is the fleet's too: written, read and pruned in PostgreSQL alone, so
+  while it is away the manager keeps the records it has not written (bounded) and retries.
 
 Connection attempts while PostgreSQL is away back off (1 s doubling to 5 s), so writes to the
 copy are not held up by a connect timeout at every flush.
@@ -29,12 +31,14 @@ from __future__ import annotations
 import dataclasses
 import time
 from collections import deque
-from collections.abc import Mapping, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime
 from pathlib import Path
+from typing import TypeVar
 
 import structlog
 
+from opmasd.core.audit import AuditFilter, AuditRecord
 from opmasd.core.auth import ApiToken
 from opmasd.core.errors import StoreDegraded, StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
@@ -42,6 +46,8 @@ from opmasd.core.urls import redacted
 from opmasd.store.sql import SqlStore
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 # Observed fields: the node's copy wins for these at start (see the module's doc).
 OBSERVED = (
@@ -219,6 +225,18 @@ class FleetStore:
             raise
         self._recovered()
 
+    def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        """To PostgreSQL only: StoreError while it is unreachable (the caller keeps them)."""
+        self._shared_only(lambda shared: shared.append_audit(records))
+
+    def audit_records(self, query: AuditFilter) -> list[AuditRecord]:
+        """From PostgreSQL only: StoreError while it is unreachable."""
+        return self._shared_only(lambda shared: shared.audit_records(query))
+
+    def prune_audit(self, keep: int) -> int:
+        """In PostgreSQL only: StoreError while it is unreachable."""
+        return self._shared_only(lambda shared: shared.prune_audit(keep))
+
     def close(self) -> None:
         if self._unsent or self._unsent_transitions:
             log.warning(
@@ -245,6 +263,16 @@ class FleetStore:
                 raise
             log.info("PostgreSQL reachable", url=redacted(self._url))
         return self._shared
+
+    def _shared_only(self, call: Callable[[SqlStore], T]) -> T:
+        """A call of what PostgreSQL alone keeps; StoreError while it is unreachable."""
+        try:
+            result = call(self._connected())
+        except StoreError as exc:
+            self._failed(exc)
+            raise
+        self._recovered()
+        return result
 
     def _send_unsent(self) -> None:
         if not (self._unsent or self._unsent_transitions or self._unsent_removals or self._history_behind):

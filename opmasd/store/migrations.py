@@ -107,9 +107,39 @@ def _v2_create_api_tokens(db: peewee.Database) -> None:
     db.create_tables([ApiToken], safe=False)
 
 
+def _v3_create_audit_records(db: peewee.Database) -> None:
+    """Version 3: audit_records, the audit trail (who did what, from where, with what result)."""
+
+    class AuditRecord(peewee.Model):
+        id = peewee.BigAutoField()
+        time = peewee.DateTimeField()
+        actor = peewee.CharField(max_length=160)
+        peer = peewee.CharField(max_length=160)
+        entry_point = peewee.CharField(max_length=16)
+        operation = peewee.CharField(max_length=64)
+        target = peewee.CharField(max_length=256)
+        parameters = peewee.TextField()
+        result = peewee.CharField(max_length=32)
+        message = peewee.TextField()
+        node = peewee.CharField(max_length=255)
+        count = peewee.IntegerField()
+
+        class Meta:
+            database = db
+            table_name = "audit_records"
+            indexes = (
+                (("time",), False),
+                (("target", "id"), False),
+                (("actor", "id"), False),
+            )
+
+    db.create_tables([AuditRecord], safe=False)
+
+
 MIGRATIONS: tuple[Migration, ...] = (
     Migration(1, "create agents and agent_transitions", _v1_create_tables),
     Migration(2, "create api_tokens", _v2_create_api_tokens),
+    Migration(3, "create audit_records", _v3_create_audit_records),
 )
 LATEST_VERSION = MIGRATIONS[-1].version
 

@@ -13,11 +13,13 @@ They are converted to UTC on the way in and come back tz-aware (UTC) on the way 
 from __future__ import annotations
 
 import json
+from collections.abc import Mapping
 from datetime import UTC, datetime
 from typing import Any
 
 import peewee
 
+from opmasd.core.audit import MAX_MESSAGE, MAX_PARAMETERS_BYTES, MAX_TARGET, AuditRecord
 from opmasd.core.auth import ApiToken, Role
 from opmasd.core.model import (
     AgentRecord,
@@ -139,6 +141,48 @@ class ApiTokenRow(BaseRow):
         table_name = "api_tokens"
 
 
+# The audit_records columns' widths (characters); what is longer is cut on the way in.
+AUDIT_WIDTHS = {
+    "actor": 160,
+    "peer": 160,
+    "entry_point": 16,
+    "operation": 64,
+    "target": MAX_TARGET,
+    "result": 32,
+    "message": MAX_MESSAGE,
+    "node": 255,
+}
+# An INTEGER column: a count past it is kept at it.
+MAX_AUDIT_COUNT = 2**31 - 1
+
+
+class AuditRow(BaseRow):
+    """One audited operation or burst of refusals (core.audit). Append order (id) is the order
+    they were kept in; listing is newest first by id."""
+
+    id = peewee.BigAutoField()
+    time = UtcDateTimeField()
+    actor = peewee.CharField(max_length=160)
+    peer = peewee.CharField(max_length=160)
+    entry_point = peewee.CharField(max_length=16)
+    operation = peewee.CharField(max_length=64)
+    target = peewee.CharField(max_length=MAX_TARGET)
+    parameters = peewee.TextField()  # compact JSON, sorted keys, at most MAX_PARAMETERS_BYTES
+    result = peewee.CharField(max_length=32)
+    message = peewee.TextField()  # at most MAX_MESSAGE characters
+    node = peewee.CharField(max_length=255)
+    count = peewee.IntegerField()
+
+    class Meta:
+        table_name = "audit_records"
+        # Pruning and "since" by time; an agent's (or token's) and a caller's records newest first.
+        indexes = (
+            (("time",), False),
+            (("target", "id"), False),
+            (("actor", "id"), False),
+        )
+
+
 class SchemaVersion(BaseRow):
     """One row per applied migration; the schema's version is the highest."""
 
@@ -255,3 +299,83 @@ def token_from_row(row: ApiTokenRow) -> ApiToken:
         expires_at=row.expires_at,
         revoked_at=row.revoked_at,
     )
+
+
+def audit_to_row(record: AuditRecord) -> dict[str, Any]:
+    """The column values of an audit record's row: text cleaned (no NUL, no lone surrogate:
+    neither database takes them) and cut to its column's width, parameters as bounded JSON."""
+    row: dict[str, Any] = {name: clean_text(getattr(record, name), w) for name, w in AUDIT_WIDTHS.items()}
+    count = record.count if isinstance(record.count, int) else 1
+    row.update(
+        time=record.time,
+        parameters=parameters_json(record.parameters),
+        count=min(max(count, 0), MAX_AUDIT_COUNT),
+    )
+    return row
+
+
+def audit_from_row(row: AuditRow) -> AuditRecord:
+    try:
+        parameters = json.loads(row.parameters)
+    except ValueError:
+        parameters = {"unreadable": True}
+    if not isinstance(parameters, dict):
+        parameters = {"value": parameters}
+    return AuditRecord(
+        time=row.time,
+        actor=row.actor,
+        peer=row.peer,
+        entry_point=row.entry_point,
+        operation=row.operation,
+        target=row.target,
+        parameters=parameters,
+        result=row.result,
+        message=row.message,
+        node=row.node,
+        count=row.count,
+        id=row.id,
+    )
+
+
+def clean_text(value: object, width: int) -> str:
+    """value as text a database takes, at most `width` characters: NUL and lone surrogates
+    (which neither SQLite nor PostgreSQL stores) become U+FFFD."""
+    text = (value if isinstance(value, str) else str(value))[:width].replace("\x00", "\ufffd")
+    try:
+        text.encode("utf-8")
+    except UnicodeEncodeError:
+        text = "".join("\ufffd" if "\ud800" <= c <= "\udfff" else c for c in text)
+    return text
+
+
+def _json(value: Any) -> str:
+    # ASCII only: as many bytes as characters, and a lone surrogate is escaped, not refused.
+    return json.dumps(value, sort_keys=True, separators=(",", ":"), default=str)
+
+
+def parameters_json(parameters: object) -> str:
+    """The parameters as compact JSON with sorted keys, at most MAX_PARAMETERS_BYTES: when the
+    whole is longer, {"truncated": true} with as many of the fields (in key order) as fit.
+    Always valid JSON (a value JSON cannot hold is kept as its str())."""
+    if not isinstance(parameters, Mapping):
+        parameters = {} if parameters is None else {"value": parameters}
+    try:
+        whole = _json(parameters)
+    except (TypeError, ValueError, RecursionError):  # keys of mixed types, a cycle, too deep
+        whole = None
+    if whole is not None and len(whole) <= MAX_PARAMETERS_BYTES:
+        return whole
+    kept: dict[str, Any] = {"truncated": True}
+    size = len(_json(kept))
+    for key in sorted(parameters, key=str):
+        name = str(key)
+        if name in kept:
+            continue
+        try:
+            field = f"{_json(name)}:{_json(parameters[key])}"
+        except (TypeError, ValueError, RecursionError):
+            continue
+        if size + 1 + len(field) <= MAX_PARAMETERS_BYTES:
+            kept[name] = parameters[key]
+            size += 1 + len(field)
+    return _json(kept)

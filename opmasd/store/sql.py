@@ -14,9 +14,6 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import os
-import re
-import socket
 import sqlite3
 import threading
 from collections.abc import Callable, Iterator, Mapping, Sequence
@@ -28,12 +25,14 @@ import psycopg2  # type: ignore[import-untyped]
 import structlog
 from playhouse.pool import PooledPostgresqlDatabase
 
+from opmasd.core.audit import AuditFilter, AuditRecord
 from opmasd.core.auth import ApiToken
 from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
 from opmasd.core.urls import redacted
-from opmasd.store import migrations, token_rows
+from opmasd.store import audit_rows, migrations, token_rows
 from opmasd.store.database import database_from_url
+from opmasd.store.deadline import ConnectionCutter, call_deadline
 from opmasd.store.models import (
     AgentRow,
     TransitionRow,
@@ -64,11 +63,6 @@ _REJECTIONS = (
     ValueError,
 )
 
-# How much longer than its statement_timeout a PostgreSQL call may take before its connection
-# is cut (see SqlStore._deadline); connecting is bounded by connect_timeout.
-CALL_DEADLINE_MARGIN = 2.0
-_STATEMENT_TIMEOUT = re.compile(r"statement_timeout=(\d+)(ms|s)?\b")
-
 # The lock every call holds; see the module docstring.
 _CALL_LOCK = threading.RLock()
 
@@ -80,7 +74,7 @@ class SqlStore:
         self._db = database
         self._url = redacted(url)
         self._postgres = isinstance(database, peewee.PostgresqlDatabase)
-        self._call_deadline = _call_deadline(database)
+        self._call_deadline = call_deadline(database)
         self._closed = False
         self.schema_version = 0
 
@@ -167,6 +161,21 @@ class SqlStore:
 
     def save_token(self, token: ApiToken) -> None:
         self._call(f"save API token {token.token_id}", lambda: token_rows.save(token), write=True)
+
+    def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        if records:  # appended: retried only if it never began
+            what = f"append {len(records)} audit records"
+            self._call(what, lambda: audit_rows.append(records), write=True, idempotent=False)
+
+    def audit_records(self, query: AuditFilter) -> list[AuditRecord]:
+        if query.limit < 0:
+            raise ValueError(f"limit must not be negative, not {query.limit}")
+        return self._call("read audit records", lambda: audit_rows.select(query), write=False)
+
+    def prune_audit(self, keep: int) -> int:
+        if keep < 0:
+            raise ValueError(f"keep must not be negative, not {keep}")
+        return self._call("prune audit records", lambda: audit_rows.prune(keep), write=True)
 
     def transitions(self, agent_id: str, limit: int = 100) -> list[Transition]:
         if limit < 0:
@@ -313,7 +322,7 @@ class SqlStore:
                 database_proxy.initialize(self._db)
             for attempt in (1, 2):
                 began = False
-                cut: list[_ConnectionCutter] = []
+                cut: list[ConnectionCutter] = []
                 try:
                     with self._connection(), self._deadline(what, cut):
                         if not write:
@@ -342,7 +351,7 @@ class SqlStore:
             raise AssertionError("unreachable: the second attempt returns or raises")
 
     @contextlib.contextmanager
-    def _deadline(self, what: str, cut: list[_ConnectionCutter]) -> Iterator[None]:
+    def _deadline(self, what: str, cut: list[ConnectionCutter]) -> Iterator[None]:
         """Bound a PostgreSQL call: past CALL_DEADLINE its connection is cut, so the call fails
         (and the connection is replaced). statement_timeout is the server's own bound, and a
         frozen server (SIGSTOP, a hung host whose kernel still answers TCP keepalives) never
@@ -350,7 +359,7 @@ class SqlStore:
         if not self._postgres:
             yield
             return
-        cutter = _ConnectionCutter(self._db.connection(), what, self._url, self._call_deadline)  # type: ignore[no-untyped-call]
+        cutter = ConnectionCutter(self._db.connection(), what, self._url, self._call_deadline)  # type: ignore[no-untyped-call]
         cut.append(cutter)
         timer = threading.Timer(self._call_deadline, cutter)
         timer.daemon = True
@@ -381,56 +390,6 @@ class SqlStore:
         log.error("store.failed", url=self._url, operation=what, error=message, exc_type=type(exc).__name__)
         kind = StoreRejected if isinstance(exc, _REJECTIONS) else StoreError
         return kind(f"{what} failed ({self._url}): {message}")
-
-
-def _call_deadline(database: peewee.Database) -> float:
-    """The statement_timeout the connections ask for (database.py sets 10 s unless the URL says
-    otherwise), plus a margin; 0 (none) keeps the default."""
-    options = str(getattr(database, "connect_params", {}).get("options", ""))
-    found = _STATEMENT_TIMEOUT.findall(options)
-    seconds = 10.0
-    if found:
-        value, unit = found[-1]  # the last one given is the one PostgreSQL applies
-        seconds = float(value) if unit == "s" else float(value) / 1000
-    return (seconds or 10.0) + CALL_DEADLINE_MARGIN
-
-
-class _ConnectionCutter:
-    """Shuts down a connection's socket from the timer's thread, unless disarmed first."""
-
-    def __init__(self, connection: object, what: str, url: str, deadline: float) -> None:
-        self._connection = connection
-        self._what = what
-        self._url = url
-        self._deadline = deadline
-        self._lock = threading.Lock()
-        self._armed = True
-        self.fired = False
-
-    def disarm(self) -> None:
-        with self._lock:
-            self._armed = False
-
-    def __call__(self) -> None:
-        with self._lock:
-            if not self._armed:
-                return
-            try:
-                fd = self._connection.fileno()  # type: ignore[attr-defined]
-                # A duplicate of the descriptor: shutting it down ends the connection for the
-                # thread blocked on it, and closing the duplicate leaves the original to psycopg2.
-                with socket.socket(fileno=os.dup(fd)) as sock:
-                    sock.shutdown(socket.SHUT_RDWR)
-                self.fired = True
-            except (OSError, psycopg2.Error) as exc:
-                log.warning("could not cut a database call past its deadline", error=str(exc))
-                return
-        log.error(
-            "database call past its deadline: connection cut",
-            url=self._url,
-            operation=self._what,
-            deadline=self._deadline,
-        )
 
 
 def _agent(row: AgentRow) -> AgentRecord:

@@ -12,6 +12,7 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from datetime import datetime
 
+from opmasd.core.audit import AuditFilter, AuditRecord
 from opmasd.core.auth import ApiToken
 from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import AgentRecord, Transition
@@ -24,6 +25,9 @@ class MemoryStore:
         self._transitions: dict[str, list[Transition]] = {}
         # API tokens by token_id (frozen values: nothing to copy).
         self.tokens: dict[str, ApiToken] = {}
+        # The audit trail, oldest first, each with the id it was given (ids count from 1).
+        self.audit: list[AuditRecord] = []
+        self._audit_ids = 0
         self._closed = False
         # Set by a test to make every call raise it: a database that went away.
         self.failure: StoreError | None = None
@@ -103,6 +107,37 @@ class MemoryStore:
     def save_token(self, token: ApiToken) -> None:
         self._check(f"save API token {token.token_id}")
         self.tokens[token.token_id] = token
+
+    def append_audit(self, records: Sequence[AuditRecord]) -> None:
+        self._check(f"append {len(records)} audit records")
+        for record in records:
+            self._audit_ids += 1
+            self.audit.append(dataclasses.replace(copy.deepcopy(record), id=self._audit_ids))
+
+    def audit_records(self, query: AuditFilter) -> list[AuditRecord]:
+        if query.limit < 0:
+            raise ValueError(f"limit must not be negative, not {query.limit}")
+        self._check("read audit records")
+        found: list[AuditRecord] = []
+        for record in reversed(self.audit):
+            if len(found) >= query.limit:
+                break
+            if (
+                (not query.target or record.target == query.target)
+                and (not query.actor or record.actor == query.actor)
+                and (query.since is None or record.time >= query.since)
+                and (query.before_id is None or (record.id or 0) < query.before_id)
+            ):
+                found.append(copy.deepcopy(record))
+        return found
+
+    def prune_audit(self, keep: int) -> int:
+        if keep < 0:
+            raise ValueError(f"keep must not be negative, not {keep}")
+        self._check("prune audit records")
+        dropped = max(0, len(self.audit) - keep)
+        del self.audit[:dropped]
+        return dropped
 
     def close(self) -> None:
         self._closed = True

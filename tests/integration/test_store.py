@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import contextlib
 import dataclasses
+import json
 import os
 import sqlite3
 import uuid
@@ -23,6 +24,7 @@ import peewee
 import psycopg2  # type: ignore[import-untyped]
 import pytest
 
+from opmasd.core.audit import MAX_MESSAGE, MAX_PARAMETERS_BYTES, MAX_TARGET, AuditFilter, AuditRecord
 from opmasd.core.auth import ApiToken, Role
 from opmasd.core.errors import StoreError, StoreRejected
 from opmasd.core.model import (
@@ -41,7 +43,7 @@ from opmasd.store import migrations, models
 from opmasd.store.base import AgentStore
 from opmasd.store.database import database_from_url
 from opmasd.store.migrations import LATEST_VERSION
-from opmasd.store.models import AgentRow, ApiTokenRow, SchemaVersion, TransitionRow
+from opmasd.store.models import AgentRow, ApiTokenRow, AuditRow, SchemaVersion, TransitionRow
 from opmasd.store.sql import SqlStore
 from opmasd.testing.memory_store import MemoryStore
 
@@ -228,6 +230,29 @@ def api_token(token_id: str = "0123456789abcdef", **fields: Any) -> ApiToken:
     return ApiToken(**values)
 
 
+def audit_record(n: int, **fields: Any) -> AuditRecord:
+    """An audit record with every field set; its time not in UTC."""
+    values: dict[str, Any] = {
+        "time": datetime(2025, 3, 30, 1, 59, 58, 123456, tzinfo=IST) + timedelta(seconds=n),
+        "actor": "local" if n % 2 else "token:0123456789abcdef",
+        "peer": "ipv6:[::1]" if n % 2 else "unix:",
+        "entry_point": "grpc",
+        "operation": "StopAgent",
+        "target": f"agent-{n % 3}",
+        "parameters": {
+            "agent_id": f"agent-{n % 3}",
+            "timeout": 2.5,
+            "labels": {"b": "ü", "a": [1, None, True]},
+        },
+        "result": "OK" if n % 4 else "NOT_FOUND",
+        "message": "" if n % 4 else "agent 'x' not found — ünïcode",
+        "node": "node-7",
+        "count": n + 1,
+    }
+    values.update(fields)
+    return AuditRecord(**values)
+
+
 # -- the contract: MemoryStore, SQLite, PostgreSQL ----------------------------------------------
 
 
@@ -409,7 +434,160 @@ def test_saving_a_token_again_replaces_its_row(store: AgentStore) -> None:
     assert len(store.load_tokens()) == 2
 
 
+def test_audit_records_round_trip_newest_first(store: AgentStore) -> None:
+    assert store.audit_records(AuditFilter()) == []
+    store.append_audit([])
+    store.append_audit([audit_record(n) for n in range(5)])
+    store.append_audit([audit_record(n) for n in range(5, 7)])
+    listed = store.audit_records(AuditFilter())
+    assert listed == [audit_record(n) for n in reversed(range(7))]
+    ids = [r.id for r in listed]
+    assert all(isinstance(i, int) for i in ids) and ids == sorted(ids, key=lambda i: i or 0, reverse=True)
+    assert len(set(ids)) == 7
+    assert listed[-1].parameters == {
+        "agent_id": "agent-0",
+        "timeout": 2.5,
+        "labels": {"b": "ü", "a": [1, None, True]},
+    }
+
+
+def test_audit_records_are_filtered_and_limited(store: AgentStore) -> None:
+    store.append_audit([audit_record(n) for n in range(9)])
+    newest = store.audit_records(AuditFilter(limit=1000))
+    id_of = {r.count - 1: r.id for r in newest}  # count is n + 1
+
+    def ns(**query: Any) -> list[int]:
+        return [r.count - 1 for r in store.audit_records(AuditFilter(**query))]
+
+    assert ns(target="agent-1") == [7, 4, 1]
+    assert ns(actor="local") == [7, 5, 3, 1]
+    assert ns(actor="local", target="agent-1") == [7, 1]
+    assert ns(since=audit_record(6).time) == [8, 7, 6]
+    assert ns(since=audit_record(6).time.astimezone(UTC)) == [8, 7, 6]
+    assert ns(before_id=id_of[3]) == [2, 1, 0]
+    assert ns(before_id=id_of[8], limit=2) == [7, 6]
+    assert ns(limit=3) == [8, 7, 6]
+    assert ns(limit=0) == []
+    assert ns(target="nobody") == []
+
+
+def test_pruning_audit_records_keeps_the_newest(store: AgentStore) -> None:
+    assert store.prune_audit(10) == 0
+    store.append_audit([audit_record(n) for n in range(7)])
+    assert store.prune_audit(3) == 4
+    assert [r.count for r in store.audit_records(AuditFilter())] == [7, 6, 5]
+    assert store.prune_audit(3) == 0
+    assert store.prune_audit(1) == 2
+    [kept] = store.audit_records(AuditFilter())
+    store.append_audit([audit_record(9)])
+    newest = store.audit_records(AuditFilter())
+    assert [r.count for r in newest] == [10, 7] and (newest[0].id or 0) > (kept.id or 0)
+    with pytest.raises(ValueError, match="negative"):
+        store.prune_audit(-1)
+    assert store.prune_audit(0) == 2
+    assert store.audit_records(AuditFilter()) == []
+
+
+def test_a_store_that_failed_refuses_audit_calls(store: AgentStore) -> None:
+    store.close()
+    with pytest.raises(StoreError, match="closed"):
+        store.append_audit([audit_record(0)])
+    with pytest.raises(StoreError, match="closed"):
+        store.audit_records(AuditFilter())
+    with pytest.raises(StoreError, match="closed"):
+        store.prune_audit(1)
+
+
 # -- SQL only: SQLite and PostgreSQL ------------------------------------------------------------
+
+
+def test_long_audit_fields_are_cut_to_their_columns(
+    backend: Backend, open_store: Callable[[str], SqlStore]
+) -> None:
+    store = open_store(backend.url)
+    widths = {"actor": 160, "peer": 160, "entry_point": 16, "operation": 64, "result": 32, "node": 255}
+    long = audit_record(
+        0,
+        target="t" * 10_000,
+        message="m" * 10_000,
+        count=10**12,  # past an INTEGER column: kept at its largest
+        **{name: name[0] * 10_000 for name in widths},
+    )
+    # NUL and lone surrogates, which neither database stores, are replaced.
+    odd = audit_record(1, actor="a\x00b", target="x\ud800y", message="\udfff")
+    store.append_audit([long, odd])
+    got_odd, got_long = store.audit_records(AuditFilter())
+    assert got_long.time == long.time and got_long.time.tzinfo is UTC
+    assert len(got_long.target) == MAX_TARGET and len(got_long.message) == MAX_MESSAGE
+    assert {name: len(getattr(got_long, name)) for name in widths} == widths
+    assert got_long.count == 2**31 - 1
+    assert (got_odd.actor, got_odd.target, got_odd.message) == ("a\ufffdb", "x\ufffdy", "\ufffd")
+
+
+def test_audit_parameters_are_bounded_compact_sorted_json(
+    backend: Backend, open_store: Callable[[str], SqlStore]
+) -> None:
+    store = open_store(backend.url)
+    loop: dict[str, Any] = {}
+    loop["loop"] = loop
+    records = [
+        audit_record(0, parameters={"z": 1, "a": {"y": 2, "b": [3]}}),
+        audit_record(1, parameters={"a": "x" * 100, "big": "y" * 10 * MAX_PARAMETERS_BYTES, "c": 3}),
+        audit_record(2, parameters={f"k{i:04}": "v" * 50 for i in range(1000)}),
+        audit_record(3, parameters={"when": datetime(2026, 1, 1, tzinfo=UTC), "cycle": loop, "n": 1}),
+        audit_record(4, parameters={}),
+    ]
+    store.append_audit(records)
+    raw = [text for (text,) in backend.raw("SELECT parameters FROM audit_records ORDER BY id", ())]
+    assert raw[0] == '{"a":{"b":[3],"y":2},"z":1}'
+    for text in raw:
+        assert len(text.encode()) <= MAX_PARAMETERS_BYTES
+        json.loads(text)  # valid
+    loaded = {r.count - 1: r.parameters for r in store.audit_records(AuditFilter())}
+    assert loaded[1] == {"truncated": True, "a": "x" * 100, "c": 3}
+    assert loaded[2]["truncated"] is True and "k0000" in loaded[2] and len(loaded[2]) > 10
+    assert loaded[3] == {"truncated": True, "n": 1, "when": "2026-01-01 00:00:00+00:00"}
+    assert loaded[4] == {}
+
+
+def test_the_audit_table_has_its_indexes(backend: Backend, open_store: Callable[[str], SqlStore]) -> None:
+    open_store(backend.url)
+    if backend.name == "sqlite":
+        names = [name for (_, name, *_) in backend.raw("PRAGMA index_list(audit_records)", ())]
+        indexed = {tuple(row[2] for row in backend.raw(f"PRAGMA index_info({n})", ())) for n in names}
+    else:
+        rows = backend.raw(
+            "SELECT indexdef FROM pg_indexes "
+            "WHERE schemaname = current_schema() AND tablename = 'audit_records'",
+            (),
+        )
+        indexed = {
+            tuple(c.strip().strip('"') for c in d.split("(", 1)[1].rstrip(")").split(",")) for (d,) in rows
+        }
+    assert {("time",), ("target", "id"), ("actor", "id")} <= indexed
+
+
+def test_a_version_2_database_gains_the_audit_table_and_keeps_its_data(
+    backend: Backend, open_store: Callable[[str], SqlStore], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    with monkeypatch.context() as patched:
+        patched.setattr(migrations, "MIGRATIONS", migrations.MIGRATIONS[:2])
+        patched.setattr(migrations, "LATEST_VERSION", 2)
+        old = open_store(backend.url)
+        assert old.schema_version == 2
+        old.record_transition(full_record(), transition("agent-full", 0))
+        old.save_token(api_token())
+        old.close()
+    assert "audit_records" not in _tables(backend)
+    store = open_store(backend.url)
+    assert store.schema_version == LATEST_VERSION == 3
+    assert "audit_records" in _tables(backend)
+    assert store.load_agents() == [full_record()]
+    assert store.transitions("agent-full") == [transition("agent-full", 0)]
+    assert store.load_tokens() == [api_token()]
+    assert store.audit_records(AuditFilter()) == []
+    store.append_audit([audit_record(0)])
+    assert store.audit_records(AuditFilter()) == [audit_record(0)]
 
 
 def test_only_the_secret_hash_is_in_the_token_table(
@@ -462,7 +640,7 @@ def test_a_version_1_database_gains_the_token_table_and_keeps_its_agents(
         old.close()
     assert "api_tokens" not in _tables(backend)
     store = open_store(backend.url)
-    assert store.schema_version == LATEST_VERSION == 2
+    assert store.schema_version == LATEST_VERSION
     assert "api_tokens" in _tables(backend)
     assert store.load_agents() == [full_record()]
     assert store.transitions("agent-full") == [transition("agent-full", 0)]
@@ -502,7 +680,7 @@ def test_migrations_build_what_the_models_describe(
 ) -> None:
     # Migrations are frozen copies; this catches a model changed without a migration.
     open_store(backend.url)
-    for model in (AgentRow, TransitionRow, ApiTokenRow, SchemaVersion):
+    for model in (AgentRow, TransitionRow, ApiTokenRow, AuditRow, SchemaVersion):
         expected = {f.column_name: bool(f.null) for f in model._meta.sorted_fields}
         assert backend.columns(model._meta.table_name) == expected, model.__name__
 

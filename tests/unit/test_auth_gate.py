@@ -37,6 +37,7 @@ EXPECTED = {
         "DiscoverAgents": A,
     },
     "TokenService": {"CreateToken": A, "ListTokens": A, "RevokeToken": A},
+    "AuditService": {"ListAuditRecords": A},
 }
 
 

@@ -61,3 +61,12 @@ def test_the_sqlite_database_is_0600_new_or_old(tmp_path: Path) -> None:
         assert (mode(old), mode(wal)) == (0o600, 0o600)
     finally:
         os.umask(saved)
+
+
+def test_our_own_0755_directories_are_tightened_to_0750(tmp_path: Path) -> None:
+    ours = tmp_path / "state"
+    ours.mkdir()
+    os.chmod(ours, 0o755)
+    fresh = tmp_path / "fresh" / "run"
+    directories.prepare((ours, fresh), fresh, None)
+    assert (mode(ours), mode(fresh)) == (0o750, 0o750)

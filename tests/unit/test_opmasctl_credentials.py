@@ -1,15 +1,23 @@
 """opmasctl's credentials: where the token comes from (--token, $OPMAS_TOKEN, the user's file),
-that every call carries it (unary, futures, streams, top's channel, completion), how the file
-is refused, the hints for UNAUTHENTICATED and PERMISSION_DENIED, and that no message shows it.
+that every call carries it (unary, futures, streams, top's channel, completion), that it goes
+only to a server named (--server, $OPMAS_SERVER, `server:`) over TCP, never to one the search
+found nor to a unix socket, how the file is refused, the hints for UNAUTHENTICATED and
+PERMISSION_DENIED, that no message shows it, and that a daemon configuration others may have
+written is not believed.
 
-A real in-process gRPC server on a free TCP port records the metadata of every call.
+A real in-process gRPC server on a free TCP port (or a unix socket) records the metadata of
+every call.
 """
 
 from __future__ import annotations
 
 import argparse
+import contextlib
 import os
+import pwd
 import stat
+import tempfile
+import uuid
 from collections.abc import Callable, Iterator
 from concurrent import futures
 from pathlib import Path
@@ -19,10 +27,12 @@ import grpc
 import pytest
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
-from opmasctl import completion, credentials
+from opmasctl import completion, connection, credentials
 from opmasctl.cli import run
+from opmasctl.connection import Connection, find_daemon
 from opmasctl.credentials import CredentialError, read_user_config, user_config_path
-from opmasctl.endpoints import tcp_endpoint
+from opmasctl.daemon_config import read_daemon_config
+from opmasctl.endpoints import parse_server, tcp_endpoint, unix_endpoint
 from opmasctl.top_feed import Link
 
 TOKEN = "opmas_0123456789abcdef_Fl4gS3cr3tFromFlag"
@@ -74,23 +84,38 @@ class Agents(agents_pb2_grpc.AgentServiceServicer):
 @pytest.fixture(autouse=True)
 def clean_env(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> None:
     """No token or server from the caller's environment; the user's file under tmp_path."""
-    for name in ("OPMAS_TOKEN", "OPMAS_SERVER", "OPMAS_CONFIG"):
+    for name in (
+        "OPMAS_TOKEN",
+        "OPMAS_SERVER",
+        "OPMAS_CONFIG",
+        "OPMAS_GRPC_SOCKET",
+        "OPMAS_GRPC_ADDRESS",
+        "OPMAS_SERVICE_RUNTIME_DIR",
+    ):
         monkeypatch.delenv(name, raising=False)
     monkeypatch.setenv("HOME", str(tmp_path / "home"))
     monkeypatch.setenv("XDG_CONFIG_HOME", str(tmp_path / "config"))
 
 
-@pytest.fixture
-def daemon() -> Iterator[tuple[str, Agents]]:
+@contextlib.contextmanager
+def serve(address: str = "127.0.0.1:0") -> Iterator[tuple[str, Agents]]:
+    """A fake daemon at `address` (a free TCP port by default, or `unix:...`): its address for
+    --server (host:port, or what was given), and its record of calls."""
     fake = Agents()  # type: ignore[abstract]
     server = grpc.server(futures.ThreadPoolExecutor(max_workers=8))
     agents_pb2_grpc.add_AgentServiceServicer_to_server(fake, server)
-    port = server.add_insecure_port("127.0.0.1:0")
+    port = server.add_insecure_port(address)
     server.start()
     try:
-        yield f"127.0.0.1:{port}", fake
+        yield (f"127.0.0.1:{port}" if address == "127.0.0.1:0" else address), fake
     finally:
         server.stop(None)
+
+
+@pytest.fixture
+def daemon() -> Iterator[tuple[str, Agents]]:
+    with serve() as found:
+        yield found
 
 
 def user_file(tmp_path: Path, text: str, mode: int = 0o600) -> Path:
@@ -397,3 +422,299 @@ def test_help_documents_exit_status_5(capsys: pytest.CaptureFixture[str]) -> Non
     out = capsys.readouterr().out
     assert "  5    not allowed:" in out
     assert "visible to other users in `ps`" in " ".join(out.split())
+
+
+# --- where the token goes: only to a server named, over TCP --------------------------------
+
+
+def searched(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, address: str, via: str) -> Path:
+    """No server named: the search finds the fake daemon at `address`, named by the daemon's
+    configuration (`via` "config") or as the default address ("default"); every other place it
+    tries is dead. The configuration file's path."""
+    config = tmp_path / "opmasd.yaml"
+    named = address if via == "config" else "''"
+    config.write_text(f"grpc:\n  socket: none\n  address: {named}\n")
+    monkeypatch.setenv("OPMAS_CONFIG", str(config))
+    monkeypatch.setenv("RUNTIME_DIRECTORY", str(tmp_path / "no-run"))  # the default socket
+    default = address if via == "default" else "127.0.0.1:1"
+    fallbacks = (
+        (unix_endpoint(str(tmp_path / "no-system.sock")), "the system daemon's socket"),
+        (tcp_endpoint(default), "the default address"),
+    )
+    monkeypatch.setattr(connection, "FALLBACKS", fallbacks)
+    return config
+
+
+@pytest.mark.parametrize("via", ["default", "config"])
+@pytest.mark.parametrize("source", ["env", "flag", "file"])
+def test_a_place_found_by_searching_gets_no_token(
+    via: str,
+    source: str,
+    tmp_path: Path,
+    daemon: tuple[str, Agents],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """Whoever listens on 127.0.0.1:50051 while the daemon is away (or where a configuration
+    says) must not collect the token."""
+    address, fake = daemon
+    searched(tmp_path, monkeypatch, address, via)
+    argv = ["agents", "list"]
+    if source == "env":
+        monkeypatch.setenv("OPMAS_TOKEN", ENV_TOKEN)
+    elif source == "flag":
+        argv = ["--token", TOKEN, *argv]
+    else:
+        user_file(tmp_path, f"token: {FILE_TOKEN}\n")
+    assert run(argv) == 0
+    assert fake.calls == [("ListAgents", None)]
+    no_secret_in(*capsys.readouterr())
+
+
+@pytest.mark.parametrize("how", ["--server", "http://", "$OPMAS_SERVER", "server:"])
+def test_a_server_named_over_tcp_gets_the_token(
+    how: str, tmp_path: Path, daemon: tuple[str, Agents], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address, fake = daemon
+    monkeypatch.setenv("OPMAS_TOKEN", ENV_TOKEN)
+    argv = ["agents", "list"]
+    if how == "--server":
+        argv = ["--server", address, *argv]
+    elif how == "http://":
+        argv = ["--server", f"http://{address}", *argv]
+    elif how == "$OPMAS_SERVER":
+        monkeypatch.setenv("OPMAS_SERVER", address)
+    else:
+        user_file(tmp_path, f"server: {address}\n")
+    assert run(argv) == 0
+    assert fake.calls == [("ListAgents", f"Bearer {ENV_TOKEN}")]
+
+
+@pytest.fixture
+def socket_dir() -> Iterator[Path]:
+    """A short folder for sockets: pytest's tmp_path may pass the 107 bytes a socket path has."""
+    with tempfile.TemporaryDirectory(prefix="opmasctl-", dir="/tmp") as folder:
+        yield Path(folder)
+
+
+@pytest.mark.parametrize(
+    "form", ["unix:///path", "/path", "unix:path", "unix-abstract:", "$OPMAS_SERVER", "server:"]
+)
+def test_a_unix_socket_never_gets_the_token(
+    form: str,
+    tmp_path: Path,
+    socket_dir: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    """The daemon asks for none on its socket, and a socket in the place of its own would keep it."""
+    path = socket_dir / "opmasd.sock"
+    if form == "unix-abstract:":
+        listen = server = f"unix-abstract:opmasctl-test-{uuid.uuid4().hex}"
+    else:
+        listen = f"unix:{path}"
+        server = {"unix:///path": f"unix://{path}", "unix:path": f"unix:{path}"}.get(form, str(path))
+    argv = ["--token", TOKEN, "agents", "list"]
+    if form == "$OPMAS_SERVER":
+        monkeypatch.setenv("OPMAS_SERVER", server)
+    elif form == "server:":
+        user_file(tmp_path, f"server: {server}\n")
+    else:
+        argv = ["--server", server, *argv]
+    with serve(listen) as (_, fake):
+        assert run(argv) == 0
+    assert fake.calls == [("ListAgents", None)]
+    no_secret_in(*capsys.readouterr())
+
+
+@pytest.mark.parametrize(
+    ("named", "server", "expected"),
+    [
+        (True, "127.0.0.1:50051", None),
+        (True, "https://opmasd.example", None),
+        (True, "dns:///opmasd.example:50051", None),
+        (False, "127.0.0.1:50051", "unnamed"),
+        (True, "/run/opmas/opmasd.sock", "unix"),
+        (True, "unix:///run/opmas/opmasd.sock", "unix"),
+        (True, "unix-abstract:opmasd", "unix"),
+        (False, "/run/opmas/opmasd.sock", "unix"),
+    ],
+)
+def test_withheld(named: bool, server: str, expected: str | None) -> None:
+    assert connection.withheld(named, parse_server(server)) == expected
+
+
+def test_a_connection_from_a_search_withholds_it(
+    tmp_path: Path, daemon: tuple[str, Agents], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """What top's channel is given (Connection.sent_token) follows the same rule."""
+    address, _ = daemon
+    token = credentials.check_token(TOKEN, "--token")
+    searched(tmp_path, monkeypatch, address, "default")
+    with Connection(find_daemon(None), token=token) as found:
+        assert (found.endpoint.target, found.withheld, found.sent_token) == (address, "unnamed", None)
+    with Connection(find_daemon(address), token=token) as named:
+        assert (named.withheld, named.sent_token) == (None, token)
+
+
+def test_completion_sends_no_token_to_a_place_found_by_searching(
+    tmp_path: Path, daemon: tuple[str, Agents], monkeypatch: pytest.MonkeyPatch
+) -> None:
+    address, fake = daemon
+    searched(tmp_path, monkeypatch, address, "default")
+    monkeypatch.setenv("OPMAS_TOKEN", ENV_TOKEN)
+    ids = completion.agent_ids(
+        prefix="",
+        action=argparse.Action([], "agent_id"),
+        parsed_args=argparse.Namespace(server=None, token=None),
+    )
+    assert ids == ["alpha", "beta"]
+    assert fake.calls == [("ListAgents", None)]
+
+
+def test_completion_of_no_daemon_is_quiet(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    searched(tmp_path, monkeypatch, "127.0.0.1:1", "default")
+    action = argparse.Action([], "agent_id")
+    assert completion.agent_ids(prefix="", action=action, parsed_args=argparse.Namespace()) == []
+    assert capsys.readouterr() == ("", "")
+
+
+def test_unauthenticated_with_a_token_withheld_says_to_name_the_server(
+    tmp_path: Path,
+    daemon: tuple[str, Agents],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address, fake = daemon
+    searched(tmp_path, monkeypatch, address, "default")
+    fake.handlers["ListAgents"] = _refuse(grpc.StatusCode.UNAUTHENTICATED, "missing or invalid credentials")
+    monkeypatch.setenv("OPMAS_TOKEN", ENV_TOKEN)
+    assert run(["agents", "list"]) == 5
+    path = tmp_path / "config" / "opmas" / "opmasctl.yaml"
+    out, err = capsys.readouterr()
+    assert err.splitlines() == [
+        "error: unauthenticated: missing or invalid credentials",
+        "  this daemon needs a token over TCP; the token from $OPMAS_TOKEN was not sent, as no "
+        "server was named: a token goes only to a daemon named by --server host:port, "
+        f"$OPMAS_SERVER or `server:` in {path}",
+    ]
+    assert fake.calls == [("ListAgents", None)]
+    no_secret_in(out, err)
+
+
+def test_permission_denied_with_a_token_withheld_says_so(
+    tmp_path: Path,
+    daemon: tuple[str, Agents],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address, fake = daemon
+    searched(tmp_path, monkeypatch, address, "config")
+    fake.handlers["DeleteAgent"] = _refuse(grpc.StatusCode.PERMISSION_DENIED, "needs the admin role")
+    assert run(["--token", TOKEN, "agents", "delete", "alpha"]) == 5
+    err = capsys.readouterr().err
+    assert (
+        "  the caller's role does not allow this (the token from --token was not sent, "
+        "as no server was named: " in err
+    )
+    assert "--server host:port" in err
+
+
+def test_unauthenticated_on_a_unix_socket_says_the_token_goes_only_over_tcp(
+    socket_dir: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    path = socket_dir / "opmasd.sock"
+    with serve(f"unix:{path}") as (_, fake):
+        fake.handlers["ListAgents"] = _refuse(grpc.StatusCode.UNAUTHENTICATED, "who are you")
+        assert run(["--server", str(path), "--token", TOKEN, "agents", "list"]) == 5
+    assert capsys.readouterr().err.splitlines()[1] == (
+        "  this daemon needs a token over TCP; the token from --token was not sent: "
+        "a token goes only over TCP, never to a unix socket"
+    )
+
+
+# --- a daemon configuration others may have written ---------------------------------------
+
+
+def _nobody() -> int:
+    try:
+        return pwd.getpwnam("nobody").pw_uid
+    except KeyError:
+        return 65534
+
+
+def owned(path: Path, owner: str) -> int:
+    """Makes `path` root's, "you"'s or an "other" user's; the euid that is "you" for it."""
+    me = os.geteuid()
+    if me != 0:
+        if owner == "root":
+            pytest.skip("only root can give a file to root")
+        return me if owner == "you" else me + 1
+    you = 1000 if _nobody() != 1000 else 1001
+    os.chown(path, {"root": 0, "you": you, "other": _nobody()}[owner], -1)
+    return you
+
+
+@pytest.mark.parametrize(
+    ("owner", "mode", "believed"),
+    [
+        ("root", 0o644, True),
+        ("root", 0o640, True),
+        ("root", 0o664, True),  # the opmas group's to edit: its members are trusted with the daemon
+        ("you", 0o666, True),
+        ("other", 0o644, True),
+        ("other", 0o600, True),
+        ("other", 0o664, False),
+        ("other", 0o646, False),
+        ("other", 0o666, False),
+    ],
+)
+def test_a_daemon_config_others_may_write_is_not_believed(
+    owner: str, mode: int, believed: bool, tmp_path: Path
+) -> None:
+    path = tmp_path / "opmasd.yaml"
+    path.write_text("grpc:\n  socket: /tmp/elsewhere.sock\n  address: 127.0.0.1:6000\n")
+    path.chmod(mode)
+    euid = owned(path, owner)
+    config = read_daemon_config({"OPMAS_CONFIG": str(path)}, euid=euid)
+    if believed:
+        assert config.problem is None
+        assert [lst.endpoint.target for lst in config.listeners] == [
+            "unix:/tmp/elsewhere.sock",
+            "127.0.0.1:6000",
+        ]
+    else:
+        assert config.listeners == []
+        assert config.problem is not None and config.problem.loud
+        writers = {0o664: "its group", 0o646: "all users", 0o666: "its group and all users"}[mode]
+        assert config.problem.reason == (
+            f"owned by uid {path.stat().st_uid} (neither root nor you, uid {euid}) and writable by "
+            f"{writers} (mode {mode:04o}): whoever may change it could point opmasctl at a daemon "
+            "of their own"
+        )
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="giving a file to another user needs root")
+def test_run_warns_of_a_group_writable_config_of_another_user_and_ignores_it(
+    tmp_path: Path,
+    daemon: tuple[str, Agents],
+    monkeypatch: pytest.MonkeyPatch,
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    address, real = daemon
+    with serve() as (liar_address, liar):
+        config = searched(tmp_path, monkeypatch, address, "default")
+        config.write_text(f"grpc:\n  socket: none\n  address: {liar_address}\n")
+        config.chmod(0o664)
+        os.chown(config, _nobody(), -1)
+        assert run(["agents", "list"]) == 0
+    assert liar.calls == [] and len(real.calls) == 1
+    out, err = capsys.readouterr()
+    assert "alpha" in out
+    assert err.splitlines() == [
+        f"opmasctl: warning: ignoring {config}: owned by uid {_nobody()} (neither root nor you, "
+        "uid 0) and writable by its group (mode 0664): whoever may change it could point opmasctl "
+        "at a daemon of their own"
+    ]

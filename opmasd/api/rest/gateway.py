@@ -41,6 +41,7 @@ NDJSON = "application/x-ndjson"
 FIRST_MESSAGE_WAIT = 0.25
 _FORWARDED_HEADERS = ("authorization",)
 _METADATA_PREFIX = "grpc-metadata-"
+_RESERVED_METADATA = ("grpc-", "x-opmas-", ":")
 _TIMEOUT_UNITS = {"H": 3600.0, "M": 60.0, "S": 1.0, "m": 1e-3, "u": 1e-6, "n": 1e-9}
 _TIMEOUT = re.compile(r"[0-9]{1,8}[HMSmun]")
 
@@ -155,21 +156,21 @@ class RestGateway:
         encoding = request.headers.get("Content-Encoding", "identity").strip().lower()
         if encoding not in ("", "identity"):
             # Decompressing would let a small body grow without bound before the limit applies.
-            return _closing(
+            return closing(
                 routing_error(
                     415, code_pb2.INVALID_ARGUMENT, f"Content-Encoding {encoding[:32]!r} is not supported"
                 )
             )
         length = request.content_length
         if length is not None and length > self._max_body:
-            return _closing(_too_large(length, self._max_body))
+            return closing(_too_large(length, self._max_body))
         # To the end of the body (it may come in many chunks), never past the limit.
         chunks: list[bytes] = []
         size = 0
         while chunk := await request.content.readany():
             size += len(chunk)
             if size > self._max_body:
-                return _closing(_too_large(None, self._max_body))
+                return closing(_too_large(None, self._max_body))
             chunks.append(chunk)
         data = b"".join(chunks)
         if data.strip() and request.content_type != JSON and not request.content_type.endswith("+json"):
@@ -300,7 +301,7 @@ def _serialize(message: Message) -> bytes:
     return message.SerializeToString()
 
 
-def _closing(response: web.Response) -> web.Response:
+def closing(response: web.Response) -> web.Response:
     """The response, with the connection closed after it: the unread rest of the body is not
     drained (and, compressed, not inflated) on the event loop."""
     response.force_close()
@@ -336,7 +337,11 @@ def _metadata(request: web.Request) -> list[tuple[str, str]]:
         if lower in _FORWARDED_HEADERS:
             metadata.append((lower, value))
         elif lower.startswith(_METADATA_PREFIX) and len(lower) > len(_METADATA_PREFIX):
-            metadata.append((lower[len(_METADATA_PREFIX) :], value))
+            name = lower[len(_METADATA_PREFIX) :]
+            # The credentials are the Authorization header's alone (the one checked before the
+            # body was read), and grpc-* and x-opmas-* keys are the transport's, not a caller's.
+            if name not in _FORWARDED_HEADERS and not name.startswith(_RESERVED_METADATA):
+                metadata.append((name, value))
     return metadata
 
 

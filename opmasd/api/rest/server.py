@@ -21,10 +21,11 @@ from aiohttp import web
 from aiohttp.http_exceptions import HttpProcessingError
 from google.rpc import code_pb2
 
+from opmasd.api.audit_records import Auditor
 from opmasd.api.auth import Gate
-from opmasd.api.errors import to_status_pb
+from opmasd.api.errors import bad_request_status, code_name, to_status_pb
 from opmasd.api.grpc_server import ListenError, give_socket
-from opmasd.api.rest.gateway import JSON, RestGateway, error_response, rest_peer, routing_error
+from opmasd.api.rest.gateway import JSON, RestGateway, closing, error_response, rest_peer, routing_error
 from opmasd.core.auth import Role
 from opmasd.core.errors import OpmasError
 
@@ -86,10 +87,13 @@ class HttpServer:
         grace: float = 5.0,
         max_connections: int = MAX_CONNECTIONS,
         gate: Gate | None = None,
+        auditor: Auditor | None = None,
     ) -> None:
-        """gate: who may ask for what (api.auth); None only in tests of the transcoding alone."""
+        """gate: who may ask for what (api.auth); None only in tests of the transcoding alone.
+        auditor: where requests refused here (before they reach the gate's RPC check) go."""
         self._gateway = gateway
         self._gate = gate
+        self._auditor = auditor
         self._max_connections = max_connections
         self._grace = grace
         self._endpoints = endpoints
@@ -192,14 +196,22 @@ class HttpServer:
         return await fixed(request)
 
     def _refused(self, request: web.Request, gate: Gate) -> web.Response | None:
+        if len(request.headers.getall("Authorization", ())) > 1:
+            refused = error_response(
+                bad_request_status("Authorization", "give one Authorization header, not several")
+            )
+            return _closing(refused, request)
         caller = gate.caller(request.headers.get("Authorization", ""), rest_peer(request), "rest")
         try:
             if caller.role is None or request.path in self._fixed:  # the document and metrics
                 gate.require(caller, Role.VIEWER, request.path)
         except OpmasError as exc:
-            log.info("request refused", path=request.path[:200], peer=caller.peer, reason=exc.message)
+            # Not logged one by one (a flood would fill the log): the trail folds a burst.
+            if self._auditor is not None:
+                operation = f"{request.method} {request.path}"[:64]
+                self._auditor.refused_request(caller, operation, code_name(exc), exc.message)
             headers = {"WWW-Authenticate": 'Bearer realm="opmasd"'} if caller.role is None else None
-            return error_response(to_status_pb(exc), headers)
+            return _closing(error_response(to_status_pb(exc), headers), request)
         return None
 
     async def _serve_openapi(self, request: web.Request) -> web.StreamResponse:
@@ -267,3 +279,9 @@ async def _status_shaped_errors(
             raise
         code = code_pb2.NOT_FOUND if exc.status == 404 else code_pb2.INVALID_ARGUMENT
         return routing_error(exc.status, code, exc.reason or "bad request")
+
+
+def _closing(response: web.Response, request: web.Request) -> web.Response:
+    """A refusal that closes the connection when the request has a body: kept open, aiohttp
+    would read that body to its end (unbounded, for a chunked one) before the next request."""
+    return closing(response) if request.can_read_body else response
