@@ -34,6 +34,7 @@ from opmasd.api.rest.openapi import openapi_document
 from opmasd.api.rest.rules import routes_of
 from opmasd.api.rest.server import Endpoints, HttpListeners, HttpServer
 from opmasd.bus.connection import NatsBus
+from opmasd.bus.embedded import USER as EMBEDDED_NATS_USER
 from opmasd.bus.embedded import EmbeddedNatsServer
 from opmasd.bus.manager_service import ManagerService
 from opmasd.bus.subjects import Subjects
@@ -227,7 +228,9 @@ class Daemon:
         """What agents need to reach NATS as opmasd does (NATS_URL comes from the bus)."""
         nats = self.config.nats
         env = {"NATS_SUBJECT_PREFIX": nats.subject_prefix}
-        if nats.user:
+        if self._embedded_nats is not None:  # its login (agents do not get one of their own yet)
+            env.update(NATS_USER=EMBEDDED_NATS_USER, NATS_PASSWORD=self._embedded_nats.password)
+        elif nats.user:
             env.update(NATS_USER=nats.user, NATS_PASSWORD=nats.password)
         return env
 
@@ -254,16 +257,17 @@ class Daemon:
         all the same, and the bus keeps connecting in the background.
         """
         nats = self.config.nats
-        url = nats.url
+        url, user, password = nats.url, nats.user, nats.password
         if not url:
             self.notifier.status("starting the embedded NATS server")
             self._embedded_nats = EmbeddedNatsServer(self.config.service.state_dir / "nats")
             url = await self._embedded_nats.start()
+            user, password = EMBEDDED_NATS_USER, self._embedded_nats.password
         self.notifier.status("connecting to NATS")
         return await NatsBus.connect(
             url,
-            user=nats.user,
-            password=nats.password,
+            user=user,
+            password=password,
             tls_verify=nats.tls_verify,
             subjects=Subjects(nats.subject_prefix),
         )

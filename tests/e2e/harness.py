@@ -616,7 +616,10 @@ class Sandbox:
         return int((self.state_dir / "nats" / "port").read_text().strip())
 
     def embedded_nats_url(self) -> str:
-        return f"nats://127.0.0.1:{self.embedded_nats_port()}"
+        """The embedded server's URL with its login (opmasd's and its agents'; kept 0600 in the
+        state directory, which root's tests may read)."""
+        password = (self.state_dir / "nats" / "credentials").read_text().strip()
+        return f"nats://opmas:{password}@127.0.0.1:{self.embedded_nats_port()}"
 
     def embedded_nats_pid(self) -> int:
         """The pid of the daemon's live nats-server child named in its pid file; 0 when there

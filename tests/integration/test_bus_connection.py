@@ -50,7 +50,7 @@ def hb(agent_id: str = "a1", **extra: Any) -> bytes:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNatsServer]:
-    srv = EmbeddedNatsServer(tmp_path / "nats")
+    srv = EmbeddedNatsServer(tmp_path / "nats", authorization=False)
     await srv.start()
     yield srv
     await srv.stop()
@@ -205,7 +205,7 @@ async def test_reconnects_by_itself_to_a_server_back_on_the_same_port(
     assert not bus.is_connected
     with pytest.raises(BusUnavailable):
         await bus.command_agent("a1", "ping", {}, timeout=1)
-    again = EmbeddedNatsServer(tmp_path / "nats", port=int(url.rsplit(":", 1)[1]))
+    again = EmbeddedNatsServer(tmp_path / "nats", port=int(url.rsplit(":", 1)[1]), authorization=False)
     try:
         assert await again.start() == url
         # nats-py reports the reconnect (its callback) a moment after the connection is up.
@@ -247,7 +247,7 @@ async def test_starts_with_the_server_down_and_connects_when_it_comes_up(tmp_pat
         await bus.serve("t.echo", echo)  # registered now, subscribed once connected
         intake = Intake()
         intake.attach(bus)
-        server = EmbeddedNatsServer(tmp_path, port=port)
+        server = EmbeddedNatsServer(tmp_path, port=port, authorization=False)
         await server.start()
         try:
             assert await bus.wait_connected(10)

@@ -5,14 +5,16 @@ from __future__ import annotations
 import asyncio
 import os
 import signal
+import stat
 import sys
 from pathlib import Path
 
 import nats
+import nats.js.errors
 import psutil
 import pytest
 
-from opmasd.bus.embedded import EmbeddedNatsError, EmbeddedNatsServer, find_binary
+from opmasd.bus.embedded import USER, EmbeddedNatsError, EmbeddedNatsServer, find_binary
 
 
 def gone(pid: int) -> bool:
@@ -30,12 +32,24 @@ async def test_start_serves_on_loopback_and_stop_leaves_no_process(tmp_path: Pat
     assert pid is not None
     # Its own session: a terminal's Ctrl-C (sent to opmasd's process group) does not reach it.
     assert os.getsid(pid) == pid != os.getsid(0)
-    nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+    nc = await nats.connect(
+        url, user=USER, password=server.password, connect_timeout=2, allow_reconnect=False
+    )
     try:
         assert nc.is_connected
-        assert (await nc.jetstream().account_info()) is not None  # JetStream is on
+        with pytest.raises(nats.js.errors.ServiceUnavailableError):  # no JetStream: nothing uses it
+            await nc.jetstream().account_info()
     finally:
         await nc.close()
+    # Anyone else is refused: no password, or a wrong one.
+    for login in ({}, {"user": USER, "password": "guess"}):
+        with pytest.raises((nats.errors.Error, OSError)):
+            await nats.connect(
+                url, connect_timeout=2, allow_reconnect=False, max_reconnect_attempts=0, **login
+            )
+    # The password is in a file only its owner reads, and in no process's command line.
+    assert stat.S_IMODE((tmp_path / "nats" / "credentials").stat().st_mode) == 0o600
+    assert server.password not in " ".join(psutil.Process(pid).cmdline())
     assert (tmp_path / "nats" / "nats-server.log").read_text().count("Server is ready") == 1
     await server.stop()
     assert gone(pid)
@@ -89,7 +103,10 @@ async def test_a_crashed_server_is_restarted_on_the_same_port(tmp_path: Path) ->
                 break
             await asyncio.sleep(0.025)
         assert server.restarts == 1 and server.url == url
-        nc = await nats.connect(url, connect_timeout=2, allow_reconnect=False)
+        # The same login: agents that knew the old server know this one.
+        nc = await nats.connect(
+            url, user=USER, password=server.password, connect_timeout=2, allow_reconnect=False
+        )
         await nc.close()
     finally:
         await server.stop()

@@ -53,7 +53,7 @@ class Node:
 
 @pytest.fixture
 async def server(tmp_path: Path) -> AsyncIterator[EmbeddedNatsServer]:
-    srv = EmbeddedNatsServer(tmp_path / "nats")
+    srv = EmbeddedNatsServer(tmp_path / "nats", authorization=False)
     await srv.start()
     yield srv
     await srv.stop()
@@ -378,7 +378,7 @@ async def test_api_started_before_nats_is_up_serves_once_it_is(tmp_path: Path) -
     await manager.start(discover=False)
     api = manager_service(manager, bus)
     await api.start()
-    server = EmbeddedNatsServer(tmp_path, port=port)
+    server = EmbeddedNatsServer(tmp_path, port=port, authorization=False)
     try:
         await server.start()
         assert await bus.wait_connected(10)
