@@ -109,3 +109,15 @@ class Gate:
         if not caller.may(required):
             held = f"the caller ({caller.identity}) is {caller.role.label}"
             raise PermissionDenied(f"{what} needs the {required.label} role; {held}")
+
+
+# What a caller below admin sees in place of each environment value of an agent's spec.
+HIDDEN = "<hidden>"
+
+
+def sees_secrets() -> bool:
+    """Whether the caller of the request being served may see agents' environment values
+    (passwords, keys): admins only. Without a caller (an in-process call of the daemon's own)
+    it may."""
+    caller = CURRENT_CALLER.get()
+    return caller is None or caller.role is Role.ADMIN

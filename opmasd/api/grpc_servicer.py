@@ -17,9 +17,10 @@ import structlog
 from opmas.v1 import agents_pb2 as pb
 from opmas.v1 import agents_pb2_grpc
 from opmasd.api import convert, paging
+from opmasd.api.auth import sees_secrets
 from opmasd.api.errors import code_of, is_known, to_grpc_status
 from opmasd.api.grpc_handlers import Undecodable
-from opmasd.api.wire_cache import AgentWireCache
+from opmasd.api.wire_cache import AgentWireCache, hide_environment
 from opmasd.core.errors import InvalidArgument, Unavailable
 from opmasd.core.ids import check_agent_id
 from opmasd.manager import AgentFilter, AgentManager, BulkOutcome, OperationResult, Selection
@@ -146,7 +147,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         if len(self._wire_cache) > 2 * total + 100:
             self._wire_cache.forget_missing({rec.agent_id for rec in self._manager.list_agents()})
         # A page also ends before it outgrows what an ordinary client takes (4 MiB by default).
-        response, taken = self._wire_cache.list_page(records[:page_size], MAX_PAGE_BYTES)
+        response, taken = self._wire_cache.list_page(records[:page_size], MAX_PAGE_BYTES, not sees_secrets())
         if len(records) > taken:
             response.next_page_token = paging.encode_page_token(records[taken - 1].agent_id)
         response.total_size = total
@@ -168,7 +169,8 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
 
     @unary
     async def GetAgent(self, request: pb.GetAgentRequest, context: Any) -> pb.Agent:
-        return convert.agent_to_pb(self._manager.get_agent(request.agent_id))
+        agent = convert.agent_to_pb(self._manager.get_agent(request.agent_id))
+        return agent if sees_secrets() else hide_environment(agent)
 
     @unary
     async def UpdateAgent(self, request: pb.UpdateAgentRequest, context: Any) -> pb.Agent:

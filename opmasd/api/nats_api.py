@@ -15,7 +15,7 @@ from typing import Any
 import structlog
 
 from opmasd.api.audit_records import REFUSALS, Auditor
-from opmasd.api.auth import CURRENT_CALLER, Gate
+from opmasd.api.auth import CURRENT_CALLER, HIDDEN, Gate, sees_secrets
 from opmasd.api.errors import code_name, is_known
 from opmasd.api.nats_convert import (
     BadRequest,
@@ -148,7 +148,12 @@ class NatsManagerApi:
         return agent_to_json(self._manager.get_agent(require_agent_id(agent_id)))
 
     async def _get(self, agent_id: str, params: Mapping[str, Any]) -> Any:
-        return agent_to_json(self._manager.get_agent(require_agent_id(agent_id)), with_spec=True)
+        agent = agent_to_json(self._manager.get_agent(require_agent_id(agent_id)), with_spec=True)
+        environment = agent["spec"].get("environment")
+        if isinstance(environment, dict) and not sees_secrets():
+            for name in environment:
+                environment[name] = HIDDEN
+        return agent
 
     async def _list(self, agent_id: str, params: Mapping[str, Any]) -> Any:
         state_name = param_str(params, "state")

@@ -1,6 +1,7 @@
 """What an outside review of the first security step found, each checked against a real daemon:
-a stream ends once its token is revoked, the credentials checked are the credentials used, and
-a refused request with a body does not keep its connection (nor has its body read)."""
+a stream ends once its token is revoked, the credentials checked are the credentials used, a
+refused request with a body does not keep its connection (nor has its body read), and only
+admins see the values of agents' environments."""
 
 from __future__ import annotations
 
@@ -98,3 +99,29 @@ def raw(box: Sandbox, request: bytes, read_to_close: bool = False) -> tuple[int,
     lines = head.decode().split("\r\n")
     headers = {k.lower(): v.strip() for k, _, v in (line.partition(":") for line in lines[1:])}
     return int(lines[0].split()[1]), headers, body
+
+
+def test_only_admins_see_the_values_of_an_agents_environment(box: Sandbox) -> None:
+    create(box.daemon.stub, "with-secret", sleeper(), environment={"DB_PASSWORD": "hunter2"})
+    for role, seen in (
+        (auth_pb2.ROLE_VIEWER, "<hidden>"),
+        (auth_pb2.ROLE_OPERATOR, "<hidden>"),
+        (auth_pb2.ROLE_ADMIN, "hunter2"),
+    ):
+        token = box.create_token(role, "env").secret
+        stub = box.daemon.tcp_stub(token)
+        assert stub.GetAgent(pb.GetAgentRequest(agent_id="with-secret"), timeout=10).spec.environment == {
+            "DB_PASSWORD": seen
+        }
+        listed = {a.agent_id: a for a in stub.ListAgents(pb.ListAgentsRequest(), timeout=10).agents}
+        assert listed["with-secret"].spec.environment == {"DB_PASSWORD": seen}
+        rest = Rest(f"127.0.0.1:{box.rest_port}", token=token)  # type: ignore[attr-defined]
+        assert rest.get("/api/v1/agents/with-secret").json()["spec"]["environment"] == {"DB_PASSWORD": seen}
+        nats = box.nats().request(
+            "agent.manager.query",
+            {"command": "get", "agent_id": "with-secret"},
+            headers={"Authorization": f"Bearer {token}"},
+        )
+        assert nats["result"]["spec"]["environment"] == {"DB_PASSWORD": seen}, nats
+    local = box.daemon.stub.GetAgent(pb.GetAgentRequest(agent_id="with-secret"), timeout=10)
+    assert local.spec.environment == {"DB_PASSWORD": "hunter2"}  # the unix socket: an admin
