@@ -233,7 +233,6 @@ def _check_auth(values: dict[str, dict[str, Any]], origins: dict[tuple[str, str]
             "127.0.0.1) may register and run commands as this daemon's user; set "
             "auth.unsafe_allow_unauthenticated: true to accept that",
         )
-    auth.pop("tokens_file", None)
     if not auth.get("unsafe_allow_plaintext_remote"):
         for section, default in (("grpc", GrpcConfig.address), ("rest", RestConfig.address)):
             if section == "rest" and values["rest"].get("enabled") is False:

@@ -16,6 +16,18 @@ from typing import Any
 MAX_TARGET = 256
 MAX_MESSAGE = 1024
 MAX_PARAMETERS_BYTES = 4096
+# Each text field's bound in characters: the store's column widths, applied by the manager as a
+# record is queued too, so that what waits in memory is bounded as well.
+WIDTHS = {
+    "actor": 160,
+    "peer": 160,
+    "entry_point": 16,
+    "operation": 64,
+    "target": MAX_TARGET,
+    "result": 32,
+    "message": MAX_MESSAGE,
+    "node": 255,
+}
 
 
 @dataclass(frozen=True)

@@ -27,7 +27,7 @@ from typing import Any
 
 import structlog
 
-from opmasd.core.audit import MAX_MESSAGE, MAX_PARAMETERS_BYTES, MAX_TARGET, AuditFilter, AuditRecord
+from opmasd.core.audit import MAX_MESSAGE, MAX_PARAMETERS_BYTES, WIDTHS, AuditFilter, AuditRecord
 from opmasd.core.clock import SYSTEM_CLOCK, Clock
 from opmasd.core.errors import FieldViolation, InvalidArgument, StoreError, StoreRejected, Unavailable
 from opmasd.manager.persistence import WriteBehind
@@ -47,18 +47,6 @@ MANY = "(many)"
 # Parameters are logged when their JSON is shorter than this; otherwise only their keys.
 MAX_LOGGED_PARAMETERS = 512
 MAX_LOGGED_KEYS = 32
-# Each text field's bound: the store's column widths (store.models.AUDIT_WIDTHS), applied on the
-# way in as well, so that what waits in memory is bounded too.
-_WIDTHS = {
-    "actor": 160,
-    "peer": 160,
-    "entry_point": 16,
-    "operation": 64,
-    "target": MAX_TARGET,
-    "result": 32,
-    "message": MAX_MESSAGE,
-    "node": 255,
-}
 
 
 @dataclass(frozen=True)
@@ -406,7 +394,7 @@ def _json(value: object) -> str:
 
 def _text(value: object, field: str) -> str:
     text = value if isinstance(value, str) else "" if value is None else str(value)
-    return text[: _WIDTHS[field]]
+    return text[: WIDTHS[field]]
 
 
 def _checked(query: AuditFilter) -> AuditFilter:

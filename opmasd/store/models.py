@@ -19,7 +19,7 @@ from typing import Any
 
 import peewee
 
-from opmasd.core.audit import MAX_MESSAGE, MAX_PARAMETERS_BYTES, MAX_TARGET, AuditRecord
+from opmasd.core.audit import MAX_PARAMETERS_BYTES, MAX_TARGET, WIDTHS, AuditRecord
 from opmasd.core.auth import ApiToken, Role
 from opmasd.core.model import (
     AgentRecord,
@@ -141,17 +141,6 @@ class ApiTokenRow(BaseRow):
         table_name = "api_tokens"
 
 
-# The audit_records columns' widths (characters); what is longer is cut on the way in.
-AUDIT_WIDTHS = {
-    "actor": 160,
-    "peer": 160,
-    "entry_point": 16,
-    "operation": 64,
-    "target": MAX_TARGET,
-    "result": 32,
-    "message": MAX_MESSAGE,
-    "node": 255,
-}
 # An INTEGER column: a count past it is kept at it.
 MAX_AUDIT_COUNT = 2**31 - 1
 
@@ -304,7 +293,7 @@ def token_from_row(row: ApiTokenRow) -> ApiToken:
 def audit_to_row(record: AuditRecord) -> dict[str, Any]:
     """The column values of an audit record's row: text cleaned (no NUL, no lone surrogate:
     neither database takes them) and cut to its column's width, parameters as bounded JSON."""
-    row: dict[str, Any] = {name: clean_text(getattr(record, name), w) for name, w in AUDIT_WIDTHS.items()}
+    row: dict[str, Any] = {name: clean_text(getattr(record, name), w) for name, w in WIDTHS.items()}
     count = record.count if isinstance(record.count, int) else 1
     row.update(
         time=record.time,
