@@ -36,9 +36,11 @@ from opmasd.api.rest.server import Endpoints, HttpListeners, HttpServer
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import USER as EMBEDDED_NATS_USER
 from opmasd.bus.embedded import EmbeddedNatsServer
+from opmasd.bus.login import NatsLogin
 from opmasd.bus.manager_service import ManagerService
 from opmasd.bus.subjects import Subjects
 from opmasd.config import Config, ConfigError, load_config
+from opmasd.config.nats_login import nats_login
 from opmasd.core.serial_thread import SerialThread
 from opmasd.core.tasks import TaskOwner
 from opmasd.core.urls import redacted
@@ -257,20 +259,14 @@ class Daemon:
         all the same, and the bus keeps connecting in the background.
         """
         nats = self.config.nats
-        url, user, password = nats.url, nats.user, nats.password
+        url, login = nats.url, nats_login(nats)
         if not url:
             self.notifier.status("starting the embedded NATS server")
             self._embedded_nats = EmbeddedNatsServer(self.config.service.state_dir / "nats")
             url = await self._embedded_nats.start()
-            user, password = EMBEDDED_NATS_USER, self._embedded_nats.password
+            login = NatsLogin(user=EMBEDDED_NATS_USER, password=self._embedded_nats.password)
         self.notifier.status("connecting to NATS")
-        return await NatsBus.connect(
-            url,
-            user=user,
-            password=password,
-            tls_verify=nats.tls_verify,
-            subjects=Subjects(nats.subject_prefix),
-        )
+        return await NatsBus.connect(url, login=login, subjects=Subjects(nats.subject_prefix))
 
     async def main_loop(self) -> None:
         while not self.should_exit.is_set():

@@ -29,11 +29,12 @@ from opmasd.bus.agent_commands import AgentCommands
 from opmasd.bus.base import HeartbeatHandler, MetricsHandler
 from opmasd.bus.burst import BurstLog
 from opmasd.bus.intake import Intake
+from opmasd.bus.login import NatsLogin
 from opmasd.bus.micro import ServiceDescription, ServiceEndpoint, service_registration
 from opmasd.bus.registration import Registration, Teardown
 from opmasd.bus.serving import RequestHandler, RequestRunner
 from opmasd.bus.subjects import Subjects
-from opmasd.bus.urls import check_url, tls_context, uses_tls
+from opmasd.bus.urls import check_url, uses_tls
 from opmasd.core.errors import BusRejected, BusUnavailable
 from opmasd.core.messages import CommandReply
 from opmasd.core.tasks import TaskOwner
@@ -76,9 +77,7 @@ class BusStats:
 class BusSettings(TypedDict, total=False):
     """NatsBus's keyword settings, so connect() passes them on without repeating them."""
 
-    user: str
-    password: str
-    tls_verify: bool
+    login: NatsLogin | None
     subjects: Subjects | None
     agent_url: str | None
     options: ConnectOptions | None
@@ -89,9 +88,7 @@ class NatsBus:
         self,
         url: str,
         *,
-        user: str = "",
-        password: str = "",
-        tls_verify: bool = True,
+        login: NatsLogin | None = None,
         subjects: Subjects | None = None,
         agent_url: str | None = None,
         options: ConnectOptions | None = None,
@@ -103,9 +100,8 @@ class NatsBus:
             check_url(server)
         self.subjects = subjects or Subjects()
         self._agent_url = agent_url or without_credentials(url)
-        self._user = user
-        self._password = password
-        self._tls = tls_context(tls_verify) if uses_tls(self._servers) else None
+        self._login = login or NatsLogin()
+        self._tls = self._login.tls_context() if uses_tls(self._servers) else None
         self._options = options or ConnectOptions()
         self._nc = Client()
         self._tasks = TaskOwner("nats-bus")
@@ -145,9 +141,8 @@ class NatsBus:
         await self._nc.connect(
             self._servers,
             name=opts.name,
-            user=self._user or None,
-            password=self._password or None,
             tls=self._tls,
+            **self._login.connect_options(),
             allow_reconnect=True,
             # -1 also makes nats-py's *initial* connect retry until it succeeds.
             max_reconnect_attempts=-1,

@@ -1,8 +1,6 @@
-"""NATS server URLs: checking each server of nats.url, and the TLS context they need."""
+"""NATS server URLs: checking each server of nats.url, and whether they speak TLS."""
 
 from __future__ import annotations
-
-import ssl
 
 from opmasd.core.urls import split_server
 
@@ -23,11 +21,3 @@ def check_url(server: str) -> None:
 def uses_tls(servers: list[str]) -> bool:
     return any(s.startswith(("tls://", "wss://")) for s in servers)
 
-
-def tls_context(verify: bool) -> ssl.SSLContext:
-    """The system's CAs; verify=False (nats.tls_verify) accepts any certificate and name."""
-    context = ssl.create_default_context()
-    if not verify:
-        context.check_hostname = False
-        context.verify_mode = ssl.CERT_NONE
-    return context

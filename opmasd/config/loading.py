@@ -18,6 +18,7 @@ from typing import Any, NoReturn
 import yaml
 
 from opmas.local import SOCKET_NAME
+from opmasd.config.nats_login import check_nats_login
 from opmasd.config.parsers import split_address
 from opmasd.config.paths import default_agent_dirs, default_log_dir, default_paths
 from opmasd.config.schema import (
@@ -187,6 +188,12 @@ def _build(
         )
 
     _check_auth(values, origins)
+
+    def refuse_nats(key: str, why: str) -> NoReturn:
+        source, label = origins.get(("nats", key), ("configuration", f"nats.{key}"))
+        raise ConfigError(source, label, why)
+
+    check_nats_login(values["nats"], refuse_nats)
 
     agents = values["agents"]
     agents.setdefault("dirs", default_agent_dirs())

@@ -65,7 +65,14 @@ class NatsConfig:
     url: str = ""  # "" = start the embedded nats-server
     user: str = ""
     password: str = field(default="", repr=False)
+    # The other ways to log in to an external server (at most one way is set; config/nats_login).
+    token: str = field(default="", repr=False)
+    creds_file: Path | None = None  # a JWT and NKey seed (.creds), as `nsc` writes it
+    nkey_seed_file: Path | None = None
     tls_verify: bool = True
+    tls_ca: Path | None = None  # trust this CA (instead of the system's) for tls:// servers
+    tls_cert: Path | None = None  # a client certificate for servers that verify clients
+    tls_key: Path | None = None
     subject_prefix: str = "agent"
     heartbeat_timeout: float = 90.0
 
@@ -180,7 +187,13 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "url": Key(parse_url(NATS_SCHEMES)),
         "user": Key(parse_str),
         "password": Key(parse_str),
+        "token": Key(parse_str),
+        "creds_file": Key(parse_optional_path, paths=True),
+        "nkey_seed_file": Key(parse_optional_path, paths=True),
         "tls_verify": Key(parse_bool),
+        "tls_ca": Key(parse_optional_path, paths=True),
+        "tls_cert": Key(parse_optional_path, paths=True),
+        "tls_key": Key(parse_optional_path, paths=True),
         "subject_prefix": Key(parse_nats_subject_prefix),
         "heartbeat_timeout": Key(_POSITIVE),
     },

@@ -22,6 +22,7 @@ import pytest
 
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import find_binary
+from opmasd.bus.login import NatsLogin
 from opmasd.bus.subjects import Subjects
 from opmasd.core.messages import Heartbeat
 
@@ -92,7 +93,9 @@ async def delivered(bus: NatsBus, url: str, **client: object) -> Heartbeat:
 
 async def test_password_is_used(password_server: int) -> None:
     url = f"nats://127.0.0.1:{password_server}"
-    bus = await NatsBus.connect(url, user="opmas", password="s3cret", subjects=Subjects("sec"))
+    bus = await NatsBus.connect(
+        url, login=NatsLogin(user="opmas", password="s3cret"), subjects=Subjects("sec")
+    )
     try:
         assert bus.is_connected
         assert bus.agent_url == url  # agents are told where, not the password
@@ -105,7 +108,7 @@ async def test_password_is_used(password_server: int) -> None:
 async def test_wrong_password_leaves_the_bus_disconnected_not_crashed(password_server: int) -> None:
     url = f"nats://127.0.0.1:{password_server}"
     bus = await NatsBus.connect(
-        url, user="opmas", password="wrong", subjects=Subjects("sec"), initial_wait=1.0
+        url, login=NatsLogin(user="opmas", password="wrong"), subjects=Subjects("sec"), initial_wait=1.0
     )
     try:
         assert not bus.is_connected
@@ -115,7 +118,7 @@ async def test_wrong_password_leaves_the_bus_disconnected_not_crashed(password_s
 
 async def test_tls_without_verification_accepts_a_self_signed_server(tls_server: int) -> None:
     url = f"tls://127.0.0.1:{tls_server}"
-    bus = await NatsBus.connect(url, tls_verify=False, subjects=Subjects("sec"))
+    bus = await NatsBus.connect(url, login=NatsLogin(tls_verify=False), subjects=Subjects("sec"))
     try:
         assert bus.is_connected
         insecure = ssl.create_default_context()
@@ -128,7 +131,9 @@ async def test_tls_without_verification_accepts_a_self_signed_server(tls_server:
 
 async def test_tls_with_verification_refuses_an_unknown_certificate(tls_server: int) -> None:
     url = f"tls://127.0.0.1:{tls_server}"
-    bus = await NatsBus.connect(url, tls_verify=True, subjects=Subjects("sec"), initial_wait=1.5)
+    bus = await NatsBus.connect(
+        url, login=NatsLogin(tls_verify=True), subjects=Subjects("sec"), initial_wait=1.5
+    )
     try:
         assert not bus.is_connected
     finally:

@@ -79,7 +79,8 @@ def test_defaults_without_any_file_as_user() -> None:
 
 
 def test_password_is_not_in_repr() -> None:
-    cfg = load_config(None, {**USER_ENV, "OPMAS_NATS_PASSWORD": "s3cret"}, euid=1000)
+    env = {**USER_ENV, "OPMAS_NATS_URL": "nats://n:4222", "OPMAS_NATS_USER": "u", "OPMAS_NATS_PASSWORD": "s3cret"}
+    cfg = load_config(None, env, euid=1000)
     assert cfg.nats.password == "s3cret"
     assert "s3cret" not in repr(cfg)
 
@@ -389,6 +390,8 @@ def test_env_overrides_of_each_type(tmp_path: Path) -> None:
         "OPMAS_DATABASE_URL": "postgresql+asyncpg://u@h/db",  # url
         "OPMAS_SERVICE_STATE_DIR": "/srv/state",  # path
         "OPMAS_NATS_USER": "me",  # string
+        "OPMAS_NATS_PASSWORD": "pw",  # (which a user needs)
+        "OPMAS_NATS_URL": "nats://n:4222",  # (the login is for an external server)
         "OPMAS_REST_ADDRESS": "",  # empty disables
         # Not ours: other sections and OPMAS_CONFIG are left alone.
         "OPMAS_CONFIG": "/x.yaml",

@@ -1,0 +1,105 @@
+"""Checks of how opmasd logs in to an external NATS server (the `nats` section's login keys).
+
+A login key is either used or refused: the embedded server (nats.url empty) makes its own
+login, so a user, token, seed or certificate given for it would be ignored — refused instead.
+At most one way of logging in; TLS files only for tls:// (or wss://) servers, which alone
+use them; every file exists, is private where it holds a secret, and holds what it should.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any, NoReturn
+
+from opmasd.bus.login import NatsLogin
+from opmasd.config.schema import NatsConfig
+from opmasd.config.secret_files import FileProblem, check_ca, check_cert_and_key, read_secret
+
+# The keys that say how to log in; one way at most (user goes with password).
+LOGIN_KEYS = ("password", "token", "creds_file", "nkey_seed_file")
+TLS_KEYS = ("tls_ca", "tls_cert", "tls_key")
+
+Refuse = Callable[[str, str], NoReturn]
+
+
+def check_nats_login(nats: dict[str, Any], refuse: Refuse) -> None:
+    """Refuse (refuse(key, why)) a login setting that would be ignored or cannot work."""
+    given = [key for key in ("user", *LOGIN_KEYS, *TLS_KEYS) if nats.get(key)]
+    url = nats.get("url", "")
+    if not url:
+        if given:
+            refuse(
+                given[0],
+                "configures the login to an external NATS server (nats.url), and nats.url is empty: "
+                "the embedded server makes its own login; remove it, or set nats.url",
+            )
+        return
+    ways = [key for key in LOGIN_KEYS if nats.get(key)]
+    if len(ways) > 1:
+        refuse(ways[1], f"give one way to log in to NATS, not nats.{ways[0]} and nats.{ways[1]}")
+    if nats.get("user") and not nats.get("password"):
+        refuse("user", "needs nats.password")
+    if nats.get("password") and not nats.get("user"):
+        refuse("password", "needs nats.user")
+    if any(nats.get(key) for key in TLS_KEYS):
+        servers = [server.strip() for server in url.split(",")]
+        plain = [server for server in servers if not server.startswith(("tls://", "wss://"))]
+        if plain:
+            key = next(key for key in TLS_KEYS if nats.get(key))
+            refuse(key, f"applies to tls:// servers only, and {plain[0].split('@')[-1]!r} is not one")
+    if bool(nats.get("tls_cert")) != bool(nats.get("tls_key")):
+        refuse("tls_cert" if nats.get("tls_key") else "tls_key", "nats.tls_cert and nats.tls_key go together")
+    if nats.get("tls_ca") and nats.get("tls_verify") is False:
+        refuse("tls_verify", "is off, so nats.tls_ca would be ignored: keep one of them")
+    _check_files(nats, refuse)
+
+
+def _check_files(nats: dict[str, Any], refuse: Refuse) -> None:
+    checks: list[tuple[str, Callable[[Path], None]]] = [
+        ("creds_file", _check_creds),
+        ("nkey_seed_file", _check_seed),
+        ("tls_ca", check_ca),
+    ]
+    for key, check in checks:
+        path = nats.get(key)
+        if path:
+            try:
+                check(path)
+            except FileProblem as exc:
+                refuse(key, str(exc))
+    if nats.get("tls_cert") and nats.get("tls_key"):
+        try:
+            check_cert_and_key(nats["tls_cert"], nats["tls_key"])
+        except FileProblem as exc:
+            refuse("tls_key", str(exc))
+
+
+def _check_seed(path: Path) -> None:
+    """An NKey user seed: one line starting SU (what `nk -gen user` prints)."""
+    seed = read_secret(path).strip()
+    if not (seed.startswith(b"SU") and len(seed) == 58 and seed.isalnum()):
+        raise FileProblem(f"{path}: not an NKey user seed (one line of 58 characters starting SU)")
+
+
+def _check_creds(path: Path) -> None:
+    """A creds file: a user JWT and an NKey seed between the markers `nsc` writes."""
+    text = read_secret(path)
+    for marker in (b"-----BEGIN NATS USER JWT-----", b"-----BEGIN USER NKEY SEED-----"):
+        if marker not in text:
+            raise FileProblem(f"{path}: not a NATS creds file (no {marker.decode().strip('-')} section)")
+
+
+def nats_login(nats: NatsConfig) -> NatsLogin:
+    """The bus's login to the external server the section names (checked at load)."""
+    return NatsLogin(
+        user=nats.user,
+        password=nats.password,
+        token=nats.token,
+        creds_file=nats.creds_file,
+        nkey_seed_file=nats.nkey_seed_file,
+        tls_verify=nats.tls_verify,
+        tls_ca=nats.tls_ca,
+        tls_cert=nats.tls_cert,
+        tls_key=nats.tls_key,
+    )
