@@ -20,4 +20,3 @@ def check_url(server: str) -> None:
 
 def uses_tls(servers: list[str]) -> bool:
     return any(s.startswith(("tls://", "wss://")) for s in servers)
-

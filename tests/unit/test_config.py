@@ -79,7 +79,12 @@ def test_defaults_without_any_file_as_user() -> None:
 
 
 def test_password_is_not_in_repr() -> None:
-    env = {**USER_ENV, "OPMAS_NATS_URL": "nats://n:4222", "OPMAS_NATS_USER": "u", "OPMAS_NATS_PASSWORD": "s3cret"}
+    env = {
+        **USER_ENV,
+        "OPMAS_NATS_URL": "nats://n:4222",
+        "OPMAS_NATS_USER": "u",
+        "OPMAS_NATS_PASSWORD": "s3cret",
+    }
     cfg = load_config(None, env, euid=1000)
     assert cfg.nats.password == "s3cret"
     assert "s3cret" not in repr(cfg)
