@@ -1,7 +1,8 @@
-"""Simulated agents publishing heartbeats on NATS at a fixed rate (DESIGN §5 agent.status).
+"""Simulated agents publishing heartbeats on NATS at a fixed rate (DESIGN §5 agent.{id}.status).
 
 Runs as its own process (so the publisher does not share a GIL with the benchmark's probes):
   heartbeat_load.py URL SUBJECT RATE SECONDS AGENT_ID...
+SUBJECT may hold {id}, replaced by each message's agent id (each agent's own subject).
 Prints {"sent": n, "seconds": s} when done.
 """
 
@@ -35,7 +36,8 @@ async def main(url: str, subject: str, rate: float, seconds: float, agents: list
         if due > 0:
             timestamp = datetime.now(UTC).isoformat().replace("+00:00", "Z")
             for _ in range(due):
-                await nc.publish(subject, message(next(ids), timestamp))
+                agent_id = next(ids)
+                await nc.publish(subject.replace("{id}", agent_id), message(agent_id, timestamp))
             sent += due
         await asyncio.sleep(0.001)
     await nc.flush(timeout=30)

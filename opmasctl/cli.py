@@ -32,6 +32,7 @@ from opmasctl.output import FORMATS
 from opmasctl.parsing import argtype, parse_duration
 from opmasctl.spec import add_spec_arguments
 from opmasctl.tables import TableStyle
+from opmasctl.tls import flags_refused
 
 Handler = Callable[[Context, argparse.Namespace], int]
 
@@ -64,7 +65,14 @@ the token (needed over TCP, not on the daemon's unix socket): --token, else $OPM
 server and token only; it must be yours and, with a token in it, mode 600). It is sent on
 every call as `authorization: Bearer <token>`, but only to a server named by --server,
 $OPMAS_SERVER or `server:` in that file, over TCP: never to one found by searching, nor to a
-unix socket. `opmasctl tokens create` makes one."""
+unix socket. `opmasctl tokens create` makes one.
+
+TLS: https://host:port, a daemon's address its configuration gives TLS, and any host:port when
+--ca or --cert is given are dialled over TLS (http:// never; a unix socket never). The
+daemon's certificate is checked against --ca (else the system's CAs) and must name the host;
+--cert and --key present a client certificate to a daemon that asks for one (mTLS): the token
+still decides what the caller may do. Each comes from its flag, else $OPMAS_CA, $OPMAS_CERT,
+$OPMAS_KEY, else `ca:`, `cert:`, `key:` in the user's file (relative to its folder)."""
 
 
 def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
@@ -91,6 +99,23 @@ def _global_options(parser: argparse.ArgumentParser, *, suppress: bool) -> None:
         f"{credentials.DEFAULT_DISPLAY}. A token given here is visible to other users in `ps`: "
         "prefer $OPMAS_TOKEN or the file",
     )
+    for name, what in (
+        (
+            "ca",
+            "the CA certificates (PEM) that the daemon's TLS certificate is checked against "
+            "(default: the system's)",
+        ),
+        ("cert", "a client certificate (PEM) for a daemon that asks for one (mTLS); needs --key"),
+        ("key", "the client certificate's private key (PEM, not readable by every user)"),
+    ):
+        parser.add_argument(
+            f"--{name}",
+            default=default(None),
+            metavar="FILE",
+            help=f"{what}; else ${credentials.TLS_ENV[name]}, else `{name}:` in "
+            f"{credentials.DEFAULT_DISPLAY}; with --ca or --cert a host:port server is dialled over TLS "
+            "(see below)",
+        )
     parser.add_argument(
         "-o",
         "--output",
@@ -306,6 +331,10 @@ def _violations(err: grpc.RpcError) -> list[str]:
 
 def report_rpc_error(err: grpc.RpcError, connection: Connection, config_path: str | None = None) -> int:
     """Tells on stderr what went wrong, and returns the exit status for it."""
+    tls_problem = connection.tls_problem(err)
+    if tls_problem is not None:
+        print(tls_problem, file=sys.stderr)
+        return EXIT_UNAVAILABLE
     unreachable = connection.unreachable(err)
     if unreachable is not None:
         sys.stderr.write(unreachable.report())
@@ -346,8 +375,9 @@ def run(argv: Sequence[str] | None = None) -> int:
     if args.output == "name" and args.command_name in _NAMELESS:
         return _usage_error(command_parser, f"-o name: {args.command_name} prints no agents")
     offline = args.group in _OFFLINE
+    tls_flags = {name: getattr(args, name) for name in credentials.TLS_ENV}
     try:
-        found = None if offline else credentials.resolve(args.token, args.server)
+        found = None if offline else credentials.resolve(args.token, args.server, tls_flags=tls_flags)
     except CredentialError as err:
         return _usage_error(command_parser, str(err))
     user_server = found.server if found is not None else None
@@ -360,9 +390,13 @@ def run(argv: Sequence[str] | None = None) -> int:
             source = user_server[1]
         return _usage_error(command_parser, f"{source}: {err}")
 
+    tls_refused = flags_refused(tls_flags, search.candidates[0].endpoint if search.explicit else None)
+    if tls_refused is not None:
+        return _usage_error(command_parser, tls_refused)
     token = found.token if found is not None else None
+    tls = found.tls if found is not None else None
     config_path = str(found.path) if found is not None else None
-    with Connection(search, on_problem=_warn_config, token=token) as connection:
+    with Connection(search, on_problem=_warn_config, token=token, tls=tls) as connection:
         ctx = Context(
             connection=connection,
             fmt=args.output,
@@ -373,7 +407,8 @@ def run(argv: Sequence[str] | None = None) -> int:
         try:
             handler: Handler = args.handler
             return handler(ctx, args)
-        except UsageError as err:
+        except (UsageError, CredentialError) as err:
+            # CredentialError here: a TLS file, read when the channel opens.
             return _usage_error(command_parser, str(err))
         except NoDaemon as err:
             sys.stderr.write(err.report())

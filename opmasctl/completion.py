@@ -72,7 +72,8 @@ def agent_ids(
     """
     server = getattr(parsed_args, "server", None)
     try:
-        found = credentials.resolve(getattr(parsed_args, "token", None), server)
+        tls_flags = {name: getattr(parsed_args, name, None) for name in credentials.TLS_ENV}
+        found = credentials.resolve(getattr(parsed_args, "token", None), server, tls_flags=tls_flags)
         search = find_daemon(server, user_server=found.server)
     except credentials.CredentialError as err:
         debug(f"opmasctl: {err}")
@@ -83,7 +84,7 @@ def agent_ids(
     given = getattr(parsed_args, action.dest, None)
     taken = set(given) if isinstance(given, list) else set()
     # The search (and so the rule for the token) is the one every command follows.
-    with Connection(search, token=found.token) as connection:
+    with Connection(search, token=found.token, tls=found.tls) as connection:
         try:
             return [
                 agent_id
@@ -92,6 +93,9 @@ def agent_ids(
             ]
         except NoDaemon as err:
             debug(f"opmasctl: {err.report().strip()}")
+            return []
+        except credentials.CredentialError as err:  # a TLS file, read when the channel opens
+            debug(f"opmasctl: {err}")
             return []
         except grpc.RpcError as err:
             code = err.code() if isinstance(err, grpc.Call) else None

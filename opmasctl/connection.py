@@ -7,6 +7,10 @@ shipped unit's /run/opmas/opmasd.sock, then 127.0.0.1:50051. The first that take
 is used; when none does, NoDaemon tells each place tried and why it failed. A `server:` in the
 user's file (credentials) comes after --server and $OPMAS_SERVER, before that search.
 
+Over TCP the channel is TLS for https://, for an address the daemon's configuration gives TLS, and
+for any host:port when a CA or a client certificate is given (opmasctl.tls); a handshake that
+fails is reported in one line that says why (Connection.tls_problem).
+
 When a token is known (credentials: --token, $OPMAS_TOKEN, the user's file) and the daemon was
 named (--server, $OPMAS_SERVER, `server:` in the user's file) at a TCP address, every call on the
 channel, streams included, presents it as the metadata `authorization: Bearer <token>`. It is
@@ -18,7 +22,6 @@ daemon asks for none: see withheld().
 from __future__ import annotations
 
 import os
-import ssl
 from collections.abc import Callable, Iterator, Mapping
 from dataclasses import dataclass
 from types import TracebackType
@@ -28,9 +31,10 @@ import grpc
 
 from opmas.local import DEFAULT_TCP_ADDRESS, SOCKET_NAME, SYSTEM_RUNTIME_DIR, default_socket_path
 from opmas.v1 import agents_pb2_grpc, audit_pb2_grpc, tokens_pb2_grpc
-from opmasctl.credentials import Token, Withheld
+from opmasctl.credentials import ClientTls, Token, Withheld
 from opmasctl.daemon_config import ConfigProblem, Listener, read_daemon_config
 from opmasctl.endpoints import Endpoint, can_probe, parse_server, probe, tcp_endpoint, unix_endpoint
+from opmasctl.tls import channel_credentials, explain, uses_tls
 
 __all__ = [
     "Connection",
@@ -164,20 +168,6 @@ def withheld(named: bool, endpoint: Endpoint) -> Withheld | None:
     return None
 
 
-def _system_roots() -> bytes | None:
-    """The system's CA certificates (as ssl finds them, $SSL_CERT_FILE included); None lets
-    grpc use the roots it ships."""
-    paths = ssl.get_default_verify_paths()
-    for path in (paths.cafile, paths.openssl_cafile):
-        if path and os.path.isfile(path):
-            try:
-                with open(path, "rb") as file:
-                    return file.read()
-            except OSError:
-                continue
-    return None
-
-
 class _CallDetails(NamedTuple):
     method: str
     timeout: float | None
@@ -230,11 +220,14 @@ class BearerToken(
         return continuation(self._details(client_call_details), request_iterator)
 
 
-def open_channel(endpoint: Endpoint, token: Token | None = None) -> grpc.Channel:
+def open_channel(
+    endpoint: Endpoint, token: Token | None = None, tls: ClientTls | None = None
+) -> grpc.Channel:
+    """CredentialError: a TLS file cannot be used."""
     # A fleet-wide list can outgrow the 4 MiB default.
     options = [("grpc.max_receive_message_length", 64 * 1024 * 1024)]
-    if endpoint.secure:
-        credentials = grpc.ssl_channel_credentials(root_certificates=_system_roots())
+    if uses_tls(endpoint, tls):
+        credentials = channel_credentials(tls)
         channel = grpc.secure_channel(endpoint.target, credentials, options=options)
     else:
         channel = grpc.insecure_channel(endpoint.target, options=options)
@@ -245,18 +238,21 @@ class Connection:
     """The AgentService, TokenService and AuditService stubs on a channel to the daemon, opened at
     first use: a command refused for its arguments never looks for a daemon. With a token, every
     call on the channel presents it, unless the place dialled must not get it (withheld). An
-    Endpoint given instead of a Search counts as named, like --server."""
+    Endpoint given instead of a Search counts as named, like --server. `tls`: the CA and client
+    certificate for a TCP server (opmasctl.tls)."""
 
     def __init__(
         self,
         where: Endpoint | Search,
         on_problem: Callable[[ConfigProblem], None] | None = None,
         token: Token | None = None,
+        tls: ClientTls | None = None,
     ) -> None:
         if isinstance(where, Endpoint):
             where = Search((Listener(where, "--server"),), explicit=True)
         self.search = where
         self.token = token
+        self.tls = tls
         self._on_problem = on_problem
         self._chosen: Listener | None = None
         self._channel: grpc.Channel | None = None
@@ -293,7 +289,7 @@ class Connection:
     @property
     def channel(self) -> grpc.Channel:
         if self._channel is None:
-            self._channel = open_channel(self.endpoint, self.sent_token)
+            self._channel = open_channel(self.endpoint, self.sent_token, self.tls)
         return self._channel
 
     @property
@@ -339,6 +335,18 @@ class Connection:
         else:
             reason = details if code == grpc.StatusCode.UNAVAILABLE else None
         return NoDaemon([(self._chosen, reason)]) if reason is not None else None
+
+    def tls_problem(self, err: grpc.RpcError) -> str | None:
+        """One line for a connection that failed because of TLS (a certificate not trusted, a
+        plaintext server, a client certificate missing or refused, a TLS server dialled in
+        plaintext), naming the server; None when TLS is not why."""
+        if self._chosen is None or not isinstance(err, grpc.Call):
+            return None
+        if err.code() != grpc.StatusCode.UNAVAILABLE:
+            return None
+        endpoint = self._chosen.endpoint
+        reason = explain(err.details() or "", endpoint, self.tls)
+        return f"error: cannot talk to opmasd at {endpoint.display}: {reason}" if reason else None
 
     def close(self) -> None:
         if self._channel is not None:

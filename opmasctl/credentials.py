@@ -3,10 +3,13 @@
 A daemon asks remote callers (TCP gRPC, REST) for an API token; its local unix socket asks for
 none. The token is `--token`, else $OPMAS_TOKEN, else `token:` in the user's file
 `$XDG_CONFIG_HOME/opmas/opmasctl.yaml` (default ~/.config/opmas/opmasctl.yaml), whose other key,
-`server:`, names the daemon after --server and $OPMAS_SERVER. The file is read only when one of
-them is still wanted, and refused (never used in part) when it is not the user's own, when
-others may write it (its `server:` decides where a token goes), when others may read the token
-in it, or when it has a key opmasctl does not know. No message here ever shows a token.
+`server:`, names the daemon after --server and $OPMAS_SERVER, and whose `ca:`, `cert:` and `key:`
+give the TLS files after --ca/--cert/--key and $OPMAS_CA/$OPMAS_CERT/$OPMAS_KEY (paths relative
+to the file's folder; opmasctl.tls reads them). The file is read only when one of its settings
+is still wanted (the TLS ones only for a server that may be dialled over TLS), and refused
+(never used in part) when it is not the user's own, when others may write it (its `server:`
+decides where a token goes, its `ca:` whom opmasctl trusts), when others may read the token in
+it, or when it has a key opmasctl does not know. No message here ever shows a token.
 
 The token goes only to a server named by --server, $OPMAS_SERVER or that `server:`, and only over
 TCP (connection.withheld): never to a place opmasctl found by searching (whoever listens on
@@ -26,10 +29,14 @@ from typing import Any, Literal
 
 import yaml
 
+from opmasctl.endpoints import parse_server
+
 ENV_TOKEN = "OPMAS_TOKEN"
+# The TLS settings: each one's flag is --<name>, its variable this, its key in the file <name>.
+TLS_ENV = {"ca": "OPMAS_CA", "cert": "OPMAS_CERT", "key": "OPMAS_KEY"}
 # Shown in --help and hints when the real path is not at hand.
 DEFAULT_DISPLAY = "~/.config/opmas/opmasctl.yaml"
-KEYS = ("server", "token")
+KEYS = ("server", "token", "ca", "cert", "key")
 # Two short settings; anything near this is not the file.
 MAX_USER_CONFIG_BYTES = 64 * 1024
 # What a token is made of: printable ASCII without spaces (it travels in a metadata value).
@@ -67,6 +74,31 @@ class UserConfig:
     path: Path
     server: str | None = None
     token: str | None = field(default=None, repr=False)
+    ca: str | None = None
+    cert: str | None = None
+    key: str | None = None
+
+
+@dataclass(frozen=True)
+class Setting:
+    """A TLS file and where it was named ("--ca", "$OPMAS_CA", "`ca:` in FILE")."""
+
+    path: Path
+    source: str
+
+
+@dataclass(frozen=True)
+class ClientTls:
+    """The CA opmasctl trusts (None: the system's) and the client certificate and key it
+    presents (mTLS). Given a CA or a certificate, a TCP server is dialled over TLS."""
+
+    ca: Setting | None = None
+    cert: Setting | None = None
+    key: Setting | None = None
+
+    @property
+    def given(self) -> bool:
+        return self.ca is not None or self.cert is not None
 
 
 @dataclass(frozen=True)
@@ -77,6 +109,7 @@ class Credentials:
     # The file's `server:` and its origin, when neither --server nor $OPMAS_SERVER is given.
     server: tuple[str, str] | None
     path: Path
+    tls: ClientTls = ClientTls()
 
 
 def user_config_path(env: Mapping[str, str] | None = None) -> Path:
@@ -108,23 +141,61 @@ def resolve(
     flag_server: str | None,
     env: Mapping[str, str] | None = None,
     euid: int | None = None,
+    tls_flags: Mapping[str, str | None] | None = None,
 ) -> Credentials:
-    """The token to send and the file's server, by precedence; the file is read only when the
-    flags and the environment leave the token or the server open."""
+    """The token to send, the file's server and the TLS files, by precedence (tls_flags: --ca,
+    --cert and --key by name); the file is read only when the flags and the environment leave
+    one of them open."""
     env = os.environ if env is None else env
     path = user_config_path(env)
     want_token = flag_token is None and not env.get(ENV_TOKEN)
     want_server = not flag_server and not env.get("OPMAS_SERVER")
+    given: dict[str, Setting] = {}
+    for name, variable in TLS_ENV.items():
+        flag = (tls_flags or {}).get(name)
+        if flag:
+            given[name] = Setting(Path(flag).expanduser(), f"--{name}")
+        elif env.get(variable):
+            given[name] = Setting(Path(env[variable]).expanduser(), f"${variable}")
+    want_tls = len(given) < len(TLS_ENV) and _tls_possible(flag_server or env.get("OPMAS_SERVER"))
     token: Token | None = None
     if flag_token is not None:
         token = check_token(flag_token, "--token")
     elif env.get(ENV_TOKEN):
         token = check_token(env[ENV_TOKEN], f"${ENV_TOKEN}")
-    config = read_user_config(path, euid) if want_token or want_server else UserConfig(path)
+    wanted = want_token or want_server or want_tls
+    config = read_user_config(path, euid) if wanted else UserConfig(path)
     if want_token and config.token is not None:
         token = Token(config.token, f"`token:` in {path}")
     server = (config.server, f"`server:` in {path}") if want_server and config.server else None
-    return Credentials(token, server, path)
+    for name in TLS_ENV:
+        value = getattr(config, name)
+        if name not in given and value:
+            # Relative to the file's folder, as the daemon reads its own configuration.
+            given[name] = Setting(path.parent / Path(value).expanduser(), f"`{name}:` in {path}")
+    return Credentials(token, server, path, _client_tls(given))
+
+
+def _tls_possible(server: str | None) -> bool:
+    """Whether a server named by --server or $OPMAS_SERVER may be dialled over TLS: not a unix
+    socket, not http:// (a server not named yet may be)."""
+    if not server:
+        return True
+    try:
+        endpoint = parse_server(server)
+    except ValueError:
+        return True  # reported as the address's own error
+    return not endpoint.is_unix and not endpoint.plain
+
+
+def _client_tls(given: Mapping[str, Setting]) -> ClientTls:
+    """The TLS settings; CredentialError for a certificate without its key or the reverse."""
+    cert, key = given.get("cert"), given.get("key")
+    if cert is not None and key is None:
+        raise CredentialError(f"{cert.source}: a client certificate needs its key: give --key too")
+    if key is not None and cert is None:
+        raise CredentialError(f"{key.source}: a client key needs its certificate: give --cert too")
+    return ClientTls(given.get("ca"), cert, key)
 
 
 def denied_hint(code: str, token: Token | None, path: Path | str, withheld: Withheld | None = None) -> str:
@@ -223,12 +294,15 @@ def _parse(path: Path, data: bytes) -> UserConfig:
         raise CredentialError(f"{path}: not a mapping of keys (server: ADDR, token: TOKEN)")
     for key in document:
         if key not in KEYS:
-            raise CredentialError(f"{path}: unknown key {_key_text(key)}; the keys are server and token")
+            raise CredentialError(
+                f"{path}: unknown key {_key_text(key)}; the keys are server, token, ca, cert and key"
+            )
     server = _string(document, "server", path)
     token = _string(document, "token", path)
     if token is not None:
         token = check_token(token, f"`token:` in {path}").secret
-    return UserConfig(path, server, token)
+    ca, cert, key = (_string(document, name, path) for name in TLS_ENV)
+    return UserConfig(path, server, token, ca, cert, key)
 
 
 def _key_text(key: object) -> str:

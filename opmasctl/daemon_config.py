@@ -2,9 +2,11 @@
 
 The file is the daemon's own ($OPMAS_CONFIG, else /etc/opmas/opmasd.yaml when it exists), read
 with the daemon's environment overrides of those keys (OPMAS_GRPC_SOCKET, OPMAS_GRPC_ADDRESS,
-OPMAS_SERVICE_RUNTIME_DIR) and its rules for them (opmasd/config): a relative path is relative
-to the file, `grpc.socket: none` and `grpc.address: ""` turn a listener off, a socket left unnamed
-is `<service.runtime_dir>/opmasd.sock`. Only these keys are read; the daemon judges the rest.
+OPMAS_SERVICE_RUNTIME_DIR, OPMAS_TLS_CERT) and its rules for them (opmasd/config): a relative path
+is relative to the file, `grpc.socket: none` and `grpc.address: ""` turn a listener off, a socket
+left unnamed is `<service.runtime_dir>/opmasd.sock`, and with `tls.cert` set the TCP address
+(the default one included) speaks TLS, so opmasctl dials it over TLS. Only these keys are read;
+the daemon judges the rest.
 A file that cannot be used is a problem to report, never fatal: opmasctl then looks elsewhere.
 
 Nor is a file that another user (not root) owns and that group or others may write used: whoever
@@ -23,7 +25,7 @@ from typing import Any
 
 import yaml
 
-from opmas.local import SOCKET_NAME
+from opmas.local import DEFAULT_TCP_ADDRESS, SOCKET_NAME
 from opmasctl.endpoints import Endpoint, check_host_port, tcp_endpoint, unix_endpoint
 
 DEFAULT_CONFIG_PATH = Path("/etc/opmas/opmasd.yaml")
@@ -202,9 +204,11 @@ class _Settings:
 
     def address(self) -> Listener | None:
         given = self._get("grpc", "address")
-        if given is None:
+        tls = self._get("tls", "cert")
+        tls_origin = tls[1] if tls is not None and tls[0].strip() else None
+        if given is None and tls_origin is None:
             return None  # the daemon's default address, which the caller tries anyway
-        text, origin, _ = given
+        text, origin, _ = given or (DEFAULT_TCP_ADDRESS, tls_origin or "", Path())
         text = text.strip()
         if not text:
             return None
@@ -216,4 +220,6 @@ class _Settings:
             check_host_port(dial)
         except ValueError as err:
             raise _Unusable(f"{origin}: {err}") from None
+        if tls_origin is not None:  # TLS, with the CA opmasctl is given or the system's
+            return Listener(Endpoint(dial, f"https://{dial}", is_unix=False, secure=True), origin)
         return Listener(tcp_endpoint(dial), origin)

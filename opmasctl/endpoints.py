@@ -23,12 +23,14 @@ ACCEPTED = "a socket path, unix:///path, host:port, dns:///host:port, http://hos
 @dataclass(frozen=True)
 class Endpoint:
     """A resolved server address: `target` is what grpc dials, `display` what messages show;
-    `secure` means TLS (https://)."""
+    `secure` means TLS (https://, or a daemon's TCP address its configuration gives TLS),
+    `plain` plaintext whatever TLS settings are given (http://)."""
 
     target: str
     display: str
     is_unix: bool
     secure: bool = False
+    plain: bool = False
 
 
 def unix_endpoint(path: str) -> Endpoint:
@@ -90,7 +92,13 @@ def _http(server: str, scheme: str, rest: str) -> Endpoint:
     if not re.search(r":\d+$", authority):
         authority = f"{authority}:{_HTTP_PORTS[scheme]}"
     address = check_host_port(authority, server)
-    return Endpoint(target=address, display=f"{scheme}://{address}", is_unix=False, secure=scheme == "https")
+    return Endpoint(
+        target=address,
+        display=f"{scheme}://{address}",
+        is_unix=False,
+        secure=scheme == "https",
+        plain=scheme == "http",
+    )
 
 
 def check_host_port(value: str, server: str | None = None) -> str:

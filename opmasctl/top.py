@@ -40,7 +40,7 @@ def top(ctx: Context, args: argparse.Namespace) -> int:
     from opmasctl.top_feed import Link
 
     # The token the first calls presented, if any: Link's channels send it as given.
-    link = Link(ctx.connection.endpoint, ctx.timeout, ctx.connection.sent_token)
+    link = Link(ctx.connection.endpoint, ctx.timeout, ctx.connection.sent_token, ctx.connection.tls)
     app = TopApp(link, agents, listed_at)
     try:
         app.run()

@@ -18,7 +18,7 @@ import grpc
 
 from opmas.v1 import agents_pb2, agents_pb2_grpc
 from opmasctl.connection import Connection, Endpoint
-from opmasctl.credentials import Token
+from opmasctl.credentials import ClientTls, Token
 
 # How often a lost daemon is tried again, and how often the table is sampled and listed.
 RETRY_SECONDS = 1.0
@@ -57,15 +57,22 @@ def describe(err: grpc.RpcError) -> str:
 class Link:
     """The channel top talks to opmasd over, and the calls in flight on it (thread-safe)."""
 
-    def __init__(self, endpoint: Endpoint, timeout: float | None, token: Token | None = None) -> None:
+    def __init__(
+        self,
+        endpoint: Endpoint,
+        timeout: float | None,
+        token: Token | None = None,
+        tls: ClientTls | None = None,
+    ) -> None:
         self.endpoint = endpoint
         # Presented on every call, on this channel and on each one that replaces it: the token
         # the command's first connection sent (None when it withheld one), never to a unix socket.
         self.token = token
+        self.tls = tls  # the CA and client certificate, for every channel (opmasctl.tls)
         # --timeout: the deadline of a call a key asks for (0 on the command line: none).
         self.timeout = timeout
         self._lock = threading.Lock()
-        self._connection = Connection(endpoint, token=token)
+        self._connection = Connection(endpoint, token=token, tls=tls)
         self._calls: set[_Cancellable] = set()
         self._closed = False
 
@@ -115,7 +122,7 @@ class Link:
 
     def reconnect(self) -> None:
         """A fresh channel for the calls to come (those in flight on the old one fail)."""
-        fresh = Connection(self.endpoint, token=self.token)
+        fresh = Connection(self.endpoint, token=self.token, tls=self.tls)
         with self._lock:
             if self._closed:
                 fresh.close()

@@ -28,19 +28,24 @@ from opmasd.api.grpc_server import GrpcListeners, GrpcServer, socket_gid
 from opmasd.api.health import DaemonHealth
 from opmasd.api.metrics import DaemonMetrics
 from opmasd.api.nats_api import NatsManagerApi
+from opmasd.api.refusal_pacing import RefusalPacer
 from opmasd.api.rest.comments import load_descriptor_set
 from opmasd.api.rest.gateway import RestGateway
 from opmasd.api.rest.openapi import openapi_document
 from opmasd.api.rest.rules import routes_of
 from opmasd.api.rest.server import Endpoints, HttpListeners, HttpServer
+from opmasd.api.tls import ServerTls, reload_tls
+from opmasd.bus.agent_logins import EmbeddedAgentLogins
 from opmasd.bus.connection import NatsBus
 from opmasd.bus.embedded import USER as EMBEDDED_NATS_USER
 from opmasd.bus.embedded import EmbeddedNatsServer
+from opmasd.bus.embedded_users import DataSubjects
 from opmasd.bus.login import NatsLogin
 from opmasd.bus.manager_service import ManagerService
 from opmasd.bus.subjects import Subjects
 from opmasd.config import Config, ConfigError, load_config
 from opmasd.config.nats_login import nats_login
+from opmasd.core.clock import SYSTEM_CLOCK
 from opmasd.core.serial_thread import SerialThread
 from opmasd.core.tasks import TaskOwner
 from opmasd.core.urls import redacted
@@ -95,6 +100,7 @@ class Daemon:
         self._store: AgentStore | None = None
         self._runtime: ProcessRuntime | None = None
         self._embedded_nats: EmbeddedNatsServer | None = None
+        self._agent_logins: EmbeddedAgentLogins | None = None  # the embedded server's, per agent
         self._bus: NatsBus | None = None
         self._manager_service: ManagerService | None = None
         self.manager: AgentManager | None = None
@@ -102,6 +108,8 @@ class Daemon:
         self._http: HttpServer | None = None
         self._metrics: DaemonMetrics | None = None
         self._health: DaemonHealth | None = None
+        # TLS of the TCP listeners (tls section); a reload replaces its files.
+        self._tls = ServerTls(config.tls.files) if config.tls.files is not None else None
 
     async def serve(self) -> None:
         self._install_signal_handlers()
@@ -141,18 +149,20 @@ class Daemon:
             cgroups=self._agent_cgroups(),
             child_open_files=raise_open_files_limit(),
         )
-        self._bus = await self._start_bus()
+        self._bus = await self._start_bus(self._store)
         self.manager = AgentManager(
             self._store,
             self._runtime,
             manager_settings(config),
             agent_environment=self._nats_agent_environment(),
             bus=self._bus,
+            logins=self._agent_logins,
         )
         self.notifier.status("recovering agents")
         await self.manager.start()
         # The NATS manager API: the bus serves the subjects, the api's dispatch table answers.
-        gate = Gate(self.manager.tokens.verify, tokens_required=config.auth.enabled)
+        pacer = RefusalPacer(SYSTEM_CLOCK)
+        gate = Gate(self.manager.tokens.verify, tokens_required=config.auth.enabled, pacer=pacer)
         auditor = Auditor(self.manager.audit, gate.roles)
         dispatch = NatsManagerApi(self.manager, self._bus.subjects.manager_command, gate, auditor)
         self._manager_service = ManagerService(
@@ -168,11 +178,15 @@ class Daemon:
                 socket_mode=config.grpc.socket_mode,
                 address=config.grpc.address or "",
                 socket_gid=socket_gid(config.auth.socket_group),
+                tls=self._tls,
+                max_connections=config.grpc.max_connections,
             ),
             # Metrics first: they count the calls the gate refuses too.
             interceptors=[self._metrics.interceptor, AuthInterceptor(gate, auditor)],
         )
         await self._grpc.start()
+        if self._tls is not None:
+            self._tls.log_serving("TLS on the TCP listeners")
         self._health = DaemonHealth(self.manager, lambda: bus.is_connected, self._grpc)
         await self._health.start()
         if config.rest.enabled and (config.rest.address or config.rest.socket):
@@ -218,7 +232,9 @@ class Daemon:
                 socket_path=config.rest.socket,
                 socket_mode=config.rest.socket_mode,
                 socket_gid=socket_gid(config.auth.socket_group),
+                ssl_context=self._tls.rest_context() if self._tls is not None else None,
             ),
+            max_connections=config.rest.max_connections,
             grace=config.grpc.grace_period,
             gate=gate,
             auditor=auditor,
@@ -227,14 +243,10 @@ class Daemon:
         return server
 
     def _nats_agent_environment(self) -> dict[str, str]:
-        """What agents need to reach NATS as opmasd does (NATS_URL comes from the bus)."""
-        nats = self.config.nats
-        env = {"NATS_SUBJECT_PREFIX": nats.subject_prefix}
-        if self._embedded_nats is not None:  # its login (agents do not get one of their own yet)
-            env.update(NATS_USER=EMBEDDED_NATS_USER, NATS_PASSWORD=self._embedded_nats.password)
-        elif nats.user:
-            env.update(NATS_USER=nats.user, NATS_PASSWORD=nats.password)
-        return env
+        """What every agent needs to reach NATS (NATS_URL comes from the bus). Never opmasd's
+        login: each agent gets its own from the embedded server's logins, and none from opmasd
+        with an external server (its spec's environment may give it one)."""
+        return {"NATS_SUBJECT_PREFIX": self.config.nats.subject_prefix}
 
     def _agent_cgroups(self) -> AgentCgroups | None:
         """A cgroup per agent where the host allows it (agents.cgroups); refused when required."""
@@ -252,21 +264,29 @@ class Daemon:
             log.info("agent process trees tracked by cgroup", detail=why)
         return cgroups
 
-    async def _start_bus(self) -> NatsBus:
+    async def _start_bus(self, store: AgentStore) -> NatsBus:
         """The embedded nats-server when nats.url is empty, then the connection.
 
         An external NATS that is down does not stop opmasd from starting: agents are supervised
         all the same, and the bus keeps connecting in the background.
         """
         nats = self.config.nats
-        url, login = nats.url, nats_login(nats)
+        url, login, subjects = nats.url, nats_login(nats), Subjects(nats.subject_prefix)
         if not url:
             self.notifier.status("starting the embedded NATS server")
-            self._embedded_nats = EmbeddedNatsServer(self.config.service.state_dir / "nats")
+            self._embedded_nats = EmbeddedNatsServer(
+                self.config.service.state_dir / "nats",
+                subjects=subjects,
+                data=DataSubjects(nats.agent_publish, nats.agent_subscribe),
+            )
+            self._agent_logins = EmbeddedAgentLogins(self._embedded_nats)
+            # This node's agents in the first configuration: those still running reconnect at once.
+            known = await _off_the_loop(store.load_agents, "load agents")
+            self._agent_logins.expect(known, self.config.service.node)
             url = await self._embedded_nats.start()
             login = NatsLogin(user=EMBEDDED_NATS_USER, password=self._embedded_nats.password)
         self.notifier.status("connecting to NATS")
-        return await NatsBus.connect(url, login=login, subjects=Subjects(nats.subject_prefix))
+        return await NatsBus.connect(url, login=login, subjects=subjects)
 
     async def main_loop(self) -> None:
         while not self.should_exit.is_set():
@@ -305,6 +325,8 @@ class Daemon:
         # NATS goes last but for the store: agents being stopped may still talk to it.
         if self._bus is not None:
             await self._unless_forced(self._bus.close(timeout=0.5 if self._force_exit else 5.0), "NATS")
+        if self._agent_logins is not None:
+            await self._agent_logins.close()
         if self._embedded_nats is not None:
             await self._unless_forced(self._embedded_nats.stop(), "embedded NATS server")
         if self._store is not None:
@@ -338,9 +360,12 @@ class Daemon:
         """SIGHUP: re-read the configuration, apply what can change live, rescan agents."""
         self.notifier.reloading()
         try:
-            new = load_config(self._config_path, os.environ)
+            # Off the loop: it reads the configuration and the TLS files it names.
+            new = await asyncio.to_thread(load_config, self._config_path, dict(os.environ))
         except ConfigError as exc:
-            log.error("configuration reload failed; keeping the running configuration", error=str(exc))
+            tls = (exc.key or "").lower().startswith(("tls.", "opmas_tls_"))
+            kept = "configuration and TLS certificates" if tls else "configuration"
+            log.error(f"configuration reload failed; keeping the running {kept}", error=str(exc))
         else:
             fixed = [
                 name
@@ -350,6 +375,8 @@ class Daemon:
             for key in ("state_dir", "runtime_dir", "log_dir", "node"):
                 if getattr(new.service, key) != getattr(self.config.service, key):
                     fixed.append(f"service.{key}")
+            if not await reload_tls(self._tls, new.tls.files):
+                fixed.append("tls")  # turned on or off: the listeners are made at start
             if fixed:
                 log.warning("configuration sections changed that apply only at restart", sections=fixed)
             configure_logging(new.service.log_level, new.service.log_format)

@@ -101,6 +101,15 @@ OPMASCTL_SECTIONS = (
                     "(the local socket needs none).",
                 ),
                 _tp(
+                    '.BR OPMAS_CA ", " OPMAS_CERT ", " OPMAS_KEY',
+                    r"TLS files (PEM), after \fB\-\-ca\fR, \fB\-\-cert\fR and \fB\-\-key\fR and "
+                    r"before the user's file's \fIca:\fR, \fIcert:\fR and \fIkey:\fR: the CA the "
+                    "daemon's certificate is checked against (default: the system's), and a client "
+                    "certificate and its key for a daemon that asks for one (mTLS). With a CA or a "
+                    r"client certificate, a \fIhost\fR:\fIport\fR server is dialled over TLS; "
+                    r"\fIhttps://\fR always is, \fIhttp://\fR and unix sockets never.",
+                ),
+                _tp(
                     ".B XDG_CONFIG_HOME",
                     r"Where the user's file is: \fI$XDG_CONFIG_HOME/opmas/opmasctl.yaml\fR "
                     r"(default \fI~/.config/opmas/opmasctl.yaml\fR).",
@@ -130,9 +139,10 @@ OPMASCTL_SECTIONS = (
             (
                 _tp(
                     ".I ~/.config/opmas/opmasctl.yaml",
-                    r"This user's \fIserver:\fR and \fItoken:\fR (used after the options and the "
-                    "environment); refused unless owned by this user and not readable or writable "
-                    "by others (chmod 600).",
+                    r"This user's \fIserver:\fR, \fItoken:\fR, \fIca:\fR, \fIcert:\fR and "
+                    r"\fIkey:\fR (used after the options and the environment; paths relative to its "
+                    "folder); refused unless owned by this user and not readable or writable by "
+                    "others (chmod 600).",
                 ),
                 _tp(
                     ".I /run/opmas/opmasd.sock",
@@ -157,7 +167,8 @@ gRPC API on a unix socket and on TCP, the same API as REST, \fI/metrics\fR, \fI/
 .PP
 It runs in the foreground; under systemd as a Type=notify service (READY=1, STATUS=, WATCHDOG=1,
 STOPPING=1). SIGTERM or SIGINT stops it gracefully (a second one forces the exit within about
-2 seconds); SIGHUP re-reads the configuration and rescans the agents directories."""
+2 seconds); SIGHUP re-reads the configuration (the TLS certificate, key and client CA of the TCP listeners
+included, for new connections) and rescans the agents directories."""
 
 OPMASD_SECTIONS = (
     (

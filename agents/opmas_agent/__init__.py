@@ -22,10 +22,10 @@ An agent is a subclass of `Agent` started with `run`:
     if __name__ == "__main__":
         run(Echo)
 
-The SDK honours the NATS contract (DESIGN §5) — heartbeats on `{prefix}.status`, metrics on
-`{prefix}.metrics`, commands on `{prefix}.{agent_id}.command|query` with the built-ins `ping`,
-`status` and `config` — and stops gracefully on SIGTERM. `opmas_agent.testing.AgentHarness`
-runs an agent without NATS, for unit tests.
+The SDK honours the NATS contract (DESIGN §5) — heartbeats on `{prefix}.{agent_id}.status`,
+metrics on `{prefix}.{agent_id}.metrics`, commands on `{prefix}.{agent_id}.command|query` with
+the built-ins `ping`, `status` and `config` — and stops gracefully on SIGTERM.
+`opmas_agent.testing.AgentHarness` runs an agent without NATS, for unit tests.
 """
 
 from __future__ import annotations

@@ -66,7 +66,7 @@ class Agent:
     Instance attributes an agent uses:
         context: the AgentContext (id, name, NATS URL, subject prefix, environment).
         log: a structlog logger; JSON lines on stdout under `run`.
-        metrics: name -> number, published on `{prefix}.metrics` with every heartbeat.
+        metrics: name -> number, published on `{prefix}.{agent_id}.metrics` with every heartbeat.
         status: the heartbeat's status, "running" unless the agent says otherwise ("degraded").
         status_metadata: extra keys for the heartbeat's metadata.
         config: the effective settings read with `setting`, shown by the `config` command.
@@ -212,7 +212,7 @@ class Agent:
         return self._stop.is_set()
 
     def heartbeat_payload(self) -> dict[str, Any]:
-        """The `{prefix}.status` message: `{agent_id, status, timestamp, metadata}`."""
+        """The `{prefix}.{agent_id}.status` message: `{agent_id, status, timestamp, metadata}`."""
         metadata: dict[str, Any] = {
             "name": self.context.name,
             "type": self.context.type,
@@ -233,7 +233,7 @@ class Agent:
         }
 
     def metrics_payload(self) -> dict[str, Any]:
-        """The `{prefix}.metrics` message: the SDK's counters, uptime, then `self.metrics`."""
+        """The `{prefix}.{agent_id}.metrics` message: the SDK's counters, uptime, then `self.metrics`."""
         metrics: dict[str, float] = {"uptime_seconds": round(self.uptime, 3), **self._counters}
         metrics.update(self.metrics)
         return {"agent_id": self.agent_id, "timestamp": timestamp(), "metrics": metrics}
@@ -241,10 +241,10 @@ class Agent:
     async def send_heartbeat(self) -> None:
         """Publish the heartbeat and the metrics now (the loop also does, every interval)."""
         self._counters["heartbeats"] += 1
-        prefix = self.context.subject_prefix
         try:
-            await self.publish(f"{prefix}.status", self.heartbeat_payload())
-            await self.publish(f"{prefix}.metrics", self.metrics_payload())
+            # Its own subjects: a server that gives each agent its own login allows it no other.
+            await self.publish(self.context.subject("status"), self.heartbeat_payload())
+            await self.publish(self.context.subject("metrics"), self.metrics_payload())
         except (TypeError, ValueError) as exc:
             # A metric or metadata value that is not JSON: say so, keep the loop alive.
             self.throttled_warning("heartbeat not sent", error=repr(exc))

@@ -97,7 +97,10 @@ class AgentContext:
         stop_timeout: seconds the manager waits after SIGTERM before SIGKILL (AGENT_STOP_TIMEOUT,
             default 10); the SDK fits its shutdown inside it.
         nats_url: NATS_URL (default nats://127.0.0.1:4222); may hold user:password.
-        nats_user, nats_password: NATS_USER / NATS_PASSWORD, when the URL holds none.
+        nats_user, nats_password: NATS_USER / NATS_PASSWORD, when the URL holds none (opmasd's
+            embedded NATS server gives each agent its own login, allowed only its own subjects).
+        nats_inbox_prefix: where replies to the agent's own requests go (NATS_INBOX_PREFIX,
+            default `_INBOX.{agent_id}`: the only inboxes its login may read).
         subject_prefix: NATS_SUBJECT_PREFIX (default "agent"), so installations can share a NATS.
         log_level: AGENT_LOG_LEVEL (debug, info, warning, error; default info).
         env: the whole environment, for the agent's own settings (see `Agent.setting`).
@@ -112,6 +115,7 @@ class AgentContext:
     nats_url: str = DEFAULT_NATS_URL
     nats_user: str = ""
     nats_password: str = field(default="", repr=False)
+    nats_inbox_prefix: str = ""
     subject_prefix: str = DEFAULT_PREFIX
     log_level: str = "info"
     env: Mapping[str, str] = field(default_factory=dict, repr=False)
@@ -141,13 +145,15 @@ class AgentContext:
             nats_url=url,
             nats_user=environ.get("NATS_USER", ""),
             nats_password=environ.get("NATS_PASSWORD", ""),
+            nats_inbox_prefix=_subject_token(environ, "NATS_INBOX_PREFIX", f"_INBOX.{agent_id}"),
             subject_prefix=_subject_token(environ, "NATS_SUBJECT_PREFIX", DEFAULT_PREFIX),
             log_level=level,
             env=dict(environ),
         )
 
     def subject(self, kind: str) -> str:
-        """`{prefix}.{agent_id}.{kind}` for this agent's own subjects (command, query, response)."""
+        """`{prefix}.{agent_id}.{kind}` for this agent's own subjects (status, metrics, command,
+        query, response)."""
         return f"{self.subject_prefix}.{self.agent_id}.{kind}"
 
     def describe(self) -> dict[str, Any]:
@@ -161,6 +167,7 @@ class AgentContext:
             "stop_timeout": self.stop_timeout,
             "nats_url": redact_url(self.nats_url),
             "nats_user": self.nats_user or None,
+            "nats_inbox_prefix": self.nats_inbox_prefix or None,
             "subject_prefix": self.subject_prefix,
             "log_level": self.log_level,
         }

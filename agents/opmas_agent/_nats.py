@@ -37,12 +37,14 @@ class NatsTransport:
         log: Any,
         user: str = "",
         password: str = "",
+        inbox_prefix: str = "",
         reconnect_wait: float = 1.0,
     ) -> None:
         self._url = url
         self._name = name
         self._user = user
         self._password = password
+        self._inbox_prefix = inbox_prefix
         self._reconnect_wait = reconnect_wait
         self._log = log.bind(nats_url=redact_url(url))
         self._nc = NATS()
@@ -79,6 +81,8 @@ class NatsTransport:
         options: dict[str, Any] = {}
         if self._user:
             options.update(user=self._user, password=self._password)
+        if self._inbox_prefix:  # replies to its own requests: the only inboxes its login may read
+            options.update(inbox_prefix=self._inbox_prefix)
         await self._nc.connect(
             servers=[u.strip() for u in self._url.split(",") if u.strip()],
             name=self._name,

@@ -57,6 +57,7 @@ async def _serve(agent_cls: type[Agent], context: AgentContext) -> int:
         name=context.agent_id,
         user=context.nats_user,
         password=context.nats_password,
+        inbox_prefix=context.nats_inbox_prefix,
         log=log,
     )
     try:

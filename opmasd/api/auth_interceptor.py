@@ -2,6 +2,10 @@
 its metadata and peer, checked against the method's declared role, and kept for the handler
 (api.auth.CURRENT_CALLER). REST calls pass through here too (the gateway calls the same
 handlers in-process, with the HTTP peer as the call's peer).
+
+A request is parsed only once its caller is admitted (grpc is handed no deserializer), so a
+refused call costs no parsing of its up to 4 MiB; a caller refused for want of credentials is
+answered at its host's pace (Gate.pace_refusal), which keeps a flood from costing the others.
 """
 
 from __future__ import annotations
@@ -44,6 +48,11 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             return handler
         authorization = _authorization(handler_call_details.invocation_metadata)
         gate, auditor = self._gate, self._auditor
+        deserialize = handler.request_deserializer
+
+        def parsed(request: Any) -> Any:
+            """grpc hands over the bytes (in-process callers, the message itself)."""
+            return deserialize(request) if deserialize is not None and isinstance(request, bytes) else request
 
         async def admitted(context: Context) -> Caller | None:
             """The caller, or None once the call is aborted."""
@@ -56,6 +65,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 # of refusals into one record and one log line.
                 if auditor is not None:
                     auditor.refused(caller, method, code_name(exc), exc.message)
+                await gate.pace_refusal(caller)
                 await context.abort_with_status(to_grpc_status(exc))
                 return None
             return caller
@@ -73,9 +83,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler.unary_unary is not None:
             inner: Callable[[Any, Context], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]  # grpc.aio handlers are coroutines
 
-            async def unary(request: Any, context: Context) -> Any:
+            async def unary(raw: Any, context: Context) -> Any:
                 caller = await admitted(context)
                 assert caller is not None  # abort_with_status raised otherwise
+                request = parsed(raw)
                 reset = CURRENT_CALLER.set(caller)
                 result, message = "OK", ""
                 try:
@@ -94,17 +105,15 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         _audit(auditor, caller, method, request, result, message)
 
             return grpc.unary_unary_rpc_method_handler(
-                unary,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                unary, request_deserializer=None, response_serializer=handler.response_serializer
             )
         if handler.unary_stream is not None:
             inner_stream: Callable[[Any, Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
 
-            async def stream(request: Any, context: Context) -> AsyncIterator[Any]:
+            async def stream(raw: Any, context: Context) -> AsyncIterator[Any]:
                 caller = await admitted(context)
                 assert caller is not None  # abort_with_status raised otherwise
-                messages = inner_stream(request, context)
+                messages = inner_stream(parsed(raw), context)
                 try:
                     while True:
                         # Set for each step, never reset: a reader may take each message in a
@@ -125,9 +134,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                         await close()
 
             return grpc.unary_stream_rpc_method_handler(
-                stream,
-                request_deserializer=handler.request_deserializer,
-                response_serializer=handler.response_serializer,
+                stream, request_deserializer=None, response_serializer=handler.response_serializer
             )
         return handler  # no method of ours takes a client stream
 

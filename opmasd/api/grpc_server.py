@@ -4,7 +4,9 @@ socket and TCP.
 The unix socket's owner, group and mode are the local authorization (a unix-socket peer
 carries no credentials grpc can check; api.auth makes whoever connects there an admin), so the
 socket is created with a restrictive umask and then given the configured group and mode. TCP
-callers present API tokens (api.auth_interceptor, given as one of the interceptors).
+callers present API tokens (api.auth_interceptor, given as one of the interceptors), over TLS
+when it is configured (api.tls: a reload replaces its files; mTLS checks a client certificate
+at the transport, while the token still decides the role).
 
 Health: the overall status ("") is SERVING from start to shutdown (the process answers);
 AgentService's own status is what `set_serving` last said, which api.health keeps in step with
@@ -31,6 +33,7 @@ from opmasd.api.audit_servicer import AuditService
 from opmasd.api.grpc_handlers import add_service
 from opmasd.api.grpc_servicer import AgentService
 from opmasd.api.local_calls import LocalChannel, LocalServer
+from opmasd.api.tls import ServerTls
 from opmasd.api.token_servicer import TokenService
 from opmasd.manager import AgentManager
 
@@ -40,6 +43,14 @@ AGENT_SERVICE = agents_pb2.DESCRIPTOR.services_by_name["AgentService"]
 TOKEN_SERVICE = tokens_pb2.DESCRIPTOR.services_by_name["TokenService"]
 AUDIT_SERVICE = audit_pb2.DESCRIPTOR.services_by_name["AuditService"]
 SERVICE_NAME = AGENT_SERVICE.full_name
+
+
+_COMMON_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
+# Calls in flight on one TCP connection (more wait in the client): with the connection cap,
+# what bounds the calls a flood can hold open while their refusals are paced (api.refusal_pacing).
+MAX_STREAMS_PER_CONNECTION = 64
+HANDSHAKE_TIMEOUT_MS = 15_000
+IDLE_CONNECTION_MS = 300_000
 
 
 class ListenError(Exception):
@@ -54,6 +65,10 @@ class GrpcListeners:
     address: str = ""
     # The socket's group (its members are the local admins); None: the daemon's own.
     socket_gid: int | None = None
+    # TLS on the TCP address (the unix socket stays plain); None: plaintext.
+    tls: ServerTls | None = None
+    # Connections the TCP address takes at once (past them, a new one is closed at once).
+    max_connections: int = 512
 
 
 class GrpcServer:
@@ -66,32 +81,46 @@ class GrpcServer:
         self._listeners = listeners
         self.stopping = asyncio.Event()
         self._started = False
-        self._server = grpc.aio.server(
+        # One grpc server per listener, so that what caps the network's connections and streams
+        # never locks out the local socket (grpc counts connections per server).
+        self._unix = grpc.aio.server(interceptors=list(interceptors), options=_COMMON_OPTIONS)
+        self._tcp = grpc.aio.server(
             interceptors=list(interceptors),
-            options=[("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)],
+            options=[
+                *_COMMON_OPTIONS,
+                ("grpc.max_allowed_incoming_connections", listeners.max_connections),
+                ("grpc.max_concurrent_streams", MAX_STREAMS_PER_CONNECTION),
+                ("grpc.server_handshake_timeout_ms", HANDSHAKE_TIMEOUT_MS),
+                # A connection with no call for this long is closed (clients reconnect at will).
+                ("grpc.max_connection_idle_ms", IDLE_CONNECTION_MS),
+            ],
         )
         # The same servicers behind the same interceptors for in-process callers (REST).
         self._local = LocalServer(interceptors)
-        for service, servicer in (
+        self.health = health.aio.HealthServicer()
+        servicers = (
             (AGENT_SERVICE, AgentService(manager, self.stopping)),
             (TOKEN_SERVICE, TokenService(manager.tokens)),
             (AUDIT_SERVICE, AuditService(manager.audit)),
-        ):
-            add_service(self._server, service, servicer)
-            add_service(self._local, service, servicer)
-        self.health = health.aio.HealthServicer()
-        health_pb2_grpc.add_HealthServicer_to_server(self.health, self._server)
-        reflection.enable_server_reflection(
-            (
-                SERVICE_NAME,
-                TOKEN_SERVICE.full_name,
-                AUDIT_SERVICE.full_name,
-                health.SERVICE_NAME,
-                reflection.SERVICE_NAME,
-            ),
-            self._server,
         )
+        for service, servicer in servicers:
+            add_service(self._local, service, servicer)
+        for server in (self._unix, self._tcp):
+            for service, servicer in servicers:
+                add_service(server, service, servicer)
+            health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
+            reflection.enable_server_reflection(
+                (
+                    SERVICE_NAME,
+                    TOKEN_SERVICE.full_name,
+                    AUDIT_SERVICE.full_name,
+                    health.SERVICE_NAME,
+                    reflection.SERVICE_NAME,
+                ),
+                server,
+            )
         self.tcp_port: int | None = None
+        self._running: list[grpc.aio.Server] = []
 
     def local_channel(self) -> LocalChannel:
         """A channel to AgentService that calls it in-process (see api/local_calls.py)."""
@@ -103,12 +132,21 @@ class GrpcServer:
             self._bind_unix(listeners.socket_path)
         if listeners.address:
             try:
-                self.tcp_port = self._server.add_insecure_port(listeners.address)
+                if listeners.tls is not None:
+                    credentials = listeners.tls.grpc_credentials()
+                    self.tcp_port = self._tcp.add_secure_port(listeners.address, credentials)
+                else:
+                    self.tcp_port = self._tcp.add_insecure_port(listeners.address)
             except RuntimeError as exc:
                 raise ListenError(f"cannot listen on {listeners.address}: {exc}") from exc
             if not self.tcp_port:
                 raise ListenError(f"cannot listen on {listeners.address}: address in use or invalid")
-        await self._server.start()
+        if listeners.socket_path is not None:
+            self._running.append(self._unix)
+        if listeners.address:
+            self._running.append(self._tcp)
+        for server in self._running:
+            await server.start()
         if listeners.socket_path is not None:
             give_socket(listeners.socket_path, listeners.socket_mode, listeners.socket_gid)
         self._started = True
@@ -119,6 +157,7 @@ class GrpcServer:
             socket=str(listeners.socket_path) if listeners.socket_path else None,
             address=listeners.address or None,
             port=self.tcp_port,
+            tls=_tls_mode(listeners.tls) if listeners.address else None,
         )
 
     @property
@@ -142,7 +181,7 @@ class GrpcServer:
             path.unlink()
         old_umask = os.umask(0o177)
         try:
-            if not self._server.add_insecure_port(f"unix://{path}"):
+            if not self._unix.add_insecure_port(f"unix://{path}"):
                 raise ListenError(f"cannot listen on unix socket {path}")
         finally:
             os.umask(old_umask)
@@ -150,7 +189,7 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
-        await self._server.stop(grace)
+        await asyncio.gather(*(server.stop(grace) for server in self._running))
         path = self._listeners.socket_path
         if path is not None:
             try:
@@ -159,6 +198,13 @@ class GrpcServer:
                 pass
             except OSError as exc:
                 log.warning("could not remove the gRPC socket", path=str(path), error=str(exc))
+
+
+def _tls_mode(tls: ServerTls | None) -> str:
+    """How the TCP listener speaks, for the log: plaintext, TLS, or TLS with client certificates."""
+    if tls is None:
+        return "off"
+    return "mTLS" if tls.client_auth else "on"
 
 
 def _socket_answers(path: Path) -> bool:

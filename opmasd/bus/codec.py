@@ -219,6 +219,15 @@ def decode_metrics(data: bytes) -> MetricsReport:
     return MetricsReport(agent_id, timestamp, _object(obj, "metrics", required=True))
 
 
+def check_sender(value: Heartbeat | MetricsReport, subject_agent: str) -> None:
+    """MalformedMessage unless the message is about the agent whose subject it came on."""
+    if value.agent_id != subject_agent:
+        raise MalformedMessage(
+            f"agent_id: {value.agent_id[:64]!r} is not the agent of the subject it came on "
+            f"({subject_agent[:64]!r}); an agent reports only for itself"
+        )
+
+
 def encode_heartbeat(heartbeat: Heartbeat) -> bytes:
     return _dump(
         {

@@ -4,8 +4,8 @@
   so the daemon starts and supervises agents with NATS down; meanwhile requests raise
   BusUnavailable. Registrations (subscriptions, services) asked for before the first connect
   are set up when it succeeds; nats-py replays them after every reconnect.
-- What travels over it is in the parts: the agent.status / agent.metrics intake (intake.py),
-  commands to agents (agent_commands.py), micro services (micro.py) and request handlers run
+- What travels over it is in the parts: the heartbeat and metrics intake (intake.py),
+  commands to agents and their replies (agent_commands.py), micro services (micro.py) and request handlers run
   concurrently (serving.py). Bad input is counted in one malformed BurstLog they share.
 - nats-py's async errors are logged, never raised into its reader. Every task it starts has
   an owner that stops it (the connector here, request tasks in serving.RequestRunner);
@@ -132,8 +132,10 @@ class NatsBus:
         return bus
 
     def start(self) -> None:
-        """Begin connecting (forever, in the background) and subscribe to the intake subjects."""
+        """Begin connecting (forever, in the background); subscribe to the intake subjects and
+        to the inbox of agents' replies."""
         self._registrations.extend(self._intake.registrations(on_stop=self._forget))
+        self._registrations.append(self._agents.registration(on_stop=self._forget))
         self._tasks.spawn(self._connect_forever(), "connect")
 
     async def _connect_forever(self) -> None:

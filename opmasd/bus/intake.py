@@ -1,8 +1,14 @@
-"""The intake: agent.status and agent.metrics, decoded strictly and handed to the manager's handlers.
+"""The intake: heartbeats and metrics, decoded strictly and handed to the manager's handlers.
 
-Nothing an agent sends can hurt the daemon: a bad message is counted per subject and logged
-once per burst (the bus's malformed BurstLog); a handler that raises is counted and logged,
-never raised into nats-py's reader.
+They arrive on each agent's own subjects ({p}.{id}.status, {p}.{id}.metrics), where a message
+naming another agent than its subject does is refused (with the embedded server, the subject is
+what the sender's login allows: the payload is not to be trusted over it), and on the shared
+{p}.status / {p}.metrics of the original design, for agents that still use those.
+
+Nothing an agent sends can hurt the daemon: a bad message is counted per subscription and
+logged once per burst (the bus's malformed BurstLog); a handler that raises is counted and
+logged, never raised into nats-py's reader. Counts are kept by subscription, not by subject:
+a sender inventing agent ids must not grow them without bound.
 """
 
 from __future__ import annotations
@@ -30,6 +36,7 @@ INTAKE_PENDING_BYTES = 512 * 1024 * 1024
 class Intake:
     def __init__(self, subjects: Subjects, malformed: BurstLog) -> None:
         self._subjects = subjects
+        self._head = len(subjects.prefix) + 1
         self._malformed = malformed
         self._heartbeat: HeartbeatHandler | None = None
         self._metrics: MetricsHandler | None = None
@@ -42,10 +49,13 @@ class Intake:
         self._metrics = metrics
 
     def registrations(self, on_stop: Callable[[Registration], None]) -> list[Registration]:
-        """The two subscriptions, for the connection to set up (and replay after reconnects)."""
+        """The subscriptions, for the connection to set up (and replay after reconnects)."""
+        subjects = self._subjects
         return [
-            self._subscription(self._subjects.status, self._on_status, on_stop),
-            self._subscription(self._subjects.metrics, self._on_metrics, on_stop),
+            self._subscription(subjects.agents_status, self._on_agent_status, on_stop),
+            self._subscription(subjects.agents_metrics, self._on_agent_metrics, on_stop),
+            self._subscription(subjects.status, self._on_status, on_stop),
+            self._subscription(subjects.metrics, self._on_metrics, on_stop),
         ]
 
     def close(self) -> None:
@@ -70,24 +80,40 @@ class Intake:
         return Registration(f"intake {subject}", setup, on_stop=on_stop)
 
     async def _on_status(self, msg: Msg) -> None:
-        self._take(msg, codec.decode_heartbeat, self._heartbeat)
+        self._take(msg, self._subjects.status, codec.decode_heartbeat, self._heartbeat)
 
     async def _on_metrics(self, msg: Msg) -> None:
-        self._take(msg, codec.decode_metrics, self._metrics)
+        self._take(msg, self._subjects.metrics, codec.decode_metrics, self._metrics)
+
+    # The subscriptions {p}.*.status / {p}.*.metrics deliver only subjects of that form: the
+    # agent's id is the slice between the prefix and the kind.
+
+    async def _on_agent_status(self, msg: Msg) -> None:
+        sender = msg.subject[self._head : -len(".status")]
+        self._take(msg, self._subjects.agents_status, codec.decode_heartbeat, self._heartbeat, sender)
+
+    async def _on_agent_metrics(self, msg: Msg) -> None:
+        sender = msg.subject[self._head : -len(".metrics")]
+        self._take(msg, self._subjects.agents_metrics, codec.decode_metrics, self._metrics, sender)
 
     def _take(
         self,
         msg: Msg,
+        key: str,
         decode: Callable[[bytes], Heartbeat | MetricsReport],
         handler: Callable[[Any], None] | None,
+        sender: str | None = None,
     ) -> None:
-        self.messages_in[msg.subject] += 1
+        """sender: the agent whose own subject the message came on, which it must be about."""
+        self.messages_in[key] += 1
         try:
             value = decode(msg.data)
+            if sender is not None and value.agent_id != sender:
+                codec.check_sender(value, sender)
         except codec.MalformedMessage as exc:
-            self._malformed.record(msg.subject, exc.reason, size=len(msg.data))
+            self._malformed.record(key, exc.reason, size=len(msg.data))
             return
-        self._deliver(msg.subject, handler, value)
+        self._deliver(key, handler, value)
 
     def _deliver(
         self,

@@ -18,6 +18,7 @@ from opmasd.config.schema import (
     NatsConfig,
     RestConfig,
     ServiceConfig,
+    TlsConfig,
 )
 
 __all__ = [
@@ -32,6 +33,7 @@ __all__ = [
     "NatsConfig",
     "RestConfig",
     "ServiceConfig",
+    "TlsConfig",
     "default_agent_dirs",
     "default_paths",
     "load_config",

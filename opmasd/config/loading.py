@@ -18,6 +18,8 @@ from typing import Any, NoReturn
 import yaml
 
 from opmas.local import SOCKET_NAME
+from opmas.tlsfiles import ServerFiles, TlsFileError, read_server_files
+from opmasd.config.nats_agents import check_agent_subjects
 from opmasd.config.nats_login import check_nats_login
 from opmasd.config.parsers import split_address
 from opmasd.config.paths import default_agent_dirs, default_log_dir, default_paths
@@ -31,6 +33,7 @@ from opmasd.config.schema import (
     NatsConfig,
     RestConfig,
     ServiceConfig,
+    TlsConfig,
 )
 from opmasd.core.yamlfile import load_yaml
 
@@ -187,6 +190,7 @@ def _build(
             source, label, "REST (rest.enabled) needs a gRPC listener: grpc.socket or grpc.address"
         )
 
+    tls_files = _check_tls(values, origins)
     _check_auth(values, origins)
 
     def refuse_nats(key: str, why: str) -> NoReturn:
@@ -194,6 +198,7 @@ def _build(
         raise ConfigError(source, label, why)
 
     check_nats_login(values["nats"], refuse_nats)
+    check_agent_subjects(values["nats"], refuse_nats)
 
     agents = values["agents"]
     agents.setdefault("dirs", default_agent_dirs())
@@ -216,8 +221,42 @@ def _build(
         rest=RestConfig(**values["rest"]),
         agents=AgentsConfig(**agents),
         auth=AuthConfig(**values["auth"]),
+        tls=TlsConfig(**values["tls"], files=tls_files),
         source=path,
     )
+
+
+# The setting that names each kind of TLS file.
+_TLS_KEYS = {"cert": "cert", "key": "key", "ca": "client_ca"}
+
+
+def _check_tls(
+    values: dict[str, dict[str, Any]], origins: dict[tuple[str, str], tuple[str, str]]
+) -> ServerFiles | None:
+    """The tls section's files, read and checked (cert and key that load and match, a client CA
+    that holds certificates, a key that not every user may read); None without TLS."""
+    tls = values["tls"]
+
+    def refuse(key: str, why: str) -> NoReturn:
+        source, label = origins.get(("tls", key), ("configuration", f"tls.{key}"))
+        raise ConfigError(source, label, why)
+
+    cert, key, client_ca = tls.get("cert"), tls.get("key"), tls.get("client_ca")
+    if cert is None and key is None:
+        if client_ca is not None:
+            refuse("client_ca", "a client CA (mTLS) needs TLS: set tls.cert and tls.key too")
+        return None
+    if key is None:
+        refuse("cert", "given without tls.key, the certificate's private key: set both, or neither")
+    if cert is None:
+        refuse("key", "given without tls.cert, the key's certificate: set both, or neither")
+    rest_tcp = values["rest"].get("enabled", True) and values["rest"].get("address", RestConfig.address)
+    if not values["grpc"].get("address", GrpcConfig.address) and not rest_tcp:
+        refuse("cert", "no TCP listener to serve TLS on (grpc.address and rest.address are off)")
+    try:
+        return read_server_files(cert, key, client_ca)
+    except TlsFileError as err:
+        refuse(_TLS_KEYS[err.which], str(err))
 
 
 def _check_auth(values: dict[str, dict[str, Any]], origins: dict[tuple[str, str], tuple[str, str]]) -> None:
@@ -240,7 +279,8 @@ def _check_auth(values: dict[str, dict[str, Any]], origins: dict[tuple[str, str]
             "127.0.0.1) may register and run commands as this daemon's user; set "
             "auth.unsafe_allow_unauthenticated: true to accept that",
         )
-    if not auth.get("unsafe_allow_plaintext_remote"):
+    tls_on = values["tls"].get("cert") is not None
+    if not auth.get("unsafe_allow_plaintext_remote") and not tls_on:
         for section, default in (("grpc", GrpcConfig.address), ("rest", RestConfig.address)):
             if section == "rest" and values["rest"].get("enabled") is False:
                 continue
@@ -249,10 +289,11 @@ def _check_auth(values: dict[str, dict[str, Any]], origins: dict[tuple[str, str]
                 refuse(
                     section,
                     "address",
-                    f"{address} is not a loopback address, and TLS is not available yet: tokens and "
-                    "everything else would cross the network in clear; listen on 127.0.0.1 or [::1] "
-                    "(reach it through an SSH tunnel or a TLS proxy), or set "
-                    "auth.unsafe_allow_plaintext_remote: true to accept that",
+                    f"{address} is not a loopback address, and TLS is not configured: tokens and "
+                    "everything else would cross the network in clear; configure tls.cert and "
+                    "tls.key (see the README's TLS section), or listen on 127.0.0.1 or [::1] "
+                    "(reach it through an SSH tunnel), or set auth.unsafe_allow_plaintext_remote: "
+                    "true to accept that",
                 )
     group = auth.get("socket_group")
     if group and ("auth", "socket_group") in origins:

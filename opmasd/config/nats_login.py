@@ -8,13 +8,14 @@ use them; every file exists, is private where it holds a secret, and holds what 
 
 from __future__ import annotations
 
+import ssl
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any, NoReturn
 
+from opmas.tlsfiles import TlsFileError, check_ca, load_cert_chain, read_bounded, read_pem
 from opmasd.bus.login import NatsLogin
 from opmasd.config.schema import NatsConfig
-from opmasd.config.secret_files import FileProblem, check_ca, check_cert_and_key, read_secret
 
 # The keys that say how to log in; one way at most (user goes with password).
 LOGIN_KEYS = ("password", "token", "creds_file", "nkey_seed_file")
@@ -56,38 +57,43 @@ def check_nats_login(nats: dict[str, Any], refuse: Refuse) -> None:
 
 
 def _check_files(nats: dict[str, Any], refuse: Refuse) -> None:
+    """Each file is read (bounded) and checked as opmas.tlsfiles reads TLS files; what is wrong
+    is named, never what is in it."""
     checks: list[tuple[str, Callable[[Path], None]]] = [
         ("creds_file", _check_creds),
         ("nkey_seed_file", _check_seed),
-        ("tls_ca", check_ca),
+        ("tls_ca", lambda path: check_ca("ca", read_pem("ca", path))),
     ]
     for key, check in checks:
-        path = nats.get(key)
-        if path:
+        if nats.get(key):
             try:
-                check(path)
-            except FileProblem as exc:
+                check(nats[key])
+            except TlsFileError as exc:
                 refuse(key, str(exc))
     if nats.get("tls_cert") and nats.get("tls_key"):
+        cert, key = nats["tls_cert"], nats["tls_key"]
         try:
-            check_cert_and_key(nats["tls_cert"], nats["tls_key"])
-        except FileProblem as exc:
-            refuse("tls_key", str(exc))
+            load_cert_chain(
+                ssl.SSLContext(ssl.PROTOCOL_TLS_CLIENT), read_pem("cert", cert), read_pem("key", key)
+            )
+        except TlsFileError as exc:
+            refuse("tls_cert" if exc.which == "cert" else "tls_key", str(exc))
 
 
 def _check_seed(path: Path) -> None:
     """An NKey user seed: one line starting SU (what `nk -gen user` prints)."""
-    seed = read_secret(path).strip()
+    seed = read_bounded("key", path).strip()
     if not (seed.startswith(b"SU") and len(seed) == 58 and seed.isalnum()):
-        raise FileProblem(f"{path}: not an NKey user seed (one line of 58 characters starting SU)")
+        raise TlsFileError("key", path, "not an NKey user seed (one line of 58 characters starting SU)")
 
 
 def _check_creds(path: Path) -> None:
     """A creds file: a user JWT and an NKey seed between the markers `nsc` writes."""
-    text = read_secret(path)
+    text = read_bounded("key", path)
     for marker in (b"-----BEGIN NATS USER JWT-----", b"-----BEGIN USER NKEY SEED-----"):
         if marker not in text:
-            raise FileProblem(f"{path}: not a NATS creds file (no {marker.decode().strip('-')} section)")
+            section = marker.decode().strip("-")
+            raise TlsFileError("key", path, f"not a NATS creds file (no {section} section)")
 
 
 def nats_login(nats: NatsConfig) -> NatsLogin:

@@ -12,8 +12,11 @@ from pathlib import Path
 from typing import Any, Literal
 
 from opmas.local import DEFAULT_TCP_ADDRESS
+from opmas.tlsfiles import ServerFiles
 from opmas.units import parse_duration, parse_size
+from opmasd.bus.embedded_users import DEFAULT_DATA_SUBJECTS
 from opmasd.bus.urls import SCHEMES as NATS_SCHEMES
+from opmasd.config.nats_agents import parse_subject_patterns
 from opmasd.config.parsers import (
     parse_address,
     parse_bool,
@@ -75,6 +78,9 @@ class NatsConfig:
     tls_key: Path | None = None
     subject_prefix: str = "agent"
     heartbeat_timeout: float = 90.0
+    # What agents may publish / subscribe to besides their own subjects (embedded server only).
+    agent_publish: tuple[str, ...] = DEFAULT_DATA_SUBJECTS
+    agent_subscribe: tuple[str, ...] = DEFAULT_DATA_SUBJECTS
 
 
 @dataclass(frozen=True)
@@ -83,6 +89,8 @@ class GrpcConfig:
     socket_mode: int = 0o660
     address: str | None = DEFAULT_TCP_ADDRESS  # None = no TCP listener
     grace_period: float = 5.0
+    # Connections the TCP address takes at once (the unix socket has a cap of its own).
+    max_connections: int = 512
 
 
 @dataclass(frozen=True)
@@ -93,6 +101,8 @@ class RestConfig:
     socket_mode: int = 0o660
     # Request bodies above this are refused with 413 (the gRPC server takes 4 MiB messages).
     max_body_bytes: int = 4 * 1024 * 1024
+    # Connections the TCP address takes at once (the unix socket has a cap of its own).
+    max_connections: int = 256
 
 
 @dataclass(frozen=True)
@@ -102,14 +112,27 @@ class AuthConfig:
     enabled: bool = True
     # Required to turn `enabled` off: every caller that can connect is then an admin.
     unsafe_allow_unauthenticated: bool = False
-    # Required to listen on a non-loopback TCP address: there is no TLS yet, so tokens and
-    # everything else would cross the network in clear.
+    # Required to listen on a non-loopback TCP address without TLS (the tls section): tokens
+    # and everything else would cross the network in clear.
     unsafe_allow_plaintext_remote: bool = False
     # The group of the unix sockets (mode grpc.socket_mode / rest.socket_mode): its members
     # are the local admins. None (not set): "opmas" where that group exists and the daemon may
     # give it its sockets, else the daemon's own group; "": the daemon's own group; a name: that
     # group, which must exist (checked at load) and be the daemon's to give (checked at start).
     socket_group: str | None = None
+
+
+@dataclass(frozen=True)
+class TlsConfig:
+    """TLS of the TCP listeners (gRPC and REST); the unix sockets stay plain (their file mode is
+    their access control). cert and key: both or neither; client_ca (mTLS) needs them."""
+
+    cert: Path | None = None
+    key: Path | None = None
+    client_ca: Path | None = None
+    # The files as read and checked at load (None without TLS): what the listeners serve. Not
+    # compared: a reload with the same paths but new contents is the same configuration.
+    files: ServerFiles | None = field(default=None, compare=False, repr=False)
 
 
 @dataclass(frozen=True)
@@ -138,6 +161,7 @@ class Config:
     rest: RestConfig
     agents: AgentsConfig
     auth: AuthConfig = AuthConfig()
+    tls: TlsConfig = TlsConfig()
     source: Path | None = None  # the file it came from, None when built from defaults only
 
 
@@ -196,12 +220,15 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "tls_key": Key(parse_optional_path, paths=True),
         "subject_prefix": Key(parse_nats_subject_prefix),
         "heartbeat_timeout": Key(_POSITIVE),
+        "agent_publish": Key(parse_subject_patterns),
+        "agent_subscribe": Key(parse_subject_patterns),
     },
     "grpc": {
         "socket": Key(_grpc_socket, paths=True),
         "socket_mode": Key(parse_mode),
         "address": Key(parse_address),
         "grace_period": Key(_NON_NEGATIVE),
+        "max_connections": Key(parse_int(minimum=1)),
     },
     "rest": {
         "address": Key(parse_address),
@@ -209,6 +236,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "socket": Key(parse_optional_path, paths=True),
         "socket_mode": Key(parse_mode),
         "max_body_bytes": Key(parse_size),
+        "max_connections": Key(parse_int(minimum=1)),
     },
     "auth": {
         "enabled": Key(parse_bool),
@@ -217,6 +245,11 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "socket_group": Key(parse_group),
         # Refused by loading.load_config: tokens live in the database (opmasctl tokens create).
         "tokens_file": Key(parse_optional_path, paths=True),
+    },
+    "tls": {
+        "cert": Key(parse_optional_path, paths=True),
+        "key": Key(parse_optional_path, paths=True),
+        "client_ca": Key(parse_optional_path, paths=True),
     },
     "agents": {
         "dirs": Key(parse_path_list, paths=True),

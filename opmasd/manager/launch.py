@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Protocol
 
 from opmasd.core.model import AgentRecord
 from opmasd.runtime.base import LaunchRequest
@@ -10,6 +11,36 @@ from opmasd.runtime.base import LaunchRequest
 # Variables of the daemon's own environment that must not leak into agents: they would make
 # an agent talk to systemd, or read opmasd's configuration, as if it were opmasd.
 _PRIVATE_ENV_PREFIXES = ("OPMAS_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM", "INVOCATION_ID")
+
+
+class AgentLogins(Protocol):
+    """Each agent's own identity on the message bus (app.py gives the one that fits: the
+    embedded NATS server's logins, or none)."""
+
+    def environment(self, agent_id: str) -> Mapping[str, str]:
+        """The variables that give the agent its login (NATS_USER, ...); empty for none."""
+        ...
+
+    async def admit(self, agent_id: str) -> None:
+        """Return once the agent's login works (bounded: a failure is logged, not raised)."""
+        ...
+
+    def forget(self, agent_id: str) -> None:
+        """The agent is deleted: its login is to stop working."""
+        ...
+
+
+class NoAgentLogins:
+    """Agents get no login from opmasd (their spec's environment may give them one)."""
+
+    def environment(self, agent_id: str) -> Mapping[str, str]:
+        return {}
+
+    async def admit(self, agent_id: str) -> None:
+        return None
+
+    def forget(self, agent_id: str) -> None:
+        return None
 
 
 # What an agent whose spec declares no heartbeat interval is told to use (the SDK's default).
@@ -24,8 +55,9 @@ def agent_base_environment(environ: Mapping[str, str]) -> dict[str, str]:
 def launch_request(
     rec: AgentRecord, base_env: Mapping[str, str], daemon_env: Mapping[str, str]
 ) -> LaunchRequest:
-    """The request for rec's process. Later layers win: base, the daemon's (NATS_URL, ...), the
-    spec's own environment, then the AGENT_* identity, which an agent cannot override."""
+    """The request for rec's process. Later layers win: base, the daemon's (NATS_URL, the
+    agent's NATS login, ...), the spec's own environment, then the AGENT_* identity, which an
+    agent cannot override."""
     spec = rec.spec
     env = dict(base_env)
     env.update(daemon_env)

@@ -41,6 +41,7 @@ from opmasd.manager.discovery import PackageDiscovery
 from opmasd.manager.events import EventHub, Subscription
 from opmasd.manager.heartbeats import HeartbeatJudge
 from opmasd.manager.jobs import PeriodicJobs
+from opmasd.manager.launch import AgentLogins, NoAgentLogins
 from opmasd.manager.log_tail import read_tail
 from opmasd.manager.metrics_cache import MetricsCache
 from opmasd.manager.owned import finishes
@@ -69,6 +70,7 @@ class AgentManager:
         agent_environment: Mapping[str, str] | None = None,
         bus: AgentBus | None = None,
         clock: Clock = SYSTEM_CLOCK,
+        logins: AgentLogins | None = None,
     ) -> None:
         self._store = store
         self._runtime = runtime
@@ -91,6 +93,7 @@ class AgentManager:
         self._supervisor = Supervisor(
             self._registry, runtime, settings.restart, self._tasks, lambda: self._agent_environment, clock
         )
+        self._supervisor.logins = logins or NoAgentLogins()  # each agent's own login to the bus
         self._heartbeats.on_starting_heartbeat = self._supervisor.started_by_heartbeat
         self._commits = Commits(self._registry, self._writes, self._supervisor)
         self._bulk = BulkRunner(self._supervisor, self._commits, self._local_agent, self._local_agents)
@@ -428,6 +431,7 @@ class AgentManager:
             self._registry.announce_deletion(rec, "deleted by operator")
             self._metrics.forget(agent_id)
             self._writes.forget_heartbeat(agent_id)
+            self._supervisor.logins.forget(agent_id)
             log.info("agent deleted", agent_id=agent_id)
         return OperationResult(rec, True, f"agent {agent_id} deleted")
 

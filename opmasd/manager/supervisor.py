@@ -21,7 +21,7 @@ from opmasd.core.clock import SYSTEM_CLOCK, Clock
 from opmasd.core.errors import FailedPrecondition, LaunchError
 from opmasd.core.model import AgentRecord, AgentState, DesiredState, ExitInfo, ProcessHandle
 from opmasd.core.tasks import TaskOwner
-from opmasd.manager.launch import agent_base_environment, launch_request
+from opmasd.manager.launch import AgentLogins, NoAgentLogins, agent_base_environment, launch_request
 from opmasd.manager.registry import AgentRegistry
 from opmasd.manager.restart import RestartSettings, decide
 from opmasd.manager.values import OperationResult
@@ -54,6 +54,8 @@ class Supervisor:
         self.settings = settings
         self._tasks = tasks
         self._agent_environment = agent_environment
+        # Each agent's own login to the bus (the manager sets the one app.py chose).
+        self.logins: AgentLogins = NoAgentLogins()
         self._base_env = agent_base_environment(os.environ)
         self._locks: dict[str, _AgentLock] = {}
         self._restart_timers: dict[str, asyncio.Task[None]] = {}
@@ -240,10 +242,11 @@ class Supervisor:
         """STARTING → RUNNING, or → ERROR when the program cannot be started."""
         rec.next_restart_at = None
         self._registry.transition(rec, AgentState.STARTING, reason)
+        # Its own NATS login first, so that it can connect at once (bounded; never raises).
+        await self.logins.admit(rec.agent_id)
+        daemon_env = {**self._agent_environment(), **self.logins.environment(rec.agent_id)}
         try:
-            handle = await self._runtime.launch(
-                launch_request(rec, self._base_env, self._agent_environment())
-            )
+            handle = await self._runtime.launch(launch_request(rec, self._base_env, daemon_env))
         except LaunchError as exc:
             _forget_process(rec)
             self._registry.transition(rec, AgentState.ERROR, f"failed to start: {exc}")

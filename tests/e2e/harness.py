@@ -417,8 +417,15 @@ class Daemon:
     def running(self) -> bool:
         return self.popen.poll() is None
 
-    def channel(self, target: str | None = None) -> grpc.Channel:
-        channel = grpc.insecure_channel(target or f"unix://{self.sandbox.socket}")
+    def channel(
+        self, target: str | None = None, credentials: grpc.ChannelCredentials | None = None
+    ) -> grpc.Channel:
+        """A channel to target (default: the unix socket); over TLS with credentials."""
+        target = target or f"unix://{self.sandbox.socket}"
+        if credentials is not None:
+            channel = grpc.secure_channel(target, credentials)
+        else:
+            channel = grpc.insecure_channel(target)
         self._channels.append(channel)
         return channel
 
@@ -429,17 +436,21 @@ class Daemon:
             self._stub = agents_pb2_grpc.AgentServiceStub(self.channel())
         return self._stub
 
-    def tcp_channel(self, token: str | None = "") -> grpc.Channel:
+    def tcp_channel(
+        self, token: str | None = "", credentials: grpc.ChannelCredentials | None = None
+    ) -> grpc.Channel:
         """A channel to the TCP address presenting `token` on every call: "" (the default) the
-        sandbox's admin token, None no credentials at all."""
-        channel = self.channel(self.sandbox.address)
+        sandbox's admin token, None no credentials at all; over TLS with `credentials`."""
+        channel = self.channel(self.sandbox.address, credentials)
         if token is None:
             return channel
         return grpc.intercept_channel(channel, BearerToken(token or self.sandbox.admin_token()))
 
-    def tcp_stub(self, token: str | None = "") -> agents_pb2_grpc.AgentServiceStub:
+    def tcp_stub(
+        self, token: str | None = "", credentials: grpc.ChannelCredentials | None = None
+    ) -> agents_pb2_grpc.AgentServiceStub:
         """AgentService over TCP, as an admin unless told otherwise (see tcp_channel)."""
-        return agents_pb2_grpc.AgentServiceStub(self.tcp_channel(token))
+        return agents_pb2_grpc.AgentServiceStub(self.tcp_channel(token, credentials))
 
     @property
     def tokens(self) -> tokens_pb2_grpc.TokenServiceStub:
@@ -616,8 +627,8 @@ class Sandbox:
         return int((self.state_dir / "nats" / "port").read_text().strip())
 
     def embedded_nats_url(self) -> str:
-        """The embedded server's URL with its login (opmasd's and its agents'; kept 0600 in the
-        state directory, which root's tests may read)."""
+        """The embedded server's URL with opmasd's own login (allowed everything; kept 0600 in
+        the state directory, which root's tests may read). Agents have logins of their own."""
         password = (self.state_dir / "nats" / "credentials").read_text().strip()
         return f"nats://opmas:{password}@127.0.0.1:{self.embedded_nats_port()}"
 

@@ -6,6 +6,7 @@ import contextlib
 import http.client
 import json
 import socket
+import ssl
 from collections.abc import Iterator
 from dataclasses import dataclass
 from typing import Any
@@ -40,15 +41,22 @@ class Rest:
 
     token: an API token every request presents ("Authorization: Bearer <token>") unless it
     says otherwise (anonymous=True, or an Authorization header of its own); "" for none.
+    ssl_context: HTTPS with it (a daemon with TLS); None: plain HTTP.
     """
 
     def __init__(
-        self, address: str = "", socket_path: str = "", timeout: float = 15.0, token: str = ""
+        self,
+        address: str = "",
+        socket_path: str = "",
+        timeout: float = 15.0,
+        token: str = "",
+        ssl_context: ssl.SSLContext | None = None,
     ) -> None:
         self.address = address
         self.socket_path = socket_path
         self.timeout = timeout
         self.token = token
+        self.ssl_context = ssl_context
         self._conn: http.client.HTTPConnection | None = None
 
     def with_token(self, headers: dict[str, str], anonymous: bool = False) -> dict[str, str]:
@@ -61,6 +69,9 @@ class Rest:
         if self.socket_path:
             return UnixHTTPConnection(self.socket_path, self.timeout)
         host, port = self.address.rsplit(":", 1)
+        if self.ssl_context is not None:
+            context = self.ssl_context
+            return http.client.HTTPSConnection(host, int(port), timeout=self.timeout, context=context)
         return http.client.HTTPConnection(host, int(port), timeout=self.timeout)
 
     def request(

@@ -219,8 +219,8 @@ async def test_shipped_agent_honours_the_contract(
     package: str, nats_url: str, bus: Client, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
     agent_id = f"{package}-{uuid.uuid4().hex[:6]}"
-    status = await listen(bus, "agent.status")
-    metrics = await listen(bus, "agent.metrics")
+    status = await listen(bus, "agent.*.status")
+    metrics = await listen(bus, "agent.*.metrics")
     responses = await listen(bus, f"agent.{agent_id}.response")
     agent = AgentProcess(package, agent_id, nats_url, tmp_path)
     agents.append(agent)
@@ -264,7 +264,7 @@ async def test_heartbeat_on_the_machines_nats(agents: list[AgentProcess], tmp_pa
     # A prefix of our own: the machine's bus may carry a real installation's agent.status.
     prefix = f"opmas-test-{uuid.uuid4().hex[:8]}"
     try:
-        status = await listen(nc, f"{prefix}.status")
+        status = await listen(nc, f"{prefix}.*.status")
         agent = AgentProcess(
             "auth-failures", "auth-failures", MACHINE_NATS, tmp_path, NATS_SUBJECT_PREFIX=prefix
         )
@@ -291,7 +291,7 @@ def brute_force_records() -> list[dict[str, Any]]:
 async def test_replaying_the_sample_produces_the_expected_findings(
     nats_url: str, bus: Client, agents: list[AgentProcess], tmp_path: Path
 ) -> None:
-    status = await listen(bus, "agent.status")
+    status = await listen(bus, "agent.*.status")
     findings = await listen(bus, "findings.>")
     auth = AgentProcess("auth-failures", "auth-failures", nats_url, tmp_path)
     # Arrival-time silence, compressed: the replay sends 100 records/s, each live device
@@ -377,7 +377,7 @@ async def test_an_agent_outlives_a_nats_outage(agents: list[AgentProcess], tmp_p
         async with contextlib.AsyncExitStack() as stack:
             nc = await nats.connect(server.url)
             stack.push_async_callback(nc.close)
-            status = await listen(nc, "agent.status")
+            status = await listen(nc, "agent.*.status")
             await status.wait_for(agent_id="outage", timeout=10)
         server.stop()  # an outage while running
         await asyncio.sleep(1.0)
@@ -385,7 +385,7 @@ async def test_an_agent_outlives_a_nats_outage(agents: list[AgentProcess], tmp_p
         server.start()
         nc = await nats.connect(server.url)
         try:
-            status = await listen(nc, "agent.status")
+            status = await listen(nc, "agent.*.status")
             await status.wait_for(agent_id="outage", timeout=10)
             assert (await command(nc, "outage", "ping"))["result"] == "pong"
         finally:

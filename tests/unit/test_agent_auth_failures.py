@@ -178,7 +178,7 @@ async def test_agent_publishes_findings_on_findings_auth() -> None:
         assert finding["agent_id"] == "auth-failures"
         assert finding["timestamp"].endswith("Z")
         await harness.heartbeat()
-        [metrics] = harness.published_on("agent.metrics")
+        [metrics] = harness.published_on("agent.*.metrics")
         assert metrics["metrics"]["findings_published"] == 1
         assert metrics["metrics"]["auth_failures_seen"] == 4
 

@@ -26,7 +26,7 @@ async def test_sample_command_prints_a_line_and_sets_metrics(capsys: pytest.Capt
         assert line["agent_id"] == "sysmon" and len(line["load"]) == 3
         assert line["memory_total"] > 0 and line["disk_total"] > 0
         await harness.heartbeat()
-        [metrics] = harness.published_on("agent.metrics")
+        [metrics] = harness.published_on("agent.*.metrics")
         values = metrics["metrics"]
         assert values["memory_total_bytes"] == line["memory_total"]
         assert {"load1", "load5", "load15", "disk_free_bytes", "memory_available_bytes"} <= set(values)

@@ -49,7 +49,7 @@ def private(path: Path, text: str) -> Path:
         ("url: nats://n:4222\npassword: p", "nats.password", "needs nats.user"),
         ("url: nats://n:4222\ntls_ca: ca.pem", "nats.tls_ca", "tls:// servers only"),
         ("url: tls://n:4222\ntls_key: k.pem", "nats.tls_cert", "go together"),
-        ("url: tls://n:4222\ntls_cert: c.pem\ntls_key: k.pem", "nats.tls_key", "no such file"),
+        ("url: tls://n:4222\ntls_cert: c.pem\ntls_key: k.pem", "nats.tls_cert", "no such file"),
         ("url: tls://n:4222\nnkey_seed_file: /nonexistent/seed", "nats.nkey_seed_file", "no such file"),
     ],
 )
@@ -66,7 +66,7 @@ def test_a_world_readable_seed_is_refused_without_echoing_it(tmp_path: Path) -> 
     seed.chmod(0o644)
     error = refused(tmp_path, f"url: nats://n:4222\nnkey_seed_file: {seed}")
     assert error.key == "nats.nkey_seed_file"
-    assert "readable by every local user" in error.reason and "chmod o-rwx" in error.reason
+    assert "readable by every user" in error.reason and "chmod o-r" in error.reason
     assert SEED not in str(error)
 
 
@@ -88,7 +88,7 @@ def test_tls_files_are_checked(tmp_path: Path) -> None:
     assert error.key == "nats.tls_key"
     assert "PRIVATE KEY" not in str(error)
     private(tmp_path / "not-ca.pem", "hello")
-    assert "holds no PEM certificate" in refused(tmp_path, "url: tls://n:4222\ntls_ca: not-ca.pem").reason
+    assert "not PEM" in refused(tmp_path, "url: tls://n:4222\ntls_ca: not-ca.pem").reason
     ca.cert_pem.write_to_path(str(tmp_path / "ca.pem"))
     error = refused(tmp_path, "url: tls://n:4222\ntls_ca: ca.pem\ntls_verify: false")
     assert error.key == "nats.tls_verify"

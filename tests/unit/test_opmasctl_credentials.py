@@ -287,7 +287,7 @@ def test_a_file_not_of_this_user_is_refused(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("text", "message"),
     [
-        ("server: 127.0.0.1:9\ntokne: x\n", "unknown key 'tokne'; the keys are server and token"),
+        ("server: 127.0.0.1:9\ntokne: x\n", "unknown key 'tokne'; the keys are server, token, ca, cert"),
         (f"{FILE_TOKEN}:\n", "unknown key (not shown: it looks like a token"),
         (f"{FILE_TOKEN}\n", "not a mapping of keys"),
         (f"token: {FILE_TOKEN}\n  x: [\n", "invalid YAML at line"),
@@ -322,7 +322,8 @@ def test_a_bad_server_in_the_file_names_the_file(tmp_path: Path, capsys: pytest.
 def test_the_file_is_not_read_when_flags_give_both(tmp_path: Path, daemon: tuple[str, Agents]) -> None:
     address, fake = daemon
     user_file(tmp_path, "nonsense: 1\n")
-    assert run(["--server", address, "--token", TOKEN, "agents", "list"]) == 0
+    # http:// says plaintext: the file's TLS settings (ca, cert, key) are not wanted either.
+    assert run(["--server", f"http://{address}", "--token", TOKEN, "agents", "list"]) == 0
     assert fake.sent() == {f"Bearer {TOKEN}"}
 
 

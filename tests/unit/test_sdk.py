@@ -247,7 +247,7 @@ async def test_a_subclass_can_replace_a_builtin() -> None:
 
 async def test_heartbeat_payload(harness: AgentHarness[Echo]) -> None:
     await harness.heartbeat()
-    [beat] = harness.published_on("agent.status")
+    [beat] = harness.published_on("agent.*.status")
     assert set(beat) == {"agent_id", "status", "timestamp", "metadata"}
     assert beat["agent_id"] == "echo-1"
     assert beat["status"] == "running"
@@ -264,7 +264,7 @@ async def test_status_and_metadata_are_the_agents_to_set(harness: AgentHarness[E
     harness.agent.status = "degraded"
     harness.agent.status_metadata["reason"] = "upstream slow"
     await harness.heartbeat()
-    [beat] = harness.published_on("agent.status")
+    [beat] = harness.published_on("agent.*.status")
     assert beat["status"] == "degraded"
     assert beat["metadata"]["reason"] == "upstream slow"
     assert (await harness.command("status"))["result"]["state"] == "degraded"
@@ -274,7 +274,7 @@ async def test_metrics_published_with_the_heartbeat(harness: AgentHarness[Echo])
     await harness.deliver("logs.a", {"n": 1})
     harness.agent.metrics["queue_depth"] = 4.5
     await harness.heartbeat()
-    [metrics] = harness.published_on("agent.metrics")
+    [metrics] = harness.published_on("agent.*.metrics")
     assert set(metrics) == {"agent_id", "timestamp", "metrics"}
     assert metrics["agent_id"] == "echo-1"
     assert RFC3339_UTC.match(metrics["timestamp"])
@@ -291,7 +291,11 @@ async def test_subject_prefix_from_the_environment() -> None:
             await harness.request("agent.echo-1.command", {"command": "ping"})
         await harness.heartbeat()
         subjects = [subject for subject, _ in harness.published]
-        assert subjects == ["site1.agent.echo-1.response", "site1.agent.status", "site1.agent.metrics"]
+        assert subjects == [
+            "site1.agent.echo-1.response",
+            "site1.agent.echo-1.status",
+            "site1.agent.echo-1.metrics",
+        ]
 
 
 # -- data subscriptions ---------------------------------------------------------------------------
@@ -340,6 +344,10 @@ def test_context_defaults() -> None:
     assert context.nats_url == "nats://127.0.0.1:4222"
     assert context.subject_prefix == "agent"
     assert context.subject("command") == "agent.solo.command"
+    # Replies to its own requests come to its own inbox: the only one its login may read.
+    assert context.nats_inbox_prefix == "_INBOX.solo"
+    given = AgentContext.from_env({"AGENT_ID": "a1", "NATS_INBOX_PREFIX": "_INBOX.x.a1"})
+    assert given.nats_inbox_prefix == "_INBOX.x.a1" and given.describe()["nats_inbox_prefix"] == "_INBOX.x.a1"
 
 
 @pytest.mark.parametrize(
@@ -350,6 +358,7 @@ def test_context_defaults() -> None:
         ({"AGENT_ID": "has space"}, "AGENT_ID='has space'"),
         ({"AGENT_ID": "a.b"}, "AGENT_ID='a.b'"),
         ({"NATS_SUBJECT_PREFIX": "agent.>"}, "NATS_SUBJECT_PREFIX"),
+        ({"NATS_INBOX_PREFIX": "_INBOX.*"}, "NATS_INBOX_PREFIX"),
         ({"NATS_URL": "http://x:1"}, "NATS_URL"),
         ({"AGENT_LOG_LEVEL": "loud"}, "AGENT_LOG_LEVEL"),
     ],
@@ -398,7 +407,8 @@ def make(fail_in: str = "", **env: str) -> tuple[Periodic, MemoryTransport]:
 
 
 def statuses(transport: MemoryTransport) -> list[str]:
-    return [json.loads(data)["status"] for subject, data in transport.published if subject == "agent.status"]
+    beats = [data for subject, data in transport.published if subject.endswith(".status")]
+    return [json.loads(data)["status"] for data in beats]
 
 
 async def test_serve_heartbeats_until_stopped_then_exits_0() -> None:

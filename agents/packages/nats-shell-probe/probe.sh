@@ -2,10 +2,10 @@
 # nats-shell-probe: an OPMAS agent in plain bash — no SDK, no NATS client library.
 #
 # It speaks the NATS text protocol itself over bash's /dev/tcp and honours the agent contract
-# (DESIGN §5): a heartbeat on {prefix}.status and metrics on {prefix}.metrics every
-# AGENT_HEARTBEAT_INTERVAL seconds; request/reply commands on {prefix}.{AGENT_ID}.command and
-# .query (`ping` -> "pong", `status`; anything else is an error reply), each reply also published
-# on {prefix}.{AGENT_ID}.response. SIGTERM or SIGINT: a last heartbeat, then exit 0.
+# (DESIGN §5): a heartbeat on {prefix}.{AGENT_ID}.status and metrics on
+# {prefix}.{AGENT_ID}.metrics every AGENT_HEARTBEAT_INTERVAL seconds; request/reply commands on
+# {prefix}.{AGENT_ID}.command and .query (`ping` -> "pong", `status`; anything else is an error
+# reply), each reply also published on {prefix}.{AGENT_ID}.response. SIGTERM or SIGINT: a last heartbeat, then exit 0.
 # Its point: the contract is all an agent needs, whatever it is written in.
 #
 # Environment: AGENT_ID, AGENT_NAME, AGENT_TYPE, AGENT_VERSION, AGENT_HEARTBEAT_INTERVAL (30),
@@ -112,8 +112,8 @@ heartbeat() {
     hostname=${HOSTNAME:-unknown}
     json_str "$hostname"
     HEARTBEATS=$((HEARTBEATS + 1))
-    pub "$PREFIX.status" "{\"agent_id\":$ID_JSON,\"status\":\"$STATUS\",\"timestamp\":\"$TS\",\"metadata\":{\"name\":$NAME_JSON,\"type\":\"$AGENT_TYPE\",\"version\":\"$AGENT_VERSION\",\"pid\":$$,\"hostname\":$JSON,\"uptime_seconds\":$SECONDS,\"implementation\":\"bash\"}}"
-    pub "$PREFIX.metrics" "{\"agent_id\":$ID_JSON,\"timestamp\":\"$TS\",\"metrics\":{\"uptime_seconds\":$SECONDS,\"heartbeats\":$HEARTBEATS,\"commands_handled\":$COMMANDS}}"
+    pub "$PREFIX.$AGENT_ID.status" "{\"agent_id\":$ID_JSON,\"status\":\"$STATUS\",\"timestamp\":\"$TS\",\"metadata\":{\"name\":$NAME_JSON,\"type\":\"$AGENT_TYPE\",\"version\":\"$AGENT_VERSION\",\"pid\":$$,\"hostname\":$JSON,\"uptime_seconds\":$SECONDS,\"implementation\":\"bash\"}}"
+    pub "$PREFIX.$AGENT_ID.metrics" "{\"agent_id\":$ID_JSON,\"timestamp\":\"$TS\",\"metrics\":{\"uptime_seconds\":$SECONDS,\"heartbeats\":$HEARTBEATS,\"commands_handled\":$COMMANDS}}"
 }
 
 handle_request() { # handle_request SUBJECT REPLY_TO PAYLOAD

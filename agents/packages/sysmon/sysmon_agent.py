@@ -1,7 +1,7 @@
 """sysmon: every SYSMON_INTERVAL seconds, this host's load, memory and disk.
 
 Each sample is a JSON line on stdout (as before the SDK: the agent's log file is its record)
-and becomes the agent's metrics, published on `{prefix}.metrics` with every heartbeat.
+and becomes the agent's metrics, published on `{prefix}.{agent_id}.metrics` with every heartbeat.
 The SDK brings heartbeats, commands (`sample` is added here) and the clean SIGTERM exit.
 """
 
@@ -41,7 +41,7 @@ def sample(agent_id: str) -> dict[str, Any]:
 
 
 def as_metrics(values: dict[str, Any]) -> dict[str, float]:
-    """A sample as flat numbers, the shape of `{prefix}.metrics`."""
+    """A sample as flat numbers, the shape of `{prefix}.{agent_id}.metrics`."""
     load1, load5, load15 = values["load"]
     return {
         "load1": load1,

@@ -1,8 +1,9 @@
 """The HTTP server: REST routes from the proto, the OpenAPI document, /metrics, /healthz, /readyz.
 
-One aiohttp server on the daemon's event loop, on rest.address (TCP) and, optionally, a unix
-socket; HTTP/1.1 with keep-alive. aiohttp takes over no signal handling. Every path that is not
-one of the fixed endpoints goes to the gateway, which answers 404 / 405 in the same error shape.
+One aiohttp server on the daemon's event loop, on rest.address (TCP, HTTPS when TLS is
+configured: api.tls) and, optionally, a unix socket (always plain); HTTP/1.1 with keep-alive.
+aiohttp takes over no signal handling. Every path that is not one of the fixed endpoints goes
+to the gateway, which answers 404 / 405 in the same error shape.
 """
 
 from __future__ import annotations
@@ -11,6 +12,8 @@ import asyncio
 import json
 import logging
 import os
+import socket
+import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -52,6 +55,8 @@ class HttpListeners:
     socket_path: Path | None = None
     socket_mode: int = 0o660
     socket_gid: int | None = None  # None: the daemon's own group
+    # HTTPS on the TCP address (api.tls.ServerTls.rest_context); None: plain HTTP.
+    ssl_context: ssl.SSLContext | None = None
 
 
 @dataclass(frozen=True)
@@ -132,7 +137,9 @@ class HttpServer:
         try:
             if listeners.address:
                 host, _, port = listeners.address.rpartition(":")
-                site = web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True)
+                site = _TcpSite(
+                    runner, host.strip("[]"), int(port), ssl_context=listeners.ssl_context, reuse_address=True
+                )
                 await site.start()
                 tcp = [a for a in runner.addresses if isinstance(a, tuple)]
                 self.port = int(tcp[0][1]) if tcp else int(port)
@@ -147,6 +154,7 @@ class HttpServer:
             "HTTP serving",
             address=listeners.address or None,
             port=self.port,
+            tls=(listeners.ssl_context is not None) if listeners.address else None,
             socket=str(listeners.socket_path) if listeners.socket_path else None,
             routes=len(self._gateway.routes),
         )
@@ -180,7 +188,7 @@ class HttpServer:
         if self._gate is not None and request.path not in OPEN_PATHS:
             # Before the body is read: a caller without credentials costs a header lookup. The
             # role of an API call is then checked with the call (api.auth_interceptor).
-            refused = self._refused(request, self._gate)
+            refused = await self._refused(request, self._gate)
             if refused is not None:
                 return refused
         fixed = self._fixed.get(request.path)
@@ -195,7 +203,7 @@ class HttpServer:
             )
         return await fixed(request)
 
-    def _refused(self, request: web.Request, gate: Gate) -> web.Response | None:
+    async def _refused(self, request: web.Request, gate: Gate) -> web.Response | None:
         if len(request.headers.getall("Authorization", ())) > 1:
             refused = error_response(
                 bad_request_status("Authorization", "give one Authorization header, not several")
@@ -211,6 +219,7 @@ class HttpServer:
                 operation = f"{request.method} {request.path}"[:64]
                 self._auditor.refused_request(caller, operation, code_name(exc), exc.message)
             headers = {"WWW-Authenticate": 'Bearer realm="opmasd"'} if caller.role is None else None
+            await gate.pace_refusal(caller)  # a flood of them is answered at its host's pace
             return _closing(error_response(to_status_pb(exc), headers), request)
         return None
 
@@ -237,6 +246,32 @@ class HttpServer:
         return web.json_response(body, status=200 if ready else 503)
 
 
+class _TcpSite(web.TCPSite):
+    """aiohttp's TCPSite with the TLS handshake bounded by IDLE_TIMEOUT (asyncio's default is
+    60 s): a connection still in its handshake is not yet one of the server's connections, so
+    the connection cap (MAX_CONNECTIONS) does not see it."""
+
+    async def start(self) -> None:
+        if self._ssl_context is None:
+            await super().start()
+            return
+        await web.BaseSite.start(self)
+        server = self._runner.server
+        assert server is not None
+        self._server = await asyncio.get_running_loop().create_server(
+            server,
+            self._host,
+            self._port,
+            ssl=self._ssl_context,
+            ssl_handshake_timeout=IDLE_TIMEOUT,
+            backlog=self._backlog,
+            reuse_address=self._reuse_address,
+            reuse_port=self._reuse_port,
+        )
+        sockets = self._server.sockets
+        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
+
+
 def _clear_socket_path(path: Path) -> None:
     """Make room for the socket: its folder exists, a stale socket (never another file) is gone."""
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -244,27 +279,44 @@ def _clear_socket_path(path: Path) -> None:
         path.unlink(missing_ok=True)
 
 
-def _cap_connections(server: web.Server | None, limit: int) -> None:
-    """Close each connection past `limit` as soon as it is made (logged once per burst)."""
+def _cap_connections(server: web.Server | None, tcp_limit: int) -> None:
+    """Close each connection past its listener's cap as soon as it is made (logged once per
+    burst): `tcp_limit` for the TCP address, MAX_CONNECTIONS for the unix socket, counted apart
+    so that a flood of the network's connections never locks out the local socket."""
     if server is None:
         return
-    made = server.connection_made
+    made, lost = server.connection_made, server.connection_lost
+    open_now: dict[bool, set[Any]] = {True: set(), False: set()}  # is unix -> its handlers
     refused = 0
 
     def connection_made(handler: Any, transport: Any) -> None:
         nonlocal refused
         made(handler, transport)
-        if len(server.connections) > limit:
+        sock = transport.get_extra_info("socket")
+        unix = sock is not None and sock.family == socket.AF_UNIX
+        limit = MAX_CONNECTIONS if unix else tcp_limit
+        if len(open_now[unix]) >= limit:
             # After aiohttp has set the connection up (closing inside this call trips its
             # request loop): at the next turn, close it without reading a byte.
             asyncio.get_running_loop().call_soon(handler.force_close)
             asyncio.get_running_loop().call_soon(transport.close)
             refused += 1
             if refused in (1, 100) or refused % 10_000 == 0:
-                log.warning("HTTP connection refused: too many open", limit=limit, refused=refused)
+                listener = "unix socket" if unix else "TCP address"
+                log.warning(
+                    "HTTP connection refused: too many open", listener=listener, limit=limit, refused=refused
+                )
+            return
+        open_now[unix].add(handler)
 
-    # aiohttp has no connection limit of its own; its Server tracks connections through this.
+    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
+        open_now[True].discard(handler)
+        open_now[False].discard(handler)
+        lost(handler, exc)
+
+    # aiohttp has no connection limit of its own; its Server tracks connections through these.
     server.connection_made = connection_made  # type: ignore[method-assign]
+    server.connection_lost = connection_lost  # type: ignore[method-assign]
 
 
 @web.middleware

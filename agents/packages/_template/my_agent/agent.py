@@ -1,6 +1,6 @@
 """A minimal SDK agent: consumes a subject, keeps a metric, answers a custom command.
 
-The SDK already does heartbeats (`agent.status`), metrics (`agent.metrics`), the `ping`,
+The SDK already does heartbeats (`agent.<id>.status`), metrics (`agent.<id>.metrics`), the `ping`,
 `status` and `config` commands, reconnecting to NATS and the clean SIGTERM exit.
 Keep detection logic in a plain module of its own, so it is unit-tested without any bus.
 """

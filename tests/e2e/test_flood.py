@@ -1,0 +1,101 @@
+"""What a flood of requests without credentials costs the others (issue 11, "Abuse").
+
+- Refusals for want of a token are paced per host after a burst (api.refusal_pacing): a host
+  that keeps calling without one waits longer and longer, while a caller with a token from the
+  same host is answered at once, on gRPC and REST alike.
+- Each listener caps its own connections: filling the TCP addresses' caps refuses the next
+  network connection, while the unix sockets (the local admin door) still answer.
+"""
+
+from __future__ import annotations
+
+import socket
+import time
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from opmas.v1 import agents_pb2 as pb
+from opmas.v1 import auth_pb2
+
+from .harness import Sandbox, call_error, free_port, sandbox
+from .rest_client import rest_env, rest_of
+
+pytestmark = pytest.mark.timeout(120)
+
+BURST, RATE = 50, 20.0  # RefusalPacer's defaults: what a host gets at once, then per second
+
+
+@pytest.fixture(scope="module")
+def box() -> Iterator[Sandbox]:
+    port = free_port()
+    env = rest_env(port, OPMAS_GRPC_MAX_CONNECTIONS="4", OPMAS_REST_MAX_CONNECTIONS="4")
+    with sandbox("flood", env=env) as box:
+        box.rest_port = port  # type: ignore[attr-defined]
+        box.start()
+        yield box
+
+
+def test_refusals_past_the_burst_are_paced_and_callers_with_a_token_are_not(box: Sandbox) -> None:
+    anonymous = box.daemon.tcp_stub(token=None)
+    viewer = box.daemon.tcp_stub(box.create_token(auth_pb2.ROLE_VIEWER, "flood").secret)
+    began = time.monotonic()
+    extra = 30
+    for _ in range(BURST + extra):
+        error = call_error(lambda: anonymous.ListAgents(pb.ListAgentsRequest(), timeout=30))
+        assert error.code == grpc.StatusCode.UNAUTHENTICATED
+    took = time.monotonic() - began
+    assert took >= 0.8 * extra / RATE, f"{BURST + extra} refusals in {took:.2f}s: not paced"
+    # The host is now behind its pace: one more refusal waits, the token holder does not.
+    t0 = time.monotonic()
+    viewer.ListAgents(pb.ListAgentsRequest(), timeout=10)
+    assert time.monotonic() - t0 < 0.5
+    rest = rest_of(box, anonymous=True)
+    t0 = time.monotonic()
+    assert rest.request("GET", "/api/v1/agents").status == 401
+    assert time.monotonic() - t0 >= 0.8 / RATE  # REST refusals share the host's pace
+    assert rest_of(box).request("GET", "/api/v1/agents").status == 200
+
+
+def test_a_full_tcp_listener_leaves_the_unix_socket_open(box: Sandbox) -> None:
+    box.daemon.close_channels()  # the previous test's TCP connections (they would count)
+    time.sleep((BURST + 40) / RATE)  # and its pace caught up
+    host, rest_port = "127.0.0.1", int(box.rest_port)  # type: ignore[attr-defined]
+    held = []
+    try:
+        for _ in range(4):  # rest.max_connections: 4
+            held.append(socket.create_connection((host, rest_port), timeout=5))
+        extra = socket.create_connection((host, rest_port), timeout=5)
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        extra.settimeout(5)
+        try:
+            assert extra.recv(100) == b"", "a fifth REST connection was served"
+        except ConnectionResetError:
+            pass  # closed without reading the request: a reset is as good
+        extra.close()
+        channels = [
+            grpc.insecure_channel(box.address, options=[("grpc.use_local_subchannel_pool", 1)])
+            for _ in range(5)
+        ]
+        answered = 0
+        for channel in channels:
+            stub = pb_stub(channel)
+            try:
+                stub.ListAgents(pb.ListAgentsRequest(), timeout=3)
+            except grpc.RpcError as exc:
+                answered += exc.code() == grpc.StatusCode.UNAUTHENTICATED  # served, refused
+        assert answered == 4, f"{answered} of 5 TCP connections served with grpc.max_connections: 4"
+        # The local admin door is a listener of its own: still open.
+        assert box.daemon.stub.ListAgents(pb.ListAgentsRequest(), timeout=5) is not None
+        for channel in channels:
+            channel.close()
+    finally:
+        for sock in held:
+            sock.close()
+
+
+def pb_stub(channel: grpc.Channel) -> object:
+    from opmas.v1 import agents_pb2_grpc
+
+    return agents_pb2_grpc.AgentServiceStub(channel)
