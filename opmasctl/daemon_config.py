@@ -1,4 +1,5 @@
-"""Where the local opmasd listens according to its configuration: grpc.socket and grpc.address.
+"""Where the local opmasd listens according to its configuration: grpc.socket, grpc.viewer_socket
+and grpc.address.
 
 The file is the daemon's own ($OPMAS_CONFIG, else /etc/opmas/opmasd.yaml when it exists), read
 with the daemon's environment overrides of those keys (OPMAS_GRPC_SOCKET, OPMAS_GRPC_ADDRESS,
@@ -98,7 +99,7 @@ def read_daemon_config(
             problem = ConfigProblem(where, err.reason, loud=named or err.loud)
     settings = _Settings(values, env, where, base)
     listeners: list[Listener] = []
-    for read in (settings.socket, settings.address):
+    for read in (settings.socket, settings.viewer_socket, settings.address):
         try:
             listener = read()
         except _Unusable as err:
@@ -201,6 +202,15 @@ class _Settings:
             return None  # the daemon's default socket, which the caller tries anyway
         text, origin, base = runtime
         return Listener(unix_endpoint(os.path.join(self._path(text.strip(), base), SOCKET_NAME)), origin)
+
+    def viewer_socket(self) -> Listener | None:
+        """The viewers' socket (grpc.viewer_socket): where a user outside the sockets' group
+        still reads (tried after the admin socket, which refuses such a user)."""
+        given = self._get("grpc", "viewer_socket")
+        if given is None or given[0].strip().lower() in ("", "none"):
+            return None
+        text, origin, base = given
+        return Listener(unix_endpoint(self._path(text.strip(), base)), origin)
 
     def address(self) -> Listener | None:
         given = self._get("grpc", "address")

@@ -44,14 +44,16 @@ from opmasd.bus.login import NatsLogin
 from opmasd.bus.manager_service import ManagerService
 from opmasd.bus.subjects import Subjects
 from opmasd.config import Config, ConfigError, load_config
+from opmasd.config.manager_settings import manager_settings
 from opmasd.config.nats_login import nats_login
+from opmasd.core.auth import Role
 from opmasd.core.clock import SYSTEM_CLOCK
 from opmasd.core.serial_thread import SerialThread
 from opmasd.core.tasks import TaskOwner
 from opmasd.core.urls import redacted
 from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
-from opmasd.manager import AgentManager, HealthSettings, ManagerSettings, RestartSettings
+from opmasd.manager import AgentManager
 from opmasd.runtime.cgroups import AgentCgroups
 from opmasd.runtime.fdlimit import raise_open_files_limit
 from opmasd.runtime.process import ProcessRuntime
@@ -62,28 +64,6 @@ from opmasd.systemd.notify import Notifier
 log = structlog.get_logger(__name__)
 
 T = TypeVar("T")
-
-
-def manager_settings(config: Config) -> ManagerSettings:
-    agents = config.agents
-    return ManagerSettings(
-        node=config.service.node,
-        agent_dirs=tuple(agents.dirs),
-        restart=RestartSettings(
-            backoff_initial=agents.backoff_initial,
-            backoff_max=agents.backoff_max,
-            stable_after=agents.stable_after,
-            max_restarts=agents.max_restarts,
-        ),
-        default_stop_timeout=agents.stop_timeout,
-        default_restart_policy=agents.restart_policy,
-        autostart_discovered=agents.autostart,
-        monitoring_interval=config.service.monitoring_interval,
-        discovery_interval=config.service.discovery_interval,
-        cleanup_interval=config.service.cleanup_interval,
-        health=HealthSettings(heartbeat_timeout=config.nats.heartbeat_timeout),
-        commit_timeout=config.database.commit_timeout,
-    )
 
 
 class Daemon:
@@ -130,6 +110,8 @@ class Daemon:
             service.runtime_dir,
             socket_gid(config.auth.socket_group),
         )
+        if config.grpc.viewer_socket is not None:  # its viewers must reach it
+            directories.let_through(config.grpc.viewer_socket.parent)
         self._lock.acquire()
         self.notifier.status("opening the store")
         # Off the loop: opening may wait out a connect timeout (PostgreSQL unreachable).
@@ -180,9 +162,12 @@ class Daemon:
                 socket_gid=socket_gid(config.auth.socket_group),
                 tls=self._tls,
                 max_connections=config.grpc.max_connections,
+                viewer_socket_path=config.grpc.viewer_socket,
+                viewer_socket_mode=config.grpc.viewer_socket_mode,
             ),
             # Metrics first: they count the calls the gate refuses too.
             interceptors=[self._metrics.interceptor, AuthInterceptor(gate, auditor)],
+            viewer_interceptors=[self._metrics.interceptor, AuthInterceptor(gate, auditor, Role.VIEWER)],
         )
         await self._grpc.start()
         if self._tls is not None:

@@ -59,6 +59,19 @@ def prepare(directories: Iterable[Path], runtime_dir: Path, runtime_gid: int | N
         os.chown(runtime_dir, -1, runtime_gid)
 
 
+def let_through(directory: Path) -> None:
+    """Let every user pass through one of opmasd's own directories (o+x: reach a name it holds,
+    never list it), for the viewers' socket in it; another's directory is left as it is."""
+    try:
+        info = directory.stat()
+    except FileNotFoundError:
+        directory.mkdir(mode=DIRECTORY_MODE, parents=True)
+        info = directory.stat()
+    if info.st_uid == os.geteuid() and not info.st_mode & stat.S_IXOTH:
+        os.chmod(directory, stat.S_IMODE(info.st_mode) | stat.S_IXOTH)
+        log.info("directory opened to others for passing through", path=str(directory))
+
+
 def private_directory(directory: Path) -> None:
     """Make `directory` (0750, and its missing parents); UnsafePathError unless it and every
     directory and symlink on the way to it are root's or opmasd's user's, none of those on the

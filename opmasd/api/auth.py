@@ -97,9 +97,13 @@ class Gate:
     def is_open(self, grpc_path: str) -> bool:
         return service_of(grpc_path) in OPEN_SERVICES
 
-    def caller(self, authorization: str, peer: str, entry_point: str) -> Caller:
+    def caller(
+        self, authorization: str, peer: str, entry_point: str, local_role: Role = Role.ADMIN
+    ) -> Caller:
+        """local_role: what a caller on the unix socket is (the viewers' socket: a viewer)."""
         if peer.startswith("unix:"):
-            return Caller("local", Role.ADMIN, peer, entry_point)
+            identity = "local" if local_role is Role.ADMIN else f"local-{local_role.label}"
+            return Caller(identity, local_role, peer, entry_point)
         token = bearer(authorization) if authorization else ""
         found = self._verify(token) if token else None
         if found is not None:

@@ -21,7 +21,7 @@ from opmasd.api.audit_records import Auditor, parameters_of
 from opmasd.api.auth import CURRENT_CALLER, Gate
 from opmasd.api.errors import code_name, to_grpc_status
 from opmasd.api.local_calls import LocalContext
-from opmasd.core.auth import Caller
+from opmasd.core.auth import Caller, Role
 from opmasd.core.errors import OpmasError, Unauthenticated
 
 log = structlog.get_logger(__name__)
@@ -33,11 +33,13 @@ if TYPE_CHECKING:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, gate: Gate, auditor: Auditor | None = None) -> None:
+    def __init__(self, gate: Gate, auditor: Auditor | None = None, local_role: Role = Role.ADMIN) -> None:
         """auditor: where calls that change something, and refusals, are recorded (None: not
-        recorded; tests of the gate alone)."""
+        recorded; tests of the gate alone). local_role: what a caller on the server's unix
+        socket is (an admin; a viewer on the viewers' socket)."""
         self._gate = gate
         self._auditor = auditor
+        self._local_role = local_role
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -47,7 +49,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or self._gate.is_open(method):
             return handler
         authorization = _authorization(handler_call_details.invocation_metadata)
-        gate, auditor = self._gate, self._auditor
+        gate, auditor, local_role = self._gate, self._auditor, self._local_role
         deserialize = handler.request_deserializer
 
         def parsed(request: Any) -> Any:
@@ -57,7 +59,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def admitted(context: Context) -> Caller | None:
             """The caller, or None once the call is aborted."""
             entry_point = "rest" if isinstance(context, LocalContext) else "grpc"
-            caller = gate.caller(authorization, context.peer(), entry_point)
+            caller = gate.caller(authorization, context.peer(), entry_point, local_role)
             try:
                 gate.check(caller, method)
             except OpmasError as exc:
@@ -73,7 +75,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def still_admitted(caller: Caller, context: Context) -> bool:
             """Before each message of a stream: its token may have been revoked, or have
             expired, since the stream began (verify reads memory only: it costs a hash)."""
-            now = gate.caller(authorization, caller.peer, caller.entry_point)
+            now = gate.caller(authorization, caller.peer, caller.entry_point, local_role)
             if now.role == caller.role:
                 return True
             exc = Unauthenticated("the stream's token was revoked or has expired")

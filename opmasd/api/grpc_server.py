@@ -1,5 +1,5 @@
 """The gRPC server: AgentService, TokenService, health checking and reflection, on a unix
-socket and TCP.
+socket, TCP, and optionally a second unix socket for viewers (whoever may connect reads only).
 
 The unix socket's owner, group and mode are the local authorization (a unix-socket peer
 carries no credentials grpc can check; api.auth makes whoever connects there an admin), so the
@@ -69,6 +69,9 @@ class GrpcListeners:
     tls: ServerTls | None = None
     # Connections the TCP address takes at once (past them, a new one is closed at once).
     max_connections: int = 512
+    # The viewers' socket: whoever may connect is a viewer (reads only); None: none.
+    viewer_socket_path: Path | None = None
+    viewer_socket_mode: int = 0o666
 
 
 class GrpcServer:
@@ -77,13 +80,16 @@ class GrpcServer:
         manager: AgentManager,
         listeners: GrpcListeners,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        viewer_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
     ) -> None:
+        """viewer_interceptors: those of the viewers' socket (its gate makes callers viewers)."""
         self._listeners = listeners
         self.stopping = asyncio.Event()
         self._started = False
         # One grpc server per listener, so that what caps the network's connections and streams
         # never locks out the local socket (grpc counts connections per server).
         self._unix = grpc.aio.server(interceptors=list(interceptors), options=_COMMON_OPTIONS)
+        self._viewer = grpc.aio.server(interceptors=list(viewer_interceptors), options=_COMMON_OPTIONS)
         self._tcp = grpc.aio.server(
             interceptors=list(interceptors),
             options=[
@@ -105,7 +111,7 @@ class GrpcServer:
         )
         for service, servicer in servicers:
             add_service(self._local, service, servicer)
-        for server in (self._unix, self._tcp):
+        for server in (self._unix, self._tcp, self._viewer):
             for service, servicer in servicers:
                 add_service(server, service, servicer)
             health_pb2_grpc.add_HealthServicer_to_server(self.health, server)
@@ -129,8 +135,13 @@ class GrpcServer:
     async def start(self) -> None:
         listeners = self._listeners
         if listeners.socket_path is not None:
-            self._bind_unix(listeners.socket_path)
+            self._bind_unix(self._unix, listeners.socket_path)
+            self._running.append(self._unix)
+        if listeners.viewer_socket_path is not None:
+            self._bind_unix(self._viewer, listeners.viewer_socket_path)
+            self._running.append(self._viewer)
         if listeners.address:
+            self._running.append(self._tcp)
             try:
                 if listeners.tls is not None:
                     credentials = listeners.tls.grpc_credentials()
@@ -141,20 +152,19 @@ class GrpcServer:
                 raise ListenError(f"cannot listen on {listeners.address}: {exc}") from exc
             if not self.tcp_port:
                 raise ListenError(f"cannot listen on {listeners.address}: address in use or invalid")
-        if listeners.socket_path is not None:
-            self._running.append(self._unix)
-        if listeners.address:
-            self._running.append(self._tcp)
         for server in self._running:
             await server.start()
         if listeners.socket_path is not None:
             give_socket(listeners.socket_path, listeners.socket_mode, listeners.socket_gid)
+        if listeners.viewer_socket_path is not None:
+            give_socket(listeners.viewer_socket_path, listeners.viewer_socket_mode, listeners.socket_gid)
         self._started = True
         await self.health.set("", health_pb2.HealthCheckResponse.SERVING)
         await self.health.set(SERVICE_NAME, health_pb2.HealthCheckResponse.SERVING)
         log.info(
             "gRPC serving",
             socket=str(listeners.socket_path) if listeners.socket_path else None,
+            viewer_socket=str(listeners.viewer_socket_path) if listeners.viewer_socket_path else None,
             address=listeners.address or None,
             port=self.tcp_port,
             tls=_tls_mode(listeners.tls) if listeners.address else None,
@@ -172,7 +182,7 @@ class GrpcServer:
         )
         await self.health.set(SERVICE_NAME, status)
 
-    def _bind_unix(self, path: Path) -> None:
+    def _bind_unix(self, server: grpc.aio.Server, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             # A socket left by a daemon that died; a live one would still answer, so check.
@@ -181,7 +191,7 @@ class GrpcServer:
             path.unlink()
         old_umask = os.umask(0o177)
         try:
-            if not self._unix.add_insecure_port(f"unix://{path}"):
+            if not server.add_insecure_port(f"unix://{path}"):
                 raise ListenError(f"cannot listen on unix socket {path}")
         finally:
             os.umask(old_umask)
@@ -190,14 +200,14 @@ class GrpcServer:
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
         await asyncio.gather(*(server.stop(grace) for server in self._running))
-        path = self._listeners.socket_path
-        if path is not None:
-            try:
-                path.unlink()
-            except FileNotFoundError:
-                pass
-            except OSError as exc:
-                log.warning("could not remove the gRPC socket", path=str(path), error=str(exc))
+        for path in (self._listeners.socket_path, self._listeners.viewer_socket_path):
+            if path is not None:
+                try:
+                    path.unlink()
+                except FileNotFoundError:
+                    pass
+                except OSError as exc:
+                    log.warning("could not remove the gRPC socket", path=str(path), error=str(exc))
 
 
 def _tls_mode(tls: ServerTls | None) -> str:

@@ -91,6 +91,10 @@ class GrpcConfig:
     grace_period: float = 5.0
     # Connections the TCP address takes at once (the unix socket has a cap of its own).
     max_connections: int = 512
+    # A second unix socket whose callers are viewers (read only); None = none. Its folder is
+    # made reachable by others (o+x, no listing) when it is the daemon's own.
+    viewer_socket: Path | None = None
+    viewer_socket_mode: int = 0o666
 
 
 @dataclass(frozen=True)
@@ -189,6 +193,12 @@ def _grpc_socket(value: object) -> Path | str | None:
     return parse_path(text)
 
 
+def _optional_socket(value: object) -> Path | None:
+    """A socket path; "" or "none": no socket."""
+    text = parse_str(value).strip()
+    return None if text.lower() in ("", "none") else parse_path(text)
+
+
 SCHEMA: dict[str, dict[str, Key]] = {
     "service": {
         "node": Key(parse_node),
@@ -229,6 +239,8 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "address": Key(parse_address),
         "grace_period": Key(_NON_NEGATIVE),
         "max_connections": Key(parse_int(minimum=1)),
+        "viewer_socket": Key(_optional_socket, paths=True),
+        "viewer_socket_mode": Key(parse_mode),
     },
     "rest": {
         "address": Key(parse_address),

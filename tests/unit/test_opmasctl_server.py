@@ -132,6 +132,18 @@ def test_config_socket_and_address_come_first(tmp_path: Path) -> None:
     assert search.problem is None and not search.explicit
 
 
+def test_the_viewer_socket_is_tried_after_the_admin_socket(tmp_path: Path) -> None:
+    """A user outside the sockets' group is refused by the admin socket: the viewers' socket
+    the daemon's configuration names is next (reads work there)."""
+    env = _config(tmp_path, "grpc:\n  socket: /run/o/d.sock\n  viewer_socket: v.sock\n  address: ''\n")
+    targets = [c.endpoint.target for c in find_daemon(None, env, 1000).candidates]
+    assert targets[:2] == ["unix:/run/o/d.sock", f"unix:{tmp_path}/v.sock"]
+    env["OPMAS_GRPC_VIEWER_SOCKET"] = "none"
+    assert f"unix:{tmp_path}/v.sock" not in [
+        c.endpoint.target for c in find_daemon(None, env, 1000).candidates
+    ]
+
+
 def test_config_runtime_dir_none_and_env_overrides(tmp_path: Path) -> None:
     env = _config(tmp_path, "service:\n  runtime_dir: /srv/run\ngrpc:\n  address: '[::]:7000'\n")
     listeners = read_daemon_config(env).listeners
