@@ -89,10 +89,11 @@ class Gate:
         self._pacer = pacer
         self.roles = declared_roles()
 
-    async def pace_refusal(self, caller: Caller) -> None:
-        """Before answering a caller without valid credentials: wait for its host's turn."""
+    async def pace_refusal(self, caller: Caller, size: int = 0) -> None:
+        """Before answering a caller without valid credentials: wait for its host's turn
+        (size: the bytes of the request the wait would keep in memory)."""
         if self._pacer is not None and caller.role is None:
-            await self._pacer.pace(caller.peer)
+            await self._pacer.pace(caller.peer, size)
 
     def is_open(self, grpc_path: str) -> bool:
         return service_of(grpc_path) in OPEN_SERVICES

@@ -56,7 +56,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             """grpc hands over the bytes (in-process callers, the message itself)."""
             return deserialize(request) if deserialize is not None and isinstance(request, bytes) else request
 
-        async def admitted(context: Context) -> Caller | None:
+        async def admitted(context: Context, raw: Any) -> Caller | None:
             """The caller, or None once the call is aborted."""
             entry_point = "rest" if isinstance(context, LocalContext) else "grpc"
             caller = gate.caller(authorization, context.peer(), entry_point, local_role)
@@ -67,7 +67,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 # of refusals into one record and one log line.
                 if auditor is not None:
                     auditor.refused(caller, method, code_name(exc), exc.message)
-                await gate.pace_refusal(caller)
+                await gate.pace_refusal(caller, len(raw) if isinstance(raw, bytes) else 0)
                 await context.abort_with_status(to_grpc_status(exc))
                 return None
             return caller
@@ -86,7 +86,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner: Callable[[Any, Context], Awaitable[Any]] = handler.unary_unary  # type: ignore[assignment]  # grpc.aio handlers are coroutines
 
             async def unary(raw: Any, context: Context) -> Any:
-                caller = await admitted(context)
+                caller = await admitted(context, raw)
                 assert caller is not None  # abort_with_status raised otherwise
                 request = parsed(raw)
                 reset = CURRENT_CALLER.set(caller)
@@ -113,7 +113,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
             inner_stream: Callable[[Any, Context], AsyncIterator[Any]] = handler.unary_stream  # type: ignore[assignment]
 
             async def stream(raw: Any, context: Context) -> AsyncIterator[Any]:
-                caller = await admitted(context)
+                caller = await admitted(context, raw)
                 assert caller is not None  # abort_with_status raised otherwise
                 messages = inner_stream(parsed(raw), context)
                 try:

@@ -8,7 +8,9 @@ valid credentials gets its answers paced: `burst` refusals answered at once, the
 and the listeners cap both (streams per connection, connections per listener), so a flooding
 client is slowed down to the pace instead of the loop to the flood.
 
-Only refusals for want of credentials are paced (a caller with a valid token is identified and
+What waits is bounded (held_per_host, held_total, held_bytes): a request too large to keep,
+or one past those counts, is answered at once. Only refusals for want of credentials
+are paced (a caller with a valid token is identified and
 audited, and answered at once); hosts are keyed by IPv4 address or IPv6 /64, the block a single
 machine usually holds. What is kept per host is one float, for at most `max_hosts` hosts:
 a flood leaves nothing behind once its pace has caught up.
@@ -26,9 +28,25 @@ log = structlog.get_logger(__name__)
 
 
 class RefusalPacer:
-    def __init__(self, clock: Clock, *, rate: float = 20.0, burst: int = 50, max_hosts: int = 4096) -> None:
+    def __init__(
+        self,
+        clock: Clock,
+        *,
+        rate: float = 20.0,
+        burst: int = 50,
+        max_hosts: int = 4096,
+        held_per_host: int = 256,
+        held_total: int = 2048,
+        held_bytes: int = 64 * 1024,
+    ) -> None:
+        """held_*: a waiting refusal keeps its request in memory, so at most held_per_host of
+        one host's and held_total in all wait, each of at most held_bytes; any other is
+        answered at once (a flood of those costs the loop, not the memory)."""
         if rate <= 0 or burst < 1 or max_hosts < 1:
             raise ValueError("RefusalPacer needs rate > 0, burst >= 1 and max_hosts >= 1")
+        self._held: dict[str, int] = {}
+        self._held_total = 0
+        self._limits = (held_per_host, held_total, held_bytes)
         self._clock = clock
         self._interval = 1.0 / rate
         self._tolerance = burst * self._interval
@@ -50,11 +68,30 @@ class RefusalPacer:
         wait = due - self._tolerance - now
         return wait if wait > 1e-6 else 0.0  # (float sums of the interval drift by ~1e-13)
 
-    async def pace(self, peer: str) -> None:
-        """Wait for the peer's refusal slot (returns at once within its burst)."""
+    async def pace(self, peer: str, size: int = 0) -> None:
+        """Wait for the peer's refusal slot (returns at once within its burst, and when holding
+        a request of `size` bytes more would pass the bounds on what waits)."""
         wait = self.delay(peer)
-        if wait > 0:
+        host = host_of(peer)
+        if wait <= 0 or host is None:
+            return
+        per_host, total, most = self._limits
+        if size > most or self._held_total >= total or self._held.get(host, 0) >= per_host:
+            return
+        self._held[host] = self._held.get(host, 0) + 1
+        self._held_total += 1
+        try:
             await self._clock.sleep(wait)
+        finally:
+            self._held_total -= 1
+            left = self._held.pop(host) - 1
+            if left:
+                self._held[host] = left
+
+    @property
+    def held(self) -> int:
+        """Refusals waiting now."""
+        return self._held_total
 
     @property
     def hosts(self) -> int:

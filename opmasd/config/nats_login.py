@@ -27,6 +27,8 @@ Refuse = Callable[[str, str], NoReturn]
 def check_nats_login(nats: dict[str, Any], refuse: Refuse) -> None:
     """Refuse (refuse(key, why)) a login setting that would be ignored or cannot work."""
     given = [key for key in ("user", *LOGIN_KEYS, *TLS_KEYS) if nats.get(key)]
+    if nats.get("tls_verify") is False:
+        given.append("tls_verify")
     url = nats.get("url", "")
     if not url:
         if given:
@@ -37,17 +39,19 @@ def check_nats_login(nats: dict[str, Any], refuse: Refuse) -> None:
             )
         return
     ways = [key for key in LOGIN_KEYS if nats.get(key)]
+    if any("@" in server.partition("://")[2].partition("/")[0] for server in url.split(",")):
+        ways.insert(0, "url")  # nats://user:password@host: a login of its own
     if len(ways) > 1:
         refuse(ways[1], f"give one way to log in to NATS, not nats.{ways[0]} and nats.{ways[1]}")
     if nats.get("user") and not nats.get("password"):
         refuse("user", "needs nats.password")
     if nats.get("password") and not nats.get("user"):
         refuse("password", "needs nats.user")
-    if any(nats.get(key) for key in TLS_KEYS):
+    if any(nats.get(key) for key in TLS_KEYS) or nats.get("tls_verify") is False:
         servers = [server.strip() for server in url.split(",")]
         plain = [server for server in servers if not server.startswith(("tls://", "wss://"))]
         if plain:
-            key = next(key for key in TLS_KEYS if nats.get(key))
+            key = next((key for key in TLS_KEYS if nats.get(key)), "tls_verify")
             refuse(key, f"applies to tls:// servers only, and {plain[0].split('@')[-1]!r} is not one")
     if bool(nats.get("tls_cert")) != bool(nats.get("tls_key")):
         refuse("tls_cert" if nats.get("tls_key") else "tls_key", "nats.tls_cert and nats.tls_key go together")

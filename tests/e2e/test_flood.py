@@ -4,14 +4,15 @@
   that keeps calling without one waits longer and longer, while a caller with a token from the
   same host is answered at once, on gRPC and REST alike.
 - Each listener caps its own connections: filling the TCP addresses' caps refuses the next
-  network connection, while the unix sockets (the local admin door) still answer.
+  network connection, while the unix sockets (the local admin door) still answer; and one host
+  holds at most a quarter of REST's.
 """
 
 from __future__ import annotations
 
 import socket
 import time
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
@@ -30,7 +31,7 @@ BURST, RATE = 50, 20.0  # RefusalPacer's defaults: what a host gets at once, the
 @pytest.fixture(scope="module")
 def box() -> Iterator[Sandbox]:
     port = free_port()
-    env = rest_env(port, OPMAS_GRPC_MAX_CONNECTIONS="4", OPMAS_REST_MAX_CONNECTIONS="4")
+    env = rest_env(port, OPMAS_GRPC_MAX_CONNECTIONS="4", OPMAS_REST_MAX_CONNECTIONS="8")
     with sandbox("flood", env=env) as box:
         box.rest_port = port  # type: ignore[attr-defined]
         box.start()
@@ -55,6 +56,7 @@ def test_refusals_past_the_burst_are_paced_and_callers_with_a_token_are_not(box:
     t0 = time.monotonic()
     assert rest.request("GET", "/api/v1/agents").status == 401
     assert time.monotonic() - t0 >= 0.8 / RATE  # REST refusals share the host's pace
+    rest.close()
     assert rest_of(box).request("GET", "/api/v1/agents").status == 200
 
 
@@ -64,9 +66,11 @@ def test_a_full_tcp_listener_leaves_the_unix_socket_open(box: Sandbox) -> None:
     host, rest_port = "127.0.0.1", int(box.rest_port)  # type: ignore[attr-defined]
     held = []
     try:
-        for _ in range(4):  # rest.max_connections: 4
-            held.append(socket.create_connection((host, rest_port), timeout=5))
-        extra = socket.create_connection((host, rest_port), timeout=5)
+        for n in range(1, 9):  # rest.max_connections: 8, from eight hosts (two each at most)
+            held.append(
+                socket.create_connection((host, rest_port), timeout=5, source_address=(f"127.0.0.{n}", 0))
+            )
+        extra = socket.create_connection((host, rest_port), timeout=5, source_address=("127.0.0.9", 0))
         extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
         extra.settimeout(5)
         try:
@@ -99,3 +103,32 @@ def pb_stub(channel: grpc.Channel) -> object:
     from opmas.v1 import agents_pb2_grpc
 
     return agents_pb2_grpc.AgentServiceStub(channel)
+
+
+def test_one_host_holds_at_most_a_quarter_of_the_rest_connections(
+    make_sandbox: Callable[..., Sandbox],
+) -> None:
+    """rest.max_connections 8: one host (127.0.0.1) holding connections open gets 2; the third
+    is closed unread, and a connection from 127.0.0.2 (another host) is still served."""
+    port = free_port()
+    box = make_sandbox(env=rest_env(port, OPMAS_REST_MAX_CONNECTIONS="8"))
+    box.start()
+    held = [socket.create_connection(("127.0.0.1", port), timeout=5) for _ in range(2)]
+    try:
+        time.sleep(0.2)
+        extra = socket.create_connection(("127.0.0.1", port), timeout=5)
+        extra.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\n\r\n")
+        extra.settimeout(5)
+        try:
+            assert extra.recv(100) == b"", "a third connection of one host was served"
+        except ConnectionResetError:
+            pass
+        extra.close()
+        other = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+        other.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+        other.settimeout(5)
+        assert other.recv(100).startswith(b"HTTP/1.1 200"), "another host was locked out"
+        other.close()
+    finally:
+        for sock in held:
+            sock.close()

@@ -128,3 +128,42 @@ async def test_start_failure_reports_the_log_tail(tmp_path: Path) -> None:
 
 def test_binary_is_the_wheels() -> None:
     assert find_binary().name == "nats-server"
+
+
+@pytest.mark.skipif(os.geteuid() != 0, reason="only root may bind a privileged port")
+async def test_as_root_the_port_is_one_no_other_user_may_take(tmp_path: Path) -> None:
+    """While the server is down (a crash, a restart), another user who bound its port would
+    collect the logins of every client reconnecting there: as root, opmasd picks a port only
+    root may bind, and keeps it across restarts."""
+    import subprocess
+
+    from opmasd.bus.embedded_ports import privileged_ports
+
+    if not privileged_ports():
+        pytest.skip("net.ipv4.ip_unprivileged_port_start is 0 or 1: every port is unprivileged")
+    server = EmbeddedNatsServer(tmp_path / "nats")
+    port = int((await server.start()).rsplit(":", 1)[1])
+    await server.stop()
+    assert port in privileged_ports(), port
+    squat = f"import socket; s = socket.socket(); s.bind(('127.0.0.1', {port})); s.listen()"
+
+    def as_nobody() -> None:
+        os.setgroups([])
+        os.setgid(65534)
+        os.setuid(65534)
+
+    taken = await asyncio.to_thread(
+        subprocess.run,
+        ["/usr/bin/python3", "-c", squat],
+        preexec_fn=as_nobody,
+        capture_output=True,
+        text=True,
+    )
+    assert taken.returncode != 0 and "Permission denied" in taken.stderr, taken
+    again = EmbeddedNatsServer(tmp_path / "nats")
+    try:
+        assert (
+            await again.start() == f"nats://127.0.0.1:{port}"
+        )  # remembered: agents that outlive opmasd find it
+    finally:
+        await again.stop()

@@ -153,7 +153,7 @@ database:
   pool_size: 20
   commit_timeout: 2500ms
 nats:
-  url: nats://a:4222,nats://b:4222
+  url: tls://a:4222,tls://b:4222
   user: opmas
   password: "0123"
   tls_verify: off
@@ -202,7 +202,7 @@ def test_full_file(tmp_path: Path) -> None:
     assert manager_settings(cfg).commit_timeout == 2.5  # and the manager is given it
     n = cfg.nats
     assert (n.url, n.user, n.password, n.tls_verify) == (
-        "nats://a:4222,nats://b:4222",
+        "tls://a:4222,tls://b:4222",
         "opmas",
         "0123",
         False,

@@ -48,6 +48,9 @@ def private(path: Path, text: str) -> Path:
         ("url: nats://n:4222\nuser: u", "nats.user", "needs nats.password"),
         ("url: nats://n:4222\npassword: p", "nats.password", "needs nats.user"),
         ("url: nats://n:4222\ntls_ca: ca.pem", "nats.tls_ca", "tls:// servers only"),
+        ("tls_verify: false", "nats.tls_verify", "nats.url is empty"),
+        ("url: nats://n:4222\ntls_verify: false", "nats.tls_verify", "tls:// servers only"),
+        ("url: nats://u:p@n:4222\ntoken: t", "nats.token", "not nats.url and nats.token"),
         ("url: tls://n:4222\ntls_key: k.pem", "nats.tls_cert", "go together"),
         ("url: tls://n:4222\ntls_cert: c.pem\ntls_key: k.pem", "nats.tls_cert", "no such file"),
         ("url: tls://n:4222\nnkey_seed_file: /nonexistent/seed", "nats.nkey_seed_file", "no such file"),
@@ -126,3 +129,9 @@ def test_each_way_of_logging_in_is_accepted_and_reaches_the_bus(tmp_path: Path) 
         c["subject"] == ((("organizationName", "trustme v1.2.1"),),) or c for c in context.get_ca_certs()
     )
     assert len(context.get_ca_certs()) == 1  # only the configured CA, not the system's
+
+
+@pytest.mark.parametrize("key", ["password", "token"])
+def test_a_bad_secret_value_is_not_echoed(tmp_path: Path, key: str) -> None:
+    error = refused(tmp_path, f"url: nats://n:4222\nuser: u\n{key}: [TOPSECRET]")
+    assert error.key == f"nats.{key}" and "TOPSECRET" not in str(error)

@@ -80,3 +80,25 @@ def test_host_of() -> None:
     assert host_of("ipv6:[fe80::1%eth0]:8000") == "fe80::/64"
     assert host_of("unix:") is None
     assert host_of("nats:") is None
+
+
+async def test_what_waits_is_bounded_by_count_and_size() -> None:
+    """A waiting refusal keeps its request in memory: past held_per_host (or held_total), or for
+    a request larger than held_bytes, the refusal is answered at once instead."""
+    clock = FakeClock()
+    pacer = RefusalPacer(clock, rate=1, burst=1, held_per_host=2, held_total=3, held_bytes=100)
+    await pacer.pace("ipv4:10.0.0.1:1")  # the burst
+    waiting = [asyncio.ensure_future(pacer.pace("ipv4:10.0.0.1:1", 10)) for _ in range(2)]
+    await asyncio.sleep(0)
+    assert pacer.held == 2 and not any(w.done() for w in waiting)
+    await asyncio.wait_for(pacer.pace("ipv4:10.0.0.1:1", 10), 1)  # a third of the host's: at once
+    await pacer.pace("ipv4:10.0.0.2:1")  # another host's burst
+    await asyncio.wait_for(pacer.pace("ipv4:10.0.0.2:1", 101), 1)  # too large to keep: at once
+    other = asyncio.ensure_future(pacer.pace("ipv4:10.0.0.2:1", 100))
+    await asyncio.sleep(0)
+    assert pacer.held == 3  # the total bound reached
+    await asyncio.wait_for(pacer.pace("ipv4:10.0.0.3:1"), 1)  # within a new host's burst
+    await asyncio.wait_for(pacer.pace("ipv4:10.0.0.3:1"), 1)  # past it, but nothing more may wait
+    clock.advance(60)
+    await asyncio.wait_for(asyncio.gather(*waiting, other), 1)
+    assert pacer.held == 0

@@ -319,7 +319,11 @@ def rest_peer(request: web.Request) -> str:
     """The request's peer as gRPC writes one: "unix:" for the REST unix socket (its mode and
     group are its access control), else "ipv4:ADDR" / "ipv6:[ADDR]" (the TCP peer itself, never
     a forwarded-for header)."""
-    transport = request.transport
+    return transport_peer(request.transport)
+
+
+def transport_peer(transport: Any) -> str:
+    """rest_peer of a connection's transport."""
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None and sock.family == socket.AF_UNIX:
         return "unix:"

@@ -14,6 +14,7 @@ import logging
 import os
 import socket
 import ssl
+from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -28,7 +29,16 @@ from opmasd.api.audit_records import Auditor
 from opmasd.api.auth import Gate
 from opmasd.api.errors import bad_request_status, code_name, to_status_pb
 from opmasd.api.grpc_server import ListenError, give_socket
-from opmasd.api.rest.gateway import JSON, RestGateway, closing, error_response, rest_peer, routing_error
+from opmasd.api.refusal_pacing import host_of
+from opmasd.api.rest.gateway import (
+    JSON,
+    RestGateway,
+    closing,
+    error_response,
+    rest_peer,
+    routing_error,
+    transport_peer,
+)
 from opmasd.core.auth import Role
 from opmasd.core.errors import OpmasError
 
@@ -42,6 +52,9 @@ IDLE_TIMEOUT = 15.0
 # Open HTTP connections at most; past it a new one is closed at once, so that clients cannot
 # use up the daemon's file descriptors (1024 by default) and starve gRPC, agents and the store.
 MAX_CONNECTIONS = 256
+# One host may hold at most this share of the TCP address's connections (1/4), so that one
+# host holding connections open (idle, or trickling headers) cannot lock every other out.
+HOST_SHARE = 4
 
 
 class HttpListenError(Exception):
@@ -287,6 +300,9 @@ def _cap_connections(server: web.Server | None, tcp_limit: int) -> None:
         return
     made, lost = server.connection_made, server.connection_lost
     open_now: dict[bool, set[Any]] = {True: set(), False: set()}  # is unix -> its handlers
+    per_host: Counter[str] = Counter()  # TCP connections by host (IPv4 address, IPv6 /64)
+    host_of_handler: dict[Any, str] = {}
+    host_limit = max(1, tcp_limit // HOST_SHARE)
     refused = 0
 
     def connection_made(handler: Any, transport: Any) -> None:
@@ -295,7 +311,8 @@ def _cap_connections(server: web.Server | None, tcp_limit: int) -> None:
         sock = transport.get_extra_info("socket")
         unix = sock is not None and sock.family == socket.AF_UNIX
         limit = MAX_CONNECTIONS if unix else tcp_limit
-        if len(open_now[unix]) >= limit:
+        host = None if unix else host_of(transport_peer(transport))
+        if len(open_now[unix]) >= limit or (host is not None and per_host[host] >= host_limit):
             # After aiohttp has set the connection up (closing inside this call trips its
             # request loop): at the next turn, close it without reading a byte.
             asyncio.get_running_loop().call_soon(handler.force_close)
@@ -308,10 +325,18 @@ def _cap_connections(server: web.Server | None, tcp_limit: int) -> None:
                 )
             return
         open_now[unix].add(handler)
+        if host is not None:
+            per_host[host] += 1
+            host_of_handler[handler] = host
 
     def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
         open_now[True].discard(handler)
         open_now[False].discard(handler)
+        host = host_of_handler.pop(handler, None)
+        if host is not None:
+            per_host[host] -= 1
+            if per_host[host] <= 0:
+                del per_host[host]
         lost(handler, exc)
 
     # aiohttp has no connection limit of its own; its Server tracks connections through these.
