@@ -15,6 +15,7 @@ import http.client
 import os
 import signal
 import ssl
+import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
 
@@ -339,3 +340,46 @@ def test_tls_turned_on_by_a_reload_waits_for_a_restart(
     assert list_agents(box.address, None, box.admin_token()) == OK  # still plaintext
     box.restart()
     assert list_agents(box.address, credentials(pki.authority), box.admin_token()) == OK
+
+
+def test_stalled_handshakes_are_counted_from_their_accept(tmp_path: Path) -> None:
+    """Connections that open and stall in their TLS handshake count against rest.max_connections
+    and the host's share of it from their accept: past that share they are closed unread, the
+    daemon's open files stay bounded, and another host is still served."""
+    import socket
+
+    import psutil
+
+    pki = Pki(tmp_path / "pki")
+    port = free_port()
+    env = {**rest_env(port, OPMAS_REST_MAX_CONNECTIONS="16"), **pki.env()}
+    with sandbox("tls-stall", env=env) as box:
+        box.start()
+        daemon = psutil.Process(box.daemon.pid)
+        before = daemon.num_fds()
+        stalled = []
+        try:
+            for _ in range(200):
+                sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+                sock.sendall(b"\x16\x03\x01\x00")  # the start of a ClientHello, never finished
+                stalled.append(sock)
+            time.sleep(0.5)
+            assert daemon.num_fds() - before <= 16, f"{daemon.num_fds() - before} more files open"
+            served = 0
+            for sock in stalled:
+                sock.settimeout(0.05)
+                try:
+                    served += sock.recv(1) != b""
+                except TimeoutError:
+                    served += 1  # still open: in its handshake
+                except ConnectionResetError:
+                    pass
+            assert served <= 4, f"{served} of one host's stalled handshakes held (its share: 4)"
+            other = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=("127.0.0.2", 0))
+            tls = https(pki.authority).wrap_socket(other, server_hostname="127.0.0.1")
+            tls.sendall(b"GET /healthz HTTP/1.1\r\nHost: x\r\nConnection: close\r\n\r\n")
+            assert tls.recv(100).startswith(b"HTTP/1.1 200"), "another host was not served"
+            tls.close()
+        finally:
+            for sock in stalled:
+                sock.close()

@@ -12,9 +12,7 @@ import asyncio
 import json
 import logging
 import os
-import socket
 import ssl
-from collections import Counter
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,7 +27,7 @@ from opmasd.api.audit_records import Auditor
 from opmasd.api.auth import Gate
 from opmasd.api.errors import bad_request_status, code_name, to_status_pb
 from opmasd.api.grpc_server import ListenError, give_socket
-from opmasd.api.refusal_pacing import host_of
+from opmasd.api.rest.connection_caps import ConnectionCaps
 from opmasd.api.rest.gateway import (
     JSON,
     RestGateway,
@@ -37,8 +35,8 @@ from opmasd.api.rest.gateway import (
     error_response,
     rest_peer,
     routing_error,
-    transport_peer,
 )
+from opmasd.api.rest.tls_site import TlsSite
 from opmasd.core.auth import Role
 from opmasd.core.errors import OpmasError
 
@@ -52,9 +50,6 @@ IDLE_TIMEOUT = 15.0
 # Open HTTP connections at most; past it a new one is closed at once, so that clients cannot
 # use up the daemon's file descriptors (1024 by default) and starve gRPC, agents and the store.
 MAX_CONNECTIONS = 256
-# One host may hold at most this share of the TCP address's connections (1/4), so that one
-# host holding connections open (idle, or trickling headers) cannot lock every other out.
-HOST_SHARE = 4
 
 
 class HttpListenError(Exception):
@@ -144,18 +139,24 @@ class HttpServer:
             auto_decompress=False,
         )
         await runner.setup()
-        _cap_connections(runner.server, self._max_connections)
+        caps = ConnectionCaps(self._max_connections)
+        caps.install(runner.server)
         self._runner = runner
         listeners = self._listeners
         try:
             if listeners.address:
                 host, _, port = listeners.address.rpartition(":")
-                site = _TcpSite(
-                    runner, host.strip("[]"), int(port), ssl_context=listeners.ssl_context, reuse_address=True
-                )
-                await site.start()
-                tcp = [a for a in runner.addresses if isinstance(a, tuple)]
-                self.port = int(tcp[0][1]) if tcp else int(port)
+                if listeners.ssl_context is not None:
+                    # Its own accept: a connection is counted before its handshake (tls_site).
+                    tls = TlsSite(
+                        runner, host.strip("[]"), int(port), listeners.ssl_context, caps, IDLE_TIMEOUT
+                    )
+                    await tls.start()
+                    self.port = tls.port
+                else:
+                    await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True).start()
+                    tcp = [a for a in runner.addresses if isinstance(a, tuple)]
+                    self.port = int(tcp[0][1]) if tcp else int(port)
             if listeners.socket_path is not None:
                 await self._start_unix(runner, listeners)
         except OSError as exc:
@@ -259,89 +260,11 @@ class HttpServer:
         return web.json_response(body, status=200 if ready else 503)
 
 
-class _TcpSite(web.TCPSite):
-    """aiohttp's TCPSite with the TLS handshake bounded by IDLE_TIMEOUT (asyncio's default is
-    60 s): a connection still in its handshake is not yet one of the server's connections, so
-    the connection cap (MAX_CONNECTIONS) does not see it."""
-
-    async def start(self) -> None:
-        if self._ssl_context is None:
-            await super().start()
-            return
-        await web.BaseSite.start(self)
-        server = self._runner.server
-        assert server is not None
-        self._server = await asyncio.get_running_loop().create_server(
-            server,
-            self._host,
-            self._port,
-            ssl=self._ssl_context,
-            ssl_handshake_timeout=IDLE_TIMEOUT,
-            backlog=self._backlog,
-            reuse_address=self._reuse_address,
-            reuse_port=self._reuse_port,
-        )
-        sockets = self._server.sockets
-        self._bound_port = sockets[0].getsockname()[1] if sockets else self._port
-
-
 def _clear_socket_path(path: Path) -> None:
     """Make room for the socket: its folder exists, a stale socket (never another file) is gone."""
     path.parent.mkdir(parents=True, exist_ok=True)
     if path.is_socket():
         path.unlink(missing_ok=True)
-
-
-def _cap_connections(server: web.Server | None, tcp_limit: int) -> None:
-    """Close each connection past its listener's cap as soon as it is made (logged once per
-    burst): `tcp_limit` for the TCP address, MAX_CONNECTIONS for the unix socket, counted apart
-    so that a flood of the network's connections never locks out the local socket."""
-    if server is None:
-        return
-    made, lost = server.connection_made, server.connection_lost
-    open_now: dict[bool, set[Any]] = {True: set(), False: set()}  # is unix -> its handlers
-    per_host: Counter[str] = Counter()  # TCP connections by host (IPv4 address, IPv6 /64)
-    host_of_handler: dict[Any, str] = {}
-    host_limit = max(1, tcp_limit // HOST_SHARE)
-    refused = 0
-
-    def connection_made(handler: Any, transport: Any) -> None:
-        nonlocal refused
-        made(handler, transport)
-        sock = transport.get_extra_info("socket")
-        unix = sock is not None and sock.family == socket.AF_UNIX
-        limit = MAX_CONNECTIONS if unix else tcp_limit
-        host = None if unix else host_of(transport_peer(transport))
-        if len(open_now[unix]) >= limit or (host is not None and per_host[host] >= host_limit):
-            # After aiohttp has set the connection up (closing inside this call trips its
-            # request loop): at the next turn, close it without reading a byte.
-            asyncio.get_running_loop().call_soon(handler.force_close)
-            asyncio.get_running_loop().call_soon(transport.close)
-            refused += 1
-            if refused in (1, 100) or refused % 10_000 == 0:
-                listener = "unix socket" if unix else "TCP address"
-                log.warning(
-                    "HTTP connection refused: too many open", listener=listener, limit=limit, refused=refused
-                )
-            return
-        open_now[unix].add(handler)
-        if host is not None:
-            per_host[host] += 1
-            host_of_handler[handler] = host
-
-    def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-        open_now[True].discard(handler)
-        open_now[False].discard(handler)
-        host = host_of_handler.pop(handler, None)
-        if host is not None:
-            per_host[host] -= 1
-            if per_host[host] <= 0:
-                del per_host[host]
-        lost(handler, exc)
-
-    # aiohttp has no connection limit of its own; its Server tracks connections through these.
-    server.connection_made = connection_made  # type: ignore[method-assign]
-    server.connection_lost = connection_lost  # type: ignore[method-assign]
 
 
 @web.middleware
