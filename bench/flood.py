@@ -48,24 +48,23 @@ def grpc_flood(
         options = [("grpc.use_local_subchannel_pool", 1)]
         channels = [grpc.aio.insecure_channel(address, options=options) for _ in range(connections)]
         stubs = [agents_pb2_grpc.AgentServiceStub(channel) for channel in channels]
-        if True:
-            left = requests
-            t0 = time.perf_counter()
+        left = requests
+        t0 = time.perf_counter()
 
-            async def worker(stub: agents_pb2_grpc.AgentServiceStub) -> None:
-                nonlocal left
-                while left > 0 and time.perf_counter() < t0 + seconds:
-                    left -= 1
-                    try:
-                        await stub.GetAgentStatus(
-                            pb.GetAgentStatusRequest(agent_id="a0000"),
-                            timeout=t0 + seconds + 1 - time.perf_counter(),
-                        )
-                        codes["OK"] += 1
-                    except grpc.aio.AioRpcError as exc:
-                        codes[exc.code().name] += 1
+        async def worker(stub: agents_pb2_grpc.AgentServiceStub) -> None:
+            nonlocal left
+            while left > 0 and time.perf_counter() < t0 + seconds:
+                left -= 1
+                try:
+                    await stub.GetAgentStatus(
+                        pb.GetAgentStatusRequest(agent_id="a0000"),
+                        timeout=t0 + seconds + 1 - time.perf_counter(),
+                    )
+                    codes["OK"] += 1
+                except grpc.aio.AioRpcError as exc:
+                    codes[exc.code().name] += 1
 
-            await asyncio.gather(*(worker(stubs[i % connections]) for i in range(concurrency)))
+        await asyncio.gather(*(worker(stubs[i % connections]) for i in range(concurrency)))
         for channel in channels:
             await channel.close()
         out.put((time.perf_counter() - t0, dict(codes)))

@@ -142,10 +142,11 @@ class Daemon:
         )
         self.notifier.status("recovering agents")
         await self.manager.start()
-        # The NATS manager API: the bus serves the subjects, the api's dispatch table answers.
+        # One gate (and one pace for refusals) for every entry point.
         pacer = RefusalPacer(SYSTEM_CLOCK)
         gate = Gate(self.manager.tokens.verify, tokens_required=config.auth.enabled, pacer=pacer)
         auditor = Auditor(self.manager.audit, gate.roles)
+        # The NATS manager API: the bus serves the subjects, the api's dispatch table answers.
         dispatch = NatsManagerApi(self.manager, self._bus.subjects.manager_command, gate, auditor)
         self._manager_service = ManagerService(
             self._bus, dispatch.handle, node=self.manager.settings.node, version=opmasd.__version__

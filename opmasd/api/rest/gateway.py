@@ -327,8 +327,12 @@ def transport_peer(transport: Any) -> str:
     sock = transport.get_extra_info("socket") if transport is not None else None
     if sock is not None and sock.family == socket.AF_UNIX:
         return "unix:"
-    peername = transport.get_extra_info("peername") if transport is not None else None
-    host = str(peername[0]) if isinstance(peername, tuple) and peername else "unknown"
+    return address_peer(transport.get_extra_info("peername") if transport is not None else None)
+
+
+def address_peer(address: object) -> str:
+    """A TCP socket address as gRPC writes a peer: "ipv4:ADDR" or "ipv6:[ADDR]"."""
+    host = str(address[0]) if isinstance(address, tuple) and address else "unknown"
     return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}"
 
 

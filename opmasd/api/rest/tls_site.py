@@ -19,6 +19,7 @@ from aiohttp import web
 
 from opmasd.api.refusal_pacing import host_of
 from opmasd.api.rest.connection_caps import ConnectionCaps
+from opmasd.api.rest.gateway import address_peer
 
 log = structlog.get_logger(__name__)
 
@@ -74,7 +75,7 @@ class TlsSite(web.BaseSite):
                 log.warning("HTTPS accept failed", error=str(exc))
                 await asyncio.sleep(0.1)
                 continue
-            host = host_of(_peer(address))
+            host = host_of(address_peer(address))
             if not self._caps.begin_handshake(host):
                 conn.close()
                 continue
@@ -94,9 +95,3 @@ class TlsSite(web.BaseSite):
             log.debug("TLS handshake failed", peer=host, error=str(exc) or type(exc).__name__)
         finally:
             self._caps.end_handshake(host)
-
-
-def _peer(address: object) -> str:
-    """An accepted socket's address as gRPC writes a peer."""
-    host = str(address[0]) if isinstance(address, tuple) and address else ""
-    return f"ipv6:[{host}]" if ":" in host else f"ipv4:{host}"
