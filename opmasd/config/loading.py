@@ -19,6 +19,7 @@ import yaml
 
 from opmas.local import SOCKET_NAME
 from opmas.tlsfiles import ServerFiles, TlsFileError, read_server_files
+from opmasd.config.config_file import ConfigFileError, read_config_text, secret_keys_in, world_readable_secret
 from opmasd.config.nats_agents import check_agent_subjects
 from opmasd.config.nats_login import check_nats_login
 from opmasd.config.parsers import split_address
@@ -60,11 +61,9 @@ def _suggest(name: str, known: list[str]) -> str:
 def _read_file(path: Path) -> dict[str, dict[str, object]]:
     name = str(path)
     try:
-        text = path.read_text(encoding="utf-8")
-    except FileNotFoundError:
-        raise ConfigError(name, None, "no such file") from None
-    except (OSError, UnicodeDecodeError) as exc:
-        raise ConfigError(name, None, f"cannot read: {exc}") from exc
+        text, mode = read_config_text(path)
+    except ConfigFileError as exc:
+        raise ConfigError(name, None, str(exc)) from None
     try:
         document = load_yaml(text)
     except yaml.MarkedYAMLError as exc:
@@ -92,6 +91,9 @@ def _read_file(path: Path) -> dict[str, dict[str, object]]:
                 raise ConfigError(name, f"{section}.{key}", f"unknown key{hint}")
         # A key written with no value (`url:`) means "the default", as if it were absent.
         sections[section] = {key: value for key, value in body.items() if value is not None}
+    refused = world_readable_secret(mode, secret_keys_in(sections))
+    if refused is not None:
+        raise ConfigError(name, None, refused)
     return sections
 
 

@@ -1,5 +1,6 @@
 from __future__ import annotations
 
+import os
 import socket
 import textwrap
 from pathlib import Path
@@ -32,6 +33,7 @@ def no_system_config(monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> None:
 def write(tmp_path: Path, text: str) -> Path:
     path = tmp_path / "opmasd.yaml"
     path.write_text(textwrap.dedent(text))
+    path.chmod(0o600)  # as a file holding a secret must be
     return path
 
 
@@ -372,8 +374,58 @@ def test_duplicate_keys_are_rejected(tmp_path: Path) -> None:
     assert str(error_of(path)) == f"{path}: line 5, column 1: duplicate key 'agents'"
 
 
-def test_unreadable_file(tmp_path: Path) -> None:
-    assert "cannot read" in str(error_of(tmp_path))  # a directory
+def test_a_directory_or_fifo_is_not_a_configuration_file(tmp_path: Path) -> None:
+    assert str(error_of(tmp_path)) == f"{tmp_path}: not a regular file"
+    fifo = tmp_path / "fifo.yaml"
+    os.mkfifo(fifo)
+    assert str(error_of(fifo)) == f"{fifo}: not a regular file"  # refused, not read forever
+
+
+def test_an_unreadable_file_is_named(tmp_path: Path) -> None:
+    path = write(tmp_path, "agents: {}\n")
+    path.chmod(0)
+    if os.geteuid() == 0:
+        pytest.skip("root reads a file of mode 0")
+    assert "cannot read" in str(error_of(path))
+
+
+def test_an_oversized_file_is_refused_unread(tmp_path: Path) -> None:
+    path = write(tmp_path, "# x\n" * 300_000)
+    assert str(error_of(path)) == f"{path}: larger than 1024 KiB: not a configuration file"
+
+
+def test_a_file_that_is_not_utf8_is_refused(tmp_path: Path) -> None:
+    path = tmp_path / "opmasd.yaml"
+    path.write_bytes(b"agents: {}\n# \xff\n")
+    assert str(error_of(path)) == f"{path}: not UTF-8 text (byte 13)"
+
+
+@pytest.mark.parametrize(
+    ("text", "named"),
+    [
+        ("nats:\n  url: nats://n:4222\n  user: u\n  password: s3cret\n", "nats.password"),
+        ("nats:\n  url: nats://n:4222\n  token: s3cret\n", "nats.token"),
+        ("nats:\n  url: nats://u:s3cret@n:4222\n", "nats.url"),
+        ("database:\n  url: postgresql://u:s3cret@db/opmas\n", "database.url"),
+    ],
+)
+def test_a_world_readable_file_holding_a_secret_is_refused(tmp_path: Path, text: str, named: str) -> None:
+    path = write(tmp_path, text)
+    path.chmod(0o644)
+    message = str(error_of(path))
+    assert message == (
+        f"{path}: holds a secret ({named}) and is readable by every user (mode 0644): "
+        "make it chmod 0640 (group opmas) or 0600"
+    )
+    assert "s3cret" not in message
+    path.chmod(0o640)  # group-readable is how the packages install it
+    load_config(path, {})
+
+
+def test_a_world_readable_file_without_secrets_is_fine(tmp_path: Path) -> None:
+    path = write(tmp_path, "nats:\n  url: nats://n:4222\ndatabase:\n  url: postgresql://u@db/opmas\n")
+    path.chmod(0o644)
+    assert load_config(path, {}).nats.url == "nats://n:4222"
 
 
 # --- environment ---------------------------------------------------------------------------

@@ -24,6 +24,7 @@ SEED = nkeys.encode_seed(bytes(range(32)), nkeys.PREFIX_BYTE_USER).decode()
 def load(tmp_path: Path, nats: str) -> Config:
     path = tmp_path / "opmasd.yaml"
     path.write_text("nats:\n" + "".join(f"  {line}\n" for line in nats.strip().splitlines()))
+    path.chmod(0o600)
     return load_config(path, ENV, euid=1000)
 
 
