@@ -118,6 +118,13 @@ def explain(details: str, endpoint: Endpoint, tls: ClientTls | None) -> str | No
                 f"its TLS certificate is not trusted: {why}; give the CA that signed it with --ca FILE "
                 "($OPMAS_CA, or `ca:` in the user's file)"
             )
+        if "ALPN" in details:
+            # The TLS handshake went through, but the server did not agree to speak HTTP/2 (h2):
+            # opmasd's REST port is the usual one (it speaks HTTP/1.1).
+            return (
+                "its TLS server does not speak gRPC (no h2 in the handshake): is it the REST port? "
+                "opmasctl talks to grpc.address"
+            )
         if "WRONG_VERSION_NUMBER" in details or "wrong version number" in details:
             return f"it does not speak TLS: use http://{endpoint.target}, or give no --ca/--cert"
         if _closed(details) and can_probe(endpoint):

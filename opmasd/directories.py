@@ -29,6 +29,8 @@ from pathlib import Path
 
 import structlog
 
+from opmasd.core.own_files import NotOwnFileError, open_own_file
+
 log = structlog.get_logger(__name__)
 
 UMASK = 0o027
@@ -87,27 +89,20 @@ def private_directory(directory: Path) -> None:
 
 def open_private(path: Path, flags: int, mode: int = 0o600) -> int:
     """os.open(path, flags, mode) for one of opmasd's own files, never through a symlink
-    (O_NOFOLLOW, O_CLOEXEC): UnsafePathError for a symlink, or for anything but a regular file
+    (core.own_files): UnsafePathError for a symlink, or for anything but a regular file
     (a FIFO or device planted in its place), where the file should be."""
     try:
-        # O_NONBLOCK: opening a planted FIFO must fail or return at once, never hang.
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK, mode)
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise UnsafePathError(_symlink_message(path)) from None
-        raise
-    try:
-        info = os.fstat(fd)
-        if not stat.S_ISREG(info.st_mode):
-            raise UnsafePathError(
-                f"refusing to use {path}: not a regular file ({_describe(info)}); opmasd keeps a "
-                "file of its own there: remove it, or choose another directory"
-            )
-        os.set_blocking(fd, True)
-    except BaseException:
-        os.close(fd)
-        raise
-    return fd
+        return open_own_file(path, flags, mode)
+    except NotOwnFileError as exc:
+        raise UnsafePathError(f"{exc}; opmasd keeps a file of its own there: {_remedy(exc)}") from None
+
+
+def _remedy(exc: NotOwnFileError) -> str:
+    return (
+        "remove the link, or choose another directory"
+        if exc.symlink is not None
+        else ("remove it, or choose another directory")
+    )
 
 
 # -- the checks ----------------------------------------------------------------------------------
@@ -211,15 +206,4 @@ def _open_message(directory: Path, entry: Path, info: os.stat_result) -> str:
     return (
         f"refusing to use {_what(directory, entry, info)}: {_describe(info)}; other users could "
         f"swap or write what opmasd keeps there: {advice}"
-    )
-
-
-def _symlink_message(path: Path) -> str:
-    try:
-        target = f" -> {os.readlink(path)}"
-    except OSError:
-        target = ""
-    return (
-        f"refusing to follow a symlink: {path}{target}; opmasd keeps a file of its own there: "
-        "remove the link, or choose another directory"
     )

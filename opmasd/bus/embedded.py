@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import errno
 import json
 import os
 import shutil
@@ -41,6 +40,7 @@ from opmasd.bus.embedded_users import (
     accepts_login,
 )
 from opmasd.bus.subjects import Subjects
+from opmasd.core.own_files import NotOwnFileError, open_own_file
 from opmasd.core.tasks import TaskOwner
 
 log = structlog.get_logger(__name__)
@@ -393,18 +393,15 @@ def _wait_gone(proc: psutil.Process, timeout: float) -> bool:
 
 
 def _open_own(path: Path, flags: int, mode: int = 0o640) -> int:
-    """os.open one of opmasd's files without following a symlink; OSError naming it for one."""
+    """os.open one of opmasd's files without following a symlink (core.own_files); OSError
+    naming it for one, or for anything but a regular file in its place."""
     try:
-        fd = os.open(path, flags | os.O_NOFOLLOW | os.O_CLOEXEC, mode)
-        if mode == 0o600:
-            os.fchmod(fd, mode)  # one made before, with a looser mode
-        return fd
-    except OSError as exc:
-        if exc.errno == errno.ELOOP:
-            raise OSError(
-                f"refusing to follow a symlink: {path}; remove it (opmasd keeps its own file there)"
-            ) from None
-        raise
+        fd = open_own_file(path, flags, mode)
+    except NotOwnFileError as exc:
+        raise OSError(f"{exc}; remove it (opmasd keeps its own file there)") from None
+    if mode == 0o600:
+        os.fchmod(fd, mode)  # one made before, with a looser mode
+    return fd
 
 
 def _refuse_unsafe(*paths: Path) -> None:

@@ -16,7 +16,6 @@ setting the connection's search_path, which is how the tests isolate themselves.
 
 from __future__ import annotations
 
-import errno
 import os
 import pwd
 import re
@@ -30,6 +29,7 @@ import structlog
 from playhouse.pool import PooledPostgresqlDatabase
 
 from opmasd.core.errors import StoreError
+from opmasd.core.own_files import NotOwnFileError, open_own_file
 from opmasd.core.urls import redacted
 
 log = structlog.get_logger(__name__)
@@ -178,23 +178,16 @@ def _private(file: Path) -> None:
         )
     for path in (file, file.with_name(file.name + "-wal"), file.with_name(file.name + "-shm")):
         try:
-            # Never through a symlink; O_NONBLOCK: a FIFO in its place must not hang the start.
             flags = os.O_RDWR | os.O_CREAT if path == file else os.O_RDONLY
-            fd = os.open(path, flags | os.O_NOFOLLOW | os.O_NONBLOCK | os.O_CLOEXEC, 0o600)
+            fd = open_own_file(path, flags, 0o600)
         except FileNotFoundError:
             continue  # no -wal or -shm (yet)
-        except OSError as exc:
-            if exc.errno != errno.ELOOP:
-                raise
+        except NotOwnFileError as exc:
             raise StoreError(
-                f"refusing to follow a symlink: {path}; the database's files are opmasd's own: "
-                "remove the link, or choose another database.url"
+                f"{exc}; the database's files are opmasd's own: remove it, or choose another database.url"
             ) from None
         try:
-            info = os.fstat(fd)
-            if not stat.S_ISREG(info.st_mode):
-                raise StoreError(f"refusing to use {path} for the database: not a regular file")
-            if info.st_uid == os.geteuid():
+            if os.fstat(fd).st_uid == os.geteuid():
                 os.fchmod(fd, 0o600)
         finally:
             os.close(fd)

@@ -189,7 +189,7 @@ def test_opmasctl_over_tls(tls_box: tuple[Sandbox, Pki]) -> None:
 
 
 def test_opmasctl_says_in_one_line_what_to_do_against_a_tls_port(tls_box: tuple[Sandbox, Pki]) -> None:
-    box, _ = tls_box
+    box, pki = tls_box
     plain = box.opmasctl("--timeout", "5", "agents", "list", server=box.address)
     assert plain.returncode == 4, plain.stderr
     assert plain.stderr.count("\n") == 1 and "Traceback" not in plain.stderr, plain.stderr
@@ -199,6 +199,12 @@ def test_opmasctl_says_in_one_line_what_to_do_against_a_tls_port(tls_box: tuple[
     assert untrusted.returncode == 4, untrusted.stderr
     assert untrusted.stderr.count("\n") == 1, untrusted.stderr
     assert "its TLS certificate is not trusted" in untrusted.stderr and "--ca FILE" in untrusted.stderr
+    # The REST port by mistake: TLS works, but it speaks no gRPC.
+    rest = f"127.0.0.1:{box.rest_port}"  # type: ignore[attr-defined]
+    wrong = box.opmasctl("--ca", str(pki.authority.ca_file), "--timeout", "5", "agents", "list", server=rest)
+    assert wrong.returncode == 4, wrong.stderr
+    assert wrong.stderr.count("\n") == 1, wrong.stderr
+    assert "does not speak gRPC (no h2 in the handshake): is it the REST port?" in wrong.stderr
 
 
 # -- mTLS ---------------------------------------------------------------------------------------

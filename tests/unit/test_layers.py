@@ -2,7 +2,7 @@
 
 The layers (README "Architecture", DESIGN §1):
 
-    app (opmasd.app, __main__, config, logging, systemd clients, instance lock)
+    app (opmasd.app, __main__, config, logging, systemd clients, instance lock, directories)
      → api (gRPC servicer, converters, NATS manager API)      knows the manager's surface and core
      → manager                                                knows the backends' interfaces only
      → runtime | store | bus                                  know core, never each other
@@ -41,7 +41,7 @@ ALLOWED: dict[str, tuple[str, ...]] = {
     "opmas": (),
 }
 # The top layer, by name: a new subpackage of opmasd must be given a layer on purpose.
-APP_MODULES = frozenset({"app", "__main__", "config", "logging", "systemd", "instance_lock"})
+APP_MODULES = frozenset({"app", "__main__", "config", "logging", "systemd", "instance_lock", "directories"})
 DYNAMIC_IMPORTERS = frozenset({"import_module", "__import__"})
 MAX_MODULE_LINES = 450
 
