@@ -7,8 +7,10 @@ authenticated calls by more than 2x and leaves no state behind". One opmasd with
 a viewer token; GetAgentStatus over TCP gRPC and REST, one call after another, timed first on
 a quiet daemon and then while a separate process sends `--requests` calls without a token
 (`--concurrency` gRPC calls in flight; over `--connections` connections), for at most
-`--seconds`. Prints the mean, p50 and p99 of both phases and their ratio, what the flood got
-back, and the daemon's open files and RSS before and after.
+`--seconds`, with the `--samples` timed calls spread evenly over it. The flood runs on a CPU
+of its own (as from another machine: its own CPU use is not the daemon's cost), the daemon
+and the timed calls on another. Prints the mean, p50 and p99 of both phases and their
+ratio, what the flood got back, and the daemon's open files and RSS before and after.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import multiprocessing
+import os
 import sys
 import time
 from collections import Counter
@@ -104,12 +107,16 @@ def rest_flood(
     asyncio.run(run())
 
 
-def timed(call: object, samples: int) -> list[float]:
+def timed(call: object, samples: int, every: float = 0.0, while_: object = None) -> list[float]:
+    """Durations of `samples` calls, one each `every` seconds (while `while_()` holds)."""
     durations = []
     for _ in range(samples):
+        if while_ is not None and not while_():  # type: ignore[operator]
+            break
         t0 = time.perf_counter()
         call()  # type: ignore[operator]
         durations.append(time.perf_counter() - t0)
+        time.sleep(max(0.0, t0 + every - time.perf_counter()))
     return durations
 
 
@@ -126,14 +133,23 @@ def measure(
     args: argparse.Namespace,
     out: multiprocessing.Queue[object],
 ) -> None:
-    quiet = timed(call, args.samples)
     assert driver.popen is not None
+    cpus = sorted(os.sched_getaffinity(0))
+    if len(cpus) >= 2:  # the daemon and the timed calls on one CPU, the flood on another
+        for pid in (0, driver.popen.pid, *(c.pid for c in psutil.Process(driver.popen.pid).children())):
+            os.sched_setaffinity(pid, cpus[:1])
+    # The samples are spread over the flood (one each `every` seconds), as calls of token
+    # holders would be (back to back, they would all fall in its first second); the quiet ones
+    # too, so that both phases pay the same wake-ups from idle.
+    every = max(0.0, (args.seconds - 0.5) / args.samples)
+    quiet = timed(call, args.samples, every)
     before = footprint(driver.popen.pid)
     flood.start()
+    if len(cpus) >= 2 and flood.pid is not None:
+        os.sched_setaffinity(flood.pid, cpus[1:])
     time.sleep(0.3)  # the flood is under way
-    loud: list[float] = []
-    while flood.is_alive() and len(loud) < args.samples:
-        loud.extend(timed(call, 1))
+    loud = timed(call, args.samples, every, flood.is_alive)
+    peak = max(before[1], footprint(driver.popen.pid)[1])
     seconds, codes = out.get(timeout=600)  # type: ignore[misc]
     flood.join()
     time.sleep(1.0)
@@ -145,7 +161,10 @@ def measure(
     print(f"{name}: quiet p50 {q50:.3f} ms p99 {q99:.3f} ms | flooded p50 {l50:.3f} ms p99 {l99:.3f} ms "
           f"({len(loud)} samples) | ratio p50 {l50 / q50:.2f}x")  # fmt: skip
     print(f"  flood: {sum(codes.values())} of {args.requests} requests answered in {seconds:.2f} s: {codes}")
-    print(f"  daemon fds/RSS before {before[0]} / {before[1]:.1f} MB, after {after[0]} / {after[1]:.1f} MB")
+    print(
+        f"  daemon fds/RSS before {before[0]} / {before[1]:.1f} MB, at the flood's end {peak:.1f} MB, "
+        f"after {after[0]} / {after[1]:.1f} MB"
+    )
 
 
 def main() -> int:

@@ -34,6 +34,7 @@ from opmasd.api.rest.gateway import RestGateway
 from opmasd.api.rest.openapi import openapi_document
 from opmasd.api.rest.rules import routes_of
 from opmasd.api.rest.server import Endpoints, HttpListeners, HttpServer
+from opmasd.api.tcp_front import RELAY_SOCKET
 from opmasd.api.tls import ServerTls, reload_tls
 from opmasd.bus.agent_logins import EmbeddedAgentLogins
 from opmasd.bus.connection import NatsBus
@@ -163,12 +164,14 @@ class Daemon:
                 socket_gid=socket_gid(config.auth.socket_group),
                 tls=self._tls,
                 max_connections=config.grpc.max_connections,
+                relay_socket_path=config.service.runtime_dir / RELAY_SOCKET,
                 viewer_socket_path=config.grpc.viewer_socket,
                 viewer_socket_mode=config.grpc.viewer_socket_mode,
             ),
             # Metrics first: they count the calls the gate refuses too.
             interceptors=[self._metrics.interceptor, AuthInterceptor(gate, auditor)],
             viewer_interceptors=[self._metrics.interceptor, AuthInterceptor(gate, auditor, Role.VIEWER)],
+            tcp_interceptors=[self._metrics.interceptor, AuthInterceptor(gate, auditor, relayed=True)],
         )
         await self._grpc.start()
         if self._tls is not None:

@@ -21,6 +21,7 @@ from opmasd.api.audit_records import Auditor, parameters_of
 from opmasd.api.auth import CURRENT_CALLER, Gate
 from opmasd.api.errors import code_name, to_grpc_status
 from opmasd.api.local_calls import LocalContext
+from opmasd.api.tcp_front import network_peer
 from opmasd.core.auth import Caller, Role
 from opmasd.core.errors import OpmasError, Unauthenticated
 
@@ -33,13 +34,21 @@ if TYPE_CHECKING:
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
-    def __init__(self, gate: Gate, auditor: Auditor | None = None, local_role: Role = Role.ADMIN) -> None:
+    def __init__(
+        self,
+        gate: Gate,
+        auditor: Auditor | None = None,
+        local_role: Role = Role.ADMIN,
+        relayed: bool = False,
+    ) -> None:
         """auditor: where calls that change something, and refusals, are recorded (None: not
         recorded; tests of the gate alone). local_role: what a caller on the server's unix
-        socket is (an admin; a viewer on the viewers' socket)."""
+        socket is (an admin; a viewer on the viewers' socket). relayed: the server's calls come
+        from the TCP front (api.tcp_front), which names the network peer in its own."""
         self._gate = gate
         self._auditor = auditor
         self._local_role = local_role
+        self._peer_of = network_peer if relayed else _as_is
 
     async def intercept_service(
         self, continuation: Continuation, handler_call_details: grpc.HandlerCallDetails
@@ -49,7 +58,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if handler is None or self._gate.is_open(method):
             return handler
         authorization = _authorization(handler_call_details.invocation_metadata)
-        gate, auditor, local_role = self._gate, self._auditor, self._local_role
+        gate, auditor, local_role, peer_of = self._gate, self._auditor, self._local_role, self._peer_of
         deserialize = handler.request_deserializer
 
         def parsed(request: Any) -> Any:
@@ -59,7 +68,7 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         async def admitted(context: Context, raw: Any) -> Caller | None:
             """The caller, or None once the call is aborted."""
             entry_point = "rest" if isinstance(context, LocalContext) else "grpc"
-            caller = gate.caller(authorization, context.peer(), entry_point, local_role)
+            caller = gate.caller(authorization, peer_of(context.peer()), entry_point, local_role)
             try:
                 gate.check(caller, method)
             except OpmasError as exc:
@@ -139,6 +148,10 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
                 stream, request_deserializer=None, response_serializer=handler.response_serializer
             )
         return handler  # no method of ours takes a client stream
+
+
+def _as_is(peer: str) -> str:
+    return peer
 
 
 def _authorization(metadata: Any) -> str:

@@ -33,6 +33,7 @@ from opmasd.api.audit_servicer import AuditService
 from opmasd.api.grpc_handlers import add_service
 from opmasd.api.grpc_servicer import AgentService
 from opmasd.api.local_calls import LocalChannel, LocalServer
+from opmasd.api.tcp_front import TcpFront
 from opmasd.api.tls import ServerTls
 from opmasd.api.token_servicer import TokenService
 from opmasd.manager import AgentManager
@@ -48,7 +49,7 @@ SERVICE_NAME = AGENT_SERVICE.full_name
 _COMMON_OPTIONS = [("grpc.so_reuseport", 0), ("grpc.max_receive_message_length", 4 * 1024 * 1024)]
 # Calls in flight on one TCP connection (more wait in the client): with the connection cap,
 # what bounds the calls a flood can hold open while their refusals are paced (api.refusal_pacing).
-MAX_STREAMS_PER_CONNECTION = 64
+MAX_STREAMS_PER_CONNECTION = 32
 HANDSHAKE_TIMEOUT_MS = 15_000
 IDLE_CONNECTION_MS = 300_000
 
@@ -69,6 +70,9 @@ class GrpcListeners:
     tls: ServerTls | None = None
     # Connections the TCP address takes at once (past them, a new one is closed at once).
     max_connections: int = 512
+    # Where the grpc server behind the TCP address listens (api.tcp_front relays to it):
+    # a private unix socket; needed with an address.
+    relay_socket_path: Path | None = None
     # The viewers' socket: whoever may connect is a viewer (reads only); None: none.
     viewer_socket_path: Path | None = None
     viewer_socket_mode: int = 0o666
@@ -81,8 +85,11 @@ class GrpcServer:
         listeners: GrpcListeners,
         interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
         viewer_interceptors: Sequence[grpc.aio.ServerInterceptor] = (),
+        tcp_interceptors: Sequence[grpc.aio.ServerInterceptor] | None = None,
     ) -> None:
-        """viewer_interceptors: those of the viewers' socket (its gate makes callers viewers)."""
+        """viewer_interceptors: those of the viewers' socket (its gate makes callers viewers);
+        tcp_interceptors: those of the TCP address (whose calls come relayed by the front:
+        their peer is api.tcp_front.network_peer's), `interceptors` when None."""
         self._listeners = listeners
         self.stopping = asyncio.Event()
         self._started = False
@@ -91,7 +98,7 @@ class GrpcServer:
         self._unix = grpc.aio.server(interceptors=list(interceptors), options=_COMMON_OPTIONS)
         self._viewer = grpc.aio.server(interceptors=list(viewer_interceptors), options=_COMMON_OPTIONS)
         self._tcp = grpc.aio.server(
-            interceptors=list(interceptors),
+            interceptors=list(interceptors if tcp_interceptors is None else tcp_interceptors),
             options=[
                 *_COMMON_OPTIONS,
                 ("grpc.max_allowed_incoming_connections", listeners.max_connections),
@@ -126,6 +133,7 @@ class GrpcServer:
                 server,
             )
         self.tcp_port: int | None = None
+        self._front: TcpFront | None = None
         self._running: list[grpc.aio.Server] = []
 
     def local_channel(self) -> LocalChannel:
@@ -141,19 +149,21 @@ class GrpcServer:
             self._bind_unix(self._viewer, listeners.viewer_socket_path)
             self._running.append(self._viewer)
         if listeners.address:
+            relay = listeners.relay_socket_path
+            if relay is None:
+                raise ListenError(f"cannot listen on {listeners.address}: no socket to relay it to")
+            credentials = listeners.tls.grpc_credentials() if listeners.tls is not None else None
+            self._bind_unix(self._tcp, relay, credentials)
             self._running.append(self._tcp)
-            try:
-                if listeners.tls is not None:
-                    credentials = listeners.tls.grpc_credentials()
-                    self.tcp_port = self._tcp.add_secure_port(listeners.address, credentials)
-                else:
-                    self.tcp_port = self._tcp.add_insecure_port(listeners.address)
-            except RuntimeError as exc:
-                raise ListenError(f"cannot listen on {listeners.address}: {exc}") from exc
-            if not self.tcp_port:
-                raise ListenError(f"cannot listen on {listeners.address}: address in use or invalid")
+            self._front = TcpFront(listeners.address, relay, listeners.max_connections)
         for server in self._running:
             await server.start()
+        if self._front is not None:
+            try:
+                await self._front.start()
+            except (OSError, ValueError) as exc:
+                raise ListenError(f"cannot listen on {listeners.address}: {exc}") from exc
+            self.tcp_port = self._front.port
         if listeners.socket_path is not None:
             give_socket(listeners.socket_path, listeners.socket_mode, listeners.socket_gid)
         if listeners.viewer_socket_path is not None:
@@ -182,7 +192,9 @@ class GrpcServer:
         )
         await self.health.set(SERVICE_NAME, status)
 
-    def _bind_unix(self, server: grpc.aio.Server, path: Path) -> None:
+    def _bind_unix(
+        self, server: grpc.aio.Server, path: Path, credentials: grpc.ServerCredentials | None = None
+    ) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         if path.exists() or path.is_symlink():
             # A socket left by a daemon that died; a live one would still answer, so check.
@@ -191,7 +203,11 @@ class GrpcServer:
             path.unlink()
         old_umask = os.umask(0o177)
         try:
-            if not server.add_insecure_port(f"unix://{path}"):
+            if credentials is not None:
+                bound = server.add_secure_port(f"unix://{path}", credentials)
+            else:
+                bound = server.add_insecure_port(f"unix://{path}")
+            if not bound:
                 raise ListenError(f"cannot listen on unix socket {path}")
         finally:
             os.umask(old_umask)
@@ -199,8 +215,13 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
+        if self._front is not None:
+            await self._front.stop_accepting()
         await asyncio.gather(*(server.stop(grace) for server in self._running))
-        for path in (self._listeners.socket_path, self._listeners.viewer_socket_path):
+        if self._front is not None:
+            self._front.close()
+        listeners = self._listeners
+        for path in (listeners.socket_path, listeners.viewer_socket_path, listeners.relay_socket_path):
             if path is not None:
                 try:
                     path.unlink()

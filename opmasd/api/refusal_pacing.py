@@ -8,12 +8,15 @@ valid credentials gets its answers paced: `burst` refusals answered at once, the
 and the listeners cap both (streams per connection, connections per listener), so a flooding
 client is slowed down to the pace instead of the loop to the flood.
 
-What waits is bounded (held_per_host, held_total, held_bytes): a request too large to keep,
-or one past those counts, is answered at once. Only refusals for want of credentials
-are paced (a caller with a valid token is identified and
-audited, and answered at once); hosts are keyed by IPv4 address or IPv6 /64, the block a single
-machine usually holds. What is kept per host is one float, for at most `max_hosts` hosts:
-a flood leaves nothing behind once its pace has caught up.
+What waits is bounded (held_per_host, held_total, held_bytes): a request too large to keep, or
+one past those counts, is answered at once. held_per_host is what one host can have in flight
+on gRPC's TCP address (its share of the connections times streams per connection), so a flooding
+host's calls all wait and cost nothing until each is answered; a waiting call costs some 30 KB
+(grpc's call, its task), which held_total bounds (~120 MB). Only refusals for want of
+credentials are paced (a caller with a valid token is identified and audited, and answered at
+once); hosts are keyed by IPv4 address or IPv6 /64, the block a single machine usually holds.
+What is kept per host is one float, for at most `max_hosts` hosts: a flood leaves nothing
+behind once its pace has caught up.
 """
 
 from __future__ import annotations
@@ -35,8 +38,8 @@ class RefusalPacer:
         rate: float = 20.0,
         burst: int = 50,
         max_hosts: int = 4096,
-        held_per_host: int = 256,
-        held_total: int = 2048,
+        held_per_host: int = 2048,
+        held_total: int = 4096,
         held_bytes: int = 64 * 1024,
     ) -> None:
         """held_*: a waiting refusal keeps its request in memory, so at most held_per_host of

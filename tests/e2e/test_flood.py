@@ -5,7 +5,7 @@
   same host is answered at once, on gRPC and REST alike.
 - Each listener caps its own connections: filling the TCP addresses' caps refuses the next
   network connection, while the unix sockets (the local admin door) still answer; and one host
-  holds at most a quarter of REST's.
+  holds at most a quarter of REST's, an eighth of gRPC's (opmasd accepts them: api.tcp_front).
 """
 
 from __future__ import annotations
@@ -78,31 +78,60 @@ def test_a_full_tcp_listener_leaves_the_unix_socket_open(box: Sandbox) -> None:
         except ConnectionResetError:
             pass  # closed without reading the request: a reset is as good
         extra.close()
-        channels = [
-            grpc.insecure_channel(box.address, options=[("grpc.use_local_subchannel_pool", 1)])
-            for _ in range(5)
-        ]
-        answered = 0
-        for channel in channels:
-            stub = pb_stub(channel)
-            try:
-                stub.ListAgents(pb.ListAgentsRequest(), timeout=3)
-            except grpc.RpcError as exc:
-                answered += exc.code() == grpc.StatusCode.UNAUTHENTICATED  # served, refused
-        assert answered == 4, f"{answered} of 5 TCP connections served with grpc.max_connections: 4"
+        # grpc.max_connections 4, one per host (an eighth, at least one): four hosts fill it.
+        grpc_port = int(box.address.rpartition(":")[2])
+        held += [http2_connection(grpc_port, f"127.0.0.{n}") for n in range(1, 5)]
+        assert all(speaks_http2(sock) for sock in held[-4:]), "a connection within the caps was not served"
+        assert not speaks_http2(http2_connection(grpc_port, "127.0.0.5")), "a fifth connection was served"
         # The local admin door is a listener of its own: still open.
         assert box.daemon.stub.ListAgents(pb.ListAgentsRequest(), timeout=5) is not None
-        for channel in channels:
-            channel.close()
     finally:
         for sock in held:
             sock.close()
 
 
-def pb_stub(channel: grpc.Channel) -> object:
-    from opmas.v1 import agents_pb2_grpc
+# A client's HTTP/2 preface and an empty SETTINGS frame: what a gRPC client sends first.
+HTTP2_PREFACE = b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n" + bytes([0, 0, 0, 4, 0, 0, 0, 0, 0])
 
-    return agents_pb2_grpc.AgentServiceStub(channel)
+
+def http2_connection(port: int, source: str) -> socket.socket:
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5, source_address=(source, 0))
+    sock.sendall(HTTP2_PREFACE)
+    return sock
+
+
+def speaks_http2(sock: socket.socket) -> bool:
+    """Whether grpc answered the preface with its SETTINGS (frame type 4), rather than the
+    connection being closed unread."""
+    try:
+        head = sock.recv(9)
+    except ConnectionResetError:
+        return False
+    return len(head) == 9 and head[3] == 4
+
+
+def test_one_host_holds_at_most_an_eighth_of_the_grpc_connections(
+    make_sandbox: Callable[..., Sandbox],
+) -> None:
+    """grpc.max_connections 16: one host holding connections open gets 2; the third is closed
+    unread, while another host (127.0.0.2) is still served, and so is a token holder's call
+    on a connection of its own, once the host's connections are closed (none is left held)."""
+    box = make_sandbox(env={"OPMAS_GRPC_MAX_CONNECTIONS": "16"})
+    box.start()
+    port = int(box.address.rpartition(":")[2])
+    held = [http2_connection(port, "127.0.0.1") for _ in range(2)]
+    try:
+        assert all(speaks_http2(sock) for sock in held)
+        assert not speaks_http2(http2_connection(port, "127.0.0.1")), "a third connection of one host"
+        other = http2_connection(port, "127.0.0.2")
+        assert speaks_http2(other), "another host was locked out"
+        other.close()
+    finally:
+        for sock in held:
+            sock.close()
+    time.sleep(0.2)  # the relays see the ends
+    viewer = box.daemon.tcp_stub(box.create_token(auth_pb2.ROLE_VIEWER, "after").secret)
+    assert viewer.ListAgents(pb.ListAgentsRequest(), timeout=10) is not None
 
 
 def test_one_host_holds_at_most_a_quarter_of_the_rest_connections(

@@ -13,12 +13,12 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections import Counter
 from typing import Any
 
 import structlog
 from aiohttp import web
 
+from opmasd.api.host_caps import HostCaps
 from opmasd.api.refusal_pacing import host_of
 from opmasd.api.rest.gateway import transport_peer
 
@@ -33,13 +33,9 @@ HOST_SHARE = 4
 
 class ConnectionCaps:
     def __init__(self, tcp_limit: int) -> None:
-        self.tcp_limit = tcp_limit
-        self.host_limit = max(1, tcp_limit // HOST_SHARE)
-        self._open: dict[bool, set[Any]] = {True: set(), False: set()}  # is unix -> handlers
-        self._per_host: Counter[str] = Counter()  # TCP connections (and handshakes) by host
-        self._host_of: dict[Any, str] = {}
-        self._handshakes = 0
-        self._refused = 0
+        self.tcp = HostCaps(tcp_limit, HOST_SHARE, "REST TCP address")
+        self.unix = HostCaps(MAX_UNIX, 1, "REST unix socket")
+        self._counted: dict[Any, tuple[HostCaps, str | None]] = {}  # connection -> where counted
 
     def install(self, server: web.Server | None) -> None:
         """Count (and cap) the connections `server` sets up."""
@@ -51,23 +47,19 @@ class ConnectionCaps:
             made(handler, transport)
             sock = transport.get_extra_info("socket")
             unix = sock is not None and sock.family == socket.AF_UNIX
-            host = None if unix else host_of(transport_peer(transport))
-            if (unix and len(self._open[True]) >= MAX_UNIX) or (not unix and not self._admits(host)):
+            caps, host = (self.unix, None) if unix else (self.tcp, host_of(transport_peer(transport)))
+            if not caps.admit(host):
                 # After aiohttp has set the connection up (closing inside this call trips its
                 # request loop): at the next turn, close it without reading a byte.
                 asyncio.get_running_loop().call_soon(handler.force_close)
                 asyncio.get_running_loop().call_soon(transport.close)
-                self.refused("unix socket" if unix else "TCP address")
                 return
-            self._open[unix].add(handler)
-            if host is not None:
-                self._per_host[host] += 1
-                self._host_of[handler] = host
+            self._counted[handler] = (caps, host)
 
         def connection_lost(handler: Any, exc: BaseException | None = None) -> None:
-            self._open[True].discard(handler)
-            self._open[False].discard(handler)
-            self._release(self._host_of.pop(handler, None))
+            counted = self._counted.pop(handler, None)
+            if counted is not None:
+                counted[0].release(counted[1])
             lost(handler, exc)
 
         server.connection_made = connection_made  # type: ignore[method-assign]
@@ -78,35 +70,12 @@ class ConnectionCaps:
     def begin_handshake(self, host: str | None) -> bool:
         """Whether a TCP connection just accepted may begin its TLS handshake (counted until
         end_handshake); False: close it unread."""
-        if not self._admits(host):
-            self.refused("TCP address")
-            return False
-        self._handshakes += 1
-        if host is not None:
-            self._per_host[host] += 1
-        return True
+        return self.tcp.admit(host)
 
     def end_handshake(self, host: str | None) -> None:
-        self._handshakes -= 1
-        self._release(host)
+        self.tcp.release(host)
 
     @property
     def tcp_open(self) -> int:
         """TCP connections held now: set up, or in their handshake."""
-        return len(self._open[False]) + self._handshakes
-
-    def _admits(self, host: str | None) -> bool:
-        if self.tcp_open >= self.tcp_limit:
-            return False
-        return host is None or self._per_host[host] < self.host_limit
-
-    def _release(self, host: str | None) -> None:
-        if host is not None:
-            self._per_host[host] -= 1
-            if self._per_host[host] <= 0:
-                del self._per_host[host]
-
-    def refused(self, listener: str) -> None:
-        self._refused += 1
-        if self._refused in (1, 100) or self._refused % 10_000 == 0:
-            log.warning("HTTP connection refused: too many open", listener=listener, refused=self._refused)
+        return self.tcp.open

@@ -1,0 +1,234 @@
+"""gRPC's TCP address, accepted by opmasd itself and relayed to grpc: TcpFront.
+
+grpc's Python server offers no hook at accept: it caps the connections of a listener in all,
+never per host, so one host holding idle connections locked every token holder out. So
+opmasd listens on grpc.address itself, counts each connection from its accept (HostCaps: a
+host holds at most 1/HOST_SHARE of them), closes what is past a cap at once, unread, and
+relays the others byte for byte to the grpc server listening on a private unix socket (TLS,
+when configured, is still grpc's own, end to end over the relay).
+
+grpc must still know the caller's address (the gate paces refusals per host and the audit
+records it): each relayed connection comes from a unix socket bound to an abstract name that
+carries it, and grpc reports that name as the call's peer ("unix-abstract:opmas-front/<pid>/
+<n>/ipv4:10.0.0.7:53422"); network_peer turns it back into "ipv4:10.0.0.7:53422".
+"""
+
+from __future__ import annotations
+
+import asyncio
+import errno
+import itertools
+import os
+import socket
+from pathlib import Path
+from urllib.parse import unquote
+
+import structlog
+
+from opmasd.api.host_caps import HostCaps
+from opmasd.api.refusal_pacing import host_of
+
+log = structlog.get_logger(__name__)
+
+# The grpc server's socket, in the runtime directory (0600: only opmasd may connect to it).
+RELAY_SOCKET = "grpc-relay.sock"
+# One host may hold at most this share of the address's connections (1/8): a client needs one
+# connection (grpc multiplexes its calls over it), a busy host a few.
+HOST_SHARE = 8
+_PREFIX = "opmas-front/"
+_PEER_PREFIX = "unix-abstract:" + _PREFIX
+# A relay stops reading one side while the other has this much unsent (a slow reader must not
+# make the daemon buffer what a fast writer sends).
+HIGH_WATER = 256 * 1024
+
+
+def network_peer(peer: str) -> str:
+    """The TCP peer of a call relayed by a TcpFront; any other peer as it is."""
+    if not peer.startswith(_PEER_PREFIX):
+        return peer
+    # grpc percent-encodes what a URI may not hold as it is (the brackets of an IPv6 address).
+    parts = unquote(peer[len(_PEER_PREFIX) :]).split("/", 2)
+    return parts[2] if len(parts) == 3 else peer
+
+
+def grpc_peer(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
+    """A TCP socket address as grpc writes a peer: "ipv4:ADDR:PORT" or "ipv6:[ADDR]:PORT"."""
+    host, port = address[0], address[1]
+    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+
+
+def split_listen_address(address: str) -> tuple[str, int]:
+    """("::1", 50051) for "[::1]:50051", ("127.0.0.1", 0) for "127.0.0.1:0"."""
+    host, _, port = address.rpartition(":")
+    return host.strip("[]"), int(port)
+
+
+class TcpFront:
+    def __init__(self, address: str, upstream: Path, limit: int) -> None:
+        """address: host:port to listen on (port 0 picks one: see port); upstream: the grpc
+        server's unix socket; limit: connections held at once (1/HOST_SHARE per host)."""
+        self._address = address
+        self._upstream = upstream
+        self.caps = HostCaps(limit, HOST_SHARE, "gRPC TCP address")
+        self._sock: socket.socket | None = None
+        self._accepting: asyncio.Task[None] | None = None
+        self._relays: set[_Relay] = set()
+        self._names = itertools.count()
+        self.port = 0
+
+    async def start(self) -> None:
+        """Listen (OSError when the address cannot be bound)."""
+        host, port = split_listen_address(self._address)
+        family = socket.AF_INET6 if ":" in host else socket.AF_INET
+        dual = family == socket.AF_INET6 and host == "::" and socket.has_dualstack_ipv6()
+        sock = socket.create_server((host, port), family=family, backlog=512, dualstack_ipv6=dual)
+        sock.setblocking(False)
+        self._sock = sock
+        self.port = int(sock.getsockname()[1])
+        self._accepting = asyncio.get_running_loop().create_task(self._accept_forever(sock))
+
+    async def stop_accepting(self) -> None:
+        """Take no more connections; those relayed go on (grpc's grace period is theirs)."""
+        if self._accepting is not None:
+            self._accepting.cancel()
+            await asyncio.gather(self._accepting, return_exceptions=True)
+        if self._sock is not None:
+            self._sock.close()
+
+    def close(self) -> None:
+        """Cut every relayed connection (once grpc has answered what it will)."""
+        for relay in list(self._relays):
+            relay.close()
+
+    async def _accept_forever(self, sock: socket.socket) -> None:
+        loop = asyncio.get_running_loop()
+        while True:
+            try:
+                conn, address = await loop.sock_accept(sock)
+            except OSError as exc:  # out of file descriptors, and the like: a pause, not an end
+                log.warning("gRPC accept failed", error=str(exc))
+                await asyncio.sleep(0.1)
+                continue
+            peer = grpc_peer(address)
+            host = host_of(peer)
+            if not self.caps.admit(host):
+                conn.close()
+                continue
+            try:
+                upstream = self._connect_upstream(peer)
+            except OSError as exc:
+                self.caps.release(host)
+                conn.close()
+                log.error("cannot reach the gRPC server's socket", path=str(self._upstream), error=str(exc))
+                continue
+            relay = _Relay(self, host)
+            self._relays.add(relay)
+            try:
+                await loop.connect_accepted_socket(relay.downstream_side, conn)
+                await loop.create_unix_connection(relay.upstream_side, sock=upstream)
+            except OSError as exc:
+                relay.close()
+                for sock_ in (conn, upstream):
+                    sock_.close()  # (a no-op for one its transport owns and has closed)
+                log.warning("a gRPC connection could not be relayed", peer=peer, error=str(exc))
+
+    def _connect_upstream(self, peer: str) -> socket.socket:
+        """A unix socket to the grpc server, bound to a name that carries the peer's address."""
+        upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
+        try:
+            for _ in range(8):
+                name = f"{_PREFIX}{os.getpid()}/{next(self._names)}/{peer}"
+                try:
+                    upstream.bind("\0" + name)
+                    break
+                except OSError as exc:
+                    if exc.errno != errno.EADDRINUSE:  # taken by another process: the next one
+                        raise
+            else:
+                raise OSError(errno.EADDRINUSE, "no free abstract name for the relay")
+            upstream.connect(str(self._upstream))  # a local listening socket: at once
+            upstream.setblocking(False)
+        except BaseException:
+            upstream.close()
+            raise
+        return upstream
+
+    def _ended(self, relay: _Relay) -> None:
+        if relay in self._relays:
+            self._relays.discard(relay)
+            self.caps.release(relay.host)
+
+
+class _Relay:
+    """One client connection and its connection to grpc: what one side sends, the other gets;
+    an end or error on either closes both."""
+
+    def __init__(self, front: TcpFront, host: str | None) -> None:
+        self.front = front
+        self.host = host
+        self.downstream = _Side(self)
+        self.upstream = _Side(self)
+        self.downstream.other = self.upstream
+        self.upstream.other = self.downstream
+        self.closed = False
+
+    def downstream_side(self) -> _Side:
+        return self.downstream
+
+    def upstream_side(self) -> _Side:
+        return self.upstream
+
+    def close(self) -> None:
+        if self.closed:
+            return
+        self.closed = True
+        for side in (self.downstream, self.upstream):
+            if side.transport is not None:
+                side.transport.close()
+        self.front._ended(self)
+
+
+class _Side(asyncio.Protocol):
+    def __init__(self, relay: _Relay) -> None:
+        self.relay = relay
+        self.other: _Side
+        self.transport: asyncio.Transport | None = None
+        self.pending: list[bytes] = []  # what came before the other side was connected
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        transport.set_write_buffer_limits(high=HIGH_WATER)
+        if self.relay.closed:
+            transport.close()
+            return
+        if self.other.pending:
+            transport.writelines(self.other.pending)
+            self.other.pending.clear()
+            if self.other.transport is not None:
+                self.other.transport.resume_reading()
+
+    def data_received(self, data: bytes) -> None:
+        target = self.other.transport
+        if target is None:
+            self.pending.append(data)
+            if sum(map(len, self.pending)) > HIGH_WATER and self.transport is not None:
+                self.transport.pause_reading()
+            return
+        target.write(data)
+
+    def eof_received(self) -> bool | None:
+        self.relay.close()
+        return None
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.relay.close()
+
+    # The other side's reading waits while this side's writes are backed up.
+    def pause_writing(self) -> None:
+        if self.other.transport is not None:
+            self.other.transport.pause_reading()
+
+    def resume_writing(self) -> None:
+        if self.other.transport is not None and not self.relay.closed:
+            self.other.transport.resume_reading()
