@@ -46,6 +46,9 @@ from types import TracebackType
 log = logging.getLogger(__name__)
 
 SYSTEMD = Path("/lib/systemd/systemd")
+# A Python the units inside can run: not sys.executable, which may live under the host's /tmp
+# (a clean clone's venv), and /tmp inside is the sandbox's own.
+SANDBOX_PYTHON = "/usr/bin/python3"
 WORK_ROOT = Path("/var/tmp")
 PREFIX = "opmas-sdtest-"
 CGROUP_ROOT = Path("/sys/fs/cgroup")
@@ -91,6 +94,7 @@ NEEDED = {
     "/usr/bin/systemctl": "systemd",
     "/usr/bin/busctl": "systemd",
     "/usr/bin/dbus-daemon": "dbus",
+    SANDBOX_PYTHON: "python3",
     "/usr/bin/unshare": "util-linux",
     "/usr/bin/nsenter": "util-linux",
     "/usr/bin/setpriv": "util-linux",

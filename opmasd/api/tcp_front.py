@@ -25,6 +25,7 @@ from urllib.parse import unquote
 
 import structlog
 
+from opmasd.api.accepting import accepted
 from opmasd.api.host_caps import HostCaps
 from opmasd.api.refusal_pacing import host_of
 
@@ -74,6 +75,7 @@ class TcpFront:
         self._accepting: asyncio.Task[None] | None = None
         self._relays: set[_Relay] = set()
         self._names = itertools.count()
+        self._unreachable = 0
         self.port = 0
 
     async def start(self) -> None:
@@ -102,13 +104,7 @@ class TcpFront:
 
     async def _accept_forever(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, address = await loop.sock_accept(sock)
-            except OSError as exc:  # out of file descriptors, and the like: a pause, not an end
-                log.warning("gRPC accept failed", error=str(exc))
-                await asyncio.sleep(0.1)
-                continue
+        async for conn, address in accepted(sock, "gRPC TCP address"):
             peer = grpc_peer(address)
             host = host_of(peer)
             if not self.caps.admit(host):
@@ -119,7 +115,14 @@ class TcpFront:
             except OSError as exc:
                 self.caps.release(host)
                 conn.close()
-                log.error("cannot reach the gRPC server's socket", path=str(self._upstream), error=str(exc))
+                self._unreachable += 1
+                if self._unreachable in (1, 100) or self._unreachable % 10_000 == 0:  # not once each
+                    log.error(
+                        "cannot reach the gRPC server's socket",
+                        path=str(self._upstream),
+                        error=str(exc),
+                        times=self._unreachable,
+                    )
                 continue
             relay = _Relay(self, host)
             self._relays.add(relay)

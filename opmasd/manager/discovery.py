@@ -32,11 +32,15 @@ class PackageDiscovery:
         supervisor: Supervisor,
         settings: Callable[[], ManagerSettings],
         spec_defaults: Callable[[], AgentSpec],
+        refusals: Callable[[AgentSpec], list[tuple[str, str]]] = lambda spec: [],
     ) -> None:
+        """refusals: what of a spec's runtime and limits this daemon cannot enforce (a manifest
+        asking for it is reported, not registered)."""
         self._registry = registry
         self._supervisor = supervisor
         self._settings = settings
         self._spec_defaults = spec_defaults
+        self._refusals = refusals
         self._lock = asyncio.Lock()
         self.last_report = DiscoveryReport()
 
@@ -56,6 +60,11 @@ class PackageDiscovery:
     async def _apply(self, manifest: Manifest, settings: ManagerSettings, report: DiscoveryReport) -> None:
         agent_id = manifest.agent_id
         path = str(manifest.path)
+        refused = self._refusals(manifest.spec)
+        if refused:
+            why = "; ".join(f"{field}: {reason}" for field, reason in refused)
+            report.errors.append(ManifestError(manifest.path, why))
+            return
         rec = self._registry.get_any(agent_id)
         if rec is None:
             rec = AgentRecord(

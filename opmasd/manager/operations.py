@@ -48,14 +48,15 @@ from opmasd.manager.owned import finishes
 from opmasd.manager.packages.manifest import ManifestError, load_manifest
 from opmasd.manager.persistence import WriteBehind
 from opmasd.manager.registry import AgentRegistry
+from opmasd.manager.runtimes import Backends, RuntimeRouter, UnavailableKinds
 from opmasd.manager.settings import ManagerSettings
 from opmasd.manager.spec_update import apply_fields
-from opmasd.manager.stats import ManagerStats, count_by_state
+from opmasd.manager.stats import ManagerStats, collect_stats, count_by_state
 from opmasd.manager.supervisor import Supervisor
 from opmasd.manager.tokens import TokenKeeper
 from opmasd.manager.validation import check_grace, check_spec
 from opmasd.manager.values import ALL_AGENTS, AgentFilter, DiscoveryReport, OperationResult
-from opmasd.runtime.base import LogEntry, Runtime
+from opmasd.runtime.base import LogEntry
 from opmasd.store.base import AgentStore
 
 log = structlog.get_logger(__name__)
@@ -65,20 +66,22 @@ class AgentManager:
     def __init__(
         self,
         store: AgentStore,
-        runtime: Runtime,
+        runtime: Backends,
         settings: ManagerSettings,
         agent_environment: Mapping[str, str] | None = None,
         bus: AgentBus | None = None,
         clock: Clock = SYSTEM_CLOCK,
         logins: AgentLogins | None = None,
+        unavailable_runtimes: UnavailableKinds | None = None,
     ) -> None:
         self._store = store
-        self._runtime = runtime
         self._settings = settings
         self._bus = bus
         self._hub = EventHub()
         self._writes = WriteBehind(store, clock, settings.commit_timeout)
         self._registry = AgentRegistry(self._writes, self._hub, clock)
+        # One Runtime in front of the backends (manager.runtimes); a kind without one is refused.
+        self._runtime = RuntimeRouter.of(runtime, self._registry.spec_of, unavailable_runtimes)
         self.tokens = TokenKeeper(store, self._writes, clock)
         self.audit = AuditTrail(store, self._writes, settings.node, clock)
         self._tasks = TaskOwner("manager")
@@ -90,16 +93,14 @@ class AgentManager:
         if bus is not None:
             bus.set_handlers(self._heartbeats.on_heartbeat, self._metrics.on_metrics)
             self._agent_environment.setdefault("NATS_URL", bus.agent_url)
-        self._supervisor = Supervisor(
-            self._registry, runtime, settings.restart, self._tasks, lambda: self._agent_environment, clock
-        )
+        env, restart = self._agent_environment, settings.restart
+        self._supervisor = Supervisor(self._registry, self._runtime, restart, self._tasks, lambda: env, clock)
         self._supervisor.logins = logins or NoAgentLogins()  # each agent's own login to the bus
         self._heartbeats.on_starting_heartbeat = self._supervisor.started_by_heartbeat
         self._commits = Commits(self._registry, self._writes, self._supervisor)
         self._bulk = BulkRunner(self._supervisor, self._commits, self._local_agent, self._local_agents)
-        self._discovery = PackageDiscovery(
-            self._registry, self._supervisor, lambda: self._settings, self.spec_defaults
-        )
+        now, refuse = (lambda: self._settings), self._runtime.spec_refusals
+        self._discovery = PackageDiscovery(self._registry, self._supervisor, now, self.spec_defaults, refuse)
 
     @property
     def settings(self) -> ManagerSettings:
@@ -217,23 +218,7 @@ class AgentManager:
 
     def stats(self) -> ManagerStats:
         """The manager's numbers now (one pass over the agents), for metrics and readiness."""
-        by_state, restarts_by_state = count_by_state(self._registry.live())
-        writes, judge = self._writes, self._heartbeats
-        return ManagerStats(
-            agents_by_state=by_state,
-            restart_count_by_state=restarts_by_state,
-            restarts_after_exit=self._supervisor.restarts_after_exit,
-            restarts_after_inactive=self._supervisor.restarts_after_inactive,
-            heartbeats_received=judge.heartbeats_received,
-            heartbeats_unknown=judge.heartbeats_unknown,
-            heartbeats_late=judge.heartbeats_late,
-            pending_writes=writes.pending,
-            pending_heartbeats=writes.pending_heartbeats,
-            store_failing=writes.failing,
-            store_failures=writes.failures,
-            row_flushes=writes.row_flush_times.snapshot(),
-            heartbeat_flushes=writes.heartbeat_flush_times.snapshot(),
-        )
+        return collect_stats(self._registry.live(), self._supervisor, self._writes, self._heartbeats)
 
     def usage(self, agent_id: str) -> ProcessUsage | None:
         self.get_agent(agent_id)
@@ -328,6 +313,7 @@ class AgentManager:
         """Register an agent from spec fields (AgentSpec field names; unset ones default)."""
         spec = apply_fields(self.spec_defaults(), fields)
         check_spec(spec)
+        self._runtime.check_spec(spec)
         agent_id = agent_id or agent_id_from_name(spec.name)
         check_agent_id(agent_id)
         return await self._register(agent_id, spec, AgentSource.REGISTERED, "", start or spec.autostart)
@@ -345,6 +331,7 @@ class AgentManager:
             raise InvalidArgument.single("manifest_path", str(exc)) from exc
         agent_id = agent_id or manifest.agent_id
         check_agent_id(agent_id)
+        self._runtime.check_spec(manifest.spec, field=f"manifest_path ({path}): ")
         return await self._register(
             agent_id,
             manifest.spec,
@@ -393,6 +380,7 @@ class AgentManager:
             rec = self.get_agent(agent_id)
             spec = apply_fields(rec.spec, fields)
             check_spec(spec)
+            self._runtime.check_spec(spec)
             previous, rec.spec = rec.spec, spec
             self._registry.save(rec)
 

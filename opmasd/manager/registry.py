@@ -12,7 +12,7 @@ from collections.abc import Iterator
 import structlog
 
 from opmasd.core.clock import SYSTEM_CLOCK, Clock
-from opmasd.core.model import AgentRecord, AgentState, Transition
+from opmasd.core.model import AgentRecord, AgentSpec, AgentState, Transition
 from opmasd.manager.events import AgentEvent, EventHub
 from opmasd.manager.persistence import WriteBehind
 
@@ -37,6 +37,10 @@ class AgentRegistry:
     def get_any(self, agent_id: str) -> AgentRecord | None:
         """The agent, deleted ones (tombstones) included."""
         return self._records.get(agent_id)
+
+    def spec_of(self, agent_id: str) -> AgentSpec | None:
+        rec = self._records.get(agent_id)
+        return None if rec is None else rec.spec
 
     def live(self) -> Iterator[AgentRecord]:
         return (rec for rec in self._records.values() if not rec.deleted)

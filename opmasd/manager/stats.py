@@ -11,6 +11,7 @@ from __future__ import annotations
 from bisect import bisect_left
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass
+from typing import Protocol
 
 from opmasd.core.model import AgentRecord, AgentState
 
@@ -100,3 +101,56 @@ def count_by_state(records: Iterable[AgentRecord]) -> tuple[dict[AgentState, int
         by_state[rec.state] += 1
         restarts_by_state[rec.state] += rec.restart_count
     return by_state, restarts_by_state
+
+
+class _Restarts(Protocol):
+    @property
+    def restarts_after_exit(self) -> int: ...
+    @property
+    def restarts_after_inactive(self) -> int: ...
+
+
+class _Heartbeats(Protocol):
+    @property
+    def heartbeats_received(self) -> int: ...
+    @property
+    def heartbeats_unknown(self) -> int: ...
+    @property
+    def heartbeats_late(self) -> int: ...
+
+
+class _Writes(Protocol):
+    @property
+    def pending(self) -> int: ...
+    @property
+    def pending_heartbeats(self) -> int: ...
+    @property
+    def failing(self) -> bool: ...
+    @property
+    def failures(self) -> int: ...
+    @property
+    def row_flush_times(self) -> DurationHistogram: ...
+    @property
+    def heartbeat_flush_times(self) -> DurationHistogram: ...
+
+
+def collect_stats(
+    records: Iterable[AgentRecord], supervisor: _Restarts, writes: _Writes, judge: _Heartbeats
+) -> ManagerStats:
+    """The manager's numbers now (one pass over the agents), for metrics and readiness."""
+    by_state, restarts_by_state = count_by_state(records)
+    return ManagerStats(
+        agents_by_state=by_state,
+        restart_count_by_state=restarts_by_state,
+        restarts_after_exit=supervisor.restarts_after_exit,
+        restarts_after_inactive=supervisor.restarts_after_inactive,
+        heartbeats_received=judge.heartbeats_received,
+        heartbeats_unknown=judge.heartbeats_unknown,
+        heartbeats_late=judge.heartbeats_late,
+        pending_writes=writes.pending,
+        pending_heartbeats=writes.pending_heartbeats,
+        store_failing=writes.failing,
+        store_failures=writes.failures,
+        row_flushes=writes.row_flush_times.snapshot(),
+        heartbeat_flushes=writes.heartbeat_flush_times.snapshot(),
+    )

@@ -33,6 +33,11 @@ class Runtime(Protocol):
     def set_exit_handler(self, handler: ExitHandler) -> None:
         """Where exits are reported. Set before the first launch or adopt."""
 
+    def refusals(self, resources: ResourceLimits) -> list[tuple[str, str]]:
+        """What of `resources` this runtime cannot enforce, as (spec field, why) pairs; [] when
+        it enforces them all. A limit is enforced or refused, never stored and ignored: the
+        manager refuses such a spec, and launch raises LaunchError for one."""
+
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
         """Start the agent's process. Raises LaunchError when it cannot be started."""
 

@@ -30,6 +30,7 @@ from opmasd.core.logs import LogEntry
 from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
 from opmasd.runtime import procstat, signals
 from opmasd.runtime.base import ExitHandler, LaunchRequest
+from opmasd.runtime.cgroup_limits import CgroupLimits
 from opmasd.runtime.cgroup_trees import EMPTY_WAIT, CgroupTrees
 from opmasd.runtime.cgroups import AgentCgroups, joining_command
 from opmasd.runtime.logfiles import AgentLogs
@@ -61,6 +62,11 @@ class ProcessRuntime:
         # With cgroups an agent's tree is its cgroup's members; without, its process group
         # plus what a /proc scan finds (which misses a double fork once its parent is gone).
         self._trees = None if cgroups is None else CgroupTrees(cgroups)
+        self._limits = CgroupLimits(
+            None if cgroups is None else cgroups.base,
+            "opmasd keeps no cgroup per agent (agents.cgroups)"
+            "opmasd keeps no cgroup per agent here (agents.cgroups)",
+        )
         self._finishing: set[asyncio.Task[None]] = set()
         self._logs = AgentLogs(log_dir, max_bytes=log_max_bytes, backups=log_backups)
         self._relay = RelayLink(log_dir, max_bytes=log_max_bytes, backups=log_backups)
@@ -71,6 +77,9 @@ class ProcessRuntime:
 
     def set_exit_handler(self, handler: ExitHandler) -> None:
         self._exit_handler = handler
+
+    def refusals(self, resources: ResourceLimits) -> list[tuple[str, str]]:
+        return self._limits.refusals(resources)
 
     # --- starting and watching --------------------------------------------------------------
 
@@ -84,11 +93,15 @@ class ProcessRuntime:
             )
         if not request.command:
             raise LaunchError(f"agent {agent_id} has an empty command")
+        refused = self._limits.refusals(request.resources)
+        if refused:  # registered where they could be, or before this check: never run unlimited
+            raise LaunchError("; ".join(f"{field}: {why}" for field, why in refused))
         spawned = request
         if self._trees is not None:
             check_program(request.command, request.working_directory or None, request.environment)
             try:
                 procs_file = self._trees.cgroups.prepare(agent_id)
+                self._limits.apply(procs_file.parent, request.resources)
             except OSError as exc:
                 raise LaunchError(
                     f"cannot create the cgroup of agent {agent_id}: {exc.strerror or exc}"

@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 
 from opmasd.core.errors import LaunchError
 from opmasd.core.logs import LogEntry, LogStream
-from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage
+from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
 from opmasd.runtime.base import ExitHandler, LaunchRequest
 
 
@@ -44,9 +44,20 @@ class FakeRuntime:
         # A plain string is a line of the agent's stdout.
         self.logs: dict[str, list[str | LogEntry]] = {}
         self.log_rotations = 0
+        # The resource fields this runtime cannot enforce: field -> why (refusals()).
+        self.unenforceable: dict[str, str] = {}
 
     def set_exit_handler(self, handler: ExitHandler) -> None:
         self._handler = handler
+
+    def refusals(self, resources: ResourceLimits) -> list[tuple[str, str]]:
+        set_fields = {
+            "resources.memory_max_bytes": resources.memory_max_bytes > 0,
+            "resources.cpu_quota_percent": resources.cpu_quota_percent > 0,
+            "resources.tasks_max": resources.tasks_max > 0,
+            "resources.open_files_max": resources.open_files_max > 0,
+        }
+        return [(f, why) for f, why in self.unenforceable.items() if set_fields.get(f)]
 
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
         self.launches.append(request)

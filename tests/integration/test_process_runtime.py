@@ -180,6 +180,17 @@ async def test_launch_failures_name_the_culprit(harness: Harness, tmp_path: Path
     assert harness.exits.reports == []
 
 
+async def test_a_limit_without_a_cgroup_to_enforce_it_is_never_run_unlimited(harness: Harness) -> None:
+    """Without agent cgroups, a spec stored with a memory limit (registered on a host where it
+    could be enforced) does not start without it: the launch fails naming the field."""
+    assert harness.runtime.refusals(ResourceLimits(open_files_max=64)) == []
+    with pytest.raises(
+        LaunchError, match=r"resources\.memory_max_bytes: the process runtime cannot enforce it"
+    ):
+        await harness.launch("capped", "sleep", "30", resources=ResourceLimits(memory_max_bytes=64 << 20))
+    assert harness.exits.reports == []
+
+
 async def test_second_launch_of_a_running_agent_is_refused(harness: Harness) -> None:
     await harness.launch("a", "sleep", "30")
     with pytest.raises(LaunchError, match="already has a process"):

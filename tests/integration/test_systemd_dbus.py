@@ -10,14 +10,13 @@ import asyncio
 import json
 import os
 import signal
-import sys
 import uuid
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
-from systemd_sandbox import SystemdSandbox
+from systemd_sandbox import SANDBOX_PYTHON, SystemdSandbox
 
 from opmasd.runtime.systemd_dbus import DISCONNECTED, NO_SUCH_UNIT, UNIT_EXISTS, SystemdError, SystemdManager
 from opmasd.runtime.systemd_units import (
@@ -174,7 +173,9 @@ async def test_the_memory_limit_bites(
 ) -> None:
     unit = unique("hog")
     hog = "x = b'a' * (200 << 20); import time; time.sleep(30)"  # writes every page of 200 MB
-    await manager.start_transient_unit(unit, TransientUnit((sys.executable, "-c", hog), memory_max=32 << 20))
+    # The distribution's Python: the sandbox has a /tmp of its own, where a checkout's venv (a
+    # clean clone's, in CI) would not be.
+    await manager.start_transient_unit(unit, TransientUnit((SANDBOX_PYTHON, "-c", hog), memory_max=32 << 20))
     killed = await changes.until(unit, ended)
     assert killed.fields["active_state"] == "failed"
     if memory_on_cgroup2(systemd_sandbox):

@@ -17,6 +17,7 @@ import ssl
 import structlog
 from aiohttp import web
 
+from opmasd.api.accepting import accepted
 from opmasd.api.refusal_pacing import host_of
 from opmasd.api.rest.connection_caps import ConnectionCaps
 from opmasd.api.rest.gateway import address_peer
@@ -68,13 +69,7 @@ class TlsSite(web.BaseSite):
 
     async def _accept_forever(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
-        while True:
-            try:
-                conn, address = await loop.sock_accept(sock)
-            except OSError as exc:  # out of file descriptors, and the like: a pause, not an end
-                log.warning("HTTPS accept failed", error=str(exc))
-                await asyncio.sleep(0.1)
-                continue
+        async for conn, address in accepted(sock, "HTTPS"):
             host = host_of(address_peer(address))
             if not self._caps.begin_handshake(host):
                 conn.close()
