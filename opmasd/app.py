@@ -49,17 +49,20 @@ from opmasd.config.manager_settings import manager_settings
 from opmasd.config.nats_login import nats_login
 from opmasd.core.auth import Role
 from opmasd.core.clock import SYSTEM_CLOCK
+from opmasd.core.model import RuntimeKind
 from opmasd.core.serial_thread import SerialThread
 from opmasd.core.tasks import TaskOwner
 from opmasd.core.urls import redacted
 from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
 from opmasd.manager import AgentManager
+from opmasd.runtime.base import Runtime
 from opmasd.runtime.cgroups import AgentCgroups
 from opmasd.runtime.fdlimit import raise_open_files_limit
 from opmasd.runtime.process import ProcessRuntime
 from opmasd.store.base import AgentStore
 from opmasd.store.opening import open_store
+from opmasd.systemd.agent_units import connect_systemd
 from opmasd.systemd.notify import Notifier
 
 log = structlog.get_logger(__name__)
@@ -79,7 +82,7 @@ class Daemon:
         self._tasks = TaskOwner("daemon")
         self._lock = InstanceLock(config.service.state_dir / "opmasd.lock")
         self._store: AgentStore | None = None
-        self._runtime: ProcessRuntime | None = None
+        self._runtimes: dict[RuntimeKind, Runtime] = {}
         self._embedded_nats: EmbeddedNatsServer | None = None
         self._agent_logins: EmbeddedAgentLogins | None = None  # the embedded server's, per agent
         self._bus: NatsBus | None = None
@@ -125,18 +128,23 @@ class Daemon:
             ),
             "open the store",
         )
-        self._runtime = ProcessRuntime(
+        process = ProcessRuntime(
             config.service.log_dir / "agents",
             log_max_bytes=config.agents.log_max_bytes,
             log_backups=config.agents.log_backups,
             cgroups=self._agent_cgroups(),
             child_open_files=raise_open_files_limit(),
         )
+        self._runtimes[RuntimeKind.PROCESS] = process
+        units, no_units = await connect_systemd(config.agents, self._source())
+        if units is not None:
+            self._runtimes[RuntimeKind.SYSTEMD] = units
         self._bus = await self._start_bus(self._store)
         self.manager = AgentManager(
             self._store,
-            self._runtime,
+            self._runtimes,
             manager_settings(config),
+            unavailable_runtimes={RuntimeKind.SYSTEMD: no_units},
             agent_environment=self._nats_agent_environment(),
             bus=self._bus,
             logins=self._agent_logins,
@@ -237,6 +245,9 @@ class Daemon:
         with an external server (its spec's environment may give it one)."""
         return {"NATS_SUBJECT_PREFIX": self.config.nats.subject_prefix}
 
+    def _source(self) -> str:
+        return str(self._config_path) if self._config_path else "configuration"
+
     def _agent_cgroups(self) -> AgentCgroups | None:
         """A cgroup per agent where the host allows it (agents.cgroups); refused when required."""
         setting = self.config.agents.cgroups
@@ -245,8 +256,7 @@ class Daemon:
             return None
         cgroups, why = AgentCgroups.detect(self.config.service.state_dir)
         if cgroups is None and setting == "required":
-            source = str(self._config_path) if self._config_path else "configuration"
-            raise ConfigError(source, "agents.cgroups", f"required, but no cgroup can be used: {why}")
+            raise ConfigError(self._source(), "agents.cgroups", f"required, but no cgroup can be used: {why}")
         if cgroups is None:
             log.warning("agent process trees tracked by process group: no cgroup per agent", reason=why)
         else:
@@ -309,8 +319,8 @@ class Daemon:
             if not await self._unless_forced(self.manager.stop(stop_agents=stop_agents), "agents' stop"):
                 # Cut short while agents were stopping: flush what is known and leave them be.
                 await self.manager.stop(stop_agents=False)
-        if self._runtime is not None:
-            await self._runtime.aclose()
+        for runtime in self._runtimes.values():
+            await runtime.aclose()
         # NATS goes last but for the store: agents being stopped may still talk to it.
         if self._bus is not None:
             await self._unless_forced(self._bus.close(timeout=0.5 if self._force_exit else 5.0), "NATS")

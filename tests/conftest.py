@@ -4,6 +4,8 @@
 - `private_pg`: a started PrivateCluster (tests/pgcluster.py), a PostgreSQL server of the test's
   own that it may stop, freeze, thaw, SIGKILL and start again -- never the machine's shared one.
   Closed (thawed, stopped, removed) after the test, whatever its outcome.
+- `systemd_sandbox`: one systemd booted in namespaces of its own for the session
+  (tests/systemd_fixtures.py), for the systemd runtime's integration and e2e tests.
 """
 
 from __future__ import annotations
@@ -14,6 +16,9 @@ import pytest
 
 # tests/ is on sys.path while its conftest is imported (rootdir-relative, no __init__.py here).
 from pgcluster import PgUnavailable, PrivateCluster
+from systemd_fixtures import systemd_sandbox
+
+__all__ = ["systemd_sandbox"]
 
 
 @pytest.fixture

@@ -36,6 +36,7 @@ from opmasd.config.schema import (
     ServiceConfig,
     TlsConfig,
 )
+from opmasd.core.model import RuntimeKind
 from opmasd.core.yamlfile import load_yaml
 
 DEFAULT_CONFIG_PATH = Path("/etc/opmas/opmasd.yaml")
@@ -198,6 +199,7 @@ def _build(
 
     tls_files = _check_tls(values, origins)
     _check_auth(values, origins)
+    _check_systemd(values, origins)
 
     def refuse_nats(key: str, why: str) -> NoReturn:
         source, label = origins.get(("nats", key), ("configuration", f"nats.{key}"))
@@ -234,6 +236,21 @@ def _build(
 
 # The setting that names each kind of TLS file.
 _TLS_KEYS = {"cert": "cert", "key": "key", "ca": "client_ca"}
+
+
+def _check_systemd(
+    values: dict[str, dict[str, Any]], origins: dict[tuple[str, str], tuple[str, str]]
+) -> None:
+    """With the systemd runtime off, what only it reads would be ignored: refused."""
+    agents = values["agents"]
+    if agents.get("systemd") != "off":
+        return
+    for key in ("runtime", "systemd_bus", "systemd_root", "systemd_journal"):
+        value = agents.get(key)
+        if value and (key != "runtime" or value is RuntimeKind.SYSTEMD):
+            source, label = origins[("agents", key)]
+            what = "systemd" if key == "runtime" else "given"
+            raise ConfigError(source, label, f"{what}, but agents.systemd is off: it would be ignored")
 
 
 def _check_tls(

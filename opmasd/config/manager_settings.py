@@ -20,6 +20,7 @@ def manager_settings(config: Config) -> ManagerSettings:
         ),
         default_stop_timeout=agents.stop_timeout,
         default_restart_policy=agents.restart_policy,
+        default_runtime=agents.runtime,
         autostart_discovered=agents.autostart,
         monitoring_interval=config.service.monitoring_interval,
         discovery_interval=config.service.discovery_interval,

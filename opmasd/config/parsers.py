@@ -90,6 +90,9 @@ def parse_int(minimum: int | None = None, maximum: int | None = None) -> Callabl
 
 def parse_choice(*choices: str) -> Callable[[object], str]:
     def parse(value: object) -> str:
+        # YAML 1.1 reads a bare `off` (and no, false) as False: what the operator wrote was "off".
+        if value is False and "off" in choices:
+            return "off"
         if isinstance(value, str) and value.strip().lower() in choices:
             return value.strip().lower()
         raise _reject("one of " + ", ".join(choices), value)

@@ -32,7 +32,7 @@ from opmasd.config.parsers import (
     parse_str,
     parse_url,
 )
-from opmasd.core.model import RestartPolicy
+from opmasd.core.model import RestartPolicy, RuntimeKind
 from opmasd.logging import FORMATS, LEVELS
 from opmasd.store.database import SCHEMES as DATABASE_SCHEMES
 
@@ -154,6 +154,18 @@ class AgentsConfig:
     # How an agent's whole process tree is kept track of: "auto" uses a cgroup per agent where
     # opmasd may create them (else process groups), "required" refuses to start without them.
     cgroups: str = "auto"
+    # The runtime of an agent whose spec names none.
+    runtime: RuntimeKind = RuntimeKind.PROCESS
+    # The systemd runtime (transient units over D-Bus): "auto" where the bus answers at start,
+    # "required" refuses to start without it, "off" refuses agents that ask for it.
+    systemd: str = "auto"
+    # The D-Bus address of systemd's manager ("": the system bus as root, else the user bus) and
+    # the journal directory its units log to (None: the host's own journal).
+    systemd_bus: str = ""
+    systemd_journal: Path | None = None
+    # Where that systemd's filesystem (its cgroups, its /proc) is seen from here: None for "/";
+    # /proc/PID/root for one in namespaces of its own (a container's).
+    systemd_root: Path | None = None
 
 
 @dataclass(frozen=True)
@@ -178,6 +190,11 @@ class Key:
 _POSITIVE = parse_duration(positive=True)
 _NON_NEGATIVE = parse_duration(positive=False)
 _RESTART_POLICY_NAME = parse_choice(*(policy.value for policy in RestartPolicy))
+_RUNTIME_NAME = parse_choice(*(kind.value for kind in RuntimeKind))
+
+
+def _runtime_kind(value: object) -> RuntimeKind:
+    return RuntimeKind(_RUNTIME_NAME(value))
 
 
 def _restart_policy(value: object) -> RestartPolicy:
@@ -275,5 +292,10 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "log_max_bytes": Key(parse_size),
         "log_backups": Key(parse_int(minimum=0)),
         "cgroups": Key(parse_choice("auto", "required", "off")),
+        "runtime": Key(_runtime_kind),
+        "systemd": Key(parse_choice("auto", "required", "off")),
+        "systemd_bus": Key(parse_str),
+        "systemd_journal": Key(parse_path, paths=True),
+        "systemd_root": Key(parse_path, paths=True),
     },
 }

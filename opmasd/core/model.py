@@ -172,6 +172,9 @@ class ExitInfo:
     # Processes of the agent's tree still alive after it ended, killed by the runtime
     # ("PID command" each): shown in the reason, so the event and the status name them.
     leftovers: tuple[str, ...] = ()
+    # Why it ended when the runtime knows more than the status says ("out of memory
+    # (MemoryMax)"): appended to the reason; "" when there is nothing to add.
+    cause: str = ""
 
     @property
     def success(self) -> bool:
@@ -179,10 +182,11 @@ class ExitInfo:
 
     @property
     def reason(self) -> str:
+        how = f"{self._how}: {self.cause}" if self.cause else self._how
         if not self.leftovers:
-            return self._how
+            return how
         shown = ", ".join(self.leftovers[:5]) + (", …" if len(self.leftovers) > 5 else "")
-        return f"{self._how}; killed {len(self.leftovers)} leftover process(es): {shown}"
+        return f"{how}; killed {len(self.leftovers)} leftover process(es): {shown}"
 
     @property
     def _how(self) -> str:

@@ -304,6 +304,7 @@ class AgentManager:
             command=(),
             restart_policy=self.settings.default_restart_policy,
             stop_timeout=self.settings.default_stop_timeout,
+            runtime=self.settings.default_runtime,
         )
 
     @finishes

@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from pathlib import Path
 
-from opmasd.core.model import RestartPolicy
+from opmasd.core.model import RestartPolicy, RuntimeKind
 from opmasd.manager.heartbeats import HealthSettings
 from opmasd.manager.restart import RestartSettings
 
@@ -17,6 +17,7 @@ class ManagerSettings:
     restart: RestartSettings = RestartSettings()
     default_stop_timeout: float = 10.0
     default_restart_policy: RestartPolicy = RestartPolicy.ON_FAILURE
+    default_runtime: RuntimeKind = RuntimeKind.PROCESS
     # Start discovered agents even when their manifest does not say autostart.
     autostart_discovered: bool = False
     monitoring_interval: float = 5.0

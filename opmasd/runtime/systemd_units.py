@@ -155,6 +155,9 @@ class TransientUnit:
     # arrives in the PropertiesChanged signals before that.
     collect_mode: str = "inactive-or-failed"
     syslog_identifier: str | None = None
+    # ExecStartEx flags ("no-env-expand": argv as given; systemd otherwise replaces $VAR and
+    # ${VAR} in it from the unit's environment). Empty: plain ExecStart.
+    exec_flags: tuple[str, ...] = ()
     extra: tuple[Property, ...] = ()
 
 
@@ -168,7 +171,7 @@ def transient_properties(unit: TransientUnit) -> list[Property]:
     props: list[Property] = [
         ("Description", "s", unit.description),
         ("Type", "s", unit.service_type),
-        ("ExecStart", "a(sasb)", [(unit.exec_start[0], list(unit.exec_start), False)]),
+        _exec_start(unit),
         ("Environment", "as", [f"{k}={v}" for k, v in unit.environment.items()]),
         ("Restart", "s", unit.restart),
         ("KillMode", "s", unit.kill_mode),
@@ -199,6 +202,13 @@ def transient_properties(unit: TransientUnit) -> list[Property]:
         names.add(extra[0])
         props.append(extra)
     return props
+
+
+def _exec_start(unit: TransientUnit) -> Property:
+    program, argv = unit.exec_start[0], list(unit.exec_start)
+    if unit.exec_flags:
+        return ("ExecStartEx", "a(sasas)", [(program, argv, list(unit.exec_flags))])
+    return ("ExecStart", "a(sasb)", [(program, argv, False)])
 
 
 # -- states ------------------------------------------------------------------------------------
@@ -233,6 +243,9 @@ class UnitState:
     memory_current: int | None  # bytes; None when not accounted
     cpu_usage_nsec: int | None
     n_restarts: int
+    # The unit's cgroup as systemd names it ("/system.slice/x.service"), relative to the
+    # hierarchies' root; "" when it has none.
+    control_group: str = ""
 
 
 class ChangeKind(Enum):
@@ -289,6 +302,7 @@ def unit_state(name: str, props: Mapping[str, object]) -> UnitState:
         memory_current=_accounted(props, "MemoryCurrent"),
         cpu_usage_nsec=_accounted(props, "CPUUsageNSec"),
         n_restarts=_int(props, "NRestarts") or 0,
+        control_group=_str(props, "ControlGroup") or "",
     )
 
 

@@ -4,6 +4,7 @@ honest start. Each drives the daemon over gRPC and checks with /proc what really
 from __future__ import annotations
 
 import random
+import re
 import time
 from collections.abc import Callable
 
@@ -70,7 +71,8 @@ def test_start_answers_with_the_outcome_of_the_start_window(make_sandbox: Callab
     with pytest.raises(grpc.RpcError) as failed:
         create(stub, "brief", ["sh", "-c", "sleep 0.3; exit 0"], start=True)
     assert failed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
-    assert "failed to start: exited with code 0 after 0.3" in (failed.value.details() or "")
+    # The time is measured from the launch: a hair under the 0.3 s slept is fine.
+    assert re.search(r"failed to start: exited with code 0 after 0\.(29|3)\d*s", failed.value.details() or "")
     reasons = [r[0] for r in box.sql("SELECT reason FROM agent_transitions WHERE agent_id = 'brief'")]
     assert any(r.startswith("failed to start: exited with code 0") for r in reasons), reasons
 

@@ -5,7 +5,7 @@ enforce (runtime.cgroup_limits): where opmasd has those controllers, an agent ov
 limit is killed; where it has not (cgroup v1 holds them, or no cgroup per agent), registering
 such an agent is refused naming the field and why, and so is a manifest asking for it. The
 open-files limit is an rlimit: always enforced. A runtime this daemon has no backend for is
-refused too.
+refused too (here with agents.systemd: off; tests/e2e/test_systemd_runtime.py runs it).
 """
 
 from __future__ import annotations
@@ -90,10 +90,10 @@ def test_cpu_and_task_limits_are_enforced_or_refused(
         assert value == ("50000" if name == "cpu.max" else "16")
 
 
-def test_a_manifest_asking_for_an_unenforceable_limit_is_refused_at_registration(
+def test_a_manifest_asking_for_an_unavailable_runtime_is_refused_at_registration(
     make_sandbox: Callable[..., Sandbox],
 ) -> None:
-    box = make_sandbox()
+    box = make_sandbox(env={"OPMAS_AGENTS_SYSTEMD": "off"})
     box.start()
     manifest = {"name": "capped", "entrypoint": sleeper(), "runtime": "systemd"}
     folder = write_package(box.root / "pkgs", "capped", manifest)
@@ -110,11 +110,11 @@ def test_a_manifest_asking_for_an_unenforceable_limit_is_refused_at_registration
 def test_the_systemd_runtime_is_refused_while_this_daemon_has_none(
     make_sandbox: Callable[..., Sandbox],
 ) -> None:
-    box = make_sandbox()
+    box = make_sandbox(env={"OPMAS_AGENTS_SYSTEMD": "off"})
     box.start()
     result = opmasctl(box, "agents", "register", "--name", "unit", "--runtime", "systemd", "--", *sleeper())
     assert result.returncode == 1, result.stderr
-    assert "spec.runtime" in result.stderr and "the systemd runtime is not available" in result.stderr
+    assert "spec.runtime: the systemd runtime is not available: agents.systemd is off" in result.stderr
     # Nor can an agent be switched to it.
     assert opmasctl(box, "agents", "register", "--name", "plain", "--", *sleeper()).returncode == 0
     switched = opmasctl(box, "agents", "update", "plain", "--runtime", "systemd")

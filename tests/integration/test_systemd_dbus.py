@@ -260,13 +260,16 @@ async def test_the_journal_is_private_and_tells_stdout_from_stderr(
     # Plain StandardOutput=StandardError=journal: one stream, one priority, one identifier.
     plain = unique("plain")
     await manager.start_transient_unit(
-        plain, TransientUnit(("/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2"))
+        # The sleep: journald names the unit of a line (_SYSTEMD_UNIT) from its writer's cgroup,
+        # which it cannot find once the writer is gone; `-u` would then miss the line.
+        plain,
+        TransientUnit(("/bin/sh", "-c", "echo to-stdout; echo to-stderr >&2; sleep 0.5")),
     )
     await changes.until(plain, ended)
     entries = await lines_of(systemd_sandbox, plain, 2)
     assert {e["MESSAGE"] for e in entries} == {"to-stdout", "to-stderr"}
     assert len({(e["_STREAM_ID"], e["PRIORITY"], e["SYSLOG_IDENTIFIER"]) for e in entries}) == 1
-    script = ("/bin/sh", "-c", "echo to-stdout; echo '<3>looks-like-a-level'; echo to-stderr >&2")
+    script = ("/bin/sh", "-c", "echo to-stdout; echo '<3>looks-like-a-level'; echo to-stderr >&2; sleep 0.5")
     # systemd-cat --stderr-priority: two streams, stderr's at priority warning, no level prefixes.
     wrapped = unique("wrapped")
     cat = (

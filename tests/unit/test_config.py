@@ -610,3 +610,37 @@ def test_split_address() -> None:
     for bad in ("localhost", ":80", "h:", "h:-1", "h:65536", "[]:80"):
         with pytest.raises(ValueError):
             split_address(bad)
+
+
+# --- the systemd runtime ---------------------------------------------------------------------
+
+
+def test_systemd_runtime_keys(tmp_path: Path) -> None:
+    path = write(tmp_path, "agents:\n  runtime: systemd\n  systemd: required\n  systemd_bus: unix:path=/x\n")
+    agents = load_config(path, {}).agents
+    assert (agents.runtime.value, agents.systemd, agents.systemd_bus) == (
+        "systemd",
+        "required",
+        "unix:path=/x",
+    )
+
+
+@pytest.mark.parametrize(
+    ("text", "key", "reason"),
+    [
+        ("runtime: systemd", "agents.runtime", "systemd, but agents.systemd is off: it would be ignored"),
+        (
+            "systemd_bus: unix:path=/x",
+            "agents.systemd_bus",
+            "given, but agents.systemd is off: it would be ignored",
+        ),
+        ("systemd_journal: /j", "agents.systemd_journal", "given, but agents.systemd is off"),
+        ("runtime: container", "agents.runtime", "must be one of"),
+    ],
+)
+def test_what_only_the_systemd_runtime_reads_is_refused_with_it_off(
+    tmp_path: Path, text: str, key: str, reason: str
+) -> None:
+    path = write(tmp_path, f"agents:\n  systemd: off\n  {text}\n")  # YAML's off: False
+    err = error_of(path)
+    assert err.key == key and reason in err.reason, err

@@ -265,7 +265,7 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
         raise ValueError(
             f"restart_policy: {policy_text[:32]!r} is not one of never, on-failure, always"
         ) from None
-    runtime_text = _text(data, "runtime", "process")
+    runtime_text = _text(data, "runtime", defaults.runtime.value if defaults else "process")
     try:
         runtime = RuntimeKind(runtime_text)
     except ValueError:

@@ -1,0 +1,135 @@
+"""The systemd runtime end to end (issue 12): opmasd on this machine runs agents as transient
+units of a real systemd (booted in namespaces of its own: tests/systemd_sandbox.py), driven
+through opmasctl like any agent.
+
+- `--runtime systemd` makes a unit `opmas-agent-<id>.service` with the spec's limits as its
+  properties; the agent's output is read from the journal, stdout and stderr told apart.
+- An exit is opmasd's to act on (systemd never restarts a unit): on-failure starts a new unit.
+- An agent over its MemoryMax is killed, and its status says it ran out of memory.
+- Units outlive opmasd: a new opmasd adopts them, and a stop removes them.
+"""
+
+from __future__ import annotations
+
+import json
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import pytest
+from systemd_sandbox import SANDBOX_PYTHON, SystemdSandbox
+
+from .harness import Sandbox, sleeper
+
+pytestmark = pytest.mark.timeout(180)
+
+
+@pytest.fixture
+def box(make_sandbox: Callable[..., Sandbox], systemd_sandbox: SystemdSandbox) -> Iterator[Sandbox]:
+    root = f"/proc/{systemd_sandbox.pid}/root"
+    env = {
+        "OPMAS_AGENTS_SYSTEMD": "required",
+        "OPMAS_AGENTS_SYSTEMD_BUS": systemd_sandbox.bus_address,
+        "OPMAS_AGENTS_SYSTEMD_ROOT": root,
+        "OPMAS_AGENTS_SYSTEMD_JOURNAL": f"{root}/run/log/journal",
+    }
+    box = make_sandbox(env=env)
+    box.start()
+    yield box
+    # Units outlive opmasd: delete the agents, so that none is left behind.
+    listed = json.loads(box.opmasctl("-o", "json", "agents", "list").stdout or "{}")
+    for agent in listed.get("agents", []):
+        box.opmasctl("agents", "delete", agent["agentId"])
+
+
+def agent(box: Sandbox, agent_id: str) -> dict[str, Any]:
+    result = box.opmasctl("-o", "json", "agents", "get", agent_id)
+    assert result.returncode == 0, result.stderr
+    return dict(json.loads(result.stdout))
+
+
+def until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.2)
+
+
+def unit_show(sd: SystemdSandbox, unit: str, *props: str) -> dict[str, str]:
+    out = sd.run("systemctl", "show", unit, *(f"--property={p}" for p in props), check=False).stdout
+    return dict(line.split("=", 1) for line in out.splitlines() if "=" in line)
+
+
+def test_an_agent_runs_as_a_unit_with_its_limits_and_its_logs(
+    box: Sandbox, systemd_sandbox: SystemdSandbox
+) -> None:
+    script = 'echo "hello from $AGENT_ID"; echo "trouble" >&2; exec sleep 1000'
+    result = box.opmasctl(
+        "agents", "register", "--name", "unit-a", "--runtime", "systemd", "--memory-max", "64M",
+        "--tasks-max", "32", "--start", "--", "/bin/sh", "-c", script,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    status = until(lambda: (a := agent(box, "unit-a"))["status"]["state"] == "AGENT_STATE_RUNNING" and a)
+    unit = "opmas-agent-unit\\x2da.service"
+    shown = unit_show(systemd_sandbox, unit, "ActiveState", "MainPID", "MemoryMax", "TasksMax", "Restart")
+    assert shown["ActiveState"] == "active", shown
+    assert shown["MemoryMax"] == str(64 << 20) and shown["TasksMax"] == "32", shown
+    assert shown["Restart"] == "no", shown  # opmasd's restart policy is the only one
+    assert int(status["status"]["pid"]) == int(shown["MainPID"])
+
+    def streams() -> dict[str, str]:
+        out = box.opmasctl("-o", "json", "agents", "logs", "unit-a").stdout
+        entries = [json.loads(line) for line in out.splitlines() if line.strip()]
+        found = {e.get("line"): e.get("stream") for e in entries}
+        return found if {"hello from unit-a", "trouble"} <= set(found) else {}
+
+    found = until(streams, what="both lines in the journal")
+    assert found["hello from unit-a"] == "LOG_STREAM_STDOUT", found
+    assert found["trouble"] == "LOG_STREAM_STDERR", found
+    stopped = box.opmasctl("agents", "stop", "unit-a")
+    assert stopped.returncode == 0, stopped.stderr
+    assert agent(box, "unit-a")["status"]["state"] == "AGENT_STATE_STOPPED"
+    until(lambda: unit_show(systemd_sandbox, unit, "ActiveState").get("ActiveState") in (None, "inactive"))
+
+
+def test_a_crash_is_restarted_by_opmasd_in_a_new_unit(box: Sandbox) -> None:
+    result = box.opmasctl(
+        "agents", "register", "--name", "crasher", "--runtime", "systemd", "--restart-policy",
+        "on-failure", "--start", "--", "/bin/sh", "-c", "sleep 1; exit 3",
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    restarted = until(lambda: (a := agent(box, "crasher"))["status"].get("restartCount", 0) >= 1 and a, 30)
+    assert "exit code 3" in json.dumps(restarted) or restarted["status"].get("restartCount", 0) >= 1
+
+
+def test_an_agent_over_its_memory_limit_is_killed_and_says_why(box: Sandbox) -> None:
+    hog = "b = bytearray(300 << 20)\nfor i in range(0, len(b), 4096): b[i] = 1\nimport time; time.sleep(1000)"
+    result = box.opmasctl(
+        "agents", "register", "--name", "hog", "--runtime", "systemd", "--memory-max", "32M",
+        "--restart-policy", "never", "--", SANDBOX_PYTHON, "-c", hog,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    started = box.opmasctl("agents", "start", "hog")
+    assert started.returncode != 0
+    assert "killed by SIGKILL: out of memory (MemoryMax)" in started.stderr, started.stderr
+    status = agent(box, "hog")["status"]
+    assert status["state"] == "AGENT_STATE_ERROR" and "out of memory (MemoryMax)" in status["stateReason"], (
+        status
+    )
+
+
+def test_units_outlive_opmasd_and_are_adopted(box: Sandbox, systemd_sandbox: SystemdSandbox) -> None:
+    result = box.opmasctl(
+        "agents", "register", "--name", "lasting", "--runtime", "systemd", "--start", "--", *sleeper()
+    )
+    assert result.returncode == 0, result.stderr
+    before = until(lambda: (a := agent(box, "lasting"))["status"]["state"] == "AGENT_STATE_RUNNING" and a)
+    box.restart(how="kill")  # opmasd dies; its units do not (they are not its children)
+    after = until(lambda: (a := agent(box, "lasting"))["status"]["state"] == "AGENT_STATE_RUNNING" and a)
+    assert after["status"]["pid"] == before["status"]["pid"]  # the same process, adopted
+    shown = unit_show(systemd_sandbox, "opmas-agent-lasting.service", "MainPID")
+    assert shown["MainPID"] == str(before["status"]["pid"])
