@@ -215,11 +215,20 @@ class GrpcServer:
     async def stop(self, grace: float) -> None:
         self.stopping.set()
         await self.health.enter_graceful_shutdown()
-        if self._front is not None:
-            await self._front.stop_accepting()
-        await asyncio.gather(*(server.stop(grace) for server in self._running))
-        if self._front is not None:
-            self._front.close()
+        front = self._front
+        if front is not None:
+            await front.stop_accepting()
+        # Once the grace is over, the relayed connections are cut: grpc may be writing to a
+        # client that reads nothing, through a relay only this loop drains, and its stop (and
+        # the process's exit) would wait on that write for ever.
+        cut = None if front is None else asyncio.get_running_loop().call_later(grace, front.close)
+        try:
+            await asyncio.gather(*(server.stop(grace) for server in self._running))
+        finally:
+            if cut is not None:
+                cut.cancel()
+            if front is not None:
+                front.close()
         listeners = self._listeners
         for path in (listeners.socket_path, listeners.viewer_socket_path, listeners.relay_socket_path):
             if path is not None:

@@ -20,6 +20,7 @@ from opmasd.api import convert, paging
 from opmasd.api.auth import sees_secrets
 from opmasd.api.errors import code_of, is_known, to_grpc_status
 from opmasd.api.grpc_handlers import Undecodable
+from opmasd.api.tail_budget import TailBudget
 from opmasd.api.wire_cache import AgentWireCache, hide_environment
 from opmasd.core.errors import InvalidArgument, Unavailable
 from opmasd.core.ids import check_agent_id
@@ -126,6 +127,7 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         self._manager = manager
         self._stopping = stopping
         self._wire_cache = AgentWireCache()
+        self._tails = TailBudget()
 
     @unary
     async def ListAgents(self, request: pb.ListAgentsRequest, context: Any) -> pb.ListAgentsResponse:
@@ -252,8 +254,10 @@ class AgentService(agents_pb2_grpc.AgentServiceServicer):
         follow = self._manager.follow_logs(agent_id) if request.follow else None
         lines = request.tail_lines if request.HasField("tail_lines") else None
         since = convert.when(request.since) if request.HasField("since") else None
-        for entry in await self._manager.tail_logs(agent_id, lines, since):
-            yield convert.log_line_to_pb(agent_id, entry)
+        # Held until sent, within the budget shared by every tail being sent (api.tail_budget).
+        async with self._tails.tail(lambda: self._manager.tail_logs(agent_id, lines, since)) as entries:
+            for entry in entries:
+                yield convert.log_line_to_pb(agent_id, entry)
         if follow is not None:
             async for entry in _until(self._stopping, follow):
                 yield convert.log_line_to_pb(agent_id, entry)

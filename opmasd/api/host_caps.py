@@ -49,5 +49,9 @@ class HostCaps:
             if self._per_host[host] <= 0:
                 del self._per_host[host]
 
+    @property
+    def full(self) -> bool:
+        return self.open >= self.limit
+
     def held_by(self, host: str) -> int:
         return self._per_host[host]

@@ -122,8 +122,10 @@ def host_of(peer: str) -> str | None:
     if kind == "ipv6":
         address = rest[1:].partition("]")[0] if rest.startswith("[") else rest
         try:
-            network = ipaddress.IPv6Network(f"{address.split('%', 1)[0]}/64", strict=False)
+            ip = ipaddress.IPv6Address(address.split("%", 1)[0])
         except ValueError:
             return address or None
-        return str(network)
+        if ip.ipv4_mapped is not None:  # an IPv4 client of a dual-stack listener
+            return str(ip.ipv4_mapped)
+        return str(ipaddress.IPv6Network(f"{ip}/64", strict=False))
     return None

@@ -9,16 +9,26 @@ when configured, is still grpc's own, end to end over the relay).
 
 grpc must still know the caller's address (the gate paces refusals per host and the audit
 records it): each relayed connection comes from a unix socket bound to an abstract name that
-carries it, and grpc reports that name as the call's peer ("unix-abstract:opmas-front/<pid>/
-<n>/ipv4:10.0.0.7:53422"); network_peer turns it back into "ipv4:10.0.0.7:53422".
+carries it, and grpc reports that name as the call's peer ("unix-abstract:opmas-front/<random>/
+ipv4:10.0.0.7:53422"); network_peer turns it back into "ipv4:10.0.0.7:53422". The random part
+(64 bits) is what keeps a local user from taking the names first.
+
+When the address is full, a newcomer from a host holding fewer connections than the host that
+holds most takes the oldest of that host's (max-min fairness): hosts filling the address with
+idle connections cannot lock out one that holds few, such as a token holder's client.
+
+A relay ends both ways at once when either side ends, but a client's half-close is passed on
+(one that sends its call then shuts its writing down still gets the answer, for CLOSE_DEADLINE);
+a side still flushing CLOSE_DEADLINE after the end is cut, and the host's slot is held until
+both sockets are gone, so a client that stops reading cannot pin sockets or kernel buffers past
+its share.
 """
 
 from __future__ import annotations
 
 import asyncio
-import errno
-import itertools
-import os
+import ipaddress
+import secrets
 import socket
 from pathlib import Path
 from urllib.parse import unquote
@@ -41,21 +51,34 @@ _PEER_PREFIX = "unix-abstract:" + _PREFIX
 # A relay stops reading one side while the other has this much unsent (a slow reader must not
 # make the daemon buffer what a fast writer sends).
 HIGH_WATER = 256 * 1024
+# How long a relay that ended may still flush to a side before that side is cut.
+CLOSE_DEADLINE = 5.0
 
 
 def network_peer(peer: str) -> str:
-    """The TCP peer of a call relayed by a TcpFront; any other peer as it is."""
+    """The TCP peer of a call relayed by a TcpFront; any other peer as it is (never a local
+    one: a name that does not carry a network address stays "unix-abstract:...")."""
     if not peer.startswith(_PEER_PREFIX):
         return peer
     # grpc percent-encodes what a URI may not hold as it is (the brackets of an IPv6 address).
-    parts = unquote(peer[len(_PEER_PREFIX) :]).split("/", 2)
-    return parts[2] if len(parts) == 3 else peer
+    parts = unquote(peer[len(_PEER_PREFIX) :]).split("/", 1)
+    carried = parts[1] if len(parts) == 2 else ""
+    return carried if carried.startswith(("ipv4:", "ipv6:")) else peer
 
 
 def grpc_peer(address: tuple[str, int] | tuple[str, int, int, int]) -> str:
-    """A TCP socket address as grpc writes a peer: "ipv4:ADDR:PORT" or "ipv6:[ADDR]:PORT"."""
+    """A TCP socket address as grpc writes a peer: "ipv4:ADDR:PORT" or "ipv6:[ADDR]:PORT"; an
+    IPv4 client of a dual-stack listener ("::ffff:10.0.0.7") is the IPv4 one it is."""
     host, port = address[0], address[1]
-    return f"ipv6:[{host}]:{port}" if ":" in host else f"ipv4:{host}:{port}"
+    if ":" in host:
+        try:
+            mapped = ipaddress.IPv6Address(host.split("%", 1)[0]).ipv4_mapped
+        except ValueError:
+            mapped = None
+        if mapped is None:
+            return f"ipv6:[{host}]:{port}"
+        host = str(mapped)
+    return f"ipv4:{host}:{port}"
 
 
 def split_listen_address(address: str) -> tuple[str, int]:
@@ -74,7 +97,7 @@ class TcpFront:
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
         self._relays: set[_Relay] = set()
-        self._names = itertools.count()
+        self._by_host: dict[str | None, list[_Relay]] = {}  # oldest first
         self._unreachable = 0
         self.port = 0
 
@@ -98,16 +121,17 @@ class TcpFront:
             self._sock.close()
 
     def close(self) -> None:
-        """Cut every relayed connection (once grpc has answered what it will)."""
+        """Cut every relayed connection at once (grpc's grace is over: what it still writes to
+        a client that does not read would otherwise hold its shutdown for ever)."""
         for relay in list(self._relays):
-            relay.close()
+            relay.abort()
 
     async def _accept_forever(self, sock: socket.socket) -> None:
         loop = asyncio.get_running_loop()
         async for conn, address in accepted(sock, "gRPC TCP address"):
             peer = grpc_peer(address)
             host = host_of(peer)
-            if not self.caps.admit(host):
+            if not self.caps.admit(host) and not (self._evict_for(host) and self.caps.admit(host)):
                 conn.close()
                 continue
             try:
@@ -126,29 +150,36 @@ class TcpFront:
                 continue
             relay = _Relay(self, host)
             self._relays.add(relay)
+            self._by_host.setdefault(host, []).append(relay)
             try:
                 await loop.connect_accepted_socket(relay.downstream_side, conn)
                 await loop.create_unix_connection(relay.upstream_side, sock=upstream)
             except OSError as exc:
-                relay.close()
+                relay.abort()
                 for sock_ in (conn, upstream):
                     sock_.close()  # (a no-op for one its transport owns and has closed)
+                if relay.made == 0:
+                    self._ended(relay)
                 log.warning("a gRPC connection could not be relayed", peer=peer, error=str(exc))
+
+    def _evict_for(self, host: str | None) -> bool:
+        """With the address full: cut the oldest connection of the host holding most, when it
+        holds more than `host` would with one more. Whether a slot was freed."""
+        if not self.caps.full or not self._by_host:
+            return False
+        largest = max(self._by_host, key=lambda h: len(self._by_host[h]))
+        if len(self._by_host[largest]) <= len(self._by_host.get(host, ())) + 1:
+            return False
+        victim = self._by_host[largest][0]
+        victim.abort()
+        self._ended(victim)  # its slot is free now; its sockets go at the next turn
+        return True
 
     def _connect_upstream(self, peer: str) -> socket.socket:
         """A unix socket to the grpc server, bound to a name that carries the peer's address."""
         upstream = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
         try:
-            for _ in range(8):
-                name = f"{_PREFIX}{os.getpid()}/{next(self._names)}/{peer}"
-                try:
-                    upstream.bind("\0" + name)
-                    break
-                except OSError as exc:
-                    if exc.errno != errno.EADDRINUSE:  # taken by another process: the next one
-                        raise
-            else:
-                raise OSError(errno.EADDRINUSE, "no free abstract name for the relay")
+            upstream.bind(f"\0{_PREFIX}{secrets.token_hex(8)}/{peer}")
             upstream.connect(str(self._upstream))  # a local listening socket: at once
             upstream.setblocking(False)
         except BaseException:
@@ -157,14 +188,21 @@ class TcpFront:
         return upstream
 
     def _ended(self, relay: _Relay) -> None:
+        """The relay's slot is free (once: both its sockets are gone, or it was evicted)."""
         if relay in self._relays:
             self._relays.discard(relay)
+            held = self._by_host.get(relay.host, [])
+            if relay in held:
+                held.remove(relay)
+            if not held:
+                self._by_host.pop(relay.host, None)
             self.caps.release(relay.host)
 
 
 class _Relay:
-    """One client connection and its connection to grpc: what one side sends, the other gets;
-    an end or error on either closes both."""
+    """One client connection and its connection to grpc: what one side sends, the other gets.
+    Either side's end ends both (a half-close is passed on first); its slot is freed once both
+    sockets are gone, at most CLOSE_DEADLINE after the end."""
 
     def __init__(self, front: TcpFront, host: str | None) -> None:
         self.front = front
@@ -174,6 +212,9 @@ class _Relay:
         self.downstream.other = self.upstream
         self.upstream.other = self.downstream
         self.closed = False
+        self.made = 0  # sides connected
+        self.lost = 0  # sides gone
+        self._cut: asyncio.TimerHandle | None = None
 
     def downstream_side(self) -> _Side:
         return self.downstream
@@ -182,13 +223,34 @@ class _Relay:
         return self.upstream
 
     def close(self) -> None:
+        """End both sides, letting each flush what it holds for at most CLOSE_DEADLINE."""
         if self.closed:
             return
         self.closed = True
         for side in (self.downstream, self.upstream):
             if side.transport is not None:
                 side.transport.close()
-        self.front._ended(self)
+        self.cut_later()
+
+    def cut_later(self) -> None:
+        """Abort in CLOSE_DEADLINE, unless both sides are gone by then."""
+        if self._cut is None:
+            self._cut = asyncio.get_running_loop().call_later(CLOSE_DEADLINE, self.abort)
+
+    def abort(self) -> None:
+        """End both sides at once, dropping what they hold."""
+        self.closed = True
+        for side in (self.downstream, self.upstream):
+            if side.transport is not None:
+                side.transport.abort()
+
+    def side_lost(self) -> None:
+        self.lost += 1
+        self.close()
+        if self.lost >= self.made:
+            if self._cut is not None:
+                self._cut.cancel()
+            self.front._ended(self)
 
 
 class _Side(asyncio.Protocol):
@@ -197,13 +259,15 @@ class _Side(asyncio.Protocol):
         self.other: _Side
         self.transport: asyncio.Transport | None = None
         self.pending: list[bytes] = []  # what came before the other side was connected
+        self.ended = False  # this side sent its end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
         self.transport = transport
+        self.relay.made += 1
         transport.set_write_buffer_limits(high=HIGH_WATER)
         if self.relay.closed:
-            transport.close()
+            transport.abort()
             return
         if self.other.pending:
             transport.writelines(self.other.pending)
@@ -221,11 +285,21 @@ class _Side(asyncio.Protocol):
         target.write(data)
 
     def eof_received(self) -> bool | None:
-        self.relay.close()
-        return None
+        """The client's half-close is passed on to grpc, whose answer may still come; grpc's
+        end (it sends nothing more) ends the relay."""
+        self.ended = True
+        target = self.other.transport
+        if self is self.relay.upstream or target is None or not target.can_write_eof():
+            self.relay.close()
+            return None
+        target.write_eof()
+        # The answer may come, but no longer than a closing relay may flush (grpc's end may go
+        # unseen while its side waits for a client that reads nothing).
+        self.relay.cut_later()
+        return True
 
     def connection_lost(self, exc: Exception | None) -> None:
-        self.relay.close()
+        self.relay.side_lost()
 
     # The other side's reading waits while this side's writes are backed up.
     def pause_writing(self) -> None:

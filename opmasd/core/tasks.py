@@ -53,3 +53,12 @@ class TaskOwner:
             task.cancel()
         if tasks:
             await asyncio.gather(*tasks, return_exceptions=True)
+
+
+async def event_within(event: asyncio.Event, seconds: float) -> bool:
+    """Whether `event` is set within `seconds` (0 or less: whether it is set now, after a turn)."""
+    try:
+        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
+    except TimeoutError:
+        return False
+    return True

@@ -28,6 +28,7 @@ import structlog
 from opmasd.core.errors import LaunchError
 from opmasd.core.logs import LogEntry
 from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
+from opmasd.core.tasks import event_within
 from opmasd.runtime import procstat, signals
 from opmasd.runtime.base import ExitHandler, LaunchRequest
 from opmasd.runtime.cgroup_limits import CgroupLimits
@@ -293,13 +294,13 @@ class ProcessRuntime:
         family = self._processes.descendants(pid)
         log.info("terminating agent process", agent_id=agent_id, pid=pid, timeout=timeout)
         watched.signal_tree(signal.SIGTERM, family)
-        if not await _wait(watched.gone, timeout):
+        if not await event_within(watched.gone, timeout):
             family = _merge(family, self._processes.descendants(pid, fresh=True))
             log.warning(
                 "agent process still alive after SIGTERM; sending SIGKILL", agent_id=agent_id, pid=pid
             )
             watched.signal_tree(signal.SIGKILL, family)
-            while not await _wait(watched.gone, _SIGKILL_WARN_INTERVAL):
+            while not await event_within(watched.gone, _SIGKILL_WARN_INTERVAL):
                 log.error("agent process still alive after SIGKILL", agent_id=agent_id, pid=pid)
         if watched.exit is None:
             raise RuntimeError(f"the process runtime was closed before agent {agent_id} exited")
@@ -330,10 +331,10 @@ class ProcessRuntime:
             signals.signal_escaped(pid, signal.SIGTERM, family)
         else:
             watched.signal_tree(signal.SIGTERM, family)
-        if not await _wait(watched.gone, timeout):
+        if not await event_within(watched.gone, timeout):
             log.warning("agent still alive after SIGTERM; killing its cgroup", agent_id=agent_id, pid=pid)
             trees.cgroups.kill(agent_id)
-            while not await _wait(watched.gone, _SIGKILL_WARN_INTERVAL):
+            while not await event_within(watched.gone, _SIGKILL_WARN_INTERVAL):
                 log.error("agent process still alive after SIGKILL", agent_id=agent_id, pid=pid)
         if watched.exit is None:
             raise RuntimeError(f"the process runtime was closed before agent {agent_id} exited")
@@ -422,11 +423,3 @@ def _apply_limits(agent_id: str, pid: int, resources: ResourceLimits, default_so
 
 def _merge(first: list[psutil.Process], second: list[psutil.Process]) -> list[psutil.Process]:
     return first + [proc for proc in second if proc not in first]
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
-    except TimeoutError:
-        return False
-    return True

@@ -21,6 +21,7 @@ import signal
 import structlog
 
 from opmasd.core.errors import BackendError
+from opmasd.core.tasks import event_within
 from opmasd.runtime.systemd_dbus import NO_SUCH_UNIT, SystemdError, SystemdManager
 from opmasd.runtime.systemd_units import UNIT_PATTERN, UnitState, agent_id_from_unit
 from opmasd.runtime.systemd_watch import END_STATES, UnitWatch
@@ -46,7 +47,7 @@ async def stop_unit(manager: SystemdManager, watch: UnitWatch, timeout: float) -
         else:
             log.warning("cannot stop unit; killing it", unit=unit, error=str(exc))
             timeout = 0.0
-    if await _wait(watch.gone, timeout):
+    if await event_within(watch.gone, timeout):
         return
     log.warning("unit still running after its stop timeout; SIGKILL", unit=unit, timeout=timeout)
     for _ in range(_KILL_TRIES):
@@ -55,18 +56,10 @@ async def stop_unit(manager: SystemdManager, watch: UnitWatch, timeout: float) -
         except SystemdError as exc:
             if exc.name != NO_SUCH_UNIT:
                 log.error("cannot kill unit", unit=unit, error=str(exc))
-        if await _wait(watch.gone, KILL_WAIT):
+        if await event_within(watch.gone, KILL_WAIT):
             return
         log.error("unit still running after SIGKILL", unit=unit)
     raise BackendError(f"unit {unit} did not stop, even after SIGKILL")
-
-
-async def _wait(event: asyncio.Event, seconds: float) -> bool:
-    try:
-        await asyncio.wait_for(event.wait(), max(seconds, 0.0))
-    except TimeoutError:
-        return False
-    return True
 
 
 async def find_units(manager: SystemdManager) -> list[UnitState]:

@@ -16,6 +16,7 @@ from collections.abc import Callable, Iterator
 
 import grpc
 import pytest
+from grpc_reflection.v1alpha import reflection_pb2
 
 from opmas.v1 import agents_pb2 as pb
 from opmas.v1 import auth_pb2
@@ -161,3 +162,61 @@ def test_one_host_holds_at_most_a_quarter_of_the_rest_connections(
     finally:
         for sock in held:
             sock.close()
+
+
+def _frame(kind: int, flags: int, stream: int, payload: bytes = b"") -> bytes:
+    return len(payload).to_bytes(3, "big") + bytes([kind, flags]) + stream.to_bytes(4, "big") + payload
+
+
+def _literal(text: str) -> bytes:  # an HPACK string, short and not Huffman-coded
+    return bytes([len(text)]) + text.encode()
+
+
+def unread_answers(port: int, calls: int) -> socket.socket:
+    """A client that opens a window of 2 GiB, asks grpc's reflection (open to all) for the
+    schema `calls` times on one stream (megabytes of answers) and reads none of it."""
+    sock = socket.create_connection(("127.0.0.1", port), timeout=5)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_RCVBUF, 4096)
+    window = (2**31 - 1).to_bytes(4, "big")
+    settings = (4).to_bytes(2, "big") + window  # SETTINGS_INITIAL_WINDOW_SIZE
+    headers = b"".join(
+        b"\x00" + _literal(k) + _literal(v)
+        for k, v in (
+            (":method", "POST"),
+            (":scheme", "http"),
+            (":path", "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo"),
+            (":authority", "x"),
+            ("content-type", "application/grpc"),
+            ("te", "trailers"),
+        )
+    )
+    ask = reflection_pb2.ServerReflectionRequest(
+        file_containing_symbol="opmas.v1.AgentService"
+    ).SerializeToString()
+    message = b"\x00" + len(ask).to_bytes(4, "big") + ask
+    sock.sendall(
+        HTTP2_PREFACE[:24]
+        + _frame(4, 0, 0, settings)
+        + _frame(8, 0, 0, (2**31 - 1 - 65535).to_bytes(4, "big"))
+        + _frame(1, 4, 1, headers)
+        + _frame(0, 0, 1, message * calls)
+    )
+    return sock
+
+
+def test_a_client_that_reads_nothing_does_not_hold_the_daemon_s_stop(
+    make_sandbox: Callable[..., Sandbox],
+) -> None:
+    """grpc writes answers the relay cannot pass on (the client reads none): once the grace
+    period is over the relay is cut, and opmasd exits (it once waited for ever)."""
+    box = make_sandbox(env={"OPMAS_GRPC_GRACE_PERIOD": "1s"})
+    box.start()
+    port = int(box.address.rpartition(":")[2])
+    sock = unread_answers(port, 400)
+    try:
+        time.sleep(1.5)  # answers pile up in the relay and the kernel buffers
+        began = time.monotonic()
+        assert box.daemon.stop(timeout=20) == 0
+        assert time.monotonic() - began < 10, "opmasd's stop waited on a client that reads nothing"
+    finally:
+        sock.close()

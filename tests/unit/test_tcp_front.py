@@ -13,13 +13,15 @@ import grpc
 import pytest
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 
-from opmasd.api.tcp_front import HOST_SHARE, TcpFront, network_peer, split_listen_address
+from opmasd.api import tcp_front
+from opmasd.api.refusal_pacing import host_of
+from opmasd.api.tcp_front import HOST_SHARE, TcpFront, grpc_peer, network_peer, split_listen_address
 
 
 def test_the_peer_named_by_the_relay_is_the_network_one() -> None:
-    relayed = "unix-abstract:opmas-front/41/7/ipv4:10.0.0.7:53422"
+    relayed = "unix-abstract:opmas-front/41ab/ipv4:10.0.0.7:53422"
     assert network_peer(relayed) == "ipv4:10.0.0.7:53422"
-    assert network_peer("unix-abstract:opmas-front/41/8/ipv6:[fd00::1]:4000") == "ipv6:[fd00::1]:4000"
+    assert network_peer("unix-abstract:opmas-front/41ac/ipv6:%5Bfd00::1%5D:4000") == "ipv6:[fd00::1]:4000"
     # Anything else is left as it is (the gate then treats it as what it is).
     for peer in ("unix:", "ipv4:127.0.0.1:5000", "unix-abstract:other", "unix-abstract:opmas-front/x"):
         assert network_peer(peer) == peer
@@ -156,3 +158,143 @@ def test_ipv6_callers_are_named_as_grpc_names_them(tmp_path: Path) -> None:
             front.close()
 
     asyncio.run(body())
+
+
+# -- the relay's ends, against a plain unix server (the front does not care what it speaks) ----
+
+
+async def _unix_server(path: Path, handle: Any) -> asyncio.AbstractServer:
+    return await asyncio.start_unix_server(handle, str(path))
+
+
+def test_a_half_close_is_passed_on_and_the_answer_still_arrives(tmp_path: Path) -> None:
+    async def answer(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        asked = await reader.read()  # until the client's end
+        writer.write(b"answer to " + asked)
+        await writer.drain()
+        writer.close()
+
+    async def body() -> None:
+        server = await _unix_server(tmp_path / "up.sock", answer)
+        front = TcpFront("127.0.0.1:0", tmp_path / "up.sock", 16)
+        await front.start()
+        try:
+            reader, writer = await asyncio.open_connection("127.0.0.1", front.port)
+            writer.write(b"question")
+            writer.write_eof()  # sent, and nothing more to say
+            assert await asyncio.wait_for(reader.read(), 5) == b"answer to question"
+            writer.close()
+            await asyncio.sleep(0.1)
+            assert front.caps.open == 0
+        finally:
+            await front.stop_accepting()
+            front.close()
+            server.close()
+
+    asyncio.run(body())
+
+
+def test_a_client_that_stops_reading_holds_its_slot_and_sockets_no_longer_than_the_deadline(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setattr(tcp_front, "CLOSE_DEADLINE", 0.5)
+
+    async def flood(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        writer.write(b"x" * (20 << 20))  # far more than the kernel buffers hold
+        await reader.read()  # until the client's end, passed on
+        writer.transport.abort()  # as grpc tears a connection down at its client's end
+
+    async def body() -> None:
+        server = await _unix_server(tmp_path / "up.sock", flood)
+        front = TcpFront("127.0.0.1:0", tmp_path / "up.sock", 16)
+        await front.start()
+        try:
+            sock = await _connect(front.port, "127.0.0.1")  # never reads
+            await asyncio.sleep(0.3)
+            sock.shutdown(socket.SHUT_WR)  # and ends its side, with megabytes unread
+            await asyncio.sleep(0.2)
+            assert front.caps.open == 1  # the relay flushes what it can: the slot is still held
+            await asyncio.sleep(1.0)
+            assert front.caps.open == 0, "a client that reads nothing kept its slot past the deadline"
+            sock.close()
+        finally:
+            await front.stop_accepting()
+            front.close()
+            server.close()
+
+    asyncio.run(body())
+
+
+def test_close_cuts_relays_at_once_even_with_data_unsent(tmp_path: Path) -> None:
+    """What grpc's stop needs once its grace is over: a relay it writes to is gone."""
+
+    async def body() -> None:
+        ended = asyncio.Event()
+
+        async def stuck(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+            try:
+                while True:
+                    writer.write(b"x" * (1 << 20))
+                    await writer.drain()  # blocks: the client reads nothing
+            except (ConnectionError, OSError):
+                ended.set()
+
+        server = await _unix_server(tmp_path / "up.sock", stuck)
+        front = TcpFront("127.0.0.1:0", tmp_path / "up.sock", 16)
+        await front.start()
+        try:
+            sock = await _connect(front.port, "127.0.0.1")
+            await asyncio.sleep(0.3)
+            front.close()
+            await asyncio.wait_for(ended.wait(), 2)  # the writer's drain fails: not held for ever
+            await asyncio.sleep(0.1)
+            assert front.caps.open == 0
+            sock.close()
+        finally:
+            await front.stop_accepting()
+            server.close()
+
+    asyncio.run(body())
+
+
+def test_a_full_address_takes_a_newcomer_from_the_host_holding_most(tmp_path: Path) -> None:
+    limit = 2 * HOST_SHARE  # two a host; eight hosts fill it
+
+    async def idle(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        await reader.read()
+        writer.close()
+
+    async def body() -> None:
+        server = await _unix_server(tmp_path / "up.sock", idle)
+        front = TcpFront("127.0.0.1:0", tmp_path / "up.sock", limit)
+        await front.start()
+        try:
+            held = [await _connect(front.port, f"127.0.0.{n}") for n in range(1, 9) for _ in range(2)]
+            await asyncio.sleep(0.1)
+            assert front.caps.open == limit
+            newcomer = await _connect(front.port, "127.0.0.100")
+            await asyncio.sleep(0.1)
+            assert front.caps.held_by("127.0.0.100") == 1 and front.caps.open == limit
+            # A host already down to one cannot take from one holding two.
+            assert sum(front.caps.held_by(f"127.0.0.{n}") for n in range(1, 9)) == limit - 1
+            for sock in (*held, newcomer):
+                sock.close()
+        finally:
+            await front.stop_accepting()
+            front.close()
+            server.close()
+
+    asyncio.run(body())
+
+
+def test_ipv4_clients_of_a_dual_stack_listener_are_ipv4_hosts() -> None:
+    assert grpc_peer(("::ffff:10.0.0.7", 5000, 0, 0)) == "ipv4:10.0.0.7:5000"
+    assert grpc_peer(("fd00::1", 5000, 0, 0)) == "ipv6:[fd00::1]:5000"
+    assert host_of("ipv6:[::ffff:10.0.0.7]:5000") == "10.0.0.7"
+    assert host_of("ipv6:[fd00::1]:5000") == "fd00::/64"
+
+
+def test_a_relay_name_that_carries_no_network_address_is_never_local() -> None:
+    for name in ("opmas-front/ab/unix:", "opmas-front/ab/unix:/run/x", "opmas-front/ab"):
+        peer = f"unix-abstract:{name}"
+        assert network_peer(peer) == peer and not network_peer(peer).startswith("unix:")
