@@ -118,6 +118,12 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None
         "or give them after --",
     )
     group.add_argument("--workdir", dest="spec_workdir", metavar="DIR", help="working directory")
+    group.add_argument(
+        "--user", dest="spec_user", metavar="USER", help="run as this user (name or uid; opmasd must be root)"
+    )
+    group.add_argument(
+        "--group", dest="spec_group", metavar="GROUP", help="run as this group (default: the user's own)"
+    )
     for kind in MAPS:
         _add_map_flags(group, kind, update)
     if update:
@@ -193,6 +199,10 @@ def build_spec(
     if given("spec_workdir"):
         spec.working_directory = args.spec_workdir
         paths.append("working_directory")
+    for field in ("user", "group"):
+        if given(f"spec_{field}"):
+            setattr(spec, field, getattr(args, f"spec_{field}"))
+            paths.append(field)
     if getattr(args, "spec_clear_env", False) and given("spec_env"):
         raise SpecError("--clear-env and --env cannot be combined")
     for kind in MAPS:

@@ -300,6 +300,8 @@ class AgentSpec(_message.Message):
     RESTART_ON_INACTIVE_FIELD_NUMBER: _builtins.int
     START_SECONDS_FIELD_NUMBER: _builtins.int
     LABELS_FIELD_NUMBER: _builtins.int
+    USER_FIELD_NUMBER: _builtins.int
+    GROUP_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name, 1-128 characters without control characters. Required. When no
     agent_id is given, the id is derived from it (lower-cased, other characters as '-').
@@ -320,6 +322,15 @@ class AgentSpec(_message.Message):
     """Start the agent when it is first registered or discovered."""
     restart_on_inactive: _builtins.bool
     """Restart the agent when its heartbeat is lost."""
+    user: _builtins.str
+    """The user the agent runs as: a user name or a numeric uid of this host. Empty: opmasd's own
+    user. Only an opmasd running as root may name another; otherwise, and for a user this host
+    does not know, registration is refused.
+    """
+    group: _builtins.str
+    """The group the agent runs as: a group name or a numeric gid. Empty: the user's primary group
+    (opmasd's own group without a user).
+    """
     @_builtins.property
     def command(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """The program and its arguments. A relative program path is resolved against working_directory.
@@ -386,10 +397,12 @@ class AgentSpec(_message.Message):
         restart_on_inactive: _builtins.bool = ...,
         start_seconds: _duration_pb2.Duration | None = ...,
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        user: _builtins.str = ...,
+        group: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "resources", b"resources", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autostart", b"autostart", "command", b"command", "description", b"description", "environment", b"environment", "heartbeat_interval", b"heartbeat_interval", "labels", b"labels", "name", b"name", "resources", b"resources", "restart_on_inactive", b"restart_on_inactive", "restart_policy", b"restart_policy", "runtime", b"runtime", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout", "type", b"type", "version", b"version", "working_directory", b"working_directory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autostart", b"autostart", "command", b"command", "description", b"description", "environment", b"environment", "group", b"group", "heartbeat_interval", b"heartbeat_interval", "labels", b"labels", "name", b"name", "resources", b"resources", "restart_on_inactive", b"restart_on_inactive", "restart_policy", b"restart_policy", "runtime", b"runtime", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout", "type", b"type", "user", b"user", "version", b"version", "working_directory", b"working_directory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

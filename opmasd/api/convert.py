@@ -71,6 +71,8 @@ _SCALAR_FIELDS = (
     "working_directory",
     "autostart",
     "restart_on_inactive",
+    "user",
+    "group",
 )
 _RESOURCE_FIELDS = ("memory_max_bytes", "cpu_quota_percent", "tasks_max", "open_files_max")
 SPEC_MASK_PATHS = frozenset(
@@ -228,6 +230,8 @@ def spec_to_pb(spec: AgentSpec) -> pb.AgentSpec:
         runtime=_RUNTIME_TO_PB[spec.runtime],
         autostart=spec.autostart,
         restart_on_inactive=spec.restart_on_inactive,
+        user=spec.user,
+        group=spec.group,
     )
 
 

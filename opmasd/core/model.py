@@ -85,6 +85,9 @@ class AgentSpec:
     restart_on_inactive: bool = False
     # Key/value pairs that group agents for selectors (core.labels), sorted by key.
     labels: tuple[tuple[str, str], ...] = ()
+    # Who the process runs as: a user (name or uid) and a group (name or gid); "": opmasd's own.
+    user: str = ""
+    group: str = ""
 
     @property
     def env(self) -> dict[str, str]:
@@ -124,6 +127,9 @@ class AgentSpec:
             "autostart": self.autostart,
             "restart_on_inactive": self.restart_on_inactive,
             "labels": dict(self.labels),
+            # Only when set: the rows of the agents that run as opmasd stay as they were.
+            **({"user": self.user} if self.user else {}),
+            **({"group": self.group} if self.group else {}),
         }
 
     @classmethod
@@ -155,6 +161,8 @@ class AgentSpec:
             autostart=bool(data.get("autostart", default.autostart)),
             restart_on_inactive=bool(data.get("restart_on_inactive", default.restart_on_inactive)),
             labels=tuple(sorted((data.get("labels") or {}).items())),
+            user=str(data.get("user", "")),
+            group=str(data.get("group", "")),
         )
 
 

@@ -78,4 +78,6 @@ def launch_request(
         working_directory=spec.working_directory or "/",
         environment=env,
         resources=spec.resources,
+        user=spec.user,
+        group=spec.group,
     )

@@ -23,6 +23,9 @@ class LaunchRequest:
     # The complete environment of the agent process (the manager builds it).
     environment: Mapping[str, str] = field(default_factory=dict)
     resources: ResourceLimits = ResourceLimits()
+    # Who the process runs as (a user name or uid, a group name or gid); "": opmasd's own.
+    user: str = ""
+    group: str = ""
 
 
 # Called once per process exit, on the event loop: (agent_id, the process that ended, how).

@@ -34,6 +34,7 @@ from opmasd.runtime.base import ExitHandler, LaunchRequest
 from opmasd.runtime.cgroup_limits import CgroupLimits
 from opmasd.runtime.cgroup_trees import EMPTY_WAIT, CgroupTrees
 from opmasd.runtime.cgroups import AgentCgroups, joining_command
+from opmasd.runtime.identity import as_identity, check_group
 from opmasd.runtime.logfiles import AgentLogs
 from opmasd.runtime.logrelay_link import RelayLink
 from opmasd.runtime.proctable import ProcessTable
@@ -97,9 +98,13 @@ class ProcessRuntime:
         refused = self._limits.refusals(request.resources)
         if refused:  # registered where they could be, or before this check: never run unlimited
             raise LaunchError("; ".join(f"{field}: {why}" for field, why in refused))
-        spawned = request
-        if self._trees is not None:
+        # Checked here when the program is not what Popen starts (the cgroup join, setpriv).
+        if self._trees is not None or request.user or request.group:
             check_program(request.command, request.working_directory or None, request.environment)
+        if request.group:
+            check_group(request.group)
+        spawned = replace(request, command=as_identity(request.user, request.group, request.command))
+        if self._trees is not None:
             try:
                 procs_file = self._trees.cgroups.prepare(agent_id)
                 self._limits.apply(procs_file.parent, request.resources)
@@ -107,7 +112,7 @@ class ProcessRuntime:
                 raise LaunchError(
                     f"cannot create the cgroup of agent {agent_id}: {exc.strerror or exc}"
                 ) from exc
-            spawned = replace(request, command=joining_command(procs_file, request.command))
+            spawned = replace(spawned, command=joining_command(procs_file, spawned.command))
         # Spawning is synchronous on purpose: fork/exec takes about a millisecond. From here to
         # _watch nothing awaits, so no sweep of unmanaged cgroups can run in between.
         popen = self._spawn(spawned)

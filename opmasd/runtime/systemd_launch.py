@@ -52,6 +52,8 @@ def agent_unit(request: LaunchRequest) -> TransientUnit:
         description=f"OPMAS agent {request.agent_id}",
         environment=request.environment,
         working_directory=request.working_directory or None,
+        user=request.user or None,
+        group=request.group or None,
         memory_max=res.memory_max_bytes or None,
         cpu_quota_per_sec_usec=int(res.cpu_quota_percent * 10_000) or None,
         tasks_max=res.tasks_max or None,

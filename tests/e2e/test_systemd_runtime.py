@@ -138,3 +138,17 @@ def test_units_outlive_opmasd_and_are_adopted(box: Sandbox, systemd_sandbox: Sys
     assert after["status"]["pid"] == before["status"]["pid"]  # the same process, adopted
     shown = unit_show(systemd_sandbox, "opmas-agent-lasting.service", "MainPID")
     assert shown["MainPID"] == str(before["status"]["pid"])
+
+
+def test_a_unit_runs_as_the_agent_s_user(box: Sandbox, systemd_sandbox: SystemdSandbox) -> None:
+    result = box.opmasctl(
+        "agents", "register", "--name", "unit-nobody", "--runtime", "systemd", "--user", "nobody",
+        "--start", "--", *sleeper(),
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    status = until(lambda: (a := agent(box, "unit-nobody"))["status"]["state"] == "AGENT_STATE_RUNNING" and a)
+    unit = "opmas-agent-unit\\x2dnobody.service"
+    assert unit_show(systemd_sandbox, unit, "User")["User"] == "nobody"
+    proc = systemd_sandbox.run("cat", f"/proc/{status['status']['pid']}/status").stdout
+    uid = next(line.split()[1] for line in proc.splitlines() if line.startswith("Uid:"))
+    assert uid == systemd_sandbox.run("id", "-u", "nobody").stdout.strip()

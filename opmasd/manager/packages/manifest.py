@@ -17,6 +17,7 @@ discovery of the other packages.
     start_seconds: 1s             # up this long (or its first heartbeat) = started; 0: at once
     resources: {memory_max: 256M, cpu_quota: 50, tasks_max: 64, open_files_max: 1024}
     runtime: process              # process | systemd
+    user: opmas-probe             # who it runs as (name or uid; opmasd must be root); group: too
     autostart: true
     restart_on_inactive: false
     labels: {env: prod, role: probe}  # for selectors: opmasctl agents stop -l role=probe
@@ -61,6 +62,8 @@ KNOWN_KEYS = {
     "autostart",
     "restart_on_inactive",
     "labels",
+    "user",
+    "group",
 }
 MAX_MANIFEST_BYTES = 1024 * 1024
 _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,39}")
@@ -304,4 +307,6 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
         runtime=runtime,
         autostart=_flag(data, "autostart"),
         restart_on_inactive=_flag(data, "restart_on_inactive"),
+        user=_text(data, "user"),
+        group=_text(data, "group"),
     )

@@ -1,0 +1,45 @@
+"""Running an agent's program as another user and group (the process runtime): through setpriv.
+
+The program is started as `setpriv --reuid=U --regid=G --init-groups -- argv`: setpriv
+(util-linux, on every Linux host) changes the identity and then execs the program in place, so
+the agent keeps the PID the runtime watches, and it does so after the cgroup join (which needs
+opmasd's own rights) has run. A group without a user leaves opmasd's user and clears the
+supplementary groups.
+"""
+
+from __future__ import annotations
+
+import grp
+import pwd
+
+from opmasd.core.errors import LaunchError
+
+SETPRIV = "/usr/bin/setpriv"
+
+
+def as_identity(user: str, group: str, command: tuple[str, ...]) -> tuple[str, ...]:
+    """`command`, run as `user` and `group` ("" each: unchanged; both "": command itself)."""
+    if not user and not group:
+        return command
+    argv = [SETPRIV]
+    if user:
+        argv += [f"--reuid={user}", f"--regid={group or _primary_group(user)}", "--init-groups"]
+    else:
+        argv += [f"--regid={group}", "--clear-groups"]
+    return (*argv, "--", *command)
+
+
+def _primary_group(user: str) -> int:
+    try:
+        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
+    except (KeyError, OverflowError):
+        raise LaunchError(f"no user {user!r} on this host") from None
+    return entry.pw_gid
+
+
+def check_group(group: str) -> None:
+    """LaunchError for a group this host does not know (setpriv's own word is terse)."""
+    try:
+        grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
+    except (KeyError, OverflowError):
+        raise LaunchError(f"no group {group!r} on this host") from None
