@@ -10,6 +10,7 @@ supplementary groups.
 from __future__ import annotations
 
 import grp
+import os
 import pwd
 
 from opmasd.core.errors import LaunchError
@@ -18,7 +19,11 @@ SETPRIV = "/usr/bin/setpriv"
 
 
 def as_identity(user: str, group: str, command: tuple[str, ...]) -> tuple[str, ...]:
-    """`command`, run as `user` and `group` ("" each: unchanged; both "": command itself)."""
+    """`command`, run as `user` and `group` ("" each: unchanged; both "": command itself). A
+    user that is opmasd's own, with no group, is no change (and setpriv could not set the
+    supplementary groups without root)."""
+    if user and not group and _uid(user) == os.geteuid():
+        return command
     if not user and not group:
         return command
     argv = [SETPRIV]
@@ -27,6 +32,13 @@ def as_identity(user: str, group: str, command: tuple[str, ...]) -> tuple[str, .
     else:
         argv += [f"--regid={group}", "--clear-groups"]
     return (*argv, "--", *command)
+
+
+def _uid(user: str) -> int | None:
+    try:
+        return (pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)).pw_uid
+    except (KeyError, OverflowError):
+        return None
 
 
 def _primary_group(user: str) -> int:
