@@ -4,7 +4,8 @@ The program is started as `setpriv --reuid=U --regid=G --init-groups -- argv`: s
 (util-linux, on every Linux host) changes the identity and then execs the program in place, so
 the agent keeps the PID the runtime watches, and it does so after the cgroup join (which needs
 opmasd's own rights) has run. A group without a user leaves opmasd's user and clears the
-supplementary groups.
+supplementary groups. Not as root, only opmasd's own user and group can be named (the manager
+refuses others), and the program then runs as it is.
 """
 
 from __future__ import annotations
@@ -22,8 +23,11 @@ def as_identity(user: str, group: str, command: tuple[str, ...]) -> tuple[str, .
     """`command`, run as `user` and `group` ("" each: unchanged; both "": command itself). A
     user that is opmasd's own, with no group, is no change (and setpriv could not set the
     supplementary groups without root)."""
-    if user and not group and _uid(user) == os.geteuid():
+    own_user = not user or _uid(user) == os.geteuid()
+    if own_user and not group and user:
         return command
+    if own_user and (not group or _gid(group) == os.getegid()) and os.geteuid() != 0:
+        return command  # not root: nothing to change, and setpriv could not drop the groups
     if not user and not group:
         return command
     argv = [SETPRIV]
@@ -37,6 +41,13 @@ def as_identity(user: str, group: str, command: tuple[str, ...]) -> tuple[str, .
 def _uid(user: str) -> int | None:
     try:
         return (pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)).pw_uid
+    except (KeyError, OverflowError):
+        return None
+
+
+def _gid(group: str) -> int | None:
+    try:
+        return (grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)).gr_gid
     except (KeyError, OverflowError):
         return None
 

@@ -114,6 +114,7 @@ class SystemdManager:
         self._bus: MessageBus | None = None
         self._listeners: list[Listener] = []
         self._prefix = ""
+        self._reloading = False  # between systemd's Reloading(true) and Reloading(false)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -170,6 +171,7 @@ class SystemdManager:
         for match in (
             f"{rule},interface='{MANAGER}',member='JobRemoved'",
             f"{rule},interface='{MANAGER}',member='UnitRemoved'",
+            f"{rule},interface='{MANAGER}',member='Reloading'",
             f"{rule},interface='{PROPERTIES}',member='PropertiesChanged',"
             f"path_namespace='{UNIT_PATH_PREFIX.rstrip('/')}'",
         ):
@@ -184,8 +186,13 @@ class SystemdManager:
         if msg.interface == MANAGER and msg.member == "JobRemoved" and msg.signature == "uoss":
             job_id, _job, unit, result = msg.body
             change = UnitChange(unit, ChangeKind.JOB_REMOVED, job_id=job_id, job_result=result)
+        elif msg.interface == MANAGER and msg.member == "Reloading" and msg.signature == "b":
+            self._reloading = bool(msg.body[0])
         elif msg.interface == MANAGER and msg.member == "UnitRemoved" and msg.signature == "so":
-            change = UnitChange(msg.body[0], ChangeKind.UNIT_REMOVED)
+            # A reload (`systemctl daemon-reload`, which every package install runs) unloads
+            # and loads every unit again: a unit removed then is not a unit that ended.
+            if not self._reloading:
+                change = UnitChange(msg.body[0], ChangeKind.UNIT_REMOVED)
         elif msg.interface == PROPERTIES and msg.member == "PropertiesChanged" and msg.signature == CHANGED:
             interface, changed, _invalidated = msg.body
             unit = unit_from_object_path(msg.path or "")

@@ -531,3 +531,17 @@ async def test_what_a_short_lived_agent_wrote_is_in_its_log(harness: Harness) ->
 
 def says(text: str) -> Callable[[list[LogEntry]], bool]:
     return lambda entries: text in {e.text for e in entries}
+
+
+async def test_a_daemon_reload_is_not_an_exit(harness: Harness) -> None:
+    """`systemctl daemon-reload` (every package install runs one) unloads and loads every unit
+    again: the agent's unit is removed and back at once, its process never ended."""
+    agent_id = agent("reload")
+    handle = await harness.launch(agent_id, "import time; time.sleep(1000)")
+    harness.sd.run("systemctl", "daemon-reload")
+    await asyncio.sleep(1.0)
+    assert harness.exits.of(agent_id) == [], "a reload was taken for the agent's end"
+    assert alive(harness.sd, handle.pid)
+    await harness.runtime.terminate(agent_id, 5)  # still watched: the stop ends it
+    info = await harness.exits.wait(agent_id)
+    assert info.signal == signal.SIGTERM and not alive(harness.sd, handle.pid)

@@ -3,7 +3,11 @@
 
 from __future__ import annotations
 
+import grp
+import os
 import pwd
+
+import pytest
 
 from opmasd.core.model import AgentSpec
 from opmasd.manager.identities import identity_refusals
@@ -58,3 +62,17 @@ def test_a_spec_without_user_is_stored_as_before() -> None:
     assert "user" not in spec().to_dict() and "group" not in spec().to_dict()
     both = spec(user="nobody", group="nogroup")
     assert AgentSpec.from_dict(both.to_dict()) == both
+
+
+def test_not_as_root_the_own_user_and_group_run_the_program_as_it_is(monkeypatch: pytest.MonkeyPatch) -> None:
+    monkeypatch.setattr(os, "geteuid", lambda: NOBODY.pw_uid)
+    monkeypatch.setattr(os, "getegid", lambda: NOBODY.pw_gid)
+    group = grp.getgrgid(NOBODY.pw_gid).gr_name
+    # setpriv --clear-groups / --init-groups need root: not used for what changes nothing.
+    assert as_identity("nobody", group, ("prog",)) == ("prog",)
+    assert as_identity("", group, ("prog",)) == ("prog",)
+
+
+def test_opmasd_s_own_user_alone_needs_no_setpriv() -> None:
+    me = pwd.getpwuid(os.geteuid()).pw_name
+    assert as_identity(me, "", ("prog",)) == ("prog",)
