@@ -96,8 +96,7 @@ class TcpFront:
         self.caps = HostCaps(limit, HOST_SHARE, "gRPC TCP address")
         self._sock: socket.socket | None = None
         self._accepting: asyncio.Task[None] | None = None
-        self._relays: set[_Relay] = set()
-        self._by_host: dict[str | None, list[_Relay]] = {}  # oldest first
+        self._by_host: dict[str | None, list[_Relay]] = {}  # the live relays, oldest first
         self._unreachable = 0
         self.port = 0
 
@@ -123,7 +122,7 @@ class TcpFront:
     def close(self) -> None:
         """Cut every relayed connection at once (grpc's grace is over: what it still writes to
         a client that does not read would otherwise hold its shutdown for ever)."""
-        for relay in list(self._relays):
+        for relay in [relay for held in self._by_host.values() for relay in held]:
             relay.abort()
 
     async def _accept_forever(self, sock: socket.socket) -> None:
@@ -149,7 +148,6 @@ class TcpFront:
                     )
                 continue
             relay = _Relay(self, host)
-            self._relays.add(relay)
             self._by_host.setdefault(host, []).append(relay)
             try:
                 await loop.connect_accepted_socket(relay.downstream_side, conn)
@@ -189,11 +187,9 @@ class TcpFront:
 
     def _ended(self, relay: _Relay) -> None:
         """The relay's slot is free (once: both its sockets are gone, or it was evicted)."""
-        if relay in self._relays:
-            self._relays.discard(relay)
-            held = self._by_host.get(relay.host, [])
-            if relay in held:
-                held.remove(relay)
+        held = self._by_host.get(relay.host, [])
+        if relay in held:
+            held.remove(relay)
             if not held:
                 self._by_host.pop(relay.host, None)
             self.caps.release(relay.host)
@@ -259,7 +255,6 @@ class _Side(asyncio.Protocol):
         self.other: _Side
         self.transport: asyncio.Transport | None = None
         self.pending: list[bytes] = []  # what came before the other side was connected
-        self.ended = False  # this side sent its end
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -287,7 +282,6 @@ class _Side(asyncio.Protocol):
     def eof_received(self) -> bool | None:
         """The client's half-close is passed on to grpc, whose answer may still come; grpc's
         end (it sends nothing more) ends the relay."""
-        self.ended = True
         target = self.other.transport
         if self is self.relay.upstream or target is None or not target.can_write_eof():
             self.relay.close()
