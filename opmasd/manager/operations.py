@@ -125,11 +125,15 @@ class AgentManager:
         self._writes.start()
         self._registry.load(await self._writes.call(self._store.load_agents, "load agents"))
         await self.tokens.refresh()  # not load(): a node whose shared database is away starts too
+        to_stop = []
         for rec in list(self._registry.live()):
             if rec.node != self.settings.node:
                 continue  # another host's agent, in a shared database: that host runs it
             async with self._supervisor.lock(rec.agent_id):
-                await self._supervisor.recover(rec)
+                if await self._supervisor.recover(rec):
+                    to_stop.append(rec.agent_id)
+        if to_stop:
+            self._tasks.spawn(self._supervisor.stop_adopted(to_stop), "recovery-stops")
         # Whatever an earlier daemon launched that no agent claimed now (deleted while it was
         # down, or never recorded) must not run unmanaged.
         for report in await self._runtime.reap_unmanaged():

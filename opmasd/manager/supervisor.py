@@ -184,8 +184,13 @@ class Supervisor:
             self.restarts_after_inactive += 1
             self._registry.save(rec)
 
-    async def recover(self, rec: AgentRecord) -> None:
-        """Bring one agent loaded from the store in line with its desired state at daemon start."""
+    async def recover(self, rec: AgentRecord) -> bool:
+        """Bring one agent loaded from the store in line with its desired state at daemon start.
+
+        True when it was re-adopted with its desired state stopped: it is still to be stopped,
+        which `stop_adopted` does for all of them at once, after the API is up (one after
+        the other here, each taking up to its stop timeout, they held the daemon's start).
+        """
         handle = rec.handle
         vanished = ""
         # Asked even without a recorded PID: a daemon killed between a spawn and its commit
@@ -209,9 +214,7 @@ class Supervisor:
                 )
                 how = "re-adopted" if handle is not None else "found unrecorded process, adopted"
                 self._registry.transition(rec, state, f"{how} pid {adopted.pid} after opmasd restart")
-                if rec.desired is DesiredState.STOPPED:
-                    await self._terminate(rec, "desired state is stopped", None)
-                return
+                return rec.desired is DesiredState.STOPPED
             assert handle is not None
             vanished = f"process {handle.pid} ended while opmasd was not running"
             _forget_process(rec)
@@ -222,6 +225,22 @@ class Supervisor:
                 log.warning("agent could not be started at daemon start", agent_id=rec.agent_id)
         elif rec.state not in (AgentState.STOPPED, AgentState.ERROR):
             self._registry.transition(rec, AgentState.STOPPED, vanished or "desired state is stopped")
+        return False
+
+    async def stop_adopted(self, agent_ids: list[str]) -> None:
+        """Stop, all at once, the re-adopted agents whose desired state is stopped (`recover`),
+        each under its lock and only while that is still so (an operator may have started one)."""
+
+        async def stop_one(agent_id: str) -> None:
+            async with self.lock(agent_id):
+                rec = self._registry.get(agent_id)
+                if rec is not None and rec.pid is not None and rec.desired is DesiredState.STOPPED:
+                    await self._terminate(rec, "desired state is stopped", None)
+
+        results = await asyncio.gather(*(stop_one(a) for a in agent_ids), return_exceptions=True)
+        for agent_id, result in zip(agent_ids, results, strict=True):
+            if isinstance(result, Exception):
+                log.error("re-adopted agent could not be stopped", agent_id=agent_id, error=str(result))
 
     async def shutdown(self, stop_agents: bool) -> None:
         """Daemon shutdown: no more restarts; stop every agent when asked (desired state kept)."""

@@ -98,7 +98,9 @@ class FakeRuntime:
             return None
         else:
             del self.alive_elsewhere[handle.pid]
-        self.processes[agent_id] = FakeProcess(handle, LaunchRequest(agent_id, (), "/"))
+        self.processes[agent_id] = FakeProcess(
+            handle, LaunchRequest(agent_id, (), "/"), obeys_sigterm=agent_id not in self.ignore_sigterm
+        )
         return handle
 
     async def reap_unmanaged(self) -> list[str]:

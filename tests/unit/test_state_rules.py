@@ -179,8 +179,31 @@ async def test_a_re_adopted_agent_whose_desired_state_is_stopped_is_stopped() ->
     rig.runtime.alive_elsewhere[777] = 5.0
     await rig.manager.start(discover=False)
     try:
+        await rig.settle()  # stopped in the background, once the daemon is up
         assert rig.rec().state is AgentState.STOPPED
         assert rig.runtime.terminations == [("a", rec.spec.stop_timeout)]
+    finally:
+        await rig.manager.stop(stop_agents=False)
+
+
+async def test_re_adopted_agents_to_stop_do_not_hold_the_daemon_start_and_stop_together() -> None:
+    # Three adopted agents that ignore SIGTERM, each with a 30 s stop timeout: stopped one after
+    # the other inside start(), the daemon (and its API) came up 90 s late.
+    rig = Rig()
+    for pid, agent_id in enumerate(("a", "b", "c"), start=700):
+        rec = AgentRecord(
+            agent_id=agent_id, spec=AgentSpec(name=agent_id, command=("x",), stop_timeout=30.0), node="n1"
+        )
+        rec.state, rec.desired = AgentState.RUNNING, DesiredState.STOPPED
+        rec.pid, rec.pid_start_time = pid, 5.0
+        rig.store.save_agent(rec)
+        rig.runtime.alive_elsewhere[pid] = 5.0
+        rig.runtime.ignore_sigterm.add(agent_id)
+    await asyncio.wait_for(rig.manager.start(discover=False), timeout=5.0)
+    try:
+        await rig.settle()
+        assert sorted(rig.runtime.terminations) == [("a", 30.0), ("b", 30.0), ("c", 30.0)]
+        assert {rig.rec(a).state for a in ("a", "b", "c")} == {AgentState.STOPPING}
     finally:
         await rig.manager.stop(stop_agents=False)
 
