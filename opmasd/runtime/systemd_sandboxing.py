@@ -57,7 +57,9 @@ def sandbox_properties(request: LaunchRequest) -> tuple[Property, ...]:
     props += [("ProtectSystem", "s", sandbox.protect_system), ("ProtectHome", "s", sandbox.protect_home)]
     workdir = request.working_directory or "/"
     if sandbox.protect_system == "strict" and workdir != "/":
-        props.append(("ReadWritePaths", "as", [workdir]))
+        # "-": a directory systemd cannot see is no error of this property's (WorkingDirectory
+        # reports it, when it is one).
+        props.append(("ReadWritePaths", "as", [f"-{workdir}"]))
     return tuple(props)
 
 

@@ -187,4 +187,4 @@ async def test_strict_leaves_only_the_working_directory_writable(
     unit, _, seen = await probe(runtime, work, f"{work}/mine", outside, workdir=str(work), sandbox=strict)
     assert seen[f"{work}/mine"] == "ok" and seen[outside] == 30, seen  # EROFS outside
     shown = show(systemd_sandbox, unit, "ProtectSystem", "ReadWritePaths")
-    assert shown == {"ProtectSystem": "strict", "ReadWritePaths": str(work)}, shown
+    assert shown == {"ProtectSystem": "strict", "ReadWritePaths": f"-{work}"}, shown

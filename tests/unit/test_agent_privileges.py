@@ -131,7 +131,7 @@ def test_explicit_values_win_and_strict_keeps_the_working_directory_writable() -
     props = {n: v for n, _, v in sandbox_properties(request(sandbox=box, working_directory="/srv/a"))}
     assert props["NoNewPrivileges"] is False and props["PrivateDevices"] is True
     assert props["ProtectSystem"] == "strict" and props["ProtectHome"] == "no"
-    assert props["ReadWritePaths"] == ["/srv/a"]
+    assert props["ReadWritePaths"] == ["-/srv/a"]
     root = {n for n, _, _ in sandbox_properties(request(sandbox=box))}
     assert "ReadWritePaths" not in root  # "/" writable would undo strict
 
