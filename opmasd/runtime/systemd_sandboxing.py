@@ -19,6 +19,7 @@ ReadWritePaths `as`).
 
 from __future__ import annotations
 
+import os
 import pwd
 
 from opmasd.core.privileges import Sandbox, capability_mask
@@ -46,11 +47,14 @@ _BOOLEANS = (
 )
 
 
-def sandbox_properties(request: LaunchRequest) -> tuple[Property, ...]:
-    """The unit properties of the request's capabilities and sandbox (defaults filled in)."""
+def sandbox_properties(request: LaunchRequest, euid: int | None = None) -> tuple[Property, ...]:
+    """The unit properties of the request's capabilities and sandbox (defaults filled in).
+    Not as root (a user manager, untested here), the empty bounding set is left out: such a
+    manager cannot drop capabilities, and its units have none to drop."""
     sandbox = request.sandbox.with_defaults(DEFAULTS)
     mask = capability_mask(request.capabilities)
-    props: list[Property] = [("CapabilityBoundingSet", "t", mask)]
+    root = (os.geteuid() if euid is None else euid) == 0
+    props: list[Property] = [("CapabilityBoundingSet", "t", mask)] if mask or root else []
     if mask and _non_root(request.user):
         props.append(("AmbientCapabilities", "t", mask))
     props += [(prop, "b", bool(getattr(sandbox, name))) for name, prop in _BOOLEANS]

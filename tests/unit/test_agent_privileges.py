@@ -100,7 +100,7 @@ def test_capabilities_need_opmasd_to_be_root() -> None:
 
 
 def test_unset_fields_take_the_safe_defaults() -> None:
-    props = {name: (sig, value) for name, sig, value in sandbox_properties(request())}
+    props = {name: (sig, value) for name, sig, value in sandbox_properties(request(), euid=0)}
     assert props == {
         "CapabilityBoundingSet": ("t", 0),  # none named: none at all, root or not
         "NoNewPrivileges": ("b", True),
@@ -112,6 +112,11 @@ def test_unset_fields_take_the_safe_defaults() -> None:
         "ProtectSystem": ("s", "full"),
         "ProtectHome": ("s", "read-only"),
     }
+
+
+def test_not_as_root_the_empty_bounding_set_is_left_out() -> None:
+    assert "CapabilityBoundingSet" not in {n for n, _, _ in sandbox_properties(request(), euid=1000)}
+    assert ("CapabilityBoundingSet", "t", 0) in sandbox_properties(request(), euid=0)
 
 
 def test_named_capabilities_are_the_bounding_set_and_ambient_for_a_user_not_root() -> None:
