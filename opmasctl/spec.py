@@ -19,6 +19,7 @@ from opmasctl.parsing import (
     parse_labels,
     parse_size,
 )
+from opmasctl.spec_privileges import PrivilegeFlagError, add_privilege_arguments, apply_privilege_flags
 
 RESTART_POLICIES = enum_choices(agents_pb2.RestartPolicy.items(), "RESTART_POLICY_")
 RUNTIMES = enum_choices(agents_pb2.RuntimeKind.items(), "RUNTIME_KIND_")
@@ -124,6 +125,7 @@ def add_spec_arguments(parser: argparse.ArgumentParser, *, update: bool) -> None
     group.add_argument(
         "--group", dest="spec_group", metavar="GROUP", help="run as this group (default: the user's own)"
     )
+    add_privilege_arguments(group, update=update)
     for kind in MAPS:
         _add_map_flags(group, kind, update)
     if update:
@@ -237,6 +239,10 @@ def build_spec(
     if given("spec_restart_on_inactive"):
         spec.restart_on_inactive = args.spec_restart_on_inactive
         paths.append("restart_on_inactive")
+    try:
+        paths += apply_privilege_flags(args, spec)
+    except PrivilegeFlagError as err:
+        raise SpecError(str(err)) from None
     return spec, paths
 
 

@@ -22,6 +22,7 @@ from opmasctl.output import (
     plain_numbers,
     timestamp_text,
 )
+from opmasctl.spec_privileges import privilege_pairs
 from opmasctl.tables import CYAN, GREEN, PLAIN, RED, YELLOW, TableStyle, render
 
 _LIVE_STATES = {
@@ -199,6 +200,7 @@ def spec_pairs(spec: agents_pb2.AgentSpec) -> list[tuple[str, str]]:
         ("CPU quota", f"{limits.cpu_quota_percent:g}%" if limits.cpu_quota_percent else EMPTY),
         ("Tasks max", _number(limits.tasks_max)),
         ("Open files max", _number(limits.open_files_max)),
+        *privilege_pairs(spec),
     ]
 
 

@@ -302,6 +302,8 @@ class AgentSpec(_message.Message):
     LABELS_FIELD_NUMBER: _builtins.int
     USER_FIELD_NUMBER: _builtins.int
     GROUP_FIELD_NUMBER: _builtins.int
+    CAPABILITIES_FIELD_NUMBER: _builtins.int
+    SANDBOX_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     """Human-readable name, 1-128 characters without control characters. Required. When no
     agent_id is given, the id is derived from it (lower-cased, other characters as '-').
@@ -378,6 +380,21 @@ class AgentSpec(_message.Message):
         digit; a value is empty or follows the same rule as a name.
         """
 
+    @_builtins.property
+    def capabilities(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Linux capabilities the agent keeps, e.g. CAP_NET_RAW (ICMP over a raw socket); a name is
+        also accepted in lower case and without the CAP_ prefix ("net_raw"), and is returned as
+        CAP_NET_RAW. At most 64 entries; an unknown name is refused, naming it. The systemd runtime
+        makes them the unit's CapabilityBoundingSet (none named: an empty set, so even a root agent
+        has no capability) and, for an agent with a user other than root, its AmbientCapabilities.
+        The process runtime applies them through setpriv (bounding, inheritable and ambient sets)
+        when named, and nothing when none is; both need opmasd to run as root.
+        """
+
+    @_builtins.property
+    def sandbox(self) -> Global___AgentSandbox:
+        """Sandboxing of the agent's process. Unset fields take the runtime's default."""
+
     def __init__(
         self,
         *,
@@ -399,14 +416,102 @@ class AgentSpec(_message.Message):
         labels: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
         user: _builtins.str = ...,
         group: _builtins.str = ...,
+        capabilities: _abc.Iterable[_builtins.str] | None = ...,
+        sandbox: Global___AgentSandbox | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "resources", b"resources", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout"]  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["heartbeat_interval", b"heartbeat_interval", "resources", b"resources", "sandbox", b"sandbox", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["autostart", b"autostart", "command", b"command", "description", b"description", "environment", b"environment", "group", b"group", "heartbeat_interval", b"heartbeat_interval", "labels", b"labels", "name", b"name", "resources", b"resources", "restart_on_inactive", b"restart_on_inactive", "restart_policy", b"restart_policy", "runtime", b"runtime", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout", "type", b"type", "user", b"user", "version", b"version", "working_directory", b"working_directory"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["autostart", b"autostart", "capabilities", b"capabilities", "command", b"command", "description", b"description", "environment", b"environment", "group", b"group", "heartbeat_interval", b"heartbeat_interval", "labels", b"labels", "name", b"name", "resources", b"resources", "restart_on_inactive", b"restart_on_inactive", "restart_policy", b"restart_policy", "runtime", b"runtime", "sandbox", b"sandbox", "start_seconds", b"start_seconds", "stop_timeout", b"stop_timeout", "type", b"type", "user", b"user", "version", b"version", "working_directory", b"working_directory"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___AgentSpec: _TypeAlias = AgentSpec  # noqa: Y015
+
+@_typing.final
+class AgentSandbox(_message.Message):
+    """Sandboxing settings (systemd's exec options of the same names). An unset field takes the
+    runtime's default: under the systemd runtime the safe one given for each field; under the
+    process runtime nothing is applied. The process runtime can enforce only no_new_privileges:
+    any other field set to anything but off is refused there, naming the field.
+    """
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NO_NEW_PRIVILEGES_FIELD_NUMBER: _builtins.int
+    PROTECT_SYSTEM_FIELD_NUMBER: _builtins.int
+    PROTECT_HOME_FIELD_NUMBER: _builtins.int
+    PRIVATE_TMP_FIELD_NUMBER: _builtins.int
+    PRIVATE_DEVICES_FIELD_NUMBER: _builtins.int
+    PROTECT_KERNEL_TUNABLES_FIELD_NUMBER: _builtins.int
+    PROTECT_KERNEL_MODULES_FIELD_NUMBER: _builtins.int
+    PROTECT_CONTROL_GROUPS_FIELD_NUMBER: _builtins.int
+    no_new_privileges: _builtins.bool
+    """NoNewPrivileges: execve cannot gain privileges (setuid, file capabilities). systemd
+    default: true.
+    """
+    protect_system: _builtins.str
+    """ProtectSystem: "no", "yes" (/usr, /boot, /efi read-only), "full" (/etc too) or "strict"
+    (the whole file system but /dev, /proc and /sys read-only; the agent can still write its
+    own working directory). "off" and "true"/"false" are accepted. systemd default: "full".
+    """
+    protect_home: _builtins.str
+    """ProtectHome: "no", "yes" (/home, /root and /run/user empty and inaccessible), "read-only"
+    or "tmpfs". systemd default: "read-only".
+    """
+    private_tmp: _builtins.bool
+    """PrivateTmp: a /tmp and /var/tmp of the agent's own. systemd default: true."""
+    private_devices: _builtins.bool
+    """PrivateDevices: a /dev with only the pseudo devices (null, zero, random, ...). systemd
+    default: false.
+    """
+    protect_kernel_tunables: _builtins.bool
+    """ProtectKernelTunables: /proc/sys, /sys and the like read-only. systemd default: true."""
+    protect_kernel_modules: _builtins.bool
+    """ProtectKernelModules: no loading of kernel modules. systemd default: true."""
+    protect_control_groups: _builtins.bool
+    """ProtectControlGroups: /sys/fs/cgroup read-only. systemd default: true."""
+    def __init__(
+        self,
+        *,
+        no_new_privileges: _builtins.bool | None = ...,
+        protect_system: _builtins.str = ...,
+        protect_home: _builtins.str = ...,
+        private_tmp: _builtins.bool | None = ...,
+        private_devices: _builtins.bool | None = ...,
+        protect_kernel_tunables: _builtins.bool | None = ...,
+        protect_kernel_modules: _builtins.bool | None = ...,
+        protect_control_groups: _builtins.bool | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_no_new_privileges", b"_no_new_privileges", "_private_devices", b"_private_devices", "_private_tmp", b"_private_tmp", "_protect_control_groups", b"_protect_control_groups", "_protect_kernel_modules", b"_protect_kernel_modules", "_protect_kernel_tunables", b"_protect_kernel_tunables", "no_new_privileges", b"no_new_privileges", "private_devices", b"private_devices", "private_tmp", b"private_tmp", "protect_control_groups", b"protect_control_groups", "protect_kernel_modules", b"protect_kernel_modules", "protect_kernel_tunables", b"protect_kernel_tunables"]  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_no_new_privileges", b"_no_new_privileges", "_private_devices", b"_private_devices", "_private_tmp", b"_private_tmp", "_protect_control_groups", b"_protect_control_groups", "_protect_kernel_modules", b"_protect_kernel_modules", "_protect_kernel_tunables", b"_protect_kernel_tunables", "no_new_privileges", b"no_new_privileges", "private_devices", b"private_devices", "private_tmp", b"private_tmp", "protect_control_groups", b"protect_control_groups", "protect_home", b"protect_home", "protect_kernel_modules", b"protect_kernel_modules", "protect_kernel_tunables", b"protect_kernel_tunables", "protect_system", b"protect_system"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    _WhichOneofReturnType__no_new_privileges: _TypeAlias = _typing.Literal["no_new_privileges"]  # noqa: Y015
+    _WhichOneofArgType__no_new_privileges: _TypeAlias = _typing.Literal["_no_new_privileges", b"_no_new_privileges"]  # noqa: Y015
+    _WhichOneofReturnType__private_devices: _TypeAlias = _typing.Literal["private_devices"]  # noqa: Y015
+    _WhichOneofArgType__private_devices: _TypeAlias = _typing.Literal["_private_devices", b"_private_devices"]  # noqa: Y015
+    _WhichOneofReturnType__private_tmp: _TypeAlias = _typing.Literal["private_tmp"]  # noqa: Y015
+    _WhichOneofArgType__private_tmp: _TypeAlias = _typing.Literal["_private_tmp", b"_private_tmp"]  # noqa: Y015
+    _WhichOneofReturnType__protect_control_groups: _TypeAlias = _typing.Literal["protect_control_groups"]  # noqa: Y015
+    _WhichOneofArgType__protect_control_groups: _TypeAlias = _typing.Literal["_protect_control_groups", b"_protect_control_groups"]  # noqa: Y015
+    _WhichOneofReturnType__protect_kernel_modules: _TypeAlias = _typing.Literal["protect_kernel_modules"]  # noqa: Y015
+    _WhichOneofArgType__protect_kernel_modules: _TypeAlias = _typing.Literal["_protect_kernel_modules", b"_protect_kernel_modules"]  # noqa: Y015
+    _WhichOneofReturnType__protect_kernel_tunables: _TypeAlias = _typing.Literal["protect_kernel_tunables"]  # noqa: Y015
+    _WhichOneofArgType__protect_kernel_tunables: _TypeAlias = _typing.Literal["_protect_kernel_tunables", b"_protect_kernel_tunables"]  # noqa: Y015
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__no_new_privileges) -> _WhichOneofReturnType__no_new_privileges | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__private_devices) -> _WhichOneofReturnType__private_devices | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__private_tmp) -> _WhichOneofReturnType__private_tmp | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__protect_control_groups) -> _WhichOneofReturnType__protect_control_groups | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__protect_kernel_modules) -> _WhichOneofReturnType__protect_kernel_modules | None: ...
+    @_typing.overload
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__protect_kernel_tunables) -> _WhichOneofReturnType__protect_kernel_tunables | None: ...
+
+Global___AgentSandbox: _TypeAlias = AgentSandbox  # noqa: Y015
 
 @_typing.final
 class ExitInfo(_message.Message):

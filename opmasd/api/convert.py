@@ -14,6 +14,8 @@ from typing import Any, TypeVar
 from google.protobuf import duration_pb2, json_format, struct_pb2, timestamp_pb2
 
 from opmas.v1 import agents_pb2 as pb
+from opmasd.api.privileges_convert import MASK_PATHS as PRIVILEGE_PATHS
+from opmasd.api.privileges_convert import privilege_fields, sandbox_to_pb
 from opmasd.core.clock import SYSTEM_CLOCK
 from opmasd.core.errors import FieldViolation, InvalidArgument
 from opmasd.core.labels import Selector, selector_field
@@ -88,6 +90,7 @@ SPEC_MASK_PATHS = frozenset(
         "runtime",
         "resources",
         *(f"resources.{name}" for name in _RESOURCE_FIELDS),
+        *PRIVILEGE_PATHS,
     )
 )
 
@@ -203,6 +206,7 @@ def spec_fields(spec: pb.AgentSpec, mask: list[str] | None = None) -> dict[str, 
             resources[name] = value
     if resources:
         out["resources"] = resources
+    out.update(privilege_fields(spec, named))
     return out
 
 
@@ -232,6 +236,8 @@ def spec_to_pb(spec: AgentSpec) -> pb.AgentSpec:
         restart_on_inactive=spec.restart_on_inactive,
         user=spec.user,
         group=spec.group,
+        capabilities=list(spec.capabilities),
+        sandbox=sandbox_to_pb(spec.sandbox),
     )
 
 

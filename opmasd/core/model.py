@@ -16,6 +16,7 @@ from functools import cached_property
 from typing import Any
 
 from opmasd.core.clock import utcnow
+from opmasd.core.privileges import Sandbox
 
 
 class AgentState(enum.Enum):
@@ -88,6 +89,9 @@ class AgentSpec:
     # Who the process runs as: a user (name or uid) and a group (name or gid); "": opmasd's own.
     user: str = ""
     group: str = ""
+    # Linux capabilities it keeps (CAP_* names, sorted) and its sandboxing (core.privileges).
+    capabilities: tuple[str, ...] = ()
+    sandbox: Sandbox = Sandbox()
 
     @property
     def env(self) -> dict[str, str]:
@@ -130,6 +134,8 @@ class AgentSpec:
             # Only when set: the rows of the agents that run as opmasd stay as they were.
             **({"user": self.user} if self.user else {}),
             **({"group": self.group} if self.group else {}),
+            **({"capabilities": list(self.capabilities)} if self.capabilities else {}),
+            **({"sandbox": sandbox} if (sandbox := self.sandbox.to_dict()) else {}),
         }
 
     @classmethod
@@ -163,6 +169,8 @@ class AgentSpec:
             labels=tuple(sorted((data.get("labels") or {}).items())),
             user=str(data.get("user", "")),
             group=str(data.get("group", "")),
+            capabilities=tuple(data.get("capabilities") or ()),
+            sandbox=Sandbox.from_dict(data.get("sandbox") or {}),
         )
 
 

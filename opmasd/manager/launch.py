@@ -80,4 +80,6 @@ def launch_request(
         resources=spec.resources,
         user=spec.user,
         group=spec.group,
+        capabilities=spec.capabilities,
+        sandbox=spec.sandbox,
     )

@@ -14,6 +14,7 @@ from collections.abc import AsyncIterator, Callable, Mapping
 from opmasd.core.errors import FieldViolation, InvalidArgument, LaunchError
 from opmasd.core.model import AgentSpec, ProcessHandle, ProcessUsage, ResourceLimits, RuntimeKind
 from opmasd.manager.identities import identity_refusals
+from opmasd.manager.privileges import privilege_refusals
 from opmasd.runtime.base import ExitHandler, LaunchRequest, LogEntry, Runtime
 
 # The backend of each runtime kind, or one Runtime alone (the process runtime).
@@ -57,7 +58,7 @@ class RuntimeRouter:
         backend = self._backends.get(spec.runtime)
         if backend is None:
             return [("runtime", self._why_not(spec.runtime))]
-        return identity_refusals(spec) + backend.refusals(spec.resources)
+        return identity_refusals(spec) + privilege_refusals(spec) + backend.refusals(spec.resources)
 
     def check_spec(self, spec: AgentSpec, field: str = "spec.") -> None:
         """InvalidArgument naming each of the spec's runtime and limits that cannot be enforced

@@ -15,6 +15,7 @@ from pathlib import Path
 from opmasd.core.errors import FieldViolation, InvalidArgument
 from opmasd.core.labels import label_errors
 from opmasd.core.model import AgentSpec
+from opmasd.core.privileges import capability_errors, sandbox_errors
 
 ENV_NAME_PATTERN = re.compile(r"^[A-Za-z_][A-Za-z0-9_]*$")
 MAX_NAME_LENGTH = 128
@@ -141,6 +142,10 @@ def spec_violations(spec: AgentSpec, prefix: str = "spec.") -> list[FieldViolati
 
     for problem in label_errors(spec.label_map):
         bad("labels", problem)
+    for problem in capability_errors(spec.capabilities):
+        bad("capabilities", problem)
+    for name, problem in sandbox_errors(spec.sandbox):
+        bad(f"sandbox.{name}", problem)
 
     durations: tuple[tuple[str, float], ...] = (
         ("stop_timeout", spec.stop_timeout),

@@ -13,6 +13,7 @@ from typing import Protocol
 
 from opmasd.core.logs import LogEntry as LogEntry  # what tail_logs and follow_logs return
 from opmasd.core.model import ExitInfo, ProcessHandle, ProcessUsage, ResourceLimits
+from opmasd.core.privileges import Sandbox
 
 
 @dataclass(frozen=True)
@@ -26,6 +27,9 @@ class LaunchRequest:
     # Who the process runs as (a user name or uid, a group name or gid); "": opmasd's own.
     user: str = ""
     group: str = ""
+    # The capabilities it keeps (CAP_* names) and its sandboxing, as the spec gives them.
+    capabilities: tuple[str, ...] = ()
+    sandbox: Sandbox = Sandbox()
 
 
 # Called once per process exit, on the event loop: (agent_id, the process that ended, how).

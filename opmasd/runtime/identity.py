@@ -4,8 +4,9 @@ The program is started as `setpriv --reuid=U --regid=G --init-groups -- argv`: s
 (util-linux, on every Linux host) changes the identity and then execs the program in place, so
 the agent keeps the PID the runtime watches, and it does so after the cgroup join (which needs
 opmasd's own rights) has run. A group without a user leaves opmasd's user and clears the
-supplementary groups. Not as root, only opmasd's own user and group can be named (the manager
-refuses others), and the program then runs as it is.
+supplementary groups. The same setpriv gives the agent only the capabilities its spec names
+(privilege_options), and no new privileges when asked. Not as root, only opmasd's own user and
+group can be named (the manager refuses others), and the program then runs as it is.
 """
 
 from __future__ import annotations
@@ -15,27 +16,52 @@ import os
 import pwd
 
 from opmasd.core.errors import LaunchError
+from opmasd.runtime.base import LaunchRequest
 
 SETPRIV = "/usr/bin/setpriv"
 
 
-def as_identity(user: str, group: str, command: tuple[str, ...]) -> tuple[str, ...]:
-    """`command`, run as `user` and `group` ("" each: unchanged; both "": command itself). A
-    user that is opmasd's own, with no group, is no change (and setpriv could not set the
-    supplementary groups without root)."""
+def as_identity(
+    user: str, group: str, command: tuple[str, ...], options: tuple[str, ...] = ()
+) -> tuple[str, ...]:
+    """`command`, run as `user` and `group` ("" each: unchanged) with setpriv's `options`
+    (privilege_options); the command itself when there is nothing to change. A user that is
+    opmasd's own, with no group, is no change (and setpriv could not set the supplementary
+    groups without root)."""
+    identity = _identity_options(user, group)
+    if not identity and not options:
+        return command
+    return (SETPRIV, *identity, *options, "--", *command)
+
+
+def _identity_options(user: str, group: str) -> list[str]:
     own_user = not user or _uid(user) == os.geteuid()
     if own_user and not group and user:
-        return command
+        return []
     if own_user and (not group or _gid(group) == os.getegid()) and os.geteuid() != 0:
-        return command  # not root: nothing to change, and setpriv could not drop the groups
+        return []  # not root: nothing to change, and setpriv could not drop the groups
     if not user and not group:
-        return command
-    argv = [SETPRIV]
+        return []
     if user:
-        argv += [f"--reuid={user}", f"--regid={group or _primary_group(user)}", "--init-groups"]
-    else:
-        argv += [f"--regid={group}", "--clear-groups"]
-    return (*argv, "--", *command)
+        return [f"--reuid={user}", f"--regid={group or _primary_group(user)}", "--init-groups"]
+    return [f"--regid={group}", "--clear-groups"]
+
+
+def privilege_options(request: LaunchRequest) -> tuple[str, ...]:
+    """setpriv options for the request's capabilities and no_new_privileges (the only sandbox
+    field this runtime enforces; the manager refuses the others). Capabilities named: the
+    bounding and inheritable sets become exactly those, and the ambient set too for a user other
+    than root (so that they survive the change of user and the exec); none named: nothing
+    changes (this runtime's default)."""
+    options: list[str] = []
+    if request.capabilities:
+        caps = ",".join(f"+{name.removeprefix('CAP_').lower()}" for name in request.capabilities)
+        options += [f"--bounding-set=-all,{caps}", f"--inh-caps=-all,{caps}"]
+        if request.user and _uid(request.user) != 0:
+            options.append(f"--ambient-caps=-all,{caps}")
+    if request.sandbox.no_new_privileges:
+        options.append("--no-new-privs")
+    return tuple(options)
 
 
 def _uid(user: str) -> int | None:

@@ -34,7 +34,7 @@ from opmasd.runtime.base import ExitHandler, LaunchRequest
 from opmasd.runtime.cgroup_limits import CgroupLimits
 from opmasd.runtime.cgroup_trees import EMPTY_WAIT, CgroupTrees
 from opmasd.runtime.cgroups import AgentCgroups, joining_command
-from opmasd.runtime.identity import as_identity, check_group
+from opmasd.runtime.identity import as_identity, check_group, privilege_options
 from opmasd.runtime.logfiles import AgentLogs
 from opmasd.runtime.logrelay_link import RelayLink
 from opmasd.runtime.proctable import ProcessTable
@@ -98,12 +98,13 @@ class ProcessRuntime:
         refused = self._limits.refusals(request.resources)
         if refused:  # registered where they could be, or before this check: never run unlimited
             raise LaunchError("; ".join(f"{field}: {why}" for field, why in refused))
-        # Checked here when the program is not what Popen starts (the cgroup join, setpriv).
-        if self._trees is not None or request.user or request.group:
-            check_program(request.command, request.working_directory or None, request.environment)
         if request.group:
             check_group(request.group)
-        spawned = replace(request, command=as_identity(request.user, request.group, request.command))
+        options = privilege_options(request)
+        spawned = replace(request, command=as_identity(request.user, request.group, request.command, options))
+        # Checked here when the program is not what Popen starts (the cgroup join, setpriv).
+        if self._trees is not None or spawned.command != request.command:
+            check_program(request.command, request.working_directory or None, request.environment)
         if self._trees is not None:
             try:
                 procs_file = self._trees.cgroups.prepare(agent_id)

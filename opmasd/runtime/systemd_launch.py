@@ -27,6 +27,7 @@ from opmasd.runtime.base import LaunchRequest
 from opmasd.runtime.programs import not_executable, not_found
 from opmasd.runtime.systemd_dbus import NO_SUCH_UNIT, SystemdError, SystemdManager
 from opmasd.runtime.systemd_journal import UnitJournal
+from opmasd.runtime.systemd_sandboxing import sandbox_properties
 from opmasd.runtime.systemd_units import TransientUnit, escape_unit_name
 from opmasd.runtime.systemd_watch import END_STATES, UnitWatch, start_failure
 
@@ -65,7 +66,7 @@ def agent_unit(request: LaunchRequest) -> TransientUnit:
         syslog_identifier=unit,
         # The agent's argv as given: systemd would otherwise expand $VAR in it.
         exec_flags=("no-env-expand",),
-        extra=(("SendSIGKILL", "b", True), ("StartLimitIntervalUSec", "t", 0)),
+        extra=(("SendSIGKILL", "b", True), ("StartLimitIntervalUSec", "t", 0), *sandbox_properties(request)),
     )
 
 

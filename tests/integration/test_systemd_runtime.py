@@ -27,6 +27,7 @@ from systemd_sandbox import SANDBOX_PYTHON, SystemdSandbox
 from opmasd.core.errors import BackendError, LaunchError
 from opmasd.core.logs import LogEntry, LogStream
 from opmasd.core.model import ExitInfo, ProcessHandle, ResourceLimits
+from opmasd.core.privileges import Sandbox
 from opmasd.runtime.base import LaunchRequest
 from opmasd.runtime.systemd import JournalSource, SystemdRuntime
 from opmasd.runtime.systemd_units import escape_unit_name
@@ -34,6 +35,9 @@ from opmasd.runtime.systemd_units import escape_unit_name
 WAIT = 15.0  # seconds for anything awaited; none should take more than a fraction of one
 PY = SANDBOX_PYTHON  # not sys.executable: a clean clone's venv is under the host's /tmp
 ENV = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8"}
+# The agents' scripts and the files they write are under /var/tmp, which the default
+# PrivateTmp=yes would hide from them (tests/integration/test_systemd_sandboxing.py checks it).
+SHARED_TMP = Sandbox(private_tmp=False)
 
 
 class Exits:
@@ -85,7 +89,8 @@ class Harness:
     ) -> LaunchRequest:
         script = self.script(uuid.uuid4().hex[:8], body)
         env = {**ENV, "WORK": str(self.work), **(environment or {})}
-        return LaunchRequest(agent_id, (PY, str(script), *args), working_directory, env, resources)
+        argv = (PY, str(script), *args)
+        return LaunchRequest(agent_id, argv, working_directory, env, resources, sandbox=SHARED_TMP)
 
     async def launch(self, agent_id: str, body: str, *args: str, **kwargs: object) -> ProcessHandle:
         return await self.runtime.launch(self.request(agent_id, body, *args, **kwargs))  # type: ignore[arg-type]

@@ -18,6 +18,7 @@ discovery of the other packages.
     resources: {memory_max: 256M, cpu_quota: 50, tasks_max: 64, open_files_max: 1024}
     runtime: process              # process | systemd
     user: opmas-probe             # who it runs as (name or uid; opmasd must be root); group: too
+    capabilities: [CAP_NET_RAW]   # all it keeps (manifest_privileges); sandbox: {...} too
     autostart: true
     restart_on_inactive: false
     labels: {env: prod, role: probe}  # for selectors: opmasctl agents stop -l role=probe
@@ -41,6 +42,7 @@ from opmasd.core.errors import InvalidArgument
 from opmasd.core.ids import agent_id_from_name, check_agent_id
 from opmasd.core.model import AgentSpec, ResourceLimits, RestartPolicy, RuntimeKind
 from opmasd.core.yamlfile import load_yaml
+from opmasd.manager.packages.manifest_privileges import capabilities_from, sandbox_from
 from opmasd.manager.validation import spec_violations
 
 MANIFEST_NAME = "agent.yaml"
@@ -64,6 +66,8 @@ KNOWN_KEYS = {
     "labels",
     "user",
     "group",
+    "capabilities",
+    "sandbox",
 }
 MAX_MANIFEST_BYTES = 1024 * 1024
 _KEY_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_-]{0,39}")
@@ -309,4 +313,6 @@ def _spec_from(data: dict[str, Any], package_dir: Path, defaults: AgentSpec | No
         restart_on_inactive=_flag(data, "restart_on_inactive"),
         user=_text(data, "user"),
         group=_text(data, "group"),
+        capabilities=capabilities_from(data.get("capabilities")),
+        sandbox=sandbox_from(data.get("sandbox")),
     )
