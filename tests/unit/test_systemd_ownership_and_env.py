@@ -18,7 +18,7 @@ from opmasd.runtime.systemd_dbus import NO_SUCH_UNIT, SystemdError
 from opmasd.runtime.systemd_env import EnvironmentFiles, encode_environment, file_name
 from opmasd.runtime.systemd_owner import describe, is_foreign, load_instance_id, owner_of
 from opmasd.runtime.systemd_reconnect import GONE_RESULT, resync
-from opmasd.runtime.systemd_units import ChangeKind, UnitChange, UnitState, exec_argument
+from opmasd.runtime.systemd_units import ChangeKind, TransientUnit, UnitChange, UnitState, exec_argument
 from opmasd.runtime.systemd_watch import UnitWatch
 
 INSTANCE = "0123456789abcdef0123456789abcdef"
@@ -140,3 +140,35 @@ async def test_resync_reports_what_ended_while_disconnected() -> None:
     assert failed.ended and (failed.exec_main_code, failed.exec_main_status) == (1, 3)
     assert gone.ended and gone.result == GONE_RESULT
     assert [c.kind for c in changes if c.unit == "uc"] == [ChangeKind.UNIT_REMOVED]
+
+
+async def test_a_call_systemd_dropped_while_re_executing_is_sent_again() -> None:
+    from opmasd.runtime.systemd_dbus import BUS_NO_REPLY, NO_REPLY, SystemdManager
+
+    manager = SystemdManager(timeout=1.0)
+    calls: list[str] = []
+
+    async def once(destination: str, path: str, interface: str, member: str, *_: object) -> list[object]:
+        calls.append(member)
+        if len(calls) < 3:
+            raise SystemdError(
+                BUS_NO_REPLY, "Message recipient disconnected from message bus without replying"
+            )
+        return ["/org/freedesktop/systemd1/job/1"]
+
+    manager._call_once = once  # type: ignore[method-assign,assignment]
+    assert await manager.stop_unit("u.service") == "/org/freedesktop/systemd1/job/1"
+    assert calls == ["StopUnit"] * 3
+    calls.clear()
+    with pytest.raises(SystemdError) as raised:  # a start is never sent twice blindly
+        await manager.start_transient_unit("u.service", TransientUnit(("/bin/true",)))
+    assert raised.value.name == BUS_NO_REPLY and calls == ["StartTransientUnit"]
+    manager.timeout = 0.1
+
+    async def never(*_: object) -> list[object]:
+        raise SystemdError(BUS_NO_REPLY, "gone")
+
+    manager._call_once = never  # type: ignore[method-assign,assignment]
+    with pytest.raises(SystemdError) as raised:
+        await manager.stop_unit("u.service")
+    assert raised.value.name == NO_REPLY and "systemd did not come back" in raised.value.text
