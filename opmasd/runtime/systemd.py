@@ -40,7 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import functools
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import structlog
@@ -65,8 +67,8 @@ from opmasd.runtime.systemd_launch import (
     unit_refusals,
     write_env_file,
 )
-from opmasd.runtime.systemd_owner import is_foreign, owner_of
-from opmasd.runtime.systemd_reconnect import Reconnector, resync
+from opmasd.runtime.systemd_owner import split_owned
+from opmasd.runtime.systemd_reconnect import Reconnector, journal_status, resync
 from opmasd.runtime.systemd_stop import find_units, reap, stop_unit
 from opmasd.runtime.systemd_units import (
     UNIT_PREFIX,
@@ -82,6 +84,7 @@ log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 10.0  # for a unit to be running or failed
 DEFAULT_ENV_DIR = Path("/run/opmasd/systemd-env")
+RESYNC_BACK = timedelta(seconds=10)
 
 
 class SystemdRuntime:
@@ -129,6 +132,7 @@ class SystemdRuntime:
         self._foreign: dict[str, str] = {}  # other opmasd's units found: unit -> its instance
         self._reconnector = Reconnector(self._manager, bus, self._reopen, self._lost, self._resync)
         self._resyncing: asyncio.Task[None] | None = None
+        self._lost_at: datetime | None = None
 
     def set_exit_handler(self, handler: ExitHandler) -> None:
         self._exit_handler = handler
@@ -158,15 +162,7 @@ class SystemdRuntime:
             raise BackendError(f"the systemd runtime cannot reach systemd ({self._bus} bus): {exc}") from exc
         self._ended_while_listing = None
         self._env.sweep(loaded)
-        for state in found:
-            if state.name in ended:
-                continue
-            if is_foreign(state.description, self._instance):
-                self._foreign[state.name] = owner_of(state.description) or ""
-                log.warning("leaving alone an agent unit of another opmasd", unit=state.name,
-                            owner=self._foreign[state.name])  # fmt: skip
-            else:
-                self._found[state.name] = state
+        self._found, self._foreign = split_owned([s for s in found if s.name not in ended], self._instance)
         self._connected = True
         self._reconnector.start()
         log.info("systemd runtime connected", bus=self._bus, units_found=sorted(self._found))
@@ -177,11 +173,16 @@ class SystemdRuntime:
 
     def _lost(self) -> None:
         self._connected = False
+        self._lost_at = self._clock.now()
 
     async def _resync(self) -> None:
-        """After a reconnect or systemd's return: every watched unit's state read again."""
+        """After a reconnect or systemd's return: every watched unit's state read again (a unit
+        collected meanwhile: its exit as the journal has it since the loss, or since RESYNC_BACK
+        for systemd's re-exec, whose start is not seen)."""
         self._connected = not self._closed
-        ended = await resync(self._manager, self._units.values(), self._on_change)
+        since, self._lost_at = self._lost_at or self._clock.now() - RESYNC_BACK, None
+        lookup = functools.partial(journal_status, self._journal, since=since)
+        ended = await resync(self._manager, self._units.values(), self._on_change, lookup)
         log.info("agent units read again", watched=len(self._units), ended=ended)
 
     def _systemd_returned(self) -> None:

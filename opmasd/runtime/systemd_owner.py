@@ -19,7 +19,14 @@ from __future__ import annotations
 import os
 import re
 import secrets
+from collections.abc import Sequence
 from pathlib import Path
+
+import structlog
+
+from opmasd.runtime.systemd_units import UnitState
+
+log = structlog.get_logger(__name__)
 
 INSTANCE_FILE = "instance-id"
 _INSTANCE = re.compile(r"[0-9a-f]{32}")
@@ -42,6 +49,22 @@ def is_foreign(description: str, instance: str) -> bool:
     """Whether the unit belongs to another opmasd (an unmarked one is ours)."""
     owner = owner_of(description)
     return owner is not None and bool(instance) and owner != instance
+
+
+def split_owned(states: Sequence[UnitState], instance: str) -> tuple[dict[str, UnitState], dict[str, str]]:
+    """The units found running: this instance's (unmarked ones included) by name, and the
+    others' (unit -> owner), each logged once, here, as left alone."""
+    own: dict[str, UnitState] = {}
+    foreign: dict[str, str] = {}
+    for state in states:
+        if is_foreign(state.description, instance):
+            foreign[state.name] = owner_of(state.description) or ""
+            log.warning(
+                "leaving alone an agent unit of another opmasd", unit=state.name, owner=foreign[state.name]
+            )
+        else:
+            own[state.name] = state
+    return own, foreign
 
 
 def load_instance_id(state_dir: Path) -> str:

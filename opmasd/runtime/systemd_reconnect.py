@@ -8,8 +8,10 @@ Signals stop with the connection, and systemd keeps no record of what a client m
   then fail at once with why, instead of waiting for signals that cannot come), and connects
   and subscribes again with backoff (RECONNECT_FIRST doubling to RECONNECT_MAX);
 - resync() then reads every watched unit's state (GetAll) and hands it to the runtime as one
-  change: a unit that ended meanwhile is reported once, with the status systemd still holds,
-  or, when it is gone (collected), as ended with no status left;
+  change: a unit that ended meanwhile is reported once, with the status systemd still holds;
+  when it is gone (collected), with the status systemd wrote in the journal ("Main process
+  exited, code=killed, status=9/KILL") since the connection was lost, or else as ended with no
+  status left;
 - a daemon-reexec keeps the connection (to the bus daemon) but drops systemd's side for a
   moment: calls in flight are retried (runtime.systemd_dbus), and when systemd takes its bus
   name again the runtime resyncs the same way.
@@ -19,19 +21,47 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import re
 from collections.abc import Awaitable, Callable, Iterable
+from datetime import datetime, timedelta
 
 import structlog
 
+from opmasd.core.errors import BackendError
+from opmasd.core.logs import LogStream
 from opmasd.runtime.systemd_dbus import NO_SUCH_UNIT, SystemdError, SystemdManager
+from opmasd.runtime.systemd_journal import UnitJournal
 from opmasd.runtime.systemd_units import ChangeKind, UnitChange
-from opmasd.runtime.systemd_watch import UnitWatch
+from opmasd.runtime.systemd_watch import CLD_DUMPED, CLD_EXITED, CLD_KILLED, UnitWatch
 
 log = structlog.get_logger(__name__)
 
 RECONNECT_FIRST = 0.2  # seconds before the first attempt
 RECONNECT_MAX = 10.0
 GONE_RESULT = "it ended while opmasd was not connected to systemd"
+_EXITED = re.compile(r"Main process exited, code=(exited|killed|dumped), status=(\d+)")
+_CODES = {"exited": CLD_EXITED, "killed": CLD_KILLED, "dumped": CLD_DUMPED}
+_JOURNAL_LINES = 30
+# Statuses looked up in the journal only from a moment before the loss: the clocks of journald
+# and opmasd round differently, and an older line would be an earlier unit of the same name.
+_SLACK = timedelta(seconds=1)
+StatusLookup = Callable[[str], Awaitable[tuple[int, int] | None]]
+
+
+async def journal_status(journal: UnitJournal, unit: str, since: datetime) -> tuple[int, int] | None:
+    """(ExecMainCode, ExecMainStatus) of the unit's last exit as systemd wrote it in the journal
+    after `since`; None when it wrote none (or the journal cannot be read)."""
+    try:
+        entries = await journal.tail(unit, _JOURNAL_LINES, timeout=5.0)
+    except BackendError as exc:
+        log.warning("cannot read the journal of a unit that ended unseen", unit=unit, error=str(exc))
+        return None
+    for entry in reversed(entries):
+        if entry.stream is not LogStream.OPMASD or entry.time is None or entry.time < since - _SLACK:
+            continue
+        if match := _EXITED.search(entry.text):
+            return _CODES[match.group(1)], int(match.group(2))
+    return None
 
 
 class Reconnector:
@@ -98,10 +128,13 @@ class Reconnector:
 
 
 async def resync(
-    manager: SystemdManager, watches: Iterable[UnitWatch], apply: Callable[[UnitChange], None]
+    manager: SystemdManager,
+    watches: Iterable[UnitWatch],
+    apply: Callable[[UnitChange], None],
+    lookup: StatusLookup | None = None,
 ) -> int:
     """Read each watched unit's state again and pass it to apply() as one change (a gone unit
-    as its removal); the number of units found ended."""
+    as its removal, with the status `lookup` finds for it); the number of units found ended."""
     ended = 0
     for watch in list(watches):
         try:
@@ -114,7 +147,10 @@ async def resync(
                 continue  # its end is known already, or its launch is still waiting
             log.warning("agent unit ended while its signals were lost", unit=watch.unit)
             ended += 1
-            if not watch.exec_main_code:
+            status = None if lookup is None or watch.exec_main_code else await lookup(watch.unit)
+            if status is not None:
+                watch.exec_main_code, watch.exec_main_status = status
+            elif not watch.exec_main_code:
                 watch.result = GONE_RESULT
             apply(UnitChange(watch.unit, ChangeKind.UNIT_REMOVED))
             continue

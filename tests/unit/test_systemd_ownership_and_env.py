@@ -6,6 +6,7 @@ tests/integration/test_systemd_hardening.py."""
 from __future__ import annotations
 
 import stat
+from datetime import UTC
 from pathlib import Path
 
 import pytest
@@ -172,3 +173,38 @@ async def test_a_call_systemd_dropped_while_re_executing_is_sent_again() -> None
     with pytest.raises(SystemdError) as raised:
         await manager.stop_unit("u.service")
     assert raised.value.name == NO_REPLY and "systemd did not come back" in raised.value.text
+
+
+async def test_a_collected_units_exit_is_read_from_the_journal_since_the_loss() -> None:
+    from datetime import datetime, timedelta
+
+    from opmasd.core.logs import LogEntry, LogStream
+    from opmasd.runtime.systemd_reconnect import journal_status
+
+    lost = datetime(2026, 1, 1, 12, 0, 0, tzinfo=UTC)
+    note = "opmas-agent-a.service: Main process exited, code={}, status={}"
+    entries = [
+        LogEntry(note.format("exited", "3/NOTIMPLEMENTED"), LogStream.OPMASD, lost - timedelta(minutes=5)),
+        LogEntry("bye", LogStream.STDOUT, lost + timedelta(seconds=1)),
+        LogEntry(note.format("killed", "9/KILL"), LogStream.OPMASD, lost + timedelta(seconds=2)),
+        LogEntry("opmas-agent-a.service: Failed with result 'signal'.", LogStream.OPMASD, lost),
+    ]
+
+    class Journal:
+        def __init__(self, entries: list[LogEntry]) -> None:
+            self.entries = entries
+
+        async def tail(self, unit: str, lines: int, timeout: float = 0) -> list[LogEntry]:
+            return self.entries
+
+    assert await journal_status(Journal(entries), "u", lost) == (2, 9)  # type: ignore[arg-type]
+    # An exit older than the loss is an earlier unit of the same name: not this one's.
+    assert await journal_status(Journal(entries[:2]), "u", lost) is None  # type: ignore[arg-type]
+    watch = UnitWatch("a", "ua", active_state="active", sub_state="running", main_pid=5, started=True,
+                      running=True)  # fmt: skip
+
+    async def lookup(unit: str) -> tuple[int, int] | None:
+        return (2, 9)
+
+    await resync(FakeManager({}), [watch], watch.apply, lookup)  # type: ignore[arg-type]
+    assert watch.ended and watch.exit_info(False, lost).reason == "killed by SIGKILL"
