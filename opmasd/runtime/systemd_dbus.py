@@ -53,6 +53,7 @@ MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
+BUS_DRIVER = "org.freedesktop.DBus"  # the sender of NameOwnerChanged (no client can forge it)
 
 # Error names: systemd's own that callers act on, and the standard ones this module raises.
 UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"
@@ -148,6 +149,7 @@ class SystemdManager:
             raise SystemdError(AUTH_FAILED, f"{address}: {exc}") from None
         bus.add_message_handler(self._on_message)
         self._bus = bus
+        self._reloading = False  # a Reloading(false) lost with an earlier connection
 
     @property
     def connected(self) -> bool:
@@ -203,8 +205,9 @@ class SystemdManager:
         if msg.message_type is not MessageType.SIGNAL:
             return
         change: UnitChange | None = None
-        if msg.member == "NameOwnerChanged" and msg.signature == "sss" and msg.body[0] == SYSTEMD:
-            self._owner_changed(msg.body[2])
+        if msg.member == "NameOwnerChanged" and msg.sender == BUS_DRIVER and msg.signature == "sss":
+            if msg.body[0] == SYSTEMD:
+                self._owner_changed(msg.body[2])
             return
         if msg.interface == MANAGER and msg.member == "JobRemoved" and msg.signature == "uoss":
             job_id, _job, unit, result = msg.body
