@@ -75,6 +75,7 @@ class Reconnector:
         lost: Callable[[], None],
         back: Callable[[], Awaitable[None]],
         first_delay: float = RECONNECT_FIRST,
+        sleep: Callable[[float], Awaitable[None]] = asyncio.sleep,
     ) -> None:
         """reconnect: connect and subscribe again (SystemdError when it cannot); lost: called
         when the connection ends; back: called once it is made again."""
@@ -84,6 +85,7 @@ class Reconnector:
         self._lost = lost
         self._back = back
         self.first_delay = first_delay
+        self._sleep = sleep  # a fake clock's in tests
         self._task: asyncio.Task[None] | None = None
         self._closing = False
         self.reconnects = 0  # connections made again, for tests and logs
@@ -101,7 +103,7 @@ class Reconnector:
             self._lost()
             delay = self.first_delay
             while not self._closing:
-                await asyncio.sleep(delay)
+                await self._sleep(delay)
                 try:
                     await self._reconnect()
                     break

@@ -208,3 +208,44 @@ async def test_a_collected_units_exit_is_read_from_the_journal_since_the_loss() 
 
     await resync(FakeManager({}), [watch], watch.apply, lookup)  # type: ignore[arg-type]
     assert watch.ended and watch.exit_info(False, lost).reason == "killed by SIGKILL"
+
+
+async def test_a_lost_connection_is_made_again_with_backoff() -> None:
+    import asyncio
+
+    from opmasd.runtime.systemd_reconnect import RECONNECT_MAX, Reconnector
+
+    class Link:
+        def __init__(self) -> None:
+            self.down = asyncio.Event()
+            self.down.set()  # lost at once
+
+        async def wait_disconnected(self) -> None:
+            await self.down.wait()
+
+    link = Link()
+    events: list[str] = []
+    slept: list[float] = []
+    attempts = 0
+    done = asyncio.Event()
+
+    async def reconnect() -> None:
+        nonlocal attempts
+        attempts += 1
+        if attempts < 8:
+            raise SystemdError("org.freedesktop.DBus.Error.NoServer", "no bus yet")
+        link.down.clear()
+
+    async def back() -> None:
+        events.append("back")
+        done.set()
+
+    async def sleep(seconds: float) -> None:
+        slept.append(seconds)
+
+    reconnector = Reconnector(link, "system", reconnect, lambda: events.append("lost"), back, sleep=sleep)  # type: ignore[arg-type]
+    reconnector.start()
+    await asyncio.wait_for(done.wait(), 5)
+    await reconnector.aclose()
+    assert events == ["lost", "back"] and reconnector.reconnects == 1
+    assert slept == [0.2, 0.4, 0.8, 1.6, 3.2, 6.4, RECONNECT_MAX, RECONNECT_MAX]
