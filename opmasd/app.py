@@ -136,7 +136,9 @@ class Daemon:
             child_open_files=raise_open_files_limit(),
         )
         self._runtimes[RuntimeKind.PROCESS] = process
-        units, no_units = await connect_systemd(config.agents, self._source())
+        units, no_units = await connect_systemd(
+            config.agents, self._source(), config.service.state_dir, config.service.runtime_dir
+        )
         if units is not None:
             self._runtimes[RuntimeKind.SYSTEMD] = units
         self._bus = await self._start_bus(self._store)

@@ -32,7 +32,7 @@ class PackageDiscovery:
         supervisor: Supervisor,
         settings: Callable[[], ManagerSettings],
         spec_defaults: Callable[[], AgentSpec],
-        refusals: Callable[[AgentSpec], list[tuple[str, str]]] = lambda spec: [],
+        refusals: Callable[[AgentSpec, str], list[tuple[str, str]]] = lambda spec, agent_id: [],
     ) -> None:
         """refusals: what of a spec's runtime and limits this daemon cannot enforce (a manifest
         asking for it is reported, not registered)."""
@@ -60,7 +60,7 @@ class PackageDiscovery:
     async def _apply(self, manifest: Manifest, settings: ManagerSettings, report: DiscoveryReport) -> None:
         agent_id = manifest.agent_id
         path = str(manifest.path)
-        refused = self._refusals(manifest.spec)
+        refused = self._refusals(manifest.spec, agent_id)
         if refused:
             why = "; ".join(f"{field}: {reason}" for field, reason in refused)
             report.errors.append(ManifestError(manifest.path, why))

@@ -321,6 +321,7 @@ class AgentManager:
         self._runtime.check_spec(spec)
         agent_id = agent_id or agent_id_from_name(spec.name)
         check_agent_id(agent_id)
+        self._runtime.check_spec(spec, agent_id=agent_id)
         return await self._register(agent_id, spec, AgentSource.REGISTERED, "", start or spec.autostart)
 
     @finishes
@@ -336,7 +337,7 @@ class AgentManager:
             raise InvalidArgument.single("manifest_path", str(exc)) from exc
         agent_id = agent_id or manifest.agent_id
         check_agent_id(agent_id)
-        self._runtime.check_spec(manifest.spec, field=f"manifest_path ({path}): ")
+        self._runtime.check_spec(manifest.spec, field=f"manifest_path ({path}): ", agent_id=agent_id)
         return await self._register(
             agent_id,
             manifest.spec,
@@ -385,7 +386,7 @@ class AgentManager:
             rec = self.get_agent(agent_id)
             spec = apply_fields(rec.spec, fields)
             check_spec(spec)
-            self._runtime.check_spec(spec)
+            self._runtime.check_spec(spec, agent_id=agent_id)
             previous, rec.spec = rec.spec, spec
             self._registry.save(rec)
 

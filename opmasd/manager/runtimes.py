@@ -10,12 +10,22 @@ system bus), at registration, update and launch, never silently run by another o
 from __future__ import annotations
 
 from collections.abc import AsyncIterator, Callable, Mapping
+from typing import Protocol, runtime_checkable
 
 from opmasd.core.errors import FieldViolation, InvalidArgument, LaunchError
 from opmasd.core.model import AgentSpec, ProcessHandle, ProcessUsage, ResourceLimits, RuntimeKind
 from opmasd.manager.identities import identity_refusals
 from opmasd.manager.privileges import privilege_refusals
 from opmasd.runtime.base import ExitHandler, LaunchRequest, LogEntry, Runtime
+
+
+@runtime_checkable
+class UnitNames(Protocol):
+    """A backend that names something after the agent's id (the systemd runtime's units)."""
+
+    def id_refusals(self, agent_id: str) -> list[tuple[str, str]]:
+        """(field, why) when the id cannot be used there (too long a unit name, taken)."""
+
 
 # The backend of each runtime kind, or one Runtime alone (the process runtime).
 Backends = Runtime | Mapping[RuntimeKind, Runtime]
@@ -53,17 +63,21 @@ class RuntimeRouter:
         why = self._unavailable.get(kind, "this opmasd has no backend for it")
         return f"the {kind.value} runtime is not available: {why}"
 
-    def spec_refusals(self, spec: AgentSpec) -> list[tuple[str, str]]:
-        """(field, why) for what of the spec's runtime and limits cannot be enforced."""
+    def spec_refusals(self, spec: AgentSpec, agent_id: str = "") -> list[tuple[str, str]]:
+        """(field, why) for what of the spec's runtime and limits cannot be enforced, and (with
+        agent_id) whether the runtime can run an agent of that id."""
         backend = self._backends.get(spec.runtime)
         if backend is None:
             return [("runtime", self._why_not(spec.runtime))]
-        return identity_refusals(spec) + privilege_refusals(spec) + backend.refusals(spec.resources)
+        refused = identity_refusals(spec) + privilege_refusals(spec) + backend.refusals(spec.resources)
+        if agent_id and isinstance(backend, UnitNames):
+            refused += backend.id_refusals(agent_id)
+        return refused
 
-    def check_spec(self, spec: AgentSpec, field: str = "spec.") -> None:
+    def check_spec(self, spec: AgentSpec, field: str = "spec.", agent_id: str = "") -> None:
         """InvalidArgument naming each of the spec's runtime and limits that cannot be enforced
-        (fields prefixed by `field`)."""
-        refused = self.spec_refusals(spec)
+        (fields prefixed by `field`), and the id when its runtime cannot run it."""
+        refused = self.spec_refusals(spec, agent_id)
         if refused:
             raise InvalidArgument([FieldViolation(f"{field}{name}", why) for name, why in refused])
 

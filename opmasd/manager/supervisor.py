@@ -30,6 +30,12 @@ from opmasd.runtime.base import Runtime
 log = structlog.get_logger(__name__)
 
 
+def start_failed(agent_id: str, why: str) -> FailedPrecondition:
+    """The error of a start that failed; `why` often says "failed to start" itself (the state
+    reason, the restart decision), and the message says it once."""
+    return FailedPrecondition(f"agent {agent_id} failed to start: {why.removeprefix('failed to start: ')}")
+
+
 @dataclass
 class _AgentLock:
     lock: asyncio.Lock = field(default_factory=asyncio.Lock)
@@ -124,7 +130,7 @@ class Supervisor:
         outcome = self._await_start(rec.agent_id)
         if not await self._launch(rec, reason):
             outcome.cancel()
-            raise FailedPrecondition(f"agent {rec.agent_id} failed to start: {rec.state_reason}")
+            raise start_failed(rec.agent_id, rec.state_reason)
         result = OperationResult(rec, True, f"agent {rec.agent_id} started (pid {rec.pid})", pending=outcome)
         return await self.settled(result) if outcome.done() else result
 
@@ -136,7 +142,7 @@ class Supervisor:
             return result
         failure = await result.pending
         if failure is not None:
-            raise FailedPrecondition(f"agent {result.record.agent_id} failed to start: {failure}")
+            raise start_failed(result.record.agent_id, failure)
         return OperationResult(result.record, result.changed, result.message)
 
     async def stop(self, rec: AgentRecord, reason: str, timeout: float | None = None) -> OperationResult:

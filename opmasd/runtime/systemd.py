@@ -25,6 +25,12 @@ TimeoutStopUSec cannot be changed. begin_terminate does nothing here: StopUnit s
 SIGTERM itself (a KillUnit before it would make that a second one), and terminate's calls are
 a few D-Bus messages, so a bulk stop's units all get theirs at once anyway.
 
+The agent's environment (its NATS credentials) goes to systemd in a file of opmasd's alone,
+never as the public Environment= (runtime.systemd_env). Units carry this opmasd's instance id in
+their Description; another opmasd's units are left alone (runtime.systemd_owner). A lost bus
+connection is logged, made again with backoff, and the watched units' states are read again,
+as after a daemon-reexec (runtime.systemd_reconnect).
+
 Tests drive a systemd booted in namespaces of its own: `root` (/proc/<its PID>/root) is where
 its cgroup files and its /proc (PIDs as it counts them) are seen from here, and the
 JournalSource names its journal.
@@ -34,8 +40,9 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
-import signal
+import functools
 from collections.abc import AsyncIterator
+from datetime import datetime, timedelta
 from pathlib import Path
 
 import structlog
@@ -47,14 +54,21 @@ from opmasd.core.model import ProcessHandle, ProcessUsage, ResourceLimits
 from opmasd.runtime.base import ExitHandler, LaunchRequest
 from opmasd.runtime.systemd_cgroup import CgroupLayout, OomWatch, UnitUsage
 from opmasd.runtime.systemd_dbus import SystemdError, SystemdManager
+from opmasd.runtime.systemd_env import EnvironmentFiles
 from opmasd.runtime.systemd_journal import JournalSource, UnitJournal
 from opmasd.runtime.systemd_launch import (
     agent_unit,
     check_program,
     clear_stale,
     failure_of,
+    quota_refusals,
     read_stat,
+    start_unit,
+    unit_refusals,
+    write_env_file,
 )
+from opmasd.runtime.systemd_owner import split_owned
+from opmasd.runtime.systemd_reconnect import Reconnector, journal_status, resync
 from opmasd.runtime.systemd_stop import find_units, reap, stop_unit
 from opmasd.runtime.systemd_units import (
     UNIT_PREFIX,
@@ -69,6 +83,8 @@ from opmasd.runtime.systemd_watch import END_STATES, Outcome, UnitWatch
 log = structlog.get_logger(__name__)
 
 START_TIMEOUT = 10.0  # for a unit to be running or failed
+DEFAULT_ENV_DIR = Path("/run/opmasd/systemd-env")
+RESYNC_BACK = timedelta(seconds=10)
 
 
 class SystemdRuntime:
@@ -84,10 +100,15 @@ class SystemdRuntime:
         root: Path = Path("/"),
         call_timeout: float = 10.0,
         start_timeout: float = START_TIMEOUT,
+        instance: str = "",
+        env_dir: Path = DEFAULT_ENV_DIR,
     ) -> None:
         """bus: "system", "user" or a D-Bus address; journal: where journalctl reads (default:
         the machine's journal); root: where the filesystem of that systemd is seen from here
-        ("/", or /proc/PID/root for one in other namespaces: its cgroups and its /proc)."""
+        ("/", or /proc/PID/root for one in other namespaces: its cgroups and its /proc);
+        instance: this opmasd's instance id, marked on its units ("": units unmarked, every
+        agent unit counts as ours); env_dir: where the units' environment files go (as that
+        systemd sees it: opmasd's runtime directory)."""
         self._bus = bus
         self._root = root
         self._clock = clock
@@ -106,12 +127,23 @@ class SystemdRuntime:
         self._finishing: set[asyncio.Task[None]] = set()
         self._connected = False
         self._closed = False
+        self._instance = instance
+        self._env = EnvironmentFiles(env_dir, root)
+        self._foreign: dict[str, str] = {}  # other opmasd's units found: unit -> its instance
+        self._reconnector = Reconnector(self._manager, bus, self._reopen, self._lost, self._resync)
+        self._resyncing: asyncio.Task[None] | None = None
+        self._lost_at: datetime | None = None
 
     def set_exit_handler(self, handler: ExitHandler) -> None:
         self._exit_handler = handler
 
     def refusals(self, resources: ResourceLimits) -> list[tuple[str, str]]:
-        return self._layout.refusals(resources)
+        return self._layout.refusals(resources) + quota_refusals(resources)
+
+    def id_refusals(self, agent_id: str) -> list[tuple[str, str]]:
+        """(field, why) when the agent cannot have a unit here: its id makes a unit name over
+        systemd's limit, or another opmasd's unit holds that name."""
+        return unit_refusals(agent_id, self._foreign)
 
     # --- connecting -------------------------------------------------------------------------
 
@@ -120,25 +152,51 @@ class SystemdRuntime:
         find the agent units that are running, for adopt(). BackendError when systemd's bus
         cannot be reached."""
         try:
-            await self._manager.connect(self._bus)
             self._manager.add_listener(self._on_change)
-            await self._manager.subscribe(prefix=UNIT_PREFIX)
+            self._manager.on_systemd_returned(self._systemd_returned)
+            await self._reopen()
             ended = self._ended_while_listing = set()
-            found = await find_units(self._manager)
+            loaded, found = await find_units(self._manager)
         except SystemdError as exc:
             await self._manager.close()
             raise BackendError(f"the systemd runtime cannot reach systemd ({self._bus} bus): {exc}") from exc
-        self._found = {state.name: state for state in found if state.name not in ended}
         self._ended_while_listing = None
+        self._env.sweep(loaded)
+        self._found, self._foreign = split_owned([s for s in found if s.name not in ended], self._instance)
         self._connected = True
+        self._reconnector.start()
         log.info("systemd runtime connected", bus=self._bus, units_found=sorted(self._found))
+
+    async def _reopen(self) -> None:
+        await self._manager.connect(self._bus)
+        await self._manager.subscribe(prefix=UNIT_PREFIX)
+
+    def _lost(self) -> None:
+        self._connected = False
+        self._lost_at = self._clock.now()
+
+    async def _resync(self) -> None:
+        """After a reconnect or systemd's return: every watched unit's state read again (a unit
+        collected meanwhile: its exit as the journal has it since the loss, or since RESYNC_BACK
+        for systemd's re-exec, whose start is not seen)."""
+        self._connected = not self._closed
+        since, self._lost_at = self._lost_at or self._clock.now() - RESYNC_BACK, None
+        lookup = functools.partial(journal_status, self._journal, since=since)
+        ended = await resync(self._manager, self._units.values(), self._on_change, lookup)
+        log.info("agent units read again", watched=len(self._units), ended=ended)
+
+    def _systemd_returned(self) -> None:
+        if self._resyncing is None or self._resyncing.done():
+            self._resyncing = asyncio.get_running_loop().create_task(self._resync(), name="systemd-resync")
 
     # --- signals ----------------------------------------------------------------------------
 
     def _on_change(self, change: UnitChange) -> None:
         """Every signal about an agent unit, on the loop."""
-        if change.kind is ChangeKind.UNIT_REMOVED and (event := self._removals.get(change.unit)):
-            event.set()
+        if change.kind is ChangeKind.UNIT_REMOVED:
+            self._foreign.pop(change.unit, None)
+            if event := self._removals.get(change.unit):
+                event.set()
         watch = self._units.get(change.unit)
         if watch is None:
             if change.active_state in END_STATES or change.kind is ChangeKind.UNIT_REMOVED:
@@ -181,6 +239,7 @@ class SystemdRuntime:
         watch.close()
         self._forget(watch)
         watch.gone.set()
+        self._env.remove(watch.unit)
         if watch.reaped or watch.handle is None:
             return
         log.info("agent unit ended", agent_id=watch.agent_id, unit=watch.unit, reason=info.reason,
@@ -215,7 +274,9 @@ class SystemdRuntime:
     async def launch(self, request: LaunchRequest) -> ProcessHandle:
         agent_id = request.agent_id
         if self._closed or not self._connected:
-            raise LaunchError("the systemd runtime is not connected")
+            raise LaunchError(
+                f"the systemd runtime is not connected to systemd's {self._bus} bus (reconnecting)"
+            )
         if (existing := self._watched.get(agent_id)) is not None:
             raise LaunchError(f"agent {agent_id} already has a unit ({existing.unit})")
         if not request.command:
@@ -228,14 +289,16 @@ class SystemdRuntime:
         except ValueError as exc:
             raise LaunchError(str(exc)) from None
         check_program(self._root, request)
-        await clear_stale(self._manager, agent_id, unit, self._removals)
+        await clear_stale(self._manager, agent_id, unit, self._removals, self._instance)
         if agent_id in self._watched:  # launched meanwhile
             raise LaunchError(f"agent {agent_id} is being launched already ({unit})")
         watch = UnitWatch(agent_id, unit, launching=asyncio.get_running_loop().create_future())
         self._watch(watch)
         started_at = self._clock.now()
         try:
-            outcome = await self._start(watch, request)
+            env_file = await write_env_file(self._env, unit, request)
+            definition = agent_unit(request, self._instance, env_file)
+            outcome = await start_unit(self._manager, watch, definition, self._start_timeout, self._on_change)
             if outcome is not Outcome.RUNNING:
                 raise LaunchError(await failure_of(watch, self._journal, started_at))
             handle = ProcessHandle(watch.main_pid, self._start_time(watch.main_pid, agent_id))
@@ -244,6 +307,7 @@ class SystemdRuntime:
         except BaseException:
             watch.close()
             self._forget(watch)
+            self._env.remove(unit)
             raise
         finally:
             watch.launching = None
@@ -251,27 +315,6 @@ class SystemdRuntime:
             asyncio.get_running_loop().call_soon(self._finish, watch)
         log.info("agent launched", agent_id=agent_id, unit=unit, pid=handle.pid, command=request.command)
         return handle
-
-    async def _start(self, watch: UnitWatch, request: LaunchRequest) -> Outcome:
-        assert watch.launching is not None
-        unit = watch.unit
-        try:
-            await self._manager.start_transient_unit(unit, agent_unit(request), mode="fail")
-        except SystemdError as exc:
-            raise LaunchError(f"systemd refused to start unit {unit}: {exc}") from None
-        try:
-            async with asyncio.timeout(self._start_timeout):
-                outcome = await watch.launching
-                if outcome is Outcome.JOB_FAILED:
-                    await watch.until_ended(1.0)  # its exit status, if one comes
-                return outcome
-        except TimeoutError:
-            with contextlib.suppress(SystemdError):
-                await self._manager.kill_unit(unit, "all", signal.SIGKILL)
-            raise LaunchError(
-                f"unit {unit} was neither running nor failed after {self._start_timeout} s "
-                f"({watch.active_state}/{watch.sub_state}); killed"
-            ) from None
 
     def _start_time(self, pid: int, agent_id: str) -> float:
         stat = read_stat(self._root, pid)
@@ -375,6 +418,9 @@ class SystemdRuntime:
     async def aclose(self) -> None:
         """Stop watching and close the bus; the units keep running for a later daemon."""
         self._closed = True
+        await self._reconnector.aclose()
+        if self._resyncing is not None:
+            self._resyncing.cancel()
         if self._finishing:
             _done, pending = await asyncio.wait(set(self._finishing), timeout=1.0)
             for task in pending:

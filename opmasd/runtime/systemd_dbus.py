@@ -53,6 +53,7 @@ MANAGER = "org.freedesktop.systemd1.Manager"
 UNIT = "org.freedesktop.systemd1.Unit"
 SERVICE = "org.freedesktop.systemd1.Service"
 PROPERTIES = "org.freedesktop.DBus.Properties"
+BUS_DRIVER = "org.freedesktop.DBus"  # the sender of NameOwnerChanged (no client can forge it)
 
 # Error names: systemd's own that callers act on, and the standard ones this module raises.
 UNIT_EXISTS = "org.freedesktop.systemd1.UnitExists"
@@ -62,10 +63,19 @@ AUTH_FAILED = "org.freedesktop.DBus.Error.AuthFailed"
 NO_REPLY = "org.freedesktop.DBus.Error.NoReply"
 DISCONNECTED = "org.freedesktop.DBus.Error.Disconnected"
 INVALID_ARGS = "org.freedesktop.DBus.Error.InvalidArgs"
+# What the bus answers for systemd while it re-executes (daemon-reexec): a call in flight is
+# dropped ("recipient disconnected ... without replying", which BUS_NO_REPLY marks apart from
+# this module's own timeouts), and one sent meanwhile finds no owner of its name.
+BUS_NO_REPLY = "org.freedesktop.DBus.Error.NoReply (bus)"
+_ABSENT = frozenset(
+    {"org.freedesktop.DBus.Error.ServiceUnknown", "org.freedesktop.DBus.Error.NameHasNoOwner", BUS_NO_REPLY}
+)
+_RETRY_FIRST = 0.05  # seconds before a call systemd dropped is sent again; doubled each time
 
 CHANGED = "sa{sv}as"  # PropertiesChanged(interface, changed, invalidated)
 
 Listener = Callable[[UnitChange], None]
+Callback = Callable[[], None]
 
 
 class SystemdError(BackendError):
@@ -102,8 +112,10 @@ def _plain(value: Any) -> Any:
 
 
 async def _disconnect_of(bus: MessageBus) -> None:
+    # Shielded: a waiter cancelled (the reconnect watcher, closing) must not cancel dbus-fast's
+    # own future, which every other waiter, close() included, awaits too.
     with contextlib.suppress(OSError, EOFError, DBusFastError):
-        await bus.wait_for_disconnect()  # type: ignore[no-untyped-call]
+        await asyncio.shield(bus.wait_for_disconnect())  # type: ignore[no-untyped-call]
 
 
 class SystemdManager:
@@ -115,6 +127,9 @@ class SystemdManager:
         self._listeners: list[Listener] = []
         self._prefix = ""
         self._reloading = False  # between systemd's Reloading(true) and Reloading(false)
+        # Called when systemd takes its bus name again (after a daemon-reexec): signals sent
+        # meanwhile may be lost, so the runtime reads its units' states again.
+        self._returned: list[Callback] = []
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -134,6 +149,7 @@ class SystemdManager:
             raise SystemdError(AUTH_FAILED, f"{address}: {exc}") from None
         bus.add_message_handler(self._on_message)
         self._bus = bus
+        self._reloading = False  # a Reloading(false) lost with an earlier connection
 
     @property
     def connected(self) -> bool:
@@ -164,6 +180,10 @@ class SystemdManager:
     def remove_listener(self, listener: Listener) -> None:
         self._listeners.remove(listener)
 
+    def on_systemd_returned(self, callback: Callback) -> None:
+        """Call callback() on the loop when systemd takes its bus name again (daemon-reexec)."""
+        self._returned.append(callback)
+
     async def subscribe(self, prefix: str = "") -> None:
         """Receive state changes of the units whose names start with prefix (all when "")."""
         self._prefix = prefix
@@ -172,6 +192,8 @@ class SystemdManager:
             f"{rule},interface='{MANAGER}',member='JobRemoved'",
             f"{rule},interface='{MANAGER}',member='UnitRemoved'",
             f"{rule},interface='{MANAGER}',member='Reloading'",
+            "type='signal',sender='org.freedesktop.DBus',interface='org.freedesktop.DBus',"
+            f"member='NameOwnerChanged',arg0='{SYSTEMD}'",
             f"{rule},interface='{PROPERTIES}',member='PropertiesChanged',"
             f"path_namespace='{UNIT_PATH_PREFIX.rstrip('/')}'",
         ):
@@ -183,6 +205,10 @@ class SystemdManager:
         if msg.message_type is not MessageType.SIGNAL:
             return
         change: UnitChange | None = None
+        if msg.member == "NameOwnerChanged" and msg.sender == BUS_DRIVER and msg.signature == "sss":
+            if msg.body[0] == SYSTEMD:
+                self._owner_changed(msg.body[2])
+            return
         if msg.interface == MANAGER and msg.member == "JobRemoved" and msg.signature == "uoss":
             job_id, _job, unit, result = msg.body
             change = UnitChange(unit, ChangeKind.JOB_REMOVED, job_id=job_id, job_result=result)
@@ -206,6 +232,18 @@ class SystemdManager:
             except Exception:
                 log.exception("systemd_listener_failed", unit=change.unit)
 
+    def _owner_changed(self, owner: str) -> None:
+        if not owner:
+            log.warning("systemd left the bus (re-executing?)")
+            return
+        self._reloading = False  # a Reloading(false) may have been lost with it
+        log.warning("systemd is back on the bus", owner=owner)
+        for callback in list(self._returned):
+            try:
+                callback()
+            except Exception:
+                log.exception("systemd_returned_callback_failed")
+
     # -- units --------------------------------------------------------------------------------
 
     async def start_transient_unit(self, name: str, unit: TransientUnit, mode: str = "fail") -> str:
@@ -215,7 +253,10 @@ class SystemdManager:
             props = [[key, Variant(sig, value)] for key, sig, value in transient_properties(unit)]
         except (ValueError, TypeError, DBusFastError) as exc:
             raise SystemdError(INVALID_ARGS, f"{name}: {exc}") from None
-        body = await self._manager("StartTransientUnit", "ssa(sv)a(sa(sv))", [name, mode, props, []])
+        # Not sent twice: the first may have started the unit (the runtime finds out).
+        body = await self._manager(
+            "StartTransientUnit", "ssa(sv)a(sa(sv))", [name, mode, props, []], retry=False
+        )
         return str(body[0])
 
     async def stop_unit(self, name: str, mode: str = "replace") -> str:
@@ -258,10 +299,42 @@ class SystemdManager:
 
     # -- calls --------------------------------------------------------------------------------
 
-    async def _manager(self, member: str, signature: str = "", body: list[Any] | None = None) -> list[Any]:
-        return await self._call(SYSTEMD, MANAGER_PATH, MANAGER, member, signature, body or [])
+    async def _manager(
+        self, member: str, signature: str = "", body: list[Any] | None = None, *, retry: bool = True
+    ) -> list[Any]:
+        return await self._call(SYSTEMD, MANAGER_PATH, MANAGER, member, signature, body or [], retry=retry)
 
     async def _call(
+        self,
+        destination: str,
+        path: str,
+        interface: str,
+        member: str,
+        signature: str,
+        body: list[Any],
+        *,
+        retry: bool = True,
+    ) -> list[Any]:
+        """One call; while systemd re-executes (BUS_NO_REPLY, no owner of its name), sent again
+        with backoff until `timeout` has passed, when `retry` (the call can be repeated)."""
+        loop = asyncio.get_running_loop()
+        deadline = loop.time() + self.timeout
+        delay = _RETRY_FIRST
+        while True:
+            try:
+                return await self._call_once(destination, path, interface, member, signature, body)
+            except SystemdError as exc:
+                if not retry or destination != SYSTEMD or exc.name not in _ABSENT:
+                    raise
+                if loop.time() + delay > deadline:
+                    raise SystemdError(
+                        NO_REPLY, f"{member}: systemd did not come back ({exc.text})"
+                    ) from None
+                log.info("systemd did not answer; calling again", member=member, error=str(exc), delay=delay)
+            await asyncio.sleep(delay)
+            delay *= 2
+
+    async def _call_once(
         self, destination: str, path: str, interface: str, member: str, signature: str, body: list[Any]
     ) -> list[Any]:
         bus = self._bus
@@ -278,7 +351,10 @@ class SystemdManager:
             raise SystemdError(INVALID_ARGS, f"{member}: {exc}") from None
         except (OSError, EOFError, DBusFastError) as exc:
             raise SystemdError(DISCONNECTED, f"{member}: {exc or type(exc).__name__}") from None
+        if reply is None:  # dbus-fast's answer to a call in flight when the bus was closed
+            raise SystemdError(DISCONNECTED, f"{member}: the connection was closed")
         if reply.message_type is MessageType.ERROR:
             text = reply.body[0] if reply.body and isinstance(reply.body[0], str) else ""
-            raise SystemdError(reply.error_name or "org.freedesktop.DBus.Error.Failed", text)
+            name = reply.error_name or "org.freedesktop.DBus.Error.Failed"
+            raise SystemdError(BUS_NO_REPLY if name == NO_REPLY else name, text)
         return list(reply.body)

@@ -14,7 +14,8 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
-from collections.abc import Sequence
+import signal
+from collections.abc import Callable, Mapping, Sequence
 from datetime import datetime, timedelta
 from pathlib import Path
 
@@ -22,14 +23,17 @@ import structlog
 
 from opmasd.core.errors import BackendError, LaunchError
 from opmasd.core.logs import LogEntry, LogStream
+from opmasd.core.model import ResourceLimits
 from opmasd.runtime import procstat
 from opmasd.runtime.base import LaunchRequest
 from opmasd.runtime.programs import not_executable, not_found
-from opmasd.runtime.systemd_dbus import NO_SUCH_UNIT, SystemdError, SystemdManager
+from opmasd.runtime.systemd_dbus import BUS_NO_REPLY, NO_SUCH_UNIT, SystemdError, SystemdManager
+from opmasd.runtime.systemd_env import EnvironmentFiles
 from opmasd.runtime.systemd_journal import UnitJournal
+from opmasd.runtime.systemd_owner import describe, is_foreign, owner_of
 from opmasd.runtime.systemd_sandboxing import sandbox_properties
-from opmasd.runtime.systemd_units import TransientUnit, escape_unit_name
-from opmasd.runtime.systemd_watch import END_STATES, UnitWatch, start_failure
+from opmasd.runtime.systemd_units import ChangeKind, TransientUnit, UnitChange, escape_unit_name
+from opmasd.runtime.systemd_watch import END_STATES, Outcome, UnitWatch, start_failure
 
 log = structlog.get_logger(__name__)
 
@@ -43,15 +47,44 @@ _FAILURE_LINES = 5  # the journal lines quoted when a unit fails to start
 _REMOVAL_WAIT = 2.0  # for a stale unit to be unloaded before its name is reused
 
 
-def agent_unit(request: LaunchRequest) -> TransientUnit:
-    """The agent's transient unit (runtime.systemd's module doc says why each property)."""
+# systemd turns a CPU quota into the kernel's CFS quota, never below 1 ms (the kernel's minimum)
+# per period, stretching the period from 100 ms up to 1 s for it (measured on 252): anything
+# under 0.1% of a CPU would be enforced as 0.1%.
+MIN_CPU_QUOTA_PERCENT = 0.1
+
+
+def quota_refusals(resources: ResourceLimits) -> list[tuple[str, str]]:
+    quota = resources.cpu_quota_percent
+    if 0 < quota < MIN_CPU_QUOTA_PERCENT:
+        why = (f"{quota:g}% is below what systemd can enforce ({MIN_CPU_QUOTA_PERCENT:g}% of a CPU: "
+               "the kernel's minimum quota of 1 ms in systemd's longest period, 1 s)")  # fmt: skip
+        return [("resources.cpu_quota_percent", why)]
+    return []
+
+
+def unit_refusals(agent_id: str, foreign: Mapping[str, str]) -> list[tuple[str, str]]:
+    """(field, why) when the agent cannot have a unit: its id makes too long a unit name, or
+    another opmasd's unit (foreign: unit -> owner) holds the name."""
+    try:
+        unit = escape_unit_name(agent_id)
+    except ValueError as exc:
+        return [("id", f"cannot run under the systemd runtime: {exc}")]
+    if (owner := foreign.get(unit)) is not None:
+        return [("id", f"unit {unit} belongs to another opmasd on this systemd (instance {owner})")]
+    return []
+
+
+def agent_unit(request: LaunchRequest, instance: str = "", env_file: str = "") -> TransientUnit:
+    """The agent's transient unit (runtime.systemd's module doc says why each property): marked
+    with the instance, its environment in env_file (runtime.systemd_env; "": as Environment=)."""
     unit = escape_unit_name(request.agent_id)
     res = request.resources
     cat = (SYSTEMD_CAT, f"--identifier={unit}", "--stderr-priority=warning", "--level-prefix=false", "--")
     return TransientUnit(
         exec_start=(*cat, *request.command),
-        description=f"OPMAS agent {request.agent_id}",
-        environment=request.environment,
+        description=describe(request.agent_id, instance),
+        environment={} if env_file else request.environment,
+        environment_files=(env_file,) if env_file else (),
         working_directory=request.working_directory or None,
         user=request.user or None,
         group=request.group or None,
@@ -64,8 +97,6 @@ def agent_unit(request: LaunchRequest) -> TransientUnit:
         kill_mode="control-group",
         collect_mode="inactive-or-failed",
         syslog_identifier=unit,
-        # The agent's argv as given: systemd would otherwise expand $VAR in it.
-        exec_flags=("no-env-expand",),
         extra=(("SendSIGKILL", "b", True), ("StartLimitIntervalUSec", "t", 0), *sandbox_properties(request)),
     )
 
@@ -120,18 +151,23 @@ def quoted_output(entries: Sequence[LogEntry], since: datetime) -> str:
 
 
 async def clear_stale(
-    manager: SystemdManager, agent_id: str, unit: str, removals: dict[str, asyncio.Event]
+    manager: SystemdManager, agent_id: str, unit: str, removals: dict[str, asyncio.Event], instance: str = ""
 ) -> None:
     """Make the unit's name free: a unit of it that ended but is not yet unloaded is reset
     (and its removal awaited through `removals`, which the runtime's listener sets); one that
-    runs is a LaunchError. Asking systemd also orders the launch after every signal about the
-    name's earlier units: they were sent before the answer."""
+    runs, or another opmasd's, is a LaunchError. Asking systemd also orders the launch after
+    every signal about the name's earlier units: they were sent before the answer."""
     try:
         state = await manager.unit_state(unit)
     except SystemdError as exc:
         if exc.name == NO_SUCH_UNIT:
             return
         raise LaunchError(f"cannot ask systemd about unit {unit}: {exc}") from None
+    if is_foreign(state.description, instance):
+        raise LaunchError(
+            f"unit {unit} belongs to another opmasd on this systemd (instance {owner_of(state.description)}, "
+            f"{state.active_state}): agent {agent_id} cannot run under that name here"
+        )
     if state.active_state not in END_STATES:
         raise LaunchError(
             f"unit {unit} of agent {agent_id} is already {state.active_state} (pid {state.main_pid}) "
@@ -146,3 +182,66 @@ async def clear_stale(
             await asyncio.wait_for(removed.wait(), _REMOVAL_WAIT)
     finally:
         del removals[unit]
+
+
+async def write_env_file(files: EnvironmentFiles, unit: str, request: LaunchRequest) -> str:
+    """The unit's environment file written; LaunchError naming what cannot be carried or written."""
+    try:
+        return await files.write(unit, request.environment)
+    except ValueError as exc:
+        raise LaunchError(f"agent {request.agent_id}: {exc}") from None
+    except OSError as exc:
+        raise LaunchError(f"cannot write the environment file of unit {unit}: {exc}") from None
+
+
+async def start_unit(
+    manager: SystemdManager,
+    watch: UnitWatch,
+    definition: TransientUnit,
+    timeout: float,
+    apply: Callable[[UnitChange], None],
+) -> Outcome:
+    """Start the unit and wait (up to timeout, then SIGKILL) for it to run or fail. A start whose
+    answer systemd dropped (re-executing) is sent again unless the unit exists: then its state
+    goes to apply() and the wait goes on."""
+    assert watch.launching is not None
+    unit = watch.unit
+    try:
+        await manager.start_transient_unit(unit, definition, mode="fail")
+    except SystemdError as exc:
+        if exc.name != BUS_NO_REPLY or not await _start_again(manager, unit, definition, apply):
+            raise LaunchError(f"systemd refused to start unit {unit}: {exc}") from None
+    try:
+        async with asyncio.timeout(timeout):
+            outcome = await watch.launching
+            if outcome is Outcome.JOB_FAILED:
+                await watch.until_ended(1.0)  # its exit status, if one comes
+            return outcome
+    except TimeoutError:
+        with contextlib.suppress(SystemdError):
+            await manager.kill_unit(unit, "all", signal.SIGKILL)
+        raise LaunchError(
+            f"unit {unit} was neither running nor failed after {timeout} s "
+            f"({watch.active_state}/{watch.sub_state}); killed"
+        ) from None
+
+
+async def _start_again(
+    manager: SystemdManager, unit: str, definition: TransientUnit, apply: Callable[[UnitChange], None]
+) -> bool:
+    """After a dropped StartTransientUnit: whether the unit is there now (started again if not)."""
+    try:
+        state = await manager.unit_state(unit)
+    except SystemdError as exc:
+        if exc.name != NO_SUCH_UNIT:
+            return False
+        try:
+            await manager.start_transient_unit(unit, definition, mode="fail")
+        except SystemdError as again:
+            log.warning("a start sent again failed", unit=unit, error=str(again))
+            return False
+        return True
+    apply(UnitChange(unit, ChangeKind.PROPERTIES, active_state=state.active_state, sub_state=state.sub_state,
+                     main_pid=state.main_pid, exec_main_code=state.exec_main_code,
+                     exec_main_status=state.exec_main_status, result=state.result))  # fmt: skip
+    return True

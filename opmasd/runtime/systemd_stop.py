@@ -22,7 +22,7 @@ import structlog
 
 from opmasd.core.errors import BackendError
 from opmasd.core.tasks import event_within
-from opmasd.runtime.systemd_dbus import NO_SUCH_UNIT, SystemdError, SystemdManager
+from opmasd.runtime.systemd_dbus import DISCONNECTED, NO_SUCH_UNIT, SystemdError, SystemdManager
 from opmasd.runtime.systemd_units import UNIT_PATTERN, UnitState, agent_id_from_unit
 from opmasd.runtime.systemd_watch import END_STATES, UnitWatch
 
@@ -44,6 +44,8 @@ async def stop_unit(manager: SystemdManager, watch: UnitWatch, timeout: float) -
     except SystemdError as exc:
         if exc.name == NO_SUCH_UNIT:
             log.info("unit to stop has ended", unit=unit)  # its end is signalled, or was
+        elif exc.name == DISCONNECTED:
+            raise _lost(unit, exc) from None
         else:
             log.warning("cannot stop unit; killing it", unit=unit, error=str(exc))
             timeout = 0.0
@@ -54,6 +56,8 @@ async def stop_unit(manager: SystemdManager, watch: UnitWatch, timeout: float) -
         try:
             await manager.kill_unit(unit, "all", signal.SIGKILL)
         except SystemdError as exc:
+            if exc.name == DISCONNECTED:
+                raise _lost(unit, exc) from None
             if exc.name != NO_SUCH_UNIT:
                 log.error("cannot kill unit", unit=unit, error=str(exc))
         if await event_within(watch.gone, KILL_WAIT):
@@ -62,8 +66,15 @@ async def stop_unit(manager: SystemdManager, watch: UnitWatch, timeout: float) -
     raise BackendError(f"unit {unit} did not stop, even after SIGKILL")
 
 
-async def find_units(manager: SystemdManager) -> list[UnitState]:
-    """The agent units that have a running process now. SystemdError when systemd cannot be asked."""
+def _lost(unit: str, exc: SystemdError) -> BackendError:
+    """A stop without a connection fails at once (it would otherwise wait out every timeout)."""
+    return BackendError(f"cannot stop unit {unit}: the connection to systemd is lost ({exc.text}); "
+                        "opmasd is reconnecting")  # fmt: skip
+
+
+async def find_units(manager: SystemdManager) -> tuple[list[str], list[UnitState]]:
+    """The agent units loaded now (any state, any owner), and those of them that have a running
+    process. SystemdError when systemd cannot be asked."""
     listed = await manager.list_units_by_patterns([UNIT_PATTERN])
     names = [info.name for info in listed if info.active_state not in END_STATES]
     gate = asyncio.Semaphore(_CONCURRENT_CALLS)
@@ -78,7 +89,7 @@ async def find_units(manager: SystemdManager) -> list[UnitState]:
                 raise
 
     states = await asyncio.gather(*(state_of(name) for name in names))
-    return [
+    return [info.name for info in listed], [
         state
         for state in states
         if state is not None

@@ -155,9 +155,8 @@ class TransientUnit:
     # arrives in the PropertiesChanged signals before that.
     collect_mode: str = "inactive-or-failed"
     syslog_identifier: str | None = None
-    # ExecStartEx flags ("no-env-expand": argv as given; systemd otherwise replaces $VAR and
-    # ${VAR} in it from the unit's environment). Empty: plain ExecStart.
-    exec_flags: tuple[str, ...] = ()
+    # EnvironmentFile= paths, as the unit's systemd sees them (runtime.systemd_env writes them).
+    environment_files: tuple[str, ...] = ()
     extra: tuple[Property, ...] = ()
 
 
@@ -195,6 +194,8 @@ def transient_properties(unit: TransientUnit) -> list[Property]:
         ("SyslogIdentifier", "s", unit.syslog_identifier),
     ]
     props += [p for p in optional if p[2] is not None]
+    if unit.environment_files:
+        props.append(("EnvironmentFiles", "a(sb)", [(path, False) for path in unit.environment_files]))
     names = {p[0] for p in props}
     for extra in unit.extra:
         if extra[0] in names:
@@ -204,10 +205,18 @@ def transient_properties(unit: TransientUnit) -> list[Property]:
     return props
 
 
+def exec_argument(arg: str) -> str:
+    """An argument as ExecStart must carry it to reach the program unchanged: systemd replaces
+    `$VAR`, `${VAR}` (and drops a lone `$VAR` that is unset) when it executes the unit, and
+    `$$` is its `$`. Specifiers (`%n`) need nothing: systemd does not expand them in a property
+    set over D-Bus, and escapes them itself when it writes the transient unit's file."""
+    return arg.replace("$", "$$")
+
+
 def _exec_start(unit: TransientUnit) -> Property:
-    program, argv = unit.exec_start[0], list(unit.exec_start)
-    if unit.exec_flags:
-        return ("ExecStartEx", "a(sasas)", [(program, argv, list(unit.exec_flags))])
+    # Plain ExecStart: systemd 252 cannot read back the ExecStartEx= it writes for a transient
+    # unit (LoadState=bad-setting after a daemon-reload).
+    program, argv = unit.exec_start[0], [exec_argument(arg) for arg in unit.exec_start]
     return ("ExecStart", "a(sasb)", [(program, argv, False)])
 
 
@@ -246,6 +255,7 @@ class UnitState:
     # The unit's cgroup as systemd names it ("/system.slice/x.service"), relative to the
     # hierarchies' root; "" when it has none.
     control_group: str = ""
+    description: str = ""  # carries the owning opmasd's mark (runtime.systemd_owner)
 
 
 class ChangeKind(Enum):
@@ -303,6 +313,7 @@ def unit_state(name: str, props: Mapping[str, object]) -> UnitState:
         cpu_usage_nsec=_accounted(props, "CPUUsageNSec"),
         n_restarts=_int(props, "NRestarts") or 0,
         control_group=_str(props, "ControlGroup") or "",
+        description=_str(props, "Description") or "",
     )
 
 

@@ -20,20 +20,30 @@ from opmasd.core.errors import BackendError
 from opmasd.core.model import RuntimeKind
 from opmasd.runtime.systemd import SystemdRuntime
 from opmasd.runtime.systemd_journal import JournalSource
+from opmasd.runtime.systemd_owner import load_instance_id
 
 log = structlog.get_logger(__name__)
 
+ENV_SUBDIR = "systemd-env"  # the units' environment files, under the runtime directory
 
-async def connect_systemd(agents: AgentsConfig, source: str) -> tuple[SystemdRuntime | None, str]:
+
+async def connect_systemd(
+    agents: AgentsConfig, source: str, state_dir: Path, runtime_dir: Path
+) -> tuple[SystemdRuntime | None, str]:
     """The connected systemd runtime, or None and why there is none. ConfigError when the
     configuration requires it (agents.systemd: required, or agents.runtime: systemd) and it
-    cannot be had."""
+    cannot be had. Its units carry this opmasd's instance id (runtime.systemd_owner, kept in
+    state_dir) and their environments go in files under runtime_dir (runtime.systemd_env)."""
     if agents.systemd == "off":
         return None, "agents.systemd is off"
     bus = agents.systemd_bus or ("system" if os.geteuid() == 0 else "user")
     root = agents.systemd_root or Path("/")
     journal = JournalSource(directory=agents.systemd_journal) if agents.systemd_journal else None
-    runtime = SystemdRuntime(bus, journal, root=root)
+    try:
+        instance = load_instance_id(state_dir)
+    except (OSError, ValueError) as exc:
+        raise ConfigError(source, "service.state_dir", f"cannot keep the instance id there: {exc}") from exc
+    runtime = SystemdRuntime(bus, journal, root=root, instance=instance, env_dir=runtime_dir / ENV_SUBDIR)
     try:
         await runtime.connect()
     except BackendError as exc:
@@ -43,5 +53,5 @@ async def connect_systemd(agents: AgentsConfig, source: str) -> tuple[SystemdRun
             raise ConfigError(source, key, f"needs the systemd runtime, but {why}") from exc
         log.info("the systemd runtime is not available", reason=why)
         return None, why
-    log.info("the systemd runtime is available", bus=bus)
+    log.info("the systemd runtime is available", bus=bus, instance=instance)
     return runtime, ""

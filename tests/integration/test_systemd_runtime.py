@@ -62,16 +62,21 @@ class Exits:
 class Harness:
     """One runtime connected to the sandbox, with helpers to write and launch agents."""
 
-    def __init__(self, sd: SystemdSandbox, work: Path) -> None:
+    def __init__(self, sd: SystemdSandbox, work: Path, instance: str = "") -> None:
         self.sd = sd
         self.work = work
         self.exits = Exits()
+        # An opmasd of its own: its instance id and its runtime directory (in the sandbox's /run).
+        self.instance = instance or uuid.uuid4().hex
+        self.env_dir = Path(f"/run/opmas-test-{uuid.uuid4().hex[:8]}/systemd-env")
         self.runtime = self.new_runtime()
         self.runtime.set_exit_handler(self.exits)
 
-    def new_runtime(self) -> SystemdRuntime:
+    def new_runtime(self, instance: str | None = None) -> SystemdRuntime:
         journal = JournalSource(directory=self.sd.host_path("/run/log/journal"))
-        return SystemdRuntime(self.sd.bus_address, journal, root=self.sd.host_path("/"))
+        return SystemdRuntime(self.sd.bus_address, journal, root=self.sd.host_path("/"),
+                              instance=self.instance if instance is None else instance,
+                              env_dir=self.env_dir)  # fmt: skip
 
     def script(self, name: str, body: str) -> Path:
         path = self.work / f"{name}.py"
@@ -176,7 +181,7 @@ async def test_the_agent_is_the_units_main_process_and_systemd_never_restarts_it
                      "StartLimitIntervalUSec", "MemoryAccounting", "TasksAccounting", "Type")
     }  # fmt: skip
     assert shown == {
-        "Description": f"OPMAS agent {agent_id}",
+        "Description": f"OPMAS agent {agent_id} (opmasd {harness.instance})",
         "Restart": "no",
         "KillMode": "control-group",
         "CollectMode": "inactive-or-failed",

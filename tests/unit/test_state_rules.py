@@ -7,7 +7,6 @@ Every test here fails when the rule it names is broken in the supervisor or the 
 from __future__ import annotations
 
 import asyncio
-import re
 from collections.abc import AsyncIterator
 
 import pytest
@@ -263,7 +262,7 @@ async def test_an_exit_within_the_window_is_a_failed_start_even_with_code_0() ->
         rig.runtime.crash("a", exit_code=0)
         await rig.settle()
         with pytest.raises(
-            FailedPrecondition, match=re.escape("failed to start: exited with code 0 after 0.2s")
+            FailedPrecondition, match=r"^agent a failed to start: exited with code 0 after 0\.2s, within"
         ):
             await task
         rec = rig.rec()

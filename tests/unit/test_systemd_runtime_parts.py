@@ -234,8 +234,9 @@ async def test_bounded_lines_drop_an_overlong_line_and_go_on() -> None:
 
 def test_the_agents_unit() -> None:
     limits = ResourceLimits(memory_max_bytes=64 << 20, cpu_quota_percent=150, tasks_max=0, open_files_max=99)
-    request = LaunchRequest("my-agent/x y", ("/usr/bin/env", "$HOME"), "/srv", {"A": "1"}, limits)
-    props = {name: (sig, value) for name, sig, value in transient_properties(agent_unit(request))}
+    request = LaunchRequest("my-agent/x y", ("/usr/bin/env", "$HOME", "%n 100%"), "/srv", {"A": "1"}, limits)
+    unit = agent_unit(request, "0123456789abcdef0123456789abcdef", "/run/opmasd/systemd-env/x.env")
+    props = {name: (sig, value) for name, sig, value in transient_properties(unit)}
     cat = [
         "/usr/bin/systemd-cat",
         "--identifier=opmas-agent-my\\x2dagent-x\\x20y.service",
@@ -243,14 +244,18 @@ def test_the_agents_unit() -> None:
         "--level-prefix=false",
         "--",
     ]
-    argv = [*cat, "/usr/bin/env", "$HOME"]
-    assert props["ExecStartEx"] == ("a(sasas)", [("/usr/bin/systemd-cat", argv, ["no-env-expand"])])
-    assert "ExecStart" not in props and "TasksMax" not in props
-    assert props["Description"] == ("s", "OPMAS agent my-agent/x y")
+    # Plain ExecStart (systemd 252 cannot read back its own ExecStartEx=), with `$` as `$$`;
+    # specifiers are not expanded in a property set over D-Bus.
+    argv = [*cat, "/usr/bin/env", "$$HOME", "%n 100%"]
+    assert props["ExecStart"] == ("a(sasb)", [("/usr/bin/systemd-cat", argv, False)])
+    assert "ExecStartEx" not in props and "TasksMax" not in props
+    assert props["Description"] == ("s", "OPMAS agent my-agent/x y (opmasd 0123456789abcdef0123456789abcdef)")
     assert props["MemoryMax"] == ("t", 64 << 20)
     assert props["CPUQuotaPerSecUSec"] == ("t", 1_500_000)
     assert props["LimitNOFILE"] == ("t", 99)
-    assert props["Environment"] == ("as", ["A=1"])
+    # The environment in a file of opmasd's alone, never in the public Environment=.
+    assert props["Environment"] == ("as", [])
+    assert props["EnvironmentFiles"] == ("a(sb)", [("/run/opmasd/systemd-env/x.env", False)])
     assert props["WorkingDirectory"] == ("s", "/srv")
     assert props["Restart"] == ("s", "no") and props["StartLimitIntervalUSec"] == ("t", 0)
     assert props["KillMode"] == ("s", "control-group") and props["SendSIGKILL"] == ("b", True)
