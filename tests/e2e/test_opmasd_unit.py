@@ -64,7 +64,8 @@ def install(sd: SystemdSandbox) -> None:
         "rest": {"enabled": False},
         "agents": {"dirs": [AGENTS_DIR], "backoff_initial": 0.1, "backoff_max": 0.5, "stop_timeout": 5},
     }
-    sd.host_path(AGENTS_DIR).mkdir(parents=True, exist_ok=True)
+    # What the package's tmpfiles.d entry makes (/etc/opmas/agents.d: a tmpfs of the sandbox's).
+    sd.run("systemd-tmpfiles", "--create", str(UNIT.parent / "opmas.tmpfiles"))
     sd.host_path("/etc/opmas/opmasd.yaml").write_text(json.dumps(config))  # JSON is YAML
     sd.run("systemctl", "daemon-reload")
 
@@ -215,10 +216,15 @@ def test_systemd_runtime_agents_survive_opmasd_and_are_adopted(opmasd: SystemdSa
     pid = agent(opmasd, "kept")["status"]["pid"]
     main = show(opmasd, "MainPID", unit=unit_of("kept"))["MainPID"]
     assert str(pid) == main
+    runtime_dir = opmasd.host_path("/run/opmas")
+    marker = runtime_dir / "kept-across-restarts"
+    marker.touch()
     if how == "restart":
         opmasd.run("systemctl", "restart", "opmasd", timeout=120)
+        assert marker.exists()  # RuntimeDirectoryPreserve=restart
     else:
         opmasd.run("systemctl", "stop", "opmasd", timeout=120)
+        assert not runtime_dir.exists()  # a stop is not a restart: the runtime directory goes
         assert show(opmasd, "ActiveState", unit=unit_of("kept"))["ActiveState"] == "active"
         opmasd.run("systemctl", "start", "opmasd", timeout=120)
     adopted = until(lambda: running(opmasd, "kept"), 20, "kept adopted")
@@ -283,3 +289,17 @@ def test_an_agent_over_its_memory_limit_is_reported_with_opmasd_inside(opmasd: S
     started = ctl(opmasd, "agents", "start", "hog")
     assert started.returncode != 0
     assert "killed by SIGKILL: out of memory (MemoryMax)" in started.stderr, started.stderr + journal(opmasd)
+
+
+def test_the_sandbox_binds_shared_paths_and_keeps_private_ones(tmp_path: Path) -> None:
+    """The options this module's sandbox relies on: a path under /tmp (a CI clone) is seen inside
+    at the same path; a private path is a tmpfs inside, and its host mountpoint goes with it."""
+    (tmp_path / "probe").write_text("from the host")
+    private = Path("/var/lib/opmas-sdtest-probe")
+    assert not private.exists()
+    with booted(SystemdSandbox(shared=(tmp_path,), private=(private,))) as sandbox:
+        assert sandbox.run("cat", str(tmp_path / "probe")).stdout == "from the host"
+        sandbox.run("touch", str(private / "inside"))
+        assert sandbox.run("stat", "-f", "-c", "%T", str(private)).stdout.strip() == "tmpfs"
+        assert private.is_dir() and not any(private.iterdir())  # the host's: empty
+    assert not private.exists()

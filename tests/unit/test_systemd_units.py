@@ -58,3 +58,23 @@ def test_unit_sandbox_exposure(unit_copy: Path) -> None:
     match = re.search(r"Overall exposure level for \S+: (\d+\.\d)", result.stdout)
     assert match, result.stdout + result.stderr
     assert float(match.group(1)) <= float(stated.group(1)), result.stdout
+
+
+def test_sysusers_and_tmpfiles_entries_apply(tmp_path: Path) -> None:
+    """On an alternate root (a copy of this host's user database): the socket group, /etc/opmas/agents.d."""
+    systemd = UNIT.parent
+    (tmp_path / "etc").mkdir()
+    for name in ("passwd", "group"):
+        shutil.copyfile(f"/etc/{name}", tmp_path / "etc" / name)
+    users = subprocess.run(
+        ["systemd-sysusers", f"--root={tmp_path}", "--dry-run", str(systemd / "opmas.sysusers")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert users.returncode == 0, users.stderr
+    assert "opmas" in users.stderr + users.stdout or "opmas" in (tmp_path / "etc" / "group").read_text()
+    files = subprocess.run(
+        ["systemd-tmpfiles", f"--root={tmp_path}", "--create", str(systemd / "opmas.tmpfiles")],
+        capture_output=True, text=True, check=False,
+    )  # fmt: skip
+    assert files.returncode == 0 and not files.stderr, files.stderr
+    assert (tmp_path / "etc" / "opmas" / "agents.d").is_dir()
