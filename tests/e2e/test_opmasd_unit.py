@@ -259,9 +259,23 @@ def test_process_runtime_agents_survive_opmasd_and_are_adopted(opmasd: SystemdSa
     until(lambda: max(ticks() or [0]) > first + 2, 10, "new ticks in the log")
 
 
-def uid_of(sd: SystemdSandbox, pid: int | str) -> str:
-    status = sd.host_path(f"/proc/{pid}/status").read_text()
-    return next(line.split()[1] for line in status.splitlines() if line.startswith("Uid:"))
+def proc_status(sd: SystemdSandbox, pid: int | str) -> dict[str, str]:
+    text = sd.host_path(f"/proc/{pid}/status").read_text()
+    return {k: v.strip() for k, _, v in (line.partition(":") for line in text.splitlines())}
+
+
+# linux/capability.h numbers of the capabilities the unit may name.
+CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3, "CAP_KILL": 5,
+        "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_RAW": 13,
+        "CAP_SYS_RESOURCE": 24}  # fmt: skip
+
+
+def bounding_set() -> int:
+    """The CapabilityBoundingSet= of the shipped unit, as /proc/PID/status's CapBnd mask, within
+    this host's own (the sandbox cannot have more: one CI host here lacks CAP_SYS_RESOURCE)."""
+    line = next(x for x in UNIT.read_text().splitlines() if x.startswith("CapabilityBoundingSet="))
+    ours = next(x for x in Path("/proc/self/status").read_text().splitlines() if x.startswith("CapBnd:"))
+    return sum(1 << CAPS[name] for name in line.split("=", 1)[1].split()) & int(ours.split()[1], 16)
 
 
 @pytest.mark.parametrize("runtime", ["systemd", "process"])
@@ -269,8 +283,18 @@ def test_an_agent_with_user_nobody_runs_as_nobody(opmasd: SystemdSandbox, runtim
     name = f"as-nobody-{runtime}"
     register(opmasd, name, "--runtime", runtime, "--user", "nobody")
     pid = agent(opmasd, name)["status"]["pid"]
-    assert uid_of(opmasd, pid) == opmasd.run("id", "-u", "nobody").stdout.strip()
-    assert uid_of(opmasd, show(opmasd, "MainPID")["MainPID"]) == "0"  # opmasd: root
+    daemon, agent_status = proc_status(opmasd, show(opmasd, "MainPID")["MainPID"]), proc_status(opmasd, pid)
+    assert agent_status["Uid"].split()[0] == opmasd.run("id", "-u", "nobody").stdout.strip()
+    # opmasd: root, held by the unit's bounding set, no_new_privs, a seccomp filter.
+    assert daemon["Uid"].split()[0] == "0"
+    assert int(daemon["CapBnd"], 16) == bounding_set(), daemon["CapBnd"]
+    assert daemon["NoNewPrivs"] == "1" and daemon["Seccomp"] == "2", daemon
+    if runtime == "process":  # opmasd's child: its sandbox reaches the agent, as the unit says
+        assert int(agent_status["CapBnd"], 16) == bounding_set()
+        assert agent_status["NoNewPrivs"] == "1" and agent_status["Seccomp"] == "2", agent_status
+    else:  # a unit of its own: none of opmasd's restrictions
+        assert int(agent_status["CapBnd"], 16) & ~bounding_set(), agent_status["CapBnd"]
+        assert agent_status["NoNewPrivs"] == "0", agent_status
 
 
 def test_logs_of_a_systemd_runtime_agent_come_from_the_journal(opmasd: SystemdSandbox) -> None:
