@@ -24,7 +24,8 @@ Options (both empty by default): `shared` host paths under /tmp or /run (a clean
 venv) are bound into the sandbox at the same path (elsewhere they are visible anyway);
 `private` paths (/etc/opmas, /var/lib/opmas, ...: what a unit's ConfigurationDirectory= or
 StateDirectory= would create in the host's tree) get a tmpfs of their own inside; a mountpoint
-missing on the host is made empty for the sandbox's life and removed with it.
+missing on the host is made empty for the sandbox's life and removed with it (so two sandboxes
+must not have the same private path at once: the first one's stop would detach the other's).
 
 Usage: `with SystemdSandbox() as sd: sd.run("systemctl", "show", "-p", "Version")`;
 `sd.bus_address` reaches its system bus from the host. Files the sandbox must see go anywhere
