@@ -6,7 +6,7 @@ another may shorten WatchdogSec= for the watchdog test. /etc/opmas, /var/lib/opm
 /var/log/opmas (what ConfigurationDirectory=, StateDirectory= and LogsDirectory= name) are tmpfs
 of the sandbox's own, so nothing lands in the host's tree; the checkout and its venv are bound
 into the sandbox at their own paths when they live under /tmp or /run (a CI clone).
-The embedded nats-server (the default) is this venv's; gRPC listens on a free port, REST is off.
+The embedded nats-server (the default) is this venv's; gRPC and REST listen on free ports.
 opmasctl runs inside the sandbox, as root, over /run/opmas/opmasd.sock.
 """
 
@@ -14,8 +14,10 @@ from __future__ import annotations
 
 import json
 import shutil
+import socket
 import sys
 import time
+import urllib.request
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -35,6 +37,8 @@ PRIVATE = (Path("/etc/opmas"), Path("/var/lib/opmas"), Path("/var/log/opmas"))
 SOCKET = "/run/opmas/opmasd.sock"
 AGENTS_DIR = "/etc/opmas/agents.d"
 WATCHDOG_SEC = 3
+SOCKET_UNIT = CHECKOUT / "systemd" / "opmasd.socket"
+REST_PORT = free_port()
 
 
 @pytest.fixture(scope="module")
@@ -61,7 +65,7 @@ def install(sd: SystemdSandbox) -> None:
             "stop_agents_on_shutdown": False,
         },
         "grpc": {"address": f"127.0.0.1:{free_port()}"},
-        "rest": {"enabled": False},
+        "rest": {"address": f"127.0.0.1:{REST_PORT}"},
         "agents": {"dirs": [AGENTS_DIR], "backoff_initial": 0.1, "backoff_max": 0.5, "stop_timeout": 5},
     }
     # What the package's tmpfiles.d entry makes (/etc/opmas/agents.d: a tmpfs of the sandbox's).
@@ -343,3 +347,38 @@ def test_the_sandbox_binds_shared_paths_and_keeps_private_ones(tmp_path: Path) -
         assert sandbox.run("stat", "-f", "-c", "%T", str(private)).stdout.strip() == "tmpfs"
         assert private.is_dir() and not any(private.iterdir())  # the host's: empty
     assert not private.exists()
+
+
+def healthz() -> int:
+    with urllib.request.urlopen(f"http://127.0.0.1:{REST_PORT}/healthz", timeout=30) as reply:
+        return int(reply.status)
+
+
+@pytest.mark.xfail(not SOCKET_UNIT.exists(), strict=True, reason="needs systemd/opmasd.socket (helper D)")
+def test_socket_activation_starts_opmasd_and_keeps_the_rest_port(opmasd: SystemdSandbox) -> None:
+    units = opmasd.host_path("/run/systemd/system")
+    shutil.copyfile(SOCKET_UNIT, units / "opmasd.socket")
+    # Its address only (the test's free port, as rest.address says): every other line is shipped.
+    (units / "opmasd.socket.d").mkdir(exist_ok=True)
+    (units / "opmasd.socket.d" / "port.conf").write_text(
+        f"[Socket]\nListenStream=\nListenStream=127.0.0.1:{REST_PORT}\n"
+    )
+    opmasd.run("systemctl", "stop", "opmasd", timeout=120)
+    opmasd.run("systemctl", "daemon-reload")
+    try:
+        opmasd.run("systemctl", "start", "opmasd.socket")
+        assert show(opmasd, "ActiveState")["ActiveState"] == "inactive"
+        assert healthz() == 200  # the first connection starts opmasd, which answers it
+        shown = show(opmasd, "ActiveState", "TriggeredBy")
+        assert shown["ActiveState"] == "active" and "opmasd.socket" in shown["TriggeredBy"], shown
+        assert "REST adopts the socket systemd passed" in journal(opmasd)  # did not bind its own
+        # The port stays open across a restart: a connection made meanwhile waits and is served.
+        opmasd.run("systemctl", "restart", "--no-block", "opmasd")
+        with socket.create_connection(("127.0.0.1", REST_PORT), timeout=5):
+            pass
+        assert healthz() == 200
+    finally:
+        opmasd.run("systemctl", "stop", "opmasd.socket", check=False)
+        (units / "opmasd.socket").unlink()
+        shutil.rmtree(units / "opmasd.socket.d")
+        opmasd.run("systemctl", "daemon-reload")
