@@ -319,6 +319,9 @@ def test_the_shipped_units_verify_inside_systemd(sd: SystemdSandbox) -> None:
     # With the drop-in, so that ExecStart's program exists; every other line is the shipped one's.
     result = sd.run("systemd-analyze", "verify", "opmasd.service", check=False)
     assert result.returncode == 0 and "opmasd" not in result.stderr, result.stderr
+    for other in sorted(UNIT.parent.glob("*.socket")):  # beside the service they name
+        result = sd.run("systemd-analyze", "verify", str(other), check=False)
+        assert result.returncode == 0 and "opmasd" not in result.stderr, result.stderr
 
 
 def test_an_agent_over_its_memory_limit_is_reported_with_opmasd_inside(opmasd: SystemdSandbox) -> None:
