@@ -236,8 +236,12 @@ def test_systemd_runtime_agents_survive_opmasd_and_are_adopted(opmasd: SystemdSa
     assert show(opmasd, "MainPID", unit=unit_of("kept"))["MainPID"] == main
 
 
+# Until the process runtime puts agents in scopes (helper E's opmasd/runtime/process_scopes.py),
+# KillMode=mixed kills them with opmasd: expected to fail then, and to pass once it is there.
 @pytest.mark.xfail(
-    strict=True, reason="needs scopes (helper E): KillMode=mixed kills what is in opmasd's cgroup"
+    not (CHECKOUT / "opmasd" / "runtime" / "process_scopes.py").exists(),
+    strict=True,
+    reason="needs scopes (helper E): KillMode=mixed kills what is in opmasd's cgroup",
 )
 @pytest.mark.parametrize("how", ["restart", "stop-start"])
 def test_process_runtime_agents_survive_opmasd_and_are_adopted(opmasd: SystemdSandbox, how: str) -> None:
