@@ -63,6 +63,7 @@ from opmasd.runtime.process import ProcessRuntime
 from opmasd.store.base import AgentStore
 from opmasd.store.opening import open_store
 from opmasd.systemd.agent_units import connect_systemd
+from opmasd.systemd.debug_hang import install_debug_hang
 from opmasd.systemd.notify import Notifier
 
 log = structlog.get_logger(__name__)
@@ -404,6 +405,7 @@ class Daemon:
         loop.add_signal_handler(signal.SIGTERM, self.request_exit, "SIGTERM")
         loop.add_signal_handler(signal.SIGINT, self.request_exit, "SIGINT")
         loop.add_signal_handler(signal.SIGHUP, self._reload_requested.set)
+        install_debug_hang(loop)  # only with OPMAS_DEBUG_HANG_SIGNAL=1: watchdog tests
 
     def request_exit(self, why: str) -> None:
         if self.should_exit.is_set():

@@ -3,6 +3,8 @@
 - `systemd_sandbox`: one booted SystemdSandbox for the whole session, powered off at its end.
   Skipped only when not root (DESIGN §9); a missing program or a boot that fails fails the test
   with the reason and the sandbox's output.
+- `booted(SystemdSandbox(...))`: the same for a sandbox with options of its own (a module's
+  fixture: tests/e2e/test_opmasd_unit.py boots one that runs opmasd itself as a unit).
 
 A conftest exposes it by importing it (`from systemd_fixtures import systemd_sandbox`):
 tests/integration/conftest.py does.
@@ -10,6 +12,7 @@ tests/integration/conftest.py does.
 
 from __future__ import annotations
 
+import contextlib
 from collections.abc import Iterator
 
 import pytest
@@ -18,9 +21,9 @@ import pytest
 from systemd_sandbox import SandboxError, SandboxUnavailable, SystemdSandbox
 
 
-@pytest.fixture(scope="session")
-def systemd_sandbox() -> Iterator[SystemdSandbox]:
-    sandbox = SystemdSandbox()
+@contextlib.contextmanager
+def booted(sandbox: SystemdSandbox) -> Iterator[SystemdSandbox]:
+    """Start sandbox (skip when not root, fail with the reason when it cannot boot); stop it after."""
     skipped = failed = ""
     try:
         sandbox.start()
@@ -37,3 +40,9 @@ def systemd_sandbox() -> Iterator[SystemdSandbox]:
         yield sandbox
     finally:
         sandbox.stop()
+
+
+@pytest.fixture(scope="session")
+def systemd_sandbox() -> Iterator[SystemdSandbox]:
+    with booted(SystemdSandbox()) as sandbox:
+        yield sandbox

@@ -20,6 +20,13 @@ changed the host in ways the recipe does not prevent, so the boot script adds:
   machine's serial console), and `container=opmas-sdtest` so systemd knows it is in a container
   (no swapoff or reboot(2) of the machine at poweroff).
 
+Options (both empty by default): `shared` host paths under /tmp or /run (a clean clone and its
+venv) are bound into the sandbox at the same path (elsewhere they are visible anyway);
+`private` paths (/etc/opmas, /var/lib/opmas, ...: what a unit's ConfigurationDirectory= or
+StateDirectory= would create in the host's tree) get a tmpfs of their own inside; a mountpoint
+missing on the host is made empty for the sandbox's life and removed with it (so two sandboxes
+must not have the same private path at once: the first one's stop would detach the other's).
+
 Usage: `with SystemdSandbox() as sd: sd.run("systemctl", "show", "-p", "Version")`;
 `sd.bus_address` reaches its system bus from the host. Files the sandbox must see go anywhere
 but /tmp and /run (`sd.base_dir` is under /var/tmp). `stop()` powers it off (SIGKILL by PID if
@@ -170,11 +177,20 @@ def generators_to_mask() -> list[str]:
     return sorted(names)
 
 
-def boot_script(base: Path, mounts: list[CgroupMount]) -> str:
+def boot_script(
+    base: Path, mounts: list[CgroupMount], shared: tuple[Path, ...] = (), private: tuple[Path, ...] = ()
+) -> str:
     """The script: `outer` joins the sandbox's cgroups and unshares; `inner` (PID 1 of the new
     namespaces) makes the private mounts and the unit directory, then execs systemd."""
     name = base.name
     q = shlex.quote
+    # Shared paths are held at a mountpoint of the base directory while /tmp and /run get their
+    # tmpfs, then bound back (the mounts are the namespace's own: propagation is private).
+    hidden = [p for p in shared if any(p == r or r in p.parents for r in (Path("/tmp"), Path("/run")))]
+    held = [(q(str(p)), q(str(base / "shared" / str(n)))) for n, p in enumerate(hidden)]
+    hold = "\n".join(f"  mkdir -p {at}\n  mount --bind {path} {at}" for path, at in held)
+    bind_back = "\n".join(f"  mkdir -p {path}\n  mount --bind {at} {path}" for path, at in held)
+    tmpfs = "\n".join(f"  mount -t tmpfs -o mode=755 tmpfs {q(str(p))}" for p in private)
     join = "\n".join(f"  echo $$ > {q(str(m.sandbox_dir(name) / 'cgroup.procs'))}" for m in mounts)
     remount: list[str] = []
     if all(m.mountpoint != CGROUP_ROOT for m in mounts):
@@ -194,8 +210,11 @@ if [ "$1" = outer ]; then
     --propagation private /bin/sh {q(str(base / "boot.sh"))} inner
 fi
 if [ "$1" = inner ]; then
+{hold}
   mount -t tmpfs -o mode=1777 tmpfs /tmp
   mount -t tmpfs -o mode=755 tmpfs /run
+{bind_back}
+{tmpfs}
   if [ -d /var/log/journal ]; then mount -t tmpfs -o mode=2755 tmpfs /var/log/journal; fi
   mount --bind {q(str(base / "console.log"))} /dev/console
 {chr(10).join(remount)}
@@ -254,16 +273,45 @@ def sweep_stale(mounts: list[CgroupMount]) -> None:
         pid_file = base / "systemd.pid"
         with contextlib.suppress(OSError, ValueError, ProcessLookupError):
             os.kill(int(pid_file.read_text()), signal.SIGKILL)
+        _remove_mountpoints(base)
         if not _remove_cgroups(base.name, mounts, timeout=1.0):
             shutil.rmtree(base, ignore_errors=True)
+
+
+def _make_mountpoints(base: Path, private: tuple[Path, ...]) -> None:
+    """Make the private paths missing on the host (empty, named in base/made-dirs for removal)."""
+    made = []
+    for path in private:
+        missing = [p for p in (path, *path.parents) if not p.exists()]
+        path.mkdir(parents=True, exist_ok=True)
+        made += [str(p) for p in missing]
+        (base / "made-dirs").write_text("\n".join(made))
+
+
+def _remove_mountpoints(base: Path) -> None:
+    """rmdir what _make_mountpoints made (deepest first; a directory someone filled stays)."""
+    with contextlib.suppress(OSError):
+        for name in (base / "made-dirs").read_text().splitlines():
+            try:
+                Path(name).rmdir()
+            except OSError as exc:
+                log.warning("systemd sandbox: cannot remove the mountpoint %s it made: %s", name, exc)
 
 
 class SystemdSandbox:
     """systemd as PID 1 of new PID, mount, cgroup, UTS and IPC namespaces (see the module doc)."""
 
-    def __init__(self, boot_timeout: float = 30.0, stop_timeout: float = 15.0) -> None:
+    def __init__(
+        self,
+        boot_timeout: float = 30.0,
+        stop_timeout: float = 15.0,
+        shared: tuple[Path, ...] = (),
+        private: tuple[Path, ...] = (),
+    ) -> None:
         self.boot_timeout = boot_timeout
         self.stop_timeout = stop_timeout
+        self.shared = shared
+        self.private = private
         self.base_dir = Path()
         self.started_at = 0.0  # time.time() of the launch
         self.pid = 0  # systemd's PID as the host sees it
@@ -287,7 +335,9 @@ class SystemdSandbox:
         _LIVE.add(self)
         try:
             self._make_cgroups()
-            (self.base_dir / "boot.sh").write_text(boot_script(self.base_dir, self._mounts))
+            _make_mountpoints(self.base_dir, self.private)
+            script = boot_script(self.base_dir, self._mounts, self.shared, self.private)
+            (self.base_dir / "boot.sh").write_text(script)
             began = time.monotonic()
             self.started_at = time.time()
             with open(self.base_dir / "output.log", "wb") as out:
@@ -337,6 +387,7 @@ class SystemdSandbox:
             with contextlib.suppress(subprocess.TimeoutExpired):
                 self._launcher.wait(timeout=5)
         left = _remove_cgroups(self.base_dir.name, self._mounts) if self._mounts else []
+        _remove_mountpoints(self.base_dir)
         if left:
             log.warning("systemd sandbox left cgroups behind: %s", left)
         elif self.base_dir.name.startswith(PREFIX):
