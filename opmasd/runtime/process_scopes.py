@@ -161,7 +161,12 @@ class ProcessScopes:
     def relay_started(self, pid: int) -> None:
         """RelayLink's hook: a relay was started; into a scope with it (the next launch waits)."""
         self._relay_pid = pid
-        task = asyncio.get_running_loop().create_task(self._relay_in_background(), name="relay-scope")
+        try:
+            loop = asyncio.get_running_loop()
+        except RuntimeError:  # started off the loop: the next launch moves it, before its agent runs
+            log.warning("log relay started off the event loop; moved at the next launch", pid=pid)
+            return
+        task = loop.create_task(self._relay_in_background(), name="relay-scope")
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
