@@ -185,7 +185,7 @@ def test_agents_and_their_relay_outlive_a_restart_of_opmasds_unit(inner: InnerDa
     inner.opmasctl("agents", "stop", "ticker")
     assert inner.agent("ticker")["state"] == "AGENT_STATE_STOPPED"
     assert not [p for p in tree if inner.alive(p)]
-    until(lambda: inner.show(scope, "ActiveState").get("ActiveState") in (None, "inactive"), what="scope gone")
+    until(lambda: inner.show(scope, "ActiveState").get("ActiveState") in (None, "inactive"), what="no scope")
 
     # Started again, in a new scope of the same name.
     inner.opmasctl("agents", "start", "ticker")
