@@ -66,16 +66,13 @@ class ProcessRuntime:
         self._child_open_files = child_open_files
         # With cgroups an agent's tree is its cgroup's members; without, its process group
         # plus what a /proc scan finds (which misses a double fork once its parent is gone).
-        # With scopes (runtime.process_scopes) it is the agent's scope's cgroup, not limited yet.
+        # With scopes (runtime.process_scopes) it is the agent's scope's cgroup, limited by systemd.
         self._scopes = scopes
-        tree_cgroups = cgroups if scopes is None else scopes.cgroups
-        self._trees = None if tree_cgroups is None else CgroupTrees(tree_cgroups)
-        self._limits = CgroupLimits(
-            None if cgroups is None or scopes is not None else cgroups.base,
-            "opmasd keeps no cgroup per agent here (agents.cgroups)"
-            if scopes is None
-            else "agents run in systemd scopes (agents.process_scopes), which opmasd does not limit",
-        )
+        base = None if cgroups is None else cgroups.base
+        self._limits = CgroupLimits(base, "opmasd keeps no cgroup per agent here (agents.cgroups)")
+        if scopes is not None:
+            cgroups, self._limits = scopes.cgroups, scopes.limits
+        self._trees = None if cgroups is None else CgroupTrees(cgroups)
         self._finishing: set[asyncio.Task[None]] = set()
         self._logs = AgentLogs(log_dir, max_bytes=log_max_bytes, backups=log_backups)
         self._relay = RelayLink(log_dir, max_bytes=log_max_bytes, backups=log_backups)

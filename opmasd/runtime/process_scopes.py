@@ -34,7 +34,15 @@ from opmasd.core.errors import LaunchError
 from opmasd.runtime import procstat, signals
 from opmasd.runtime.base import LaunchRequest
 from opmasd.runtime.cgroups import cgroup2_mount, own_cgroup
-from opmasd.runtime.scope_cgroups import Gate, ScopeCgroups, relay_scope_name, scope_name, waiting_command
+from opmasd.runtime.scope_cgroups import (
+    Gate,
+    ScopeCgroups,
+    ScopeLimits,
+    relay_scope_name,
+    scope_controllers,
+    scope_name,
+    waiting_command,
+)
 from opmasd.runtime.systemd_dbus import (
     MANAGER,
     NO_SUCH_UNIT,
@@ -88,8 +96,16 @@ class _Jobs:
 class ProcessScopes:
     """Scopes for the process runtime's agents and log relays (see the module doc)."""
 
-    def __init__(self, manager: ScopeManager, base: Path, slice_name: str, timeout: float) -> None:
+    def __init__(
+        self,
+        manager: ScopeManager,
+        base: Path,
+        slice_name: str,
+        timeout: float,
+        controllers: frozenset[str] = frozenset(),
+    ) -> None:
         self.cgroups = ScopeCgroups(base)
+        self.limits = ScopeLimits(controllers)
         self._manager = manager
         self._slice = slice_name
         self._timeout = timeout
@@ -123,8 +139,11 @@ class ProcessScopes:
             await manager.close()
             return None, f"systemd's {bus} bus did not answer: {exc}"
         slice_dir = own.rsplit("/", 1)[0]
-        scopes = cls(manager, mount / slice_dir.lstrip("/"), slice_dir.rsplit("/", 1)[-1], timeout)
-        return scopes, f"agents in scopes of {slice_dir} (opmasd is {unit})"
+        controllers = scope_controllers(mount)
+        base, slice_name = mount / slice_dir.lstrip("/"), slice_dir.rsplit("/", 1)[-1]
+        scopes = cls(manager, base, slice_name, timeout, controllers)
+        limits = ", ".join(sorted(controllers)) or "none"
+        return scopes, f"agents in scopes of {slice_dir} (opmasd is {unit}; limits by {limits})"
 
     # -- launching ----------------------------------------------------------------------------
 
@@ -132,7 +151,8 @@ class ProcessScopes:
         """The launch with its program waiting at a new gate until place() lets it run."""
         if request.agent_id in self.cgroups.placing:
             raise LaunchError(f"agent {request.agent_id} is being launched already")
-        return replace(request, command=waiting_command(request.command)), Gate.open()
+        gate = Gate.open(self.limits.properties(request.resources))
+        return replace(request, command=waiting_command(request.command)), gate
 
     async def place(
         self, agent_id: str, popen: subprocess.Popen[bytes], gate: Gate, note: Callable[[str, str], None]
@@ -144,7 +164,7 @@ class ProcessScopes:
         self.cgroups.placing.add(agent_id)
         try:
             await self._place_relay()
-            await self._start_scope(scope_name(agent_id), pid, f"opmas agent {agent_id}")
+            await self._start_scope(scope_name(agent_id), pid, f"opmas agent {agent_id}", gate.limits)
             gate.go()
         except (SystemdError, OSError, ValueError, TimeoutError) as exc:
             message = f"cannot move agent {agent_id} (pid {pid}) into a scope: {exc}"
@@ -188,12 +208,15 @@ class ProcessScopes:
             if self._relay_pid == pid:
                 self._relay_pid = None
 
-    async def _start_scope(self, name: str, pid: int, description: str) -> None:
+    async def _start_scope(
+        self, name: str, pid: int, description: str, limits: tuple[tuple[str, str, Any], ...] = ()
+    ) -> None:
         properties: list[tuple[str, str, Any]] = [
             ("Description", "s", description),
             ("PIDs", "au", [pid]),
             ("Slice", "s", self._slice),
             ("CollectMode", "s", "inactive-or-failed"),
+            *limits,
         ]
         jobs = self._jobs[name] = _Jobs()
         try:

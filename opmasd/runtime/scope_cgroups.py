@@ -16,9 +16,12 @@ from __future__ import annotations
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import Any
 
 import structlog
 
+from opmasd.core.model import ResourceLimits
+from opmasd.runtime.cgroup_limits import FIELDS, CgroupLimits, wanted
 from opmasd.runtime.cgroups import AgentCgroups
 from opmasd.runtime.systemd_units import systemd_escape, systemd_unescape
 
@@ -56,11 +59,13 @@ class Gate:
 
     read: int
     write: int
+    # The scope's limits, as StartTransientUnit properties (scope_limits).
+    limits: tuple[tuple[str, str, Any], ...] = ()
 
     @classmethod
-    def open(cls) -> Gate:
+    def open(cls, limits: tuple[tuple[str, str, Any], ...] = ()) -> Gate:
         read, write = os.pipe2(os.O_CLOEXEC)
-        return cls(read, write)
+        return cls(read, write, limits)
 
     def go(self) -> None:
         """Let the child exec its program (3 bytes into an empty pipe: never blocks)."""
@@ -72,6 +77,52 @@ class Gate:
             if fd >= 0:
                 os.close(fd)
         self.read = self.write = -1
+
+
+class ScopeLimits(CgroupLimits):
+    """The process runtime's limits as its scopes' properties, where systemd has the controller
+    (on cgroup v1 too: systemd applies MemoryMax there as memory.limit_in_bytes)."""
+
+    def __init__(self, controllers: frozenset[str]) -> None:
+        super().__init__(None)
+        self.available = controllers & frozenset(FIELDS)
+        self._why_not = {
+            controller: f"systemd has no {controller} controller here for opmasd's scopes"
+            for controller in FIELDS
+            if controller not in self.available
+        }
+
+    def properties(self, resources: ResourceLimits) -> tuple[tuple[str, str, Any], ...]:
+        """The scope's properties for the limits asked for (refusals() said they can be)."""
+        values = {
+            "memory": ("MemoryMax", "t", resources.memory_max_bytes),
+            # One whole CPU is 1 000 000 µs per second: 1 % is 10 000.
+            "cpu": ("CPUQuotaPerSecUSec", "t", int(resources.cpu_quota_percent * 10_000)),
+            "pids": ("TasksMax", "t", resources.tasks_max),
+        }
+        return tuple(values[controller] for controller in wanted(resources) if controller in self.available)
+
+
+def scope_controllers(cgroup2: Path) -> frozenset[str]:
+    """The controllers of the limits (memory, cpu, pids) that systemd has here: on the cgroup2
+    hierarchy mounted at `cgroup2`, or as cgroup v1 hierarchies this process is in."""
+    found: set[str] = set()
+    try:
+        with open(cgroup2 / "cgroup.controllers", "rb") as file:
+            found.update(os.fsdecode(name) for name in file.read(4096).split())
+    except OSError as exc:
+        log.warning("cannot read the cgroup2 controllers", path=str(cgroup2), error=str(exc))
+    try:
+        with open("/proc/self/cgroup", "rb") as file:
+            lines = file.read(1 << 16).splitlines()
+    except OSError as exc:
+        log.warning("cannot read /proc/self/cgroup", error=str(exc))
+        lines = []
+    for line in lines:  # "N:controller,controller:path" for each v1 hierarchy
+        parts = line.split(b":", 2)
+        if len(parts) == 3 and parts[1]:
+            found.update(os.fsdecode(name) for name in parts[1].split(b","))
+    return frozenset(found) & frozenset(FIELDS)
 
 
 class ScopeCgroups(AgentCgroups):

@@ -121,6 +121,20 @@ class InnerDaemon:
                 found.add(pid)
         return found
 
+    def limit(self, unit: str, controller: str) -> str:
+        """The unit's limit in its cgroup (v2 file, else the v1 one)."""
+        group = self.show(unit, "ControlGroup")["ControlGroup"]
+        files = {"memory": ("memory.max", "memory.limit_in_bytes"), "pids": ("pids.max", "pids.max"),
+                 "cpu": ("cpu.max", "cpu.cfs_quota_us")}[controller]  # fmt: skip
+        for path in (
+            f"/sys/fs/cgroup/unified{group}/{files[0]}",
+            f"/sys/fs/cgroup/{controller}{group}/{files[1]}",
+        ):
+            out = self.sd.run("cat", path, check=False)
+            if out.returncode == 0:
+                return out.stdout.split()[0]
+        return ""
+
     def alive(self, pid: int) -> bool:
         return self.sd.run("kill", "-0", str(pid), check=False).returncode == 0
 
@@ -158,12 +172,21 @@ def inner(systemd_sandbox: SystemdSandbox) -> Iterator[InnerDaemon]:
 def test_agents_and_their_relay_outlive_a_restart_of_opmasds_unit(inner: InnerDaemon) -> None:
     inner.write_unit(stop_agents=False)
     inner.systemctl("start")
-    inner.opmasctl("agents", "register", "--name", "ticker", "--start", "--", "/bin/sh", "-c", TICKER)
+    inner.opmasctl(
+        "agents", "register", "--name", "ticker", "--memory-max", "64M", "--cpu-quota", "50",
+        "--tasks-max", "32", "--start", "--", "/bin/sh", "-c", TICKER,
+    )  # fmt: skip
     status = until(lambda: (a := inner.agent("ticker"))["state"] == "AGENT_STATE_RUNNING" and a)
     pid = int(status["pid"])
     scope = "opmas-proc-ticker.scope"
     # The agent's tree is its scope, in the slice of opmasd's unit and not in opmasd's cgroup.
     assert inner.show(scope, "ActiveState", "Slice") == {"ActiveState": "active", "Slice": "system.slice"}
+    # Its limits are the scope's, enforced by the kernel (cgroup v1 controllers on this host).
+    limits = inner.show(scope, "MemoryMax", "CPUQuotaPerSecUSec", "TasksMax")
+    assert limits == {"MemoryMax": str(64 << 20), "CPUQuotaPerSecUSec": "500ms", "TasksMax": "32"}
+    assert inner.limit(scope, "memory") == str(64 << 20)
+    assert inner.limit(scope, "pids") == "32"
+    assert inner.limit(scope, "cpu") == "50000"
     tree = until(lambda: len(m := inner.lasting(scope)) == 2 and m, what="the ticker's tree")
     assert pid in tree  # and its `setsid sleep 1000`
     assert not set(tree) & set(inner.members(UNIT))

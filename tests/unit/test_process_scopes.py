@@ -12,9 +12,17 @@ import pytest
 
 from opmasd.config.loading import ConfigError, load_config
 from opmasd.config.schema import AgentsConfig
+from opmasd.core.model import ResourceLimits
 from opmasd.runtime import process_scopes
 from opmasd.runtime.process_scopes import ProcessScopes
-from opmasd.runtime.scope_cgroups import ScopeCgroups, relay_scope_name, scope_name, waiting_command
+from opmasd.runtime.scope_cgroups import (
+    ScopeCgroups,
+    ScopeLimits,
+    relay_scope_name,
+    scope_controllers,
+    scope_name,
+    waiting_command,
+)
 from opmasd.systemd.process_scopes import connect_process_scopes
 
 
@@ -76,6 +84,31 @@ async def test_no_scopes_when_the_bus_is_silent(monkeypatch: pytest.MonkeyPatch,
     monkeypatch.setattr(process_scopes, "own_cgroup", lambda: "/system.slice/opmasd.service")
     scopes, why = await ProcessScopes.connect(f"unix:path={tmp_path}/no-bus", timeout=1)
     assert scopes is None and "did not answer" in why
+
+
+def test_limits_become_the_scopes_properties_where_systemd_has_the_controller() -> None:
+    limits = ScopeLimits(frozenset({"memory", "cpu", "pids", "io"}))
+    asked = ResourceLimits(memory_max_bytes=64 << 20, cpu_quota_percent=150, tasks_max=32)
+    assert limits.refusals(asked) == []
+    assert limits.properties(asked) == (
+        ("MemoryMax", "t", 64 << 20),
+        ("CPUQuotaPerSecUSec", "t", 1_500_000),
+        ("TasksMax", "t", 32),
+    )
+    assert limits.properties(ResourceLimits(tasks_max=5)) == (("TasksMax", "t", 5),)
+    assert limits.properties(ResourceLimits()) == ()
+    # Without the controller, the limit is refused (naming the field and why), never ignored.
+    partial = ScopeLimits(frozenset({"memory"}))
+    refused = partial.refusals(asked)
+    assert [field for field, _why in refused] == ["resources.cpu_quota_percent", "resources.tasks_max"]
+    assert "systemd has no cpu controller" in refused[0][1]
+
+
+def test_scope_controllers_come_from_cgroup2_and_v1(tmp_path: Path) -> None:
+    (tmp_path / "cgroup.controllers").write_text("cpu io memory\n")
+    found = scope_controllers(tmp_path)
+    assert {"cpu", "memory"} <= found and "io" not in found
+    assert scope_controllers(tmp_path / "missing") <= {"cpu", "memory", "pids"}  # v1 only, logged
 
 
 def agents_config(**fields: object) -> AgentsConfig:
