@@ -103,10 +103,13 @@ class ProcessScopes:
         slice_name: str,
         timeout: float,
         controllers: frozenset[str] = frozenset(),
+        bus: str = "",
     ) -> None:
+        """bus: where to connect again when the connection ends ("": nowhere)."""
         self.cgroups = ScopeCgroups(base)
         self.limits = ScopeLimits(controllers)
         self._manager = manager
+        self._bus = bus
         self._slice = slice_name
         self._timeout = timeout
         self._jobs: dict[str, _Jobs] = {}
@@ -141,7 +144,7 @@ class ProcessScopes:
         slice_dir = own.rsplit("/", 1)[0]
         controllers = scope_controllers(mount)
         base, slice_name = mount / slice_dir.lstrip("/"), slice_dir.rsplit("/", 1)[-1]
-        scopes = cls(manager, base, slice_name, timeout, controllers)
+        scopes = cls(manager, base, slice_name, timeout, controllers, bus)
         limits = ", ".join(sorted(controllers)) or "none"
         return scopes, f"agents in scopes of {slice_dir} (opmasd is {unit}; limits by {limits})"
 
@@ -211,6 +214,11 @@ class ProcessScopes:
     async def _start_scope(
         self, name: str, pid: int, description: str, limits: tuple[tuple[str, str, Any], ...] = ()
     ) -> None:
+        if not self._manager.connected and self._bus:
+            # The bus went away (dbus restarted): its signals and calls start over on a new one.
+            log.warning("connecting to systemd's bus again, for scopes", bus=self._bus)
+            await self._manager.connect(self._bus)
+            await self._manager.subscribe(prefix="opmas-")
         properties: list[tuple[str, str, Any]] = [
             ("Description", "s", description),
             ("PIDs", "au", [pid]),

@@ -5,13 +5,19 @@
 - When the scope cannot be made (here: one of that name still holds processes), the launch
   fails with why, the child is killed and reaped, and its program never ran.
 
-Placements that succeed need opmasd inside systemd's PID namespace: tests/e2e/test_process_scopes.py.
+- A placement inside the sandbox (a scope takes PIDs of systemd's PID namespace): the child
+  and a log relay each land in their scope, with the limits as the scope's properties, and the
+  program runs only then — after a reconnection, when the bus connection had ended.
+
+opmasd as a unit, restarted with its agents in scopes: tests/e2e/test_process_scopes.py.
 """
 
 from __future__ import annotations
 
 import asyncio
+import json
 import subprocess
+import sys
 import time
 from collections.abc import AsyncIterator
 from pathlib import Path
@@ -86,3 +92,52 @@ async def test_a_scope_systemd_refuses_fails_the_launch_and_the_program_never_ru
         assert scopes.cgroups.placing == set()
     finally:
         sd.run("systemctl", "stop", "opmas-proc-busy.scope", check=False)
+
+
+PLACE_INSIDE = """
+import asyncio, json, subprocess
+from pathlib import Path
+from opmasd.core.model import ResourceLimits
+from opmasd.runtime.base import LaunchRequest
+from opmasd.runtime.process_scopes import ProcessScopes, ScopeManager, procstat_cgroup
+
+async def main():
+    manager = ScopeManager(5)
+    await manager.connect("system")
+    await manager.subscribe(prefix="opmas-")
+    base = Path("/sys/fs/cgroup/unified/system.slice")
+    scopes = ProcessScopes(manager, base, "system.slice", 5, frozenset({"pids"}), bus="system")
+    limits = ResourceLimits(tasks_max=7)
+    request, gate = scopes.gated(LaunchRequest("probe", ("/bin/sleep", "300"), "", resources=limits))
+    quiet = {"stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL, "start_new_session": True}
+    child = subprocess.Popen(request.command, stdin=gate.read, **quiet)
+    relay = subprocess.Popen(["/bin/sleep", "300"], **quiet)
+    scopes.relay_started(relay.pid)
+    await manager.close()  # the connection ends: the placement connects again
+    await scopes.place("probe", child, gate, print)
+    await asyncio.sleep(0.2)  # past the gate: the shell has exec'd sleep
+    cmdline = Path(f"/proc/{child.pid}/cmdline").read_bytes().split(b"\\0")[0].decode()
+    print(json.dumps({"child": procstat_cgroup(child.pid), "relay": procstat_cgroup(relay.pid),
+                      "relay_pid": relay.pid, "program": cmdline}))
+    await scopes.close()
+
+asyncio.run(main())
+"""
+
+
+def test_a_placement_moves_the_child_and_the_relay_before_the_program_runs(
+    systemd_sandbox: SystemdSandbox,
+) -> None:
+    sd = systemd_sandbox
+    if sys.executable.startswith(("/tmp/", "/run/")):
+        pytest.skip(f"the sandbox cannot see this Python ({sys.executable})")
+    try:
+        result = sd.run(sys.executable, "-c", PLACE_INSIDE, timeout=60)
+        placed = json.loads(result.stdout.strip().splitlines()[-1])
+        assert placed["child"] == "/system.slice/opmas-proc-probe.scope", placed
+        assert placed["relay"] == f"/system.slice/opmas-logrelay-{placed['relay_pid']}.scope", placed
+        assert placed["program"] == "/bin/sleep", placed  # the gate opened after the move
+        shown = sd.run("systemctl", "show", "opmas-proc-probe.scope", "-p", "TasksMax,ActiveState").stdout
+        assert "TasksMax=7" in shown and "ActiveState=active" in shown, shown
+    finally:
+        sd.run("systemctl", "stop", "opmas-proc-probe.scope", "opmas-logrelay-*.scope", check=False)
