@@ -56,6 +56,8 @@ class InnerDaemon:
             "OPMAS_AGENTS_PROCESS_SCOPES": "on",
             "OPMAS_AGENTS_SYSTEMD": "off",
             "OPMAS_AGENTS_STOP_TIMEOUT": "5",
+            "OPMAS_AGENTS_BACKOFF_INITIAL": "0.05",
+            "OPMAS_AGENTS_BACKOFF_MAX": "0.1",
             "OPMAS_GRPC_ADDRESS": "",
             "OPMAS_REST_ENABLED": "false",
             "PYTHONUNBUFFERED": "1",
@@ -224,3 +226,18 @@ def test_agents_and_their_relay_outlive_a_restart_of_opmasds_unit(inner: InnerDa
     inner.systemctl("stop")
     assert not [p for p in tree if inner.alive(p)]
     assert inner.show(scope, "ActiveState").get("ActiveState") in (None, "inactive")
+
+
+def test_a_crashing_agent_is_restarted_in_a_new_scope_of_the_same_name(inner: InnerDaemon) -> None:
+    inner.write_unit(stop_agents=True)
+    inner.systemctl("start")
+    inner.opmasctl(
+        "agents", "register", "--name", "crasher", "--restart-policy", "always", "--start-seconds", "0",
+        "--", "/bin/sh", "-c", "sleep 0.2; exit 3",
+    )  # fmt: skip
+    inner.opmasctl("agents", "start", "crasher")
+    # Each run is a new scope of the same name, made while the last one may still be loaded.
+    status = until(lambda: int((a := inner.agent("crasher")).get("restartCount", 0)) >= 4 and a, 30)
+    assert status["state"] != "AGENT_STATE_ERROR", status
+    log = (inner.root / "opmasd.out").read_text()
+    assert "into a scope" not in log, log[-3000:]
