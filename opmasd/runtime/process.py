@@ -131,6 +131,8 @@ class ProcessRuntime:
             raise
         if gate is not None and self._scopes is not None:
             await self._scopes.place(agent_id, popen, gate, self._relay.note)
+            if self._closed:  # it runs, in its scope: the next daemon finds it there (adopt)
+                raise LaunchError("the process runtime closed while the agent was launched")
         handle = ProcessHandle(popen.pid, start_time_of(popen.pid, agent_id))
         try:
             # Cannot fail for lack of the process: an unreaped child (even dead) keeps its PID.
