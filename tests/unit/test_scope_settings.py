@@ -1,6 +1,6 @@
 """Process-runtime agents in systemd scopes: names, the scopes' cgroups, and where they are refused.
 
-The scopes themselves, made by a real systemd, are tests/integration/test_process_scopes.py and
+The scopes themselves, made by a real systemd, are tests/integration/test_scope_placement.py and
 tests/e2e/test_process_scopes.py.
 """
 
