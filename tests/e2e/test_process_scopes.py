@@ -1,5 +1,6 @@
 """Process-runtime agents outlive opmasd's unit (issue 12): opmasd runs as a service of a real
-systemd (the sandbox of tests/systemd_sandbox.py), KillMode=mixed, with agents.process_scopes.
+systemd (the sandbox of tests/systemd_sandbox.py), KillMode=mixed or control-group, with
+agents.process_scopes.
 
 - Each agent runs in its scope `opmas-proc-<id>.scope`, and the log relay in one of its own,
   outside opmasd's cgroup: `systemctl restart` leaves them running; the new opmasd adopts the
@@ -17,6 +18,7 @@ from __future__ import annotations
 
 import json
 import sys
+import tempfile
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -44,7 +46,7 @@ class InnerDaemon:
             (root / name).mkdir(parents=True, exist_ok=True)
         (root / "opmasd.yaml").write_text("# every setting comes from OPMAS_* variables\n")
 
-    def write_unit(self, stop_agents: bool) -> None:
+    def write_unit(self, stop_agents: bool, kill_mode: str = "mixed") -> None:
         env = {
             "OPMAS_SERVICE_STATE_DIR": self.root / "state",
             "OPMAS_SERVICE_RUNTIME_DIR": self.root / "run",
@@ -64,7 +66,7 @@ class InnerDaemon:
         }
         lines = "\n".join(f'Environment="{key}={value}"' for key, value in env.items())
         unit = (
-            "[Service]\nType=notify\nNotifyAccess=main\nKillMode=mixed\nTimeoutStopSec=30\n"
+            f"[Service]\nType=notify\nNotifyAccess=main\nKillMode={kill_mode}\nTimeoutStopSec=30\n"
             f"StandardOutput=append:{self.root}/opmasd.out\nStandardError=inherit\n{lines}\n"
             f"ExecStart={sys.executable} -m opmasd --config {self.root}/opmasd.yaml\n"
         )
@@ -160,7 +162,10 @@ def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> An
 def inner(systemd_sandbox: SystemdSandbox) -> Iterator[InnerDaemon]:
     if sys.executable.startswith(("/tmp/", "/run/")):
         pytest.skip(f"the sandbox cannot see this Python ({sys.executable}): /tmp and /run are its own")
-    daemon = InnerDaemon(systemd_sandbox, systemd_sandbox.base_dir / "opmasd-scopes")
+    # A directory of its own per test: the sandbox (and its base directory) is the session's.
+    daemon = InnerDaemon(
+        systemd_sandbox, Path(tempfile.mkdtemp(prefix="scopes-", dir=systemd_sandbox.base_dir))
+    )
     try:
         yield daemon
     finally:
@@ -171,8 +176,9 @@ def inner(systemd_sandbox: SystemdSandbox) -> Iterator[InnerDaemon]:
         sd.run("systemctl", "daemon-reload", check=False)
 
 
-def test_agents_and_their_relay_outlive_a_restart_of_opmasds_unit(inner: InnerDaemon) -> None:
-    inner.write_unit(stop_agents=False)
+@pytest.mark.parametrize("kill_mode", ["mixed", "control-group"])
+def test_agents_and_their_relay_outlive_a_restart_of_opmasds_unit(inner: InnerDaemon, kill_mode: str) -> None:
+    inner.write_unit(stop_agents=False, kill_mode=kill_mode)
     inner.systemctl("start")
     inner.opmasctl(
         "agents", "register", "--name", "ticker", "--memory-max", "64M", "--cpu-quota", "50",
@@ -197,7 +203,7 @@ def test_agents_and_their_relay_outlive_a_restart_of_opmasds_unit(inner: InnerDa
     assert not set(inner.members(relays[0])) & set(inner.members(UNIT))
     before = until(lambda: inner.ticks("ticker"), what="the first ticks")
 
-    inner.systemctl("restart")  # KillMode=mixed: everything left in opmasd's cgroup is killed
+    inner.systemctl("restart")  # everything left in opmasd's cgroup is killed
 
     after = until(lambda: (a := inner.agent("ticker"))["state"] == "AGENT_STATE_RUNNING" and a)
     assert int(after["pid"]) == pid  # adopted: the same process
@@ -219,7 +225,7 @@ def test_agents_and_their_relay_outlive_a_restart_of_opmasds_unit(inner: InnerDa
 
     # With stop_agents_on_shutdown, a stop of opmasd stops its agents (the running opmasd has
     # it off: the restart that brings the new setting leaves the agent running).
-    inner.write_unit(stop_agents=True)
+    inner.write_unit(stop_agents=True, kill_mode=kill_mode)
     inner.systemctl("restart")
     assert int(inner.agent("ticker")["pid"]) == again
     tree = inner.lasting(scope)
