@@ -8,6 +8,8 @@ agents.process_scopes.
 - A stop of the agent ends its whole tree, a process that left its session included (the
   scope's cgroup holds it), and the scope goes.
 - `systemctl stop` of opmasd with stop_agents_on_shutdown stops the agents too.
+- A crash-looping agent restarts in a new scope of the same name; an agent scope no agent
+  claims is emptied at start.
 
 opmasd must run inside the sandbox (a scope takes PIDs of systemd's PID namespace), so its
 files are under the sandbox's base directory (/var/tmp, which both sides see) and it is driven
@@ -235,8 +237,13 @@ def test_agents_and_their_relay_outlive_a_restart_of_opmasds_unit(inner: InnerDa
 
 
 def test_a_crashing_agent_is_restarted_in_a_new_scope_of_the_same_name(inner: InnerDaemon) -> None:
+    # An agent scope no agent claims (its agent deleted while opmasd was down): emptied at start.
+    inner.sd.run("sh", "-c", "systemd-run --scope --unit opmas-proc-ghost sleep 300 >/dev/null 2>&1 &")
+    until(lambda: inner.show("opmas-proc-ghost.scope", "ActiveState").get("ActiveState") == "active")
     inner.write_unit(stop_agents=True)
     inner.systemctl("start")
+    until(lambda: inner.show("opmas-proc-ghost.scope", "ActiveState").get("ActiveState") != "active")
+    assert "killed 1 unmanaged process(es)" in inner.output()
     inner.opmasctl(
         "agents", "register", "--name", "crasher", "--restart-policy", "always", "--start-seconds", "0",
         "--", "/bin/sh", "-c", "sleep 0.2; exit 3",
