@@ -196,7 +196,7 @@ class ProcessScopes:
     async def _relay_in_background(self) -> None:
         try:
             await self._place_relay()
-        except (SystemdError, OSError, TimeoutError) as exc:
+        except (SystemdError, OSError, ValueError, TimeoutError) as exc:
             log.error("cannot move the log relay into a scope (the next launch tries again)", error=str(exc))
 
     async def _place_relay(self) -> None:
@@ -248,11 +248,7 @@ class ProcessScopes:
     async def _stop_stale(self, name: str, jobs: _Jobs) -> None:
         """A scope of that name is still loaded (an earlier run's, not yet collected): stop it
         when it is empty, else refuse (something of the agent's still runs there)."""
-        members = self.cgroups.base / name / "cgroup.procs"
-        try:
-            left = members.read_bytes()[:4096].split()
-        except FileNotFoundError:
-            left = []
+        left = _first_members(self.cgroups.base / name)
         if left:
             pids = ", ".join(p.decode() for p in left)
             raise SystemdError(UNIT_EXISTS, f"{name} still has processes: {pids}")
@@ -288,6 +284,15 @@ def procstat_cgroup(pid: int) -> str | None:
         if line.startswith(b"0::"):
             return os.fsdecode(line[3:])
     return None
+
+
+def _first_members(cgroup: Path) -> list[bytes]:
+    """The first PIDs in a cgroup (a bounded read: enough to tell it is not empty, and name some)."""
+    try:
+        with open(cgroup / "cgroup.procs", "rb") as file:
+            return file.read(4096).split()
+    except FileNotFoundError:
+        return []
 
 
 def _job_id(path: str) -> int:
