@@ -65,6 +65,7 @@ from opmasd.store.opening import open_store
 from opmasd.systemd.agent_units import connect_systemd
 from opmasd.systemd.debug_hang import install_debug_hang
 from opmasd.systemd.notify import Notifier
+from opmasd.systemd.process_scopes import connect_process_scopes
 
 log = structlog.get_logger(__name__)
 
@@ -129,12 +130,14 @@ class Daemon:
             ),
             "open the store",
         )
+        scopes = await connect_process_scopes(config.agents, self._source())
         process = ProcessRuntime(
             config.service.log_dir / "agents",
             log_max_bytes=config.agents.log_max_bytes,
             log_backups=config.agents.log_backups,
-            cgroups=self._agent_cgroups(),
+            cgroups=self._agent_cgroups() if scopes is None else None,
             child_open_files=raise_open_files_limit(),
+            scopes=scopes,
         )
         self._runtimes[RuntimeKind.PROCESS] = process
         units, no_units = await connect_systemd(

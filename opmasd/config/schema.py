@@ -154,6 +154,10 @@ class AgentsConfig:
     # How an agent's whole process tree is kept track of: "auto" uses a cgroup per agent where
     # opmasd may create them (else process groups), "required" refuses to start without them.
     cgroups: str = "auto"
+    # Each process-runtime agent (and the log relay) in a transient scope of the systemd running
+    # opmasd's unit, so that they outlive it: "auto" where opmasd runs as a service of a systemd
+    # its bus reaches, "on" refuses to start elsewhere, "off" never (runtime.process_scopes).
+    process_scopes: str = "auto"
     # The runtime of an agent whose spec names none.
     runtime: RuntimeKind = RuntimeKind.PROCESS
     # The systemd runtime (transient units over D-Bus): "auto" where the bus answers at start,
@@ -292,6 +296,7 @@ SCHEMA: dict[str, dict[str, Key]] = {
         "log_max_bytes": Key(parse_size),
         "log_backups": Key(parse_int(minimum=0)),
         "cgroups": Key(parse_choice("auto", "required", "off")),
+        "process_scopes": Key(parse_choice("auto", "on", "off")),
         "runtime": Key(_runtime_kind),
         "systemd": Key(parse_choice("auto", "required", "off")),
         "systemd_bus": Key(parse_str),

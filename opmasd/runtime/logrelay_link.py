@@ -21,6 +21,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -93,6 +94,8 @@ class RelayLink:
         self._keys = itertools.count()
         self._synced: dict[int, asyncio.Future[None]] = {}
         self._closed = False
+        # Told each new relay's PID (runtime.process_scopes moves it out of opmasd's unit).
+        self.on_start: Callable[[int], None] | None = None
 
     # --- what the runtime calls -------------------------------------------------------------
 
@@ -248,6 +251,8 @@ class RelayLink:
         finally:
             listener.close()
         log.info("log relay started", pid=self._popen.pid, directory=str(self.directory))
+        if self.on_start is not None:
+            self.on_start(self._popen.pid)
         return sock
 
     def _restart_later(self) -> None:

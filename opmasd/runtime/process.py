@@ -37,8 +37,10 @@ from opmasd.runtime.cgroups import AgentCgroups, joining_command
 from opmasd.runtime.identity import as_identity, check_group, privilege_options
 from opmasd.runtime.logfiles import AgentLogs
 from opmasd.runtime.logrelay_link import RelayLink
+from opmasd.runtime.process_scopes import ProcessScopes
 from opmasd.runtime.proctable import ProcessTable
 from opmasd.runtime.programs import check_program, not_executable, not_found
+from opmasd.runtime.scope_cgroups import Gate
 from opmasd.runtime.watched import WatchedProcess, reap, same_process, start_time_of
 
 log = structlog.get_logger(__name__)
@@ -58,20 +60,23 @@ class ProcessRuntime:
         log_backups: int = 3,
         cgroups: AgentCgroups | None = None,
         child_open_files: int | None = None,
+        scopes: ProcessScopes | None = None,
     ) -> None:
         # The soft open-files limit agents start with (None: the daemon's own).
         self._child_open_files = child_open_files
         # With cgroups an agent's tree is its cgroup's members; without, its process group
         # plus what a /proc scan finds (which misses a double fork once its parent is gone).
+        # With scopes (runtime.process_scopes) it is the agent's scope's cgroup, limited by systemd.
+        self._scopes = scopes
+        base = None if cgroups is None else cgroups.base
+        self._limits = CgroupLimits(base, "opmasd keeps no cgroup per agent here (agents.cgroups)")
+        if scopes is not None:
+            cgroups, self._limits = scopes.cgroups, scopes.limits
         self._trees = None if cgroups is None else CgroupTrees(cgroups)
-        self._limits = CgroupLimits(
-            None if cgroups is None else cgroups.base,
-            "opmasd keeps no cgroup per agent (agents.cgroups)"
-            "opmasd keeps no cgroup per agent here (agents.cgroups)",
-        )
         self._finishing: set[asyncio.Task[None]] = set()
         self._logs = AgentLogs(log_dir, max_bytes=log_max_bytes, backups=log_backups)
         self._relay = RelayLink(log_dir, max_bytes=log_max_bytes, backups=log_backups)
+        self._relay.on_start = None if scopes is None else scopes.relay_started
         self._watched: dict[str, WatchedProcess] = {}
         self._exit_handler: ExitHandler | None = None
         self._closed = False
@@ -102,10 +107,13 @@ class ProcessRuntime:
             check_group(request.group)
         options = privilege_options(request)
         spawned = replace(request, command=as_identity(request.user, request.group, request.command, options))
-        # Checked here when the program is not what Popen starts (the cgroup join, setpriv).
-        if self._trees is not None or spawned.command != request.command:
+        # Checked here when the program is not what Popen starts (cgroup join, scope gate, setpriv).
+        if self._trees is not None or self._scopes is not None or spawned.command != request.command:
             check_program(request.command, request.working_directory or None, request.environment)
-        if self._trees is not None:
+        gate = None
+        if self._scopes is not None:  # the program waits at the gate until it is in its scope
+            spawned, gate = self._scopes.gated(spawned)
+        elif self._trees is not None:
             try:
                 procs_file = self._trees.cgroups.prepare(agent_id)
                 self._limits.apply(procs_file.parent, request.resources)
@@ -115,8 +123,17 @@ class ProcessRuntime:
                 ) from exc
             spawned = replace(spawned, command=joining_command(procs_file, spawned.command))
         # Spawning is synchronous on purpose: fork/exec takes about a millisecond. From here to
-        # _watch nothing awaits, so no sweep of unmanaged cgroups can run in between.
-        popen = self._spawn(spawned)
+        # _watch nothing awaits but the placement, whose agent no sweep takes for unmanaged.
+        try:
+            popen = self._spawn(spawned, gate)
+        except LaunchError:
+            if gate is not None:
+                gate.close()
+            raise
+        if gate is not None and self._scopes is not None:
+            await self._scopes.place(agent_id, popen, gate, self._relay.note)
+            if self._closed:  # it runs, in its scope: the next daemon finds it there (adopt)
+                raise LaunchError("the process runtime closed while the agent was launched")
         handle = ProcessHandle(popen.pid, start_time_of(popen.pid, agent_id))
         try:
             # Cannot fail for lack of the process: an unreaped child (even dead) keeps its PID.
@@ -131,8 +148,8 @@ class ProcessRuntime:
         log.info("agent launched", agent_id=agent_id, pid=popen.pid, command=request.command)
         return handle
 
-    def _spawn(self, request: LaunchRequest) -> subprocess.Popen[bytes]:
-        """Start the process with two pipes to the log relay as its stdout and stderr."""
+    def _spawn(self, request: LaunchRequest, gate: Gate | None = None) -> subprocess.Popen[bytes]:
+        """Start the process: stdout and stderr are pipes to the log relay, stdin the gate if any."""
         agent_id = request.agent_id
         cwd = request.working_directory or None
         if cwd is not None and not os.path.isdir(cwd):
@@ -150,7 +167,7 @@ class ProcessRuntime:
                 list(request.command),
                 cwd=cwd,
                 env=dict(request.environment),
-                stdin=subprocess.DEVNULL,
+                stdin=subprocess.DEVNULL if gate is None else gate.read,
                 stdout=pipes.out_write,
                 stderr=pipes.err_write,
                 start_new_session=True,
@@ -386,6 +403,8 @@ class ProcessRuntime:
         if self._trees is not None:
             self._trees.cgroups.close()
         self._relay.close()
+        if self._scopes is not None:
+            await self._scopes.close()
         log.info("process runtime closed", left_running=sorted(self._watched))
         self._watched.clear()
 
