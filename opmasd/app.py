@@ -57,7 +57,6 @@ from opmasd.instance_lock import InstanceLock
 from opmasd.logging import configure_logging
 from opmasd.manager import AgentManager
 from opmasd.runtime.base import Runtime
-from opmasd.runtime.cgroups import AgentCgroups
 from opmasd.runtime.fdlimit import raise_open_files_limit
 from opmasd.runtime.process import ProcessRuntime
 from opmasd.store.base import AgentStore
@@ -65,7 +64,8 @@ from opmasd.store.opening import open_store
 from opmasd.systemd.agent_units import connect_systemd
 from opmasd.systemd.debug_hang import install_debug_hang
 from opmasd.systemd.notify import Notifier
-from opmasd.systemd.process_scopes import connect_process_scopes
+from opmasd.systemd.process_scopes import agent_cgroups, connect_process_scopes
+from opmasd.systemd.restart_job import restart_pending
 
 log = structlog.get_logger(__name__)
 
@@ -135,7 +135,9 @@ class Daemon:
             config.service.log_dir / "agents",
             log_max_bytes=config.agents.log_max_bytes,
             log_backups=config.agents.log_backups,
-            cgroups=self._agent_cgroups() if scopes is None else None,
+            cgroups=agent_cgroups(config.agents, config.service.state_dir, self._source())
+            if scopes is None
+            else None,
             child_open_files=raise_open_files_limit(),
             scopes=scopes,
         )
@@ -254,21 +256,6 @@ class Daemon:
     def _source(self) -> str:
         return str(self._config_path) if self._config_path else "configuration"
 
-    def _agent_cgroups(self) -> AgentCgroups | None:
-        """A cgroup per agent where the host allows it (agents.cgroups); refused when required."""
-        setting = self.config.agents.cgroups
-        if setting == "off":
-            log.info("agent process trees tracked by process group (agents.cgroups: off)")
-            return None
-        cgroups, why = AgentCgroups.detect(self.config.service.state_dir)
-        if cgroups is None and setting == "required":
-            raise ConfigError(self._source(), "agents.cgroups", f"required, but no cgroup can be used: {why}")
-        if cgroups is None:
-            log.warning("agent process trees tracked by process group: no cgroup per agent", reason=why)
-        else:
-            log.info("agent process trees tracked by cgroup", detail=why)
-        return cgroups
-
     async def _start_bus(self, store: AgentStore) -> NatsBus:
         """The embedded nats-server when nats.url is empty, then the connection.
 
@@ -322,6 +309,8 @@ class Daemon:
             await self._unless_forced(self._grpc.stop(grace), "gRPC server")
         if self.manager is not None:
             stop_agents = self.config.service.stop_agents_on_shutdown and not self._force_exit
+            if stop_agents and await restart_pending():  # `systemctl restart`: agents stay up
+                stop_agents = False
             if not await self._unless_forced(self.manager.stop(stop_agents=stop_agents), "agents' stop"):
                 # Cut short while agents were stopping: flush what is known and leave them be.
                 await self.manager.stop(stop_agents=False)

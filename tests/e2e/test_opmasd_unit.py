@@ -236,13 +236,6 @@ def test_systemd_runtime_agents_survive_opmasd_and_are_adopted(opmasd: SystemdSa
     assert show(opmasd, "MainPID", unit=unit_of("kept"))["MainPID"] == main
 
 
-# Until the process runtime puts agents in scopes (helper E's opmasd/runtime/process_scopes.py),
-# KillMode=mixed kills them with opmasd: expected to fail then, and to pass once it is there.
-@pytest.mark.xfail(
-    not (CHECKOUT / "opmasd" / "runtime" / "process_scopes.py").exists(),
-    strict=True,
-    reason="needs scopes (helper E): KillMode=mixed kills what is in opmasd's cgroup",
-)
 @pytest.mark.parametrize("how", ["restart", "stop-start"])
 def test_process_runtime_agents_survive_opmasd_and_are_adopted(opmasd: SystemdSandbox, how: str) -> None:
     ticker = "n=0; while :; do n=$((n+1)); echo tick $n; sleep 0.2; done"
@@ -265,6 +258,34 @@ def test_process_runtime_agents_survive_opmasd_and_are_adopted(opmasd: SystemdSa
     # It goes on writing, and its output still reaches its log: the log relay outlived opmasd too.
     first = max(ticks() or [0])
     until(lambda: max(ticks() or [0]) > first + 2, 10, "new ticks in the log")
+
+
+def test_with_the_default_config_a_restart_keeps_agents_and_a_stop_stops_them(opmasd: SystemdSandbox) -> None:
+    # service.stop_agents_on_shutdown is true by default: `systemctl stop` stops the agents, but
+    # a restart (systemctl restart, a package upgrade's try-restart) is no stop of the agents:
+    # opmasd asks systemd whether its unit's job is a restart, and keeps them up.
+    config_file = opmasd.host_path("/etc/opmas/opmasd.yaml")
+    saved = config_file.read_text()
+    config = json.loads(saved)
+    del config["service"]["stop_agents_on_shutdown"]
+    config_file.write_text(json.dumps(config))
+    try:
+        opmasd.run("systemctl", "restart", "opmasd", timeout=120)  # the default is now in force
+        register(opmasd, "unit-kept", "--runtime", "systemd")
+        register(opmasd, "proc-kept2", "--runtime", "process")
+        pids = {a: agent(opmasd, a)["status"]["pid"] for a in ("unit-kept", "proc-kept2")}
+        for how in ("restart", "try-restart"):
+            opmasd.run("systemctl", how, "opmasd", timeout=120)
+            for agent_id, pid in pids.items():
+                adopted = until(lambda a=agent_id: running(opmasd, a), 20, f"{agent_id} after {how}")
+                assert adopted["status"]["pid"] == pid, str(adopted) + journal(opmasd)
+        assert "agents keep running for the next opmasd" in journal(opmasd, lines=400)
+        opmasd.run("systemctl", "stop", "opmasd", timeout=120)
+        for pid in pids.values():
+            assert not opmasd.host_path(f"/proc/{pid}").exists(), f"agent {pid} outlived `systemctl stop`"
+        assert show(opmasd, "ActiveState", unit=unit_of("unit-kept"))["ActiveState"] != "active"
+    finally:
+        config_file.write_text(saved)
 
 
 def proc_status(sd: SystemdSandbox, pid: int | str) -> dict[str, str]:
