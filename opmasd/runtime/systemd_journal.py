@@ -5,10 +5,13 @@ design accepts it: only starting units must be D-Bus). It runs as an asyncio sub
 on the loop's time: `-o json` gives one entry per line; every line is read bounded
 (_LINE_MAX: an entry past it is replaced by a note, never buffered whole), and a tail stops
 after the lines asked for. Splitting and parsing the output (EntryParser) costs ~7 µs a short
-line: read line by line, a 100,000-line tail held the loop for stretches of 20 ms (measured).
-It is parsed in steps of _STEP bytes with a turn of the loop after each (< 1 ms a step). Not
-in a worker thread: json.loads holds the GIL, and with the loop waiting for it at every switch
-interval a tail parsed in a thread stalled the loop longer (45 ms) and took twice as long.
+line, ~0.8 s of the loop's time for a 100,000-line tail. Read line by line, how much was parsed
+before the loop turned again was bounded only by the reader's buffer (up to ~380 KiB, ~14 ms;
+2-3 ms of CPU measured); now it is parsed in steps of _STEP bytes with a turn of the loop after
+each (~0.5 ms a step). Not in a worker thread: json.loads holds the GIL, and a tail parsed in
+a thread stalled the loop longer (up to 45 ms, the loop waiting for the GIL at each switch
+interval) and took twice as long. (A tail that big also makes a full GC pass, ~20 ms here:
+the entries are new objects.)
 
 stdout and stderr are told apart because the unit runs its program under systemd-cat
 (runtime.systemd), which connects each to a journal stream of its own: stdout at priority 6
