@@ -140,6 +140,16 @@ def rows_for(data: dict[str, Any]) -> list[Row]:
             rows += _time_rows(key, f"9 systemd: {what}", baseline="systemd-run")
             if key.endswith("start") and "9.systemd_start_api" in keys:
                 rows.append(Row("9.systemd_start_api", "9 systemd: StartAgent calls answered", "p50"))
+    if "9.systemd_start_failures" in keys:
+        rows.append(
+            Row(
+                "9.systemd_start_failures",
+                "9 systemd: starts failed, all rounds",
+                "sum",
+                unit="",
+                target=("none", lambda v, f: v == 0),
+            )
+        )
     return rows
 
 
@@ -153,6 +163,8 @@ def figure(samples: list[float], stat: str, unit: str) -> float:
         return percentile(samples, 99) * scale
     if stat == "max":
         return max(samples) * scale
+    if stat == "sum":
+        return float(sum(samples))
     if stat == "stalls":
         return float(sum(1 for s in samples if s >= 0.8))
     raise ValueError(stat)

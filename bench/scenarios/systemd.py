@@ -7,7 +7,8 @@ alternating which goes first each round:
 - opmasd (on the host, `agents.runtime` systemd over the sandbox's system bus, as the e2e tests
   drive it): N agents registered once; each round N concurrent `StartAgent` until the API says
   all running (the units active: opmasd reports running from the unit's ActiveState), then one
-  `StopAgents(all)`, answered when every unit has stopped.
+  `StopAgents(all)`, answered when every unit has stopped. Starts that fail are counted (a
+  round with one is not timed).
 - systemd-run, inside the sandbox: N x `systemd-run --unit=… /bin/sleep 100000` one after the
   other (each returns once its start job is done: the unit active), then one `systemctl stop`
   of them all (returns when every stop job is done).
@@ -122,15 +123,21 @@ def _opmasd_round(ctx: Context, driver: OpmasdDriver, names: list[str], sandbox:
     stub = driver.stub
     n = len(names)
     t0 = time.perf_counter()
-    for call in [stub.StartAgent.future(pb.StartAgentRequest(agent_id=x), timeout=120) for x in names]:
-        call.result()
-    ctx.rec.add("9.systemd_start_api", "opmasd", time.perf_counter() - t0)
-    wait_until(lambda: driver.running_count() >= n, 120.0, what=f"{n} agents running")
-    ctx.rec.add("9.systemd_start", "opmasd", time.perf_counter() - t0)
-    _check_active(sandbox, "opmas-agent-*.service", n)
+    calls = [stub.StartAgent.future(pb.StartAgentRequest(agent_id=x), timeout=120) for x in names]
+    refused = [call.exception() for call in calls if call.exception() is not None]
+    # A start that failed is counted, and the round's times are not (they would be the timeout).
+    ctx.rec.add("9.systemd_start_failures", "opmasd", len(refused))
+    if refused:
+        print(f"9: {len(refused)} of {n} starts failed, e.g.: {refused[0]}", file=sys.stderr, flush=True)
+    else:
+        ctx.rec.add("9.systemd_start_api", "opmasd", time.perf_counter() - t0)
+        wait_until(lambda: driver.running_count() >= n, 120.0, what=f"{n} agents running")
+        ctx.rec.add("9.systemd_start", "opmasd", time.perf_counter() - t0)
+        _check_active(sandbox, "opmas-agent-*.service", n)
     t0 = time.perf_counter()
     reply = stub.StopAgents(pb.StopAgentsRequest(all=True), timeout=300)
-    ctx.rec.add("9.systemd_stop", "opmasd", time.perf_counter() - t0)
+    if not refused:
+        ctx.rec.add("9.systemd_stop", "opmasd", time.perf_counter() - t0)
     failed = [r for r in reply.results if r.code != 0]
     if failed or len(reply.results) < n:
         raise BenchError(f"StopAgents: {len(reply.results)} results, failed: {failed[:3]}")
