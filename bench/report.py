@@ -27,10 +27,18 @@ class Row:
     unit: str = "ms"
     # A target on opmasd's figure: (description, check(value, figures of the key by system)).
     target: tuple[str, Callable[[float, dict[str, float]], bool]] | None = None
+    # A reference measured in the same run that is not a system of the table (9: systemd-run):
+    # its figure and opmasd's ratio to it go in the target column.
+    baseline: str | None = None
 
 
-def _time_rows(key: str, label: str, p50: tuple | None = None, p99: tuple | None = None) -> list[Row]:
-    return [Row(key, label, "p50", target=p50), Row(key, label, "p99", target=p99)]
+def _time_rows(
+    key: str, label: str, p50: tuple | None = None, p99: tuple | None = None, baseline: str | None = None
+) -> list[Row]:
+    return [
+        Row(key, label, "p50", target=p50, baseline=baseline),
+        Row(key, label, "p99", target=p99, baseline=baseline),
+    ]
 
 
 def rows_for(data: dict[str, Any]) -> list[Row]:
@@ -128,7 +136,20 @@ def rows_for(data: dict[str, Any]) -> list[Row]:
         rows.append(Row("8.rest_cpu_overhead", "8 CPU REST - gRPC", "p50"))
     for key in ("9.systemd_start", "9.systemd_stop"):
         if key in keys:
-            rows.append(Row(key, f"9 systemd {key.split('_')[1]} units", "p50"))
+            what = "all units active" if key.endswith("start") else "all units stopped"
+            rows += _time_rows(key, f"9 systemd: {what}", baseline="systemd-run")
+            if key.endswith("start") and "9.systemd_start_api" in keys:
+                rows.append(Row("9.systemd_start_api", "9 systemd: StartAgent calls answered", "p50"))
+    if "9.systemd_start_failures" in keys:
+        rows.append(
+            Row(
+                "9.systemd_start_failures",
+                "9 systemd: starts failed, all rounds",
+                "sum",
+                unit="",
+                target=("none", lambda v, f: v == 0),
+            )
+        )
     return rows
 
 
@@ -142,6 +163,8 @@ def figure(samples: list[float], stat: str, unit: str) -> float:
         return percentile(samples, 99) * scale
     if stat == "max":
         return max(samples) * scale
+    if stat == "sum":
+        return float(sum(samples))
     if stat == "stalls":
         return float(sum(1 for s in samples if s >= 0.8))
     raise ValueError(stat)
@@ -187,6 +210,10 @@ def evaluate(data: dict[str, Any]) -> tuple[list[list[str]], list[dict[str, Any]
             a, b = values.get("opmasd", math.nan), values[peer]
             cells.append(f"{a / b:.2f}" if b and not math.isnan(a) and not math.isnan(b) else "—")
         target, met = "", ""
+        if row.baseline is not None and not math.isnan(values[row.baseline]):
+            a, b = values.get("opmasd", math.nan), values[row.baseline]
+            ratio = f": {a / b:.2f}x" if b and not math.isnan(a) else ""
+            target = f"{row.baseline} {_fmt(b, row.unit)} {row.unit}{ratio}"
         if row.target is not None and "opmasd" in values and not math.isnan(values["opmasd"]):
             description, check = row.target
             try:

@@ -234,6 +234,12 @@ def build_parser() -> argparse.ArgumentParser:
         help="the last N lines (0: none, only new ones with -f; default 100, or all with --since)",
     )
     p.add_argument("-f", "--follow", action="store_true", help="keep printing new lines (Ctrl-C ends)")
+    p.add_argument(
+        "--raw",
+        action="store_true",
+        help="print control characters (ESC, CR, ...) as the agent wrote them; by default they are shown "
+        "as \\xNN when stdout is a terminal (a pipe or file always gets the lines as written)",
+    )
 
     add("discover", commands.agents_discover, "rescan the agents directories now")
 

@@ -3,6 +3,11 @@
 Several agents' lines are prefixed with `[ID] `, as `kubectl logs -l --prefix` and journalctl
 name their units; without --follow they are merged in time order, with --follow printed as
 they arrive (one stream per agent, read by a thread each). A line of stderr is marked `[err]`.
+
+An agent's output is the agent's bytes: on a terminal its control characters are shown as
+`\\xNN` (output.visible_controls) rather than obeyed (an agent could otherwise rewrite the
+operator's screen or title, or make the terminal type); into a pipe or file, or with --raw,
+the lines go as the agent wrote them. -o json / yaml escape them as their formats do.
 """
 
 from __future__ import annotations
@@ -20,7 +25,7 @@ from google.protobuf import timestamp_pb2
 from opmas.v1 import agents_pb2
 from opmasctl.commands import Context, Stream, UsageError, follow, list_agents, stream_render
 from opmasctl.exits import EXIT_INTERRUPTED, EXIT_OK
-from opmasctl.output import write
+from opmasctl.output import visible_controls, write
 from opmasctl.parsing import parse_seconds
 
 Render = Callable[[agents_pb2.LogLine], str]
@@ -56,9 +61,13 @@ def parse_since(text: str, now: datetime | None = None) -> timestamp_pb2.Timesta
     return stamp
 
 
-def log_line(line: agents_pb2.LogLine, timestamps: bool = False, prefix: bool = False) -> str:
-    """The text as the agent wrote it; stderr marked `[err] `, then when and whose, if asked."""
-    text = line.line.removesuffix("\n") + "\n"
+def log_line(
+    line: agents_pb2.LogLine, timestamps: bool = False, prefix: bool = False, raw: bool = True
+) -> str:
+    """The text as the agent wrote it (raw) or with its control characters shown (not raw);
+    stderr marked `[err] `, then when and whose, if asked."""
+    text = line.line.removesuffix("\n")
+    text = (text if raw else visible_controls(text)) + "\n"
     if line.stream == agents_pb2.LOG_STREAM_STDERR:
         text = "[err] " + text
     if timestamps:
@@ -95,7 +104,8 @@ def agents_logs(ctx: Context, args: argparse.Namespace) -> int:
         return EXIT_OK
     several = len(agent_ids) > 1 or args.selector is not None
     timestamps = bool(args.timestamps)
-    render: Render = stream_render(ctx, lambda line: log_line(line, timestamps, prefix=several))
+    raw = bool(args.raw) or not sys.stdout.isatty()
+    render: Render = stream_render(ctx, lambda line: log_line(line, timestamps, several, raw))
     requests = [_request(args, agent_id) for agent_id in agent_ids]
     if not several:
         stream = ctx.stub.GetAgentLogs(requests[0], timeout=None if args.follow else ctx.timeout)

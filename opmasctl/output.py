@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import sys
 from collections.abc import Sequence
 from datetime import UTC, datetime
@@ -18,6 +19,11 @@ from opmas.jsonmap import message_json
 FORMATS = ("table", "wide", "json", "yaml", "name")
 HUMAN_FORMATS = ("table", "wide")
 EMPTY = "-"
+# What a terminal would act on instead of showing: C0 controls but tab (ESC starts escape
+# sequences that can move the cursor, rewrite the screen or the window title, answer with
+# keystrokes; CR and BS overwrite what was shown), DEL, and the C1 controls (U+0080..U+009F,
+# CSI among them, which some terminals take as ESC [).
+_CONTROLS = re.compile("[\x00-\x08\x0a-\x1f\x7f-\x9f]")
 
 
 def message_to_dict(msg: message.Message) -> Any:
@@ -137,3 +143,9 @@ def relative_text(ts: timestamp_pb2.Timestamp, now: datetime) -> str:
     """A time as a table shows it: 3d ago, or in 27d (-o wide shows clock_text instead)."""
     delta = (ts.ToDatetime(tzinfo=UTC) - now).total_seconds()
     return f"in {span_text(delta)}" if delta > 0 else f"{span_text(-delta)} ago"
+
+
+def visible_controls(text: str) -> str:
+    """`text` with every control character a terminal would act on written as `\\xNN` (tab
+    kept): another program's output (an agent's log line) shown, never obeyed."""
+    return _CONTROLS.sub(lambda match: f"\\x{ord(match.group()):02x}", text)

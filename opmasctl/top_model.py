@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from google.protobuf import timestamp_pb2
 
 from opmas.v1 import agents_pb2
-from opmasctl.output import EMPTY, human_bytes, human_duration
+from opmasctl.output import EMPTY, human_bytes, human_duration, visible_controls
 from opmasctl.views import state_text
 
 # A process is there (or being launched or stopped): uptime and CPU/memory mean something.
@@ -188,8 +188,9 @@ def row_cells(row: AgentRow, now: float) -> tuple[str, ...]:
 
 
 def log_text(line: agents_pb2.LogLine) -> str:
-    """A log line as `agents logs` prints it: stderr lines begin with `[err] `."""
-    text = line.line.removesuffix("\n")
+    """A log line as `agents logs` prints it on a terminal: stderr lines begin with `[err] `,
+    control characters are shown as \\xNN (the agent's escape codes must not reach the screen)."""
+    text = visible_controls(line.line.removesuffix("\n"))
     return "[err] " + text if line.stream == agents_pb2.LOG_STREAM_STDERR else text
 
 

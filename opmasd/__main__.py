@@ -51,10 +51,18 @@ def main(argv: list[str] | None = None) -> None:
     from opmasd.core.errors import StoreError
     from opmasd.directories import UnsafePathError
     from opmasd.instance_lock import AlreadyRunning
+    from opmasd.systemd.listen_fds import passed_sockets, rest_socket
 
     log = structlog.get_logger("opmasd")
     try:
-        asyncio.run(Daemon(config, args.config).serve())
+        # Before anything starts a child (the variables are dropped here) or the loop runs (a
+        # host name in rest.address may be resolved to match the passed socket).
+        passed = rest_socket(passed_sockets(), config.rest, str(args.config or "configuration"))
+    except (ConfigError, ValueError) as exc:
+        log.error("opmasd could not start", error=f"socket activation: {exc}")
+        raise SystemExit(1) from None
+    try:
+        asyncio.run(Daemon(config, args.config, rest_socket=passed).serve())
     except (AlreadyRunning, ListenError, HttpListenError, StoreError, ConfigError, UnsafePathError) as exc:
         log.error("opmasd could not start", error=str(exc))
         raise SystemExit(1) from None

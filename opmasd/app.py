@@ -13,6 +13,7 @@ import dataclasses
 import gc
 import os
 import signal
+import socket
 from collections.abc import Callable, Coroutine
 from pathlib import Path
 from typing import Any, TypeVar
@@ -73,8 +74,11 @@ T = TypeVar("T")
 
 
 class Daemon:
-    def __init__(self, config: Config, config_path: Path | None) -> None:
+    def __init__(
+        self, config: Config, config_path: Path | None, rest_socket: socket.socket | None = None
+    ) -> None:
         self.config = config
+        self._rest_socket = rest_socket  # the one systemd passed for rest.address (listen_fds.py)
         self._config_path = config_path
         self.notifier = Notifier()
         self.should_exit = asyncio.Event()
@@ -238,6 +242,7 @@ class Daemon:
                 socket_mode=config.rest.socket_mode,
                 socket_gid=socket_gid(config.auth.socket_group),
                 ssl_context=self._tls.rest_context() if self._tls is not None else None,
+                passed_socket=self._rest_socket,
             ),
             max_connections=config.rest.max_connections,
             grace=config.grpc.grace_period,

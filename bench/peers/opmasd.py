@@ -64,6 +64,7 @@ class OpmasdDriver(Driver):
         self._stopped_by_api = False
         self._token = ""
         self.api_spawn_seconds: float | None = None
+        self.extra_env: dict[str, str] = {}  # settings of one scenario (9: the systemd runtime)
 
     def env(self) -> dict[str, str]:
         extra = {
@@ -80,7 +81,7 @@ class OpmasdDriver(Driver):
         }
         if self.nats_url:
             extra["OPMAS_NATS_URL"] = self.nats_url
-        return bench_env(extra)
+        return bench_env({**extra, **self.extra_env})
 
     # -- lifecycle ------------------------------------------------------------------------------
 

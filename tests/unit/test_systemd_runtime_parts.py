@@ -20,7 +20,7 @@ from opmasd.core.model import ExitInfo, ProcessHandle, ResourceLimits
 from opmasd.runtime.base import LaunchRequest
 from opmasd.runtime.systemd import SystemdRuntime
 from opmasd.runtime.systemd_cgroup import CgroupLayout, OomWatch, UnitUsage
-from opmasd.runtime.systemd_journal import JournalSource, bounded_lines, parse_entry
+from opmasd.runtime.systemd_journal import EntryParser, JournalSource, parse_entry
 from opmasd.runtime.systemd_launch import agent_unit, check_program
 from opmasd.runtime.systemd_units import ChangeKind, TransientUnit, UnitChange, transient_properties
 from opmasd.runtime.systemd_watch import (
@@ -222,11 +222,15 @@ def test_journalctl_matches_the_units_lines_by_unit_or_identifier() -> None:
     assert groups[:3] == [f"_SYSTEMD_UNIT={UNIT}", f"SYSLOG_IDENTIFIER={UNIT}", f"_PID=1 UNIT={UNIT}"]
 
 
-async def test_bounded_lines_drop_an_overlong_line_and_go_on() -> None:
-    reader = asyncio.StreamReader(limit=16)
-    reader.feed_data(b"short\n" + b"x" * 100 + b"\nafter\n" + b"y" * 40 + b"\nlast")
-    reader.feed_eof()
-    assert [item async for item in bounded_lines(reader)] == [b"short", None, b"after", None, b"last"]
+def test_the_parser_drops_an_overlong_line_and_goes_on() -> None:
+    limit = len(line(MESSAGE="short"))
+    parser = EntryParser(UNIT, line_max=limit)
+    texts = [e.text for e in parser.feed(line(MESSAGE="short") + b"\n" + b"x" * 200 + b"\n")]
+    texts += [e.text for e in parser.feed(line(MESSAGE="after") + b"\n" + b"y" * 200)]  # dropped now
+    texts += [e.text for e in parser.feed(b"y" * 40 + b"\n" + line(MESSAGE="last")[:9])]  # its end too
+    texts += [e.text for e in [*parser.feed(line(MESSAGE="last")[9:]), *parser.end()]]
+    overlong = f"[a journal entry longer than {limit} bytes, not shown]"
+    assert texts == ["short", overlong, "after", overlong, "last"]
 
 
 # -- the agent's unit -------------------------------------------------------------------------

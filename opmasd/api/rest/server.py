@@ -12,6 +12,7 @@ import asyncio
 import json
 import logging
 import os
+import socket
 import ssl
 from collections.abc import Awaitable, Callable
 from dataclasses import dataclass
@@ -65,6 +66,9 @@ class HttpListeners:
     socket_gid: int | None = None  # None: the daemon's own group
     # HTTPS on the TCP address (api.tls.ServerTls.rest_context); None: plain HTTP.
     ssl_context: ssl.SSLContext | None = None
+    # The listening socket systemd passed for `address` (systemd/listen_fds.py checked that it
+    # is that address): served instead of binding one; TLS and the connection caps as ever.
+    passed_socket: socket.socket | None = None
 
 
 @dataclass(frozen=True)
@@ -149,10 +153,19 @@ class HttpServer:
                 if listeners.ssl_context is not None:
                     # Its own accept: a connection is counted before its handshake (tls_site).
                     tls = TlsSite(
-                        runner, host.strip("[]"), int(port), listeners.ssl_context, caps, IDLE_TIMEOUT
+                        runner,
+                        host.strip("[]"),
+                        int(port),
+                        listeners.ssl_context,
+                        caps,
+                        IDLE_TIMEOUT,
+                        sock=listeners.passed_socket,
                     )
                     await tls.start()
                     self.port = tls.port
+                elif listeners.passed_socket is not None:
+                    await web.SockSite(runner, listeners.passed_socket).start()
+                    self.port = int(listeners.passed_socket.getsockname()[1])
                 else:
                     await web.TCPSite(runner, host.strip("[]"), int(port), reuse_address=True).start()
                     tcp = [a for a in runner.addresses if isinstance(a, tuple)]
@@ -169,6 +182,7 @@ class HttpServer:
             address=listeners.address or None,
             port=self.port,
             tls=(listeners.ssl_context is not None) if listeners.address else None,
+            passed_by_systemd=listeners.passed_socket is not None or None,
             socket=str(listeners.socket_path) if listeners.socket_path else None,
             routes=len(self._gateway.routes),
         )

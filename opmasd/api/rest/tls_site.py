@@ -35,12 +35,15 @@ class TlsSite(web.BaseSite):
         caps: ConnectionCaps,
         handshake_timeout: float,
         backlog: int = 128,
+        sock: socket.socket | None = None,
     ) -> None:
+        """sock: a listening socket to serve (one systemd passed) instead of binding host:port."""
         super().__init__(runner, ssl_context=ssl_context, backlog=backlog)
         self._host, self._port = host, port
         self._caps = caps
         self._handshake_timeout = handshake_timeout
         self._sock: socket.socket | None = None
+        self._passed = sock
         self._accepting: asyncio.Task[None] | None = None
         self._handshaking: set[asyncio.Task[None]] = set()
         self.port = port
@@ -51,8 +54,10 @@ class TlsSite(web.BaseSite):
 
     async def start(self) -> None:
         await super().start()
-        family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
-        sock = socket.create_server((self._host, self._port), family=family, backlog=self._backlog)
+        sock = self._passed
+        if sock is None:
+            family = socket.AF_INET6 if ":" in self._host else socket.AF_INET
+            sock = socket.create_server((self._host, self._port), family=family, backlog=self._backlog)
         sock.setblocking(False)
         self._sock = sock
         self.port = int(sock.getsockname()[1])
