@@ -24,6 +24,7 @@ import asyncio
 import contextlib
 import os
 import signal as signals
+import socket
 from collections.abc import Callable, Sequence
 from typing import Any
 
@@ -46,6 +47,14 @@ from opmasd.runtime.systemd_units import (
 )
 
 log = structlog.get_logger(__name__)
+
+# dbus-fast's writer takes a send() that finds the socket's buffer full (EAGAIN) for a broken
+# connection and drops it (python-dbus-next #153; still so in dbus-fast 5.2): 100 agents started
+# at once lost the bus. So at most _IN_FLIGHT calls are outstanding on a connection, and its
+# send buffer is made room for all of them at their largest (a spec is at most 128 KiB).
+_IN_FLIGHT = 16
+_SEND_BUFFER = 4 << 20
+_SO_SNDBUFFORCE = 32  # Linux: SO_SNDBUF past net.core.wmem_max, for root (not in `socket`)
 
 SYSTEMD = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -100,6 +109,18 @@ def bus_address(where: str) -> str:
     return where
 
 
+def _enlarge_send_buffer(bus: MessageBus) -> None:
+    sock = getattr(bus, "_sock", None)  # dbus-fast keeps its socket there; no public handle
+    if not isinstance(sock, socket.socket):
+        log.warning("cannot size the D-Bus socket's send buffer: dbus-fast has no _sock")
+        return
+    option = _SO_SNDBUFFORCE if os.geteuid() == 0 else socket.SO_SNDBUF
+    try:
+        sock.setsockopt(socket.SOL_SOCKET, option, _SEND_BUFFER)
+    except OSError as exc:
+        log.warning("cannot enlarge the D-Bus socket's send buffer", error=str(exc))
+
+
 def _plain(value: Any) -> Any:
     """A value received from dbus-fast without its Variant wrappers."""
     if isinstance(value, Variant):
@@ -130,6 +151,7 @@ class SystemdManager:
         # Called when systemd takes its bus name again (after a daemon-reexec): signals sent
         # meanwhile may be lost, so the runtime reads its units' states again.
         self._returned: list[Callback] = []
+        self._slots = asyncio.Semaphore(_IN_FLIGHT)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -147,6 +169,7 @@ class SystemdManager:
             raise SystemdError(NO_SERVER, f"cannot connect to {address}: {exc}") from None
         except DBusFastError as exc:
             raise SystemdError(AUTH_FAILED, f"{address}: {exc}") from None
+        _enlarge_send_buffer(bus)
         bus.add_message_handler(self._on_message)
         self._bus = bus
         self._reloading = False  # a Reloading(false) lost with an earlier connection
@@ -343,7 +366,7 @@ class SystemdManager:
         try:
             message = Message(destination=destination, path=path, interface=interface, member=member,
                               signature=signature, body=body)  # fmt: skip
-            async with asyncio.timeout(self.timeout):
+            async with asyncio.timeout(self.timeout), self._slots:
                 reply = await bus.call(message)
         except TimeoutError:
             raise SystemdError(NO_REPLY, f"{member}: no reply within {self.timeout} s") from None

@@ -306,3 +306,17 @@ def test_the_sandbox_keeps_to_itself(systemd_sandbox: SystemdSandbox) -> None:
     for unit in ("systemd-tmpfiles-setup.service", "systemd-sysctl.service", "systemd-sysusers.service"):
         assert show(systemd_sandbox, unit, "LoadState") == "masked", unit
         assert show(systemd_sandbox, unit, "ActiveState") == "inactive", unit
+
+
+async def test_many_large_calls_at_once_keep_the_connection(
+    systemd_sandbox: SystemdSandbox, manager: SystemdManager, changes: Changes
+) -> None:
+    # dbus-fast takes a send() that finds the socket's buffer full (EAGAIN) for a dead
+    # connection: 100 agents started at once lost the bus. 64 calls of ~100 KB each (a spec may
+    # be 128 KiB) in flight together are far more than a socket's default buffer.
+    argv = ("/bin/true", *(f"{i}:" + "x" * 8000 for i in range(12)))
+    units = [unique("burst") for _ in range(64)]
+    await asyncio.gather(*(manager.start_transient_unit(u, TransientUnit(argv)) for u in units))
+    assert manager.connected
+    for unit in units:
+        await changes.until(unit, lambda s: bool(s.job_results))
