@@ -164,10 +164,7 @@ def _systemd_run_round(ctx: Context, n: int, sandbox: SystemdSandbox) -> None:
     units = [f"bench-{RUN_ID}-{i}.service" for i in range(n)]
     # One nsenter for the whole loop: its own cost (~ms) is not systemd-run's.
     run = ["systemd-run", "--quiet", "--collect", *_same_sandbox()]
-    starts = "\n".join(
-        shlex.join([*run, f"--unit={unit}", *SLEEP]) + " || exit 1"
-        for unit in units
-    )
+    starts = "\n".join(shlex.join([*run, f"--unit={unit}", *SLEEP]) + " || exit 1" for unit in units)
     script = f'a=$(date +%s%N)\n{starts}\nb=$(date +%s%N)\necho "$a $b"\n'
     began, ended = sandbox.run("/bin/sh", "-c", script, timeout=300).stdout.split()
     ctx.rec.add("9.systemd_start", "systemd-run", (int(ended) - int(began)) / 1e9)
