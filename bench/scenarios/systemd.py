@@ -10,7 +10,7 @@ alternating which goes first each round:
   `StopAgents(all)`, answered when every unit has stopped. Starts that fail are counted (a
   round with one is not timed).
 - systemd-run, inside the sandbox: N x `systemd-run --unit=… -p … /bin/sleep 100000` one after
-  the other, with the sandboxing properties opmasd gives an agent by default (the same units;
+  the other, with the type and sandboxing opmasd gives an agent by default (the same units;
   each returns once its start job is done: the unit active), then one `systemctl stop`
   of them all (returns when every stop job is done).
 
@@ -44,9 +44,10 @@ SLEEP = ["/bin/sleep", "100000"]
 
 
 def _same_sandbox() -> list[str]:
-    """systemd-run's `-p` options for the sandbox opmasd gives an agent by default (a mount
+    """systemd-run's `-p` options for the unit type and sandbox opmasd gives an agent (a mount
     namespace and more: about 30 ms of systemd's time per unit), so both start the same units."""
-    options = []
+    # Type=exec as opmasd's units: started once the program was executed, not once forked.
+    options = ["-p", "Type=exec"]
     for name, signature, value in sandbox_properties(LaunchRequest("bench", tuple(SLEEP), "/"), euid=0):
         if signature == "b":
             value = "yes" if value else "no"
