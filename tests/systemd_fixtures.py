@@ -13,7 +13,9 @@ tests/integration/conftest.py does.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Iterator
+import time
+from collections.abc import Callable, Iterator
+from typing import Any
 
 import pytest
 
@@ -46,3 +48,15 @@ def booted(sandbox: SystemdSandbox) -> Iterator[SystemdSandbox]:
 def systemd_sandbox() -> Iterator[SystemdSandbox]:
     with booted(SystemdSandbox()) as sandbox:
         yield sandbox
+
+
+def until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
+    """check()'s first truthy value, asked every 0.1 s; AssertionError after `timeout` s."""
+    deadline = time.monotonic() + timeout
+    while True:
+        value = check()
+        if value:
+            return value
+        if time.monotonic() > deadline:
+            raise AssertionError(f"timed out waiting for {what or check}")
+        time.sleep(0.1)

@@ -18,12 +18,12 @@ import socket
 import sys
 import time
 import urllib.request
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from systemd_fixtures import booted
+from systemd_fixtures import booted, until
 from systemd_sandbox import SANDBOX_PYTHON, SystemdSandbox
 
 from .harness import free_port
@@ -119,17 +119,6 @@ def agent(sd: SystemdSandbox, agent_id: str) -> dict[str, Any]:
     result = ctl(sd, "-o", "json", "agents", "get", agent_id)
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
-
-
-def until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.2)
 
 
 def running(sd: SystemdSandbox, agent_id: str) -> dict[str, Any] | None:

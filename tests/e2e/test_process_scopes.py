@@ -21,12 +21,12 @@ from __future__ import annotations
 import json
 import sys
 import tempfile
-import time
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
+from systemd_fixtures import until
 from systemd_sandbox import SystemdSandbox
 
 from .harness import OPMASCTL, spawn
@@ -147,17 +147,6 @@ class InnerDaemon:
     def units(self, pattern: str) -> list[str]:
         out = self.sd.run("systemctl", "list-units", "--plain", "--no-legend", pattern, check=False).stdout
         return sorted(line.split()[0] for line in out.splitlines() if line.strip())
-
-
-def until(check: Callable[[], Any], timeout: float = 20.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.1)
 
 
 @pytest.fixture

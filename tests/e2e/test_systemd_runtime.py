@@ -12,11 +12,11 @@ through opmasctl like any agent.
 from __future__ import annotations
 
 import json
-import time
 from collections.abc import Callable, Iterator
 from typing import Any
 
 import pytest
+from systemd_fixtures import until
 from systemd_sandbox import SANDBOX_PYTHON, SystemdSandbox
 
 from .harness import Sandbox, sleeper
@@ -46,17 +46,6 @@ def agent(box: Sandbox, agent_id: str) -> dict[str, Any]:
     result = box.opmasctl("-o", "json", "agents", "get", agent_id)
     assert result.returncode == 0, result.stderr
     return dict(json.loads(result.stdout))
-
-
-def until(check: Callable[[], Any], timeout: float = 30.0, what: str = "") -> Any:
-    deadline = time.monotonic() + timeout
-    while True:
-        value = check()
-        if value:
-            return value
-        if time.monotonic() > deadline:
-            raise AssertionError(f"timed out waiting for {what or check}")
-        time.sleep(0.2)
 
 
 def unit_show(sd: SystemdSandbox, unit: str, *props: str) -> dict[str, str]:
