@@ -3,14 +3,13 @@ than opmasd's own where opmasd is root, else refused at registration, naming the
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 import re
 
+from opmasd.core.accounts import gid_of, uid_of
 from opmasd.core.model import AgentSpec
 
-_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|[0-9]{1,10}")
+_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]{0,31}\$?|0|[1-9][0-9]{0,9}")
 
 
 def identity_refusals(spec: AgentSpec, euid: int | None = None) -> list[tuple[str, str]]:
@@ -23,7 +22,7 @@ def identity_refusals(spec: AgentSpec, euid: int | None = None) -> list[tuple[st
         if not _NAME.fullmatch(value):
             refused.append((field, f"{value[:40]!r} is not a {field} name or number"))
             continue
-        found = _lookup(field, value)
+        found = uid_of(value) if field == "user" else gid_of(value)
         if found is None:
             refused.append((field, f"no {field} {value!r} on this host"))
         elif me != 0 and (found != me if field == "user" else found != os.getegid()):
@@ -31,12 +30,3 @@ def identity_refusals(spec: AgentSpec, euid: int | None = None) -> list[tuple[st
                 (field, f"opmasd runs as uid {me}, not root: it cannot start an agent as another {field}")
             )
     return refused
-
-
-def _lookup(field: str, value: str) -> int | None:
-    try:
-        if field == "user":
-            return pwd.getpwuid(int(value)).pw_uid if value.isdigit() else pwd.getpwnam(value).pw_uid
-        return grp.getgrgid(int(value)).gr_gid if value.isdigit() else grp.getgrnam(value).gr_gid
-    except (KeyError, OverflowError):
-        return None

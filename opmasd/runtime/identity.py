@@ -11,10 +11,9 @@ group can be named (the manager refuses others), and the program then runs as it
 
 from __future__ import annotations
 
-import grp
 import os
-import pwd
 
+from opmasd.core.accounts import gid_of, uid_of, user_entry
 from opmasd.core.errors import LaunchError
 from opmasd.runtime.base import LaunchRequest
 
@@ -35,10 +34,10 @@ def as_identity(
 
 
 def _identity_options(user: str, group: str) -> list[str]:
-    own_user = not user or _uid(user) == os.geteuid()
+    own_user = not user or uid_of(user) == os.geteuid()
     if own_user and not group and user:
         return []
-    if own_user and (not group or _gid(group) == os.getegid()) and os.geteuid() != 0:
+    if own_user and (not group or gid_of(group) == os.getegid()) and os.geteuid() != 0:
         return []  # not root: nothing to change, and setpriv could not drop the groups
     if not user and not group:
         return []
@@ -57,38 +56,21 @@ def privilege_options(request: LaunchRequest) -> tuple[str, ...]:
     if request.capabilities:
         caps = ",".join(f"+{name.removeprefix('CAP_').lower()}" for name in request.capabilities)
         options += [f"--bounding-set=-all,{caps}", f"--inh-caps=-all,{caps}"]
-        if request.user and _uid(request.user) != 0:
+        if request.user and uid_of(request.user) != 0:
             options.append(f"--ambient-caps=-all,{caps}")
     if request.sandbox.no_new_privileges:
         options.append("--no-new-privs")
     return tuple(options)
 
 
-def _uid(user: str) -> int | None:
-    try:
-        return (pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)).pw_uid
-    except (KeyError, OverflowError):
-        return None
-
-
-def _gid(group: str) -> int | None:
-    try:
-        return (grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)).gr_gid
-    except (KeyError, OverflowError):
-        return None
-
-
 def _primary_group(user: str) -> int:
-    try:
-        entry = pwd.getpwuid(int(user)) if user.isdigit() else pwd.getpwnam(user)
-    except (KeyError, OverflowError):
-        raise LaunchError(f"no user {user!r} on this host") from None
+    entry = user_entry(user)
+    if entry is None:
+        raise LaunchError(f"no user {user!r} on this host")
     return entry.pw_gid
 
 
 def check_group(group: str) -> None:
     """LaunchError for a group this host does not know (setpriv's own word is terse)."""
-    try:
-        grp.getgrgid(int(group)) if group.isdigit() else grp.getgrnam(group)
-    except (KeyError, OverflowError):
-        raise LaunchError(f"no group {group!r} on this host") from None
+    if gid_of(group) is None:
+        raise LaunchError(f"no group {group!r} on this host")

@@ -20,8 +20,8 @@ ReadWritePaths `as`).
 from __future__ import annotations
 
 import os
-import pwd
 
+from opmasd.core.accounts import uid_of
 from opmasd.core.privileges import Sandbox, capability_mask
 from opmasd.runtime.base import LaunchRequest
 from opmasd.runtime.systemd_units import Property
@@ -71,9 +71,6 @@ def _non_root(user: str) -> bool:
     """Whether the user (a name or uid; "": opmasd's own, root for the system manager) is not root."""
     if not user:
         return False
-    if user.isdigit():
-        return int(user) != 0
-    try:
-        return pwd.getpwnam(user).pw_uid != 0
-    except KeyError:
-        return True  # unknown here: systemd will refuse it anyway, and never as root
+    uid = uid_of(user)
+    # Unknown here: systemd will refuse it anyway, and never as root.
+    return uid is None or uid != 0

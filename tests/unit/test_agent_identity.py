@@ -34,6 +34,10 @@ def test_unknown_or_malformed_names_are_refused_naming_the_field() -> None:
     ]
     [(field, why)] = identity_refusals(spec(user="a b;rm"), euid=0)
     assert field == "user" and "is not a user name or number" in why
+    # A number with leading zeros ("00" would be root, shown as something else) is no uid.
+    [(field, why)] = identity_refusals(spec(user="00"), euid=0)
+    assert field == "user" and "is not a user name or number" in why
+    assert identity_refusals(spec(user="0", group="0"), euid=0) == []
 
 
 def test_only_root_may_name_another_user() -> None:
