@@ -9,8 +9,27 @@ from opmasd.core.model import AgentRecord
 from opmasd.runtime.base import LaunchRequest
 
 # Variables of the daemon's own environment that must not leak into agents: they would make
-# an agent talk to systemd, or read opmasd's configuration, as if it were opmasd.
+# an agent talk to systemd, read opmasd's configuration, or keep its state in opmasd's
+# directories (systemd's StateDirectory= & co. of opmasd's unit), as if it were opmasd.
 _PRIVATE_ENV_PREFIXES = ("OPMAS_", "NOTIFY_SOCKET", "WATCHDOG_", "LISTEN_", "JOURNAL_STREAM", "INVOCATION_ID")
+_PRIVATE_ENV = frozenset(
+    {
+        "STATE_DIRECTORY",
+        "RUNTIME_DIRECTORY",
+        "LOGS_DIRECTORY",
+        "CACHE_DIRECTORY",
+        "CONFIGURATION_DIRECTORY",
+        "CREDENTIALS_DIRECTORY",
+        "SYSTEMD_EXEC_PID",
+        "MAINPID",
+        "MANAGERPID",
+        "MONITOR_SERVICE_RESULT",
+        "MONITOR_EXIT_CODE",
+        "MONITOR_EXIT_STATUS",
+        "MONITOR_INVOCATION_ID",
+        "MONITOR_UNIT",
+    }
+)
 
 
 class AgentLogins(Protocol):
@@ -49,7 +68,9 @@ DEFAULT_HEARTBEAT_INTERVAL = 30.0
 
 def agent_base_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The daemon's environment without what is the daemon's alone."""
-    return {k: v for k, v in environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES)}
+    return {
+        k: v for k, v in environ.items() if not k.startswith(_PRIVATE_ENV_PREFIXES) and k not in _PRIVATE_ENV
+    }
 
 
 def launch_request(
