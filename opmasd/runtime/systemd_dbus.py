@@ -33,6 +33,7 @@ from dbus_fast import BusType, DBusFastError, Message, MessageType, Variant
 from dbus_fast.aio import MessageBus
 
 from opmasd.core.errors import BackendError
+from opmasd.runtime.dbus_window import SendWindow, size_send_buffer
 from opmasd.runtime.systemd_units import (
     UNIT_PATH_PREFIX,
     ChangeKind,
@@ -48,13 +49,8 @@ from opmasd.runtime.systemd_units import (
 
 log = structlog.get_logger(__name__)
 
-# dbus-fast's writer takes a send() that finds the socket's buffer full (EAGAIN) for a broken
-# connection and drops it (python-dbus-next #153; still so in dbus-fast 5.2): 100 agents started
-# at once lost the bus. So at most _IN_FLIGHT calls are outstanding on a connection, and its
-# send buffer is made room for all of them at their largest (a spec is at most 128 KiB).
+# At most this many calls in flight on a connection (and at most its SendWindow of bytes).
 _IN_FLIGHT = 16
-_SEND_BUFFER = 4 << 20
-_SO_SNDBUFFORCE = 32  # Linux: SO_SNDBUF past net.core.wmem_max, for root (not in `socket`)
 
 SYSTEMD = "org.freedesktop.systemd1"
 MANAGER_PATH = "/org/freedesktop/systemd1"
@@ -109,16 +105,13 @@ def bus_address(where: str) -> str:
     return where
 
 
-def _enlarge_send_buffer(bus: MessageBus) -> None:
+def _send_window(bus: MessageBus) -> SendWindow:
+    """The connection's window of bytes in flight (runtime.dbus_window says why)."""
     sock = getattr(bus, "_sock", None)  # dbus-fast keeps its socket there; no public handle
     if not isinstance(sock, socket.socket):
         log.warning("cannot size the D-Bus socket's send buffer: dbus-fast has no _sock")
-        return
-    option = _SO_SNDBUFFORCE if os.geteuid() == 0 else socket.SO_SNDBUF
-    try:
-        sock.setsockopt(socket.SOL_SOCKET, option, _SEND_BUFFER)
-    except OSError as exc:
-        log.warning("cannot enlarge the D-Bus socket's send buffer", error=str(exc))
+        return SendWindow(212992 // 4)  # Linux's default buffer
+    return SendWindow(size_send_buffer(sock))
 
 
 def _plain(value: Any) -> Any:
@@ -152,6 +145,7 @@ class SystemdManager:
         # meanwhile may be lost, so the runtime reads its units' states again.
         self._returned: list[Callback] = []
         self._slots = asyncio.Semaphore(_IN_FLIGHT)
+        self._window = SendWindow(212992 // 4)
 
     # -- connection ---------------------------------------------------------------------------
 
@@ -169,7 +163,7 @@ class SystemdManager:
             raise SystemdError(NO_SERVER, f"cannot connect to {address}: {exc}") from None
         except DBusFastError as exc:
             raise SystemdError(AUTH_FAILED, f"{address}: {exc}") from None
-        _enlarge_send_buffer(bus)
+        self._window = _send_window(bus)
         bus.add_message_handler(self._on_message)
         self._bus = bus
         self._reloading = False  # a Reloading(false) lost with an earlier connection
@@ -366,7 +360,7 @@ class SystemdManager:
         try:
             message = Message(destination=destination, path=path, interface=interface, member=member,
                               signature=signature, body=body)  # fmt: skip
-            async with asyncio.timeout(self.timeout), self._slots:
+            async with asyncio.timeout(self.timeout), self._slots, self._window.hold(body):
                 reply = await bus.call(message)
         except TimeoutError:
             raise SystemdError(NO_REPLY, f"{member}: no reply within {self.timeout} s") from None
