@@ -284,7 +284,7 @@ def proc_status(sd: SystemdSandbox, pid: int | str) -> dict[str, str]:
 
 # linux/capability.h numbers of the capabilities the unit may name.
 CAPS = {"CAP_CHOWN": 0, "CAP_DAC_OVERRIDE": 1, "CAP_DAC_READ_SEARCH": 2, "CAP_FOWNER": 3, "CAP_KILL": 5,
-        "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_RAW": 13,
+        "CAP_SETGID": 6, "CAP_SETUID": 7, "CAP_SETPCAP": 8, "CAP_NET_BIND_SERVICE": 10, "CAP_NET_RAW": 13,
         "CAP_SYS_RESOURCE": 24}  # fmt: skip
 
 
@@ -312,6 +312,22 @@ def test_an_agent_with_user_nobody_runs_as_nobody(opmasd: SystemdSandbox, runtim
         assert agent_status["NoNewPrivs"] == "1" and agent_status["Seccomp"] == "2", agent_status
     else:  # a unit of its own: its own sandbox's bounding set (no capability named: none)
         assert int(agent_status["CapBnd"], 16) == 0, agent_status["CapBnd"]
+
+
+@pytest.mark.parametrize("user", ["root", "nobody"])
+def test_under_the_unit_a_process_agent_keeps_only_the_capabilities_it_names(
+    opmasd: SystemdSandbox, user: str
+) -> None:
+    # setpriv drops the rest of the bounding set only with CAP_SETPCAP, which the unit must hold:
+    # without it the agent silently kept every capability of opmasd's.
+    name = f"raw-{user}"
+    register(opmasd, name, "--runtime", "process", "--user", user, "--capability", "net_raw")
+    status = proc_status(opmasd, agent(opmasd, name)["status"]["pid"])
+    assert int(status["CapBnd"], 16) == 1 << CAPS["CAP_NET_RAW"], status["CapBnd"]
+    assert int(status["CapEff"], 16) == 1 << CAPS["CAP_NET_RAW"], status["CapEff"]
+    beyond = ctl(opmasd, "agents", "register", "--name", "admin", "--runtime", "process",
+                 "--capability", "sys_admin", "--", "/bin/sleep", "100")  # fmt: skip
+    assert beyond.returncode != 0 and "CAP_SYS_ADMIN not in opmasd's own bounding set" in beyond.stderr
 
 
 def test_logs_of_a_systemd_runtime_agent_come_from_the_journal(opmasd: SystemdSandbox) -> None:

@@ -24,7 +24,7 @@ from opmasd.core.privileges import (
     normalise_capabilities,
 )
 from opmasd.manager.packages.manifest_privileges import capabilities_from, sandbox_from
-from opmasd.manager.privileges import privilege_refusals
+from opmasd.manager.privileges import _process_capability_refusals, privilege_refusals
 from opmasd.manager.spec_update import apply_fields
 from opmasd.manager.validation import spec_violations
 from opmasd.runtime.base import LaunchRequest
@@ -94,6 +94,18 @@ def test_capabilities_need_opmasd_to_be_root() -> None:
     assert privilege_refusals(
         spec(capabilities=("CAP_NET_RAW",), runtime=RuntimeKind.SYSTEMD), euid=1000
     ) == [("capabilities", "opmasd runs as uid 1000, not root: it cannot give an agent capabilities")]
+
+
+def test_the_process_runtime_refuses_capabilities_setpriv_cannot_give() -> None:
+    # setpriv, run by opmasd, keeps only what opmasd has, and drops the rest only with
+    # CAP_SETPCAP: without it the shipped unit's agents kept opmasd's whole bounding set.
+    raw, setpcap = capability_mask(["CAP_NET_RAW"]), capability_mask(["CAP_SETPCAP"])
+    assert _process_capability_refusals(("CAP_NET_RAW",), (raw | setpcap, raw | setpcap)) == []
+    [(field, why)] = _process_capability_refusals(("CAP_NET_RAW",), (raw, raw))
+    assert field == "capabilities" and "CAP_SETPCAP" in why and "runtime: systemd" in why
+    [(field, why)] = _process_capability_refusals(("CAP_NET_RAW", "CAP_SYS_ADMIN"), (setpcap, raw | setpcap))
+    assert why == "CAP_SYS_ADMIN not in opmasd's own bounding set; use runtime: systemd"
+    assert _process_capability_refusals(("CAP_SYS_ADMIN",), None) == []  # unknown: setpriv says
 
 
 # -- the systemd runtime -------------------------------------------------------------------------
