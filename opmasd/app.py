@@ -314,7 +314,7 @@ class Daemon:
             await self._unless_forced(self._grpc.stop(grace), "gRPC server")
         if self.manager is not None:
             stop_agents = self.config.service.stop_agents_on_shutdown and not self._force_exit
-            if stop_agents and await restart_pending():  # `systemctl restart`: agents stay up
+            if stop_agents and await restart_pending() is not False:  # a restart (or unsure)
                 stop_agents = False
             if not await self._unless_forced(self.manager.stop(stop_agents=stop_agents), "agents' stop"):
                 # Cut short while agents were stopping: flush what is known and leave them be.

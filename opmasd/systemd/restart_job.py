@@ -7,13 +7,17 @@ running, and only `systemctl stop` stop them. opmasd cannot tell the two apart f
 but systemd can: while it stops the unit for a restart, the unit's pending job is of type
 `restart` (it becomes `start` only once the stop is over). So at a shutdown that would stop the
 agents, opmasd asks the systemd manager that runs it (the system bus as root, the user bus
-otherwise) for its unit's job, bounded in time; no answer is no restart, and the agents stop.
+otherwise) for its unit's job, bounded in time. When systemd does not answer (its bus is down)
+the agents are left running: of the systemd runtime's, none could be stopped anyway, and a
+restart that stopped agents (the mistake it cannot rule out) costs more than a stop that left
+them for the next opmasd to adopt or an operator to stop.
 """
 
 from __future__ import annotations
 
 import asyncio
 import os
+from collections.abc import Mapping
 from typing import Any
 
 import structlog
@@ -46,10 +50,10 @@ def _value(value: Any) -> Any:
 
 
 async def restart_pending(
-    environ: dict[str, str] | None = None, bus: str | None = None, timeout: float = 2.0
-) -> bool:
-    """True when systemd is restarting the unit opmasd runs in; False when it stops it, when
-    opmasd was not started by systemd (no INVOCATION_ID), or when systemd does not answer."""
+    environ: Mapping[str, str] | None = None, bus: str | None = None, timeout: float = 2.0
+) -> bool | None:
+    """True when systemd is restarting the unit opmasd runs in; False when it stops it, or when
+    opmasd was not started by systemd (no INVOCATION_ID); None when systemd does not answer."""
     env = os.environ if environ is None else environ
     if not env.get("INVOCATION_ID"):
         return False
@@ -60,8 +64,10 @@ async def restart_pending(
             await query.connect(where)
             kind = await query.job_type_of_pid(os.getpid())
     except (SystemdError, OSError, TimeoutError) as exc:
-        log.warning("could not ask systemd whether this stop is a restart; stopping agents", error=str(exc))
-        return False
+        log.warning(
+            "cannot tell a restart from a stop (systemd does not answer): agents left running", error=str(exc)
+        )
+        return None
     finally:
         await query.close()
     if kind in RESTART_JOBS:
