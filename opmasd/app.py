@@ -146,8 +146,9 @@ class Daemon:
             scopes=scopes,
         )
         self._runtimes[RuntimeKind.PROCESS] = process
+        secret = (config.service.log_dir, *([self._config_path] if self._config_path else []))
         units, no_units = await connect_systemd(
-            config.agents, self._source(), config.service.state_dir, config.service.runtime_dir
+            config.agents, self._source(), config.service.state_dir, config.service.runtime_dir, secret
         )
         if units is not None:
             self._runtimes[RuntimeKind.SYSTEMD] = units

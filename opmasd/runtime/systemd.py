@@ -102,13 +102,14 @@ class SystemdRuntime:
         start_timeout: float = START_TIMEOUT,
         instance: str = "",
         env_dir: Path = DEFAULT_ENV_DIR,
+        hidden: tuple[str, ...] = (),
     ) -> None:
         """bus: "system", "user" or a D-Bus address; journal: where journalctl reads (default:
         the machine's journal); root: where the filesystem of that systemd is seen from here
         ("/", or /proc/PID/root for one in other namespaces: its cgroups and its /proc);
         instance: this opmasd's instance id, marked on its units ("": units unmarked, every
         agent unit counts as ours); env_dir: where the units' environment files go (as that
-        systemd sees it: opmasd's runtime directory)."""
+        systemd sees it: opmasd's runtime directory); hidden: paths no agent unit may see."""
         self._bus = bus
         self._root = root
         self._clock = clock
@@ -128,7 +129,7 @@ class SystemdRuntime:
         self._connected = False
         self._closed = False
         self._instance = instance
-        self._env = EnvironmentFiles(env_dir, root)
+        self._env, self._hidden = EnvironmentFiles(env_dir, root), hidden
         self._foreign: dict[str, str] = {}  # other opmasd's units found: unit -> its instance
         self._reconnector = Reconnector(self._manager, bus, self._reopen, self._lost, self._resync)
         self._resyncing: asyncio.Task[None] | None = None
@@ -297,7 +298,7 @@ class SystemdRuntime:
         started_at = self._clock.now()
         try:
             env_file = await write_env_file(self._env, unit, request)
-            definition = agent_unit(request, self._instance, env_file)
+            definition = agent_unit(request, self._instance, env_file, self._hidden)
             outcome = await start_unit(self._manager, watch, definition, self._start_timeout, self._on_change)
             if outcome is not Outcome.RUNNING:
                 raise LaunchError(await failure_of(watch, self._journal, started_at))

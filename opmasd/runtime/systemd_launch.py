@@ -74,9 +74,14 @@ def unit_refusals(agent_id: str, foreign: Mapping[str, str]) -> list[tuple[str, 
     return []
 
 
-def agent_unit(request: LaunchRequest, instance: str = "", env_file: str = "") -> TransientUnit:
+def agent_unit(
+    request: LaunchRequest, instance: str = "", env_file: str = "", hidden: tuple[str, ...] = ()
+) -> TransientUnit:
     """The agent's transient unit (runtime.systemd's module doc says why each property): marked
-    with the instance, its environment in env_file (runtime.systemd_env; "": as Environment=)."""
+    with the instance, its environment in env_file (runtime.systemd_env; "": as Environment=),
+    and `hidden` inaccessible to it: opmasd's state, runtime and log directories and its
+    configuration hold every agent's secrets, which an agent running as root (the default)
+    could otherwise read, capabilities or not ("-": a path that is not there is no error)."""
     unit = escape_unit_name(request.agent_id)
     res = request.resources
     cat = (SYSTEMD_CAT, f"--identifier={unit}", "--stderr-priority=warning", "--level-prefix=false", "--")
@@ -97,7 +102,12 @@ def agent_unit(request: LaunchRequest, instance: str = "", env_file: str = "") -
         kill_mode="control-group",
         collect_mode="inactive-or-failed",
         syslog_identifier=unit,
-        extra=(("SendSIGKILL", "b", True), ("StartLimitIntervalUSec", "t", 0), *sandbox_properties(request)),
+        extra=(
+            ("SendSIGKILL", "b", True),
+            ("StartLimitIntervalUSec", "t", 0),
+            *sandbox_properties(request),
+            *((("InaccessiblePaths", "as", [f"-{path}" for path in hidden]),) if hidden else ()),
+        ),
     )
 
 

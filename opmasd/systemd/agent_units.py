@@ -10,6 +10,7 @@ agents.runtime: systemd, rather than being accepted and ignored (config.loading 
 from __future__ import annotations
 
 import os
+from collections.abc import Sequence
 from pathlib import Path
 
 import structlog
@@ -28,12 +29,14 @@ ENV_SUBDIR = "systemd-env"  # the units' environment files, under the runtime di
 
 
 async def connect_systemd(
-    agents: AgentsConfig, source: str, state_dir: Path, runtime_dir: Path
+    agents: AgentsConfig, source: str, state_dir: Path, runtime_dir: Path, hidden: Sequence[Path] = ()
 ) -> tuple[SystemdRuntime | None, str]:
     """The connected systemd runtime, or None and why there is none. ConfigError when the
     configuration requires it (agents.systemd: required, or agents.runtime: systemd) and it
     cannot be had. Its units carry this opmasd's instance id (runtime.systemd_owner, kept in
-    state_dir) and their environments go in files under runtime_dir (runtime.systemd_env)."""
+    state_dir) and their environments go in files under runtime_dir (runtime.systemd_env);
+    neither directory, nor the `hidden` paths (the log directory, the configuration), is
+    visible to an agent unit."""
     if agents.systemd == "off":
         return None, "agents.systemd is off"
     bus = agents.systemd_bus or ("system" if os.geteuid() == 0 else "user")
@@ -43,7 +46,10 @@ async def connect_systemd(
         instance = load_instance_id(state_dir)
     except (OSError, ValueError) as exc:
         raise ConfigError(source, "service.state_dir", f"cannot keep the instance id there: {exc}") from exc
-    runtime = SystemdRuntime(bus, journal, root=root, instance=instance, env_dir=runtime_dir / ENV_SUBDIR)
+    secret = tuple(str(path) for path in (state_dir, runtime_dir, *hidden))
+    runtime = SystemdRuntime(
+        bus, journal, root=root, instance=instance, env_dir=runtime_dir / ENV_SUBDIR, hidden=secret
+    )
     try:
         await runtime.connect()
     except BackendError as exc:

@@ -330,6 +330,21 @@ def test_under_the_unit_a_process_agent_keeps_only_the_capabilities_it_names(
     assert beyond.returncode != 0 and "CAP_SYS_ADMIN not in opmasd's own bounding set" in beyond.stderr
 
 
+def test_a_systemd_runtime_agent_cannot_read_opmasd_s_secrets(opmasd: SystemdSandbox) -> None:
+    # Agent units run as root by default: without hiding them, an agent read every other
+    # agent's NATS password in /run/opmas/systemd-env and the store in /var/lib/opmas.
+    register(opmasd, "victim", "--runtime", "systemd", "--env", "SECRET=hunter2-victim")
+    probe = "cat /run/opmas/systemd-env/* /etc/opmas/opmasd.yaml; ls -A /var/lib/opmas /var/log/opmas; "
+    probe += "exec sleep 1000"
+    result = ctl(opmasd, "agents", "register", "--name", "snoop", "--runtime", "systemd", "--start", "--",
+                 "/bin/sh", "-c", probe)  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    until(lambda: running(opmasd, "snoop"), 20, "snoop running")
+    out = until(lambda: ctl(opmasd, "agents", "logs", "snoop").stdout, 10, "snoop's output")
+    assert "hunter2" not in out and "NATS_PASSWORD" not in out and "opmas.db" not in out, out
+    assert "grpc" not in out, out  # nothing of the configuration either
+
+
 def test_logs_of_a_systemd_runtime_agent_come_from_the_journal(opmasd: SystemdSandbox) -> None:
     register(opmasd, "talker", "--runtime", "systemd")
 
