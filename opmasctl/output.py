@@ -70,7 +70,9 @@ def key_values(pairs: Sequence[tuple[str, str]]) -> str:
     width = max((len(key) for key, _ in pairs), default=0) + 2
     lines = []
     for key, value in pairs:
-        first, *rest = (value or EMPTY).split("\n")
+        # Values carry what agents wrote (a reason naming a process's command line): shown, never
+        # obeyed by the terminal; a multi-line value keeps its lines.
+        first, *rest = (visible_controls(line) for line in (value or EMPTY).split("\n"))
         lines.append(f"{key + ':':<{width}}{first}".rstrip())
         lines.extend(" " * width + line for line in rest)
     return "\n".join(lines) + "\n"

@@ -16,6 +16,8 @@ from collections.abc import Collection, Mapping, Sequence
 from dataclasses import dataclass
 from typing import TextIO
 
+from opmasctl.output import visible_controls
+
 ELLIPSIS = "…"
 GAP = "  "
 # A column is not cut below this many characters (nor below its own widest cell).
@@ -95,6 +97,9 @@ def render(
     colours: by column index, the SGR code of a cell's text (e.g. {3: {"running": GREEN}}).
     elastic: the columns that may be cut to fit the terminal (default: all but the first).
     """
+    # Cells carry what agents and operators wrote (reasons, commands): shown, never obeyed, and
+    # a newline cannot add a row that is none.
+    rows = [[visible_controls(cell) for cell in row] for row in rows]
     widths = [len(header) if style.headers else 0 for header in headers]
     for row in rows:
         for index, cell in enumerate(row):
