@@ -284,8 +284,11 @@ class RelayLink:
         """The relay went away: start a new one at once when it had pipes of ours."""
         relay = self._popen.pid if self._popen is not None else None
         self._disconnect()
-        if self._popen is not None and self._popen.poll() is not None:
-            self._popen = None  # reaped
+        if self._popen is not None:
+            # Its socket closes a moment before it exits (under load, more than a moment): reaped
+            # now or soon, never left a zombie once a new relay takes its place in _popen.
+            _reap_soon(self._popen, _running_loop())
+            self._popen = None
         self._outbox = [item for item in self._outbox if item[0] in ("note", "sync")]
         restart = bool(self._held or self._outbox)
         log.warning("log relay gone", reason=reason, relay_pid=relay, pipes=len(self._held), restart=restart)
@@ -411,3 +414,12 @@ def _pipe_max_size() -> int:
         except (OSError, ValueError):
             _pipe_max = PIPE_SIZE
     return _pipe_max
+
+
+def _reap_soon(
+    popen: subprocess.Popen[bytes], loop: asyncio.AbstractEventLoop | None, tries: int = 50
+) -> None:
+    """Reap a relay that is exiting: now, or within tries x 0.1 s (then subprocess reaps it at
+    the next spawn)."""
+    if popen.poll() is None and tries > 0 and loop is not None and not loop.is_closed():
+        loop.call_later(0.1, _reap_soon, popen, loop, tries - 1)
