@@ -59,8 +59,9 @@ def main(argv: list[str] | None = None) -> None:
         # host name in rest.address may be resolved to match the passed socket).
         passed = rest_socket(passed_sockets(), config.rest, str(args.config or "configuration"))
     except (ConfigError, ValueError) as exc:
+        # A configuration error (2, as above): the unit's RestartPreventExitStatus= stops there.
         log.error("opmasd could not start", error=f"socket activation: {exc}")
-        raise SystemExit(1) from None
+        raise SystemExit(2) from None
     try:
         asyncio.run(Daemon(config, args.config, rest_socket=passed).serve())
     except (AlreadyRunning, ListenError, HttpListenError, StoreError, ConfigError, UnsafePathError) as exc:

@@ -83,6 +83,7 @@ class Daemon:
         self.notifier = Notifier()
         self.should_exit = asyncio.Event()
         self._force_exit = False
+        self._reload_failed = ""  # shown in STATUS= until a reload succeeds
         self._forced = asyncio.Event()
         self._reload_requested = asyncio.Event()
         self._tasks = TaskOwner("daemon")
@@ -366,7 +367,9 @@ class Daemon:
             tls = (exc.key or "").lower().startswith(("tls.", "opmas_tls_"))
             kept = "configuration and TLS certificates" if tls else "configuration"
             log.error(f"configuration reload failed; keeping the running {kept}", error=str(exc))
+            self._reload_failed = f"; reload failed: {exc}"
         else:
+            self._reload_failed = ""
             fixed = [
                 name
                 for name in ("database", "grpc", "rest", "nats")
@@ -418,7 +421,7 @@ class Daemon:
         if self.manager is None:
             return "starting"
         total, running = self.manager.counts()
-        return f"{total} agents, {running} running"
+        return f"{total} agents, {running} running{self._reload_failed}"
 
     async def _heartbeat_systemd(self) -> None:
         """WATCHDOG=1 from the event loop itself (a blocked loop misses it) and a fresh STATUS."""

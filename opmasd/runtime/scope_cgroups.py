@@ -23,6 +23,7 @@ import structlog
 from opmasd.core.model import ResourceLimits
 from opmasd.runtime.cgroup_limits import FIELDS, CgroupLimits, wanted
 from opmasd.runtime.cgroups import AgentCgroups
+from opmasd.runtime.systemd_launch import quota_refusals
 from opmasd.runtime.systemd_units import systemd_escape, systemd_unescape
 
 log = structlog.get_logger(__name__)
@@ -91,6 +92,10 @@ class ScopeLimits(CgroupLimits):
             for controller in FIELDS
             if controller not in self.available
         }
+
+    def refusals(self, resources: ResourceLimits) -> list[tuple[str, str]]:
+        """As CgroupLimits', and a CPU quota under what systemd can enforce (it would be 0.1%)."""
+        return super().refusals(resources) + quota_refusals(resources)
 
     def properties(self, resources: ResourceLimits) -> tuple[tuple[str, str, Any], ...]:
         """The scope's properties for the limits asked for (refusals() said they can be)."""

@@ -166,6 +166,21 @@ def test_reload_rescans_the_agents_directories(opmasd: SystemdSandbox) -> None:
     assert "configuration reloaded" in journal(opmasd)
 
 
+def test_a_reload_with_a_broken_configuration_says_so_in_the_status(opmasd: SystemdSandbox) -> None:
+    # `systemctl reload` cannot fail (ExecReload= is a kill): the STATUS text tells instead.
+    config_file = opmasd.host_path("/etc/opmas/opmasd.yaml")
+    saved = config_file.read_text()
+    config_file.write_text("service: {log_level: loud}\n")
+    try:
+        opmasd.run("systemctl", "reload", "opmasd")
+        status = until(lambda: "reload failed" in (t := show(opmasd, "StatusText")["StatusText"]) and t, 10)
+        assert "service.log_level" in status and show(opmasd, "ActiveState")["ActiveState"] == "active"
+    finally:
+        config_file.write_text(saved)
+    opmasd.run("systemctl", "reload", "opmasd")
+    until(lambda: "reload failed" not in show(opmasd, "StatusText")["StatusText"], 10, "a good reload")
+
+
 def test_a_hung_event_loop_is_killed_by_the_watchdog_and_restarted(opmasd: SystemdSandbox) -> None:
     dropin = opmasd.host_path("/run/systemd/system/opmasd.service.d/test.conf")
     dropin.write_text(f"[Service]\nWatchdogSec={WATCHDOG_SEC}\nEnvironment=OPMAS_DEBUG_HANG_SIGNAL=1\n")

@@ -102,6 +102,9 @@ def test_limits_become_the_scopes_properties_where_systemd_has_the_controller() 
     refused = partial.refusals(asked)
     assert [field for field, _why in refused] == ["resources.cpu_quota_percent", "resources.tasks_max"]
     assert "systemd has no cpu controller" in refused[0][1]
+    # A quota systemd would enforce as 0.1% (the kernel's 1 ms in its longest period) is refused.
+    [(field, why)] = limits.refusals(ResourceLimits(cpu_quota_percent=0.05))
+    assert field == "resources.cpu_quota_percent" and "0.05% is below what systemd can enforce" in why
 
 
 def test_scope_controllers_come_from_cgroup2_and_v1(tmp_path: Path) -> None:
