@@ -86,6 +86,8 @@ def last_exit_short(status: agents_pb2.AgentStatus) -> str:
     exit_info = status.last_exit
     if exit_info.signal:
         return _signal_name(exit_info.signal)
+    if not exit_info.exit_code and "status unknown" in exit_info.reason:
+        return "unknown"  # an adopted process: 0 on the wire, not an exit status of 0
     return f"exit {exit_info.exit_code}"
 
 

@@ -22,3 +22,11 @@ def test_a_table_cell_cannot_add_a_row_or_an_escape() -> None:
     table = views.agents_table([agent], tables.TableStyle(wide=True))
     assert len(table.splitlines()) == 2  # the header and one row
     assert "\x1b" not in table and "\x07" not in table
+
+
+def test_an_adopted_process_s_unknown_exit_is_not_shown_as_exit_0() -> None:
+    status = agents_pb2.AgentStatus()
+    status.last_exit.reason = "exited (status unknown: process was adopted)"
+    assert views.last_exit_short(status) == "unknown"
+    status.last_exit.reason = "exited with code 0"
+    assert views.last_exit_short(status) == "exit 0"
