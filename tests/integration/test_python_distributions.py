@@ -258,6 +258,23 @@ def test_a_wheel_installed_opmasd_lists_its_shipped_agents(wheels: dict[str, Pat
     )
     assert lines[1:] == [f"{name}\t{shipped / name}" for name in expected]
     assert _ok([scratch / "venv" / "bin" / "opmasd", "--version"], scratch).strip() == f"opmasd {VERSION}"
+    # Each module agent's command and PYTHONPATH as this opmasd makes them: its module and the SDK
+    # import (the SDK from the opmas-agent wheel; the folder from the package data).
+    specs = (
+        "import json; from opmasd.config.paths import default_agent_dirs; "
+        "from opmasd.manager.packages.scan import scan; "
+        "found = scan(default_agent_dirs()).manifests; "
+        "print(json.dumps([[m.spec.command, dict(m.spec.environment)] for m in found]))"
+    )
+    # The last line: structlog, unconfigured here, logs the absent /etc/opmas/agents.d on stdout.
+    listed_specs = json.loads(_ok([python, "-c", specs], scratch).splitlines()[-1])
+    modules = [(c, e) for c, e in listed_specs if c[1:2] == ["-m"]]
+    assert len(modules) == 3
+    for command, environment in modules:
+        assert command[0] == str(python)
+        check = f"import {command[2]}, opmas_agent; print({command[2]}.__file__); print(opmas_agent.__file__)"
+        imported_from = _ok([python, "-c", check], scratch, PYTHONPATH=environment["PYTHONPATH"]).splitlines()
+        assert imported_from[0].startswith(str(shipped)) and imported_from[1].startswith(str(site))
     where = "import opmas.v1, opmas_agent; print(opmas.v1.__file__); print(opmas_agent.__file__)"
     assert all(line.startswith(str(site)) for line in _ok([python, "-c", where], scratch).splitlines())
     assert (site / "opmas" / "v1" / "agents.proto").is_file()
