@@ -124,8 +124,13 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--version", help="the wheels' version (default: pyproject.toml's)")
     args = parser.parse_args(argv)
     version = checked_version(args.version or project_version())
+    out = args.out.resolve()
+    # One set in the output: an older build's wheels beside these would be installed by mistake.
+    for stale in out.glob("opmas*-py3-none-any.whl"):
+        if stale.name.split("-")[0] in {name.replace("-", "_") for name in DISTRIBUTIONS}:
+            stale.unlink()
     for name in DISTRIBUTIONS:
-        print(build(name, args.out.resolve(), version))
+        print(build(name, out, version))
 
 
 if __name__ == "__main__":

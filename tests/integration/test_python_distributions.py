@@ -86,6 +86,26 @@ def wheels(tmp_path_factory: pytest.TempPathFactory) -> dict[str, Path]:
     return found
 
 
+def test_make_wheels_refuses_a_version_others_cannot_depend_on(tmp_path: Path) -> None:
+    done = _run(
+        [sys.executable, ROOT / "scripts" / "build_wheels.py", "--version", "1.0+mine", tmp_path], ROOT
+    )
+    assert done.returncode != 0
+    assert "--version '1.0+mine' is not a PEP 440 public version" in done.stderr
+    assert not list(tmp_path.iterdir())
+
+
+def test_make_wheels_leaves_one_set_in_the_output(wheels: dict[str, Path]) -> None:
+    out = wheels["opmas"].parent
+    (out / "opmas_api-0.0.1-py3-none-any.whl").write_bytes(b"an older build")
+    (out / "other-1.0-py3-none-any.whl").write_bytes(b"not ours")
+    _ok([sys.executable, ROOT / "scripts" / "build_wheels.py", out], ROOT)
+    assert sorted(p.name for p in out.iterdir()) == sorted(
+        [*(w.name for w in wheels.values()), "other-1.0-py3-none-any.whl"]
+    )
+    (out / "other-1.0-py3-none-any.whl").unlink()
+
+
 def _fresh_venv(path: Path) -> Path:
     _ok([SYSTEM_PYTHON, "-m", "venv", "--without-pip", path], path.parent)
     return path / "bin" / "python"
@@ -107,7 +127,12 @@ def dependency_wheels(tmp_path_factory: pytest.TempPathFactory) -> Path:
     partial = Path(f"{cached}.partial-{os.getpid()}")
     _ok(_pip(python, "download", "-q", "-d", partial, *pins), ROOT)
     # Whole or not at all: a download cut short must not pass for the cache.
-    partial.rename(cached)
+    try:
+        partial.rename(cached)
+    except OSError:
+        if not cached.is_dir():
+            raise
+        shutil.rmtree(partial)  # another run filled it meanwhile, with the same pins
     return cached
 
 
