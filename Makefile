@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install lint typecheck proto man bench clean
+.PHONY: run test install lint typecheck proto man wheels bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -42,6 +42,12 @@ proto: install
 man: install
 	$(BIN)/python scripts/gen_man.py build/man
 
+# The wheels that ship, into dist/: opmas-api (the stubs), opmas-agent (the SDK) and opmas (the
+# daemon and opmasctl, depending on both). Offline: this venv's setuptools, no build isolation.
+# VERSION=0.1.1 builds them at another version than pyproject.toml's (upgrade tests).
+wheels: install
+	$(BIN)/python scripts/build_wheels.py dist $(if $(VERSION),--version $(VERSION))
+
 # The benchmark (not part of `make test`): supervisor, circus and py-spy go into their own venv,
 # built by the same Python as .venv (the circus client is loaded from it).
 BENCH_VENV := bench/.venv
@@ -57,4 +63,4 @@ bench: install $(BENCH_VENV)/.installed
 	$(BIN)/python bench/run.py $(BENCH_ARGS)
 
 clean:
-	rm -rf $(VENV) build *.egg-info
+	rm -rf $(VENV) build dist *.egg-info

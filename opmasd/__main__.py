@@ -25,12 +25,30 @@ def build_parser() -> argparse.ArgumentParser:
         help="YAML configuration file (default: /etc/opmas/opmasd.yaml when it exists; $OPMAS_CONFIG)",
     )
     parser.add_argument("--check-config", action="store_true", help="validate the configuration and exit")
+    parser.add_argument(
+        "--list-agents",
+        action="store_true",
+        help="print the agent packages found in the agents directories (agents.dirs) and exit",
+    )
     parser.add_argument("--version", action="version", version=f"opmasd {__version__}")
     return parser
 
 
 def parse_args(argv: list[str] | None) -> argparse.Namespace:
     return build_parser().parse_args(argv)
+
+
+def list_agents(dirs: tuple[Path, ...]) -> int:
+    """Each agent package's id and folder, a line each; a broken manifest on stderr (status 1)."""
+    from opmasd.manager.packages.scan import scan
+
+    print("agents directories: " + (", ".join(str(d) for d in dirs) or "none"))
+    found = scan(dirs)
+    for manifest in found.manifests:
+        print(f"{manifest.agent_id}\t{manifest.path.parent}")
+    for error in found.errors:
+        print(f"opmasd: {error}", file=sys.stderr)
+    return 1 if found.errors else 0
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -44,6 +62,8 @@ def main(argv: list[str] | None = None) -> None:
         print(f"opmasd: configuration OK ({args.config or 'defaults'})")
         return
     configure_logging(config.service.log_level, config.service.log_format)
+    if args.list_agents:
+        raise SystemExit(list_agents(config.agents.dirs))
 
     from opmasd.api.grpc_server import ListenError
     from opmasd.api.rest.server import HttpListenError

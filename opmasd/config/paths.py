@@ -21,6 +21,8 @@ from opmas.local import (
 
 # The repository root when running from a checkout: it holds agents/packages.
 _CHECKOUT = Path(__file__).resolve().parents[2]
+# The agent packages a wheel-installed opmasd ships: package data (scripts/build_wheels.py).
+_SHIPPED = Path(__file__).resolve().parents[1] / "shipped_agents"
 
 
 @dataclass(frozen=True)
@@ -59,9 +61,14 @@ def default_paths(env: Mapping[str, str], euid: int | None = None) -> DefaultPat
     return DefaultPaths(state, default_runtime_dir(env, euid), default_log_dir(env, euid, state))
 
 
-def default_agent_dirs() -> tuple[Path, ...]:
-    """agents/packages of the checkout this runs from, else the installed agents directories."""
-    checkout = _CHECKOUT / "agents" / "packages"
-    if checkout.is_dir():
-        return (checkout,)
-    return (Path("/usr/lib/opmas/agents"), Path("/etc/opmas/agents.d"))
+def default_agent_dirs(checkout: Path = _CHECKOUT, shipped: Path = _SHIPPED) -> tuple[Path, ...]:
+    """agents/packages of the checkout this runs from; else the shipped agents and /etc/opmas/agents.d.
+
+    The shipped agents are the installed package's own (opmasd/shipped_agents, installed with the
+    code that runs them), else /usr/lib/opmas/agents for an install that puts them there: one
+    place, never both, so the same agent is not found twice.
+    """
+    packages = checkout / "agents" / "packages"
+    if packages.is_dir():
+        return (packages,)
+    return (shipped if shipped.is_dir() else Path("/usr/lib/opmas/agents"), Path("/etc/opmas/agents.d"))

@@ -644,3 +644,35 @@ def test_what_only_the_systemd_runtime_reads_is_refused_with_it_off(
     path = write(tmp_path, f"agents:\n  systemd: off\n  {text}\n")  # YAML's off: False
     err = error_of(path)
     assert err.key == key and reason in err.reason, err
+
+
+def test_default_agent_dirs_installed_take_the_shipped_agents_from_one_place(tmp_path: Path) -> None:
+    shipped = tmp_path / "site-packages" / "opmasd" / "shipped_agents"
+    shipped.mkdir(parents=True)
+    installed = tmp_path / "lib"  # no agents/packages: not a checkout
+    assert default_agent_dirs(installed, shipped) == (shipped, Path("/etc/opmas/agents.d"))
+    # An install that puts them in /usr/lib/opmas/agents instead: that one, never both.
+    absent = tmp_path / "absent"
+    assert default_agent_dirs(installed, absent) == (
+        Path("/usr/lib/opmas/agents"),
+        Path("/etc/opmas/agents.d"),
+    )
+
+
+def test_opmasd_list_agents_prints_each_package_and_fails_on_a_broken_one(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from opmasd.__main__ import list_agents
+
+    (tmp_path / "good").mkdir()
+    (tmp_path / "good" / "agent.yaml").write_text("name: good\nentrypoint: [sleep, '60']\n")
+    assert list_agents((tmp_path,)) == 0
+    out = capsys.readouterr().out.splitlines()
+    assert out == [f"agents directories: {tmp_path}", f"good\t{tmp_path / 'good'}"]
+    (tmp_path / "broken").mkdir()
+    (tmp_path / "broken" / "agent.yaml").write_text("name: [\n")
+    assert list_agents((tmp_path,)) == 1
+    captured = capsys.readouterr()
+    # (Unconfigured here, structlog's warning goes to stdout; opmasd sets it on stderr first.)
+    assert [line for line in captured.out.splitlines() if "\t" in line] == [f"good\t{tmp_path / 'good'}"]
+    assert f"opmasd: {tmp_path / 'broken' / 'agent.yaml'}: line 2: invalid YAML" in captured.err
