@@ -1,0 +1,284 @@
+"""The .deb and .rpm that `make packages` builds (packaging/): files, owners and modes, the
+conffile, the maintainer scripts, the dependencies, lintian, and the installed wrappers running.
+
+The build runs once per session from this checkout (`make packages`); its venv and the
+dependency wheels are cached under /var/cache/opmas-tests/packaging by content, so a repeated
+run is offline and takes about 30 s. Installing into a booted Debian root is another test's
+(the install/upgrade test): here the .deb is only extracted, and its /usr/lib/opmas is laid
+over the host's /usr/lib in a private mount namespace to run the wrappers where they belong.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import subprocess
+import sys
+import tomllib
+from collections.abc import Iterator
+from dataclasses import dataclass
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+sys.path.insert(0, str(ROOT / "packaging"))
+import build as packaging_build  # noqa: E402  (packaging/build.py, not a package)
+
+pytestmark = pytest.mark.timeout(1200)  # a cold build downloads and builds the wheels once
+
+VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
+DEB = ROOT / "dist" / f"opmas_{VERSION}_amd64.deb"
+RPM = ROOT / "dist" / f"opmas-{VERSION}.x86_64.rpm"
+AGENTS = sorted(p.name for p in (ROOT / "agents/packages").iterdir() if p.is_dir() and p.name != "_template")
+PROTOS = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
+# What both packages hold (deb path, rpm path when it differs), with mode and owner.
+COMMON = {
+    "/usr/bin/opmasd": "-rwxr-xr-x root/root",
+    "/usr/bin/opmasctl": "-rwxr-xr-x root/root",
+    "/etc/opmas/opmasd.yaml": "-rw-r----- root/root",
+    "/usr/lib/sysusers.d/opmas.conf": "-rw-r--r-- root/root",
+    "/usr/lib/tmpfiles.d/opmas.conf": "-rw-r--r-- root/root",
+    "/usr/share/bash-completion/completions/opmasctl": "-rw-r--r-- root/root",
+    "/usr/share/fish/vendor_completions.d/opmasctl.fish": "-rw-r--r-- root/root",
+    "/usr/share/man/man1/opmasctl.1.gz": "-rw-r--r-- root/root",
+    "/usr/share/man/man8/opmasd.8.gz": "-rw-r--r-- root/root",
+    "/usr/lib/opmas/venv/bin/nats-server": "-rwxr-xr-x root/root",
+    "/usr/lib/opmas/venv/pyvenv.cfg": "-rw-r--r-- root/root",
+    "/usr/lib/opmas/opmas_agent/__init__.py": "-rw-r--r-- root/root",
+    **{f"/usr/lib/opmas/agents/{name}/agent.yaml": "-rw-r--r-- root/root" for name in AGENTS},
+    **{f"/usr/share/opmas/proto/{name}": "-rw-r--r-- root/root" for name in PROTOS},
+}
+DEB_ONLY = {
+    "/lib/systemd/system/opmasd.service": "-rw-r--r-- root/root",
+    "/lib/systemd/system/opmasd.socket": "-rw-r--r-- root/root",
+    "/usr/share/zsh/vendor-completions/_opmasctl": "-rw-r--r-- root/root",
+    "/usr/share/doc/opmas/copyright": "-rw-r--r-- root/root",
+    "/usr/share/doc/opmas/changelog.gz": "-rw-r--r-- root/root",
+}
+RPM_ONLY = {
+    "/usr/lib/systemd/system/opmasd.service": "-rw-r--r-- root/root",
+    "/usr/lib/systemd/system/opmasd.socket": "-rw-r--r-- root/root",
+    "/usr/share/zsh/site-functions/_opmasctl": "-rw-r--r-- root/root",
+    "/usr/share/licenses/opmas/LICENSE": "-rw-r--r-- root/root",
+}
+# Libraries the bundled modules may link outside the venv, and the Debian package of each.
+LIBRARY_PACKAGES = {
+    "libc.so.6": "libc6",
+    "libm.so.6": "libc6",
+    "libpthread.so.0": "libc6",
+    "libdl.so.2": "libc6",
+    "librt.so.1": "libc6",
+    "libresolv.so.2": "libc6",
+    "ld-linux-x86-64.so.2": "libc6",
+    "libstdc++.so.6": "libstdc++6",
+    "libgcc_s.so.1": "libgcc-s1",
+    "libz.so.1": "zlib1g",
+}
+# lintian warnings accepted, and why (README "Packages"): the maintainer scripts call
+# systemctl directly (no dependency on init-system-helpers for deb-systemd-helper); a few
+# upstream modules start with a `#!python` line but are not executable nor run as scripts.
+ACCEPTED_WARNINGS = {"maintainer-script-calls-systemctl", "unusual-interpreter"}
+
+
+def need(tool: str) -> None:
+    if shutil.which(tool) is None:
+        pytest.skip(f"{tool} is not installed (.ci/run installs it)")
+
+
+def run(argv: list[str], **kwargs: object) -> str:
+    done = subprocess.run(argv, check=False, capture_output=True, text=True, **kwargs)  # type: ignore[call-overload]
+    assert done.returncode == 0, f"{argv} exited {done.returncode}:\n{done.stdout}\n{done.stderr}"
+    return str(done.stdout)
+
+
+@dataclass(frozen=True)
+class Built:
+    deb: Path
+    rpm: Path
+
+
+@pytest.fixture(scope="module")
+def built() -> Built:
+    if not Path("/usr/bin/python3.11").is_file():
+        pytest.skip("/usr/bin/python3.11 (Debian's python3.11) is missing: the packages bundle a venv of it")
+    need("dpkg-deb")
+    for tool in ("strip", "readelf"):
+        need(tool)
+    run(["make", "packages"], cwd=ROOT)
+    assert DEB.is_file() and RPM.is_file()
+    return Built(DEB, RPM)
+
+
+@pytest.fixture(scope="module")
+def extracted(built: Built, tmp_path_factory: pytest.TempPathFactory) -> Path:
+    root = tmp_path_factory.mktemp("deb-root")
+    run(["dpkg-deb", "-x", str(built.deb), str(root)])
+    return root
+
+
+def listing(lines: str, pattern: str) -> dict[str, str]:
+    """path -> "mode owner/group" from a listing's lines."""
+    found = {}
+    for line in lines.splitlines():
+        match = re.match(pattern, line)
+        if match:
+            found[match["path"]] = f"{match['mode']} {match['owner']}"
+    return found
+
+
+def test_deb_holds_the_files_with_their_owners_and_modes(built: Built) -> None:
+    lines = run(["dpkg-deb", "-c", str(built.deb)])
+    files = listing(lines, r"(?P<mode>\S+) (?P<owner>\S+)\s+\d+ \S+ \S+ \.(?P<path>/\S*)")
+    for path, expected in {**COMMON, **DEB_ONLY}.items():
+        assert files.get(path) == expected, f"{path}: {files.get(path)} in the .deb, not {expected}"
+    assert "/usr/lib/opmas/venv/bin/python3.11 -> ../../../../bin/python3.11" in lines  # relative
+    # No byte code in the package (the postinst compiles it), nothing but root's, and nothing
+    # executable among the bundled modules (a shared object needs no execute bit).
+    assert not [path for path in files if "__pycache__" in path or path.endswith(".pyc")]
+    assert {entry.split()[1] for entry in files.values()} == {"root/root"}
+    site = "/usr/lib/opmas/venv/lib/python3.11/site-packages/"
+    assert not [
+        p for p, e in files.items() if p.startswith(site) and e.startswith("-") and "x" in e.split()[0]
+    ]
+    assert not [p for p in files if "_template" in p and p.startswith("/usr/lib/opmas/agents")]
+
+
+def test_deb_control_conffile_and_maintainer_scripts(built: Built, tmp_path: Path) -> None:
+    info = run(["dpkg-deb", "-I", str(built.deb)])
+    assert re.search(rf"^ Version: {re.escape(VERSION)}$", info, re.MULTILINE)
+    run(["dpkg-deb", "-e", str(built.deb), str(tmp_path / "control")])
+    control = tmp_path / "control"
+    assert (control / "conffiles").read_text().split() == ["/etc/opmas/opmasd.yaml"]
+    postinst = (control / "postinst").read_text()
+    prerm = (control / "prerm").read_text()
+    postrm = (control / "postrm").read_text()
+    for needle in ("systemd-sysusers opmas.conf", "systemd-tmpfiles --create opmas.conf", "daemon-reload",
+                   "systemctl enable opmasd.service", "systemctl start opmasd.service",
+                   "systemctl try-restart opmasd.service", "compileall"):  # fmt: skip
+        assert needle in postinst, needle
+    # Stop and disable only on remove (an upgrade restarts and keeps the agents).
+    remove_branch = prerm.split("remove)")[1].split(";;")[0]
+    assert "systemctl stop opmasd.socket opmasd.service" in remove_branch
+    assert "systemctl disable opmasd.service opmasd.socket" in remove_branch
+    purge_branch = postrm.split("purge)")[1].split(";;")[0]
+    assert "rm -rf /var/lib/opmas" in purge_branch
+    commands = [line for line in postrm.replace(purge_branch, "").splitlines() if not line.startswith("#")]
+    assert not [line for line in commands if "/var/lib/opmas" in line]  # kept on remove
+    for script in ("postinst", "prerm", "postrm"):
+        assert os.access(control / script, os.X_OK)
+        run(["sh", "-n", str(control / script)])
+
+
+def test_deb_depends_cover_every_library_the_bundle_links(built: Built, extracted: Path) -> None:
+    depends = run(["dpkg-deb", "-f", str(built.deb), "Depends"])
+    inside = {path.name for path in (extracted / "usr/lib/opmas").rglob("*.so*")}
+    needed: set[str] = set()
+    glibc = (2, 0)
+    for path in (extracted / "usr/lib/opmas").rglob("*"):
+        if not path.is_file() or path.is_symlink() or path.open("rb").read(4) != b"\x7fELF":
+            continue
+        dynamic = run(["readelf", "-d", "-W", str(path)])
+        needed |= set(re.findall(r"\(NEEDED\)\s+Shared library: \[(\S+)\]", dynamic))
+        for version in re.findall(r"GLIBC_(\d+)\.(\d+)", run(["readelf", "-V", "-W", str(path)])):
+            glibc = max(glibc, (int(version[0]), int(version[1])))
+    outside = sorted(needed - inside)
+    unknown = [name for name in outside if name not in LIBRARY_PACKAGES]
+    assert not unknown, f"the bundle links {unknown}: add their packages to Depends and LIBRARY_PACKAGES"
+    for name in outside:
+        assert LIBRARY_PACKAGES[name] in depends, (
+            f"{name} needs {LIBRARY_PACKAGES[name]} in Depends: {depends}"
+        )
+    declared = re.search(r"libc6 \(>= (\d+)\.(\d+)\)", depends)
+    assert declared and (int(declared[1]), int(declared[2])) >= glibc, f"GLIBC_{glibc} needed: {depends}"
+    assert "python3.11" in depends
+
+
+def test_rpm_holds_the_files_conffile_and_scriptlets(built: Built) -> None:
+    need("rpm")
+    query = "[%{FILEMODES:perms} %{FILEUSERNAME}/%{FILEGROUPNAME} %{FILEFLAGS:fflags}: %{FILENAMES}\n]"
+    lines = run(["rpm", "-qp", "--queryformat", query, str(built.rpm)])
+    files = listing(lines, r"(?P<mode>\S+) (?P<owner>\S+) \S*: (?P<path>/\S*)")
+    for path, expected in {**COMMON, **RPM_ONLY}.items():
+        assert files.get(path) == expected, f"{path}: {files.get(path)} in the .rpm, not {expected}"
+    assert run(["rpm", "-qp", "--configfiles", str(built.rpm)]).split() == ["/etc/opmas/opmasd.yaml"]
+    assert re.search(r" cn: /etc/opmas/opmasd.yaml$", lines, re.MULTILINE)  # config(noreplace)
+    assert run(["rpm", "-qp", "--queryformat", "%{VERSION}", str(built.rpm)]) == VERSION
+    assert not [path for path in files if "__pycache__" in path]
+    scripts = run(["rpm", "-qp", "--scripts", str(built.rpm)])
+    sections = dict(
+        re.findall(r"^(\w+) scriptlet \(using /bin/sh\):\n(.*?)(?=^\w+ scriptlet|\Z)", scripts, re.M | re.S)
+    )
+    assert "systemd-sysusers opmas.conf" in sections["postinstall"]
+    assert "preset opmasd.service" in sections["postinstall"]
+    assert "disable --now opmasd.socket opmasd.service" in sections["preuninstall"]
+    assert "try-restart opmasd.service" in sections["postuninstall"]
+    requires = run(["rpm", "-qp", "--requires", str(built.rpm)])
+    assert "python3.11" in requires and "libstdc++.so.6()(64bit)" in requires
+
+
+def test_lintian_finds_no_error(built: Built) -> None:
+    need("lintian")
+    done = subprocess.run(
+        ["lintian", "--tag-display-limit", "0", str(built.deb)], check=False, capture_output=True, text=True
+    )
+    tags = re.findall(r"^([EWXIP]): opmas[^:]*: (\S+)", done.stdout, re.MULTILINE)
+    errors = sorted({tag for kind, tag in tags if kind == "E"})
+    assert not errors, done.stdout
+    warnings = sorted({tag for kind, tag in tags if kind == "W"} - ACCEPTED_WARNINGS)
+    assert not warnings, f"new lintian warnings: fix them or accept them with why\n{done.stdout}"
+
+
+@pytest.fixture
+def on_usr_lib(extracted: Path) -> Iterator[list[str]]:
+    """argv prefix running a command with the extracted /usr/lib/opmas at /usr/lib/opmas, in a
+    private mount namespace: an overlay of the extracted usr/lib over the host's /usr/lib (a
+    bind mount would need /usr/lib/opmas to exist on the host)."""
+    if os.geteuid() != 0:
+        pytest.skip("mounting the extracted package in a private mount namespace needs root")
+    need("unshare")
+    mount = f"mount -t overlay overlay -o lowerdir={extracted}/usr/lib:/usr/lib /usr/lib"
+    yield ["unshare", "--mount", "--propagation", "private", "sh", "-c", f'{mount} && exec "$@"', "sh"]
+
+
+def test_installed_wrappers_run_from_usr_lib_opmas(extracted: Path, on_usr_lib: list[str]) -> None:
+    env = {"PATH": "/usr/bin:/bin", "LANG": "C.UTF-8", "HOME": str(extracted)}
+    assert (
+        run([*on_usr_lib, str(extracted / "usr/bin/opmasctl"), "--version"], env=env).strip()
+        == f"opmasctl {VERSION}"
+    )
+    assert VERSION in run([*on_usr_lib, str(extracted / "usr/bin/opmasd"), "--version"], env=env)
+    conf = str(extracted / "etc/opmas/opmasd.yaml")
+    run([*on_usr_lib, str(extracted / "usr/bin/opmasd"), "--config", conf, "--check-config"], env=env)
+    # The shipped agents load from /usr/lib/opmas/agents, and each module entrypoint imports its
+    # module and the SDK with the PYTHONPATH opmasd gives it.
+    probe = (
+        "import subprocess, sys; from pathlib import Path\n"
+        "from opmasd.manager.packages.scan import scan\n"
+        "result = scan([Path('/usr/lib/opmas/agents')])\n"
+        "assert not result.errors, result.errors\n"
+        "for m in result.manifests:\n"
+        "    argv, env = m.spec.command, m.spec.env\n"
+        "    if argv[1:2] == ('-m',):\n"
+        "        code = f'import opmas_agent, importlib.util as u; assert u.find_spec({argv[2]!r})'\n"
+        "        subprocess.run([argv[0], '-c', code], env={'PYTHONPATH': env['PYTHONPATH']}, check=True)\n"
+        "print(sorted(m.path.parent.name for m in result.manifests))\n"
+    )
+    python = "/usr/lib/opmas/venv/bin/python"
+    found = run([*on_usr_lib, python, "-P", "-c", probe], env=env, cwd="/")
+    assert found.strip() == str(sorted(AGENTS))
+
+
+def test_version_override_and_changelog(tmp_path: Path) -> None:
+    """VERSION=… (the upgrade test's higher version) is checked and gets a changelog entry."""
+    assert packaging_build.checked_version("0.1.1") == "0.1.1"
+    for bad in ("v1", "1.0-1", "1..2", "1.0 ; rm"):
+        with pytest.raises(SystemExit, match="version"):
+            packaging_build.checked_version(bad)
+    (tmp_path / "root").mkdir()
+    packaging_build.changelog("9.9.9", tmp_path)
+    debian = (tmp_path / "changelog.Debian").read_text()
+    assert debian.startswith("opmas (9.9.9) unstable; urgency=medium\n")
+    assert f"opmas ({VERSION}) unstable" in debian
+    assert "- semver: 9.9.9" in (tmp_path / "changelog.yaml").read_text()
