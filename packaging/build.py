@@ -46,7 +46,7 @@ TARGET_PYTHON = Path("/usr/bin/python3.11")
 CACHE = Path(os.environ.get("OPMAS_PACKAGING_CACHE", "/var/cache/opmas-tests/packaging"))
 # What the packages are built from, besides the project's own files: kept out of the hash.
 NOT_SHIPPED = ("tests/", "bench/", ".ci/")
-KEEP_VENVS = 3
+KEEP_VENVS = 4  # this version and the upgrade test's higher one, with room
 WRAPPER = """#!/bin/sh
 # {name}: the {what} of OPMAS, from its environment in /usr/lib/opmas/venv.
 exec /usr/lib/opmas/venv/bin/python -P -m {name} "$@"
@@ -199,7 +199,13 @@ def build_venv(key: str, version: str, files: list[str]) -> Path:
     run([str(TARGET_PYTHON), "-m", "venv", "--without-pip", str(building / "venv")])
     install_wheels(building / "venv" / "bin" / "python", wheels)
     relocate(building / "venv", VENV)
-    building.rename(done)
+    try:
+        building.rename(done)
+    except OSError:
+        if not (done / "venv" / "pyvenv.cfg").is_file():
+            raise
+        log(f"another build cached {done} meanwhile: using it")  # same key, same content
+        shutil.rmtree(building)
     old = sorted(CACHE.glob("venv-*"), key=lambda path: path.stat().st_mtime)[:-KEEP_VENVS]
     for stale in old:
         shutil.rmtree(stale, ignore_errors=True)
