@@ -282,3 +282,140 @@ def test_version_override_and_changelog(tmp_path: Path) -> None:
     assert debian.startswith("opmas (9.9.9) unstable; urgency=medium\n")
     assert f"opmas ({VERSION}) unstable" in debian
     assert "- semver: 9.9.9" in (tmp_path / "changelog.yaml").read_text()
+
+
+STUBBED = ("systemctl", "systemd-sysusers", "systemd-tmpfiles")
+
+
+def run_scripts(
+    extracted: Path, control: Path, tmp: Path, steps: list[str], booted: bool = True
+) -> list[str]:
+    """Run maintainer script steps ("postinst configure", ...) as dpkg would, in a private mount
+    namespace: /usr/lib/opmas from the extracted .deb (writable through an overlay, for the byte
+    code), /etc and /var/lib through overlays, a /run of its own (with /run/systemd/system when
+    `booted`), and systemctl, systemd-sysusers and systemd-tmpfiles stubs that record their calls.
+    Returns the calls, one "tool args" line each, with "== step" lines between the steps."""
+    stubs = tmp / "stubs"
+    stubs.mkdir(exist_ok=True)
+    calls = tmp / "calls"
+    for tool in STUBBED:
+        (stubs / tool).write_text(f'#!/bin/sh\necho "{tool} $*" >> {calls}\n')
+        (stubs / tool).chmod(0o755)
+    layers = []
+    for target, lower in (
+        ("/usr/lib", f"{extracted}/usr/lib:/usr/lib"),
+        ("/etc", "/etc"),
+        ("/var/lib", "/var/lib"),
+    ):
+        name = target.strip("/").replace("/", "-")
+        (tmp / f"{name}-up").mkdir(exist_ok=True)
+        (tmp / f"{name}-work").mkdir(exist_ok=True)
+        options = f"lowerdir={lower},upperdir={tmp}/{name}-up,workdir={tmp}/{name}-work"
+        layers.append(f"mount -t overlay overlay -o {options} {target}")
+    setup = [*layers, "mount -t tmpfs tmpfs /run", "mount -t tmpfs tmpfs /var/log"]
+    if booted:
+        setup.append("mkdir -p /run/systemd/system")
+    body = [f'echo "== {step}" >> {calls}; sh {control}/{step}' for step in steps]
+    script = " && ".join([*setup, *body, f'echo "== end" >> {calls}'])
+    env = {"PATH": f"{stubs}:/usr/sbin:/usr/bin:/sbin:/bin", "LANG": "C.UTF-8"}
+    run(["unshare", "--mount", "--propagation", "private", "sh", "-c", script], env=env)
+    return calls.read_text().splitlines()
+
+
+def between(calls: list[str], step: str) -> list[str]:
+    start = calls.index(f"== {step}") + 1
+    end = next(i for i in range(start, len(calls)) if calls[i].startswith("== "))
+    return calls[start:end]
+
+
+def test_deb_maintainer_scripts_follow_debian_convention(
+    built: Built, extracted: Path, on_usr_lib: list[str], tmp_path: Path
+) -> None:
+    control = tmp_path / "control"
+    run(["dpkg-deb", "-e", str(built.deb), str(control)])
+    steps = [
+        "postinst configure",  # first install
+        "prerm upgrade 0.1.1",
+        "postinst configure 0.1.0",  # upgrade from 0.1.0
+        "prerm remove",
+        "postrm remove",
+    ]
+    calls = run_scripts(extracted, control, tmp_path, steps)
+    assert between(calls, "postinst configure") == [
+        "systemd-sysusers opmas.conf",
+        "systemd-tmpfiles --create opmas.conf",
+        "systemctl enable opmasd.service",
+        "systemctl --system daemon-reload",
+        "systemctl start opmasd.service",
+    ]
+    assert between(calls, "prerm upgrade 0.1.1") == []  # an upgrade stops nothing
+    # No enable on upgrade (an admin's disable stays), a restart job that keeps the agents.
+    assert between(calls, "postinst configure 0.1.0") == [
+        "systemd-sysusers opmas.conf",
+        "systemd-tmpfiles --create opmas.conf",
+        "systemctl --system daemon-reload",
+        "systemctl try-restart opmasd.service",
+    ]
+    assert between(calls, "prerm remove") == [
+        "systemctl stop opmasd.socket opmasd.service",
+        "systemctl disable opmasd.service opmasd.socket",
+    ]
+    assert between(calls, "postrm remove") == ["systemctl --system daemon-reload"]
+    # The byte code the postinst compiled is gone after the prerm (the overlay's upper layer
+    # holds what the scripts wrote under /usr/lib).
+    assert not list((tmp_path / "usr-lib-up").rglob("*.pyc"))
+
+
+def test_deb_postinst_compiles_and_needs_no_running_systemd(
+    built: Built, extracted: Path, on_usr_lib: list[str], tmp_path: Path
+) -> None:
+    control = tmp_path / "control"
+    run(["dpkg-deb", "-e", str(built.deb), str(control)])
+    calls = run_scripts(extracted, control, tmp_path, ["postinst configure"], booted=False)
+    # In a chroot or image build: the links are made, nothing is started.
+    assert between(calls, "postinst configure")[-1] == "systemctl enable opmasd.service"
+    assert not [call for call in calls if "start" in call or "daemon-reload" in call]
+    compiled = list((tmp_path / "usr-lib-up/opmas/venv").rglob("*.cpython-311.pyc"))
+    assert len(compiled) > 1000
+
+
+def test_deb_purge_deletes_state_and_keeps_your_files(
+    built: Built, extracted: Path, on_usr_lib: list[str], tmp_path: Path
+) -> None:
+    control = tmp_path / "control"
+    run(["dpkg-deb", "-e", str(built.deb), str(control)])
+    # The state the daemon left and an agent package of the admin's, seen through the overlays.
+    (tmp_path / "var-lib-up/opmas").mkdir(parents=True)
+    (tmp_path / "var-lib-up/opmas/opmas.db").write_text("agents")
+    (tmp_path / "etc-up/opmas/agents.d/mine").mkdir(parents=True)
+    run_scripts(extracted, control, tmp_path, ["postrm purge"])
+    assert not (tmp_path / "var-lib-up/opmas/opmas.db").exists()
+    assert (tmp_path / "etc-up/opmas/agents.d/mine").is_dir()  # yours: kept
+
+
+def test_rpm_scriptlets_follow_fedora_convention(
+    built: Built, extracted: Path, on_usr_lib: list[str], tmp_path: Path
+) -> None:
+    """The scriptlets as the .rpm holds them (packaging/scripts/rpm-*, checked the same as
+    `rpm -qp --scripts` shows), run in the order rpm runs them on install, upgrade and erase."""
+    scripts = ROOT / "packaging/scripts"
+    steps = ["rpm-post 1", "rpm-post 2", "rpm-preun 1", "rpm-postun 1", "rpm-preun 0", "rpm-postun 0"]
+    calls = run_scripts(extracted, scripts, tmp_path, steps)
+    ensure = ["systemd-sysusers opmas.conf", "systemd-tmpfiles --create opmas.conf"]
+    assert between(calls, "rpm-post 1") == [
+        *ensure,
+        "systemctl --no-reload preset opmasd.service opmasd.socket",
+        "systemctl daemon-reload",
+    ]
+    assert between(calls, "rpm-post 2") == [*ensure, "systemctl daemon-reload"]
+    assert between(calls, "rpm-preun 1") == []
+    restart = "systemctl try-restart opmasd.service"
+    assert between(calls, "rpm-postun 1") == ["systemctl daemon-reload", restart]
+    erase = "systemctl --no-reload disable --now opmasd.socket opmasd.service"
+    assert between(calls, "rpm-preun 0") == [erase]
+    assert between(calls, "rpm-postun 0") == ["systemctl daemon-reload"]
+    assert not list((tmp_path / "usr-lib-up").rglob("*.pyc"))  # erased with the package
+    packaged = run(["rpm", "-qp", "--scripts", str(built.rpm)]) if shutil.which("rpm") else ""
+    for name in ("rpm-post", "rpm-preun", "rpm-postun"):
+        body = (scripts / name).read_text().split("\n", 1)[1].strip()
+        assert not packaged or body in packaged, f"{name} is not what the .rpm holds"
