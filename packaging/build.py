@@ -112,7 +112,9 @@ def copy_sources(files: list[str], version: str, dest: Path) -> list[Path]:
         target = dest / name
         target.parent.mkdir(parents=True, exist_ok=True)
         shutil.copy2(ROOT / name, target)
-        if target.name == "pyproject.toml":
+        # Projects: the checkout's distributions (the root's, and any beside it), not an
+        # agent package's own pyproject.toml (the template's, say).
+        if target.name == "pyproject.toml" and not name.startswith("agents/packages/"):
             text = target.read_text()
             target.write_text(text.replace(f'version = "{own}"', f'version = "{version}"', 1))
             projects.append(target.parent)
@@ -193,8 +195,12 @@ def build_venv(key: str, version: str, files: list[str]) -> Path:
     wheels_dir = WORK / "wheels"
     shutil.rmtree(wheels_dir, ignore_errors=True)
     for project in projects:
-        wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation"]
-        run([*wheel, "--wheel-dir", str(wheels_dir), str(project)])
+        # With the dev venv's setuptools (offline); a project with another build backend gets
+        # an isolated build, which pip's own cache makes offline after the first time.
+        wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels_dir)]
+        if subprocess.run([*wheel, "--no-build-isolation", str(project)], check=False).returncode != 0:
+            log(f"{project}: building the wheel in an isolated environment")
+            run([*wheel, str(project)])
     wheels = sorted(wheels_dir.glob("*.whl"))
     run([str(TARGET_PYTHON), "-m", "venv", "--without-pip", str(building / "venv")])
     install_wheels(building / "venv" / "bin" / "python", wheels)

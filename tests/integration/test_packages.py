@@ -10,21 +10,32 @@ over the host's /usr/lib in a private mount namespace to run the wrappers where 
 
 from __future__ import annotations
 
+import importlib.util
 import os
 import re
 import shutil
 import subprocess
-import sys
 import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
 
 import pytest
 
 ROOT = Path(__file__).resolve().parents[2]
-sys.path.insert(0, str(ROOT / "packaging"))
-import build as packaging_build  # noqa: E402  (packaging/build.py, not a package)
+
+
+def _load_build_script() -> ModuleType:
+    """packaging/build.py, which is a script, not a package (and `build` is a PyPI name)."""
+    spec = importlib.util.spec_from_file_location("opmas_packaging_build", ROOT / "packaging/build.py")
+    assert spec and spec.loader
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+packaging_build = _load_build_script()
 
 pytestmark = pytest.mark.timeout(1200)  # a cold build downloads and builds the wheels once
 
