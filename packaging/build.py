@@ -71,10 +71,10 @@ def project_version() -> str:
 
 
 def checked_version(value: str) -> str:
-    # Both a Debian upstream version and a PEP 440 version: digits and dots, then an optional
-    # local or pre-release part (0.1.1, 0.2.0rc1, 0.1.0+local.1).
-    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*((rc|a|b)[0-9]+)?(\+[A-Za-z0-9.]+)?", value):
-        raise SystemExit(f"packages: version {value!r}: digits and dots, optionally rcN/aN/bN and +local")
+    # Digits and dots (0.1.1): the same order for dpkg, rpm and PEP 440 (the wheels pin each
+    # other to it). A pre-release would need 0.2.0~rc1 for dpkg and 0.2.0rc1 for pip.
+    if not re.fullmatch(r"[0-9]+(\.[0-9]+)*", value):
+        raise SystemExit(f"packages: version {value!r}: digits and dots only, e.g. 0.1.1")
     return value
 
 
@@ -102,23 +102,26 @@ def venv_key(files: list[str], version: str) -> str:
     return digest.hexdigest()[:20]
 
 
-def copy_sources(files: list[str], version: str, dest: Path) -> list[Path]:
-    """A copy of the checkout with `version` in every pyproject.toml that had the project's;
-    returns the project directories in it (the root first)."""
-    shutil.rmtree(dest, ignore_errors=True)
-    own = project_version()
-    projects: list[Path] = []
+def build_wheels(files: list[str], version: str, out: Path) -> list[Path]:
+    """The checkout's wheels at `version`: scripts/build_wheels.py's (opmas-api, opmas-agent and
+    opmas) where the checkout has it, else `pip wheel` of the project itself, from a copy whose
+    pyproject.toml says `version`."""
+    shutil.rmtree(out, ignore_errors=True)
+    if (ROOT / "scripts" / "build_wheels.py").is_file():
+        run([sys.executable, str(ROOT / "scripts" / "build_wheels.py"), "--version", version, str(out)])
+        return sorted(out.glob("*.whl"))
+    source = WORK / "src"
+    shutil.rmtree(source, ignore_errors=True)
     for name in files:
-        target = dest / name
-        target.parent.mkdir(parents=True, exist_ok=True)
-        shutil.copy2(ROOT / name, target)
-        # Projects: the checkout's distributions (the root's, and any beside it), not an
-        # agent package's own pyproject.toml (the template's, say).
-        if target.name == "pyproject.toml" and not name.startswith("agents/packages/"):
-            text = target.read_text()
-            target.write_text(text.replace(f'version = "{own}"', f'version = "{version}"', 1))
-            projects.append(target.parent)
-    return sorted(projects, key=lambda path: len(path.parts))
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        shutil.copy2(ROOT / name, source / name)
+    pyproject = source / "pyproject.toml"
+    own = f'version = "{project_version()}"'
+    pyproject.write_text(pyproject.read_text().replace(own, f'version = "{version}"', 1))
+    # The dev venv's setuptools, no build isolation: offline.
+    run([sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--no-build-isolation",
+         "--wheel-dir", str(out), str(source)])  # fmt: skip
+    return sorted(out.glob("*.whl"))
 
 
 def install_wheels(python: Path, wheels: list[Path]) -> None:
@@ -191,17 +194,7 @@ def build_venv(key: str, version: str, files: list[str]) -> Path:
         return done / "venv"
     building = CACHE / f"venv-{key}.tmp{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
-    projects = copy_sources(files, version, WORK / "src")
-    wheels_dir = WORK / "wheels"
-    shutil.rmtree(wheels_dir, ignore_errors=True)
-    for project in projects:
-        # With the dev venv's setuptools (offline); a project with another build backend gets
-        # an isolated build, which pip's own cache makes offline after the first time.
-        wheel = [sys.executable, "-m", "pip", "wheel", "--quiet", "--no-deps", "--wheel-dir", str(wheels_dir)]
-        if subprocess.run([*wheel, "--no-build-isolation", str(project)], check=False).returncode != 0:
-            log(f"{project}: building the wheel in an isolated environment")
-            run([*wheel, str(project)])
-    wheels = sorted(wheels_dir.glob("*.whl"))
+    wheels = build_wheels(files, version, WORK / "wheels")
     run([str(TARGET_PYTHON), "-m", "venv", "--without-pip", str(building / "venv")])
     install_wheels(building / "venv" / "bin" / "python", wheels)
     relocate(building / "venv", VENV)
@@ -232,12 +225,17 @@ def stage(venv: Path, stage_root: Path) -> None:
     lib = stage_root / "usr/lib/opmas"
     lib.mkdir(parents=True)
     run(["cp", "-a", str(venv), str(lib / "venv")])
-    # The SDK where module entrypoints find it (opmasd's SDK_DIRS), the agents where
-    # agents.dirs looks by default; the template is an example for authors, not an agent.
-    shutil.copytree(ROOT / "agents/opmas_agent", lib / "opmas_agent", ignore=ignore)
-    for package in sorted((ROOT / "agents/packages").iterdir()):
-        if package.is_dir() and package.name != "_template":
-            shutil.copytree(package, lib / "agents" / package.name, ignore=ignore)
+    # The SDK and the shipped agents come inside the venv where the wheels carry them (the
+    # opmas-agent wheel; opmas's opmasd/shipped_agents, which opmasd then uses): never a second
+    # copy. Else the SDK goes where module entrypoints find it (/usr/lib/opmas, opmasd's
+    # SDK_DIRS) and the agents where agents.dirs looks (/usr/lib/opmas/agents).
+    site = next((venv / "lib").glob("python3*/site-packages"))
+    if not (site / "opmas_agent").is_dir():
+        shutil.copytree(ROOT / "agents/opmas_agent", lib / "opmas_agent", ignore=ignore)
+    if not (site / "opmasd" / "shipped_agents").is_dir():
+        for package in sorted((ROOT / "agents/packages").iterdir()):
+            if package.is_dir() and package.name != "_template":
+                shutil.copytree(package, lib / "agents" / package.name, ignore=ignore)
     doc = stage_root / "usr/share/doc/opmas"
     shutil.copytree(ROOT / "agents/packages/_template", doc / "examples/agent-template", ignore=ignore)
     shutil.copy2(ROOT / "agents/README.md", doc / "agents.md")

@@ -42,6 +42,7 @@ pytestmark = pytest.mark.timeout(1200)  # a cold build downloads and builds the 
 VERSION = tomllib.loads((ROOT / "pyproject.toml").read_text())["project"]["version"]
 DEB = ROOT / "dist" / f"opmas_{VERSION}_amd64.deb"
 RPM = ROOT / "dist" / f"opmas-{VERSION}.x86_64.rpm"
+SITE = "/usr/lib/opmas/venv/lib/python3.11/site-packages"
 AGENTS = sorted(p.name for p in (ROOT / "agents/packages").iterdir() if p.is_dir() and p.name != "_template")
 PROTOS = sorted(str(p.relative_to(ROOT / "proto")) for p in (ROOT / "proto").rglob("*.proto"))
 # What both packages hold (deb path, rpm path when it differs), with mode and owner.
@@ -57,8 +58,6 @@ COMMON = {
     "/usr/share/man/man8/opmasd.8.gz": "-rw-r--r-- root/root",
     "/usr/lib/opmas/venv/bin/nats-server": "-rwxr-xr-x root/root",
     "/usr/lib/opmas/venv/pyvenv.cfg": "-rw-r--r-- root/root",
-    "/usr/lib/opmas/opmas_agent/__init__.py": "-rw-r--r-- root/root",
-    **{f"/usr/lib/opmas/agents/{name}/agent.yaml": "-rw-r--r-- root/root" for name in AGENTS},
     **{f"/usr/share/opmas/proto/{name}": "-rw-r--r-- root/root" for name in PROTOS},
 }
 DEB_ONLY = {
@@ -149,11 +148,23 @@ def test_deb_holds_the_files_with_their_owners_and_modes(built: Built) -> None:
     # executable among the bundled modules (a shared object needs no execute bit).
     assert not [path for path in files if "__pycache__" in path or path.endswith(".pyc")]
     assert {entry.split()[1] for entry in files.values()} == {"root/root"}
-    site = "/usr/lib/opmas/venv/lib/python3.11/site-packages/"
+    site = f"{SITE}/"
     assert not [
         p for p, e in files.items() if p.startswith(site) and e.startswith("-") and "x" in e.split()[0]
     ]
-    assert not [p for p in files if "_template" in p and p.startswith("/usr/lib/opmas/agents")]
+    assert_one_copy_of_agents_and_sdk(files)
+
+
+def assert_one_copy_of_agents_and_sdk(files: dict[str, str]) -> None:
+    """The shipped agents and the SDK, once: inside the venv where the wheels carry them
+    (opmasd/shipped_agents, the opmas-agent wheel), else under /usr/lib/opmas."""
+    sdk = [f"{SITE}/opmas_agent/__init__.py", "/usr/lib/opmas/opmas_agent/__init__.py"]
+    assert [path in files for path in sdk].count(True) == 1, "the SDK: once"
+    agents = [f"{SITE}/opmasd/shipped_agents", "/usr/lib/opmas/agents"]
+    held = [root for root in agents if f"{root}/sysmon/agent.yaml" in files]
+    assert len(held) == 1, "the shipped agents: once"
+    for name in AGENTS:
+        assert files.get(f"{held[0]}/{name}/agent.yaml") == "-rw-r--r-- root/root", name
 
 
 def test_deb_control_conffile_and_maintainer_scripts(built: Built, tmp_path: Path) -> None:
@@ -262,12 +273,13 @@ def test_installed_wrappers_run_from_usr_lib_opmas(extracted: Path, on_usr_lib: 
     assert VERSION in run([*on_usr_lib, str(extracted / "usr/bin/opmasd"), "--version"], env=env)
     conf = str(extracted / "etc/opmas/opmasd.yaml")
     run([*on_usr_lib, str(extracted / "usr/bin/opmasd"), "--config", conf, "--check-config"], env=env)
-    # The shipped agents load from /usr/lib/opmas/agents, and each module entrypoint imports its
-    # module and the SDK with the PYTHONPATH opmasd gives it.
+    # opmasd's default agents directories hold the shipped agents, and each module entrypoint
+    # imports its module and the SDK with the interpreter and PYTHONPATH opmasd gives it.
     probe = (
         "import subprocess, sys; from pathlib import Path\n"
+        "from opmasd.config import default_agent_dirs\n"
         "from opmasd.manager.packages.scan import scan\n"
-        "result = scan([Path('/usr/lib/opmas/agents')])\n"
+        "result = scan(default_agent_dirs())\n"
         "assert not result.errors, result.errors\n"
         "for m in result.manifests:\n"
         "    argv, env = m.spec.command, m.spec.env\n"
@@ -278,13 +290,13 @@ def test_installed_wrappers_run_from_usr_lib_opmas(extracted: Path, on_usr_lib: 
     )
     python = "/usr/lib/opmas/venv/bin/python"
     found = run([*on_usr_lib, python, "-P", "-c", probe], env=env, cwd="/")
-    assert found.strip() == str(sorted(AGENTS))
+    assert found.strip().splitlines()[-1] == str(sorted(AGENTS))  # after the scan's log lines
 
 
 def test_version_override_and_changelog(tmp_path: Path) -> None:
     """VERSION=… (the upgrade test's higher version) is checked and gets a changelog entry."""
     assert packaging_build.checked_version("0.1.1") == "0.1.1"
-    for bad in ("v1", "1.0-1", "1..2", "1.0 ; rm"):
+    for bad in ("v1", "1.0-1", "1..2", "1.0 ; rm", "0.2.0rc1", "0.1.0+local"):
         with pytest.raises(SystemExit, match="version"):
             packaging_build.checked_version(bad)
     (tmp_path / "root").mkdir()
