@@ -150,6 +150,15 @@ def has_symbol_table(path: Path) -> bool:
     return " .symtab " in sections.stdout
 
 
+def runnable(path: Path) -> bool:
+    """A script (not a module) or an executable ELF file (not a shared object)."""
+    with path.open("rb") as file:
+        head = file.read(4)
+    if head.startswith(b"#!"):
+        return path.suffix != ".py"
+    return head == b"\x7fELF" and ".so" not in path.suffixes
+
+
 def relocate(built: Path, final: Path) -> None:
     """Make the venv built at `built` one that works at `final`."""
     old, new = str(built), str(final)
@@ -162,14 +171,15 @@ def relocate(built: Path, final: Path) -> None:
         kept = [line for line in lines if not line.startswith(f"{direct.parent.name}/direct_url.json,")]
         record.write_text("".join(kept))
         direct.unlink()
-    # The interpreter link relative (/usr/bin/python3.11 from /usr/lib/opmas/venv/bin), and
-    # every file of lib/ 0644: a shared object needs no execute bit, and a few wheels mark
-    # plain modules executable. No byte code here: the packages compile it at install.
+    # The interpreter link relative (/usr/bin/python3.11 from /usr/lib/opmas/venv/bin), and no
+    # execute bit but on scripts and programs: a shared object needs none, and a few wheels
+    # mark modules and metadata executable. A shipped agent's probe.sh keeps its own. No byte
+    # code here: the packages compile it at install.
     interpreter = built / "bin" / TARGET_PYTHON.name
     interpreter.unlink()
     interpreter.symlink_to(os.path.relpath(TARGET_PYTHON, final / "bin"))
     for path in (built / "lib").rglob("*"):
-        if path.is_file() and not path.is_symlink():
+        if path.is_file() and not path.is_symlink() and path.stat().st_mode & 0o111 and not runnable(path):
             path.chmod(0o644)
     # bin/ keeps the interpreter and nats-server (opmasd runs the one beside sys.executable):
     # the dependencies' console scripts and the activate scripts serve no one here.
