@@ -440,3 +440,55 @@ def test_rpm_scriptlets_follow_fedora_convention(
     for name in ("rpm-post", "rpm-preun", "rpm-postun"):
         body = (scripts / name).read_text().split("\n", 1)[1].strip()
         assert not packaged or body in packaged, f"{name} is not what the .rpm holds"
+
+
+def test_packaged_opmasd_runs_a_shipped_agent(extracted: Path, on_usr_lib: list[str], tmp_path: Path) -> None:
+    """The packaged opmasd, started by its wrapper on the shipped configuration, finds the
+    shipped agents, starts sysmon (autostart) with the bundled interpreter, SDK and embedded
+    nats-server, and answers opmasctl on its unix socket; /var/lib, /var/log and /run are its
+    own (overlays and a tmpfs), gRPC's TCP address, REST and the systemd runtime are off."""
+    layers = []
+    for target in ("/usr/lib", "/var/lib", "/var/log"):
+        name = target.strip("/").replace("/", "-")
+        (tmp_path / f"{name}-up").mkdir()
+        (tmp_path / f"{name}-work").mkdir()
+        lower = f"{extracted}/usr/lib:/usr/lib" if target == "/usr/lib" else target
+        options = f"lowerdir={lower},upperdir={tmp_path}/{name}-up,workdir={tmp_path}/{name}-work"
+        layers.append(f"mount -t overlay overlay -o {options} {target}")
+    opmasd, opmasctl = extracted / "usr/bin/opmasd", extracted / "usr/bin/opmasctl"
+
+    def until(condition: str) -> str:  # polled, 15 s at most
+        return f"for i in $(seq 150); do {condition} && break; sleep 0.1; done"
+
+    script = "\n".join([
+        "set -e", *layers, "mount -t tmpfs tmpfs /run", "cd /",
+        f"{opmasd} --config {extracted}/etc/opmas/opmasd.yaml > {tmp_path}/opmasd.log 2>&1 &",
+        "pid=$!",
+        "trap 'kill $pid; wait $pid || true' EXIT",
+        until("[ -S /run/opmas/opmasd.sock ]"),
+        until(f"{opmasctl} agents list | grep -q '^sysmon .* running '"),
+        f"{opmasctl} agents list",
+        until(f"{opmasctl} agents logs sysmon | grep -q memory_total"),
+        f"{opmasctl} agents logs sysmon",
+    ])  # fmt: skip
+    env = {
+        "PATH": "/usr/bin:/bin",
+        "LANG": "C.UTF-8",
+        "OPMAS_REST_ENABLED": "false",
+        "OPMAS_GRPC_ADDRESS": "",
+        "OPMAS_AGENTS_SYSTEMD": "off",
+    }
+    done = subprocess.run(
+        ["unshare", "--mount", "--propagation", "private", "sh", "-c", script],
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
+    log = (tmp_path / "opmasd.log").read_text() if (tmp_path / "opmasd.log").exists() else ""
+    assert done.returncode == 0, f"{done.stdout}\n{done.stderr}\nopmasd:\n{log}"
+    rows = {line.split()[0]: line.split()[2] for line in done.stdout.splitlines() if line.split()}
+    assert set(AGENTS) <= set(rows), done.stdout
+    assert rows["sysmon"] == "running", done.stdout
+    assert "memory_total" in done.stdout, done.stdout  # sysmon's report, through the log relay
