@@ -1,11 +1,13 @@
 """The .deb and .rpm that `make packages` builds (packaging/): files, owners and modes, the
-conffile, the maintainer scripts, the dependencies, lintian, and the installed wrappers running.
+conffile, the maintainer scripts, the dependencies, lintian, and the installed programs running.
 
-The build runs once per session from this checkout (`make packages`); its venv and the
+The build runs once per module from this checkout (`make packages`); its venv and the
 dependency wheels are cached under /var/cache/opmas-tests/packaging by content, so a repeated
-run is offline and takes about 30 s. Installing into a booted Debian root is another test's
-(the install/upgrade test): here the .deb is only extracted, and its /usr/lib/opmas is laid
-over the host's /usr/lib in a private mount namespace to run the wrappers where they belong.
+run is offline and takes about 25 s. Installing into a booted Debian root is the e2e test's
+(tests/e2e/test_deb_package.py): here the .deb is only extracted, and its /usr/lib/opmas is laid
+over the host's /usr/lib in a private mount namespace (an overlay: a bind mount would need
+/usr/lib/opmas on the host) to run the wrappers, opmasd and the maintainer scripts where they
+belong, with /etc, /var/lib, /var/log and /run of their own.
 """
 
 from __future__ import annotations
