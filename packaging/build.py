@@ -201,6 +201,7 @@ def build_venv(key: str, version: str, files: list[str]) -> Path:
     done = CACHE / f"venv-{key}"
     if (done / "venv" / "pyvenv.cfg").is_file():
         log(f"venv from the cache: {done}")
+        os.utime(done)  # the pruning below keeps the venvs used last
         return done / "venv"
     building = CACHE / f"venv-{key}.tmp{os.getpid()}"
     shutil.rmtree(building, ignore_errors=True)
