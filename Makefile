@@ -3,7 +3,7 @@ PYTHON ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
 
-.PHONY: run test install lint typecheck proto man wheels bench clean
+.PHONY: run test install lint typecheck proto man wheels packages bench clean
 
 $(BIN)/python:
 	@$(PYTHON) -c 'import sys; sys.exit(sys.version_info < (3, 11))' || \
@@ -47,6 +47,13 @@ man: install
 # VERSION=0.1.1 builds them at another version than pyproject.toml's (upgrade tests).
 wheels: install
 	$(BIN)/python scripts/build_wheels.py dist $(if $(VERSION),--version $(VERSION))
+
+# dist/opmas_<version>_amd64.deb and dist/opmas-<version>.x86_64.rpm (packaging/build.py, nfpm).
+# VERSION=0.1.1 builds them (and the wheels inside) as another version than pyproject.toml's.
+VERSION ?=
+
+packages: install
+	$(BIN)/python packaging/build.py $(if $(VERSION),--version $(VERSION))
 
 # The benchmark (not part of `make test`): supervisor, circus and py-spy go into their own venv,
 # built by the same Python as .venv (the circus client is loaded from it).
