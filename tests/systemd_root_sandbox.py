@@ -30,6 +30,7 @@ import contextlib
 import fcntl
 import hashlib
 import json
+import logging
 import os
 import shlex
 import shutil
@@ -52,6 +53,8 @@ from systemd_sandbox import (
     SystemdSandbox,
 )
 
+log = logging.getLogger(__name__)
+
 CACHE_DIR = Path("/var/cache/opmas-tests")
 SUITE = "bookworm"
 MIRROR = "http://deb.debian.org/debian"
@@ -62,6 +65,8 @@ ROOT_PACKAGES = ("systemd", "dbus", "python3.11", "init-system-helpers", "passwd
 # Raised when the recipe's meaning changes without its inputs changing (the hook below, say).
 RECIPE_VERSION = 1
 BUILD_TIMEOUT = 900.0
+# A root no test used for this long (an older recipe) is deleted when another is built.
+PRUNE_DAYS = 7
 DEV_NODES = ("null", "zero", "full", "random", "urandom", "tty")
 
 
@@ -83,10 +88,45 @@ def tarball_path(extra: Iterable[str] = ()) -> Path:
 
 
 def debian_root(extra: Iterable[str] = ()) -> Path:
-    """The cached root tarball for this recipe, built (under a lock: one build at a time) when missing.
+    """The cached root with ROOT_PACKAGES and `extra` (a package's Depends): the base root when it
+    has them all already (libc6, systemd, ...), one of its own with the missing ones otherwise.
 
     SandboxUnavailable when not root or mmdebstrap is absent (.ci/run installs it); SandboxError
     with mmdebstrap's output when the build fails (no mirror, an unknown package)."""
+    base = _cached_root(())
+    missing = set(extra) - installed(base)
+    return _cached_root(sorted(missing)) if missing else base
+
+
+def installed(tarball: Path) -> set[str]:
+    """The packages dpkg lists as installed in a root tarball (its /var/lib/dpkg/status)."""
+    result = subprocess.run(
+        ["tar", "-xOf", str(tarball), "./var/lib/dpkg/status"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
+    if result.returncode != 0:
+        raise SandboxError(f"no dpkg status in {tarball}: {result.stderr[-1000:]}")
+    return {
+        line.split(":", 1)[1].strip() for line in result.stdout.splitlines() if line.startswith("Package:")
+    }
+
+
+def _prune(keep: Path) -> None:
+    """Remove the roots of other recipes unused for PRUNE_DAYS (each use touches its tarball)."""
+    for old in CACHE_DIR.glob("debian-root-*.tar"):
+        try:
+            if old != keep and time.time() - old.stat().st_mtime > PRUNE_DAYS * 86400:
+                old.unlink()
+                old.with_suffix(".lock").unlink(missing_ok=True)
+        except OSError as exc:
+            log.warning("cannot prune the cached root %s: %s", old, exc)
+
+
+def _cached_root(extra: Iterable[str]) -> Path:
+    """The cached root tarball for this recipe, built (under a lock: one build at a time) when missing."""
     if os.geteuid() != 0:
         raise SandboxUnavailable("building a Debian root and booting systemd in it needs root")
     tool = shutil.which("mmdebstrap")
@@ -97,6 +137,7 @@ def debian_root(extra: Iterable[str] = ()) -> Path:
     with open(path.with_suffix(".lock"), "w") as lock:
         fcntl.flock(lock, fcntl.LOCK_EX)
         if path.exists():
+            os.utime(path)  # in use: not pruned
             return path
         partial = path.with_suffix(".tar.partial")
         conf = recipe(extra)
@@ -114,6 +155,7 @@ def debian_root(extra: Iterable[str] = ()) -> Path:
             partial.unlink(missing_ok=True)
             raise SandboxError(f"mmdebstrap failed ({result.returncode}):\n{result.stderr[-4000:]}")
         partial.rename(path)
+    _prune(path)
     return path
 
 

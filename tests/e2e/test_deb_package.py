@@ -330,6 +330,9 @@ def test_the_package_installs_upgrades_removes_and_purges_in_a_clean_root(
         assert show(sd, "opmasd.service", "ActiveState")["ActiveState"] != "active"
         assert is_enabled(sd, "opmasd.service") != "enabled"
         assert not alive(sd, after["MainPID"])
+        # stop_agents_on_shutdown (the default): a removed package leaves no agent of it running.
+        for name, pid in pids.items():
+            assert not alive(sd, pid), f"{name} (PID {pid}) still runs after dpkg -r"
         assert sd.host_path("/var/lib/opmas").is_dir(), "dpkg -r removed /var/lib/opmas"
 
         dpkg(sd, "-P", "opmas")
