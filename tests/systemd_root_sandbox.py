@@ -32,6 +32,7 @@ import hashlib
 import json
 import logging
 import os
+import re
 import shlex
 import shutil
 import subprocess
@@ -157,6 +158,19 @@ def _cached_root(extra: Iterable[str]) -> Path:
         partial.rename(path)
     _prune(path)
     return path
+
+
+def depends_names(field: str) -> tuple[str, ...]:
+    """The package names of a Depends field: the first of each alternative, no version, no :arch."""
+    names = (re.split(r"[\s(:]", part.split("|")[0].strip())[0] for part in field.split(","))
+    return tuple(sorted({n for n in names if n}))
+
+
+def higher(version: str) -> str:
+    """A version dpkg orders after `version`: its last number plus one (0.1.0 -> 0.1.1)."""
+    head, _, last = version.rpartition(".")
+    number = re.match(r"\d+", last)
+    return f"{head}.{int(number.group()) + 1}" if head and number else f"{version}.1"
 
 
 def _masks(root: Path) -> tuple[list[str], list[str]]:

@@ -15,7 +15,6 @@ Each test boots systemd 252 as PID 1 with a fresh copy of a cached mmdebstrap ro
 from __future__ import annotations
 
 import json
-import re
 import shutil
 import subprocess
 import tomllib
@@ -26,7 +25,7 @@ from typing import Any
 
 import pytest
 from systemd_fixtures import booted, until
-from systemd_root_sandbox import RootedSystemdSandbox, debian_root
+from systemd_root_sandbox import RootedSystemdSandbox, debian_root, depends_names, higher
 from systemd_sandbox import SandboxError, SandboxUnavailable, SystemdSandbox
 
 # Cold: the root's mmdebstrap (about 1 min) and two package builds; warm: a few seconds a boot.
@@ -221,13 +220,6 @@ def project_version() -> str:
     return str(tomllib.loads((CHECKOUT / "pyproject.toml").read_text())["project"]["version"])
 
 
-def higher(version: str) -> str:
-    """A version dpkg orders after `version`: its last number plus one (0.1.0 -> 0.1.1)."""
-    head, _, last = version.rpartition(".")
-    number = re.match(r"\d+", last)
-    return f"{head}.{int(number.group()) + 1}" if head and number else f"{version}.1"
-
-
 def make_packages(version: str | None) -> Path:
     """`make packages` (at `version` when given): dist/opmas_<version>_amd64.deb."""
     args = ["make", "-C", str(CHECKOUT), "packages"] + ([f"VERSION={version}"] if version else [])
@@ -257,12 +249,10 @@ def opmas_debs(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
 
 
 def depends(deb: Path) -> tuple[str, ...]:
-    """The package names of the .deb's Depends (first of each alternative, no versions)."""
     field = subprocess.run(
         ["dpkg-deb", "-f", str(deb), "Depends"], capture_output=True, text=True, check=True
-    ).stdout
-    names = (re.split(r"[\s(:]", part.split("|")[0].strip())[0] for part in field.split(","))
-    return tuple(sorted(n for n in names if n))
+    )
+    return depends_names(field.stdout)
 
 
 def ctl(sd: SystemdSandbox, *args: str, user: str = "") -> subprocess.CompletedProcess[str]:
