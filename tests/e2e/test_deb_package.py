@@ -290,8 +290,12 @@ def test_the_package_installs_upgrades_removes_and_purges_in_a_clean_root(
         sd.run("useradd", "--no-create-home", "bob")
         member = ctl(sd, "agents", "list", user="alice")
         assert member.returncode == 0, member.stdout + member.stderr
-        outsider = ctl(sd, "agents", "list", user="bob")
-        assert outsider.returncode != 0, f"a user outside group opmas was served:\n{outsider.stdout}"
+        assert "sysmon" in member.stdout, f"the shipped agents are not found:\n{member.stdout}"
+        # Outside the group: the socket refuses bob, and TCP without a token is refused too.
+        for args in (("agents", "list"), ("--server", "/run/opmas/opmasd.sock", "agents", "list")):
+            outsider = ctl(sd, *args, user="bob")
+            assert outsider.returncode != 0, f"a user outside group opmas was served:\n{outsider.stdout}"
+            assert "sysmon" not in outsider.stdout and outsider.stderr, outsider
 
         pids = {}
         for runtime in ("process", "systemd"):
