@@ -306,7 +306,10 @@ def test_the_package_installs_upgrades_removes_and_purges_in_a_clean_root(
             pids[name] = until(partial(running_pid, sd, name), 30, f"{name} running")
 
         config = "/etc/opmas/opmasd.yaml"
-        sh(sd, f"printf '\\n# edited on this host: an upgrade keeps it\\n' >> {config}")
+        conffiles = sd.run("dpkg-query", "-W", "-f=${Conffiles}", "opmas").stdout
+        assert f" {config} " in conffiles, f"{config} is no conffile: {conffiles!r}"
+        # An edit a user makes (the shipped file is all comments): opmasd logs at debug after it.
+        sh(sd, f"printf '\\n# edited on this host\\nservice:\\n  log_level: debug\\n' >> {config}")
         edited = sd.host_path(config).read_text()
         main = show(sd, "opmasd.service", "MainPID")["MainPID"]
 
@@ -316,6 +319,11 @@ def test_the_package_installs_upgrades_removes_and_purges_in_a_clean_root(
         after = show(sd, "opmasd.service", "ActiveState", "MainPID")
         assert after["ActiveState"] == "active" and after["MainPID"] != main, after  # restarted
         assert sd.host_path(config).read_text() == edited
+        since = f"_PID={after['MainPID']}"
+        debug = sd.run(
+            "journalctl", "-p", "7..7", "-n", "5", "--no-pager", "-o", "cat", since, check=False
+        ).stdout
+        assert debug.strip(), "the upgraded opmasd does not log at debug: the edited config is not in force"
         for name, pid in pids.items():
             assert alive(sd, pid), f"{name} (PID {pid}) did not survive the upgrade" + journal(sd, "opmasd")
             assert until(partial(running_pid, sd, name), 30, f"{name} adopted") == pid
