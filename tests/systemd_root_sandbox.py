@@ -13,15 +13,18 @@ sweep and masks, but the filesystem is not the host's:
   namespace, a sysfs of its own, read-only, with the sandbox's cgroup hierarchies on a tmpfs at
   /sys/fs/cgroup, a /dev tmpfs with only null, zero, full, random, urandom, tty, a private
   devpts and /dev/console bound to the sandbox's console.log, private /tmp and /run), then
-  pivot_root into it and detaches the host's tree: nothing the units inside do reaches the host's
-  files, /dev or ports;
+  pivot_root into it and detaches the host's tree: what the units inside do reaches neither the
+  host's files nor its /dev nodes or ports (the kernel is shared: the sandbox's cgroup subtrees,
+  a read-only sysfs);
 - its own network namespace (`--net`, loopback up): opmasd.socket's 127.0.0.1:8000 and the
   embedded NATS's ports do not collide with the host's or another sandbox's.
 
-The root is a scratch copy, so sysusers, tmpfiles and dpkg act on it only; the masks (every unit
-that sysinit.target and local-fs.target pull in, the generators) are computed from the root's own
-unit directories: they still act on the kernel (sysctl, modules, binfmt, remount). run() enters all
-of its namespaces and its root (`nsenter -r -w`); host_path() reaches its files from the host.
+The root is a scratch copy, so dpkg and the maintainer scripts (sysusers, tmpfiles) act on it
+only. The masks are the parent's (every unit that sysinit.target and local-fs.target pull in, the
+generators), read from the root's own unit directories: several of those units act on the kernel
+(sysctl, modules, binfmt, remount), which the root shares. A package's Depends already in the
+base root (ROOT_PACKAGES and what they pull in) use it; others make a root of their own. run()
+enters all of its namespaces and its root (`nsenter -r -w`); host_path() reaches its files.
 """
 
 from __future__ import annotations
