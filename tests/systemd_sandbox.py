@@ -301,6 +301,9 @@ def _remove_mountpoints(base: Path) -> None:
 class SystemdSandbox:
     """systemd as PID 1 of new PID, mount, cgroup, UTS and IPC namespaces (see the module doc)."""
 
+    # What run() enters: the mount, PID, UTS, IPC and cgroup namespaces of its systemd.
+    nsenter_flags: tuple[str, ...] = ("-m", "-p", "-u", "-i", "-C")
+
     def __init__(
         self,
         boot_timeout: float = 30.0,
@@ -336,7 +339,7 @@ class SystemdSandbox:
         try:
             self._make_cgroups()
             _make_mountpoints(self.base_dir, self.private)
-            script = boot_script(self.base_dir, self._mounts, self.shared, self.private)
+            script = self._boot_script()
             (self.base_dir / "boot.sh").write_text(script)
             began = time.monotonic()
             self.started_at = time.time()
@@ -412,7 +415,7 @@ class SystemdSandbox:
         if not self.pid:
             raise SandboxError("the systemd sandbox is not running")
         result = subprocess.run(
-            ["nsenter", "-t", str(self.pid), "-m", "-p", "-u", "-i", "-C", *argv],
+            ["nsenter", "-t", str(self.pid), *self.nsenter_flags, *argv],
             input=input,
             capture_output=True,
             text=True,
@@ -444,6 +447,10 @@ class SystemdSandbox:
         return "\n".join(parts)
 
     # -- boot steps ---------------------------------------------------------------------------
+
+    def _boot_script(self) -> str:
+        """The boot script (a subclass boots another way: tests/systemd_root_sandbox.py)."""
+        return boot_script(self.base_dir, self._mounts, self.shared, self.private)
 
     def _make_cgroups(self) -> None:
         for m in self._mounts:
