@@ -60,11 +60,14 @@ WRITER = textwrap.dedent(
     """
 )
 
+# Each line in one write: with PYTHONUNBUFFERED (set here, and in CI) print() writes "tick", " ",
+# "22" and "\n" apart, and a relay killed holding "tick 22" without its newline loses it (its
+# documented limit: the unterminated rest of a read is in its memory).
 TICKER = textwrap.dedent(
     """
-    import itertools, sys, time
+    import itertools, os, time
     for i in itertools.count():
-        print("tick", i, flush=True)
+        os.write(1, b"tick %d\\n" % i)
         time.sleep(0.005)
     """
 )
