@@ -164,7 +164,8 @@ class BulkRunner:
 
     async def _settled(self, outcome: BulkOutcome) -> BulkOutcome:
         assert outcome.result is not None
-        return await _outcome(outcome.agent_id, self._supervisor.settled(outcome.result))
+        settled = self._supervisor.settled(outcome.result)
+        return await _outcome(outcome.agent_id, self._commits.observed_after(outcome.agent_id, settled))
 
 
 async def _outcome(agent_id: str, operation: Awaitable[OperationResult]) -> BulkOutcome:

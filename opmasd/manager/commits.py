@@ -11,7 +11,8 @@ not kept, so the daemon never runs on a change that a restart would forget.
 from __future__ import annotations
 
 import contextlib
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
+from typing import TypeVar
 
 import structlog
 
@@ -22,6 +23,8 @@ from opmasd.manager.registry import AgentRegistry
 from opmasd.manager.supervisor import Supervisor
 
 log = structlog.get_logger(__name__)
+
+T = TypeVar("T")
 
 
 class Commits:
@@ -94,6 +97,14 @@ class Commits:
         refused = (await self.observed_many([agent_id])).get(agent_id)
         if refused is not None:
             raise refused
+
+    async def observed_after(self, agent_id: str, operation: Awaitable[T]) -> T:
+        """The operation's result, or its error, once what it observed is committed: a start
+        window's outcome (running, or the error it failed with) is answered only once written."""
+        try:
+            return await operation
+        finally:
+            await self.observed(agent_id)
 
     async def observed_many(self, agent_ids: list[str]) -> dict[str, StoreRejected]:
         """observed() for the agents of a bulk operation, in one wait: those whose row the

@@ -257,7 +257,7 @@ class AgentManager:
             await self._commits.desired(rec, DesiredState.RUNNING)
             result = await self._supervisor.start(rec, "started by operator")
         await self._commits.observed(agent_id)
-        return await self._supervisor.settled(result)
+        return await self._commits.observed_after(agent_id, self._supervisor.settled(result))
 
     @finishes
     async def stop_agent(self, agent_id: str, timeout: float | None = None) -> OperationResult:
@@ -276,7 +276,7 @@ class AgentManager:
             await self._commits.desired(rec, DesiredState.RUNNING)
             result = await self._supervisor.restart(rec, "restarted by operator")
         await self._commits.observed(agent_id)
-        return await self._supervisor.settled(result)
+        return await self._commits.observed_after(agent_id, self._supervisor.settled(result))
 
     async def send_command(
         self, agent_id: str, command: str, params: Mapping[str, Any], timeout: float | None = None
@@ -375,7 +375,7 @@ class AgentManager:
             started = await self._supervisor.start(rec, "started at registration") if start else None
         if started is not None:
             await self._commits.observed(agent_id)
-            await self._supervisor.settled(started)
+            await self._commits.observed_after(agent_id, self._supervisor.settled(started))
         return rec
 
     @finishes

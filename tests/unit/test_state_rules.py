@@ -7,7 +7,9 @@ Every test here fails when the rule it names is broken in the supervisor or the 
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import AsyncIterator
+from typing import Any
 
 import pytest
 
@@ -268,6 +270,29 @@ async def test_an_exit_within_the_window_is_a_failed_start_even_with_code_0() ->
         rec = rig.rec()
         assert rec.consecutive_failures == 1 and rec.restart_count == 1  # counted by the policy
         assert rec.state is AgentState.STARTING  # restarted at once, in a new window
+        assert any("failed to start" in t.reason for t in rig.store.transitions("a"))
+    finally:
+        await rig.manager.stop(stop_agents=False)
+
+
+async def test_a_failed_start_is_answered_only_once_its_reason_is_committed(
+    monkeypatch: pytest.MonkeyPatch,
+) -> None:
+    # The answer to a start waits for the start window's outcome; the outcome (here: the error
+    # it failed with) must be in the store by then, as the outcome of a success is.
+    rig = Rig()
+    task = await windowed(rig, restart_policy=RestartPolicy.NEVER)
+    try:
+        slow = rig.store.write_batch
+
+        def slow_write(*args: Any) -> None:
+            time.sleep(0.2)  # the store's thread, not the loop
+            slow(*args)
+
+        monkeypatch.setattr(rig.store, "write_batch", slow_write)
+        rig.runtime.crash("a", exit_code=0)
+        with pytest.raises(FailedPrecondition, match="failed to start"):
+            await task  # no settle(): what the answer waited for is all there is
         assert any("failed to start" in t.reason for t in rig.store.transitions("a"))
     finally:
         await rig.manager.stop(stop_agents=False)
