@@ -16,6 +16,7 @@ import pytest
 from systemd_sandbox import SystemdSandbox
 
 from .harness import Sandbox, sleeper
+from .systemd_driven import driven_box
 
 pytestmark = pytest.mark.timeout(180)
 
@@ -92,20 +93,7 @@ def test_what_cannot_be_enforced_is_refused_naming_the_field(make_sandbox: Calla
 
 @pytest.fixture
 def systemd_box(make_sandbox: Callable[..., Sandbox], systemd_sandbox: SystemdSandbox) -> Iterator[Sandbox]:
-    root = f"/proc/{systemd_sandbox.pid}/root"
-    env = {
-        "OPMAS_AGENTS_SYSTEMD": "required",
-        "OPMAS_AGENTS_SYSTEMD_BUS": systemd_sandbox.bus_address,
-        "OPMAS_AGENTS_SYSTEMD_ROOT": root,
-        "OPMAS_AGENTS_SYSTEMD_JOURNAL": f"{root}/run/log/journal",
-    }
-    box = make_sandbox(env=env)
-    box.start()
-    yield box
-    # Units outlive opmasd: delete the agents, so that none is left behind.
-    listed = json.loads(box.opmasctl("-o", "json", "agents", "list").stdout or "{}")
-    for listed_agent in listed.get("agents", []):
-        box.opmasctl("agents", "delete", listed_agent["agentId"])
+    yield from driven_box(make_sandbox, systemd_sandbox)
 
 
 def unit_show(sd: SystemdSandbox, unit: str, *props: str) -> dict[str, str]:

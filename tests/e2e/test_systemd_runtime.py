@@ -20,26 +20,14 @@ from systemd_fixtures import until
 from systemd_sandbox import SANDBOX_PYTHON, SystemdSandbox
 
 from .harness import Sandbox, sleeper
+from .systemd_driven import driven_box
 
 pytestmark = pytest.mark.timeout(180)
 
 
 @pytest.fixture
 def box(make_sandbox: Callable[..., Sandbox], systemd_sandbox: SystemdSandbox) -> Iterator[Sandbox]:
-    root = f"/proc/{systemd_sandbox.pid}/root"
-    env = {
-        "OPMAS_AGENTS_SYSTEMD": "required",
-        "OPMAS_AGENTS_SYSTEMD_BUS": systemd_sandbox.bus_address,
-        "OPMAS_AGENTS_SYSTEMD_ROOT": root,
-        "OPMAS_AGENTS_SYSTEMD_JOURNAL": f"{root}/run/log/journal",
-    }
-    box = make_sandbox(env=env)
-    box.start()
-    yield box
-    # Units outlive opmasd: delete the agents, so that none is left behind.
-    listed = json.loads(box.opmasctl("-o", "json", "agents", "list").stdout or "{}")
-    for agent in listed.get("agents", []):
-        box.opmasctl("agents", "delete", agent["agentId"])
+    yield from driven_box(make_sandbox, systemd_sandbox)
 
 
 def agent(box: Sandbox, agent_id: str) -> dict[str, Any]:

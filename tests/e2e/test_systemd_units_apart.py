@@ -12,25 +12,10 @@ import pytest
 from systemd_sandbox import SystemdSandbox
 
 from .harness import Sandbox, sleeper
+from .systemd_driven import delete_all, systemd_env
 from .test_systemd_runtime import agent, unit_show, until
 
 pytestmark = pytest.mark.timeout(180)
-
-
-def systemd_env(systemd_sandbox: SystemdSandbox) -> dict[str, str]:
-    root = f"/proc/{systemd_sandbox.pid}/root"
-    return {
-        "OPMAS_AGENTS_SYSTEMD": "required",
-        "OPMAS_AGENTS_SYSTEMD_BUS": systemd_sandbox.bus_address,
-        "OPMAS_AGENTS_SYSTEMD_ROOT": root,
-        "OPMAS_AGENTS_SYSTEMD_JOURNAL": f"{root}/run/log/journal",
-    }
-
-
-def delete_all(box: Sandbox) -> None:
-    listed = json.loads(box.opmasctl("-o", "json", "agents", "list").stdout or "{}")
-    for found in listed.get("agents", []):
-        box.opmasctl("agents", "delete", found["agentId"])
 
 
 @pytest.fixture
