@@ -13,8 +13,10 @@ tests/integration/conftest.py does.
 from __future__ import annotations
 
 import contextlib
+import sys
 import time
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import pytest
@@ -44,9 +46,15 @@ def booted(sandbox: SystemdSandbox) -> Iterator[SystemdSandbox]:
         sandbox.stop()
 
 
+# This checkout and the Python running the tests: tests run them inside the sandbox too (opmasd
+# as a unit, a scope placement), and a clean clone may live under /tmp, which is the sandbox's own.
+CHECKOUT = Path(__file__).resolve().parents[1]
+VENV = Path(sys.prefix)
+
+
 @pytest.fixture(scope="session")
 def systemd_sandbox() -> Iterator[SystemdSandbox]:
-    with booted(SystemdSandbox()) as sandbox:
+    with booted(SystemdSandbox(shared=(CHECKOUT, VENV))) as sandbox:
         yield sandbox
 
 

@@ -129,8 +129,6 @@ def test_a_placement_moves_the_child_and_the_relay_before_the_program_runs(
     systemd_sandbox: SystemdSandbox,
 ) -> None:
     sd = systemd_sandbox
-    if sys.executable.startswith(("/tmp/", "/run/")):
-        pytest.skip(f"the sandbox cannot see this Python ({sys.executable})")
     try:
         result = sd.run(sys.executable, "-c", PLACE_INSIDE, timeout=60)
         placed = json.loads(result.stdout.strip().splitlines()[-1])
