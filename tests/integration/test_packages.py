@@ -215,6 +215,8 @@ def test_deb_depends_cover_every_library_the_bundle_links(built: Built, extracte
     declared = re.search(r"libc6 \(>= (\d+)\.(\d+)\)", depends)
     assert declared and (int(declared[1]), int(declared[2])) >= glibc, f"GLIBC_{glibc} needed: {depends}"
     assert "python3.11" in depends
+    # The system bus: scopes and the systemd runtime need it (Debian's systemd only recommends one).
+    assert "dbus | default-dbus-system-bus | dbus-system-bus" in depends
 
 
 def test_rpm_holds_the_files_conffile_and_scriptlets(built: Built) -> None:
